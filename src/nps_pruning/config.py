@@ -1,0 +1,293 @@
+"""Typed, validated options: one dataclass per command, whose fields become CLI flags and YAML keys.
+
+``nps prune A B -o OUT --keep 0.05`` and a YAML file ``{command: prune, pretrained: A,
+finetuned: B, output: OUT, keep: 0.05}`` produce the same :class:`PruneOptions`, validated by the
+same code, so the two forms cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Type
+
+from .errors import NPSError
+
+
+def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
+        choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
+        lo_open: bool = False, positional: bool = False, many: bool = False, required: bool = False):
+    """A dataclass field with what the CLI and the validator need to know about it."""
+    meta = dict(help=help, flag=flag, short=short, choices=choices, lo=lo, hi=hi, lo_open=lo_open,
+                positional=positional, many=many, required=required)
+    if many or isinstance(default, list):
+        return field(default_factory=lambda: list(default or []), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- shared option groups (inherited) -----------------------------------------------------------
+
+@dataclass
+class SearchOptions:
+    keep: float = opt(0.05, "fraction of prunable entries kept (exactly round(keep*D) entries)",
+                      lo=0.0, hi=1.0, lo_open=True)
+    bands: int = opt(8, "number of magnitude-rank bands M searched by NPS", lo=1, hi=255)
+    scheme: str = opt("focused", "where the band cuts go", choices=("focused", "uniform"))
+    focus: float = opt(3.0, "focused scheme: the first M-1 bands split the top min(1, focus*keep) ranks",
+                       lo=0.0, lo_open=True)
+    generations: int = opt(30, "CMA-ES generations", lo=0)
+    sigma0: float = opt(0.3, "CMA-ES initial step size", lo=0.0, lo_open=True)
+    lower: float = opt(0.0, "lower bound of every band weight", lo=0.0)
+    upper: float = opt(4.0, "upper bound of every band weight", lo=0.0, lo_open=True)
+    param: str = opt("linear", "search band weights directly (linear) or their log2 (log)",
+                     choices=("linear", "log"))
+    popsize: Optional[int] = opt(None, "CMA-ES population (default: the library's 4+3 ln M)", lo=2)
+    kept_values: str = opt("weighted", "kept entries carry their band weight or their original value",
+                           choices=("weighted", "original"))
+    seed: int = opt(0, "random seed: same inputs and seed give the same result")
+    calib_size: Optional[int] = opt(None, "score on a seeded random subsample of N calibration rows",
+                                    lo=1)
+    batch_size: int = opt(64, "evaluation batch size", lo=1)
+    max_length: int = opt(128, "text evaluators: maximum tokens per row", lo=1)
+    model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
+                                             "state dict")
+    allow_shape_mismatch: bool = opt(False, "treat tensors whose shape differs from the pre-trained "
+                                            "model's as task-specific instead of failing")
+    executor: str = opt("serial", "where candidates are scored", choices=("serial", "processes", "ray"))
+    workers: Optional[int] = opt(None, "parallel workers for the processes/ray executors", lo=1)
+    ray_address: Optional[str] = opt(None, "address of an existing Ray cluster (default: start a "
+                                           "local one on loopback)")
+    device: str = opt("cpu", "device for the candidate build and evaluation (cpu, cuda)")
+    max_failures: int = opt(5, "consecutive failed candidates before the search stops", lo=1)
+    resume: bool = opt(False, "continue a killed search from its log next to the output")
+    quiet: bool = opt(False, "no progress bars")
+
+
+@dataclass
+class PruneOptions(SearchOptions):
+    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
+    finetuned: str = opt(None, "fine-tuned model folder or .safetensors file", positional=True)
+    output: str = opt(None, "output folder", short="-o", required=True)
+    eval: Optional[str] = opt(None, "calibration evaluator SPEC (needed by --method nps)")
+    test: Optional[str] = opt(None, "held-out evaluator SPEC scored once at the end")
+    method: str = opt("nps", "pruning method", choices=("nps", "magnitude", "dare", "ties-trim", "random"))
+
+
+@dataclass
+class TransferOptions(SearchOptions):
+    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
+    finetuned: str = opt(None, "fine-tuned model folder or .safetensors file", positional=True)
+    output: str = opt(None, "output folder", short="-o", required=True)
+    eval_source: str = opt(None, "evaluator SPEC of the original (pre-trained) ability", required=True)
+    eval_target: str = opt(None, "evaluator SPEC of the new task (also NPS's calibration data)",
+                           required=True)
+    method: str = opt("nps", "how the task vector is pruned",
+                      choices=("nps", "magnitude", "dare", "ties-trim", "random", "none"))
+    lambdas: List[float] = opt([0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0], "grid of λ tried",
+                               flag="--lambdas", many=True)
+
+
+@dataclass
+class MergeOptions(SearchOptions):
+    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
+    finetuned: List[str] = opt([], "fine-tuned models, one per task", positional=True, many=True)
+    output: str = opt(None, "output folder", short="-o", required=True)
+    method: str = opt("nps", "merge method", choices=("nps", "average", "task-arithmetic", "ties",
+                                                      "dare-linear", "dare-ties"))
+    eval: List[str] = opt([], "one calibration evaluator SPEC per task, in the order of the models",
+                          many=True)
+    test: List[str] = opt([], "one held-out evaluator SPEC per task, scored once at the end", many=True)
+    lam: Optional[float] = opt(None, "fixed scaling λ: merge without any evaluator", flag="--lambda")
+    normalize: str = opt("mask-count", "NPS merge: divide Σλ_i·τ̂_i by the per-entry mask count, Σλ_i, "
+                                       "or nothing", choices=("mask-count", "lambda-sum", "none"))
+    lambda_grid: List[float] = opt([0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5],
+                                   "grid of single λ tried before the per-task search", many=True)
+    lambda_generations: int = opt(10, "CMA-ES generations of the per-task λ search", lo=0)
+    names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)
+
+
+@dataclass
+class CompressOptions(SearchOptions):
+    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
+    finetuned: List[str] = opt([], "fine-tuned models, one per task", positional=True, many=True)
+    output: str = opt(None, "store folder", short="-o", required=True)
+    method: str = opt("nps", "pruning method", choices=("nps", "magnitude", "dare", "ties-trim", "random"))
+    eval: List[str] = opt([], "one calibration evaluator SPEC per task (needed by nps)", many=True)
+    values: str = opt("fp32", "precision of the stored values", choices=("fp32", "fp16", "bf16"))
+    mask: str = opt("packed", "mask coding: 1-bit packed or entropy-coded",
+                    choices=("packed", "entropy"))
+    reference_pretrained: bool = opt(False, "store a reference (path + checksum) to the pre-trained "
+                                            "model instead of a copy")
+    names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)
+
+
+@dataclass
+class RestoreOptions:
+    store: str = opt(None, "store folder", positional=True)
+    task: str = opt(None, "task name", positional=True)
+    output: str = opt(None, "output model folder", short="-o", required=True)
+    pretrained: Optional[str] = opt(None, "pre-trained model (needed when the store only references it)")
+
+
+@dataclass
+class InfoOptions:
+    store: str = opt(None, "store folder", positional=True)
+    json: bool = opt(False, "print one JSON object")
+
+
+@dataclass
+class EvalOptions:
+    model: str = opt(None, "model folder or .safetensors file", positional=True)
+    eval: str = opt(None, "evaluator SPEC", required=True)
+    json: bool = opt(False, "print one JSON object with at least `score`")
+    calib_size: Optional[int] = opt(None, "score a seeded random subsample of N rows", lo=1)
+    seed: int = opt(0, "seed of the subsample")
+    batch_size: int = opt(64, "evaluation batch size", lo=1)
+    max_length: int = opt(128, "text evaluators: maximum tokens per row", lo=1)
+    model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
+                                             "state dict")
+
+
+@dataclass
+class DemoOptions:
+    quick: bool = opt(False, "a CI-sized smoke run (tiny splits, few generations)")
+    output: str = opt("runs/demo", "where the demo writes its models and reports", short="-o")
+
+
+COMMANDS: Dict[str, Type] = {
+    "prune": PruneOptions, "transfer": TransferOptions, "merge": MergeOptions,
+    "compress": CompressOptions, "restore": RestoreOptions, "info": InfoOptions,
+    "eval": EvalOptions, "demo": DemoOptions,
+}
+
+
+# -- CLI flags from fields -----------------------------------------------------------------------
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(f: dataclasses.Field):
+    t = f.type if not isinstance(f.type, str) else f.type
+    s = str(t)
+    if "float" in s:
+        return float
+    if "int" in s:
+        return int
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: Type) -> None:
+    """Add one argparse argument per field of ``cls``."""
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        help_text = m.get("help", "")
+        kind = _base_type(f)
+        if m.get("positional"):
+            parser.add_argument(f.name, nargs="+" if m.get("many") else None, help=help_text,
+                                type=kind)
+            continue
+        names = [_flag(f)] + ([m["short"]] if m.get("short") else [])
+        if "bool" in str(f.type):
+            parser.add_argument(*names, dest=f.name, action="store_true", default=None, help=help_text)
+            continue
+        if m.get("choices"):
+            help_text += f" ({'|'.join(map(str, m['choices']))})"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, False) and not m.get("many"):
+            help_text += f" [default: {default}]"
+        if m.get("many"):
+            # --eval A --eval B, or --eval A B
+            parser.add_argument(*names, dest=f.name, nargs="+", action="extend", type=kind,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text,
+                                metavar=f.name.upper() if kind is str else None)
+
+
+def from_namespace(cls: Type, ns: argparse.Namespace):
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+              if getattr(ns, f.name, None) is not None}
+    return build(cls, values, source="command line")
+
+
+def build(cls: Type, values: Mapping[str, Any], source: str = "config"):
+    """Validate ``values`` (from YAML or the CLI) into ``cls``: unknown keys, types, ranges, choices."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {_flag(f).lstrip("-").replace("-", "_"): f.name for f in fields.values()}
+    kwargs: Dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        name = name if name in fields else aliases.get(name, name)
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise NPSError(f"{source}: unknown option {key!r} (known: {known})")
+        kwargs[name] = _coerce(fields[name], value, source)
+    for f in fields.values():
+        if (f.metadata.get("positional") or f.metadata.get("required")) and kwargs.get(f.name) in (None, []):
+            if f.default is dataclasses.MISSING or f.default is None or f.metadata.get("many"):
+                raise NPSError(f"{source}: option {f.name!r} is required")
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str):
+    m = f.metadata
+    name = f.name
+    if m.get("many"):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce_one(f, v, source) for v in items]
+    if value is None:
+        return None
+    return _coerce_one(f, value, source)
+
+
+def _coerce_one(f: dataclasses.Field, value: Any, source: str):
+    m, name, s = f.metadata, f.name, str(f.type)
+    try:
+        if "bool" in s:
+            if not isinstance(value, bool):
+                raise TypeError
+        elif _base_type(f) is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif _base_type(f) is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        else:
+            if not isinstance(value, (str, Path)):
+                raise TypeError
+            value = str(value)
+    except (TypeError, ValueError):
+        raise NPSError(f"{source}: option {name!r} has the wrong type: {value!r}") from None
+    if m.get("choices") and value not in m["choices"]:
+        raise NPSError(f"{source}: option {name!r} must be one of {', '.join(m['choices'])}, "
+                       f"not {value!r}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
+        raise NPSError(f"{source}: option {name!r} = {value} is out of range "
+                       f"({'>' if m.get('lo_open') else '>='} {lo})")
+    if hi is not None and value > hi:
+        raise NPSError(f"{source}: option {name!r} = {value} is out of range (<= {hi})")
+    return value
+
+
+def load_yaml_config(path: str | Path):
+    """Read ``nps run CONFIG.yaml``: returns (command, options)."""
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise NPSError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise NPSError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise NPSError(f"{p}: expected a mapping with a 'command' key")
+    command = data.pop("command", None)
+    if command not in COMMANDS:
+        raise NPSError(f"{p}: 'command' must be one of {', '.join(COMMANDS)}, not {command!r}")
+    base = p.parent
+    return command, build(COMMANDS[command], data, source=str(p))
