@@ -1,0 +1,207 @@
+"""Merging several task vectors of one pre-trained model (SPEC §2 "Fusion", Eq. 7).
+
+Every merger is a pure function over an ``(N, D)`` matrix of flat task vectors (one row per task,
+see :func:`nps_pruning.task_vector.stack_values`) and returns the merged task vector ``(D,)``;
+the merged model is ``θ_pre + result``. Signature shared by every entry of :data:`MERGERS`::
+
+    fn(taus, *, lam=1.0, keep_ratio=0.2, seed=0) -> torch.Tensor
+
+Baselines, with their published definitions:
+
+* ``average``          — weight averaging of the fine-tuned models: mean of τ_i (``lam`` ignored);
+* ``task-arithmetic``  — Ilharco et al. 2023: ``lam · Σ τ_i``;
+* ``ties``             — TIES-Merging, Yadav et al. 2023: trim each τ_i globally to its top-k
+  magnitudes, elect a sign per entry (sign of the summed trimmed values), disjoint mean;
+* ``dare-linear``      — DARE, Yu et al. 2024: keep exactly k random entries of each τ_i, rescale
+  them by D/k (= 1/(1−p)), then ``lam · Σ``;
+* ``dare-ties``        — DARE on each τ_i, then TIES' sign election and disjoint mean (no trim).
+
+NPS-merge itself prunes each τ_i with NPS first and combines the pruned vectors with
+:func:`nps_combine` (Eq. 7). The helpers (:func:`trim_top_k`, :func:`dare_drop`,
+:func:`elect_sign`, :func:`disjoint_mean`) follow PEFT's ``merge_utils``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Literal, Sequence
+
+import torch
+
+__all__ = ["MERGERS", "register_merger", "nps_combine", "trim_top_k", "dare_drop", "elect_sign",
+           "disjoint_mean", "Normalize"]
+
+Merger = Callable[..., torch.Tensor]
+Normalize = Literal["mask-count", "lambda-sum", "none"]
+
+MERGERS: Dict[str, Merger] = {}
+
+
+def register_merger(name: str) -> Callable[[Merger], Merger]:
+    """Decorator adding a merger to :data:`MERGERS` under ``name`` (names are unique)."""
+    def decorate(fn: Merger) -> Merger:
+        if name in MERGERS:
+            raise ValueError(f"merger {name!r} is already registered")
+        MERGERS[name] = fn
+        return fn
+    return decorate
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _check_taus(taus: torch.Tensor) -> None:
+    if not isinstance(taus, torch.Tensor) or taus.dim() != 2:
+        raise ValueError("task vectors must be an (N, D) tensor, one row per task")
+    if taus.shape[0] < 1 or taus.shape[1] < 1:
+        raise ValueError(f"need at least one task and one entry, got shape {tuple(taus.shape)}")
+    if not taus.is_floating_point():
+        raise ValueError(f"task vectors must be floating point, got {taus.dtype}")
+    if not bool(torch.isfinite(taus).all()):
+        raise ValueError("task vectors hold NaN or infinite entries")
+
+
+def _check_scalar(name: str, value: float) -> float:
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _keep_count(num_entries: int, keep_ratio: float) -> int:
+    """k = round(r·D), at least 1 (ARCHITECTURE "Keep ratio")."""
+    keep_ratio = float(keep_ratio)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return min(num_entries, max(1, round(keep_ratio * num_entries)))
+
+
+# -- building blocks (PEFT merge_utils style) -----------------------------------------------------
+def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest ``scores`` (1-D); ties broken by flat index ascending.
+
+    O(D): the k-th largest value is a threshold; everything above it is kept and the remaining
+    places go to the lowest-index entries equal to it (the project's total order)."""
+    num = scores.numel()
+    if k >= num:
+        return torch.ones(num, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(scores, num - k + 1).values
+    mask = scores > threshold
+    need = k - int(mask.sum())
+    at_threshold = torch.nonzero(scores == threshold).squeeze(1)
+    mask[at_threshold[:need]] = True
+    return mask
+
+
+def trim_top_k(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """TIES' trim: each row keeps its k = round(r·D) largest magnitudes (over the whole row, not
+    per tensor), the rest become 0."""
+    _check_taus(taus)
+    k = _keep_count(taus.shape[1], keep_ratio)
+    out = torch.zeros_like(taus)
+    for i, row in enumerate(taus):
+        mask = _top_k_mask(row.abs(), k)
+        out[i, mask] = row[mask]
+    return out
+
+
+def dare_drop(taus: torch.Tensor, keep_ratio: float, seed: int = 0) -> torch.Tensor:
+    """DARE (Yu et al. 2024): row i keeps exactly k = round(r·D) entries drawn uniformly at random
+    (generator seeded with ``seed + i``) and rescales them by D/k, i.e. 1/(1−p) for drop rate p."""
+    _check_taus(taus)
+    num_entries = taus.shape[1]
+    k = _keep_count(num_entries, keep_ratio)
+    scale = num_entries / k
+    out = torch.zeros_like(taus)
+    for i, row in enumerate(taus):
+        gen = torch.Generator().manual_seed(int(seed) + i)
+        kept = torch.randperm(num_entries, generator=gen)[:k].to(taus.device)
+        out[i, kept] = row[kept] * scale
+    return out
+
+
+def elect_sign(taus: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election: per entry, the sign of the sum of the (trimmed) values, in {−1, 0, +1}.
+
+    An exact zero sum elects 0, so no task agrees and the entry merges to 0 (the TIES reference
+    code instead assigns such entries the global majority sign; that only differs on exact
+    cancellations)."""
+    return torch.sign(taus.sum(dim=0))
+
+
+def disjoint_mean(taus: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Per entry, the mean over the tasks whose value is nonzero and has the elected sign
+    (0 where no task agrees)."""
+    agree = (torch.sign(taus) == sign) & (taus != 0)
+    total = torch.where(agree, taus, torch.zeros_like(taus)).sum(dim=0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return total / count
+
+
+# -- the registered mergers -------------------------------------------------------------------------
+@register_merger("average")
+def average(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
+            seed: int = 0) -> torch.Tensor:
+    """Weight averaging: θ_pre + mean_i τ_i is the mean of the fine-tuned models (``lam`` ignored)."""
+    _check_taus(taus)
+    return taus.mean(dim=0)
+
+
+@register_merger("task-arithmetic")
+def task_arithmetic(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
+                    seed: int = 0) -> torch.Tensor:
+    """Task Arithmetic (Ilharco et al. 2023): λ · Σ_i τ_i."""
+    _check_taus(taus)
+    return _check_scalar("lam", lam) * taus.sum(dim=0)
+
+
+@register_merger("ties")
+def ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
+         seed: int = 0) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023): trim (global top-k per task), elect sign, disjoint mean; × λ."""
+    lam = _check_scalar("lam", lam)
+    trimmed = trim_top_k(taus, keep_ratio)
+    return lam * disjoint_mean(trimmed, elect_sign(trimmed))
+
+
+@register_merger("dare-linear")
+def dare_linear(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
+                seed: int = 0) -> torch.Tensor:
+    """DARE then Task Arithmetic: λ · Σ_i DARE(τ_i)."""
+    lam = _check_scalar("lam", lam)
+    return lam * dare_drop(taus, keep_ratio, seed).sum(dim=0)
+
+
+@register_merger("dare-ties")
+def dare_ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
+              seed: int = 0) -> torch.Tensor:
+    """DARE then TIES' sign election and disjoint mean (DARE replaces the trim); × λ."""
+    lam = _check_scalar("lam", lam)
+    dropped = dare_drop(taus, keep_ratio, seed)
+    return lam * disjoint_mean(dropped, elect_sign(dropped))
+
+
+# -- NPS-merge (Eq. 7) --------------------------------------------------------------------------------
+def nps_combine(pruned: torch.Tensor, lambdas: Sequence[float],
+                normalize: Normalize = "mask-count") -> torch.Tensor:
+    """Eq. 7: Σ_i λ_i · τ̂_i / n over NPS-pruned task vectors ``pruned`` (N, D).
+
+    ``normalize`` chooses n (SPEC §2 "Fusion"):
+
+    * ``"mask-count"``: per entry, the number of tasks whose τ̂_i is nonzero there (1 where none)
+      — the authors' earlier code;
+    * ``"lambda-sum"``: n = Σ_i λ_i — the paper's literal formula;
+    * ``"none"``: n = 1.
+    """
+    _check_taus(pruned)
+    lambdas = [_check_scalar("lambda", lam) for lam in lambdas]
+    if len(lambdas) != pruned.shape[0]:
+        raise ValueError(f"got {len(lambdas)} lambdas for {pruned.shape[0]} task vectors")
+    weights = torch.tensor(lambdas, dtype=pruned.dtype, device=pruned.device)
+    total = (weights[:, None] * pruned).sum(dim=0)
+    if normalize == "mask-count":
+        return total / (pruned != 0).sum(dim=0).clamp(min=1).to(pruned.dtype)
+    if normalize == "lambda-sum":
+        lambda_sum = sum(lambdas)
+        if lambda_sum == 0:
+            raise ValueError("normalize='lambda-sum' needs lambdas that do not sum to 0")
+        return total / lambda_sum
+    if normalize == "none":
+        return total
+    raise ValueError(f"normalize must be 'mask-count', 'lambda-sum' or 'none', got {normalize!r}")

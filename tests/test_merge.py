@@ -1,0 +1,155 @@
+"""Merge functions against closed-form results worked out by hand (SPEC §2 "Fusion", §3 TIES)."""
+import pytest
+import torch
+
+from nps_pruning.core.merge import (MERGERS, dare_drop, nps_combine, register_merger,
+                                    trim_top_k)
+
+# N = 3 tasks, D = 6 entries. Column 0/3: sign conflicts; column 5 has no trimmed value at all;
+# τ2 has a three-way magnitude tie (2, 2, 2 at entries 0, 3, 4) at the top-3 boundary.
+TAUS = torch.tensor([
+    [4.0, -1.0, 0.5, 2.0, -3.0, 1.0],
+    [-2.0, 3.0, 1.0, -2.0, 2.0, 0.5],
+    [1.0, -4.0, 2.0, 2.0, -1.0, -0.25],
+])
+
+
+def test_registry_has_every_baseline():
+    assert set(MERGERS) >= {"average", "task-arithmetic", "ties", "dare-linear", "dare-ties"}
+
+
+def test_average_is_the_mean_and_ignores_lambda():
+    expected = torch.tensor([3 / 3, -2 / 3, 3.5 / 3, 2 / 3, -2 / 3, 1.25 / 3])
+    torch.testing.assert_close(MERGERS["average"](TAUS, lam=7.0), expected, rtol=0, atol=1e-7)
+
+
+def test_task_arithmetic_is_lambda_times_sum():
+    expected = torch.tensor([1.5, -1.0, 1.75, 1.0, -1.0, 0.625])
+    assert torch.equal(MERGERS["task-arithmetic"](TAUS, lam=0.5), expected)
+
+
+def test_ties_trim_is_global_top_k_with_index_tie_break():
+    trimmed = trim_top_k(TAUS, keep_ratio=0.5)           # k = 3 per task
+    assert torch.equal(trimmed, torch.tensor([
+        [4.0, 0.0, 0.0, 2.0, -3.0, 0.0],                 # 4, 3, 2
+        [-2.0, 3.0, 0.0, -2.0, 0.0, 0.0],                # 3, then the tied 2s at the lowest indices
+        [0.0, -4.0, 2.0, 2.0, 0.0, 0.0],                 # 4, 2, 2
+    ]))
+
+
+def test_ties_by_hand():
+    # trimmed sums per entry: 2, -1, 2, 2, -3, 0 -> signs +, -, +, +, -, 0
+    # agreeing (nonzero, same sign) values: {4}, {-4}, {2}, {2, 2}, {-3}, {} -> means 4, -4, 2, 2, -3, 0
+    merged = MERGERS["ties"](TAUS, lam=0.5, keep_ratio=0.5)
+    assert torch.equal(merged, torch.tensor([2.0, -2.0, 1.0, 1.0, -1.5, 0.0]))
+
+
+def test_ties_exact_cancellation_merges_to_zero():
+    taus = torch.tensor([[1.0, 3.0], [-1.0, 1.0]])
+    assert torch.equal(MERGERS["ties"](taus, keep_ratio=1.0), torch.tensor([0.0, 2.0]))
+
+
+def test_ties_trim_matches_a_stable_sort_reference_with_many_ties():
+    g = torch.Generator().manual_seed(0)
+    taus = torch.randint(-5, 6, (3, 1000), generator=g).float()   # heavy ties
+    for ratio in (0.01, 0.1, 0.37, 1.0):
+        k = max(1, round(ratio * 1000))
+        trimmed = trim_top_k(taus, ratio)
+        for row, out in zip(taus, trimmed):
+            order = torch.sort(-row.abs(), stable=True).indices[:k]
+            expected = torch.zeros_like(row)
+            expected[order] = row[order]
+            assert torch.equal(out, expected)
+
+
+def test_dare_keeps_exactly_k_random_entries_rescaled():
+    dropped = dare_drop(TAUS, keep_ratio=0.5, seed=3)
+    for row, out in zip(TAUS, dropped):
+        kept = out != 0
+        assert int(kept.sum()) == 3
+        assert torch.equal(out[kept], row[kept] * 2.0)   # D / k = 6 / 3
+    big = torch.ones(4, 500)
+    dropped = dare_drop(big, keep_ratio=0.1, seed=0)
+    assert (dropped != 0).sum(dim=1).tolist() == [50] * 4
+    masks = [tuple(r.nonzero().squeeze(1).tolist()) for r in dropped]
+    assert len(set(masks)) == 4                          # a different stream per task
+
+
+def test_dare_is_seeded():
+    g = torch.Generator().manual_seed(1)
+    taus = torch.randn(3, 400, generator=g)
+    for name in ("dare-linear", "dare-ties"):
+        a = MERGERS[name](taus, lam=1.3, keep_ratio=0.2, seed=5)
+        b = MERGERS[name](taus, lam=1.3, keep_ratio=0.2, seed=5)
+        c = MERGERS[name](taus, lam=1.3, keep_ratio=0.2, seed=6)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dare_at_full_keep_is_the_plain_merge():
+    # nothing dropped, scale D/k = 1: dare-linear = task arithmetic
+    assert torch.equal(MERGERS["dare-linear"](TAUS, lam=0.5, keep_ratio=1.0),
+                       torch.tensor([1.5, -1.0, 1.75, 1.0, -1.0, 0.625]))
+    # dare-ties without trim: sums 3, -2, 3.5, 2, -2, 1.25 -> all signs decided;
+    # agreeing sets {4, 1}, {-1, -4}, {0.5, 1, 2}, {2, 2}, {-3, -1}, {1, 0.5}
+    expected = torch.tensor([2.5, -2.5, 3.5 / 3, 2.0, -2.0, 0.75])
+    torch.testing.assert_close(MERGERS["dare-ties"](TAUS, keep_ratio=1.0), expected,
+                               rtol=0, atol=1e-7)
+
+
+def test_dare_ties_elects_on_the_dropped_vectors():
+    dropped = dare_drop(TAUS, keep_ratio=0.5, seed=2)
+    expected = torch.zeros(6)
+    for d in range(6):
+        column = dropped[:, d]
+        sign = torch.sign(column.sum())
+        agree = [float(v) for v in column if v != 0 and torch.sign(v) == sign]
+        expected[d] = sum(agree) / len(agree) if agree else 0.0
+    torch.testing.assert_close(MERGERS["dare-ties"](TAUS, lam=2.0, keep_ratio=0.5, seed=2),
+                               2.0 * expected, rtol=0, atol=1e-6)
+
+
+PRUNED = torch.tensor([
+    [2.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+    [4.0, 0.0, 0.0, -1.0, 0.0, 0.0],
+    [0.0, 0.0, 3.0, 2.0, 0.0, 1.0],
+])
+LAMBDAS = [1.0, 0.5, 2.0]      # weighted sums: 4, 0, 7, 3.5, 0, 2
+
+
+def test_nps_combine_mask_count():
+    # tasks kept per entry: 2, 0 (-> 1), 2, 2, 0 (-> 1), 1
+    assert torch.equal(nps_combine(PRUNED, LAMBDAS, "mask-count"),
+                       torch.tensor([2.0, 0.0, 3.5, 1.75, 0.0, 2.0]))
+
+
+def test_nps_combine_lambda_sum():
+    torch.testing.assert_close(nps_combine(PRUNED, LAMBDAS, "lambda-sum"),
+                               torch.tensor([4 / 3.5, 0.0, 2.0, 1.0, 0.0, 2 / 3.5]),
+                               rtol=0, atol=1e-7)
+
+
+def test_nps_combine_none():
+    assert torch.equal(nps_combine(PRUNED, LAMBDAS, "none"),
+                       torch.tensor([4.0, 0.0, 7.0, 3.5, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: MERGERS["ties"](TAUS[0]),                               # not (N, D)
+    lambda: MERGERS["ties"](TAUS, keep_ratio=0.0),
+    lambda: MERGERS["dare-linear"](TAUS, keep_ratio=1.5),
+    lambda: MERGERS["task-arithmetic"](TAUS, lam=float("nan")),
+    lambda: MERGERS["average"](torch.tensor([[1.0, float("inf")]])),
+    lambda: MERGERS["average"](torch.ones(2, 3, dtype=torch.int64)),
+    lambda: MERGERS["average"](torch.ones(0, 3)),
+    lambda: nps_combine(PRUNED, [1.0, 1.0]),                        # wrong number of lambdas
+    lambda: nps_combine(PRUNED, LAMBDAS, normalize="mean"),
+    lambda: nps_combine(PRUNED, [1.0, -1.0, 0.0], normalize="lambda-sum"),
+])
+def test_bad_inputs_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_register_merger_refuses_duplicates():
+    with pytest.raises(ValueError):
+        register_merger("ties")(lambda taus, **kw: taus.sum(0))
