@@ -1,0 +1,1 @@
+"""The applications around the numerical core: prune, transfer, merge, compress."""

@@ -1,0 +1,169 @@
+"""`nps merge` (Eq. 7 and the baselines): several fine-tuned models of one pre-trained model → one.
+
+Output layout: the merged body is shared, but each task keeps its own task-specific tensors (its
+classification head), so the output holds one loadable model folder per task::
+
+    OUT/report.json            settings, λ, every score
+    OUT/merged_task_vector.safetensors   the merged τ (prunable tensors only)
+    OUT/<task>/                a `from_pretrained` folder: merged body + that task's head
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import NPSError
+from ..report.report import now_iso, versions, write_json
+from ..task_vector import stack_values
+from .prune import Session, prepare_work_dir, prune_task, search_report
+
+
+def task_names(paths: Sequence[str], names: Sequence[str]) -> List[str]:
+    if names:
+        if len(names) != len(paths):
+            raise NPSError(f"--names gives {len(names)} names for {len(paths)} models")
+        out = list(names)
+    else:
+        out = [Path(p).stem if Path(p).is_file() else Path(p).resolve().name for p in paths]
+    if len(set(out)) != len(out):
+        raise NPSError(f"task names are not unique: {out}; pass --names")
+    return out
+
+
+def merged_scores(sessions: Sequence[Session], evaluators: Sequence[Callable],
+                  merged: torch.Tensor) -> List[float]:
+    """Each task's score of θ_pre + merged τ with that task's own head."""
+    return [s.score(ev, merged) for s, ev in zip(sessions, evaluators)]
+
+
+def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, opts, *, progress=True):
+    """λ for Eq. 7: the best single λ of a grid, then CMA-ES over per-task λ_i started from it
+    (parametrised as λ_i = λ*·w_i so that w = 1 is the grid's best and is always scored)."""
+    from ..core.merge import nps_combine
+    from ..search import SearchSettings, run_search
+    n = len(sessions)
+
+    def mean_score(lambdas) -> float:
+        return float(np.mean(merged_scores(sessions, evaluators,
+                                           nps_combine(pruned, list(lambdas), opts.normalize))))
+
+    grid = [{"lambda": lam, "score": mean_score([lam] * n)} for lam in opts.lambda_grid]
+    best = max(grid, key=lambda g: g["score"])
+    lam_star = best["lambda"]
+    result = None
+    lambdas = [lam_star] * n
+    if opts.lambda_generations > 0 and n > 1:
+        def scorer(w):
+            t0 = time.perf_counter()
+            return mean_score(lam_star * np.asarray(w)), {"build_s": 0.0, "eval_s": time.perf_counter() - t0}
+        upper = max(opts.lambda_grid) * 1.5 / lam_star
+        settings = SearchSettings(generations=opts.lambda_generations, sigma0=0.2, lower=0.0,
+                                  upper=upper, seed=opts.seed, max_failures=opts.max_failures)
+        result = run_search(scorer, n, settings, progress=progress)
+        lambdas = [lam_star * float(w) for w in result.best_weights]
+    return lambdas, grid, result
+
+
+def merge_with_lambda_grid(method: str, taus: torch.Tensor, opts, sessions, evaluators):
+    from ..core.merge import MERGERS
+    fn = MERGERS[method]
+    if method == "average":
+        merged = fn(taus, lam=1.0, keep_ratio=opts.keep, seed=opts.seed)
+        return merged, None, []
+    grid = []
+    best = None
+    for lam in opts.lambda_grid:
+        merged = fn(taus, lam=lam, keep_ratio=opts.keep, seed=opts.seed)
+        score = float(np.mean(merged_scores(sessions, evaluators, merged)))
+        grid.append({"lambda": lam, "score": score})
+        if best is None or score > best[1]:
+            best = (merged, score, lam)
+    return best[0], best[2], grid
+
+
+def run_merge(opts) -> Dict[str, Any]:
+    from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
+    from ..checkpoints.save import atomic_output_dir
+    from ..core.merge import MERGERS, nps_combine
+    t0 = time.perf_counter()
+    if len(opts.finetuned) < 2:
+        raise NPSError("merge needs at least two fine-tuned models")
+    names = task_names(opts.finetuned, opts.names)
+    if opts.eval and len(opts.eval) != len(opts.finetuned):
+        raise NPSError(f"--eval gives {len(opts.eval)} evaluators for {len(opts.finetuned)} models "
+                       "(one per task, in the same order)")
+    if opts.test and len(opts.test) != len(opts.finetuned):
+        raise NPSError(f"--test gives {len(opts.test)} evaluators for {len(opts.finetuned)} models")
+    searching = opts.lam is None and opts.method != "average"
+    if (searching or opts.method == "nps") and not opts.eval:
+        raise NPSError(f"--method {opts.method} without --lambda searches on calibration data: "
+                       "pass one --eval SPEC per task, or a fixed --lambda"
+                       if opts.method != "nps" else "--method nps prunes each task with NPS: pass one "
+                       "--eval SPEC per task")
+    inputs = [opts.pretrained, *opts.finetuned]
+    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    need_model = bool(opts.eval or opts.test)
+    sessions = [Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
+                             allow_shape_mismatch=opts.allow_shape_mismatch, need_model=need_model,
+                             device=opts.device)
+                for ft, name in zip(opts.finetuned, names)]
+    taus = stack_values([s.task_vector for s in sessions])
+    evaluators = [s.evaluator(spec, opts) for s, spec in zip(sessions, opts.eval)] if opts.eval else []
+    report: Dict[str, Any] = {"command": "merge", "created": now_iso(), "settings": dataclasses.asdict(opts),
+                              "seed": opts.seed, "versions": versions(), "tasks": names}
+    if opts.method == "nps":
+        pruned_rows, searches = [], {}
+        for s, spec, name in zip(sessions, opts.eval, names):
+            out = prune_task(s, "nps", opts, eval_spec=spec, log_path=wd / f"search-{name}.jsonl",
+                             progress=not opts.quiet)
+            pruned_rows.append(out.pruned)
+            searches[name] = {"calibration": out.calibration, **search_report(out.search)}
+        pruned = torch.stack(pruned_rows)
+        report["pruning"] = searches
+        if opts.lam is not None:
+            lambdas, grid, lam_result = [opts.lam] * len(sessions), [], None
+        else:
+            lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned, opts,
+                                                          progress=not opts.quiet)
+        merged = nps_combine(pruned, lambdas, opts.normalize)
+        report.update(lambdas=lambdas, lambda_grid=grid, lambda_search=search_report(lam_result))
+    elif opts.lam is not None or opts.method == "average":
+        merged = MERGERS[opts.method](taus, lam=opts.lam if opts.lam is not None else 1.0,
+                                      keep_ratio=opts.keep, seed=opts.seed)
+        report.update(lambdas=[opts.lam] * len(sessions) if opts.lam is not None else None)
+    else:
+        merged, lam, grid = merge_with_lambda_grid(opts.method, taus, opts, sessions, evaluators)
+        report.update(lambdas=[lam] * len(sessions), lambda_grid=grid)
+    if evaluators:
+        report["calibration"] = dict(zip(names, merged_scores(sessions, evaluators, merged)))
+    if opts.test:
+        tests = [s.evaluator(spec, opts, calib=False) for s, spec in zip(sessions, opts.test)]
+        report["test"] = dict(zip(names, merged_scores(sessions, tests, merged)))
+        report["test_finetuned"] = {n: s.score(ev, s.task_vector.values)
+                                    for n, s, ev in zip(names, sessions, tests)}
+    report["timings"] = {"total_s": time.perf_counter() - t0}
+    merged = merged.cpu()
+    base_cpu = sessions[0].base_flat.cpu()
+    with atomic_output_dir(opts.output, inputs=inputs) as tmp:
+        first = sessions[0].task_vector.with_values(merged)
+        save_tensors(tmp / "merged_task_vector.safetensors", {k: v.contiguous() for k, v in first.items()},
+                     metadata={"method": opts.method})
+        for s, name in zip(sessions, names):
+            tv = s.task_vector.with_values(merged)
+            save_model_folder(tmp / name, tv.state_dict(base_cpu), like=open_checkpoint(s.finetuned),
+                              inputs=inputs)
+        write_json(tmp / "report.json", report)
+    import shutil
+    shutil.rmtree(wd, ignore_errors=True)
+    if not opts.quiet:
+        for split in ("calibration", "test"):
+            if split in report:
+                row = "  ".join(f"{k} {v:.4f}" for k, v in report[split].items())
+                print(f"{split:12s} {row}  mean {np.mean(list(report[split].values())):.4f}")
+        print(f"wrote {opts.output} (one model folder per task)")
+    return report

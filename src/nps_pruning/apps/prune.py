@@ -1,0 +1,249 @@
+"""`nps prune`: one fine-tuned model in, its slim task vector and pruned model out.
+
+The per-task step (:func:`prune_task`) is shared by transfer, merge and compress: load the pair
+once, bind the model's weights to one flat buffer, then either search band weights with CMA-ES
+(NPS) or apply a baseline pruner, and score what is asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import NPSError
+from ..task_vector import TaskVector
+from ..report.report import now_iso, versions, write_json
+
+
+@dataclass
+class Session:
+    """A fine-tuned model loaded once for scoring: θ_pre, τ, and a model whose prunable weights are
+    views into ``flat`` (writing θ into ``flat`` changes the model in place)."""
+
+    pretrained: str
+    finetuned: str
+    base_flat: torch.Tensor
+    task_vector: TaskVector
+    model: Any = None
+    flat: Optional[torch.Tensor] = None
+    model_factory: Optional[str] = None
+    device: str = "cpu"
+    load_s: float = 0.0
+
+    @classmethod
+    def load(cls, pretrained: str, finetuned: str, *, model_factory=None, allow_shape_mismatch=False,
+             need_model=True, device="cpu", name=None) -> "Session":
+        from ..checkpoints import load_task_vector
+        t0 = time.perf_counter()
+        base_flat, tv = load_task_vector(pretrained, finetuned, allow_shape_mismatch=allow_shape_mismatch,
+                                         name=name)
+        s = cls(str(pretrained), str(finetuned), base_flat, tv, model_factory=model_factory, device=device)
+        if need_model:
+            s.ensure_model()
+        s.load_s = time.perf_counter() - t0
+        return s
+
+    def ensure_model(self):
+        if self.model is None:
+            from ..evaluation import bind_flat, load_model
+            self.model = load_model(self.finetuned, model_factory=self.model_factory, device=self.device)
+            self.flat = bind_flat(self.model, self.task_vector.layout)
+            if self.device != "cpu":
+                self.base_flat = self.base_flat.to(self.device)
+                self.task_vector = self.task_vector.with_values(self.task_vector.values.to(self.device))
+        return self.model
+
+    def set_task_values(self, tau: torch.Tensor, scale: float = 1.0) -> None:
+        """Put θ_pre + scale·τ into the model (in place)."""
+        self.ensure_model()
+        torch.add(self.base_flat, tau.to(self.flat.device), alpha=scale, out=self.flat)
+
+    def score(self, evaluator, tau: torch.Tensor, scale: float = 1.0) -> float:
+        self.set_task_values(tau, scale)
+        return float(evaluator(self.model))
+
+    def evaluator(self, spec: str, opts, *, calib: bool = True):
+        from ..evaluation import make_evaluator
+        return make_evaluator(spec, model_path=self.finetuned,
+                              calib_size=getattr(opts, "calib_size", None) if calib else None,
+                              seed=opts.seed, batch_size=opts.batch_size,
+                              device=self.device, max_length=opts.max_length)
+
+
+@dataclass
+class PruneOutcome:
+    method: str
+    pruned: torch.Tensor                       # τ̂, flat
+    keep_ratio: float
+    search: Any = None                          # SearchResult for nps
+    bands: Any = None
+    calibration: Dict[str, float] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def search_settings(opts):
+    from ..search import SearchSettings
+    return SearchSettings(generations=opts.generations, sigma0=opts.sigma0, lower=opts.lower,
+                          upper=opts.upper, popsize=opts.popsize, seed=opts.seed, param=opts.param,
+                          max_failures=opts.max_failures)
+
+
+def _scorer(session: Session, evaluator, bands, opts, eval_spec: str):
+    from ..search.scorer import CandidateScorer
+    if opts.executor == "serial":
+        return CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
+                                          session.flat, evaluator, opts.keep, opts.kept_values)
+    return CandidateScorer(pretrained_path=session.pretrained, finetuned_path=session.finetuned,
+                           eval_spec=eval_spec, keep_ratio=opts.keep, num_bands=opts.bands,
+                           scheme=opts.scheme, focus=opts.focus, kept_values=opts.kept_values,
+                           calib_size=opts.calib_size, seed=opts.seed, model_factory=opts.model_factory,
+                           device=opts.device, batch_size=opts.batch_size)
+
+
+def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] = None,
+               log_path: Optional[Path] = None, progress: bool = True) -> PruneOutcome:
+    """Prune ``session``'s task vector with ``method`` at ``opts.keep``; NPS searches on ``eval_spec``."""
+    tv = session.task_vector
+    t0 = time.perf_counter()
+    if method == "nps":
+        from ..core import build_candidate, make_bands
+        from ..search import run_search
+        from ..search.executors import make_executor
+        if not eval_spec:
+            raise NPSError("--method nps needs a calibration evaluator (--eval SPEC)")
+        session.ensure_model()
+        evaluator = session.evaluator(eval_spec, opts)
+        bands = make_bands(tv.values, opts.bands, opts.scheme, opts.keep, opts.focus)
+        bands_s = time.perf_counter() - t0
+        executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
+        try:
+            result = run_search(_scorer(session, evaluator, bands, opts, eval_spec), opts.bands,
+                                search_settings(opts), log_path=log_path, resume=opts.resume,
+                                executor=executor, progress=progress)
+        finally:
+            executor.close()
+        pruned = build_candidate(tv.values, bands, np.asarray(result.best_weights), opts.keep,
+                                 kept_values=opts.kept_values)
+        calib = {"magnitude": result.baseline_score, "nps": result.best_score}
+        outcome = PruneOutcome("nps", pruned, opts.keep, result, bands, calib,
+                               {"bands_s": bands_s, "search_s": result.seconds})
+        outcome.calibration["finetuned"] = session.score(evaluator, tv.values)
+        return outcome
+    from ..core import PRUNERS
+    if method not in PRUNERS:
+        raise NPSError(f"unknown pruning method {method!r} (known: nps, {', '.join(PRUNERS)})")
+    pruned = PRUNERS[method](tv.values, opts.keep, seed=opts.seed)
+    outcome = PruneOutcome(method, pruned, opts.keep, timings={"prune_s": time.perf_counter() - t0})
+    if eval_spec:
+        evaluator = session.evaluator(eval_spec, opts)
+        outcome.calibration = {"finetuned": session.score(evaluator, tv.values),
+                               method: session.score(evaluator, pruned)}
+    return outcome
+
+
+def work_dir(output: str | Path) -> Path:
+    """Where a search keeps its log until the output appears (what --resume reads)."""
+    out = Path(output)
+    return out.with_name(out.name + ".nps-run")
+
+
+def prepare_work_dir(output, resume: bool, inputs) -> Path:
+    wd = work_dir(output)
+    for p in inputs:
+        p = Path(p).resolve()
+        o = Path(output).resolve()
+        if o == p or p in o.parents:
+            raise NPSError(f"{output}: refusing to write inside an input ({p})")
+    if wd.exists() and not resume:
+        shutil.rmtree(wd)
+    if resume and not (wd / "search.jsonl").exists():
+        raise NPSError(f"{wd / 'search.jsonl'}: no search log to resume from")
+    wd.mkdir(parents=True, exist_ok=True)
+    return wd
+
+
+def band_summary(bands) -> Dict[str, Any]:
+    if bands is None:
+        return {}
+    sizes = [bands.starts[i + 1] - bands.starts[i] for i in range(bands.num_bands)]
+    return {"scheme": bands.scheme, "num_bands": bands.num_bands, "sizes": sizes}
+
+
+def search_report(result) -> Dict[str, Any]:
+    if result is None:
+        return {}
+    return {"best_weights": result.best_weights, "best_score": result.best_score,
+            "baseline_score": result.baseline_score, "stopped_early": result.stopped_early,
+            "generations": result.generations, "candidates": result.candidates,
+            "build_s_total": sum(c.get("build_s") or 0.0 for c in result.candidates),
+            "eval_s_total": sum(c.get("eval_s") or 0.0 for c in result.candidates),
+            "seconds": result.seconds}
+
+
+def run_prune(opts) -> Dict[str, Any]:
+    from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
+    from ..checkpoints.save import atomic_output_dir
+    t_start = time.perf_counter()
+    inputs = [opts.pretrained, opts.finetuned]
+    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
+                           allow_shape_mismatch=opts.allow_shape_mismatch,
+                           need_model=bool(opts.eval or opts.test or opts.method == "nps"),
+                           device=opts.device)
+    tv = session.task_vector
+    outcome = prune_task(session, opts.method, opts, eval_spec=opts.eval, log_path=wd / "search.jsonl",
+                         progress=not opts.quiet)
+    test_scores: Dict[str, float] = {}
+    if opts.test:
+        test_eval = session.evaluator(opts.test, opts, calib=False)
+        test_scores["finetuned"] = session.score(test_eval, tv.values)
+        if opts.method == "nps":
+            from ..core import PRUNERS
+            test_scores["magnitude"] = session.score(test_eval, PRUNERS["magnitude"](tv.values, opts.keep))
+        test_scores[opts.method] = session.score(test_eval, outcome.pruned)
+    report = {
+        "command": "prune", "created": now_iso(), "settings": dataclasses.asdict(opts),
+        "seed": opts.seed, "versions": versions(),
+        "model": {"num_entries": tv.num_entries, "kept": int(torch.count_nonzero(outcome.pruned)),
+                  "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),
+                  "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
+        "bands": band_summary(outcome.bands), "search": search_report(outcome.search),
+        "calibration": outcome.calibration, "test": test_scores,
+        "timings": {"load_s": session.load_s, **outcome.timings,
+                    "total_s": time.perf_counter() - t_start},
+    }
+    pruned_tv = tv.with_values(outcome.pruned.cpu())
+    base_cpu = session.base_flat.cpu()
+    with atomic_output_dir(opts.output, inputs=inputs) as tmp:
+        save_model_folder(tmp, pruned_tv.state_dict(base_cpu), like=open_checkpoint(opts.finetuned),
+                          inputs=inputs)
+        save_tensors(tmp / "task_vector.safetensors",
+                     {k: v.contiguous() for k, v in pruned_tv.items()},
+                     metadata={"method": opts.method, "keep_ratio": str(opts.keep)})
+        write_json(tmp / "report.json", report)
+        if outcome.search is not None:
+            from ..report.plots import plot_search
+            plot_search(outcome.search, tmp / "search.png",
+                        title=f"NPS search: {tv.name}, keep {opts.keep:g}, {opts.bands} bands")
+            shutil.copy2(wd / "search.jsonl", tmp / "search.jsonl")
+    shutil.rmtree(wd, ignore_errors=True)
+    if not opts.quiet:
+        _print_summary(report)
+    return report
+
+
+def _print_summary(report: Dict[str, Any]) -> None:
+    m = report["model"]
+    print(f"kept {m['kept']:,} of {m['num_entries']:,} prunable entries "
+          f"({m['keep_ratio']:.2%}); task-specific tensors kept whole: {len(m['task_specific'])}")
+    for split in ("calibration", "test"):
+        if report[split]:
+            row = "  ".join(f"{k} {v:.4f}" for k, v in report[split].items())
+            print(f"{split:12s} {row}")
+    print(f"wrote {report['settings']['output']}")

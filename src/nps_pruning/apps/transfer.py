@@ -1,0 +1,104 @@
+"""`nps transfer` (Eq. 6): θ = θ_pre + λ·τ̂, λ chosen on both abilities' calibration data.
+
+The slim task vector τ̂ (NPS or a baseline) moves the model less than τ does, so the new task is
+learned while less of the original ability is forgotten. λ maximises the H-score 2ab/(a+b) of the
+source score a and the target score b on calibration data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+
+from ..errors import NPSError
+from ..report.report import now_iso, versions, write_json
+from .prune import Session, _print_summary, prepare_work_dir, prune_task, search_report
+
+
+def h_score(a: float, b: float) -> float:
+    """Harmonic mean 2ab/(a+b) of the source and target scores (0 when both are 0)."""
+    return 0.0 if a + b <= 0 else 2.0 * a * b / (a + b)
+
+
+def choose_lambda(session: Session, tau: torch.Tensor, source: Callable, target: Callable,
+                  lambdas: Sequence[float]) -> Dict[str, Any]:
+    """Score θ_pre + λ·τ on both abilities for every λ; return the grid and the best λ by H-score
+    (ties: the smaller λ, which moves the model less)."""
+    grid: List[Dict[str, float]] = []
+    for lam in sorted(lambdas):
+        a = session.score(source, tau, lam)
+        b = float(target(session.model))
+        grid.append({"lambda": lam, "source": a, "target": b, "h_score": h_score(a, b)})
+    best = max(grid, key=lambda g: (g["h_score"], -g["lambda"]))
+    return {"grid": grid, "best": best}
+
+
+def scores_at(session: Session, tau: torch.Tensor, scale: float, source, target) -> Dict[str, float]:
+    a = session.score(source, tau, scale)
+    b = float(target(session.model))
+    return {"source": a, "target": b, "h_score": h_score(a, b)}
+
+
+def transfer(session: Session, method: str, opts, source, target, *, eval_target_spec=None,
+             log_path=None, progress=True) -> Dict[str, Any]:
+    """Library form: returns {"tau_hat", "lambda", "calibration": {...}, "outcome"}."""
+    tv = session.task_vector
+    if method == "none":
+        tau_hat, outcome = tv.values, None
+    else:
+        outcome = prune_task(session, method, opts, eval_spec=eval_target_spec, log_path=log_path,
+                             progress=progress)
+        tau_hat = outcome.pruned
+    choice = choose_lambda(session, tau_hat, source, target, opts.lambdas)
+    lam = choice["best"]["lambda"]
+    calib = {"pretrained": scores_at(session, tv.values, 0.0, source, target),
+             "finetuned": scores_at(session, tv.values, 1.0, source, target),
+             "result": {k: choice["best"][k] for k in ("source", "target", "h_score")}}
+    return {"tau_hat": tau_hat, "lambda": lam, "lambda_grid": choice["grid"], "calibration": calib,
+            "outcome": outcome}
+
+
+def run_transfer(opts) -> Dict[str, Any]:
+    from ..checkpoints import open_checkpoint, save_model_folder
+    from ..checkpoints.save import atomic_output_dir
+    t0 = time.perf_counter()
+    inputs = [opts.pretrained, opts.finetuned]
+    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
+                           allow_shape_mismatch=opts.allow_shape_mismatch, device=opts.device)
+    source = session.evaluator(opts.eval_source, opts)
+    target = session.evaluator(opts.eval_target, opts)
+    res = transfer(session, opts.method, opts, source, target, eval_target_spec=opts.eval_target,
+                   log_path=wd / "search.jsonl", progress=not opts.quiet)
+    outcome = res["outcome"]
+    tv = session.task_vector
+    report = {
+        "command": "transfer", "created": now_iso(), "settings": dataclasses.asdict(opts),
+        "seed": opts.seed, "versions": versions(), "lambda": res["lambda"],
+        "lambda_grid": res["lambda_grid"],
+        "model": {"num_entries": tv.num_entries, "kept": int(torch.count_nonzero(res["tau_hat"])),
+                  "keep_ratio": opts.keep if opts.method != "none" else 1.0,
+                  "task_specific": sorted(tv.task_specific), "buffers": sorted(tv.buffers)},
+        "calibration": res["calibration"], "test": {},
+        "search": search_report(outcome.search if outcome else None),
+        "timings": {"load_s": session.load_s, "total_s": time.perf_counter() - t0},
+    }
+    final = tv.with_values((res["lambda"] * res["tau_hat"]).cpu())
+    with atomic_output_dir(opts.output, inputs=inputs) as tmp:
+        save_model_folder(tmp, final.state_dict(session.base_flat.cpu()),
+                          like=open_checkpoint(opts.finetuned), inputs=inputs)
+        write_json(tmp / "report.json", report)
+        if outcome is not None and outcome.search is not None:
+            from ..report.plots import plot_search
+            plot_search(outcome.search, tmp / "search.png", title=f"NPS search for transfer: {tv.name}")
+            shutil.copy2(wd / "search.jsonl", tmp / "search.jsonl")
+    shutil.rmtree(wd, ignore_errors=True)
+    if not opts.quiet:
+        print(f"λ = {res['lambda']:g}")
+        for who, s in res["calibration"].items():
+            print(f"{who:10s} source {s['source']:.4f}  target {s['target']:.4f}  H {s['h_score']:.4f}")
+        print(f"wrote {opts.output}")
+    return report
