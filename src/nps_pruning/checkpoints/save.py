@@ -1,0 +1,252 @@
+"""Writing outputs atomically, never into an input.
+
+* :func:`atomic_output_dir`: a temporary folder next to the target, renamed onto it on success
+  and removed on any exception; refuses to write into (or over) an input, and only replaces an
+  existing folder that is empty or carries our marker file ``.nps-output``.
+* :func:`save_tensors`: one ``.safetensors`` file, written to a temporary name and
+  ``os.replace``-d into place.
+* :func:`save_model_folder`: a Hugging Face model folder (``model.safetensors`` or shards plus
+  ``model.safetensors.index.json``) with the side files (config, tokenizer, ...) of ``like``.
+
+The safetensors writer streams tensor by tensor (no copy of the whole state dict is built, and
+tensors that share storage — views into one flat buffer, tied weights — are written as they are).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping
+
+import torch
+
+from .. import __version__
+from ..errors import NPSError
+from .load import BIN_INDEX, SAFE_INDEX, Checkpoint, open_checkpoint
+
+MARKER = ".nps-output"
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+for _attr, _name in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _attr):
+        _DTYPE_NAMES[getattr(torch, _attr)] = _name
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
+                    ".gguf")
+_WEIGHT_INDEXES = (SAFE_INDEX, BIN_INDEX, "tf_model.h5.index.json",
+                   "flax_model.msgpack.index.json")
+
+
+# -- input protection ---------------------------------------------------------------------------
+def _input_paths(inputs) -> List[Path]:
+    """Real paths of the inputs: each Checkpoint's folder (or file) and its weight files."""
+    out: List[Path] = []
+    for x in inputs or ():
+        if x is None:
+            continue
+        if isinstance(x, Checkpoint):
+            cands = [x.folder if x.folder is not None else x.path, *x.files]
+        else:
+            cands = [Path(x)]
+        for c in cands:
+            out.append(Path(c).expanduser().resolve())
+    return out
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _check_not_input(out: Path, inputs) -> None:
+    out_r = out.resolve()
+    for inp in _input_paths(inputs):
+        if _is_within(out_r, inp) or _is_within(inp, out_r):
+            raise NPSError(f"{out}: output would overwrite or sit inside the input {inp}; "
+                           "choose another output path")
+        if not inp.is_dir() and out_r == inp:
+            raise NPSError(f"{out}: output is the input file {inp}")
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise NPSError(f"{out}: exists and is not a folder written by nps; remove it or choose "
+                       "another")
+    if (out / MARKER).is_file() or not any(out.iterdir()):
+        return
+    raise NPSError(f"{out}: exists; remove it or choose another")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir, *, inputs=()):
+    """Yield a temporary folder next to ``out_dir``; on success it becomes ``out_dir`` (with our
+    marker file), on an exception it is removed and ``out_dir`` is left as it was."""
+    out = Path(out_dir).expanduser().absolute()
+    _check_not_input(out, inputs)
+    _check_replaceable(out)
+    created = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        (tmp / MARKER).write_text(json.dumps({"tool": "nps-pruning", "version": __version__}) + "\n")
+        _check_replaceable(out)  # it may have appeared meanwhile
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # parents we made, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+# -- safetensors writing ------------------------------------------------------------------------
+def _prepare(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, t in tensors.items():
+        if not isinstance(k, str):
+            raise NPSError(f"tensor name {k!r} is not a string")
+        if not isinstance(t, torch.Tensor):
+            raise NPSError(f"tensor {k}: not a tensor ({type(t).__name__})")
+        if t.dtype not in _DTYPE_NAMES:
+            raise NPSError(f"tensor {k}: dtype {t.dtype} cannot be stored in safetensors")
+        out[k] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _write_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: dict | None) -> None:
+    """Stream ``tensors`` into ``path`` in the safetensors format (little-endian host)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pos = 0
+    for k, t in tensors.items():
+        n = _nbytes(t)
+        header[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [pos, pos + n]}
+        pos += n
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None, *,
+                 inputs=()) -> Path:
+    """Write one ``.safetensors`` file atomically (temporary file + ``os.replace``)."""
+    p = Path(path).expanduser().absolute()
+    _check_not_input(p, inputs)
+    if p.is_dir():
+        raise NPSError(f"{p}: is a folder; expected a .safetensors file path")
+    ts = _prepare(tensors)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    os.close(fd)
+    try:
+        _write_safetensors(Path(tmp), ts, metadata)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+# -- model folders ------------------------------------------------------------------------------
+def _is_weight_file(name: str) -> bool:
+    return name in _WEIGHT_INDEXES or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") \
+        and any(name.startswith(s) for s in ("model", "pytorch_model", "tf_model", "flax_model"))
+
+
+def _copy_side_files(src: Path, dst: Path) -> List[str]:
+    """Copy everything in ``src`` that is not a weight file (config, tokenizer, generation
+    config, sentence-transformers module folders, ...). Hidden entries are skipped."""
+    copied = []
+    for entry in sorted(src.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, symlinks=False,
+                            ignore=lambda d, names: [n for n in names
+                                                     if n.startswith(".") or _is_weight_file(n)])
+            copied.append(entry.name + "/")
+        elif entry.is_file() and not _is_weight_file(entry.name):
+            shutil.copy2(entry, dst / entry.name)
+            copied.append(entry.name)
+    return copied
+
+
+def _shards(tensors: Dict[str, torch.Tensor], max_shard_bytes: int) -> List[List[str]]:
+    shards: List[List[str]] = [[]]
+    size = 0
+    for k, t in tensors.items():
+        n = _nbytes(t)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    return shards
+
+
+def save_model_folder(out_dir, state_dict: Mapping[str, torch.Tensor], *, like=None,
+                      inputs: Iterable = (), max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a Hugging Face model folder atomically: weights in safetensors (sharded past
+    ``max_shard_bytes``, with ``model.safetensors.index.json``), side files copied from ``like``
+    (a :class:`Checkpoint` or a path). Returns ``out_dir``."""
+    if max_shard_bytes <= 0:
+        raise NPSError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if like is not None and not isinstance(like, Checkpoint):
+        like = open_checkpoint(like)
+    all_inputs = [*(inputs or ()), *([like] if like is not None else [])]
+    tensors = _prepare(state_dict)
+    if not tensors:
+        raise NPSError(f"{out_dir}: nothing to save (empty state dict)")
+    out = Path(out_dir).expanduser().absolute()
+    meta = {"format": "pt"}
+    with atomic_output_dir(out, inputs=all_inputs) as tmp:
+        if like is not None and like.folder is not None:
+            _copy_side_files(like.folder, tmp)
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            _write_safetensors(tmp / "model.safetensors", tensors, meta)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, names in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                _write_safetensors(tmp / fname, {k: tensors[k] for k in names}, meta)
+                weight_map.update({k: fname for k in names})
+            index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+                     "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return out
