@@ -1,0 +1,275 @@
+"""Where candidates are scored: in this process, in worker processes, or on Ray actors.
+
+An executor scores ONE generation at a time::
+
+    results = executor.map(scorer, [w_1, ..., w_n])   # in the order given
+    # each result: (score_or_result, info_dict) on success, (None, exception) on failure
+
+Workers get the scorer once (a picklable recipe such as :class:`CandidateScorer`, which builds
+its model lazily on first call in each worker); per candidate only the band weights travel.
+``close()`` shuts pools and a Ray runtime started here down.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import NPSError
+
+Outcome = Tuple[Any, Any]
+
+
+class CandidateError(Exception):
+    """A candidate failed inside a worker; carries the worker's error text (always picklable)."""
+
+
+def _call(scorer: Callable, weights: np.ndarray) -> Outcome:
+    t0 = time.perf_counter()
+    try:
+        out = scorer(np.asarray(weights, dtype=np.float64))
+    except Exception as exc:  # noqa: BLE001 - every scorer failure is recorded, not raised
+        return None, exc
+    wall = time.perf_counter() - t0
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        info = dict(out[1])
+        info.setdefault("wall_s", wall)
+        return out[0], info
+    return out, {"wall_s": wall}
+
+
+def _portable(outcome: Outcome) -> Outcome:
+    """Exceptions from workers become CandidateError(text) so they always unpickle."""
+    score, info = outcome
+    if isinstance(info, BaseException):
+        msg = str(info).strip().splitlines()
+        text = f"{type(info).__name__}: {msg[0]}" if msg else type(info).__name__
+        return None, CandidateError(text)
+    return score, info
+
+
+class SerialExecutor:
+    kind = "serial"
+    workers = 1
+
+    def map(self, scorer: Callable, weights: Sequence[np.ndarray]) -> List[Outcome]:
+        return [_call(scorer, w) for w in weights]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- worker processes ------------------------------------------------------------------------
+_WORKER_SCORER = None
+
+
+def _init_worker(scorer_bytes: bytes) -> None:
+    global _WORKER_SCORER
+    _WORKER_SCORER = pickle.loads(scorer_bytes)
+
+
+def _score_in_worker(weights: np.ndarray) -> Outcome:
+    return _portable(_call(_WORKER_SCORER, weights))
+
+
+class ProcessExecutor(SerialExecutor):
+    """concurrent.futures.ProcessPoolExecutor ('spawn'); the scorer is unpickled once per worker."""
+
+    kind = "processes"
+
+    def __init__(self, workers: Optional[int] = None):
+        self.workers = int(workers or os.cpu_count() or 1)
+        if self.workers < 1:
+            raise NPSError(f"executor: workers must be >= 1, got {workers}")
+        self._pool = None
+        self._scorer_bytes: Optional[bytes] = None
+
+    def _ensure_pool(self, scorer: Callable) -> None:
+        try:
+            data = pickle.dumps(scorer)
+        except Exception as exc:  # noqa: BLE001
+            raise NPSError(f"executor 'processes': the scorer cannot be sent to worker processes "
+                           f"({type(exc).__name__}: {exc}); use the serial executor") from None
+        if self._pool is not None and data == self._scorer_bytes:
+            return
+        self.close()
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        self._pool = ProcessPoolExecutor(max_workers=self.workers,
+                                         mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker, initargs=(data,))
+        self._scorer_bytes = data
+
+    def map(self, scorer: Callable, weights: Sequence[np.ndarray]) -> List[Outcome]:
+        from concurrent.futures.process import BrokenProcessPool
+        self._ensure_pool(scorer)
+        futures = [self._pool.submit(_score_in_worker, np.asarray(w, dtype=np.float64))
+                   for w in weights]
+        out: List[Outcome] = []
+        broken = False
+        for fut in futures:
+            try:
+                out.append(fut.result())
+            except BrokenProcessPool as exc:
+                broken = True
+                out.append((None, CandidateError(f"worker process died ({exc})")))
+            except Exception as exc:  # noqa: BLE001
+                out.append((None, CandidateError(f"{type(exc).__name__}: {exc}")))
+        if broken:                    # a worker crashed (killed, out of memory): start afresh
+            self.close()
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._scorer_bytes = None
+
+
+# --- ray ----------------------------------------------------------------------------------------
+LOOPBACK = "127.0.0.1"
+
+
+def _import_ray_loopback():
+    """Import ray so that a local cluster binds only to 127.0.0.1.
+
+    On Linux ray replaces a node IP of 127.0.0.1 by the machine's external address unless
+    "Ray clusters" are disabled (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import time).
+    With them disabled and _node_ip_address=127.0.0.1, the GCS, raylet, object manager, core
+    workers, dashboard and runtime-env agents all listen on 127.0.0.1 only."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray
+    except ImportError:
+        raise NPSError("executor 'ray': ray is not installed (pip install 'nps-pruning[ray]')") from None
+    try:  # already imported before the variable was set: patch the constant too
+        from ray._private import ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except Exception:  # noqa: BLE001 - a future ray without the constant
+        pass
+    return ray
+
+
+class RayExecutor(SerialExecutor):
+    """Ray actors, each holding one scorer (built once); only the weights go per call.
+
+    ``ray_address`` joins an existing cluster (ray.init(address=...)); otherwise a local Ray is
+    started on loopback only (see :func:`_import_ray_loopback`) and shut down by ``close()``."""
+
+    kind = "ray"
+
+    def __init__(self, workers: Optional[int] = None, ray_address: Optional[str] = None):
+        self.ray_address = ray_address
+        self.workers = int(workers or os.cpu_count() or 1)
+        if self.workers < 1:
+            raise NPSError(f"executor: workers must be >= 1, got {workers}")
+        self._started_ray = False
+        self._actors: list = []
+        self._scorer_bytes: Optional[bytes] = None
+        self._ray = None
+
+    def _init_ray(self):
+        if self._ray is not None:
+            return self._ray
+        if self.ray_address:
+            try:
+                import ray
+            except ImportError:
+                raise NPSError("executor 'ray': ray is not installed") from None
+            if not ray.is_initialized():
+                ray.init(address=self.ray_address, log_to_driver=False)
+                self._started_ray = True
+        else:
+            ray = _import_ray_loopback()
+            if not ray.is_initialized():
+                # workers import the scorer's module by name: give them this process's path
+                path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+                ray.init(num_cpus=self.workers, include_dashboard=False,
+                         dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+                         log_to_driver=False, configure_logging=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": path,
+                                                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+                self._started_ray = True
+        self._ray = ray
+        return ray
+
+    def _ensure_actors(self, scorer: Callable) -> None:
+        try:
+            data = pickle.dumps(scorer)
+        except Exception as exc:  # noqa: BLE001
+            raise NPSError(f"executor 'ray': the scorer cannot be sent to Ray actors "
+                           f"({type(exc).__name__}: {exc}); use the serial executor") from None
+        if self._actors and data == self._scorer_bytes:
+            return
+        ray = self._init_ray()
+        self._kill_actors()
+
+        @ray.remote(num_cpus=1)
+        class _ScorerActor:
+            def __init__(self, scorer_bytes: bytes):
+                self.scorer = pickle.loads(scorer_bytes)
+
+            def score(self, weights):
+                return _portable(_call(self.scorer, weights))
+
+        ref = ray.put(data)
+        self._actors = [_ScorerActor.remote(ref) for _ in range(self.workers)]
+        self._scorer_bytes = data
+
+    def map(self, scorer: Callable, weights: Sequence[np.ndarray]) -> List[Outcome]:
+        self._ensure_actors(scorer)
+        ray = self._ray
+        from ray.util import ActorPool
+        pool = ActorPool(self._actors)
+        items = [np.asarray(w, dtype=np.float64) for w in weights]
+        out: List[Outcome] = []
+        try:
+            for res in pool.map(lambda a, w: a.score.remote(w), items):   # ordered
+                out.append(res)
+        except Exception as exc:  # noqa: BLE001 - an actor died: fail the rest, restart next time
+            text = f"ray actor failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            out.extend((None, CandidateError(text)) for _ in range(len(items) - len(out)))
+            self._kill_actors()
+        return out
+
+    def _kill_actors(self) -> None:
+        if self._ray is not None:
+            for a in self._actors:
+                try:
+                    self._ray.kill(a)
+                except Exception:  # noqa: BLE001
+                    pass
+        self._actors = []
+        self._scorer_bytes = None
+
+    def close(self) -> None:
+        self._kill_actors()
+        if self._ray is not None and self._started_ray:
+            self._ray.shutdown()
+        self._started_ray = False
+        self._ray = None
+
+
+def make_executor(kind: str = "serial", *, workers: Optional[int] = None,
+                  ray_address: Optional[str] = None):
+    """serial | processes | ray (see the module docstring)."""
+    if kind in (None, "serial"):
+        return SerialExecutor()
+    if kind in ("processes", "process"):
+        return ProcessExecutor(workers)
+    if kind == "ray":
+        return RayExecutor(workers, ray_address)
+    raise NPSError(f"unknown executor {kind!r} (choose serial, processes or ray)")
+
+
+__all__ = ["make_executor", "SerialExecutor", "ProcessExecutor", "RayExecutor", "CandidateError"]

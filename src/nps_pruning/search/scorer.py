@@ -1,0 +1,105 @@
+"""CandidateScorer: band weights -> calibration score of the pruned model.
+
+A picklable *recipe* (paths, eval spec, pruning settings). The heavy state (θ_pre, τ, bands, the
+model with its parameters bound to one flat buffer, the evaluator) is built lazily on the first
+call in each process, so worker processes and Ray actors receive only the recipe. Each call
+writes θ_pre + τ̂(w) into the model's flat buffer in place (no reload) and evaluates it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from ..errors import NPSError
+
+
+@dataclass
+class _State:
+    base_flat: Any
+    tv: Any
+    bands: Any
+    model: Any
+    flat: Any
+    evaluator: Any
+
+
+class CandidateScorer:
+    def __init__(self, pretrained_path, finetuned_path, eval_spec: str, keep_ratio: float,
+                 num_bands: int = 8, scheme: str = "focused", focus: float = 3.0,
+                 kept_values: str = "weighted", calib_size: Optional[int] = None, seed: int = 0,
+                 model_factory: Optional[str] = None, device: str = "cpu", batch_size: int = 64):
+        self.pretrained_path = str(pretrained_path) if pretrained_path is not None else None
+        self.finetuned_path = str(finetuned_path) if finetuned_path is not None else None
+        self.eval_spec = eval_spec
+        self.keep_ratio = float(keep_ratio)
+        self.num_bands = int(num_bands)
+        self.scheme = scheme
+        self.focus = float(focus)
+        self.kept_values = kept_values
+        self.calib_size = calib_size
+        self.seed = int(seed)
+        self.model_factory = model_factory
+        self.device = device
+        self.batch_size = int(batch_size)
+        self._state: Optional[_State] = None
+        self._picklable = True
+
+    @classmethod
+    def from_state(cls, base_flat, tv, bands, model, flat, evaluator, keep_ratio: float,
+                   kept_values: str = "weighted") -> "CandidateScorer":
+        """In-process scorer over already loaded objects (not picklable: serial executor only)."""
+        self = cls(None, None, getattr(evaluator, "name", "<evaluator>"), keep_ratio,
+                   num_bands=getattr(bands, "num_bands", 0), kept_values=kept_values)
+        self._state = _State(base_flat, tv, bands, model, flat, evaluator)
+        self._picklable = False
+        return self
+
+    # only the recipe travels
+    def __getstate__(self):
+        if not self._picklable:
+            raise NPSError("a CandidateScorer built from in-memory state cannot be sent to worker "
+                           "processes; use the serial executor or construct it from paths")
+        state = dict(self.__dict__)
+        state["_state"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    @property
+    def state(self) -> _State:
+        if self._state is None:
+            self._state = self._build()
+        return self._state
+
+    def _build(self) -> _State:
+        from ..checkpoints import load_task_vector
+        from ..core import make_bands
+        from ..evaluation import bind_flat, load_model, make_evaluator
+
+        base_flat, tv = load_task_vector(self.pretrained_path, self.finetuned_path)
+        bands = make_bands(tv.values, self.num_bands, self.scheme, self.keep_ratio, self.focus)
+        model = load_model(self.finetuned_path, model_factory=self.model_factory, device=self.device)
+        flat = bind_flat(model, tv.layout)
+        evaluator = make_evaluator(self.eval_spec, model_path=self.finetuned_path,
+                                   calib_size=self.calib_size, seed=self.seed,
+                                   batch_size=self.batch_size, device=self.device)
+        return _State(base_flat, tv, bands, model, flat, evaluator)
+
+    def __call__(self, weights) -> Tuple[float, dict]:
+        import torch
+        from ..core import build_candidate
+
+        st = self.state
+        t0 = time.perf_counter()
+        w = np.asarray(weights, dtype=np.float64)
+        build_candidate(st.tv.values, st.bands, w, self.keep_ratio, base=st.base_flat,
+                        out=st.flat, kept_values=self.kept_values)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            score = float(st.evaluator(st.model))
+        t2 = time.perf_counter()
+        return score, {"build_s": t1 - t0, "eval_s": t2 - t1}
