@@ -183,8 +183,10 @@ def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | Non
 
 # -- model folders ------------------------------------------------------------------------------
 def _is_weight_file(name: str) -> bool:
-    return name in _WEIGHT_INDEXES or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") \
-        and any(name.startswith(s) for s in ("model", "pytorch_model", "tf_model", "flax_model"))
+    if name in _WEIGHT_INDEXES or name.endswith(_WEIGHT_SUFFIXES):
+        return True
+    return name.endswith(".index.json") and name.startswith(
+        ("model", "pytorch_model", "tf_model", "flax_model"))
 
 
 def _copy_side_files(src: Path, dst: Path) -> List[str]:
