@@ -435,3 +435,34 @@ def test_refuses_to_write_into_or_over_an_input(tiny_bert, tmp_path):
     save_tensors(tmp_path / "next.safetensors", {"a": torch.zeros(2)}, inputs=[bare])
     for p, h in before.items():
         assert tree_hash(p) == h
+
+
+def test_side_files_copied_weight_files_not(tiny_bert, tmp_path):
+    _, ft = tiny_bert
+    src = tmp_path / "src"
+    import shutil
+    shutil.copytree(ft, src)
+    ck0 = open_checkpoint(src)
+    ref = reference_state_dict(src)
+    (src / "generation_config.json").write_text("{}")
+    (src / "special_tokens_map.json").write_text("{}")
+    (src / "modules.json").write_text("[]")
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (src / "1_Pooling" / "stale.safetensors").write_bytes(b"junk")
+    torch.save({"old": torch.zeros(1)}, src / "pytorch_model.bin")
+    (src / "pytorch_model.bin.index.json").write_text("{}")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref")
+    (src / MARKER).write_text("{}")
+    ck = open_checkpoint(src)
+    assert ck.files == ck0.files  # safetensors preferred over the .bin
+    out = save_model_folder(tmp_path / "out", ck.state_dict(), like=ck, max_shard_bytes=4096)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            "special_tokens_map.json", "modules.json", "1_Pooling", MARKER} <= names
+    assert not names & {"pytorch_model.bin", "pytorch_model.bin.index.json", ".git",
+                        "model.safetensors"}
+    assert [p.name for p in (out / "1_Pooling").iterdir()] == ["config.json"]
+    assert json.loads((out / MARKER).read_text())["tool"] == "nps-pruning"
+    assert_same_tensors(open_checkpoint(out), ref)
