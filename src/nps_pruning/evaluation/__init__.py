@@ -1,0 +1,90 @@
+"""The task pool: how a model is scored (SPEC §3 ``--eval`` contracts).
+
+``make_evaluator(spec, ...)`` returns an :class:`Evaluator`: a callable ``model -> float`` (higher
+is better) with ``.name`` and ``.num_rows``. Spec forms:
+
+* ``text-classification:FILE`` — CSV/JSONL with ``text``,``label``; tokenizer from ``model_path``;
+* ``image-classification:FILE`` — NPZ with ``images``,``labels`` (optional ``mean``,``std``);
+* ``python:MODULE:FUNCTION`` — FUNCTION(model) -> float.
+
+Evaluators prepare their data once, at construction (tokenize, pad, normalise), so each call
+is forward passes only. ``load_model`` and ``bind_flat`` (in :mod:`.model`) give the search a
+model whose weights live in one flat buffer it can overwrite per candidate.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import NPSError
+from .image import ImageClassificationEvaluator
+from .model import bind_flat, load_model, load_state_dict_any, logits_of
+from .python_eval import PythonEvaluator, resolve_python
+from .text import TextClassificationEvaluator
+
+__all__ = [
+    "Evaluator", "make_evaluator", "evaluate_path", "load_model", "bind_flat", "logits_of",
+    "load_state_dict_any", "resolve_python", "TextClassificationEvaluator",
+    "ImageClassificationEvaluator", "PythonEvaluator", "SPEC_KINDS",
+]
+
+SPEC_KINDS = ("text-classification", "image-classification", "python")
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    name: str
+    num_rows: int
+
+    def __call__(self, model: torch.nn.Module) -> float: ...
+
+
+def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = None, seed: int = 0,
+                   batch_size: int = 64, device="cpu", max_length: int = 128,
+                   subset: str = "all") -> Evaluator:
+    """Build the evaluator that ``spec`` names (see the module docstring).
+
+    ``calib_size=N`` scores a random subsample of N rows (the same rows for the same ``seed``;
+    every row when N is at least the file's length, said in the evaluator's ``.note``);
+    ``subset="rest"`` scores the rows that subsample leaves out instead.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise NPSError(f"{spec}: expected KIND:ARGUMENT with KIND one of {', '.join(SPEC_KINDS)}")
+    kind, arg = spec.split(":", 1)
+    kind = kind.strip().lower()
+    if kind == "python":
+        return PythonEvaluator(spec)
+    if not arg:
+        raise NPSError(f"{spec}: missing FILE after {kind}:")
+    if kind in ("text-classification", "text"):
+        return TextClassificationEvaluator(arg, model_path=model_path, calib_size=calib_size,
+                                           seed=seed, batch_size=batch_size, device=device,
+                                           max_length=max_length, subset=subset)
+    if kind in ("image-classification", "image"):
+        return ImageClassificationEvaluator(arg, calib_size=calib_size, seed=seed,
+                                            batch_size=batch_size, device=device, subset=subset)
+    raise NPSError(f"{spec}: unknown evaluation kind {kind!r} (expected one of {', '.join(SPEC_KINDS)})")
+
+
+def evaluate_path(model_path, spec: str, *, model_factory: Optional[str] = None,
+                  calib_size: Optional[int] = None, seed: int = 0, batch_size: int = 64,
+                  device="cpu", max_length: int = 128, subset: str = "all") -> dict:
+    """Load the model at ``model_path`` and score it: ``{"score", "num_rows", "seconds", ...}``
+    (``seconds`` is the scoring time; ``load_seconds`` the model and data preparation)."""
+    t0 = time.perf_counter()
+    model = load_model(model_path, model_factory=model_factory, device=device)
+    evaluator = make_evaluator(spec, model_path=model_path, calib_size=calib_size, seed=seed,
+                               batch_size=batch_size, device=device, max_length=max_length,
+                               subset=subset)
+    t1 = time.perf_counter()
+    score = float(evaluator(model))
+    t2 = time.perf_counter()
+    out = {"score": score, "num_rows": int(evaluator.num_rows), "seconds": t2 - t1,
+           "load_seconds": t1 - t0, "model": str(Path(model_path)), "eval": spec}
+    note = getattr(evaluator, "note", "")
+    if note:
+        out["note"] = note
+    return out

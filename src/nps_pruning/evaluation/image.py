@@ -1,0 +1,118 @@
+"""``image-classification:FILE`` — accuracy of an image classifier on an NPZ file (SPEC §3).
+
+The NPZ holds ``images`` and ``labels`` (integer class ids). Images are prepared once, at
+construction:
+
+* integer pixels (``uint8``) are scaled to [0, 1]; floating pixels are kept as they are;
+* ``(N, H, W)`` gets a channel axis -> ``(N, 1, H, W)``;
+* channel-last ``(N, H, W, C)`` with C in {1, 3} (and dim 1 not in {1, 3}) becomes NCHW;
+* optional arrays ``mean`` and ``std`` normalise per channel: ``(x - mean) / std``;
+* other ranks (``(N, D)`` feature vectors, say) are passed through unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+import numpy as np
+import torch
+
+from ..errors import NPSError
+from .model import logits_of
+from .text import check_num_outputs, select_rows
+
+
+def prepare_images(images: np.ndarray, mean=None, std=None, source: str = "") -> torch.Tensor:
+    """float32 NCHW tensor (see the module docstring for the rules)."""
+    if images.dtype == np.bool_ or not (np.issubdtype(images.dtype, np.integer)
+                                        or np.issubdtype(images.dtype, np.floating)):
+        raise NPSError(f"{source}: images have dtype {images.dtype}, expected uint8 or float")
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.float() / 255.0 if np.issubdtype(images.dtype, np.integer) else x.float()
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    elif x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    x = x.contiguous()
+    if mean is not None or std is not None:
+        channels = x.shape[1] if x.dim() >= 2 else 1
+        shape = [1, -1] + [1] * (x.dim() - 2)
+
+        def per_channel(a, what, default):
+            if a is None:
+                return torch.full((channels,), default)
+            t = torch.as_tensor(np.asarray(a, dtype=np.float32)).reshape(-1)
+            if t.numel() == 1:
+                t = t.expand(channels)
+            if t.numel() != channels:
+                raise NPSError(f"{source}: {what} has {t.numel()} values, images have "
+                               f"{channels} channels")
+            return t
+
+        m = per_channel(mean, "mean", 0.0).reshape(shape)
+        s = per_channel(std, "std", 1.0).reshape(shape)
+        if bool((s == 0).any()):
+            raise NPSError(f"{source}: std has a zero entry")
+        x = (x - m) / s
+    return x
+
+
+class ImageClassificationEvaluator:
+    """Accuracy (argmax of logits) over the selected images of an NPZ file."""
+
+    def __init__(self, path, *, calib_size=None, seed=0, batch_size=64, device="cpu",
+                 subset="all", **_ignored) -> None:
+        self.path = Path(path)
+        self.name = f"image-classification:{path}"
+        src = str(self.path)
+        if not self.path.is_file():
+            raise NPSError(f"{src}: no such file")
+        if int(batch_size) <= 0:
+            raise NPSError(f"{src}: batch_size must be positive, got {batch_size}")
+        try:
+            data = np.load(self.path, allow_pickle=False)
+        except Exception as exc:
+            raise NPSError(f"{src}: not a readable NPZ file ({type(exc).__name__}: {exc})") from exc
+        if not hasattr(data, "files"):
+            raise NPSError(f"{src}: expected an NPZ archive with arrays 'images' and 'labels'")
+        with data:
+            for key in ("images", "labels"):
+                if key not in data.files:
+                    raise NPSError(f"{src}: missing array {key!r} (arrays: {', '.join(data.files)})")
+            try:
+                images, labels = data["images"], data["labels"]
+                mean = data["mean"] if "mean" in data.files else None
+                std = data["std"] if "std" in data.files else None
+            except Exception as exc:  # object arrays (pickles) are refused, corrupt members
+                raise NPSError(f"{src}: cannot read arrays ({type(exc).__name__}: {exc})") from exc
+        labels = labels.reshape(-1) if labels.ndim > 1 and labels.size == len(labels) else labels
+        if images.ndim == 0 or len(images) == 0:
+            raise NPSError(f"{src}: empty file (no images)")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise NPSError(f"{src}: {len(images)} images but labels of shape {labels.shape}")
+        if np.issubdtype(labels.dtype, np.floating):
+            if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+                raise NPSError(f"{src}: labels are not integer class ids")
+        elif labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+            raise NPSError(f"{src}: labels have dtype {labels.dtype}, expected integer class ids")
+        if labels.min() < 0:
+            raise NPSError(f"{src}: negative label {int(labels.min())}")
+        self.total_rows = len(images)
+        self.indices, self.note = select_rows(len(images), calib_size, seed, subset, src)
+        idx = self.indices.numpy()
+        self.device = torch.device(device)
+        self.images = prepare_images(images[idx], mean, std, src).to(self.device)
+        self.labels = torch.from_numpy(labels[idx].astype(np.int64)).to(self.device)
+        self.num_rows = len(idx)
+        self.max_label = int(self.labels.max())
+        self.batch_size = int(batch_size)
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        correct = 0
+        with torch.inference_mode():
+            for s in range(0, self.num_rows, self.batch_size):
+                logits = logits_of(model(self.images[s:s + self.batch_size]))
+                check_num_outputs(logits, self.max_label, str(self.path))
+                correct += int((logits.argmax(dim=-1) == self.labels[s:s + self.batch_size]).sum())
+        return correct / self.num_rows
+
+    def __repr__(self) -> str:
+        return f"ImageClassificationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"

@@ -1,0 +1,210 @@
+"""``text-classification:FILE`` — accuracy of a sequence-classification model (SPEC §3).
+
+FILE is CSV (``.csv``; ``.tsv`` is tab-separated) or JSON Lines (``.jsonl``/``.ndjson``/``.json``)
+with columns ``text`` and ``label`` (integer class ids). The tokenizer comes from the model folder
+being scored. Rows are tokenized once, at construction, sorted by length and cut into padded
+batches then, so a call is only forward passes: the search calls it hundreds of times.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import NPSError
+from .model import logits_of
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+SUBSETS = ("all", "rest")
+
+
+# -- shared by the labelled-data evaluators (text, image) -------------------------------------
+def select_rows(num_rows: int, calib_size: Optional[int], seed: int, subset: str,
+                source: str) -> Tuple[torch.Tensor, str]:
+    """Row indices to score, and a note for the user (empty when nothing is worth saying).
+
+    ``calib_size=N`` draws N rows with ``torch.Generator().manual_seed(seed).randperm`` (the same
+    rows for the same seed); N at least the file's length uses every row. ``subset="all"`` scores
+    the drawn rows (every row without ``calib_size``); ``subset="rest"`` scores the rows that draw
+    left out (held-out rows of the same file, e.g. a test split beside a calibration split).
+    """
+    if subset not in SUBSETS:
+        raise NPSError(f"{source}: unknown subset {subset!r} (expected one of {', '.join(SUBSETS)})")
+    everything = torch.arange(num_rows)
+    if calib_size is None:
+        if subset == "rest":
+            raise NPSError(f"{source}: subset 'rest' needs calib_size (the rows left out of it)")
+        return everything, ""
+    calib_size = int(calib_size)
+    if calib_size <= 0:
+        raise NPSError(f"{source}: calib_size must be positive, got {calib_size}")
+    if calib_size >= num_rows:
+        note = (f"calib_size {calib_size} >= {num_rows} rows in {source}: using all {num_rows} rows"
+                if calib_size > num_rows else "")
+        if subset == "rest":
+            raise NPSError(f"{source}: subset 'rest' is empty: calib_size {calib_size} takes all "
+                           f"{num_rows} rows")
+        return everything, note
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(num_rows, generator=gen)
+    chosen = perm[:calib_size] if subset == "all" else perm[calib_size:]
+    return torch.sort(chosen).values, ""
+
+
+def check_labels(labels: Sequence[Any], source: str) -> torch.Tensor:
+    """Integer class ids (ints, integral floats, or strings of ints) -> int64 tensor."""
+    out = []
+    for i, lab in enumerate(labels):
+        value: Optional[int] = None
+        if isinstance(lab, bool):
+            value = None
+        elif isinstance(lab, int):
+            value = lab
+        elif isinstance(lab, float) and lab.is_integer():
+            value = int(lab)
+        elif isinstance(lab, str):
+            try:
+                value = int(lab.strip())
+            except ValueError:
+                value = None
+        if value is None or value < 0:
+            raise NPSError(f"{source}: row {i + 1}: label {lab!r} is not a non-negative integer "
+                           "class id")
+        out.append(value)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def check_num_outputs(logits: torch.Tensor, max_label: int, source: str) -> None:
+    if logits.dim() < 2:
+        raise NPSError(f"{source}: the model returned outputs of shape {tuple(logits.shape)}, "
+                       "expected (batch, classes) logits")
+    if max_label >= logits.shape[-1]:
+        raise NPSError(f"{source}: label {max_label} is out of range for a model with "
+                       f"{logits.shape[-1]} outputs")
+
+
+# -- reading -----------------------------------------------------------------------------------
+def read_text_rows(path: Path) -> Tuple[List[str], List[Any]]:
+    """(texts, raw labels) of a CSV/TSV/JSONL file; NPSError naming the file on any problem."""
+    if not path.is_file():
+        raise NPSError(f"{path}: no such file")
+    texts: List[str] = []
+    labels: List[Any] = []
+    suffix = path.suffix.lower()
+    try:
+        if suffix in JSONL_SUFFIXES:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise NPSError(f"{path}: line {lineno}: not JSON ({exc.msg})") from exc
+                    if not isinstance(row, dict):
+                        raise NPSError(f"{path}: line {lineno}: expected a JSON object per line")
+                    for col in ("text", "label"):
+                        if col not in row:
+                            raise NPSError(f"{path}: line {lineno}: missing column {col!r}")
+                    if not isinstance(row["text"], str):
+                        raise NPSError(f"{path}: line {lineno}: 'text' is not a string")
+                    texts.append(row["text"])
+                    labels.append(row["label"])
+        else:
+            delimiter = "\t" if suffix == ".tsv" else ","
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter=delimiter)
+                fields = [c.strip() for c in (reader.fieldnames or [])]
+                if not fields:
+                    raise NPSError(f"{path}: empty file (expected a header with columns text,label)")
+                for col in ("text", "label"):
+                    if col not in fields:
+                        raise NPSError(f"{path}: missing column {col!r} (columns: {', '.join(fields)})")
+                reader.fieldnames = fields
+                for row in reader:
+                    texts.append(row["text"] or "")
+                    labels.append(row["label"])
+    except UnicodeDecodeError as exc:
+        raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    if not texts:
+        raise NPSError(f"{path}: empty file (no rows)")
+    return texts, labels
+
+
+def load_tokenizer(model_path):
+    if model_path is None:
+        raise NPSError("text-classification needs the model folder (model_path) to find its tokenizer")
+    folder = Path(model_path)
+    if folder.is_file():
+        folder = folder.parent
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise NPSError(f"{folder}: cannot load a tokenizer ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+def _forward_keys(model: torch.nn.Module, keys: Sequence[str]) -> List[str]:
+    """The batch keys the model's forward accepts (all of them when it takes **kwargs)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return list(keys)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return list(keys)
+    return [k for k in keys if k in params]
+
+
+class TextClassificationEvaluator:
+    """Accuracy (argmax of logits) over the selected rows of a text file."""
+
+    def __init__(self, path, *, model_path=None, calib_size=None, seed=0, batch_size=64,
+                 device="cpu", max_length=128, subset="all", tokenizer=None) -> None:
+        self.path = Path(path)
+        self.name = f"text-classification:{path}"
+        if int(batch_size) <= 0:
+            raise NPSError(f"{path}: batch_size must be positive, got {batch_size}")
+        texts, raw_labels = read_text_rows(self.path)
+        labels = check_labels(raw_labels, str(self.path))
+        self.total_rows = len(texts)
+        self.indices, self.note = select_rows(len(texts), calib_size, seed, subset, str(self.path))
+        idx = self.indices.tolist()
+        texts = [texts[i] for i in idx]
+        self.labels = labels[self.indices]
+        self.num_rows = len(idx)
+        self.max_label = int(self.labels.max())
+        self.device = torch.device(device)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+        enc = tok(texts, truncation=True, max_length=int(max_length), padding=False)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        # stable sort by length: batches of like lengths pad little
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        self.batches: List[Tuple[Dict[str, torch.Tensor], torch.Tensor]] = []
+        for s in range(0, len(order), int(batch_size)):
+            part = order[s:s + int(batch_size)]
+            feats = [{k: enc[k][i] for k in keys} for i in part]
+            padded = tok.pad(feats, padding=True, return_tensors="pt")
+            inputs = {k: padded[k].to(self.device) for k in keys if k in padded}
+            self.batches.append((inputs, self.labels[part].to(self.device)))
+        self._keys: Dict[type, List[str]] = {}
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        keys = self._keys.get(type(model))
+        if keys is None:
+            keys = self._keys[type(model)] = _forward_keys(model, list(self.batches[0][0]))
+        correct = 0
+        with torch.inference_mode():
+            for inputs, labels in self.batches:
+                logits = logits_of(model(**{k: inputs[k] for k in keys}))
+                check_num_outputs(logits, self.max_label, str(self.path))
+                correct += int((logits.argmax(dim=-1) == labels).sum())
+        return correct / self.num_rows
+
+    def __repr__(self) -> str:
+        return f"TextClassificationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"
