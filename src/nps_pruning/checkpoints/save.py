@@ -189,6 +189,16 @@ def _is_weight_file(name: str) -> bool:
         ("model", "pytorch_model", "tf_model", "flax_model"))
 
 
+def side_files(folder) -> Dict[str, bytes]:
+    """The non-weight files at the top of a model folder (config, tokenizer, ...) as bytes: what a
+    compression store keeps per task so that a restored folder loads like the original."""
+    out: Dict[str, bytes] = {}
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.is_file() and not entry.name.startswith(".") and not _is_weight_file(entry.name):
+            out[entry.name] = entry.read_bytes()
+    return out
+
+
 def _copy_side_files(src: Path, dst: Path) -> List[str]:
     """Copy everything in ``src`` that is not a weight file (config, tokenizer, generation
     config, sentence-transformers module folders, ...). Hidden entries are skipped."""

@@ -1,0 +1,120 @@
+"""`nps compress`, `nps restore`, `nps info`: the command-line side of the compression store
+(Eq. 8, App. C.3). The store format itself lives in :mod:`nps_pruning.apps.compress`."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from ..errors import NPSError
+from .compress import StoreTask, read_store, restore_task, store_info, write_store
+from .merge import task_names
+from .prune import Session, prepare_work_dir, prune_task, search_report
+
+
+def run_compress(opts) -> Dict[str, Any]:
+    from ..checkpoints import open_checkpoint
+    from ..checkpoints.save import side_files
+    t0 = time.perf_counter()
+    names = task_names(opts.finetuned, opts.names)
+    if opts.method == "nps" and len(opts.eval) != len(opts.finetuned):
+        raise NPSError(f"--method nps needs one --eval SPEC per task ({len(opts.finetuned)} models, "
+                       f"{len(opts.eval)} evaluators)")
+    inputs = [opts.pretrained, *opts.finetuned]
+    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    tasks, base_flat, layout, base_names, pruning = [], None, None, None, {}
+    for i, (ft, name) in enumerate(zip(opts.finetuned, names)):
+        session = Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
+                               allow_shape_mismatch=opts.allow_shape_mismatch,
+                               need_model=opts.method == "nps", device=opts.device)
+        tv = session.task_vector
+        if layout is None:
+            base_flat, layout, base_names = session.base_flat.cpu(), tv.layout, tv.base_names
+        elif tv.layout != layout:
+            raise NPSError(f"{ft}: its prunable tensors differ from {opts.finetuned[0]}'s; "
+                           "a store holds models of one architecture")
+        spec = opts.eval[i] if opts.eval else None
+        outcome = prune_task(session, opts.method, opts, eval_spec=spec,
+                             log_path=wd / f"search-{name}.jsonl", progress=not opts.quiet)
+        pruning[name] = {"calibration": outcome.calibration,
+                         "best_weights": getattr(outcome.search, "best_weights", None)}
+        ckpt = open_checkpoint(ft)
+        tasks.append(StoreTask(name, outcome.pruned.cpu(), dict(tv.task_specific), dict(tv.buffers),
+                               side_files(ckpt.folder) if ckpt.folder else {},
+                               {"method": opts.method, "source": str(ft)}))
+        del session
+    manifest = write_store(opts.output, base_flat, layout, tasks, values_dtype=opts.values,
+                           mask_coding=opts.mask, embed_pretrained=not opts.reference_pretrained,
+                           pretrained_ref=str(Path(opts.pretrained).resolve()), base_names=base_names)
+    shutil.rmtree(wd, ignore_errors=True)
+    info = store_info(opts.output)
+    info["pruning"] = pruning
+    info["seconds"] = time.perf_counter() - t0
+    if not opts.quiet:
+        _print_info(info)
+    return info
+
+
+def load_base_flat(pretrained: str, layout, base_names: Dict[str, str]) -> torch.Tensor:
+    """θ_pre in a store's layout, read tensor by tensor from the pre-trained checkpoint."""
+    from ..checkpoints import open_checkpoint
+    ckpt = open_checkpoint(pretrained)
+    keys = set(ckpt.keys())
+    out = torch.empty(layout.numel, dtype=torch.float32)
+    for name, start, stop, shape in layout.spans():
+        base_name = base_names.get(name, name)
+        if base_name not in keys:
+            raise NPSError(f"{pretrained}: has no tensor {base_name!r}; it is not this store's "
+                           "pre-trained model")
+        t = ckpt.get(base_name)
+        if tuple(t.shape) != shape:
+            raise NPSError(f"{pretrained}: tensor {base_name} has shape {tuple(t.shape)}, the store "
+                           f"expects {shape}")
+        out[start:stop].copy_(t.reshape(-1))
+    return out
+
+
+def run_restore(opts) -> Dict[str, Any]:
+    from ..checkpoints import save_model_folder
+    from ..checkpoints.save import atomic_output_dir
+    store = read_store(opts.store)
+    if opts.task not in store.tasks:
+        raise NPSError(f"{opts.store}: no task {opts.task!r} (tasks: {', '.join(store.tasks)})")
+    base = None
+    if opts.pretrained:
+        base = load_base_flat(opts.pretrained, store.layout, store.base_names)
+    restored = restore_task(opts.store, opts.task, base)
+    state = store.layout.unflatten(restored.theta_flat, cast=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    state.update(restored.task_specific)
+    state.update(restored.buffers)
+    inputs = [opts.store] + ([opts.pretrained] if opts.pretrained else [])
+    with atomic_output_dir(opts.output, inputs=inputs) as tmp:
+        save_model_folder(tmp, state, like=None, inputs=inputs)
+        for fname, data in restored.side_files.items():
+            (tmp / fname).write_bytes(data)
+    print(f"restored task {opts.task!r} to {opts.output}")
+    return {"task": opts.task, "output": opts.output}
+
+
+def run_info(opts) -> Dict[str, Any]:
+    info = store_info(opts.store)
+    if opts.json:
+        print(json.dumps(info))
+    else:
+        _print_info(info)
+    return info
+
+
+def _print_info(info: Dict[str, Any]) -> None:
+    print(f"store {info['store']}: {info['num_tasks']} tasks, {info['num_entries']:,} prunable "
+          f"entries, {info['total_bytes'] / 2**20:.2f} MiB "
+          f"(paper's formula at fp32: {info['paper_formula_bytes'] / 2**20:.2f} MiB)")
+    print(f"  {'task':24s} {'keep':>7s} {'values':>6s} {'mask':>8s} {'bits/entry':>10s} {'paper':>6s} {'MiB':>8s}")
+    for t in info["tasks"]:
+        print(f"  {t['name']:24s} {t['keep_ratio']:7.4f} {t['value_dtype']:>6s} {t['mask_coding']:>8s} "
+              f"{t['bits_per_entry']:10.3f} {t['paper_bits_per_entry']:6.2f} {t['bytes'] / 2**20:8.3f}")
