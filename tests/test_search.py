@@ -286,3 +286,21 @@ def test_candidate_scorer_pickles_only_its_recipe():
     live = CandidateScorer.from_state(None, None, None, None, None, lambda m: 1.0, 0.05)
     with pytest.raises(NPSError, match="serial executor"):
         pickle.dumps(live)
+
+
+def test_candidate_scorer_end_to_end_on_tiny_bert(tiny_bert, text_csv):
+    """Integration with checkpoints/core/evaluation (skipped while those modules are missing)."""
+    pytest.importorskip("transformers")
+    try:
+        from nps_pruning.checkpoints import load_task_vector  # noqa: F401
+        from nps_pruning.core import build_candidate, make_bands  # noqa: F401
+        from nps_pruning.evaluation import bind_flat, load_model, make_evaluator  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"pipeline modules not available yet: {exc}")
+    base, ft = tiny_bert
+    scorer = CandidateScorer(base, ft, f"text-classification:{text_csv}", 0.1, num_bands=4)
+    score, info = scorer(np.ones(4))
+    assert 0.0 <= score <= 1.0 and set(info) == {"build_s", "eval_s"}
+    r = run_search(pickle.loads(pickle.dumps(scorer)), 4, _settings(generations=2, popsize=4),
+                   progress=False)
+    assert r.candidates[0]["score"] == score and r.best_score >= score
