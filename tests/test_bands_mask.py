@@ -205,3 +205,19 @@ def test_dtype_inputs_bf16_values():
     bands = make_bands(v, 8, "focused", keep_ratio=0.05)
     w = torch.rand(8, generator=gen) * 3
     assert torch.equal(candidate_mask(v, bands, w, 0.05), reference_mask(v, bands, w, 0.05))
+
+
+def test_extreme_magnitudes_overflow_and_subnormal_products():
+    gen = torch.Generator().manual_seed(0)
+    for i in range(10):
+        v = torch.randn(300, generator=gen) * 1e30
+        v[::7] = 0.0
+        bands = make_bands(v, 4, "uniform")
+        w = torch.tensor([3e38, 1e10, 0.0, 1e-30])[torch.randperm(4, generator=gen)]
+        for r in (0.01, 0.3, 0.9):          # products overflow to inf: ties at inf
+            assert torch.equal(candidate_mask(v, bands, w, r), reference_mask(v, bands, w, r))
+        v2 = torch.randn(300, generator=gen) * 1e-38
+        bands2 = make_bands(v2, 4, "focused", keep_ratio=0.1)
+        w2 = torch.rand(4, generator=gen) * 1e-3
+        for r in (0.05, 0.5):               # subnormal products
+            assert torch.equal(candidate_mask(v2, bands2, w2, r), reference_mask(v2, bands2, w2, r))

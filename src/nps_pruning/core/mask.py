@@ -109,6 +109,11 @@ def _count_ge(sa, starts, w, v, lo, hi):
 
 
 def _plan(bands: Bands, weights, k: int) -> _Plan:
+    with np.errstate(over="ignore", under="ignore"):   # products may overflow to inf: exact too
+        return _plan_impl(bands, weights, k)
+
+
+def _plan_impl(bands: Bands, weights, k: int) -> _Plan:
     M = bands.num_bands
     D = bands.num_entries
     if len(bands.starts) != M + 1 or bands.sorted_abs.numel() != D:
