@@ -1,0 +1,18 @@
+"""The real benchmark (SPEC §4): data loaders, the grayscale MobileNetV2, fine-tuning, cached suites.
+
+    from nps_pruning.bench import build_suite
+    suite = build_suite("text")   # or "vision"
+"""
+from __future__ import annotations
+
+__all__ = ["build_suite", "Suite", "TaskEntry", "load_task", "TEXT_TASKS", "VISION_TASKS"]
+
+
+def __getattr__(name):  # lazy: importing the package does not import torch / transformers
+    if name in ("build_suite", "Suite", "TaskEntry"):
+        from . import suites
+        return getattr(suites, name)
+    if name in ("load_task", "TEXT_TASKS", "VISION_TASKS"):
+        from . import data
+        return getattr(data, name)
+    raise AttributeError(name)
