@@ -1,0 +1,106 @@
+"""`nps demo`: the embedded default on the shipped real benchmark (SPEC §4), quickly.
+
+Builds (or reuses from the cache) all-MiniLM-L6-v2 fine-tuned on two real text tasks, then:
+1. prunes each task vector to 5% with magnitude top-k, DARE and NPS, scored on held-out test rows;
+2. merges the two tasks with task arithmetic, TIES and NPS-merge.
+It prints one table and writes report.json next to it. ``--quick`` is the CI-sized smoke version.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from ..config import MergeOptions, PruneOptions
+from ..report.report import now_iso, versions, write_json
+
+DEMO_TASKS = ("rt-sentiment", "tweet-sentiment")
+
+
+def _se(acc: float, n: int) -> float:
+    return float(np.sqrt(max(acc * (1 - acc), 0.0) / max(n, 1)))
+
+
+def run_demo(opts) -> Dict:
+    from ..apps.merge import merge_with_lambda_grid, merged_scores, nps_merge_lambdas
+    from ..apps.prune import Session, prune_task
+    from ..core.merge import nps_combine
+    from ..task_vector import stack_values
+    from .suites import build_suite
+
+    t0 = time.perf_counter()
+    profile = "quick" if opts.quick else "demo"
+    print(f"nps demo ({profile}): building or reusing the fine-tuned MiniLM models ...", flush=True)
+    suite = build_suite("text", tasks=list(DEMO_TASKS), profile=profile, progress=True)
+    keep = 0.05
+    popts = PruneOptions(pretrained=suite.base, finetuned="", output=str(opts.output), keep=keep,
+                         generations=3 if opts.quick else 10, calib_size=None if opts.quick else 160,
+                         max_length=64, seed=0, quiet=False)
+    sessions, calib_evals, test_evals = [], [], []
+    rows: List[Dict] = []
+    pruned = []
+    for task in suite.tasks:
+        s = Session.load(suite.base, task.finetuned, name=task.name)
+        sessions.append(s)
+        calib = s.evaluator(task.eval_calib, popts)
+        test = s.evaluator(task.eval_test, popts, calib=False)
+        calib_evals.append(calib)
+        test_evals.append(test)
+        print(f"[{task.name}] NPS search: {popts.generations} generations on "
+              f"{calib.num_rows} calibration rows", flush=True)
+        out = prune_task(s, "nps", popts, eval_spec=task.eval_calib)
+        pruned.append(out.pruned)
+        tv = s.task_vector
+        row = {"task": task.name, "test_rows": test.num_rows,
+               "finetuned": s.score(test, tv.values)}
+        from ..core import PRUNERS
+        for method in ("magnitude", "dare"):
+            row[method] = s.score(test, PRUNERS[method](tv.values, keep, seed=0))
+        row["nps"] = s.score(test, out.pruned)
+        row["nps_weights"] = [round(float(w), 3) for w in out.search.best_weights]
+        row["calibration"] = out.calibration
+        rows.append(row)
+
+    mopts = MergeOptions(pretrained=suite.base, finetuned=[t.finetuned for t in suite.tasks],
+                         output=str(opts.output), keep=keep, seed=0,
+                         lambda_generations=2 if opts.quick else 6,
+                         lambda_grid=[0.8, 1.2, 1.6, 2.0] if opts.quick else
+                         [0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5])
+    taus = stack_values([s.task_vector for s in sessions])
+    merges: Dict[str, Dict] = {}
+    for method, label in (("task-arithmetic", "task arithmetic"), ("ties", "TIES")):
+        grid_opts = dataclasses.replace(mopts, keep=0.2, lambda_grid=[0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
+                                        if method == "task-arithmetic" else mopts.lambda_grid)
+        merged, lam, _ = merge_with_lambda_grid(method, taus, grid_opts, sessions, calib_evals)
+        merges[label] = {"lambda": lam, "test": merged_scores(sessions, test_evals, merged)}
+    import torch
+    lambdas, _, _ = nps_merge_lambdas(sessions, calib_evals, torch.stack(pruned), mopts, progress=True)
+    merged = nps_combine(torch.stack(pruned), lambdas, mopts.normalize)
+    merges["NPS-merge"] = {"lambda": lambdas, "test": merged_scores(sessions, test_evals, merged)}
+
+    _print_tables(rows, merges, [t.name for t in suite.tasks], keep)
+    report = {"command": "demo", "created": now_iso(), "profile": profile, "versions": versions(),
+              "keep_ratio": keep, "pruning": rows, "merging": merges,
+              "suite": suite.to_dict(), "seconds": time.perf_counter() - t0}
+    Path(opts.output).mkdir(parents=True, exist_ok=True)
+    write_json(Path(opts.output) / "report.json", report)
+    print(f"\n{time.perf_counter() - t0:.0f} s; report: {Path(opts.output) / 'report.json'}")
+    return report
+
+
+def _print_tables(rows, merges, names, keep) -> None:
+    print(f"\nPruning to {keep:.0%} of the task vector - test accuracy (± standard error)")
+    print(f"{'task':18s} {'fine-tuned':>16s} {'magnitude':>16s} {'DARE':>16s} {'NPS':>16s}")
+    for r in rows:
+        n = r["test_rows"]
+        cells = [f"{r[k]:.4f} ±{_se(r[k], n):.3f}" for k in ("finetuned", "magnitude", "dare", "nps")]
+        print(f"{r['task']:18s} " + " ".join(f"{c:>16s}" for c in cells))
+    means = {k: float(np.mean([r[k] for r in rows])) for k in ("finetuned", "magnitude", "dare", "nps")}
+    print(f"{'mean':18s} " + " ".join(f"{means[k]:>16.4f}" for k in ("finetuned", "magnitude", "dare", "nps")))
+    print(f"\nMerging {len(names)} tasks into one model - test accuracy")
+    print(f"{'method':18s} " + " ".join(f"{n:>16s}" for n in names) + f" {'mean':>8s}")
+    for label, m in merges.items():
+        print(f"{label:18s} " + " ".join(f"{v:16.4f}" for v in m["test"]) + f" {np.mean(m['test']):8.4f}")
