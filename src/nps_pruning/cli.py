@@ -88,12 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" bar from transformers for every model nps loads (our own progress
+    is shown instead; --quiet silences that). Cheap: transformers is not imported here."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # read when huggingface_hub loads
+    if "transformers" in sys.modules:                               # already loaded (in-process use)
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    _quiet_transformers()
     try:
         if args.command == "run":
             command, opts = load_yaml_config(args.config)

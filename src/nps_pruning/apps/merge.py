@@ -105,6 +105,8 @@ def run_merge(opts) -> Dict[str, Any]:
                        "pass one --eval SPEC per task, or a fixed --lambda"
                        if opts.method != "nps" else "--method nps prunes each task with NPS: pass one "
                        "--eval SPEC per task")
+    if opts.lam is None and opts.method != "average" and not opts.lambda_grid:
+        raise NPSError("lambda_grid: give at least one λ to try, or a fixed --lambda")
     inputs = [opts.pretrained, *opts.finetuned]
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     need_model = bool(opts.eval or opts.test)
@@ -135,7 +137,9 @@ def run_merge(opts) -> Dict[str, Any]:
     elif opts.lam is not None or opts.method == "average":
         merged = MERGERS[opts.method](taus, lam=opts.lam if opts.lam is not None else 1.0,
                                       keep_ratio=opts.keep, seed=opts.seed)
-        report.update(lambdas=[opts.lam] * len(sessions) if opts.lam is not None else None)
+        # weight averaging has no λ (it ignores --lambda): do not report one as if it were used
+        report.update(lambdas=[opts.lam] * len(sessions)
+                      if opts.lam is not None and opts.method != "average" else None)
     else:
         merged, lam, grid = merge_with_lambda_grid(opts.method, taus, opts, sessions, evaluators)
         report.update(lambdas=[lam] * len(sessions), lambda_grid=grid)

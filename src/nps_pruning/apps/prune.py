@@ -60,9 +60,14 @@ class Session:
         return self.model
 
     def set_task_values(self, tau: torch.Tensor, scale: float = 1.0) -> None:
-        """Put θ_pre + scale·τ into the model (in place)."""
+        """Put θ_pre + scale·τ into the model (in place).
+
+        Computed as ``θ_pre + (scale·τ)``, the same float arithmetic as the model that is written
+        (``TaskVector.state_dict`` of ``scale·τ``), so the scores reported are those of the
+        written weights bit for bit (``torch.add(..., alpha=scale)`` rounds differently)."""
         self.ensure_model()
-        torch.add(self.base_flat, tau.to(self.flat.device), alpha=scale, out=self.flat)
+        tau = tau.to(self.flat.device)
+        torch.add(self.base_flat, tau if scale == 1.0 else tau * scale, out=self.flat)
 
     def score(self, evaluator, tau: torch.Tensor, scale: float = 1.0) -> float:
         self.set_task_values(tau, scale)
@@ -154,17 +159,22 @@ def work_dir(output: str | Path) -> Path:
 
 
 def prepare_work_dir(output, resume: bool, inputs) -> Path:
+    """Check the output against the inputs and return the work folder. The folder itself is
+    created by the search when it writes its first log line, so a run that fails before any
+    search (a missing input, a shape mismatch) leaves nothing behind."""
     wd = work_dir(output)
+    o = Path(output).resolve()
     for p in inputs:
         p = Path(p).resolve()
-        o = Path(output).resolve()
         if o == p or p in o.parents:
             raise NPSError(f"{output}: refusing to write inside an input ({p})")
+        if o in p.parents:
+            raise NPSError(f"{output}: refusing to write over a folder that holds an input ({p})")
+    # prune/transfer log to search.jsonl, merge/compress to one search-<task>.jsonl per task
+    if resume and not any(wd.glob("search*.jsonl")):
+        raise NPSError(f"{wd / 'search.jsonl'}: no search log to resume from")
     if wd.exists() and not resume:
         shutil.rmtree(wd)
-    if resume and not (wd / "search.jsonl").exists():
-        raise NPSError(f"{wd / 'search.jsonl'}: no search log to resume from")
-    wd.mkdir(parents=True, exist_ok=True)
     return wd
 
 

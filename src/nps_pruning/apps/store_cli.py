@@ -24,6 +24,9 @@ def run_compress(opts) -> Dict[str, Any]:
     if opts.method == "nps" and len(opts.eval) != len(opts.finetuned):
         raise NPSError(f"--method nps needs one --eval SPEC per task ({len(opts.finetuned)} models, "
                        f"{len(opts.eval)} evaluators)")
+    if opts.eval and len(opts.eval) != len(opts.finetuned):   # else opts.eval[i] fails mid-run
+        raise NPSError(f"--eval gives {len(opts.eval)} evaluators for {len(opts.finetuned)} models "
+                       "(one per task, in the same order)")
     inputs = [opts.pretrained, *opts.finetuned]
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     tasks, base_flat, layout, base_names, pruning = [], None, None, None, {}

@@ -65,6 +65,8 @@ def run_transfer(opts) -> Dict[str, Any]:
     from ..checkpoints import open_checkpoint, save_model_folder
     from ..checkpoints.save import atomic_output_dir
     t0 = time.perf_counter()
+    if not opts.lambdas:       # an empty list from a YAML config; argparse needs at least one
+        raise NPSError("lambdas: give at least one λ to try")
     inputs = [opts.pretrained, opts.finetuned]
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,

@@ -1,0 +1,696 @@
+"""End-to-end tests of the applications through the real `nps` entry point (SPEC §2-3).
+
+Every test drives ``nps_pruning.cli.main([...])`` (or the installed program in a subprocess, for
+exit codes and kills) on a family of tiny BERT models fine-tuned from ONE base, and checks the
+written files against references computed here by hand (torch.topk on the flat τ, the mergers of
+``core.merge`` applied to task vectors built independently, closed forms).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_bert, write_text_csv
+from nps_pruning.cli import main
+
+NPS = [sys.executable, "-m", "nps_pruning.cli"]
+SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# -- the model family ---------------------------------------------------------------------------
+def make_task(base_dir: Path, out: Path, *, num_labels: int = 2, seed: int = 1,
+              noise: float = 0.02) -> Path:
+    """Another fine-tuned model of the base at ``base_dir``: BertForSequenceClassification whose
+    body is base + noise (seeded) and whose head is new (``num_labels`` classes)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig.from_pretrained(base_dir, num_labels=num_labels)
+    cfg.architectures = None
+    torch.manual_seed(seed)
+    ft = BertForSequenceClassification(cfg)
+    missing, unexpected = ft.bert.load_state_dict(load_file(base_dir / "model.safetensors"), strict=False)
+    assert not unexpected and all("position_ids" in m or "token_type_ids" in m for m in missing)
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for p in ft.bert.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g))
+    ft.save_pretrained(out)
+    for f in base_dir.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    """base + four fine-tuned models of it (ft: 2 labels from conftest; task_a: 2, task_b: 3,
+    task_c: 2 labels), data CSVs, and a base of another size. Read-only for every test."""
+    root = tmp_path_factory.mktemp("family")
+    base, ft = make_tiny_bert(root)
+    tasks = [make_task(base, root / "task_a", num_labels=2, seed=11),
+             make_task(base, root / "task_b", num_labels=3, seed=12),
+             make_task(base, root / "task_c", num_labels=2, seed=13, noise=0.03)]
+    other_base = make_tiny_bert(root / "other", seed=5)[0]           # same shapes, other weights
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    small = BertModel(BertConfig(vocab_size=27, hidden_size=8, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=16,
+                                 max_position_embeddings=64))
+    small.save_pretrained(root / "small_base")
+    data = write_text_csv(root / "calib.csv", rows=40, seed=0)
+    test = write_text_csv(root / "test.csv", rows=40, seed=1)
+    return {"root": root, "base": base, "ft": ft, "tasks": tasks, "other_base": other_base,
+            "small_base": root / "small_base", "calib": data, "test": test}
+
+
+def _s(p) -> str:
+    return str(p)
+
+
+def run(argv) -> int:
+    """`nps ARGV...` in this process; returns the exit code."""
+    return main([str(a) for a in argv])
+
+
+def tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# -- references computed by hand ----------------------------------------------------------------
+def read_sd(folder: Path):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def body_pairs(base_sd, ft_sd):
+    """(fine-tuned name, base name) of every prunable tensor: float, in both, same shape."""
+    out = []
+    for k, t in ft_sd.items():
+        if not t.is_floating_point():
+            continue
+        b = k[len("bert."):] if k.startswith("bert.") else k
+        if b in base_sd and base_sd[b].shape == t.shape:
+            out.append((k, b))
+    return out
+
+
+def flat_tau(base_dir, ft_dir):
+    """(pairs, base_flat, τ) in this file's own order (the fine-tuned file's key order)."""
+    base_sd, ft_sd = read_sd(base_dir), read_sd(ft_dir)
+    pairs = body_pairs(base_sd, ft_sd)
+    base_flat = torch.cat([base_sd[b].reshape(-1).float() for _, b in pairs])
+    tau = torch.cat([(ft_sd[k].float() - base_sd[b].float()).reshape(-1) for k, b in pairs])
+    return pairs, base_flat, tau
+
+
+def unflat(pairs, flat, sd_like):
+    out, pos = {}, 0
+    for k, _ in pairs:
+        n = sd_like[k].numel()
+        out[k] = flat[pos:pos + n].reshape(sd_like[k].shape)
+        pos += n
+    assert pos == flat.numel()
+    return out
+
+
+def topk_tau(tau, keep):
+    k = round(keep * tau.numel())
+    idx = torch.topk(tau.abs(), k).indices
+    out = torch.zeros_like(tau)
+    out[idx] = tau[idx]
+    return out, k
+
+
+def assert_equal_tensors(got: dict, expected: dict, keys=None):
+    for k in (keys if keys is not None else expected):
+        assert got[k].dtype == expected[k].dtype, k
+        assert torch.equal(got[k], expected[k]), f"{k} differs"
+
+
+def from_pretrained(folder):
+    from transformers import AutoModelForSequenceClassification
+    return AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("nps: error:"), lines[0]
+    return lines[0]
+
+
+def report_of(folder):
+    return json.loads((Path(folder) / "report.json").read_text())
+
+
+def cand_key(report):
+    return [(c["gen"], c["idx"], c["weights"], c["score"], c["status"])
+            for c in report["search"]["candidates"]]
+
+
+# -- 1. prune -------------------------------------------------------------------------------------
+def test_prune_magnitude_writes_base_plus_topk(fam, tmp_path):
+    out = tmp_path / "mag"
+    assert run(["prune", fam["base"], fam["ft"], "-o", out, "--method", "magnitude", "--keep", "0.1",
+                "--seed", "3", "--quiet"]) == 0
+    pairs, base_flat, tau = flat_tau(fam["base"], fam["ft"])
+    pruned, k = topk_tau(tau, 0.1)
+    ft_sd, got = read_sd(fam["ft"]), read_sd(out)
+    expected = unflat(pairs, base_flat + pruned, ft_sd)
+    assert_equal_tensors(got, expected)
+    # the head (task-specific) and every other tensor are the fine-tuned ones, bit for bit
+    body = {k for k, _ in pairs}
+    assert {k for k in ft_sd if k not in body} >= {"classifier.weight", "classifier.bias"}
+    assert set(got) == set(ft_sd)
+    assert_equal_tensors(got, ft_sd, [k for k in ft_sd if k not in body])
+    # the folder loads like its input did, with exactly these weights (nothing re-initialised)
+    model = from_pretrained(out)
+    sd = model.state_dict()
+    for name, t in got.items():
+        assert torch.equal(sd[name], t), name
+    # the pruned task vector: exactly k nonzeros, equal to the reference
+    tvec = load_file(out / "task_vector.safetensors")
+    assert set(tvec) == body
+    assert sum(int(torch.count_nonzero(t)) for t in tvec.values()) == k
+    assert_equal_tensors(tvec, unflat(pairs, pruned, ft_sd))
+    rep = report_of(out)
+    for key in ("settings", "seed", "versions", "timings"):
+        assert key in rep
+    assert rep["seed"] == 3 and rep["settings"]["method"] == "magnitude"
+    assert rep["settings"]["keep"] == 0.1
+    assert rep["model"]["kept"] == k and rep["model"]["num_entries"] == tau.numel()
+    assert {"torch", "transformers", "nps_pruning"} <= set(rep["versions"])
+    assert rep["timings"]["total_s"] > 0
+    assert sorted(rep["model"]["task_specific"]) == ["classifier.bias", "classifier.weight"]
+    assert not (tmp_path / "mag.nps-run").exists()
+
+
+def _nps_prune(fam, out, seed=7):
+    return run(["prune", fam["base"], fam["ft"], "-o", out, "--method", "nps", "--keep", "0.1",
+                "--bands", "4", "--generations", "2", "--popsize", "4", "--seed", seed,
+                "--eval", f"text-classification:{fam['calib']}",
+                "--test", f"text-classification:{fam['test']}", "--quiet"])
+
+
+def test_prune_nps_report_model_and_repeatability(fam, tmp_path):
+    from nps_pruning.core import make_bands, reference_mask
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _nps_prune(fam, a) == 0
+    rep = report_of(a)
+    cands = rep["search"]["candidates"]
+    assert len(cands) == 1 + 2 * 4
+    assert cands[0]["weights"] == [1.0] * 4
+    assert rep["calibration"]["nps"] >= rep["calibration"]["magnitude"]
+    assert rep["calibration"]["nps"] == max(c["score"] for c in cands)
+    assert rep["calibration"]["magnitude"] == cands[0]["score"]
+    assert set(rep["test"]) == {"finetuned", "magnitude", "nps"}
+    assert (a / "search.png").stat().st_size > 0
+    # the pruned τ is exactly mask(w*) ⊙ (w*[band] · τ) with k nonzeros (sort-based reference)
+    pairs, base_flat, tau = flat_tau(fam["base"], fam["ft"])
+    w = np.asarray(rep["search"]["best_weights"], dtype=np.float64)
+    bands = make_bands(tau, 4, "focused", 0.1, 3.0)
+    mask = reference_mask(tau, bands, w, 0.1)
+    w32 = torch.tensor(w, dtype=torch.float32)
+    ref = torch.where(mask, w32[bands.band_of.long()] * tau, torch.zeros_like(tau))
+    k = round(0.1 * tau.numel())
+    ft_sd = read_sd(fam["ft"])
+    tvec = load_file(a / "task_vector.safetensors")
+    got_tau = torch.cat([tvec[name].reshape(-1) for name, _ in pairs])
+    assert int(torch.count_nonzero(got_tau)) == k
+    assert torch.equal(got_tau != 0, mask)
+    torch.testing.assert_close(got_tau, ref, rtol=1e-6, atol=0)
+    got = read_sd(a)
+    assert_equal_tensors(got, unflat(pairs, base_flat + got_tau, ft_sd))
+    assert_equal_tensors(got, ft_sd, ["classifier.weight", "classifier.bias"])
+    # same seed twice: the same candidates and the same bytes
+    assert _nps_prune(fam, b) == 0
+    assert cand_key(report_of(b)) == cand_key(rep)
+    assert (b / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
+
+
+def test_prune_dare_is_seeded(fam, tmp_path):
+    def dare(out, seed):
+        assert run(["prune", fam["base"], fam["ft"], "-o", out, "--method", "dare", "--keep", "0.2",
+                    "--seed", seed, "--quiet"]) == 0
+        return (out / "model.safetensors").read_bytes()
+    one, again, other = (dare(tmp_path / "d1", 5), dare(tmp_path / "d2", 5), dare(tmp_path / "d3", 6))
+    assert one == again and one != other
+    pairs, _, tau = flat_tau(fam["base"], fam["ft"])
+    tvec = load_file(tmp_path / "d1" / "task_vector.safetensors")
+    got = torch.cat([tvec[name].reshape(-1) for name, _ in pairs])
+    k = round(0.2 * tau.numel())
+    kept = got != 0
+    assert int(kept.sum()) == k
+    torch.testing.assert_close(got[kept], tau[kept] * (tau.numel() / k), rtol=1e-6, atol=0)
+
+
+# -- 2. resume --------------------------------------------------------------------------------------
+SLOW_EVAL = '''
+import os, time, torch
+_IDS = torch.tensor([[2, 5, 7, 9, 11, 13, 3], [2, 6, 8, 10, 12, 14, 3], [2, 20, 21, 22, 23, 24, 3]])
+
+def score(model):
+    time.sleep(float(os.environ.get("NPS_TEST_DELAY", "0")))
+    calls = os.environ.get("NPS_TEST_CALLS")
+    if calls:
+        with open(calls, "a") as f:
+            f.write("x\\n")
+        stop = os.environ.get("NPS_TEST_INTERRUPT_AT")
+        if stop and sum(1 for _ in open(calls)) == int(stop):
+            raise KeyboardInterrupt    # Ctrl-C in the middle of a search
+    logits = model(input_ids=_IDS).logits
+    return float(logits[:, 0].sum() - logits[:, 1].sum())
+'''
+
+
+def test_resume_after_kill_equals_uninterrupted_run(fam, tmp_path, monkeypatch):
+    ev = tmp_path / "slow_eval.py"
+    ev.write_text(SLOW_EVAL)
+    gens, pop = 5, 4
+    args = ["prune", _s(fam["base"]), _s(fam["ft"]), "--method", "nps", "--keep", "0.1", "--bands", "3",
+            "--generations", str(gens), "--popsize", str(pop), "--seed", "11",
+            "--eval", f"python:{ev}:score", "--quiet"]
+    killed = tmp_path / "killed"
+    log = tmp_path / "killed.nps-run" / "search.jsonl"
+    proc = subprocess.Popen(NPS + args + ["-o", _s(killed)], env={**SUB_ENV, "NPS_TEST_DELAY": "0.25"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.exists() and log.read_bytes().count(b"\n") >= 6:     # header + 5 candidates
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not killed.exists()                                          # outputs are atomic
+    assert not list(tmp_path.glob(".killed.tmp-*"))
+    done = [l for l in log.read_text().splitlines()[1:] if l.strip()]
+    assert 5 <= len(done) < 1 + gens * pop
+
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("NPS_TEST_CALLS", str(calls))
+    assert main(args + ["-o", _s(killed), "--resume"]) == 0
+    resumed_calls = len(calls.read_text().splitlines())
+    # only the candidates missing from the log are scored again (+1: the fine-tuned model's score)
+    assert resumed_calls == 1 + gens * pop - len(done) + 1
+    assert not log.parent.exists()
+
+    assert main(args + ["-o", _s(tmp_path / "straight")]) == 0
+    got, want = report_of(killed), report_of(tmp_path / "straight")
+    assert len(got["search"]["candidates"]) == 1 + gens * pop
+    assert cand_key(got) == cand_key(want)
+    assert got["search"]["best_weights"] == want["search"]["best_weights"]
+    assert ((killed / "model.safetensors").read_bytes()
+            == (tmp_path / "straight" / "model.safetensors").read_bytes())
+
+
+def test_merge_nps_resume_after_interrupt(fam, tmp_path, monkeypatch, capsys):
+    """--resume works for merge too (its logs are one search-<task>.jsonl per task)."""
+    ev = tmp_path / "ev.py"
+    ev.write_text(SLOW_EVAL)
+    args = ["merge", _s(fam["base"]), *map(_s, fam["tasks"]), "--method", "nps", "--keep", "0.2",
+            "--bands", "2", "--generations", "2", "--popsize", "4", "--lambda-grid", "1.0", "1.5",
+            "--lambda-generations", "1", "--seed", "3", "--quiet"]
+    for _ in fam["tasks"]:
+        args += ["--eval", f"python:{ev}:score"]
+    out = tmp_path / "m"
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("NPS_TEST_CALLS", str(calls))
+    monkeypatch.setenv("NPS_TEST_INTERRUPT_AT", "14")      # task 1: 9 candidates + 1; then 4 of task 2
+    assert main(args + ["-o", _s(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists()
+    wd = tmp_path / "m.nps-run"
+    assert sorted(p.name for p in wd.iterdir()) == [f"search-{fam['tasks'][0].name}.jsonl",
+                                                    f"search-{fam['tasks'][1].name}.jsonl"]
+    monkeypatch.delenv("NPS_TEST_INTERRUPT_AT")
+    calls.unlink()
+    assert main(args + ["-o", _s(out), "--resume"]) == 0
+    resumed_calls = len(calls.read_text().splitlines())
+    calls.unlink()
+    assert main(args + ["-o", _s(tmp_path / "straight")]) == 0
+    straight_calls = len(calls.read_text().splitlines())
+    assert resumed_calls == straight_calls - 9 - 3       # task 1's and task 2's logged candidates reused
+    got, want = report_of(out), report_of(tmp_path / "straight")
+    assert got["lambdas"] == want["lambdas"]
+    for name in got["pruning"]:
+        assert cand_key({"search": got["pruning"][name]}) == cand_key({"search": want["pruning"][name]})
+    assert ((out / "merged_task_vector.safetensors").read_bytes()
+            == (tmp_path / "straight" / "merged_task_vector.safetensors").read_bytes())
+
+
+# -- 3. merge ---------------------------------------------------------------------------------------
+def _merge_reference(fam, method, lam, keep, seed):
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.core.merge import MERGERS
+    tvs = [load_task_vector(fam["base"], t) for t in fam["tasks"]]
+    base_flat = tvs[0][0]
+    taus = torch.stack([tv.values for _, tv in tvs])
+    merged = MERGERS[method](taus, lam=lam, keep_ratio=keep, seed=seed)
+    return tvs[0][1].layout, base_flat, merged
+
+
+@pytest.mark.parametrize("method", ["average", "task-arithmetic", "ties", "dare-linear", "dare-ties"])
+def test_merge_baselines_with_fixed_lambda(fam, tmp_path, method):
+    out = tmp_path / "merged"
+    extra = ["--keep", "0.3"] if method in ("ties", "dare-linear", "dare-ties") else []
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", method, "--lambda", "0.7",
+                "--seed", "2", "--quiet", *extra]) == 0
+    layout, base_flat, merged = _merge_reference(fam, method, 0.7, 0.3 if extra else 0.05, 2)
+    expected = layout.unflatten(base_flat + merged)
+    base_sd = read_sd(fam["base"])
+    task_sds = [read_sd(t) for t in fam["tasks"]]
+    pairs = body_pairs(base_sd, task_sds[0])
+    for task, task_sd in zip(fam["tasks"], task_sds):
+        folder = out / task.name
+        got = read_sd(folder)
+        assert set(got) == set(task_sd)
+        assert_equal_tensors(got, {k: v.contiguous() for k, v in expected.items()})
+        assert_equal_tensors(got, task_sd, ["classifier.weight", "classifier.bias"])   # its own head
+        model = from_pretrained(folder)
+        assert model.config.num_labels == task_sd["classifier.weight"].shape[0]
+        assert torch.equal(model.classifier.weight, task_sd["classifier.weight"])
+        if method == "task-arithmetic":         # closed form: θ_pre + 0.7 Σ τ_i
+            for k, b in pairs:
+                hand = base_sd[b] + 0.7 * sum(sd[k] - base_sd[b] for sd in task_sds)
+                torch.testing.assert_close(got[k], hand, rtol=0, atol=2e-6)
+        if method == "average":                 # closed form: the mean of the fine-tuned models
+            for k, _ in pairs:
+                hand = sum(sd[k] for sd in task_sds) / len(task_sds)
+                torch.testing.assert_close(got[k], hand, rtol=0, atol=2e-6)
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in layout.unflatten(merged).items()})
+    rep = report_of(out)
+    assert rep["tasks"] == [t.name for t in fam["tasks"]]
+    assert rep["lambdas"] == ([0.7] * 3 if method != "average" else None)   # average has no λ
+
+
+def test_merge_nps_searches_and_reports_lambdas(fam, tmp_path):
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.core import build_candidate, make_bands
+    from nps_pruning.core.merge import nps_combine
+    out = tmp_path / "nps"
+    evals = []
+    for t in fam["tasks"]:
+        evals += ["--eval", f"text-classification:{fam['calib']}"]
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *evals,
+                "--keep", "0.2", "--bands", "2", "--generations", "1", "--popsize", "4",
+                "--lambda-grid", "1.0", "1.5", "--lambda-generations", "1", "--quiet"]) == 0
+    rep = report_of(out)
+    names = [t.name for t in fam["tasks"]]
+    assert len(rep["lambdas"]) == 3 and all(isinstance(x, float) for x in rep["lambdas"])
+    assert [g["lambda"] for g in rep["lambda_grid"]] == [1.0, 1.5]
+    assert set(rep["pruning"]) == set(names) and set(rep["calibration"]) == set(names)
+    # the merged τ is Eq. 7 over the per-task NPS-pruned vectors at the reported weights and λ
+    pruned = []
+    for t in fam["tasks"]:
+        _, tv = load_task_vector(fam["base"], t)
+        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
+        pruned.append(build_candidate(tv.values, bands, np.asarray(rep["pruning"][t.name]["best_weights"]),
+                                      0.2))
+    merged = nps_combine(torch.stack(pruned), rep["lambdas"], "mask-count")
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(merged).items()})
+    for t in fam["tasks"]:
+        assert (out / t.name / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case", ["one-model", "eval-count", "no-lambda-no-eval"])
+def test_merge_usage_errors(fam, tmp_path, capsys, case):
+    out = tmp_path / "m"
+    t = fam["tasks"]
+    argv = {"one-model": ["merge", fam["base"], t[0], "-o", out, "--method", "average"],
+            "eval-count": ["merge", fam["base"], *t, "-o", out, "--method", "ties",
+                           "--eval", f"text-classification:{fam['calib']}"],
+            "no-lambda-no-eval": ["merge", fam["base"], *t, "-o", out, "--method", "task-arithmetic"],
+            }[case]
+    assert run(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert {"one-model": "two", "eval-count": "--eval", "no-lambda-no-eval": "--lambda"}[case] in line
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- 4. compress / restore / info ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stores(fam, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    common = ["--method", "magnitude", "--keep", "0.1", "--quiet"]
+    assert run(["compress", fam["base"], *fam["tasks"], "-o", root / "fp32", *common]) == 0
+    assert run(["compress", fam["base"], *fam["tasks"], "-o", root / "fp16", "--values", "fp16",
+                *common]) == 0
+    assert run(["compress", fam["base"], *fam["tasks"], "-o", root / "ref", "--reference-pretrained",
+                *common]) == 0
+    for t in fam["tasks"]:
+        assert run(["prune", fam["base"], t, "-o", root / "pruned" / t.name, *common]) == 0
+    return root
+
+
+def test_compress_eval_count_is_checked_for_every_method(fam, tmp_path, capsys):
+    assert run(["compress", fam["base"], *fam["tasks"], "-o", tmp_path / "s", "--method", "magnitude",
+                "--eval", f"text-classification:{fam['calib']}", "--quiet"]) == 2
+    assert "--eval" in one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_equals_pruned_model_bit_for_bit(fam, stores, tmp_path):
+    for t in fam["tasks"]:
+        out = tmp_path / t.name
+        assert run(["restore", stores / "fp32", t.name, "-o", out]) == 0
+        pruned = read_sd(stores / "pruned" / t.name)
+        got = read_sd(out)
+        assert set(got) == set(pruned)
+        assert_equal_tensors(got, pruned)
+        model = from_pretrained(out)
+        assert model.config.num_labels == pruned["classifier.weight"].shape[0]
+
+
+def test_restore_fp16_values(fam, stores, tmp_path):
+    for t in fam["tasks"]:
+        out = tmp_path / t.name
+        assert run(["restore", stores / "fp16", t.name, "-o", out]) == 0
+        pairs, base_flat, tau = flat_tau(fam["base"], t)
+        tau_hat, _ = topk_tau(tau, 0.1)
+        sd = read_sd(t)
+        expected = unflat(pairs, base_flat + tau_hat.half().float(), sd)
+        got = read_sd(out)
+        assert_equal_tensors(got, expected)
+        assert_equal_tensors(got, sd, ["classifier.weight", "classifier.bias"])
+        assert not all(torch.equal(got[k], read_sd(stores / "pruned" / t.name)[k]) for k, _ in pairs)
+
+
+def test_info_json(fam, stores, capsys):
+    capsys.readouterr()
+    assert run(["info", stores / "fp32", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    info = json.loads(out)
+    names = [t.name for t in fam["tasks"]]
+    assert [t["name"] for t in info["tasks"]] == names
+    files = [p for p in (stores / "fp32").rglob("*") if p.is_file()]
+    assert info["total_bytes"] == sum(p.stat().st_size for p in files)
+    _, _, tau = flat_tau(fam["base"], fam["tasks"][0])
+    D = tau.numel()
+    k = round(0.1 * D)
+    for name in names:   # packed mask (1 bit) + k fp32 values, per prunable entry, plus headers
+        bpe = info["bits_per_entry"][name]
+        assert 1 + 32 * k / D <= bpe < 1 + 32 * k / D + 8 * 512 / D
+
+
+def test_restore_errors_write_nothing(fam, stores, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(["restore", stores / "fp32", "nope", "-o", out]) == 2
+    assert "nope" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+    # one flipped byte in a stored part: a clear error naming the file, nothing written
+    bad = tmp_path / "bad"
+    shutil.copytree(stores / "fp32", bad)
+    part = bad / "tasks" / "001" / "values.safetensors"
+    assert part.is_file()
+    data = bytearray(part.read_bytes())
+    data[len(data) - 5] ^= 0x01
+    part.write_bytes(bytes(data))
+    name = fam["tasks"][1].name
+    assert run(["restore", bad, name, "-o", out]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "values.safetensors" in line and "checksum" in line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+    # the other tasks of that store are still fine
+    assert run(["restore", bad, fam["tasks"][0].name, "-o", out]) == 0
+
+
+def test_referenced_pretrained(fam, stores, tmp_path, capsys):
+    name = fam["tasks"][2].name
+    out = tmp_path / "out"
+    assert run(["restore", stores / "ref", name, "-o", out]) == 2
+    assert "pre-trained" in one_error_line(capsys.readouterr().err)
+    assert run(["restore", stores / "ref", name, "-o", out, "--pretrained", fam["other_base"]]) == 2
+    assert "wrong pre-trained model" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+    assert run(["restore", stores / "ref", name, "-o", out, "--pretrained", fam["base"]]) == 0
+    assert_equal_tensors(read_sd(out), read_sd(stores / "pruned" / name))
+    from nps_pruning.apps.compress import store_info
+    info = store_info(stores / "ref")
+    assert info["pretrained"]["embedded"] is False and info["pretrained"]["bytes"] == 0
+
+
+# -- 5. transfer -----------------------------------------------------------------------------------
+TRANSFER_EVAL = '''
+import torch
+from safetensors.torch import load_file
+_BASE = load_file({base!r})["encoder.layer.0.attention.self.query.weight"]
+_FT = load_file({ft!r})["bert.encoder.layer.0.attention.self.query.weight"]
+
+def _dist(model, ref):   # in float64: a one-ulp change of any weight changes the score
+    return float((model.bert.encoder.layer[0].attention.self.query.weight.double() - ref.double()).norm())
+
+def source(model):
+    return 1.0 / (1.0 + 5.0 * _dist(model, _BASE))
+
+def target(model):
+    return 1.0 / (1.0 + 5.0 * _dist(model, _FT))
+'''
+
+
+def test_transfer_chooses_lambda_and_writes_base_plus_lambda_tau(fam, tmp_path):
+    from nps_pruning.evaluation import resolve_python
+    ev = tmp_path / "transfer_eval.py"
+    ev.write_text(TRANSFER_EVAL.format(base=str(fam["base"] / "model.safetensors"),
+                                       ft=str(fam["ft"] / "model.safetensors")))
+    out = tmp_path / "tr"
+    grid = [0.4, 0.8, 1.2, 1.6]
+    assert run(["transfer", fam["base"], fam["ft"], "-o", out, "--method", "magnitude", "--keep", "0.3",
+                "--eval-source", f"python:{ev}:source", "--eval-target", f"python:{ev}:target",
+                "--lambdas", *grid, "--quiet"]) == 0
+    rep = report_of(out)
+    for who in ("pretrained", "finetuned", "result"):
+        assert set(rep["calibration"][who]) >= {"source", "target", "h_score"}
+        s = rep["calibration"][who]
+        assert s["h_score"] == pytest.approx(2 * s["source"] * s["target"] / (s["source"] + s["target"]))
+    assert [g["lambda"] for g in rep["lambda_grid"]] == grid
+    best = max(rep["lambda_grid"], key=lambda g: g["h_score"])
+    assert rep["lambda"] == best["lambda"] and rep["lambda"] in grid
+    assert rep["calibration"]["result"]["h_score"] == best["h_score"]
+    lam = rep["lambda"]
+    pairs, base_flat, tau = flat_tau(fam["base"], fam["ft"])
+    tau_hat, _ = topk_tau(tau, 0.3)
+    ft_sd = read_sd(fam["ft"])
+    got = read_sd(out)
+    assert_equal_tensors(got, unflat(pairs, base_flat + lam * tau_hat, ft_sd))
+    assert_equal_tensors(got, ft_sd, ["classifier.weight", "classifier.bias"])
+    # the reported scores are the scores of the written model, and of θ_pre / θ_ft
+    source, target = resolve_python(f"python:{ev}:source"), resolve_python(f"python:{ev}:target")
+    with torch.no_grad():
+        written, ft_model = from_pretrained(out), from_pretrained(fam["ft"])
+        assert rep["calibration"]["result"]["source"] == source(written)
+        assert rep["calibration"]["result"]["target"] == target(written)
+        assert rep["calibration"]["finetuned"]["target"] == target(ft_model)
+        assert rep["calibration"]["pretrained"]["source"] == pytest.approx(1.0)
+
+
+# -- 6. eval and YAML --------------------------------------------------------------------------------
+def test_eval_json_matches_a_hand_written_loop(fam, capsys):
+    import csv
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.enable_progress_bar()
+    capsys.readouterr()
+    assert run(["eval", fam["ft"], "--eval", f"text-classification:{fam['calib']}", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "Loading weights" not in err          # the CLI silences transformers' progress bars
+    assert out.count("\n") == 1
+    result = json.loads(out)
+    tok = AutoTokenizer.from_pretrained(str(fam["ft"]))
+    model = from_pretrained(fam["ft"])
+    rows = list(csv.DictReader(open(fam["calib"])))
+    right = 0
+    with torch.no_grad():
+        for row in rows:
+            logits = model(**tok(row["text"], return_tensors="pt")).logits
+            right += int(int(logits.argmax(-1)) == int(row["label"]))
+    assert result["score"] == pytest.approx(right / len(rows), abs=1e-12)
+    assert result["num_rows"] == len(rows)
+
+
+def test_yaml_run_equals_flags(fam, tmp_path):
+    flags = tmp_path / "flags"
+    assert run(["prune", fam["base"], fam["ft"], "-o", flags, "--method", "dare", "--keep", "0.15",
+                "--seed", "4", "--bands", "5", "--quiet"]) == 0
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"command: prune\npretrained: {fam['base']}\nfinetuned: {fam['ft']}\n"
+                   f"output: {tmp_path / 'yaml'}\nmethod: dare\nkeep: 0.15\nseed: 4\nbands: 5\nquiet: true\n")
+    assert main(["run", str(cfg)]) == 0
+    a, b = report_of(flags)["settings"], report_of(tmp_path / "yaml")["settings"]
+    assert a.pop("output") != b.pop("output")
+    assert a == b
+    assert (flags / "model.safetensors").read_bytes() == (tmp_path / "yaml" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["transfer", "merge"])
+def test_yaml_empty_lambda_grid_is_a_clear_error(fam, tmp_path, capsys, command):
+    spec = f"text-classification:{fam['calib']}"
+    cfg = tmp_path / "cfg.yaml"
+    if command == "transfer":
+        body = (f"pretrained: {fam['base']}\nfinetuned: {fam['ft']}\neval_source: {spec}\n"
+                f"eval_target: {spec}\nmethod: magnitude\nlambdas: []\n")
+    else:
+        body = (f"pretrained: {fam['base']}\nfinetuned: [{fam['tasks'][0]}, {fam['tasks'][1]}]\n"
+                f"eval: [{spec}, {spec}]\nmethod: task-arithmetic\nlambda_grid: []\n")
+    cfg.write_text(f"command: {command}\noutput: {tmp_path / 'out'}\nquiet: true\n" + body)
+    assert main(["run", str(cfg)]) == 2
+    assert "at least one" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
+# -- 7. errors through the installed program ---------------------------------------------------------
+@pytest.mark.parametrize("case", ["missing-pretrained", "shape-mismatch", "out-inside-input",
+                                  "out-holds-input"])
+def test_cli_errors_exit_2_one_line_inputs_untouched(fam, tmp_path, case):
+    inputs = [fam["base"], fam["ft"], fam["small_base"]]
+    before = [tree_hash(p) for p in inputs]
+    out = tmp_path / "out"
+    pre, ft = {"missing-pretrained": (tmp_path / "no_such_model", fam["ft"]),
+               "shape-mismatch": (fam["small_base"], fam["ft"]),
+               "out-inside-input": (fam["base"], fam["ft"]),
+               "out-holds-input": (fam["base"], fam["ft"])}[case]
+    if case == "out-inside-input":
+        out = fam["ft"] / "pruned"
+    if case == "out-holds-input":                  # -o names a folder that contains an input
+        out = tmp_path / "holder"
+        ft = shutil.copytree(fam["ft"], out / "ft")
+        inputs.append(ft)
+        before.append(tree_hash(ft))
+    proc = subprocess.run(NPS + ["prune", _s(pre), _s(ft), "-o", _s(out), "--method", "magnitude"],
+                          capture_output=True, text=True, env=SUB_ENV, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    expect = {"missing-pretrained": "no_such_model", "shape-mismatch": "shape",
+              "out-inside-input": "input", "out-holds-input": "input"}[case]
+    assert expect in line
+    if case == "shape-mismatch":                   # names the tensor and both shapes
+        assert "tensor bert." in line and "(16" in line and "(8" in line
+    assert [tree_hash(p) for p in inputs] == before
+    if case == "out-holds-input":
+        assert sorted(p.name for p in out.iterdir()) == ["ft"]
+        out = tmp_path / "nothing-else"
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["holder"])   # no work dir, no temp folder
+    assert not list(fam["root"].parent.glob("*.nps-run"))
