@@ -232,9 +232,7 @@ def build(cls: Type, values: Mapping[str, Any], source: str = "config"):
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str):
-    m = f.metadata
-    name = f.name
-    if m.get("many"):
+    if f.metadata.get("many"):
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_coerce_one(f, v, source) for v in items]
     if value is None:
@@ -289,5 +287,5 @@ def load_yaml_config(path: str | Path):
     command = data.pop("command", None)
     if command not in COMMANDS:
         raise NPSError(f"{p}: 'command' must be one of {', '.join(COMMANDS)}, not {command!r}")
-    base = p.parent
+    # Relative paths in a config resolve against the current directory, as on the command line.
     return command, build(COMMANDS[command], data, source=str(p))
