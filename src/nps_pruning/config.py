@@ -42,7 +42,7 @@ class SearchOptions:
     upper: float = opt(4.0, "upper bound of every band weight", lo=0.0, lo_open=True)
     param: str = opt("linear", "search band weights directly (linear) or their log2 (log)",
                      choices=("linear", "log"))
-    popsize: Optional[int] = opt(None, "CMA-ES population (default: the library's 4+3 ln M)", lo=2)
+    popsize: Optional[int] = opt(None, "CMA-ES population (default: the library's 4+3 ln M)", lo=4)
     kept_values: str = opt("weighted", "kept entries carry their band weight or their original value",
                            choices=("weighted", "original"))
     seed: int = opt(0, "random seed: same inputs and seed give the same result")
