@@ -221,3 +221,74 @@ def test_extreme_magnitudes_overflow_and_subnormal_products():
         w2 = torch.rand(4, generator=gen) * 1e-3
         for r in (0.05, 0.5):               # subnormal products
             assert torch.equal(candidate_mask(v2, bands2, w2, r), reference_mask(v2, bands2, w2, r))
+
+
+# -- the index-free make_bands against the stable-sort definition ------------------------------
+def _bands_equal(a, b, *, exact_dtype=True):
+    assert a.starts == b.starts and a.num_bands == b.num_bands and a.scheme == b.scheme
+    assert a.band_of.dtype == torch.uint8 and torch.equal(a.band_of.cpu(), b.band_of.cpu())
+    if exact_dtype:
+        assert a.sorted_abs.dtype == torch.float32
+    assert torch.equal(a.sorted_abs.float().cpu(), b.sorted_abs.cpu())
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_make_bands_equals_stable_sort_reference(monkeypatch, chunk):
+    from nps_pruning.core import bands as bands_mod
+    monkeypatch.setattr(bands_mod, "CHUNK", chunk)
+    gen = torch.Generator().manual_seed(77)
+    for i in range(120):
+        D = int(torch.randint(1, 2500, (1,), generator=gen)) if i % 9 else int(torch.randint(1, 9, (1,), generator=gen))
+        v = torch.randn(D, generator=gen) * float(torch.rand(1, generator=gen) * 3 + 1e-3)
+        kind = i % 5
+        if kind == 1:
+            v = torch.round(v * 2) / 2                         # few levels: heavy ties
+        elif kind == 2:
+            v[torch.rand(D, generator=gen) < 0.7] = 0.0        # mostly zeros (+0.0 and -0.0)
+            v[torch.rand(D, generator=gen) < 0.1] = -0.0
+        elif kind == 3:
+            v = torch.randint(-2, 3, (D,), generator=gen).float()
+        dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[i % 4]
+        v = v.to(dtype)
+        M = (1, 2, 3, 8, 20, 255)[i % 6]                       # 20, 255: the bucketize path
+        scheme = ("uniform", "focused")[i % 2]
+        r = (0.05, 0.3, 0.01, 1.0)[i % 4]
+        fast = bands_mod.make_bands(v, M, scheme, keep_ratio=r)
+        ref = bands_mod._make_bands_reference(v, M, scheme, keep_ratio=r)
+        _bands_equal(fast, ref)
+        if dtype in (torch.float16, torch.bfloat16):
+            compact = bands_mod.make_bands(v, M, scheme, keep_ratio=r, sorted_dtype=dtype)
+            assert compact.sorted_abs.dtype == dtype
+            _bands_equal(compact, ref, exact_dtype=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_make_bands_ties_exactly_at_band_boundaries(dtype):
+    from nps_pruning.core.bands import _make_bands_reference
+    # runs of equal magnitudes straddling every cut, in scrambled flat order, both signs
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        levels = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.0])
+        v = levels[torch.randint(0, 5, (997,), generator=gen)]
+        v = v * torch.where(torch.rand(997, generator=gen) < 0.5, -1.0, 1.0)
+        v = v.to(dtype)
+        for M in (2, 3, 7, 8, 64):
+            for scheme in ("uniform", "focused"):
+                ref = _make_bands_reference(v, M, scheme, keep_ratio=0.1 + 0.02 * trial)
+                _bands_equal(make_bands(v, M, scheme, keep_ratio=0.1 + 0.02 * trial), ref)
+    # one value everywhere: every cut splits a single run purely by flat index
+    v = torch.full((100,), -0.75, dtype=dtype)
+    b = make_bands(v, 4, "uniform")
+    assert b.band_of.tolist() == [i // 25 for i in range(100)]
+
+
+def test_make_bands_rejects_bad_sorted_dtype_and_nonfinite_half():
+    with pytest.raises(ValueError):
+        make_bands(torch.randn(10), 2, sorted_dtype=torch.bfloat16)   # would round: not exact
+    with pytest.raises(ValueError):
+        make_bands(torch.randn(10).half(), 2, sorted_dtype=torch.bfloat16)
+    for dt in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match="non-finite"):
+            make_bands(torch.tensor([1.0, float("inf"), 2.0]).to(dt), 2)
+        with pytest.raises(ValueError, match="non-finite"):
+            make_bands(torch.tensor([1.0, float("nan")]).to(dt), 2)

@@ -6,8 +6,15 @@
 * buffers: integer / bool tensors of the fine-tuned model, copied verbatim;
 * base-only tensors are ignored.
 
-The flat vectors are filled tensor by tensor into preallocated buffers, so the peak memory is
-about ``base_flat + τ + one tensor``.
+The flat vectors are filled tensor by tensor (from memory-mapped safetensors) into preallocated
+buffers, so the peak memory is about ``base_flat + τ + a few copies of one tensor``.
+
+Compact forms for large models: ``dtype=torch.bfloat16`` (or float16) keeps τ in 16 bits — each
+tensor's difference is computed in float32 and rounded once to ``dtype`` (bfloat16 keeps float32's
+range with 8 significant bits; float16 has 11 bits but underflows below 6e-5 and overflows above
+65504, which is an error naming the tensor). ``base_dtype="checkpoint"`` keeps θ_pre in the
+checkpoint's own floating dtype (e.g. bfloat16), which is lossless: the values are those of the
+file. ``device`` puts both flat vectors there (e.g. "cuda"), filled tensor by tensor.
 """
 from __future__ import annotations
 
@@ -32,11 +39,36 @@ def _verbatim(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().contiguous()
 
 
+TAU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_dtype(dtype, what: str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in TAU_DTYPES:
+            raise ValueError(f"{what} must be one of {', '.join(TAU_DTYPES)}, got {dtype!r}")
+        return TAU_DTYPES[dtype]
+    if dtype not in TAU_DTYPES.values():
+        raise ValueError(f"{what} must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
 def load_task_vector(pretrained, finetuned, *, allow_shape_mismatch: bool = False,
-                     name: str | None = None, check_finite: bool = True
+                     name: str | None = None, check_finite: bool = True,
+                     dtype: torch.dtype | str = torch.float32,
+                     base_dtype: torch.dtype | str = torch.float32,
+                     device: torch.device | str | None = None
                      ) -> Tuple[torch.Tensor, TaskVector]:
-    """``(base_flat, τ)``: θ_pre (float32) in the layout of the prunable tensors, and the task
-    vector. ``pretrained`` / ``finetuned`` are paths or :class:`Checkpoint` objects."""
+    """``(base_flat, τ)``: θ_pre in the layout of the prunable tensors, and the task vector.
+    ``pretrained`` / ``finetuned`` are paths or :class:`Checkpoint` objects.
+
+    ``dtype``: τ's dtype (float32 default; bfloat16 / float16 round each difference once).
+    ``base_dtype``: θ_pre's dtype (float32 default; ``"checkpoint"``: the pre-trained tensors'
+    own dtype when they share a 16-bit one — lossless — else float32). ``device``: where both
+    flat vectors live (default CPU)."""
+    dtype = _as_dtype(dtype, "dtype")
+    if not (isinstance(base_dtype, str) and base_dtype == "checkpoint"):
+        base_dtype = _as_dtype(base_dtype, "base_dtype")
+    device = torch.device(device) if device is not None else torch.device("cpu")
     base = open_checkpoint(pretrained)
     ft = open_checkpoint(finetuned)
 
@@ -92,25 +124,42 @@ def load_task_vector(pretrained, finetuned, *, allow_shape_mismatch: bool = Fals
 
     layout = Layout(tuple(names), tuple(shapes), tuple(dtypes))
     d = layout.numel
-    base_flat = torch.empty(d, dtype=torch.float32)
-    values = torch.empty(d, dtype=torch.float32)
+    if base_dtype == "checkpoint":
+        bdts = {base.dtype(base_names[k]) for k in names}
+        base_dtype = bdts.pop() if len(bdts) == 1 and next(iter(bdts)) in (
+            torch.float16, torch.bfloat16) else torch.float32
+    base_flat = torch.empty(d, dtype=base_dtype, device=device)
+    values = torch.empty(d, dtype=dtype, device=device)
     for k, start, stop, _shape in layout.spans():
         b = base_names[k]
         tb = base.get(b)
         if check_finite:
             _check_finite(tb, base, b)
-        base_flat[start:stop].copy_(tb.reshape(-1))
-        del tb
+        tb = tb.reshape(-1).to(device)
+        base_flat[start:stop].copy_(tb)
         tf = ft.get(k)
         if check_finite:
             _check_finite(tf, ft, k)
-        values[start:stop].copy_(tf.reshape(-1))
+        tf = tf.reshape(-1).to(device)
+        # τ in float32 (the fine-tuned value and θ_pre rounded to float32, as before), then
+        # stored in ``dtype``: one rounding for a compact τ.
+        diff = tf.to(torch.float32) if tf.dtype != torch.float32 else tf.clone()
         del tf
-        values[start:stop].sub_(base_flat[start:stop])
-    if check_finite and not bool(torch.isfinite(values).all()):
-        bad = next(k for k, v in layout.unflatten(values).items() if not bool(torch.isfinite(v).all()))
-        raise NPSError(f"{ft.file_of(bad)}: tensor {bad}: fine-tuned minus pre-trained "
-                       "overflows float32")
+        if base_dtype == torch.float32:
+            diff.sub_(base_flat[start:stop])
+        else:
+            diff.sub_(tb.to(torch.float32))
+        del tb
+        if check_finite and not bool(torch.isfinite(diff).all()):
+            raise NPSError(f"{ft.file_of(k)}: tensor {k}: fine-tuned minus pre-trained "
+                           "overflows float32")
+        dst = values[start:stop]
+        dst.copy_(diff)
+        del diff
+        if check_finite and dtype != torch.float32 and not bool(torch.isfinite(dst).all()):
+            raise NPSError(f"{ft.file_of(k)}: tensor {k}: fine-tuned minus pre-trained "
+                           f"overflows {str(dtype).replace('torch.', '')}; use a wider task "
+                           "vector dtype (bfloat16 or float32)")
 
     tv = TaskVector(layout=layout, values=values, task_specific=task_specific, buffers=buffers,
                     base_names=base_names, name=name if name is not None else ft.name)

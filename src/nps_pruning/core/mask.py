@@ -16,6 +16,16 @@ at most one band is cut inside its run of v*-ties, and there ranks are resolved 
 then flat index. The mask/candidate is then one chunked elementwise pass over τ: a uint8 -> float
 lookup of w, one multiply, and a ``hardshrink`` at v* (|w·τ| > v* keeps), plus a small fix-up of
 the entries whose key equals v* when those ties are only partly kept.
+
+Compact τ: ``values`` may be float16 / bfloat16 (``load_task_vector(dtype=...)``). Keys are always
+computed in float32 from the 16-bit values (widening is exact), so the mask is that of the float32
+vector holding the same values; kept values are ``fl32(w·τ)``. ``bands.sorted_abs`` may then be
+16-bit too (``make_bands(sorted_dtype=...)``): the threshold search widens the few entries it reads.
+
+Devices: ``values``, ``bands.band_of``, ``base`` and ``out`` must share one device (a CUDA device
+included): the elementwise pass runs there. The threshold search always runs on the CPU over
+``bands.sorted_abs``, which ``make_bands`` keeps in host memory: a candidate reads O(M·log D·32)
+of its entries, so a device copy would only cost accelerator memory and a sync per read.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import torch
 from .bands import Bands
 
 CHUNK = 1 << 18          # entries per elementwise chunk: ~1 MiB float32 temporaries, cache friendly
+CHUNK_DEVICE = 1 << 24   # ... on an accelerator: fewer, larger kernels (~320 MiB of temporaries)
 _INF_BITS = 0x7F800000   # bit pattern of float32 +inf
 KEPT_VALUES = ("weighted", "original")
 
@@ -70,11 +81,42 @@ def _weights32(bands: Bands, weights) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _sorted_np(bands: Bands) -> np.ndarray:
+class _Widened:
+    """Read access to a non-float32 or off-CPU ``sorted_abs`` as float32 numpy values (only the
+    O(M log D) entries the threshold search touches are converted / copied)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self.raw = None
+        if t.device.type == "cpu":
+            if t.dtype == torch.float16:
+                self.raw = t.contiguous().numpy()
+            elif t.dtype == torch.bfloat16:
+                self.raw = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+    def __len__(self) -> int:
+        return self.t.numel()
+
+    def __getitem__(self, idx):
+        if self.raw is None:           # another device (or dtype): gather those few entries
+            r = self.t[torch.as_tensor(np.asarray(idx, dtype=np.int64))].float().cpu().numpy()
+        elif self.raw.dtype == np.float16:
+            r = np.asarray(self.raw[idx]).astype(np.float32)
+        else:                          # bfloat16 -> float32 is a 16-bit shift, exactly
+            r = (np.asarray(self.raw[idx]).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return r if r.ndim else r[()]
+
+
+def _sorted_np(bands: Bands):
+    """``sorted_abs`` as something numpy-indexable giving float32 values. float32 on the CPU (the
+    usual case): the numpy view itself; float16 / bfloat16 (``make_bands(sorted_dtype=...)``) or a
+    tensor on another device: a wrapper that widens / copies only the entries it is asked for."""
     sa = bands.sorted_abs
-    if sa.dtype != torch.float32:
-        raise ValueError("bands.sorted_abs must be float32")
-    return sa.detach().cpu().contiguous().numpy()
+    if sa.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"bands.sorted_abs must be float32, float16 or bfloat16, got {sa.dtype}")
+    if sa.dtype == torch.float32 and sa.device.type == "cpu":
+        return sa.detach().contiguous().numpy()
+    return _Widened(sa.detach())
 
 
 # -- the exact per-band counts ----------------------------------------------------------------
@@ -189,6 +231,10 @@ def _check_values(values: torch.Tensor, bands: Bands) -> None:
     if values.numel() != bands.num_entries or bands.band_of.numel() != values.numel():
         raise ValueError(f"task vector has {values.numel()} entries, bands were made for "
                          f"{bands.num_entries}")
+    if bands.band_of.device != values.device:
+        raise ValueError(f"bands.band_of is on {bands.band_of.device} but the task vector on "
+                         f"{values.device}; move band_of with the task vector "
+                         "(sorted_abs may stay on the CPU)")
 
 
 def _fix_ties(plan: _Plan, key: torch.Tensor, band_c: torch.Tensor, absf, running: List[int]):
@@ -198,7 +244,9 @@ def _fix_ties(plan: _Plan, key: torch.Tensor, band_c: torch.Tensor, absf, runnin
     if idx.numel() == 0:
         return idx
     b = band_c[idx].long()
-    full = torch.tensor(plan.tie_full, dtype=torch.bool, device=key.device)
+    full = getattr(plan, "_full_t", None)
+    if full is None or full.device != key.device:
+        full = plan._full_t = torch.tensor(plan.tie_full, dtype=torch.bool, device=key.device)
     keep = full[b]
     if plan.partial_band >= 0:
         inb = b == plan.partial_band
@@ -228,7 +276,7 @@ def _pass(values, bands, plan: _Plan, weights32: np.ndarray, mode: str, base=Non
     if plan.k == 0 and mode == "mask":
         result.zero_()
         return result
-    C = min(CHUNK, D)
+    C = min(CHUNK if dev.type == "cpu" else CHUNK_DEVICE, D)
     lb = torch.empty(C, dtype=torch.int64, device=dev)
     wv = torch.empty(C, dtype=torch.float32, device=dev)
     kv = torch.empty(C, dtype=torch.float32, device=dev)
@@ -300,6 +348,9 @@ def build_candidate(values: torch.Tensor, bands: Bands, weights, keep_ratio: flo
         raise ValueError("out must not alias values")
     if out is not None and not out.is_floating_point():
         raise ValueError(f"out must be a floating-point tensor, got {out.dtype}")
+    for name, t in (("base", base), ("out", out)):
+        if t is not None and t.device != values.device:
+            raise ValueError(f"{name} is on {t.device} but the task vector on {values.device}")
     k = keep_count(D, keep_ratio)
     plan = _plan(bands, weights, k)
     return _pass(values, bands, plan, _weights32(bands, weights), kept_values, base=base, out=out)

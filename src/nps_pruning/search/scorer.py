@@ -4,6 +4,12 @@ A picklable *recipe* (paths, eval spec, pruning settings). The heavy state (θ_p
 model with its parameters bound to one flat buffer, the evaluator) is built lazily on the first
 call in each process, so worker processes and Ray actors receive only the recipe. Each call
 writes θ_pre + τ̂(w) into the model's flat buffer in place (no reload) and evaluates it.
+
+Large models: ``tau_dtype="bfloat16"`` (or "float16") keeps τ in 16 bits, θ_pre is kept in the
+checkpoint's own dtype when that is 16-bit (lossless), and the bands' ``sorted_abs`` in τ's dtype,
+so the state is about τ + θ_pre + D bytes (band_of) + sorted_abs besides the model.
+``device="cuda"``: θ_pre, τ and ``band_of`` live on the device with the model (``sorted_abs``
+stays in host memory, read by the per-candidate threshold search); timings synchronize the device.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ class CandidateScorer:
     def __init__(self, pretrained_path, finetuned_path, eval_spec: str, keep_ratio: float,
                  num_bands: int = 8, scheme: str = "focused", focus: float = 3.0,
                  kept_values: str = "weighted", calib_size: Optional[int] = None, seed: int = 0,
-                 model_factory: Optional[str] = None, device: str = "cpu", batch_size: int = 64):
+                 model_factory: Optional[str] = None, device: str = "cpu", batch_size: int = 64,
+                 tau_dtype: str = "float32"):
         self.pretrained_path = str(pretrained_path) if pretrained_path is not None else None
         self.finetuned_path = str(finetuned_path) if finetuned_path is not None else None
         self.eval_spec = eval_spec
@@ -44,6 +51,7 @@ class CandidateScorer:
         self.model_factory = model_factory
         self.device = device
         self.batch_size = int(batch_size)
+        self.tau_dtype = str(tau_dtype).replace("torch.", "")
         self._state: Optional[_State] = None
         self._picklable = True
 
@@ -80,10 +88,18 @@ class CandidateScorer:
         from ..core import make_bands
         from ..evaluation import bind_flat, load_model, make_evaluator
 
-        base_flat, tv = load_task_vector(self.pretrained_path, self.finetuned_path)
-        bands = make_bands(tv.values, self.num_bands, self.scheme, self.keep_ratio, self.focus)
+        compact = getattr(self, "tau_dtype", "float32") != "float32"
+        base_flat, tv = load_task_vector(self.pretrained_path, self.finetuned_path,
+                                         dtype=getattr(self, "tau_dtype", "float32"),
+                                         base_dtype="checkpoint" if compact else "float32",
+                                         device=self.device)
+        bands = make_bands(tv.values, self.num_bands, self.scheme, self.keep_ratio, self.focus,
+                           sorted_dtype=tv.values.dtype)
         model = load_model(self.finetuned_path, model_factory=self.model_factory, device=self.device)
         flat = bind_flat(model, tv.layout)
+        if flat.device != tv.values.device:
+            raise NPSError(f"{self.finetuned_path}: the model was loaded on {flat.device} but the "
+                           f"task vector on {tv.values.device}")
         evaluator = make_evaluator(self.eval_spec, model_path=self.finetuned_path,
                                    calib_size=self.calib_size, seed=self.seed,
                                    batch_size=self.batch_size, device=self.device)
@@ -94,12 +110,18 @@ class CandidateScorer:
         from ..core import build_candidate
 
         st = self.state
+        dev = getattr(st.flat, "device", None)
+        sync = (torch.cuda.synchronize if dev is not None and dev.type == "cuda"
+                else (lambda *a: None))
+        sync(dev)
         t0 = time.perf_counter()
         w = np.asarray(weights, dtype=np.float64)
         build_candidate(st.tv.values, st.bands, w, self.keep_ratio, base=st.base_flat,
                         out=st.flat, kept_values=self.kept_values)
+        sync(dev)
         t1 = time.perf_counter()
         with torch.no_grad():
             score = float(st.evaluator(st.model))
+        sync(dev)
         t2 = time.perf_counter()
         return score, {"build_s": t1 - t0, "eval_s": t2 - t1}
