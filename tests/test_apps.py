@@ -694,3 +694,30 @@ def test_cli_errors_exit_2_one_line_inputs_untouched(fam, tmp_path, case):
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] in ([], ["holder"])   # no work dir, no temp folder
     assert not list(fam["root"].parent.glob("*.nps-run"))
+
+
+def test_prune_with_16bit_tau_equals_reference_on_rounded_tau(tmp_path):
+    """--tau-dtype bfloat16: the search and the output use τ rounded once to bf16; the written model
+    is θ_pre + magnitude top-k of that rounded τ (w = 1 baseline) computed in float32."""
+    import torch
+    from conftest import make_tiny_bert
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.cli import main
+    from nps_pruning.core import PRUNERS
+    from safetensors.torch import load_file
+    base, ft = make_tiny_bert(tmp_path / "m")
+    out = tmp_path / "out"
+    assert main(["prune", str(base), str(ft), "-o", str(out), "--method", "magnitude", "--keep", "0.1",
+                 "--tau-dtype", "bfloat16", "--quiet"]) == 0
+    base_flat, tv = load_task_vector(base, ft, dtype="bfloat16")
+    expected = tv.with_values(PRUNERS["magnitude"](tv.values.float(), 0.1)).state_dict(base_flat.float())
+    written = load_file(str(out / "model.safetensors"))
+    for name in tv.layout.names:
+        assert torch.equal(written[name], expected[name]), name
+
+
+def test_tau_dtype_is_refused_by_merge(tmp_path, capsys):
+    from nps_pruning.cli import main
+    assert main(["merge", "p", "a", "b", "-o", str(tmp_path / "o"), "--lambda", "1",
+                 "--tau-dtype", "float16"]) == 2
+    assert "--tau-dtype is supported by nps prune only" in capsys.readouterr().err

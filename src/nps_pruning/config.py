@@ -59,6 +59,9 @@ class SearchOptions:
     ray_address: Optional[str] = opt(None, "address of an existing Ray cluster (default: start a "
                                            "local one on loopback)")
     device: str = opt("cpu", "device for the candidate build and evaluation (cpu, cuda)")
+    tau_dtype: str = opt("float32", "precision τ is held in during the search (16-bit halves the "
+                                    "memory of large models; keys are ranked in float32)",
+                         choices=("float32", "bfloat16", "float16"))
     max_failures: int = opt(5, "consecutive failed candidates before the search stops", lo=1)
     resume: bool = opt(False, "continue a killed search from its log next to the output")
     quiet: bool = opt(False, "no progress bars")

@@ -87,6 +87,8 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, opts, sessions, eval
 
 
 def run_merge(opts) -> Dict[str, Any]:
+    if opts.tau_dtype != "float32":
+        raise NPSError("--tau-dtype is supported by nps prune only (merges and stores use float32 τ)")
     from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
     from ..checkpoints.save import atomic_output_dir
     from ..core.merge import MERGERS, nps_combine

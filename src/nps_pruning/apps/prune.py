@@ -38,11 +38,16 @@ class Session:
 
     @classmethod
     def load(cls, pretrained: str, finetuned: str, *, model_factory=None, allow_shape_mismatch=False,
-             need_model=True, device="cpu", name=None) -> "Session":
+             need_model=True, device="cpu", name=None, tau_dtype="float32") -> "Session":
+        """Load θ_pre and τ (τ in ``tau_dtype``; θ_pre then kept in the checkpoint's own 16-bit
+        dtype, which is lossless) on ``device``, and the model once if it will be scored."""
         from ..checkpoints import load_task_vector
         t0 = time.perf_counter()
+        compact = tau_dtype != "float32"
         base_flat, tv = load_task_vector(pretrained, finetuned, allow_shape_mismatch=allow_shape_mismatch,
-                                         name=name)
+                                         name=name, dtype=tau_dtype,
+                                         base_dtype="checkpoint" if compact else "float32",
+                                         device=None if device == "cpu" else device)
         s = cls(str(pretrained), str(finetuned), base_flat, tv, model_factory=model_factory, device=device)
         if need_model:
             s.ensure_model()
@@ -108,7 +113,7 @@ def _scorer(session: Session, evaluator, bands, opts, eval_spec: str):
                            eval_spec=eval_spec, keep_ratio=opts.keep, num_bands=opts.bands,
                            scheme=opts.scheme, focus=opts.focus, kept_values=opts.kept_values,
                            calib_size=opts.calib_size, seed=opts.seed, model_factory=opts.model_factory,
-                           device=opts.device, batch_size=opts.batch_size)
+                           device=opts.device, batch_size=opts.batch_size, tau_dtype=opts.tau_dtype)
 
 
 def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] = None,
@@ -124,7 +129,8 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
             raise NPSError("--method nps needs a calibration evaluator (--eval SPEC)")
         session.ensure_model()
         evaluator = session.evaluator(eval_spec, opts)
-        bands = make_bands(tv.values, opts.bands, opts.scheme, opts.keep, opts.focus)
+        bands = make_bands(tv.values, opts.bands, opts.scheme, opts.keep, opts.focus,
+                           sorted_dtype=tv.values.dtype if tv.values.dtype != torch.float64 else torch.float32)
         bands_s = time.perf_counter() - t0
         executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
         try:
@@ -205,7 +211,7 @@ def run_prune(opts) -> Dict[str, Any]:
     session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
                            allow_shape_mismatch=opts.allow_shape_mismatch,
                            need_model=bool(opts.eval or opts.test or opts.method == "nps"),
-                           device=opts.device)
+                           device=opts.device, tau_dtype=opts.tau_dtype)
     tv = session.task_vector
     outcome = prune_task(session, opts.method, opts, eval_spec=opts.eval, log_path=wd / "search.jsonl",
                          progress=not opts.quiet)
@@ -229,7 +235,7 @@ def run_prune(opts) -> Dict[str, Any]:
                     "total_s": time.perf_counter() - t_start},
     }
     pruned_tv = tv.with_values(outcome.pruned.cpu())
-    base_cpu = session.base_flat.cpu()
+    base_cpu = session.base_flat.cpu().float()   # the written model is computed in float32
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
         save_model_folder(tmp, pruned_tv.state_dict(base_cpu), like=open_checkpoint(opts.finetuned),
                           inputs=inputs)

@@ -17,6 +17,8 @@ from .prune import Session, prepare_work_dir, prune_task, search_report
 
 
 def run_compress(opts) -> Dict[str, Any]:
+    if opts.tau_dtype != "float32":
+        raise NPSError("--tau-dtype is supported by nps prune only (merges and stores use float32 τ)")
     from ..checkpoints import open_checkpoint
     from ..checkpoints.save import side_files
     t0 = time.perf_counter()

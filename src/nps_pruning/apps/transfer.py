@@ -62,6 +62,8 @@ def transfer(session: Session, method: str, opts, source, target, *, eval_target
 
 
 def run_transfer(opts) -> Dict[str, Any]:
+    if opts.tau_dtype != "float32":
+        raise NPSError("--tau-dtype is supported by nps prune only (merges and stores use float32 τ)")
     from ..checkpoints import open_checkpoint, save_model_folder
     from ..checkpoints.save import atomic_output_dir
     t0 = time.perf_counter()
