@@ -34,6 +34,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(VPY) benchmarks/bench_scale.py --json benchmarks/results/scale.json
 	HF_HUB_OFFLINE=1 $(VPY) -m nps_pruning.bench.run
 
 clean:
