@@ -26,6 +26,8 @@ from typing import Callable, Dict, Literal, Sequence
 
 import torch
 
+from .mask import keep_count, topk_mask
+
 __all__ = ["MERGERS", "register_merger", "nps_combine", "trim_top_k", "dare_drop", "elect_sign",
            "disjoint_mean", "Normalize"]
 
@@ -64,39 +66,15 @@ def _check_scalar(name: str, value: float) -> float:
     return value
 
 
-def _keep_count(num_entries: int, keep_ratio: float) -> int:
-    """k = round(r·D), at least 1 (ARCHITECTURE "Keep ratio")."""
-    keep_ratio = float(keep_ratio)
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    return min(num_entries, max(1, round(keep_ratio * num_entries)))
-
-
 # -- building blocks (PEFT merge_utils style) -----------------------------------------------------
-def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest ``scores`` (1-D); ties broken by flat index ascending.
-
-    O(D): the k-th largest value is a threshold; everything above it is kept and the remaining
-    places go to the lowest-index entries equal to it (the project's total order)."""
-    num = scores.numel()
-    if k >= num:
-        return torch.ones(num, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(scores, num - k + 1).values
-    mask = scores > threshold
-    need = k - int(mask.sum())
-    at_threshold = torch.nonzero(scores == threshold).squeeze(1)
-    mask[at_threshold[:need]] = True
-    return mask
-
-
 def trim_top_k(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """TIES' trim: each row keeps its k = round(r·D) largest magnitudes (over the whole row, not
     per tensor), the rest become 0."""
     _check_taus(taus)
-    k = _keep_count(taus.shape[1], keep_ratio)
+    k = keep_count(taus.shape[1], keep_ratio)
     out = torch.zeros_like(taus)
     for i, row in enumerate(taus):
-        mask = _top_k_mask(row.abs(), k)
+        mask = topk_mask(row.abs(), k)
         out[i, mask] = row[mask]
     return out
 
@@ -106,7 +84,7 @@ def dare_drop(taus: torch.Tensor, keep_ratio: float, seed: int = 0) -> torch.Ten
     (generator seeded with ``seed + i``) and rescales them by D/k, i.e. 1/(1−p) for drop rate p."""
     _check_taus(taus)
     num_entries = taus.shape[1]
-    k = _keep_count(num_entries, keep_ratio)
+    k = keep_count(num_entries, keep_ratio)
     scale = num_entries / k
     out = torch.zeros_like(taus)
     for i, row in enumerate(taus):
