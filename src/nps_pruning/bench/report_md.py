@@ -1,0 +1,674 @@
+"""BENCHMARKS.md from the results JSON: ``render(results) -> markdown`` (+ PNG figures).
+
+Everything printed here is computed from ``results`` (what :mod:`.run` wrote): tables, the
+"Defaults chosen" section (chosen on *calibration* means; test means are shown beside them) and the
+"Where NPS does not win" list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+METHOD_LABELS = {"magnitude": "magnitude", "dare": "DARE", "random": "random"}
+
+
+# ------------------------------------------------------------------ small helpers
+def se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(int(n), 1))
+
+
+def mean_se(ps: Sequence[float], ns: Sequence[int]) -> Tuple[float, float]:
+    """Mean over tasks and its standard error sqrt(Σ se_i²)/T (tasks independent)."""
+    ps = list(ps)
+    if not ps:
+        return float("nan"), float("nan")
+    return float(np.mean(ps)), math.sqrt(sum(se(p, n) ** 2 for p, n in zip(ps, ns))) / len(ps)
+
+
+def f4(x: Optional[float]) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def pm(m: float, s: float) -> str:
+    return f"{m:.4f} ± {s:.4f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _variant_label(row: dict, upper_default: float) -> str:
+    if row["method"] != "nps":
+        return METHOD_LABELS.get(row["method"], row["method"])
+    v = row["variant"]
+    if v == "focused":
+        return f"NPS focused (upper {upper_default:g})"
+    if v == "uniform":
+        return f"NPS uniform (upper {upper_default:g})"
+    return f"NPS {v.replace('-upper', ', upper ')}"
+
+
+def _task_names(S: dict) -> List[str]:
+    return [t["name"] for t in S["suite"]["tasks"] if t["name"] in S["tasks"]]
+
+
+def _test_rows(S: dict, name: str) -> int:
+    return int(S["tasks"][name]["finetuned"]["test_rows"])
+
+
+def _grid(S: dict) -> Dict[Tuple[str, float], Dict[str, dict]]:
+    """(label, r) -> {task: row}."""
+    out: Dict[Tuple[str, float], Dict[str, dict]] = {}
+    for name in _task_names(S):
+        for row in S["tasks"][name]["pruning"]:
+            out.setdefault((row["method"] if row["method"] != "nps" else "nps:" + row["variant"], row["keep"]),
+                           {})[name] = row
+    return out
+
+
+def _defaults():
+    from ..config import MergeOptions, SearchOptions
+    d = {f.name: f.default for f in dataclasses.fields(SearchOptions)}
+    m = {f.name: f.default for f in dataclasses.fields(MergeOptions)}
+    return {"scheme": d["scheme"], "upper": d["upper"], "sigma0": d["sigma0"], "generations": d["generations"],
+            "normalize": m["normalize"], "lower": d["lower"], "bands": d["bands"]}
+
+
+# ------------------------------------------------------------------ figures
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:
+    plt = _plt()
+    grid = _grid(S)
+    names = _task_names(S)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    series = [("magnitude", "magnitude (= TIES-trim)", "o-"), ("dare", "DARE", "s-"), ("random", "random", "x:"),
+              ("nps:focused", f"NPS focused", "D-"), ("nps:uniform", "NPS uniform", "^--"),
+              (f"nps:focused-upper{cfg['ablation_upper']:g}", f"NPS focused, upper {cfg['ablation_upper']:g}", "v--")]
+    for key, label, style in series:
+        pts = sorted((r, float(np.mean([by[n]["test"] for n in names])))
+                     for (k, r), by in grid.items() if k == key and all(n in by for n in names))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, ms=5)
+    ft = float(np.mean([S["tasks"][n]["finetuned"]["test"] for n in names]))
+    ax.axhline(ft, color="k", ls="--", lw=1, label=f"fine-tuned ({ft:.3f})")
+    ax.set_xscale("log")
+    ks = sorted({r for (_, r) in grid})
+    ax.set_xticks(ks)
+    ax.set_xticklabels([f"{k:g}" for k in ks])
+    ax.set_xlabel("keep ratio r (fraction of task-vector entries kept)")
+    ax.set_ylabel(f"mean test accuracy over {len(names)} tasks")
+    ax.set_title(f"Pruning the task vector ({sname} suite)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig_compression(sname: str, comp: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = "os^Dv*"
+    for i, row in enumerate(comp["rows"]):
+        ax.scatter(row["mb"], row["normalized_mean"], marker=markers[i % len(markers)], s=60, label=row["method"],
+                   zorder=3, alpha=0.85)
+        ax.annotate(f"{row['mb']:.1f} MB", (row["mb"], row["normalized_mean"]), textcoords="offset points",
+                    xytext=(5, 5 + 9 * (i % 2)), fontsize=7)
+    mbs = [r["mb"] for r in comp["rows"]]
+    log_x = max(mbs) / max(min(mbs), 1e-9) > 8
+    if log_x:
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlabel("storage of all tasks (MB" + (", log scale)" if log_x else ")"))
+    ax.set_ylabel("mean normalized accuracy (acc / fine-tuned acc)")
+    ax.set_title(f"Compression: accuracy vs storage ({sname} suite)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curve_row(S: dict, name: str, keep: float) -> Optional[dict]:
+    for row in S["tasks"][name]["pruning"]:
+        if row["method"] == "nps" and row["variant"] == "focused" and abs(row["keep"] - keep) < 1e-12:
+            return row
+    return None
+
+
+def fig_search(sname: str, S: dict, keep: float, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name in _task_names(S):
+        row = _curve_row(S, name, keep)
+        if row is None:
+            continue
+        y = np.asarray(row["best_so_far"]) - row["best_so_far"][0]
+        ax.plot(range(len(y)), y, "o-", ms=4, label=f"{name} (w=1: {row['best_so_far'][0]:.3f})")
+    ax.axhline(0, color="k", lw=0.8)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("generation (0 = w = 1, plain magnitude top-k)")
+    ax.set_ylabel("best calibration accuracy so far − magnitude's")
+    ax.set_title(f"NPS search, focused bands, r = {keep:g} ({sname} suite)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ sections
+def _settings(meta: dict) -> str:
+    cfg = meta.get("config", {})
+    lines = ["```"]
+    lines += [f"{k} = {v}" for k, v in cfg.items()]
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def _suite_table(S: dict) -> str:
+    rows = []
+    for t in S["suite"]["tasks"]:
+        if t["name"] not in S["tasks"]:
+            continue
+        ft = S["tasks"][t["name"]]["finetuned"]
+        n_full = t["sizes"].get("test", 0)
+        rows.append([t["name"], t["num_classes"], t["sizes"].get("train", ""), t["sizes"].get("calib", ""),
+                     n_full, ft["test_rows"], ft["calib_rows"],
+                     f"{t['finetuned_acc']:.4f} ± {se(t['finetuned_acc'], n_full):.4f}",
+                     f"{t['pretrained_acc']:.4f}", f"{t['head_only_acc']:.4f}", f"{t['majority_acc']:.4f}",
+                     f"{ft['test']:.4f} ± {se(ft['test'], ft['test_rows']):.4f}"])
+    return table(["task", "classes", "train", "calib split", "test split", "test rows used", "calib rows used",
+                  "fine-tuned (full test)", "pre-trained (untrained head)", "pre-trained body + ft head",
+                  "majority", "fine-tuned (rows used)"], rows)
+
+
+def _pruning_section(sname: str, S: dict, cfg: dict, fig_rel: Optional[str]) -> str:
+    grid = _grid(S)
+    names = _task_names(S)
+    ns = [_test_rows(S, n) for n in names]
+    keeps = sorted({r for (_, r) in grid})
+    order = ["magnitude", "dare", "random", "nps:focused", "nps:uniform", f"nps:focused-upper{cfg['ablation_upper']:g}"]
+    labels = {"magnitude": "magnitude", "dare": "DARE", "random": "random",
+              "nps:focused": f"NPS focused (upper {cfg['upper']:g})", "nps:uniform": f"NPS uniform (upper {cfg['upper']:g})",
+              f"nps:focused-upper{cfg['ablation_upper']:g}": f"NPS focused, upper {cfg['ablation_upper']:g}"}
+    out = [f"Mean test accuracy over the {len(names)} tasks ± standard error; fine-tuned: "
+           f"{pm(*mean_se([S['tasks'][n]['finetuned']['test'] for n in names], ns))}. "
+           "TIES-trim on one task vector *is* magnitude top-k (no rescale; TIES' sign election only acts "
+           "when merging), so its row is the magnitude numbers — checked here: "
+           + ("the two pruned vectors were bit-identical at every r and task."
+              if all(row.get("ties_trim_identical", True) for n in names for row in S["tasks"][n]["pruning"]
+                     if row["method"] == "magnitude") else "**they differed somewhere — see the results JSON**."),
+           ""]
+    rows = []
+    for key in order:
+        cells = []
+        have = False
+        for r in keeps:
+            by = grid.get((key, r), {})
+            if all(n in by for n in names) and names:
+                cells.append(pm(*mean_se([by[n]["test"] for n in names], ns)))
+                have = True
+            else:
+                cells.append("")
+        if have:
+            rows.append([labels[key]] + cells)
+            if key == "magnitude":
+                rows.append(["TIES-trim (= magnitude)"] + cells)
+    out.append(table(["method"] + [f"r = {r:g}" for r in keeps], rows))
+    if fig_rel:
+        out += ["", f"![pruning curves, {sname}]({fig_rel}/pruning_{sname}.png)"]
+    # calibration means of the NPS variants (what the defaults are chosen on)
+    crow = []
+    for key in order:
+        cells, have = [], False
+        for r in keeps:
+            by = grid.get((key, r), {})
+            vals = [by[n].get("calib") for n in names if n in by]
+            if key == "magnitude":
+                nb = grid.get(("nps:focused", r), {})
+                vals = [nb[n].get("calib_magnitude") for n in names if n in nb]
+            if vals and len(vals) == len(names) and None not in vals:
+                cells.append(f"{np.mean(vals):.4f}")
+                have = True
+            else:
+                cells.append("")
+        if have:
+            crow.append([labels[key] + (" (w = 1 of the search)" if key == "magnitude" else "")] + cells)
+    out += ["", f"Calibration accuracy (the {S['tasks'][names[0]]['finetuned']['calib_rows']}-row search data; "
+                "these choose the defaults below):", "", table(["method"] + [f"r = {r:g}" for r in keeps], crow)]
+    # per task
+    out += ["", "<details><summary>Per task (test accuracy; ± is the per-task standard error)</summary>", ""]
+    prow = []
+    for n, nr in zip(names, ns):
+        for key in order:
+            cells, have = [], False
+            for r in keeps:
+                row = grid.get((key, r), {}).get(n)
+                if row:
+                    cells.append(f"{row['test']:.4f}")
+                    have = True
+                else:
+                    cells.append("")
+            if have:
+                prow.append([n, labels[key]] + cells)
+        prow.append([n, "fine-tuned", *([f"{S['tasks'][n]['finetuned']['test']:.4f} ± "
+                                         f"{se(S['tasks'][n]['finetuned']['test'], nr):.4f}"] + [""] * (len(keeps) - 1))])
+    out += [table(["task", "method"] + [f"r = {r:g}" for r in keeps], prow), "", "</details>"]
+    # NPS band weights found
+    wrows = []
+    for n in names:
+        for row in S["tasks"][n]["pruning"]:
+            if row["method"] == "nps":
+                wrows.append([n, row["variant"], f"{row['keep']:g}", " ".join(f"{w:.2f}" for w in row["weights"]),
+                              f"{row.get('calib_magnitude', float('nan')):.4f} → {row['calib']:.4f}",
+                              row.get("num_candidates", ""), f"{row.get('seconds', 0):.0f}"])
+    out += ["", "<details><summary>NPS searches: band weights found, calibration accuracy (w = 1 → best), "
+                "candidates scored, seconds</summary>", "",
+            table(["task", "bands", "r", "best band weights", "calib", "candidates", "s"], wrows), "", "</details>"]
+    return "\n".join(out)
+
+
+FUSION_ORDER = ["pre-trained", "fine-tuned", "average", "task-arithmetic", "ties", "dare-ties"]
+FUSION_LABELS = {"pre-trained": "pre-trained (τ = 0, each task's head)", "fine-tuned": "fine-tuned (one model per task)",
+                 "average": "weight averaging", "task-arithmetic": "task arithmetic", "ties": "TIES",
+                 "dare-ties": "DARE-TIES"}
+
+
+def _fusion_rows(F: dict) -> List[Tuple[str, dict]]:
+    out = [(FUSION_LABELS[k], F[k]) for k in FUSION_ORDER if k in F]
+    out += [(k, v) for k, v in F.items() if k.startswith("NPS-merge (")]
+    if "NPS-merge" in F:
+        out.append((f"NPS-merge (per-task λ search, {F['NPS-merge'].get('normalize')})", F["NPS-merge"]))
+    return out
+
+
+def _lam(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, list):
+        return ", ".join(f"{x:.2f}" for x in v)
+    return f"{v:g}"
+
+
+def _fusion_section(sname: str, S: dict) -> str:
+    fj = S.get("fusion")
+    if not fj:
+        return "_not run (see errors)_"
+    F = fj["fusion"]
+    names = fj["tasks"]
+    ns = [_test_rows(S, n) for n in names]
+    rows = []
+    for label, v in _fusion_rows(F):
+        rows.append([label] + [f"{x:.4f}" for x in v["test"]] + [pm(*mean_se(v["test"], ns)), f"{v['calib_mean']:.4f}",
+                                                                 _lam(v.get("lambda"))])
+    return "\n".join([
+        f"All {len(names)} tasks merged into one body (each task keeps its own head). λ chosen on the calibration "
+        "rows (mean over tasks), reported on test. TIES and DARE-TIES keep 20% of each task vector; "
+        f"NPS-merge merges the NPS-focused r = {S['fusion']['compression']['keep']:g} vectors of the pruning table. "
+        "Under `lambda-sum` a common λ cancels (Σλτ̂ᵢ/Σλ = mean τ̂ᵢ), so its grid is one point.", "",
+        table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)])
+
+
+def _compression_section(sname: str, S: dict, fig_rel: Optional[str]) -> str:
+    fj = S.get("fusion")
+    if not fj:
+        return "_not run (see errors)_"
+    C = fj["compression"]
+    names = fj["tasks"]
+    ns = [_test_rows(S, n) for n in names]
+    rows = []
+    for r in C["rows"]:
+        paper = f"{8 * r['paper_formula_bytes'] / C['num_entries'] / len(names):.2f}" if "paper_formula_bytes" in r else ""
+        rows.append([r["method"], pm(*mean_se(r["test"], ns)), f"{r['normalized_mean']:.4f}", f"{r['mb']:.2f}",
+                     f"{r['bits_per_entry']:.3f}", r.get("paper_bits_per_entry") and f"{r['paper_bits_per_entry']:.3f}" or "",
+                     " ".join(f"{x:.3f}" for x in r["normalized"])])
+    out = [f"D = {C['num_entries']:,} prunable entries per task, {len(names)} tasks, NPS at r = {C['keep']:g}. "
+           "Storage is the total of all tasks: fine-tuned = N fp32 models (prunable entries + heads); "
+           "task arithmetic / TIES = one merged fp32 body + every head; NPS = a real store written with "
+           "`write_store` (θ_pre once + per task mask, values, head; no tokenizer files) and measured on disk. "
+           "Bits per entry = the per-task mask + values per prunable entry (θ_pre and heads excluded); "
+           "the paper's 32r + 1 beside it. Every NPS task was restored with `restore_task`: the fp32 restore "
+           "was checked bit-identical to the pruned model (so its accuracy is the pruning table's), the fp16 "
+           "restore was scored on test.", "",
+           table(["method", "mean test ± se", "normalized acc", "MB", "bits / entry / task", "paper 32r+1",
+                  "normalized per task (" + ", ".join(names) + ")"], rows)]
+    if fig_rel:
+        out += ["", f"![compression, {sname}]({fig_rel}/compression_{sname}.png)"]
+    return "\n".join(out)
+
+
+def _transfer_section(S: dict) -> str:
+    T = S.get("transfer") or {}
+    if not T:
+        return ""
+    cfg_rows = []
+    by_method: Dict[str, List[dict]] = {}
+    for tname, tr in T.items():
+        for r in tr["rows"]:
+            by_method.setdefault(r["method"], []).append(r)
+            cfg_rows.append([tname, r["method"], _lam(r["lambda"]), f"{r['source']:.4f}", f"{r['target']:.4f}",
+                             f"{r['h_score']:.4f}", f"{r['calib']['h_score']:.4f}"])
+    mean_rows = [[m, f"{np.mean([r['source'] for r in rs]):.4f}", f"{np.mean([r['target'] for r in rs]):.4f}",
+                  f"{np.mean([r['h_score'] for r in rs]):.4f}"] for m, rs in by_method.items()]
+    first = next(iter(T.values()))["rows"][0]
+    return "\n".join([
+        "Source ability = the frozen encoder's mean-pooled embeddings as k-NN features (cosine, majority of "
+        "k neighbours) on the *other* text tasks' data: per other task a fixed reference set and a query set "
+        f"from its calibration split ({first['source_rows']} held-out query rows in all; λ is chosen on a "
+        "separate query set). Target = the task's accuracy (λ chosen on the calibration rows, reported on "
+        f"{first['target_rows']} test rows). DARE, magnitude and NPS (focused) prune to the transfer keep ratio "
+        "in the settings; θ = θ_pre + λ·τ̂ with λ chosen by calibration H-score. Pre-trained = λ = 0 with the "
+        "fine-tuned head; fine-tuned = λ = 1 with the whole τ.", "",
+        table(["task", "method", "λ", "source (held-out)", "target (test)", "H-score", "H on calibration"], cfg_rows),
+        "", "Mean over the transfer tasks:", "", table(["method", "source", "target", "H-score"], mean_rows)])
+
+
+def _speed_section(meta: dict, scale: Optional[dict]) -> str:
+    sp = meta.get("speed")
+    out = []
+    if sp and "table" in sp:
+        out += ["Per-candidate cost of the fast exact mask (`benchmarks/bench_candidate.py`, one subprocess "
+                "per size, measured at the end of this run, after the experiments):", "", sp["table"]]
+    elif sp and "error" in sp:
+        out.append(f"bench_candidate failed: {sp['error']}")
+    else:
+        out.append("bench_candidate was not run.")
+    if scale:
+        out += ["", "At scale (`benchmarks/results/scale.json`, from `benchmarks/bench_scale.py`, measured "
+                    "separately, not by this run):", "", "```", _short_json(scale), "```"]
+    else:
+        out += ["", "No `benchmarks/results/scale.json` (the 10⁹-parameter measurement) was present when this "
+                    "report was rendered."]
+    return "\n".join(out)
+
+
+def _short_json(obj, limit: int = 4000) -> str:
+    import json
+    s = json.dumps(obj, indent=1, default=str)
+    return s if len(s) <= limit else s[:limit] + "\n... (truncated; see the file)"
+
+
+def _timing_section(meta: dict, suites: Dict[str, dict]) -> str:
+    rows = []
+    for sname, S in suites.items():
+        tm = S.get("timings", {})
+        rows.append([sname, f"{tm.get('suite_build_s', 0):.0f}", f"{tm.get('wall_span_s', 0) / 60:.1f}",
+                     f"{tm.get('job_seconds_sum', 0) / 60:.1f}"])
+    steps: Dict[Tuple[str, str], float] = {}
+    for sname, S in suites.items():
+        for n, tr in S.get("tasks", {}).items():
+            steps[(sname, "fine-tuned scores")] = steps.get((sname, "fine-tuned scores"), 0) + tr["finetuned"].get("seconds", 0)
+            for row in tr["pruning"]:
+                k = "NPS searches (+ test score)" if row["method"] == "nps" else "baseline pruning (test score)"
+                steps[(sname, k)] = steps.get((sname, k), 0) + row.get("seconds", 0)
+        fj = S.get("fusion")
+        if fj:
+            for k, v in fj["fusion"].items():
+                steps[(sname, "fusion")] = steps.get((sname, "fusion"), 0) + v.get("seconds", 0)
+            for r in fj["compression"]["rows"]:
+                if "write_s" in r:
+                    steps[(sname, "compression stores (write, restore, fp16 test)")] = \
+                        steps.get((sname, "compression stores (write, restore, fp16 test)"), 0) + r["write_s"] + r["restore_s"]
+        for tr in (S.get("transfer") or {}).values():
+            steps[(sname, "transfer")] = steps.get((sname, "transfer"), 0) + sum(r.get("seconds", 0) for r in tr["rows"])
+    srows = [[s, k, f"{v / 60:.1f}"] for (s, k), v in steps.items()]
+    jobs = []
+    for sname, S in suites.items():
+        for k, j in S.get("timings", {}).get("jobs", {}).items():
+            jobs.append([sname, k, f"{j['seconds'] / 60:.1f}"])
+    return "\n".join([
+        f"Whole run: {meta.get('total_s', 0) / 60:.1f} min wall clock ({meta.get('config', {}).get('jobs')} worker "
+        f"processes × {meta.get('config', {}).get('threads')} torch thread(s)); speed benchmark "
+        f"{meta.get('speed_s', 0):.0f} s. Suite wall time = first job start to last job end (the suites' jobs "
+        "share the workers, so spans overlap); job minutes = the sum over that suite's jobs. Steps restored "
+        "from the result cache keep the seconds of the run that computed them.", "",
+        table(["suite", "suite load/build s", "wall span (min)", "job minutes"], rows), "",
+        table(["suite", "step", "minutes"], srows), "",
+        "<details><summary>Per job</summary>", "", table(["suite", "job", "minutes"], jobs), "", "</details>"])
+
+
+# ------------------------------------------------------------------ defaults and losses, from the numbers
+def _paired(suites, key_a, key_b, keeps) -> Dict[str, Any]:
+    """Mean calibration and test of two NPS variants over (suite, task, r) where both exist."""
+    ca, cb, ta, tb, n = [], [], [], [], 0
+    per_suite = {}
+    for sname, S in suites.items():
+        g = _grid(S)
+        sa, sb = [], []
+        for r in keeps:
+            A, B = g.get((key_a, r), {}), g.get((key_b, r), {})
+            for t in A:
+                if t in B:
+                    ca.append(A[t]["calib"]); cb.append(B[t]["calib"])
+                    ta.append(A[t]["test"]); tb.append(B[t]["test"])
+                    sa.append(A[t]["calib"]); sb.append(B[t]["calib"])
+        if sa:
+            per_suite[sname] = (float(np.mean(sa)), float(np.mean(sb)), len(sa))
+    if not ca:
+        return {}
+    return {"calib": (float(np.mean(ca)), float(np.mean(cb))), "test": (float(np.mean(ta)), float(np.mean(tb))),
+            "n": len(ca), "per_suite": per_suite}
+
+
+def defaults_section(results: dict) -> str:
+    suites = results["suites"]
+    cfg = results["meta"].get("config", {})
+    shipped = _defaults()
+    keeps = cfg.get("ablation_keep_ratios", [])
+    out = ["Chosen on **calibration** means (the data the search itself sees); the test means are shown beside "
+           "them and chose nothing. `shipped` is the default in `src/nps_pruning/config.py` at render time.", ""]
+
+    def verdict(name, winner, shipped_value):
+        if str(winner) == str(shipped_value):
+            return f"the shipped default **{shipped_value}** agrees with these numbers."
+        return (f"these numbers favour **{winner}**, but the shipped default is **{shipped_value}**: "
+                f"change it in `config.py` (or rerun with more data if the margin is within noise).")
+
+    p = _paired(suites, "nps:focused", "nps:uniform", keeps)
+    if p:
+        win = "focused" if p["calib"][0] >= p["calib"][1] else "uniform"
+        out.append(f"- **Band scheme** (r ∈ {{{', '.join(f'{k:g}' for k in keeps)}}}, {p['n']} task×r pairs): "
+                   f"calibration focused {p['calib'][0]:.4f} vs uniform {p['calib'][1]:.4f}; test "
+                   f"{p['test'][0]:.4f} vs {p['test'][1]:.4f}. Per suite (calib): "
+                   + "; ".join(f"{s} {a:.4f} vs {b:.4f}" for s, (a, b, _) in p["per_suite"].items())
+                   + f". Choice: {win}; " + verdict("scheme", win, shipped["scheme"]))
+    up_key = f"nps:focused-upper{cfg.get('ablation_upper', 2.0):g}"
+    p = _paired(suites, "nps:focused", up_key, keeps)
+    if p:
+        win = cfg.get("upper") if p["calib"][0] >= p["calib"][1] else cfg.get("ablation_upper")
+        out.append(f"- **Upper bound of the band weights**: calibration upper {cfg.get('upper'):g} {p['calib'][0]:.4f} "
+                   f"vs upper {cfg.get('ablation_upper'):g} (the paper's [0, 2]) {p['calib'][1]:.4f}; test "
+                   f"{p['test'][0]:.4f} vs {p['test'][1]:.4f} ({p['n']} pairs). Choice: {win:g}; "
+                   + verdict("upper", float(win), float(shipped["upper"])))
+    norms: Dict[str, List[float]] = {}
+    norms_test: Dict[str, List[float]] = {}
+    for sname, S in suites.items():
+        fj = S.get("fusion")
+        if not fj:
+            continue
+        for k, v in fj["fusion"].items():
+            if k.startswith("NPS-merge (") and "single" in k:
+                nm = k[len("NPS-merge ("):].split(",")[0]
+                norms.setdefault(nm, []).append(v["calib_mean"])
+                norms_test.setdefault(nm, []).append(v["test_mean"])
+    if norms:
+        means = {k: float(np.mean(v)) for k, v in norms.items()}
+        win = max(means, key=means.get)
+        out.append("- **NPS-merge normalisation** (best single λ, mean over suites): calibration "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + "; test "
+                   + ", ".join(f"{k} {np.mean(v):.4f}" for k, v in norms_test.items())
+                   + f". Choice: {win}; " + verdict("normalize", win, shipped["normalize"]))
+    # sigma0 / generations
+    last, final_gain, improved, total = [], 0, 0, 0
+    for S in suites.values():
+        for tr in S["tasks"].values():
+            for row in tr["pruning"]:
+                if row["method"] != "nps":
+                    continue
+                b = row["best_so_far"]
+                total += 1
+                li = max([i for i in range(1, len(b)) if b[i] > b[i - 1]], default=0)
+                last.append(li)
+                if li == len(b) - 1:
+                    final_gain += 1
+                if b[-1] > b[0]:
+                    improved += 1
+    if total:
+        out.append(f"- **σ0 and generations were not tuned in this run** (σ0 = {cfg.get('sigma0')}, "
+                   f"{cfg.get('generations')} generations of {cfg.get('popsize')}; shipped: σ0 = {shipped['sigma0']}, "
+                   f"{shipped['generations']} generations). What the {total} search curves say: the best-so-far "
+                   f"calibration score last improved at generation {np.mean(last):.1f} on average "
+                   f"(0 = the w = 1 start); {final_gain} of {total} searches still improved in their last "
+                   f"generation (so more generations could still help those); {improved} of {total} ended above "
+                   "plain magnitude top-k on calibration.")
+    return "\n".join(out)
+
+
+def losses_section(results: dict) -> str:
+    suites = results["suites"]
+    items = []
+    for sname, S in suites.items():
+        g = _grid(S)
+        names = _task_names(S)
+        ns = [_test_rows(S, n) for n in names]
+        for (key, r), by in sorted(g.items(), key=lambda kv: kv[0][1]):
+            if key != "nps:focused" or not all(n in by for n in names):
+                continue
+            m_nps, s_nps = mean_se([by[n]["test"] for n in names], ns)
+            for other in ("magnitude", "dare"):
+                ob = g.get((other, r), {})
+                if all(n in ob for n in names):
+                    m_o, _ = mean_se([ob[n]["test"] for n in names], ns)
+                    if m_nps < m_o:
+                        items.append(f"{sname}, pruning r = {r:g}: NPS focused {m_nps:.4f} < "
+                                     f"{METHOD_LABELS[other]} {m_o:.4f} (Δ {m_nps - m_o:+.4f}, se of NPS's mean "
+                                     f"{s_nps:.4f})")
+            for n in names:
+                for other in ("magnitude", "dare"):
+                    o = g.get((other, r), {}).get(n)
+                    if o and by[n]["test"] < o["test"]:
+                        items.append(f"{sname}/{n}, pruning r = {r:g}: NPS focused {by[n]['test']:.4f} < "
+                                     f"{METHOD_LABELS[other]} {o['test']:.4f}")
+        fj = S.get("fusion")
+        if fj:
+            F = fj["fusion"]
+            if "NPS-merge" in F:
+                nps = F["NPS-merge"]["test_mean"]
+                for k in ("average", "task-arithmetic", "ties", "dare-ties"):
+                    if k in F and F[k]["test_mean"] > nps:
+                        items.append(f"{sname}, fusion: NPS-merge {nps:.4f} < {FUSION_LABELS[k]} {F[k]['test_mean']:.4f}")
+                for k, v in F.items():
+                    if k.startswith("NPS-merge (") and v["test_mean"] > nps:
+                        items.append(f"{sname}, fusion: the per-task λ search ({nps:.4f}) is below {k} "
+                                     f"({v['test_mean']:.4f}) on test")
+            rows = {r["method"]: r for r in fj["compression"]["rows"]}
+            for r in fj["compression"]["rows"]:
+                if not r["method"].startswith("NPS"):
+                    continue
+                for k in ("task arithmetic", "TIES"):
+                    o = rows.get(k)
+                    if o and o["normalized_mean"] > r["normalized_mean"]:
+                        items.append(f"{sname}, compression: {r['method']} normalized accuracy "
+                                     f"{r['normalized_mean']:.4f} < {k} {o['normalized_mean']:.4f}")
+                    if o and o["mb"] < r["mb"]:
+                        items.append(f"{sname}, compression: {r['method']} needs {r['mb']:.1f} MB, more than "
+                                     f"{k}'s single merged model ({o['mb']:.1f} MB)")
+        for tname, tr in (S.get("transfer") or {}).items():
+            rows = {r["method"]: r for r in tr["rows"]}
+            if "nps" in rows:
+                for k in ("dare", "magnitude", "fine-tuned", "pre-trained"):
+                    if k in rows and rows[k]["h_score"] > rows["nps"]["h_score"]:
+                        items.append(f"{sname}/{tname}, transfer: NPS H-score {rows['nps']['h_score']:.4f} < "
+                                     f"{k} {rows[k]['h_score']:.4f}")
+    if not items:
+        return "NPS did not lose any comparison in this run."
+    return "\n".join(f"- {i}" for i in items)
+
+
+# ------------------------------------------------------------------ the document
+def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str = "benchmarks/figures") -> str:
+    meta = results.get("meta", {})
+    suites = results.get("suites", {})
+    cfg = meta.get("config", {})
+    m = meta.get("machine", {})
+    fig_rel = figures_rel if figures_dir is not None else None
+    if figures_dir is not None:
+        figures_dir = Path(figures_dir)
+        figures_dir.mkdir(parents=True, exist_ok=True)
+    out = ["# Benchmarks", "",
+           "Generated by `make bench` (`python -m nps_pruning.bench.run`); every number below comes from the run "
+           "described here. Do not edit by hand: rerun, or `python -m nps_pruning.bench.run --render-only` to "
+           "re-render from `benchmarks/results/*.json`.", "",
+           f"- command: `{meta.get('command', '?')}`",
+           f"- date: {meta.get('date', '?')} (total {meta.get('total_s', 0) / 60:.1f} min)",
+           f"- machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), {m.get('ram_gib')} GiB RAM, "
+           f"{m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, transformers "
+           f"{m.get('transformers')}; load average at start {m.get('loadavg_start')} (the machine was shared)",
+           f"- profile: {cfg.get('profile')}; suites: {', '.join(suites)}"]
+    if meta.get("failed"):
+        out.append("- **some steps failed**: " + "; ".join(e for S in suites.values() for e in S.get("errors", [])))
+    out += ["", "## Settings", "",
+            "`BenchConfig` of this run. "
+            + (f"Text test scores use a seeded subset of {cfg.get('test_rows_text')} rows of each test split "
+               f"(`make_evaluator(..., calib_size={cfg.get('test_rows_text')}, seed={cfg.get('test_seed')})` on "
+               "the test file; every row where the split is smaller); "
+               if cfg.get('test_rows_text') else "Text test scores use the full test splits; ")
+            + "vision uses the full test splits. NPS searches score on "
+            f"{cfg.get('calib_size_text')} (text) / {cfg.get('calib_size_vision')} (vision) calibration rows. "
+            "± is the standard error sqrt(p(1−p)/n) (for a mean over T tasks: sqrt(Σ seᵢ²)/T).", "",
+            _settings(meta)]
+    cuts = []
+    if cfg.get("nps_keep_ratios") and list(cfg.get("nps_keep_ratios")) != list(cfg.get("keep_ratios")):
+        cuts.append("NPS focused was searched only at r ∈ {" + ", ".join(f"{r:g}" for r in cfg["nps_keep_ratios"])
+                    + "} (the baselines at every r ∈ {" + ", ".join(f"{r:g}" for r in cfg["keep_ratios"]) + "}): "
+                    "the whole grid was estimated at about 90 minutes on this shared 2-core machine, over the "
+                    "~70-minute budget of `make bench`, so the two largest r — where every method is already "
+                    "close to the fine-tuned model — were cut.")
+    if cfg.get("profile") == "full" and cfg.get("generations", 30) < 30:
+        cuts.append(f"NPS searches run {cfg.get('generations')} CMA-ES generations of {cfg.get('popsize')} "
+                    f"(the shipped default is 30 generations of the library's population) to fit the budget; "
+                    "the search curves below show what more generations might add.")
+    if cuts:
+        out += ["", "Cut to fit the time budget:", ""] + [f"- {c}" for c in cuts]
+    for sname, S in suites.items():
+        out += ["", f"## Suite: {sname}", "", f"Base: `{S['suite']['base']}`.", "", _suite_table(S)]
+        if S.get("errors"):
+            out += ["", "Errors: " + "; ".join(S["errors"])]
+        if figures_dir is not None and S["tasks"]:
+            fig_pruning(sname, S, cfg, figures_dir / f"pruning_{sname}.png")
+            keep = 0.05 if any(_curve_row(S, n, 0.05) for n in _task_names(S)) else (cfg.get("nps_keep_ratios") or [0.05])[0]
+            fig_search(sname, S, keep, figures_dir / f"search_{sname}.png")
+            if S.get("fusion"):
+                fig_compression(sname, S["fusion"]["compression"], figures_dir / f"compression_{sname}.png")
+        if S["tasks"]:
+            out += ["", f"### Pruning ({sname}; the paper's Fig. 4)", "", _pruning_section(sname, S, cfg, fig_rel)]
+            if fig_rel:
+                out += ["", f"NPS search curves ({sname}):", "", f"![search curves, {sname}]({fig_rel}/search_{sname}.png)"]
+        out += ["", f"### Fusion ({sname}; Table 2)", "", _fusion_section(sname, S)]
+        out += ["", f"### Compression ({sname}; Table 3 and Fig. 5)", "", _compression_section(sname, S, fig_rel)]
+        tr = _transfer_section(S)
+        if tr:
+            out += ["", f"### Transfer ({sname}; Table 1)", "", tr]
+    out += ["", "## Speed and memory", "", _speed_section(meta, results.get("scale"))]
+    out += ["", "## Time taken", "", _timing_section(meta, suites)]
+    out += ["", "## Defaults chosen", "", defaults_section(results)]
+    out += ["", "## Where NPS does not win", "",
+            "Generated from the numbers above: every comparison NPS loses on test (mean over tasks, and per task "
+            "for pruning), whether or not the gap is within the standard error.", "", losses_section(results)]
+    return "\n".join(out) + "\n"

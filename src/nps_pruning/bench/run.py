@@ -1,0 +1,286 @@
+"""`make bench`: run the benchmark (SPEC §4) and regenerate BENCHMARKS.md with its figures.
+
+    python -m nps_pruning.bench.run [--suites text,vision] [--quick] [--render-only] [--out BENCHMARKS.md]
+
+* full profile: results go to ``benchmarks/results/*.json``, figures to ``benchmarks/figures/*.png``,
+  the report to ``BENCHMARKS.md`` (repository root);
+* ``--quick``: the CI smoke profile (quick suites: tiny splits, 1 epoch; one task per suite; r = 0.05;
+  2 generations of 4); everything is written into a temporary folder (or next to ``--out``);
+* ``--render-only``: re-render the report from the results JSON, nothing is run.
+
+Every step is cached (see :mod:`.experiments`), so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from . import experiments as ex
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _repo_root() -> Path:
+    return REPO if (REPO / "benchmarks").is_dir() and (REPO / "pyproject.toml").is_file() else Path.cwd()
+
+
+def machine_info() -> dict:
+    info: Dict[str, Any] = {"hostname_hash": None, "nproc": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version()}
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        info["cpu_model"] = cpu[0] if cpu else platform.processor()
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    try:
+        mem = {l.split(":")[0]: l.split(":")[1].strip() for l in open("/proc/meminfo")}
+        info["ram_gib"] = round(int(mem["MemTotal"].split()[0]) / 2**20, 1)
+    except (OSError, KeyError, ValueError):
+        info["ram_gib"] = None
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        info["loadavg_start"] = None
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def _timed(fn_name: str, *args):
+    """Runs experiments.<fn_name>(*args) and stamps wall-clock start/end (epoch seconds)."""
+    t0 = time.time()
+    out = getattr(ex, fn_name)(*args)
+    out["t_start"], out["t_end"] = t0, time.time()
+    return out
+
+
+class _Inline:
+    """A synchronous stand-in for a process pool (jobs = 1): results in submission order."""
+
+    def submit(self, fn, *args):
+        f: cf.Future = cf.Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as e:       # noqa: BLE001 - handed to the caller like a pool would
+            f.set_exception(e)
+        return f
+
+    def shutdown(self, wait=True):
+        pass
+
+
+def _suite_summary(suite) -> dict:
+    return {"name": suite.name, "base": suite.base, "quick": suite.quick,
+            "tasks": [{k: getattr(t, k) for k in ("name", "kind", "num_classes", "finetuned_acc",
+                                                  "pretrained_acc", "head_only_acc", "majority_acc",
+                                                  "sizes", "key", "max_length")} for t in suite.tasks]}
+
+
+def _pick_tasks(name: str, cfg: ex.BenchConfig) -> Optional[List[str]]:
+    from . import data as bdata
+    names = list(bdata.TEXT_TASKS if name == "text" else bdata.VISION_TASKS)
+    if cfg.tasks_per_suite is None:
+        return None
+    if name == "vision" and cfg.profile == "quick" and not bdata.FASHION_MNIST_DIR.is_dir():
+        names = [n for n in names if n != "fashion-mnist"]
+    return names[:cfg.tasks_per_suite]
+
+
+def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, command: str,
+                  log=print) -> dict:
+    from .suites import build_suite
+    t_run = time.time()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "started": t_run,
+            "machine": machine_info(), "config": cfg.to_dict(), "results_cache": str(cache_root)}
+    suites: Dict[str, dict] = {}
+    suite_tasks: Dict[str, List[dict]] = {}
+    for name in cfg.suites:
+        t0 = time.time()
+        suite = build_suite(name, quick=cfg.profile == "quick", tasks=_pick_tasks(name, cfg), progress=True)
+        suite_tasks[name] = [ex.task_dict(t) for t in suite.tasks]
+        suites[name] = {"suite": _suite_summary(suite), "tasks": {}, "transfer": {}, "fusion": None,
+                        "errors": [], "timings": {"suite_build_s": time.time() - t0, "jobs": {}}}
+        log(f"[{name}] suite ready: {', '.join(suite.task_names)} ({time.time() - t0:.0f}s)")
+
+    cfg_d = cfg.to_dict()
+    pool = (cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn"))
+            if cfg.jobs > 1 else _Inline())
+    pending: Dict[cf.Future, tuple] = {}
+
+    def submit(kind, suite, task, fn_name, *args):
+        pending[pool.submit(_timed, fn_name, *args)] = (kind, suite, task)
+
+    for name in cfg.suites:
+        for t in suite_tasks[name]:
+            submit("pruning", name, t["name"], "run_pruning_job", name, t, cfg_d, str(cache_root))
+    failed = False
+    try:
+        while pending:
+            done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                kind, sname, tname = pending.pop(fut)
+                S = suites[sname]
+                try:
+                    out = fut.result()
+                except Exception as e:          # noqa: BLE001 - record, continue the other jobs
+                    failed = True
+                    msg = f"{kind} {tname}: {type(e).__name__}: {e}"
+                    log(f"[{sname}] FAILED {msg}\n{traceback.format_exc()}")
+                    S["errors"].append(msg)
+                    continue
+                S["timings"]["jobs"][f"{kind}/{tname}"] = {"seconds": out["t_end"] - out["t_start"],
+                                                          "t_start": out["t_start"], "t_end": out["t_end"]}
+                log(f"[{sname}] {kind} {tname} done in {out['t_end'] - out['t_start']:.0f}s")
+                if kind == "pruning":
+                    S["tasks"][tname] = out
+                    if sname == "text" and tname in cfg.transfer_tasks:
+                        task = next(t for t in suite_tasks[sname] if t["name"] == tname)
+                        submit("transfer", sname, tname, "run_transfer_job", task, suite_tasks[sname], cfg_d,
+                               str(cache_root), out)
+                    if len(S["tasks"]) == len(suite_tasks[sname]):
+                        submit("fusion", sname, "_all", "run_fusion_job", sname, suite_tasks[sname], cfg_d,
+                               str(cache_root), S["tasks"])
+                elif kind == "transfer":
+                    S["transfer"][tname] = out
+                else:
+                    S["fusion"] = out
+                _save_suite(results_dir, sname, S)
+    finally:
+        pool.shutdown(wait=True)
+    for sname, S in suites.items():
+        spans = [j for j in S["timings"]["jobs"].values()]
+        if spans:
+            S["timings"]["wall_span_s"] = max(j["t_end"] for j in spans) - min(j["t_start"] for j in spans)
+            S["timings"]["job_seconds_sum"] = sum(j["seconds"] for j in spans)
+        _save_suite(results_dir, sname, S)
+    t_speed = time.time()
+    log("speed: bench_candidate " + ", ".join(f"{d:.0e}" for d in cfg.speed_sizes))
+    try:
+        meta["speed"] = ex.run_speed(cfg, _repo_root() / "benchmarks")
+    except Exception as e:  # noqa: BLE001
+        failed = True
+        meta["speed"] = {"error": f"{type(e).__name__}: {e}"}
+    meta["speed_s"] = time.time() - t_speed
+    meta["finished"] = time.time()
+    meta["total_s"] = meta["finished"] - t_run
+    meta["suites"] = list(cfg.suites)
+    meta["failed"] = failed
+    _write_json(results_dir / "run.json", meta)
+    return load_results(results_dir)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=ex._jsonable))
+    os.replace(tmp, path)
+
+
+def _save_suite(results_dir: Path, name: str, S: dict) -> None:
+    _write_json(results_dir / f"{name}.json", S)
+
+
+def load_results(results_dir: Path) -> dict:
+    results_dir = Path(results_dir)
+    run = json.loads((results_dir / "run.json").read_text()) if (results_dir / "run.json").is_file() else {}
+    suites = {}
+    for name in run.get("suites") or ("text", "vision"):
+        p = results_dir / f"{name}.json"
+        if p.is_file():
+            suites[name] = json.loads(p.read_text())
+    scale = None
+    for cand in (results_dir / "scale.json",):
+        if cand.is_file():
+            try:
+                scale = json.loads(cand.read_text())
+            except json.JSONDecodeError:
+                scale = None
+    return {"meta": run, "suites": suites, "scale": scale}
+
+
+def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
+    from .report_md import render
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(figures_dir, out_md.parent)
+    md = render(results, figures_dir=figures_dir, figures_rel=rel)
+    tmp = out_md.with_name(out_md.name + ".tmp")
+    tmp.write_text(md)
+    os.replace(tmp, out_md)
+    return out_md
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nps_pruning.bench.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--suites", default="text,vision", help="comma-separated: text,vision")
+    ap.add_argument("--quick", action="store_true", help="CI smoke profile, written into a temporary folder")
+    ap.add_argument("--render-only", action="store_true", help="re-render the report from the results JSON")
+    ap.add_argument("--out", default=None, help="markdown output (default: BENCHMARKS.md; --quick: a temp dir)")
+    ap.add_argument("--results-dir", default=None, help="results JSON folder (default: benchmarks/results)")
+    ap.add_argument("--figures-dir", default=None, help="figures folder (default: benchmarks/figures)")
+    ap.add_argument("--cache-dir", default=None, help="step result cache (default: $NPS_CACHE/bench-results)")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default 2; quick: 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
+    ap.add_argument("--generations", type=int, default=None, help="NPS CMA-ES generations")
+    ap.add_argument("--nps-keeps", default=None, help="keep ratios of the NPS-focused grid, e.g. 0.02,0.05,0.1")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
+    over: Dict[str, Any] = {"suites": suites}
+    if args.jobs is not None:
+        over["jobs"] = args.jobs
+    if args.threads is not None:
+        over["threads"] = args.threads
+    if args.generations is not None:
+        over["generations"] = args.generations
+    if args.nps_keeps:
+        over["nps_keep_ratios"] = tuple(float(x) for x in args.nps_keeps.split(","))
+    cfg = ex.BenchConfig.quick(**over) if args.quick else ex.BenchConfig(**over)
+    root = _repo_root()
+    if args.quick:
+        out_md = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nps-bench-quick-")) / "BENCHMARKS.md"
+        base = out_md.parent
+        results_dir = Path(args.results_dir) if args.results_dir else base / "results"
+        figures_dir = Path(args.figures_dir) if args.figures_dir else base / "figures"
+    else:
+        out_md = Path(args.out) if args.out else root / "BENCHMARKS.md"
+        results_dir = Path(args.results_dir) if args.results_dir else root / "benchmarks" / "results"
+        figures_dir = Path(args.figures_dir) if args.figures_dir else root / "benchmarks" / "figures"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(args.cache_dir) if args.cache_dir else ex.default_results_cache()
+    command = "python -m nps_pruning.bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.render_only:
+        results = load_results(results_dir)
+        if not results["meta"]:
+            print(f"nps-bench: error: {results_dir / 'run.json'}: no results to render", file=sys.stderr)
+            return 2
+    else:
+        ex.ResultCache(cache_root)
+        results = run_benchmark(cfg, results_dir=results_dir, cache_root=cache_root, command=command.strip())
+    render_to(results, out_md, figures_dir)
+    print(f"wrote {out_md} (results: {results_dir}, figures: {figures_dir})", flush=True)
+    return 1 if results["meta"].get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
