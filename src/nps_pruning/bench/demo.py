@@ -37,7 +37,8 @@ def run_demo(opts) -> Dict:
     suite = build_suite("text", tasks=list(DEMO_TASKS), profile=profile, progress=True)
     keep = 0.05
     popts = PruneOptions(pretrained=suite.base, finetuned="", output=str(opts.output), keep=keep,
-                         generations=3 if opts.quick else 10, calib_size=None if opts.quick else 160,
+                         generations=2 if opts.quick else 6, popsize=4 if opts.quick else 8,
+                         calib_size=None if opts.quick else 128,
                          max_length=64, seed=0, quiet=False)
     sessions, calib_evals, test_evals = [], [], []
     rows: List[Dict] = []
@@ -66,17 +67,18 @@ def run_demo(opts) -> Dict:
 
     mopts = MergeOptions(pretrained=suite.base, finetuned=[t.finetuned for t in suite.tasks],
                          output=str(opts.output), keep=keep, seed=0,
-                         lambda_generations=2 if opts.quick else 6,
-                         lambda_grid=[0.8, 1.2, 1.6, 2.0] if opts.quick else
-                         [0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5])
+                         lambda_generations=1 if opts.quick else 3,
+                         lambda_grid=[1.0, 1.6] if opts.quick else [1.0, 1.4, 1.8, 2.2])
     taus = stack_values([s.task_vector for s in sessions])
     merges: Dict[str, Dict] = {}
     for method, label in (("task-arithmetic", "task arithmetic"), ("ties", "TIES")):
-        grid_opts = dataclasses.replace(mopts, keep=0.2, lambda_grid=[0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
+        print(f"merging with {label}: choosing λ on calibration data", flush=True)
+        grid_opts = dataclasses.replace(mopts, keep=0.2, lambda_grid=[0.3, 0.6, 0.9]
                                         if method == "task-arithmetic" else mopts.lambda_grid)
         merged, lam, _ = merge_with_lambda_grid(method, taus, grid_opts, sessions, calib_evals)
         merges[label] = {"lambda": lam, "test": merged_scores(sessions, test_evals, merged)}
     import torch
+    print("merging with NPS-merge: λ grid, then a CMA-ES search of per-task λ", flush=True)
     lambdas, _, _ = nps_merge_lambdas(sessions, calib_evals, torch.stack(pruned), mopts, progress=True)
     merged = nps_combine(torch.stack(pruned), lambdas, mopts.normalize)
     merges["NPS-merge"] = {"lambda": lambdas, "test": merged_scores(sessions, test_evals, merged)}

@@ -90,7 +90,7 @@ class Suite:
     name: str
     base: str
     cache_dir: str
-    quick: bool
+    quick: bool | str              # the size profile: False (full), "demo" or True (quick)
     tasks: list[TaskEntry]
 
     def task(self, name: str) -> TaskEntry:
@@ -107,7 +107,8 @@ class Suite:
         return asdict(self)
 
     def table(self) -> str:
-        rows = [f"suite {self.name}{' (quick)' if self.quick else ''}: base {self.base}",
+        profile = {True: " (quick)", "demo": " (demo)"}.get(self.quick, "")
+        rows = [f"suite {self.name}{profile}: base {self.base}",
                 f"{'task':16} {'classes':>7} {'train':>6} {'calib':>6} {'test':>6} {'fine-tuned':>10} "
                 f"{'(±se)':>7} {'pre-trained':>11} {'head-only':>9} {'majority':>8} {'build s':>8}"]
         for t in self.tasks:
@@ -183,7 +184,7 @@ def _text_task(name: str, root: Path, base: Path, base_hash: str, quick: bool, p
     from .finetune import finetune_text
     splits = bdata.load_task(name, quick=quick)
     settings = TEXT_SETTINGS[name]
-    if quick:
+    if quick in (True, "quick"):
         settings = TextSettings(**{**asdict(settings), "epochs": 1})
     key = _key({"v": FORMAT_VERSION, "suite": "text", "task": name, "data": splits.fingerprint(),
                 "base": base_hash, "settings": asdict(settings), "quick": quick})
@@ -243,7 +244,7 @@ def _vision_task(name: str, root: Path, base_file: Path, base_key: str, quick: b
     from .finetune import finetune_vision
     splits = bdata.load_task(name, quick=quick)
     settings = VISION_SETTINGS[name]
-    if quick:
+    if quick in (True, "quick"):
         settings = VisionSettings(**{**asdict(settings), "epochs": 1})
     key = _key({"v": FORMAT_VERSION, "suite": "vision", "task": name, "data": splits.fingerprint(),
                 "base": base_key, "settings": asdict(settings), "quick": quick})
@@ -282,12 +283,16 @@ def _log(progress, msg: str) -> None:
 
 
 def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str] | None = None,
-                quick: bool = False, progress: bool | Callable = True) -> Suite:
+                quick: bool = False, progress: bool | Callable = True, profile: str | None = None) -> Suite:
     """Builds (or reuses from the cache) the fine-tuned checkpoints and splits of a suite.
 
     name: "text" | "vision". tasks: a subset of the suite's task names (default all, in order).
     quick: CI-sized smoke version (96/64/64 rows, 1 epoch; different cache keys).
     """
+    if profile is not None:
+        if profile not in ("full", "demo", "quick"):
+            raise NPSError(f"{profile}: unknown suite profile (full, demo, quick)")
+        quick = {"full": False, "demo": "demo", "quick": True}[profile]
     if name not in SUITES:
         raise NPSError(f"{name}: unknown benchmark suite (known: {', '.join(SUITES)})")
     names = list(SUITES[name]) if tasks is None else list(tasks)
