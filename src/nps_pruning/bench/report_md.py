@@ -108,6 +108,8 @@ def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:
     ks = sorted({r for (_, r) in grid})
     ax.set_xticks(ks)
     ax.set_xticklabels([f"{k:g}" for k in ks])
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("keep ratio r (fraction of task-vector entries kept)")
     ax.set_ylabel(f"mean test accuracy over {len(names)} tasks")
     ax.set_title(f"Pruning the task vector ({sname} suite)")
@@ -391,11 +393,30 @@ def _speed_section(meta: dict, scale: Optional[dict]) -> str:
         out.append("bench_candidate was not run.")
     if scale:
         out += ["", "At scale (`benchmarks/results/scale.json`, from `benchmarks/bench_scale.py`, measured "
-                    "separately, not by this run):", "", "```", _short_json(scale), "```"]
+                    "separately by another run, not by this one):", "", _scale_table(scale)]
     else:
         out += ["", "No `benchmarks/results/scale.json` (the 10⁹-parameter measurement) was present when this "
                     "report was rendered."]
     return "\n".join(out)
+
+
+def _scale_table(scale: dict) -> str:
+    rows = []
+    try:
+        for r in scale.get("rows", []):
+            rows.append([f"{r['D']:.2e}", f"{r.get('P', 0):.2e}", f"{r.get('tau_dtype')}/{r.get('base_dtype')}",
+                         r.get("threads"), f"{r['load_s']:.1f}", f"{r['bands_s']:.1f}", f"{r['build_s_median']:.2f}",
+                         f"{r['floor_s_median']:.2f}", f"{r['peak_bytes'] / 2**30:.1f}",
+                         f"{r['peak_x_fp32_model']:.2f}x"])
+        text = table(["D (prunable)", "P (all)", "τ / θ_pre dtype", "threads", "load s", "make_bands s",
+                      "build_candidate s (median)", "floor θ+τ s", "peak RSS GiB", "peak / fp32 model"], rows)
+        ref = scale.get("make_bands_vs_reference")
+        if ref:
+            text += (f"\n\nmake_bands at D = {ref['D']:.0e}: {ref['new_s']:.3f} s vs {ref['reference_s']:.3f} s "
+                     "for the reference.")
+        return text
+    except (KeyError, TypeError, ValueError):
+        return "```\n" + _short_json(scale) + "\n```"
 
 
 def _short_json(obj, limit: int = 4000) -> str:
@@ -447,6 +468,7 @@ def _timing_section(meta: dict, suites: Dict[str, dict]) -> str:
 def _paired(suites, key_a, key_b, keeps) -> Dict[str, Any]:
     """Mean calibration and test of two NPS variants over (suite, task, r) where both exist."""
     ca, cb, ta, tb, n = [], [], [], [], 0
+    rows_used = []
     per_suite = {}
     for sname, S in suites.items():
         g = _grid(S)
@@ -458,12 +480,34 @@ def _paired(suites, key_a, key_b, keeps) -> Dict[str, Any]:
                     ca.append(A[t]["calib"]); cb.append(B[t]["calib"])
                     ta.append(A[t]["test"]); tb.append(B[t]["test"])
                     sa.append(A[t]["calib"]); sb.append(B[t]["calib"])
+                    rows_used.append(int(S["tasks"][t]["finetuned"].get("calib_rows", 1)))
         if sa:
             per_suite[sname] = (float(np.mean(sa)), float(np.mean(sb)), len(sa))
     if not ca:
         return {}
+    p = float(np.mean(ca))
+    noise = math.sqrt(max(p * (1 - p), 0.0) / max(sum(rows_used), 1))
     return {"calib": (float(np.mean(ca)), float(np.mean(cb))), "test": (float(np.mean(ta)), float(np.mean(tb))),
-            "n": len(ca), "per_suite": per_suite}
+            "n": len(ca), "per_suite": per_suite, "noise": noise}
+
+
+def _above_two(suites: Dict[str, dict], cfg: dict) -> str:
+    """How often the searches with the larger bound actually used a band weight above the smaller one."""
+    lim = float(cfg.get("ablation_upper", 2.0))
+    n, used, top = 0, 0, 0.0
+    for S in suites.values():
+        for tr in S["tasks"].values():
+            for row in tr["pruning"]:
+                if row["method"] == "nps" and row["variant"] in ("focused", "uniform"):
+                    n += 1
+                    w = max(row["weights"])
+                    top = max(top, w)
+                    used += w > lim
+    if not n:
+        return ""
+    return (f" Of the {n} searches with upper bound {cfg.get('upper'):g}, {used} ended with some band weight "
+            f"above {lim:g} (largest {top:.2f}): in {cfg.get('generations')} generations from w = 1 with "
+            f"σ0 = {cfg.get('sigma0')} the search rarely reaches that far, so the bound seldom binds here.")
 
 
 def defaults_section(results: dict) -> str:
@@ -474,11 +518,20 @@ def defaults_section(results: dict) -> str:
     out = ["Chosen on **calibration** means (the data the search itself sees); the test means are shown beside "
            "them and chose nothing. `shipped` is the default in `src/nps_pruning/config.py` at render time.", ""]
 
-    def verdict(name, winner, shipped_value):
+    def margin(p):
+        d = abs(p["calib"][0] - p["calib"][1])
+        return (f" Margin {d:.4f} on calibration, against a standard error of about {p['noise']:.4f} for one "
+                f"such mean ({'within' if d < 2 * p['noise'] else 'beyond'} 2 se).")
+
+    def verdict(name, winner, shipped_value, p=None):
         if str(winner) == str(shipped_value):
             return f"the shipped default **{shipped_value}** agrees with these numbers."
-        return (f"these numbers favour **{winner}**, but the shipped default is **{shipped_value}**: "
-                f"change it in `config.py` (or rerun with more data if the margin is within noise).")
+        if p is not None and abs(p["calib"][0] - p["calib"][1]) < 2 * p["noise"]:
+            return (f"these numbers lean to **{winner}** but within noise; the shipped default "
+                    f"**{shipped_value}** is not contradicted, and changing it in `config.py` to **{winner}** "
+                    "is what this run supports if a choice must follow the numbers.")
+        return (f"these numbers favour **{winner}** beyond noise, but the shipped default is "
+                f"**{shipped_value}**: change it in `config.py`.")
 
     p = _paired(suites, "nps:focused", "nps:uniform", keeps)
     if p:
@@ -487,15 +540,16 @@ def defaults_section(results: dict) -> str:
                    f"calibration focused {p['calib'][0]:.4f} vs uniform {p['calib'][1]:.4f}; test "
                    f"{p['test'][0]:.4f} vs {p['test'][1]:.4f}. Per suite (calib): "
                    + "; ".join(f"{s} {a:.4f} vs {b:.4f}" for s, (a, b, _) in p["per_suite"].items())
-                   + f". Choice: {win}; " + verdict("scheme", win, shipped["scheme"]))
+                   + "." + margin(p) + f" Choice: {win}; " + verdict("scheme", win, shipped["scheme"], p))
     up_key = f"nps:focused-upper{cfg.get('ablation_upper', 2.0):g}"
     p = _paired(suites, "nps:focused", up_key, keeps)
     if p:
         win = cfg.get("upper") if p["calib"][0] >= p["calib"][1] else cfg.get("ablation_upper")
         out.append(f"- **Upper bound of the band weights**: calibration upper {cfg.get('upper'):g} {p['calib'][0]:.4f} "
                    f"vs upper {cfg.get('ablation_upper'):g} (the paper's [0, 2]) {p['calib'][1]:.4f}; test "
-                   f"{p['test'][0]:.4f} vs {p['test'][1]:.4f} ({p['n']} pairs). Choice: {win:g}; "
-                   + verdict("upper", float(win), float(shipped["upper"])))
+                   f"{p['test'][0]:.4f} vs {p['test'][1]:.4f} ({p['n']} pairs)." + margin(p)
+                   + _above_two(suites, cfg) + f" Choice: {win:g}; "
+                   + verdict("upper", float(win), float(shipped["upper"]), p))
     norms: Dict[str, List[float]] = {}
     norms_test: Dict[str, List[float]] = {}
     for sname, S in suites.items():
