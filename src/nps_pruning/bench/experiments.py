@@ -47,6 +47,10 @@ class BenchConfig:
     nps_keep_ratios: Tuple[float, ...] = (0.02, 0.05, 0.1)
     ablation_keep_ratios: Tuple[float, ...] = (0.02, 0.05)             # NPS uniform, NPS focused upper=2
     ablation_upper: float = 2.0
+    # the log-scale parametrisation SPEC §1 asks about: CMA-ES over log2(w) in [log_lower, log_upper]
+    log_lower: float = 0.25
+    log_upper: float = 8.0
+    log_sigma0: float = 1.0
     # NPS search
     bands: int = 8
     scheme: str = "focused"
@@ -285,7 +289,16 @@ def nps_variants(cfg: BenchConfig) -> List[Tuple[str, str, float, float]]:
         out.append(("uniform", "uniform", cfg.upper, r))
     for r in cfg.ablation_keep_ratios:
         out.append((f"focused-upper{cfg.ablation_upper:g}", "focused", cfg.ablation_upper, r))
+    for r in cfg.ablation_keep_ratios:
+        out.append(("focused-log", "focused", cfg.log_upper, r))
     return out
+
+
+def variant_search_overrides(label: str, cfg: BenchConfig) -> dict:
+    """Search settings a variant changes beyond scheme/upper (the log-scale parametrisation)."""
+    if label.endswith("-log"):
+        return {"param": "log", "lower": cfg.log_lower, "sigma0": cfg.log_sigma0}
+    return {}
 
 
 def nps_step_params(ctx_or_suite, task: dict, cfg: BenchConfig, scheme: str, upper: float, keep: float) -> dict:
@@ -330,13 +343,14 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
             rows.append({"method": method, "variant": None, "keep": r, **_strip(res)})
 
     for label, scheme, upper, r in nps_variants(cfg):
-        params = nps_step_params(suite, task, cfg, scheme, upper, r)
+        extra = variant_search_overrides(label, cfg)
+        params = {**nps_step_params(suite, task, cfg, scheme, upper, r), **extra}
 
-        def search(scheme=scheme, upper=upper, r=r):
+        def search(scheme=scheme, upper=upper, r=r, extra=extra):
             from ..apps.prune import prune_task
             from ..report.plots import search_curves
             s = ctx.session
-            opts = dataclasses.replace(ctx.opts, keep=r, scheme=scheme, upper=upper)
+            opts = dataclasses.replace(ctx.opts, keep=r, scheme=scheme, upper=upper, **extra)
             out = prune_task(s, "nps", opts, eval_spec=task["eval_calib"], progress=False)
             res = out.search
             curves = search_curves(res)

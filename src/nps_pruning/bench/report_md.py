@@ -78,7 +78,7 @@ def _defaults():
     d = {f.name: f.default for f in dataclasses.fields(SearchOptions)}
     m = {f.name: f.default for f in dataclasses.fields(MergeOptions)}
     return {"scheme": d["scheme"], "upper": d["upper"], "sigma0": d["sigma0"], "generations": d["generations"],
-            "normalize": m["normalize"], "lower": d["lower"], "bands": d["bands"]}
+            "normalize": m["normalize"], "lower": d["lower"], "bands": d["bands"], "param": d["param"]}
 
 
 # ------------------------------------------------------------------ figures
@@ -96,7 +96,8 @@ def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     series = [("magnitude", "magnitude (= TIES-trim)", "o-"), ("dare", "DARE", "s-"), ("random", "random", "x:"),
               ("nps:focused", f"NPS focused", "D-"), ("nps:uniform", "NPS uniform", "^--"),
-              (f"nps:focused-upper{cfg['ablation_upper']:g}", f"NPS focused, upper {cfg['ablation_upper']:g}", "v--")]
+              (f"nps:focused-upper{cfg['ablation_upper']:g}", f"NPS focused, upper {cfg['ablation_upper']:g}", "v--"),
+              ("nps:focused-log", "NPS focused, log2 search", "P--")]
     for key, label, style in series:
         pts = sorted((r, float(np.mean([by[n]["test"] for n in names])))
                      for (k, r), by in grid.items() if k == key and all(n in by for n in names))
@@ -205,10 +206,13 @@ def _pruning_section(sname: str, S: dict, cfg: dict, fig_rel: Optional[str]) -> 
     names = _task_names(S)
     ns = [_test_rows(S, n) for n in names]
     keeps = sorted({r for (_, r) in grid})
-    order = ["magnitude", "dare", "random", "nps:focused", "nps:uniform", f"nps:focused-upper{cfg['ablation_upper']:g}"]
+    order = ["magnitude", "dare", "random", "nps:focused", "nps:uniform", f"nps:focused-upper{cfg['ablation_upper']:g}",
+             "nps:focused-log"]
     labels = {"magnitude": "magnitude", "dare": "DARE", "random": "random",
               "nps:focused": f"NPS focused (upper {cfg['upper']:g})", "nps:uniform": f"NPS uniform (upper {cfg['upper']:g})",
-              f"nps:focused-upper{cfg['ablation_upper']:g}": f"NPS focused, upper {cfg['ablation_upper']:g}"}
+              f"nps:focused-upper{cfg['ablation_upper']:g}": f"NPS focused, upper {cfg['ablation_upper']:g}",
+              "nps:focused-log": (f"NPS focused, log2 search in [{cfg.get('log_lower', 0.25):g}, "
+                                  f"{cfg.get('log_upper', 8.0):g}], σ0 {cfg.get('log_sigma0', 1.0):g}")}
     out = [f"Mean test accuracy over the {len(names)} tasks ± standard error; fine-tuned: "
            f"{pm(*mean_se([S['tasks'][n]['finetuned']['test'] for n in names], ns))}. "
            "TIES-trim on one task vector *is* magnitude top-k (no rescale; TIES' sign election only acts "
@@ -550,6 +554,14 @@ def defaults_section(results: dict) -> str:
                    f"{p['test'][0]:.4f} vs {p['test'][1]:.4f} ({p['n']} pairs)." + margin(p)
                    + _above_two(suites, cfg) + f" Choice: {win:g}; "
                    + verdict("upper", float(win), float(shipped["upper"]), p))
+    p = _paired(suites, "nps:focused", "nps:focused-log", keeps)
+    if p:
+        win = "linear" if p["calib"][0] >= p["calib"][1] else "log"
+        out.append(f"- **Parametrisation of the band weights**: calibration linear [0, {cfg.get('upper'):g}], "
+                   f"σ0 {cfg.get('sigma0'):g} {p['calib'][0]:.4f} vs log2 in [{cfg.get('log_lower', 0.25):g}, "
+                   f"{cfg.get('log_upper', 8.0):g}], σ0 {cfg.get('log_sigma0', 1.0):g} (in log2 units) "
+                   f"{p['calib'][1]:.4f}; test {p['test'][0]:.4f} vs {p['test'][1]:.4f} ({p['n']} pairs)."
+                   + margin(p) + f" Choice: {win}; " + verdict("param", win, shipped["param"], p))
     norms: Dict[str, List[float]] = {}
     norms_test: Dict[str, List[float]] = {}
     for sname, S in suites.items():
