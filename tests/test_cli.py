@@ -89,3 +89,18 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("nps: error:") and "nope" in lines[0]
+
+
+def test_search_bounds_default_per_parametrisation():
+    from nps_pruning.apps.prune import search_settings
+    base = {"pretrained": "p", "finetuned": "f", "output": "o"}
+    lin = search_settings(build(PruneOptions, {**base, "param": "linear"}))
+    assert (lin.lower, lin.upper, lin.sigma0, lin.param) == (0.0, 4.0, 0.3, "linear")
+    log = search_settings(build(PruneOptions, {**base, "param": "log"}))
+    assert (log.lower, log.upper, log.sigma0, log.param) == (0.25, 8.0, 1.0, "log")
+    custom = search_settings(build(PruneOptions, {**base, "param": "log", "upper": 4, "sigma0": 0.5}))
+    assert (custom.lower, custom.upper, custom.sigma0) == (0.25, 4.0, 0.5)
+    with pytest.raises(NPSError, match="--param log needs --lower > 0"):
+        search_settings(build(PruneOptions, {**base, "param": "log", "lower": 0}))
+    with pytest.raises(NPSError, match="must be above"):
+        search_settings(build(PruneOptions, {**base, "lower": 3, "upper": 2}))

@@ -26,6 +26,24 @@ def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: 
     return field(default=default, metadata=meta)
 
 
+# Search bounds and step size by parametrisation: (lower, upper, sigma0). Chosen from the benchmark
+# (BENCHMARKS.md, "Defaults chosen"): at small keep ratios the weights must be able to pass 2.
+PARAM_DEFAULTS = {"linear": (0.0, 4.0, 0.3), "log": (0.25, 8.0, 1.0)}
+
+
+def resolved_search_bounds(opts) -> tuple:
+    """(lower, upper, sigma0) of ``opts``, each default filled in from its parametrisation."""
+    lo, hi, sigma = PARAM_DEFAULTS[opts.param]
+    lower = lo if opts.lower is None else opts.lower
+    upper = hi if opts.upper is None else opts.upper
+    sigma0 = sigma if opts.sigma0 is None else opts.sigma0
+    if opts.param == "log" and lower <= 0:
+        raise NPSError("--param log needs --lower > 0 (the search runs over log2 of the weights)")
+    if upper <= lower:
+        raise NPSError(f"--upper {upper:g} must be above --lower {lower:g}")
+    return lower, upper, sigma0
+
+
 # -- shared option groups (inherited) -----------------------------------------------------------
 
 @dataclass
@@ -37,9 +55,12 @@ class SearchOptions:
     focus: float = opt(3.0, "focused scheme: the first M-1 bands split the top min(1, focus*keep) ranks",
                        lo=0.0, lo_open=True)
     generations: int = opt(30, "CMA-ES generations", lo=0)
-    sigma0: float = opt(0.3, "CMA-ES initial step size", lo=0.0, lo_open=True)
-    lower: float = opt(0.0, "lower bound of every band weight", lo=0.0)
-    upper: float = opt(4.0, "upper bound of every band weight", lo=0.0, lo_open=True)
+    sigma0: Optional[float] = opt(None, "CMA-ES initial step size, in the units of --param "
+                                        "(default: 0.3 linear, 1.0 log2)", lo=0.0, lo_open=True)
+    lower: Optional[float] = opt(None, "lower bound of every band weight (default: 0 linear, 0.25 log)",
+                                 lo=0.0)
+    upper: Optional[float] = opt(None, "upper bound of every band weight (default: 4 linear, 8 log)",
+                                 lo=0.0, lo_open=True)
     param: str = opt("linear", "search band weights directly (linear) or their log2 (log)",
                      choices=("linear", "log"))
     popsize: Optional[int] = opt(None, "CMA-ES population (default: the library's 4+3 ln M)", lo=4)

@@ -98,9 +98,11 @@ class PruneOutcome:
 
 
 def search_settings(opts):
+    from ..config import resolved_search_bounds
     from ..search import SearchSettings
-    return SearchSettings(generations=opts.generations, sigma0=opts.sigma0, lower=opts.lower,
-                          upper=opts.upper, popsize=opts.popsize, seed=opts.seed, param=opts.param,
+    lower, upper, sigma0 = resolved_search_bounds(opts)
+    return SearchSettings(generations=opts.generations, sigma0=sigma0, lower=lower, upper=upper,
+                          popsize=opts.popsize, seed=opts.seed, param=opts.param,
                           max_failures=opts.max_failures)
 
 
@@ -230,6 +232,7 @@ def run_prune(opts) -> Dict[str, Any]:
                   "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),
                   "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
         "bands": band_summary(outcome.bands), "search": search_report(outcome.search),
+        "search_settings": dataclasses.asdict(search_settings(opts)) if opts.method == "nps" else None,
         "calibration": outcome.calibration, "test": test_scores,
         "timings": {"load_s": session.load_s, **outcome.timings,
                     "total_s": time.perf_counter() - t_start},

@@ -77,8 +77,12 @@ def _defaults():
     from ..config import MergeOptions, SearchOptions
     d = {f.name: f.default for f in dataclasses.fields(SearchOptions)}
     m = {f.name: f.default for f in dataclasses.fields(MergeOptions)}
-    return {"scheme": d["scheme"], "upper": d["upper"], "sigma0": d["sigma0"], "generations": d["generations"],
-            "normalize": m["normalize"], "lower": d["lower"], "bands": d["bands"], "param": d["param"]}
+    from ..config import PARAM_DEFAULTS
+    lower, upper, sigma0 = PARAM_DEFAULTS[d["param"]]
+    # "upper" is judged for the linear parametrisation (the ablation's subject)
+    return {"scheme": d["scheme"], "upper": PARAM_DEFAULTS["linear"][1], "sigma0": sigma0,
+            "generations": d["generations"], "normalize": m["normalize"], "lower": lower, "bands": d["bands"],
+            "param": d["param"]}
 
 
 # ------------------------------------------------------------------ figures
