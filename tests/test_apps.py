@@ -721,3 +721,43 @@ def test_tau_dtype_is_refused_by_merge(tmp_path, capsys):
     assert main(["merge", "p", "a", "b", "-o", str(tmp_path / "o"), "--lambda", "1",
                  "--tau-dtype", "float16"]) == 2
     assert "--tau-dtype is supported by nps prune only" in capsys.readouterr().err
+
+
+def test_repeated_failures_keep_the_best_model_so_far(tmp_path):
+    """An evaluator that starts failing after a few candidates: the run stops with a clear error,
+    the best candidate scored so far is written, and the search log stays for --resume."""
+    import json as _json
+    import subprocess
+    import sys
+    from conftest import make_tiny_bert, write_text_csv
+    base, ft = make_tiny_bert(tmp_path / "m")
+    data = write_text_csv(tmp_path / "d.csv")
+    counter = tmp_path / "count.txt"
+    evalf = tmp_path / "flaky.py"
+    evalf.write_text(f'''
+from pathlib import Path
+from nps_pruning.evaluation import make_evaluator
+_ev = None
+def score(model):
+    global _ev
+    c = Path({str(counter)!r}); n = int(c.read_text()) if c.exists() else 0; c.write_text(str(n + 1))
+    if n >= 6:
+        raise RuntimeError("evaluator broke")
+    if _ev is None:
+        _ev = make_evaluator("text-classification:{data}", model_path={str(ft)!r})
+    return _ev(model)
+''')
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "nps_pruning.cli", "prune", str(base), str(ft), "-o", str(out),
+                           "--eval", f"python:{evalf}:score", "--keep", "0.1", "--bands", "2",
+                           "--generations", "5", "--popsize", "4", "--max-failures", "3", "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    err = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and "failed" in err[0] and "best candidate so far was written" in err[0]
+    report = _json.loads((out / "report.json").read_text())
+    assert report["search"]["stopped_early"]
+    ok = [c for c in report["search"]["candidates"] if c["status"] == "ok"]
+    assert len(ok) >= 5 and report["search"]["best_score"] == max(c["score"] for c in ok)
+    assert (out / "model.safetensors").exists()
+    assert (tmp_path / "out.nps-run" / "search.jsonl").exists()

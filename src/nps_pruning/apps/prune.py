@@ -95,6 +95,7 @@ class PruneOutcome:
     bands: Any = None
     calibration: Dict[str, float] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
+    aborted: Optional[str] = None               # the search stopped on repeated failures
 
 
 def search_settings(opts):
@@ -134,18 +135,27 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
         bands = make_bands(tv.values, opts.bands, opts.scheme, opts.keep, opts.focus,
                            sorted_dtype=tv.values.dtype if tv.values.dtype != torch.float64 else torch.float32)
         bands_s = time.perf_counter() - t0
+        from ..search.cmaes_search import SearchAborted
         executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
+        aborted = None
         try:
             result = run_search(_scorer(session, evaluator, bands, opts, eval_spec), opts.bands,
                                 search_settings(opts), log_path=log_path, resume=opts.resume,
                                 executor=executor, progress=progress)
+        except SearchAborted as e:
+            # keep the best candidate scored so far; the caller writes it and still fails
+            if e.result is None or not any(c.get("status") == "ok" for c in e.result.candidates):
+                raise
+            result, aborted = e.result, str(e)
         finally:
             executor.close()
         pruned = build_candidate(tv.values, bands, np.asarray(result.best_weights), opts.keep,
                                  kept_values=opts.kept_values)
         calib = {"magnitude": result.baseline_score, "nps": result.best_score}
         outcome = PruneOutcome("nps", pruned, opts.keep, result, bands, calib,
-                               {"bands_s": bands_s, "search_s": result.seconds})
+                               {"bands_s": bands_s, "search_s": result.seconds}, aborted)
+        if aborted:
+            return outcome
         outcome.calibration["finetuned"] = session.score(evaluator, tv.values)
         return outcome
     from ..core import PRUNERS
@@ -251,6 +261,10 @@ def run_prune(opts) -> Dict[str, Any]:
             plot_search(outcome.search, tmp / "search.png",
                         title=f"NPS search: {tv.name}, keep {opts.keep:g}, {opts.bands} bands")
             shutil.copy2(wd / "search.jsonl", tmp / "search.jsonl")
+    if outcome.aborted:
+        # the log stays next to the output so that --resume can go on from it
+        raise NPSError(f"{outcome.aborted}; the best candidate so far was written to {opts.output} "
+                       "(report.json: search.stopped_early); fix the cause and rerun with --resume")
     shutil.rmtree(wd, ignore_errors=True)
     if not opts.quiet:
         _print_summary(report)
