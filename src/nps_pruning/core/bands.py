@@ -99,6 +99,13 @@ _HALF = (torch.float16, torch.bfloat16)
 _INF_BITS16 = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}   # |x| bits >= these: inf / NaN
 
 
+def _check_values(values) -> None:
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise ValueError("make_bands expects a 1-D tensor (a flat task vector)")
+    if not values.is_floating_point():
+        raise ValueError(f"make_bands expects a floating-point tensor, got {values.dtype}")
+
+
 def make_bands(values: torch.Tensor, num_bands: int = 8, scheme: str = "focused",
                keep_ratio: float = 0.05, focus: float = 3.0, *,
                sorted_dtype: torch.dtype = torch.float32) -> Bands:
@@ -123,10 +130,7 @@ def make_bands(values: torch.Tensor, num_bands: int = 8, scheme: str = "focused"
     (exact: the magnitudes *are* 16-bit values; halves its memory).
     Peak extra memory: ``sorted_abs`` + ``band_of`` + O(chunk).
     """
-    if not isinstance(values, torch.Tensor) or values.dim() != 1:
-        raise ValueError("make_bands expects a 1-D tensor (a flat task vector)")
-    if not values.is_floating_point():
-        raise ValueError(f"make_bands expects a floating-point tensor, got {values.dtype}")
+    _check_values(values)
     D = values.numel()
     starts = band_starts(D, num_bands, scheme, keep_ratio, focus)
     M = operator.index(num_bands)
@@ -294,10 +298,7 @@ def _make_bands_reference(values: torch.Tensor, num_bands: int = 8, scheme: str 
                           keep_ratio: float = 0.05, focus: float = 3.0) -> Bands:
     """The definition, plainly: one stable sort with an int64 index per entry (O(D) extra
     int64 memory). Kept for tests; :func:`make_bands` must return the same Bands."""
-    if not isinstance(values, torch.Tensor) or values.dim() != 1:
-        raise ValueError("make_bands expects a 1-D tensor (a flat task vector)")
-    if not values.is_floating_point():
-        raise ValueError(f"make_bands expects a floating-point tensor, got {values.dtype}")
+    _check_values(values)
     D = values.numel()
     starts = band_starts(D, num_bands, scheme, keep_ratio, focus)
     M = operator.index(num_bands)

@@ -24,6 +24,15 @@ from ..errors import NPSError
 Outcome = Tuple[Any, Any]
 
 
+def _pickled_scorer(scorer: Callable, kind: str, where: str) -> bytes:
+    """The scorer as bytes for other processes, or one clear error saying why it cannot travel."""
+    try:
+        return pickle.dumps(scorer)
+    except Exception as exc:  # noqa: BLE001
+        raise NPSError(f"executor {kind!r}: the scorer cannot be sent to {where} "
+                       f"({type(exc).__name__}: {exc}); use the serial executor") from None
+
+
 class CandidateError(Exception):
     """A candidate failed inside a worker; carries the worker's error text (always picklable)."""
 
@@ -95,11 +104,7 @@ class ProcessExecutor(SerialExecutor):
         self._scorer_bytes: Optional[bytes] = None
 
     def _ensure_pool(self, scorer: Callable) -> None:
-        try:
-            data = pickle.dumps(scorer)
-        except Exception as exc:  # noqa: BLE001
-            raise NPSError(f"executor 'processes': the scorer cannot be sent to worker processes "
-                           f"({type(exc).__name__}: {exc}); use the serial executor") from None
+        data = _pickled_scorer(scorer, "processes", "worker processes")
         if self._pool is not None and data == self._scorer_bytes:
             return
         self.close()
@@ -204,11 +209,7 @@ class RayExecutor(SerialExecutor):
         return ray
 
     def _ensure_actors(self, scorer: Callable) -> None:
-        try:
-            data = pickle.dumps(scorer)
-        except Exception as exc:  # noqa: BLE001
-            raise NPSError(f"executor 'ray': the scorer cannot be sent to Ray actors "
-                           f"({type(exc).__name__}: {exc}); use the serial executor") from None
+        data = _pickled_scorer(scorer, "ray", "Ray actors")
         if self._actors and data == self._scorer_bytes:
             return
         ray = self._init_ray()
