@@ -91,6 +91,20 @@ def test_bench_quick_text_end_to_end(tmp_path):
     comp = {r["method"]: r for r in results["fusion"]["compression"]["rows"]}
     assert comp["NPS fp16 + entropy-coded mask"]["bits_per_entry"] < comp["NPS fp32 + packed mask (paper)"]["bits_per_entry"]
     assert (out / "results" / "run.json").is_file()
+    # the generations study: a longer search whose first `generations` generations are the grid's
+    # search, scored on test at each checkpoint; its last checkpoint is the search's own result
+    rows = results["tasks"][next(iter(results["tasks"]))]["pruning"]
+    long = next(r for r in rows if r["method"] == "nps" and r["variant"] == "focused-long")
+    grid = next(r for r in rows if r["method"] == "nps" and r["variant"] == "focused" and r["keep"] == long["keep"])
+    cps = {c["generation"]: c for c in long["checkpoints"]}
+    assert sorted(cps) == [0, 2, 3]
+    assert cps[2]["weights"] == grid["weights"] and cps[2]["calib"] == grid["calib"]
+    assert cps[3]["test"] == long["test"] and cps[3]["weights"] == long["weights"]
+    assert cps[0]["weights"] == [1.0] * len(long["weights"]) and cps[0]["calib"] == long["calib_magnitude"]
+    assert [c["candidates"] for c in long["checkpoints"]] == [1, 9, 13]
+    assert any(r["variant"] == "focused-sigma1" for r in rows if r["method"] == "nps")
+    assert "- **σ0**" in md and "- **Generations**" in md and "(1 of 1 tasks)" in md
+    assert (out / "figures" / "generations.png").stat().st_size > 1000
     # the step cache: a second run recomputes nothing and is fast
     before = _cache_state(tmp_path / "results-cache")
     assert before

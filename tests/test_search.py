@@ -17,8 +17,8 @@ import pytest
 
 from nps_pruning.errors import NPSError
 from nps_pruning.report import plot_search
-from nps_pruning.search import (CandidateScorer, SearchAborted, SearchSettings, make_executor,
-                                run_search)
+from nps_pruning.search import (CandidateScorer, SearchAborted, SearchSettings, best_up_to,
+                                make_executor, run_search)
 
 TESTS = Path(__file__).resolve().parent
 TARGET = np.array([1.6, 0.3, 1.2, 0.7])
@@ -94,6 +94,23 @@ def test_same_seed_same_candidates_other_seed_differs():
     assert _key(a.candidates) == _key(b.candidates)
     assert _key(a.candidates) != _key(c.candidates)
     assert _key(a.candidates)[0] == _key(c.candidates)[0]       # both start with w = 1
+
+
+def test_a_longer_run_starts_with_the_shorter_run_and_best_up_to_returns_its_result():
+    long = run_search(Quadratic(), 4, _settings(generations=9), progress=False)
+    for g in (0, 1, 3, 9):
+        short = run_search(Quadratic(), 4, _settings(generations=g), progress=False)
+        assert _key(long.candidates)[:len(short.candidates)] == _key(short.candidates)
+        best = best_up_to(long.candidates, g)
+        assert best["weights"] == list(short.best_weights) and best["score"] == short.best_score
+    # ties: the earliest; failed records never win; nothing scored -> None
+    recs = [{"gen": 0, "idx": 0, "weights": [1.0], "score": 0.5, "status": "ok"},
+            {"gen": 1, "idx": 0, "weights": [2.0], "score": 0.5, "status": "ok"},
+            {"gen": 1, "idx": 1, "weights": [3.0], "score": None, "status": "failed"},
+            {"gen": 2, "idx": 0, "weights": [4.0], "score": 0.7, "status": "ok"}]
+    assert best_up_to(recs, 1)["weights"] == [1.0]
+    assert best_up_to(recs, 2)["weights"] == [4.0]
+    assert best_up_to(recs[2:3], 5) is None
 
 
 def test_log_parametrisation():

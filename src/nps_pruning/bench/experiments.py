@@ -41,16 +41,24 @@ class BenchConfig:
     # pruning grid
     keep_ratios: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
     baselines: Tuple[str, ...] = ("magnitude", "dare", "random")
-    # NPS focused (upper bound `upper`): r = 0.2 and 0.3 are cut to fit the ~70-minute budget of
-    # `make bench` on 2 shared cores (the baselines still run at every r); add them back with
-    # `--nps-keeps 0.02,0.05,0.1,0.2,0.3` (about +25 minutes)
-    nps_keep_ratios: Tuple[float, ...] = (0.02, 0.05, 0.1)
-    ablation_keep_ratios: Tuple[float, ...] = (0.02, 0.05)             # NPS uniform, NPS focused upper=2
+    # NPS, both band schemes, at every r of the grid (the paper's Fig. 4)
+    nps_keep_ratios: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)        # NPS focused
+    uniform_keep_ratios: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)    # NPS uniform
+    ablation_keep_ratios: Tuple[float, ...] = (0.02, 0.05)  # NPS focused with upper=2, and with log2 search
     ablation_upper: float = 2.0
     # the log-scale parametrisation SPEC §1 asks about: CMA-ES over log2(w) in [log_lower, log_upper]
     log_lower: float = 0.25
     log_upper: float = 8.0
     log_sigma0: float = 1.0
+    # σ0 ablation: NPS focused with these initial step sizes (besides `sigma0`) at these r
+    sigma0_ablation: Tuple[float, ...] = (0.1, 1.0)
+    sigma0_keep_ratios: Tuple[float, ...] = (0.05,)
+    # generations study: one NPS focused search of `long_generations` at r = `long_keep`, test-scored
+    # at the best-so-far of each checkpoint generation (its first `generations` generations are
+    # exactly the grid's search: CMA-ES does not depend on the number of generations to come)
+    long_generations: int = 24
+    long_keep: Optional[float] = 0.05
+    long_checkpoints: Tuple[int, ...] = (0, 1, 2, 4, 8, 12, 16, 24)
     # NPS search
     bands: int = 8
     scheme: str = "focused"
@@ -92,7 +100,9 @@ class BenchConfig:
     @classmethod
     def quick(cls, **over) -> "BenchConfig":
         base = dict(profile="quick", tasks_per_suite=1, keep_ratios=(0.05,), nps_keep_ratios=(0.05,),
-                    ablation_keep_ratios=(0.05,), generations=2, popsize=4, calib_size_text=64,
+                    uniform_keep_ratios=(0.05,), ablation_keep_ratios=(0.05,), sigma0_ablation=(1.0,),
+                    sigma0_keep_ratios=(0.05,), long_generations=3, long_keep=0.05, long_checkpoints=(0, 2, 3),
+                    generations=2, popsize=4, calib_size_text=64,
                     calib_size_vision=64, test_rows_text=None, ta_grid=(1.0,), ties_grid=(1.0,),
                     nps_merge_grid=(1.0,), lambda_generations=1, transfer_tasks=("rt-sentiment",),
                     transfer_keep=0.05, transfer_lambdas=(1.0,), knn_k=5, speed_sizes=(10**5,),
@@ -285,12 +295,17 @@ def nps_variants(cfg: BenchConfig) -> List[Tuple[str, str, float, float]]:
     first = [r for r in (0.05, 0.1) if r in keeps]            # the ones other steps reuse, first
     for r in first + [r for r in keeps if r not in first]:
         out.append(("focused", "focused", cfg.upper, r))
-    for r in cfg.ablation_keep_ratios:
+    for r in cfg.uniform_keep_ratios:
         out.append(("uniform", "uniform", cfg.upper, r))
     for r in cfg.ablation_keep_ratios:
         out.append((f"focused-upper{cfg.ablation_upper:g}", "focused", cfg.ablation_upper, r))
     for r in cfg.ablation_keep_ratios:
         out.append(("focused-log", "focused", cfg.log_upper, r))
+    for sigma in cfg.sigma0_ablation:
+        for r in cfg.sigma0_keep_ratios:
+            out.append((f"focused-sigma{sigma:g}", "focused", cfg.upper, r))
+    if cfg.long_keep is not None and cfg.long_generations > cfg.generations:
+        out.append(("focused-long", "focused", cfg.upper, cfg.long_keep))
     return out
 
 
@@ -298,6 +313,10 @@ def variant_search_overrides(label: str, cfg: BenchConfig) -> dict:
     """Search settings a variant changes beyond scheme/upper (the log-scale parametrisation)."""
     if label.endswith("-log"):
         return {"param": "log", "lower": cfg.log_lower, "sigma0": cfg.log_sigma0}
+    if label.startswith("focused-sigma"):
+        return {"sigma0": float(label[len("focused-sigma"):])}
+    if label == "focused-long":
+        return {"generations": cfg.long_generations}
     return {}
 
 
@@ -346,7 +365,7 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
         extra = variant_search_overrides(label, cfg)
         params = {**nps_step_params(suite, task, cfg, scheme, upper, r), **extra}
 
-        def search(scheme=scheme, upper=upper, r=r, extra=extra):
+        def search(scheme=scheme, upper=upper, r=r, extra=extra, label=label):
             from ..apps.prune import prune_task
             from ..report.plots import search_curves
             s = ctx.session
@@ -354,7 +373,10 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
             out = prune_task(s, "nps", opts, eval_spec=task["eval_calib"], progress=False)
             res = out.search
             curves = search_curves(res)
-            return {"test": s.score(ctx.test, out.pruned), "calib": float(res.best_score),
+            more = {}
+            if label == "focused-long":
+                more["checkpoints"] = _checkpoints(ctx, res, r, scheme, upper, cfg.long_checkpoints)
+            return {**more, "test": s.score(ctx.test, out.pruned), "calib": float(res.best_score),
                     "calib_magnitude": res.baseline_score, "weights": [float(w) for w in res.best_weights],
                     "best_so_far": [float(x) for x in curves["best_so_far"]],
                     "gen_best": [float(x) for x in curves["best"]],
@@ -368,6 +390,26 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
         rows.append({"method": "nps", "variant": label, "keep": r, **_strip(res)})
     return {"suite": suite, "task": task["name"], "finetuned": _strip(ft), "pruning": rows,
             "job_s": time.perf_counter() - t_job}
+
+
+def _checkpoints(ctx: "TaskContext", res, keep: float, scheme: str, upper: float,
+                 gens: Sequence[int]) -> List[dict]:
+    """Test accuracy of the best-so-far candidate after each generation in ``gens`` of one search
+    (exactly what a search stopped there returns; see ``best_up_to``)."""
+    from ..search import best_up_to
+    out, seen = [], {}
+    for g in sorted(set(int(x) for x in gens)):
+        best = best_up_to(res.candidates, g)
+        if best is None:
+            continue
+        key = tuple(best["weights"])
+        if key not in seen:
+            pruned = ctx.nps_pruned(keep, scheme, upper, best["weights"])
+            seen[key] = ctx.session.score(ctx.test, pruned)
+        out.append({"generation": g, "calib": float(best["score"]), "test": float(seen[key]),
+                    "weights": [float(w) for w in best["weights"]], "found_at": [int(best["gen"]), int(best["idx"])],
+                    "candidates": sum(1 for c in res.candidates if int(c["gen"]) <= g)})
+    return out
 
 
 def torch_equal(a, b) -> bool:

@@ -518,7 +518,7 @@ def _above_two(suites: Dict[str, dict], cfg: dict) -> str:
             f"σ0 = {cfg.get('sigma0')} the search rarely reaches that far, so the bound seldom binds here.")
 
 
-def defaults_section(results: dict) -> str:
+def defaults_section(results: dict, fig_rel: Optional[str] = None) -> str:
     suites = results["suites"]
     cfg = results["meta"].get("config", {})
     shipped = _defaults()
@@ -538,13 +538,14 @@ def defaults_section(results: dict) -> str:
             return (f"these numbers lean to **{winner}** but within noise; the shipped default "
                     f"**{shipped_value}** is not contradicted, and changing it in `config.py` to **{winner}** "
                     "is what this run supports if a choice must follow the numbers.")
-        return (f"these numbers favour **{winner}** beyond noise, but the shipped default is "
-                f"**{shipped_value}**: change it in `config.py`.")
+        return (f"these numbers favour **{winner}**{' beyond noise' if p is not None else ''}, but the shipped "
+                f"default is **{shipped_value}**: change it in `config.py`.")
 
-    p = _paired(suites, "nps:focused", "nps:uniform", keeps)
+    ukeeps = cfg.get("uniform_keep_ratios") or keeps
+    p = _paired(suites, "nps:focused", "nps:uniform", ukeeps)
     if p:
         win = "focused" if p["calib"][0] >= p["calib"][1] else "uniform"
-        out.append(f"- **Band scheme** (r ∈ {{{', '.join(f'{k:g}' for k in keeps)}}}, {p['n']} task×r pairs): "
+        out.append(f"- **Band scheme** (r ∈ {{{', '.join(f'{k:g}' for k in ukeeps)}}}, {p['n']} task×r pairs): "
                    f"calibration focused {p['calib'][0]:.4f} vs uniform {p['calib'][1]:.4f}; test "
                    f"{p['test'][0]:.4f} vs {p['test'][1]:.4f}. Per suite (calib): "
                    + "; ".join(f"{s} {a:.4f} vs {b:.4f}" for s, (a, b, _) in p["per_suite"].items())
@@ -584,12 +585,50 @@ def defaults_section(results: dict) -> str:
                    + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + "; test "
                    + ", ".join(f"{k} {np.mean(v):.4f}" for k, v in norms_test.items())
                    + f". Choice: {win}; " + verdict("normalize", win, shipped["normalize"]))
-    # sigma0 / generations
+    # σ0
+    sg = sigma0_study(suites, cfg)
+    if sg:
+        win = max(sg["calib"], key=sg["calib"].get)
+        out.append(f"- **σ0** (initial CMA-ES step, linear parametrisation; NPS focused at r ∈ "
+                   f"{{{', '.join(f'{k:g}' for k in sg['keeps'])}}}, {sg['n']} tasks): calibration "
+                   + ", ".join(f"σ0 {k:g} {v:.4f}" for k, v in sg["calib"].items()) + "; test "
+                   + ", ".join(f"σ0 {k:g} {v:.4f}" for k, v in sg["test"].items())
+                   + f". Spread {max(sg['calib'].values()) - min(sg['calib'].values()):.4f} on calibration, against "
+                   f"a standard error of about {sg['noise']:.4f} for one such mean. Choice: {win:g}; "
+                   + verdict("sigma0", f"{win:g}", f"{float(shipped['sigma0']):g}",
+                             {"calib": (sg["calib"][win], sg["calib"].get(float(shipped["sigma0"]), -1.0)),
+                              "noise": sg["noise"]}))
+    # generations
+    gs = generations_study(suites, cfg)
+    if gs:
+        pooled = gs["pooled"]
+        rows = [[g, gs["candidates"].get(g, ""), f"{pooled[g][0]:.4f}", f"{pooled[g][1]:.4f}"]
+                + [f"{gs['per_suite'][sn][g][0]:.4f} / {gs['per_suite'][sn][g][1]:.4f}" for sn in gs["per_suite"]]
+                for g in gs["gens"]]
+        g0, gmax, ch = gs["gens"][0], gs["gens"][-1], gs["chosen"]
+        same = gs["consistent"]
+        out.append(f"- **Generations** (one NPS focused search of {gmax} generations of {cfg.get('popsize')} per task "
+                   f"at r = {cfg.get('long_keep'):g}, {gs['n']} tasks; the best-so-far candidate after each "
+                   "generation below is what a search stopped there returns, and was scored on test). From "
+                   f"generation {g0} to {gmax} the mean calibration accuracy rises {pooled[g0][0]:.4f} → "
+                   f"{pooled[gmax][0]:.4f} and the test accuracy {pooled[g0][1]:.4f} → {pooled[gmax][1]:.4f}. "
+                   f"Rule: the fewest generations that reach 90% of the calibration gain of {gmax} generations. "
+                   f"Choice: {ch} (test there {pooled[ch][1]:.4f}, against {pooled[gmax][1]:.4f} after {gmax}); "
+                   + verdict("generations", ch, shipped["generations"])
+                   + f" The shipped population is the library's 4 + ⌊3 ln M⌋ (10 for M = 8), against "
+                   f"{cfg.get('popsize')} here, so the shipped search scores a few more candidates per generation."
+                   + (f" Check: after {cfg.get('generations')} generations these searches hold exactly the band "
+                      f"weights of the grid's {cfg.get('generations')}-generation searches at the same r "
+                      f"({same[0]} of {same[1]} tasks)." if same else ""))
+        out += ["", table(["generation", "candidates", "calib (mean)", "test (mean)"]
+                          + [f"{sn}: calib / test" for sn in gs["per_suite"]], rows)]
+        if fig_rel:
+            out += ["", f"![calibration and test accuracy against generations]({fig_rel}/generations.png)"]
     last, final_gain, improved, total = [], 0, 0, 0
     for S in suites.values():
         for tr in S["tasks"].values():
             for row in tr["pruning"]:
-                if row["method"] != "nps":
+                if row["method"] != "nps" or row["variant"] == "focused-long":
                     continue
                 b = row["best_so_far"]
                 total += 1
@@ -600,14 +639,109 @@ def defaults_section(results: dict) -> str:
                 if b[-1] > b[0]:
                     improved += 1
     if total:
-        out.append(f"- **σ0 and generations were not tuned in this run** (σ0 = {cfg.get('sigma0')}, "
-                   f"{cfg.get('generations')} generations of {cfg.get('popsize')}; shipped: σ0 = {shipped['sigma0']}, "
-                   f"{shipped['generations']} generations). What the {total} search curves say: the best-so-far "
-                   f"calibration score last improved at generation {np.mean(last):.1f} on average "
-                   f"(0 = the w = 1 start); {final_gain} of {total} searches still improved in their last "
-                   f"generation (so more generations could still help those); {improved} of {total} ended above "
-                   "plain magnitude top-k on calibration.")
+        out.append("")
+        out.append(f"- **The grid's searches** ({cfg.get('generations')} generations of {cfg.get('popsize')}): of "
+                   f"the {total} search curves, the best-so-far calibration score last improved at generation "
+                   f"{np.mean(last):.1f} on average (0 = the w = 1 start); {final_gain} of {total} still improved "
+                   f"in their last generation; {improved} of {total} ended above plain magnitude top-k on "
+                   "calibration.")
     return "\n".join(out)
+
+
+def sigma0_study(suites: Dict[str, dict], cfg: dict) -> Optional[dict]:
+    """Mean calibration / test of NPS focused at each σ0 over the tasks where all were searched."""
+    sigmas = sorted({float(cfg.get("sigma0", 0.3))} | {float(x) for x in cfg.get("sigma0_ablation") or []})
+    keeps = cfg.get("sigma0_keep_ratios") or []
+    if len(sigmas) < 2 or not keeps:
+        return None
+    key = {s: ("nps:focused" if s == float(cfg.get("sigma0", 0.3)) else f"nps:focused-sigma{s:g}") for s in sigmas}
+    calib = {s: [] for s in sigmas}
+    test = {s: [] for s in sigmas}
+    rows_used = []
+    for S in suites.values():
+        g = _grid(S)
+        for r in keeps:
+            by = {s: g.get((key[s], r), {}) for s in sigmas}
+            for t in _task_names(S):
+                if all(t in by[s] for s in sigmas):
+                    for s in sigmas:
+                        calib[s].append(by[s][t]["calib"])
+                        test[s].append(by[s][t]["test"])
+                    rows_used.append(int(S["tasks"][t]["finetuned"].get("calib_rows", 1)))
+    if not rows_used:
+        return None
+    cm = {s: float(np.mean(v)) for s, v in calib.items()}
+    p = float(np.mean(list(cm.values())))
+    return {"calib": cm, "test": {s: float(np.mean(v)) for s, v in test.items()}, "n": len(rows_used),
+            "keeps": keeps, "noise": math.sqrt(max(p * (1 - p), 0.0) / max(sum(rows_used), 1))}
+
+
+def _long_rows(S: dict) -> List[Tuple[str, dict]]:
+    out = []
+    for n in _task_names(S):
+        for row in S["tasks"][n]["pruning"]:
+            if row["method"] == "nps" and row["variant"] == "focused-long" and row.get("checkpoints"):
+                out.append((n, row))
+    return out
+
+
+def generations_study(suites: Dict[str, dict], cfg: dict) -> Optional[dict]:
+    """Mean (calib, test) of the best-so-far after each checkpoint generation, per suite and pooled."""
+    per_task: Dict[str, Dict[str, Dict[int, dict]]] = {}
+    for sname, S in suites.items():
+        for n, row in _long_rows(S):
+            per_task.setdefault(sname, {})[n] = {int(c["generation"]): c for c in row["checkpoints"]}
+    if not per_task:
+        return None
+    gens = sorted(set.intersection(*[set(cp) for by in per_task.values() for cp in by.values()]))
+    if not gens:
+        return None
+
+    def means(cps):
+        return {g: (float(np.mean([cp[g]["calib"] for cp in cps])), float(np.mean([cp[g]["test"] for cp in cps])))
+                for g in gens}
+    every = [cp for by in per_task.values() for cp in by.values()]
+    pooled = means(every)
+    gain = pooled[gens[-1]][0] - pooled[gens[0]][0]
+    chosen = next(g for g in gens if pooled[g][0] - pooled[gens[0]][0] >= 0.9 * gain - 1e-12)
+    # the long searches' first `generations` generations are the grid's searches: same best weights?
+    G, keep = int(cfg.get("generations", 0)), cfg.get("long_keep")
+    same, total = 0, 0
+    for sname, by in per_task.items():
+        g = _grid(suites[sname])
+        for n, cp in by.items():
+            grid_row = g.get(("nps:focused", keep), {}).get(n)
+            if grid_row is not None and G in cp:
+                total += 1
+                same += list(cp[G]["weights"]) == list(grid_row["weights"])
+    cands = {g: every[0][g].get("candidates") for g in gens}
+    return {"gens": gens, "pooled": pooled, "per_suite": {s: means(list(by.values())) for s, by in per_task.items()},
+            "chosen": chosen, "n": len(every), "candidates": cands,
+            "consistent": (same, total) if total else None}
+
+
+def fig_generations(suites: Dict[str, dict], cfg: dict, path: Path) -> bool:
+    gs = generations_study(suites, cfg)
+    if not gs:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (sname, m) in enumerate(gs["per_suite"].items()):
+        c = f"C{i}"
+        ax.plot(gs["gens"], [m[g][0] for g in gs["gens"]], "o-", color=c, label=f"{sname}: calibration")
+        ax.plot(gs["gens"], [m[g][1] for g in gs["gens"]], "s--", color=c, label=f"{sname}: test")
+    ax.axvline(gs["chosen"], color="k", lw=0.8, ls=":", label=f"chosen: {gs['chosen']} generations")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"CMA-ES generations ({cfg.get('popsize')} candidates each; 0 = w = 1, magnitude top-k)")
+    ax.set_ylabel("mean accuracy of the best-so-far candidate")
+    ax.set_title(f"NPS focused, r = {cfg.get('long_keep'):g}: what more generations buy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def losses_section(results: dict) -> str:
@@ -704,18 +838,17 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
             "± is the standard error sqrt(p(1−p)/n) (for a mean over T tasks: sqrt(Σ seᵢ²)/T).", "",
             _settings(meta)]
     cuts = []
-    if cfg.get("nps_keep_ratios") and list(cfg.get("nps_keep_ratios")) != list(cfg.get("keep_ratios")):
-        cuts.append("NPS focused was searched only at r ∈ {" + ", ".join(f"{r:g}" for r in cfg["nps_keep_ratios"])
-                    + "} (the baselines at every r ∈ {" + ", ".join(f"{r:g}" for r in cfg["keep_ratios"]) + "}): "
-                    "the whole grid was estimated at about 90 minutes on this shared 2-core machine, over the "
-                    "~70-minute budget of `make bench`, so the two largest r — where every method is already "
-                    "close to the fine-tuned model — were cut.")
-    if cfg.get("profile") == "full" and cfg.get("generations", 30) < 30:
-        cuts.append(f"NPS searches run {cfg.get('generations')} CMA-ES generations of {cfg.get('popsize')} "
-                    f"(the shipped default is 30 generations of the library's population) to fit the budget; "
-                    "the search curves below show what more generations might add.")
+    for what, key in (("NPS focused", "nps_keep_ratios"), ("NPS uniform", "uniform_keep_ratios")):
+        if cfg.get(key) and list(cfg.get(key)) != list(cfg.get("keep_ratios")):
+            cuts.append(f"{what} was searched only at r ∈ {{" + ", ".join(f"{r:g}" for r in cfg[key])
+                        + "} (the baselines at every r ∈ {" + ", ".join(f"{r:g}" for r in cfg["keep_ratios"]) + "}).")
+    if cfg.get("profile") == "full" and cfg.get("generations", 30) < _defaults()["generations"]:
+        cuts.append(f"The grid's NPS searches run {cfg.get('generations')} CMA-ES generations of {cfg.get('popsize')} "
+                    f"(the shipped default is {_defaults()['generations']} generations of the library's population) "
+                    "to fit the budget; the generations study under \"Defaults chosen\" shows what more "
+                    "generations add.")
     if cuts:
-        out += ["", "Cut to fit the time budget:", ""] + [f"- {c}" for c in cuts]
+        out += ["", "Cut from the full grid in this run:", ""] + [f"- {c}" for c in cuts]
     for sname, S in suites.items():
         out += ["", f"## Suite: {sname}", "", f"Base: `{S['suite']['base']}`.", "", _suite_table(S)]
         if S.get("errors"):
@@ -737,7 +870,8 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
             out += ["", f"### Transfer ({sname}; Table 1)", "", tr]
     out += ["", "## Speed and memory", "", _speed_section(meta, results.get("scale"))]
     out += ["", "## Time taken", "", _timing_section(meta, suites)]
-    out += ["", "## Defaults chosen", "", defaults_section(results)]
+    gen_fig = figures_dir is not None and fig_generations(suites, cfg, figures_dir / "generations.png")
+    out += ["", "## Defaults chosen", "", defaults_section(results, fig_rel if gen_fig else None)]
     out += ["", "## Where NPS does not win", "",
             "Generated from the numbers above: every comparison NPS loses on test (mean over tasks, and per task "
             "for pruning), whether or not the gap is within the standard error.", "", losses_section(results)]

@@ -242,8 +242,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
     ap.add_argument("--generations", type=int, default=None, help="NPS CMA-ES generations")
     ap.add_argument("--nps-keeps", default=None, help="keep ratios of the NPS-focused grid, e.g. 0.02,0.05,0.1")
+    ap.add_argument("--uniform-keeps", default=None, help="keep ratios of the NPS-uniform grid")
     ap.add_argument("--ablation-keeps", default=None,
-                    help="keep ratios of the NPS uniform / upper-bound ablations, e.g. 0.02,0.05")
+                    help="keep ratios of the upper-bound and log2 ablations, e.g. 0.02,0.05")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -257,6 +258,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         over["generations"] = args.generations
     if args.nps_keeps:
         over["nps_keep_ratios"] = tuple(float(x) for x in args.nps_keeps.split(","))
+    if args.uniform_keeps:
+        over["uniform_keep_ratios"] = tuple(float(x) for x in args.uniform_keeps.split(","))
     if args.ablation_keeps:
         over["ablation_keep_ratios"] = tuple(float(x) for x in args.ablation_keeps.split(","))
     cfg = ex.BenchConfig.quick(**over) if args.quick else ex.BenchConfig(**over)

@@ -65,6 +65,19 @@ class SearchSettings:
             raise NPSError(f"search: max_failures must be >= 1, got {self.max_failures}")
 
 
+def best_up_to(candidates: List[dict], generation: int) -> Optional[dict]:
+    """The candidate ``run_search`` returns had it stopped after ``generation`` generations:
+    the highest-scoring successful record with ``gen <= generation``, the earliest on ties.
+    (CMA-ES never looks at the number of generations to come, so a longer run's first G
+    generations are exactly a G-generation run.)"""
+    best = None
+    for rec in candidates:
+        if int(rec["gen"]) <= generation and rec.get("status", "ok") == "ok" and rec.get("score") is not None:
+            if best is None or rec["score"] > best["score"]:
+                best = rec
+    return best
+
+
 @dataclass
 class SearchResult:
     best_weights: np.ndarray
