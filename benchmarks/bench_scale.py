@@ -321,4 +321,5 @@ if __name__ == "__main__":
     res = bench_scale(a.params, a.tau_dtype, a.repeats, a.threads, a.side, a.cache, int(a.reference_d))
     print(format_table(res))
     if a.json is not None:
+        res["written"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         a.json.write_text(json.dumps(res, indent=2))

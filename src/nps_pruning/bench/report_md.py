@@ -400,8 +400,9 @@ def _speed_section(meta: dict, scale: Optional[dict]) -> str:
     else:
         out.append("bench_candidate was not run.")
     if scale:
-        out += ["", "At scale (`benchmarks/results/scale.json`, from `benchmarks/bench_scale.py`, measured "
-                    "separately by another run, not by this one):", "", _scale_table(scale)]
+        when = f", written {scale['written']}" if scale.get("written") else ""
+        out += ["", "At scale (`benchmarks/results/scale.json`, from `benchmarks/bench_scale.py`, which `make bench` "
+                    f"runs just before the experiments, in its own processes{when}):", "", _scale_table(scale)]
     else:
         out += ["", "No `benchmarks/results/scale.json` (the 10⁹-parameter measurement) was present when this "
                     "report was rendered."]
@@ -593,6 +594,9 @@ def defaults_section(results: dict, fig_rel: Optional[str] = None) -> str:
                    f"{{{', '.join(f'{k:g}' for k in sg['keeps'])}}}, {sg['n']} tasks): calibration "
                    + ", ".join(f"σ0 {k:g} {v:.4f}" for k, v in sg["calib"].items()) + "; test "
                    + ", ".join(f"σ0 {k:g} {v:.4f}" for k, v in sg["test"].items())
+                   + ". Per suite (calib): " + "; ".join(
+                       f"{sn} " + ", ".join(f"σ0 {k:g} {v:.4f}" for k, v in d.items())
+                       for sn, d in sg["per_suite"].items())
                    + f". Spread {max(sg['calib'].values()) - min(sg['calib'].values()):.4f} on calibration, against "
                    f"a standard error of about {sg['noise']:.4f} for one such mean. Choice: {win:g}; "
                    + verdict("sigma0", f"{win:g}", f"{float(shipped['sigma0']):g}",
@@ -614,7 +618,13 @@ def defaults_section(results: dict, fig_rel: Optional[str] = None) -> str:
                    f"{pooled[gmax][0]:.4f} and the test accuracy {pooled[g0][1]:.4f} → {pooled[gmax][1]:.4f}. "
                    f"Rule: the fewest generations that reach 90% of the calibration gain of {gmax} generations. "
                    f"Choice: {ch} (test there {pooled[ch][1]:.4f}, against {pooled[gmax][1]:.4f} after {gmax}); "
-                   + verdict("generations", ch, shipped["generations"])
+                   + (verdict("generations", ch, shipped["generations"]) if ch < gmax else
+                      f"the mean curve has not flattened by {gmax} generations, so these numbers support at least "
+                      f"{gmax}; the shipped default **{shipped['generations']}** "
+                      + ("agrees with them." if int(shipped["generations"]) >= gmax
+                         else "is below that: change it in `config.py`."))
+                   + " Per suite, by the same rule: "
+                   + ", ".join(f"{sn} {c}" for sn, c in gs["chosen_per_suite"].items()) + "."
                    + f" The shipped population is the library's 4 + ⌊3 ln M⌋ (10 for M = 8), against "
                    f"{cfg.get('popsize')} here, so the shipped search scores a few more candidates per generation."
                    + (f" Check: after {cfg.get('generations')} generations these searches hold exactly the band "
@@ -658,7 +668,8 @@ def sigma0_study(suites: Dict[str, dict], cfg: dict) -> Optional[dict]:
     calib = {s: [] for s in sigmas}
     test = {s: [] for s in sigmas}
     rows_used = []
-    for S in suites.values():
+    per_suite: Dict[str, Dict[float, List[float]]] = {}
+    for sname, S in suites.items():
         g = _grid(S)
         for r in keeps:
             by = {s: g.get((key[s], r), {}) for s in sigmas}
@@ -667,13 +678,15 @@ def sigma0_study(suites: Dict[str, dict], cfg: dict) -> Optional[dict]:
                     for s in sigmas:
                         calib[s].append(by[s][t]["calib"])
                         test[s].append(by[s][t]["test"])
+                        per_suite.setdefault(sname, {}).setdefault(s, []).append(by[s][t]["calib"])
                     rows_used.append(int(S["tasks"][t]["finetuned"].get("calib_rows", 1)))
     if not rows_used:
         return None
     cm = {s: float(np.mean(v)) for s, v in calib.items()}
     p = float(np.mean(list(cm.values())))
     return {"calib": cm, "test": {s: float(np.mean(v)) for s, v in test.items()}, "n": len(rows_used),
-            "keeps": keeps, "noise": math.sqrt(max(p * (1 - p), 0.0) / max(sum(rows_used), 1))}
+            "keeps": keeps, "noise": math.sqrt(max(p * (1 - p), 0.0) / max(sum(rows_used), 1)),
+            "per_suite": {sn: {s: float(np.mean(v)) for s, v in d.items()} for sn, d in per_suite.items()}}
 
 
 def _long_rows(S: dict) -> List[Tuple[str, dict]]:
@@ -702,8 +715,11 @@ def generations_study(suites: Dict[str, dict], cfg: dict) -> Optional[dict]:
                 for g in gens}
     every = [cp for by in per_task.values() for cp in by.values()]
     pooled = means(every)
-    gain = pooled[gens[-1]][0] - pooled[gens[0]][0]
-    chosen = next(g for g in gens if pooled[g][0] - pooled[gens[0]][0] >= 0.9 * gain - 1e-12)
+    def choose(m):      # the fewest generations reaching 90% of the calibration gain of the longest
+        gain = m[gens[-1]][0] - m[gens[0]][0]
+        return next(g for g in gens if m[g][0] - m[gens[0]][0] >= 0.9 * gain - 1e-12)
+    chosen = choose(pooled)
+    per_suite = {s: means(list(by.values())) for s, by in per_task.items()}
     # the long searches' first `generations` generations are the grid's searches: same best weights?
     G, keep = int(cfg.get("generations", 0)), cfg.get("long_keep")
     same, total = 0, 0
@@ -715,8 +731,8 @@ def generations_study(suites: Dict[str, dict], cfg: dict) -> Optional[dict]:
                 total += 1
                 same += list(cp[G]["weights"]) == list(grid_row["weights"])
     cands = {g: every[0][g].get("candidates") for g in gens}
-    return {"gens": gens, "pooled": pooled, "per_suite": {s: means(list(by.values())) for s, by in per_task.items()},
-            "chosen": chosen, "n": len(every), "candidates": cands,
+    return {"gens": gens, "pooled": pooled, "per_suite": per_suite,
+            "chosen": chosen, "chosen_per_suite": {s: choose(m) for s, m in per_suite.items()}, "n": len(every), "candidates": cands,
             "consistent": (same, total) if total else None}
 
 
