@@ -119,7 +119,7 @@ def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:
     ax.set_ylabel(f"mean test accuracy over {len(names)} tasks")
     ax.set_title(f"Pruning the task vector ({sname} suite)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
