@@ -288,36 +288,27 @@ class TaskContext:
                                kept_values="weighted")
 
 
-def nps_variants(cfg: BenchConfig) -> List[Tuple[str, str, float, float]]:
-    """(variant label, scheme, upper, keep) of every NPS search in the grid, in run order."""
+def nps_variants(cfg: BenchConfig) -> List[Tuple[str, str, float, float, dict]]:
+    """(variant label, scheme, upper, keep, search settings it changes beyond scheme/upper) of every
+    NPS search in the grid, in run order."""
     out = []
     keeps = list(cfg.nps_keep_ratios)
     first = [r for r in (0.05, 0.1) if r in keeps]            # the ones other steps reuse, first
     for r in first + [r for r in keeps if r not in first]:
-        out.append(("focused", "focused", cfg.upper, r))
+        out.append(("focused", "focused", cfg.upper, r, {}))
     for r in cfg.uniform_keep_ratios:
-        out.append(("uniform", "uniform", cfg.upper, r))
+        out.append(("uniform", "uniform", cfg.upper, r, {}))
     for r in cfg.ablation_keep_ratios:
-        out.append((f"focused-upper{cfg.ablation_upper:g}", "focused", cfg.ablation_upper, r))
-    for r in cfg.ablation_keep_ratios:
-        out.append(("focused-log", "focused", cfg.log_upper, r))
+        out.append((f"focused-upper{cfg.ablation_upper:g}", "focused", cfg.ablation_upper, r, {}))
+    for r in cfg.ablation_keep_ratios:      # the log-scale parametrisation
+        out.append(("focused-log", "focused", cfg.log_upper, r,
+                    {"param": "log", "lower": cfg.log_lower, "sigma0": cfg.log_sigma0}))
     for sigma in cfg.sigma0_ablation:
         for r in cfg.sigma0_keep_ratios:
-            out.append((f"focused-sigma{sigma:g}", "focused", cfg.upper, r))
+            out.append((f"focused-sigma{sigma:g}", "focused", cfg.upper, r, {"sigma0": float(sigma)}))
     if cfg.long_keep is not None and cfg.long_generations > cfg.generations:
-        out.append(("focused-long", "focused", cfg.upper, cfg.long_keep))
+        out.append(("focused-long", "focused", cfg.upper, cfg.long_keep, {"generations": cfg.long_generations}))
     return out
-
-
-def variant_search_overrides(label: str, cfg: BenchConfig) -> dict:
-    """Search settings a variant changes beyond scheme/upper (the log-scale parametrisation)."""
-    if label.endswith("-log"):
-        return {"param": "log", "lower": cfg.log_lower, "sigma0": cfg.log_sigma0}
-    if label.startswith("focused-sigma"):
-        return {"sigma0": float(label[len("focused-sigma"):])}
-    if label == "focused-long":
-        return {"generations": cfg.long_generations}
-    return {}
 
 
 def nps_step_params(ctx_or_suite, task: dict, cfg: BenchConfig, scheme: str, upper: float, keep: float) -> dict:
@@ -361,8 +352,7 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
                              baseline, log)
             rows.append({"method": method, "variant": None, "keep": r, **_strip(res)})
 
-    for label, scheme, upper, r in nps_variants(cfg):
-        extra = variant_search_overrides(label, cfg)
+    for label, scheme, upper, r, extra in nps_variants(cfg):
         params = {**nps_step_params(suite, task, cfg, scheme, upper, r), **extra}
 
         def search(scheme=scheme, upper=upper, r=r, extra=extra, label=label):

@@ -93,6 +93,18 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid and legend shared by every figure; written at 110 dpi and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:
     plt = _plt()
     grid = _grid(S)
@@ -115,14 +127,9 @@ def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:
     ax.set_xticklabels([f"{k:g}" for k in ks])
     from matplotlib.ticker import NullFormatter
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("keep ratio r (fraction of task-vector entries kept)")
-    ax.set_ylabel(f"mean test accuracy over {len(names)} tasks")
-    ax.set_title(f"Pruning the task vector ({sname} suite)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, "keep ratio r (fraction of task-vector entries kept)",
+            f"mean test accuracy over {len(names)} tasks",
+            f"Pruning the task vector ({sname} suite)")
 
 
 def fig_compression(sname: str, comp: dict, path: Path) -> None:
@@ -140,14 +147,9 @@ def fig_compression(sname: str, comp: dict, path: Path) -> None:
         ax.set_xscale("log")
         from matplotlib.ticker import FuncFormatter
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.set_xlabel("storage of all tasks (MB" + (", log scale)" if log_x else ")"))
-    ax.set_ylabel("mean normalized accuracy (acc / fine-tuned acc)")
-    ax.set_title(f"Compression: accuracy vs storage ({sname} suite)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, "storage of all tasks (MB" + (", log scale)" if log_x else ")"),
+            "mean normalized accuracy (acc / fine-tuned acc)",
+            f"Compression: accuracy vs storage ({sname} suite)")
 
 
 def _curve_row(S: dict, name: str, keep: float) -> Optional[dict]:
@@ -169,14 +171,9 @@ def fig_search(sname: str, S: dict, keep: float, path: Path) -> None:
     ax.axhline(0, color="k", lw=0.8)
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("generation (0 = w = 1, plain magnitude top-k)")
-    ax.set_ylabel("best calibration accuracy so far − magnitude's")
-    ax.set_title(f"NPS search, focused bands, r = {keep:g} ({sname} suite)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, "generation (0 = w = 1, plain magnitude top-k)",
+            "best calibration accuracy so far − magnitude's",
+            f"NPS search, focused bands, r = {keep:g} ({sname} suite)")
 
 
 # ------------------------------------------------------------------ sections
@@ -495,7 +492,7 @@ def _paired(suites, key_a, key_b, keeps) -> Dict[str, Any]:
     if not ca:
         return {}
     p = float(np.mean(ca))
-    noise = math.sqrt(max(p * (1 - p), 0.0) / max(sum(rows_used), 1))
+    noise = se(p, sum(rows_used))
     return {"calib": (float(np.mean(ca)), float(np.mean(cb))), "test": (float(np.mean(ta)), float(np.mean(tb))),
             "n": len(ca), "per_suite": per_suite, "noise": noise}
 
@@ -685,7 +682,7 @@ def sigma0_study(suites: Dict[str, dict], cfg: dict) -> Optional[dict]:
     cm = {s: float(np.mean(v)) for s, v in calib.items()}
     p = float(np.mean(list(cm.values())))
     return {"calib": cm, "test": {s: float(np.mean(v)) for s, v in test.items()}, "n": len(rows_used),
-            "keeps": keeps, "noise": math.sqrt(max(p * (1 - p), 0.0) / max(sum(rows_used), 1)),
+            "keeps": keeps, "noise": se(p, sum(rows_used)),
             "per_suite": {sn: {s: float(np.mean(v)) for s, v in d.items()} for sn, d in per_suite.items()}}
 
 
@@ -749,14 +746,9 @@ def fig_generations(suites: Dict[str, dict], cfg: dict, path: Path) -> bool:
     ax.axvline(gs["chosen"], color="k", lw=0.8, ls=":", label=f"chosen: {gs['chosen']} generations")
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(f"CMA-ES generations ({cfg.get('popsize')} candidates each; 0 = w = 1, magnitude top-k)")
-    ax.set_ylabel("mean accuracy of the best-so-far candidate")
-    ax.set_title(f"NPS focused, r = {cfg.get('long_keep'):g}: what more generations buy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, f"CMA-ES generations ({cfg.get('popsize')} candidates each; 0 = w = 1, magnitude top-k)",
+            "mean accuracy of the best-so-far candidate",
+            f"NPS focused, r = {cfg.get('long_keep'):g}: what more generations buy")
     return True
 
 
