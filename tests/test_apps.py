@@ -201,8 +201,14 @@ def test_prune_magnitude_writes_base_plus_topk(fam, tmp_path):
     assert not (tmp_path / "mag.nps-run").exists()
 
 
+# the paper's NPS exactly (the shipped default searches the hybrid space on a loglik fitness with a
+# held-out re-scoring; tests/test_space.py covers it)
+PAPER_NPS = ["--space", "magnitude", "--fitness", "accuracy", "--holdout", "0"]
+
+
 def _nps_prune(fam, out, seed=7):
     return run(["prune", fam["base"], fam["ft"], "-o", out, "--method", "nps", "--keep", "0.1",
+                PAPER_NPS[0], PAPER_NPS[1], PAPER_NPS[2], PAPER_NPS[3], PAPER_NPS[4], PAPER_NPS[5],
                 "--bands", "4", "--generations", "2", "--popsize", "4", "--seed", seed,
                 "--eval", f"text-classification:{fam['calib']}",
                 "--test", f"text-classification:{fam['test']}", "--quiet"])
@@ -283,7 +289,7 @@ def test_resume_after_kill_equals_uninterrupted_run(fam, tmp_path, monkeypatch):
     ev = tmp_path / "slow_eval.py"
     ev.write_text(SLOW_EVAL)
     gens, pop = 5, 4
-    args = ["prune", _s(fam["base"]), _s(fam["ft"]), "--method", "nps", "--keep", "0.1", "--bands", "3",
+    args = ["prune", _s(fam["base"]), _s(fam["ft"]), "--method", "nps", *PAPER_NPS, "--keep", "0.1", "--bands", "3",
             "--generations", str(gens), "--popsize", str(pop), "--seed", "11",
             "--eval", f"python:{ev}:score", "--quiet"]
     killed = tmp_path / "killed"
@@ -327,7 +333,7 @@ def test_merge_nps_resume_after_interrupt(fam, tmp_path, monkeypatch, capsys):
     """--resume works for merge too (its logs are one search-<task>.jsonl per task)."""
     ev = tmp_path / "ev.py"
     ev.write_text(SLOW_EVAL)
-    args = ["merge", _s(fam["base"]), *map(_s, fam["tasks"]), "--method", "nps", "--keep", "0.2",
+    args = ["merge", _s(fam["base"]), *map(_s, fam["tasks"]), "--method", "nps", *PAPER_NPS, "--keep", "0.2",
             "--bands", "2", "--generations", "2", "--popsize", "4", "--lambda-grid", "1.0", "1.5",
             "--lambda-generations", "1", "--seed", "3", "--quiet"]
     for _ in fam["tasks"]:
@@ -412,7 +418,7 @@ def test_merge_nps_searches_and_reports_lambdas(fam, tmp_path):
     evals = []
     for t in fam["tasks"]:
         evals += ["--eval", f"text-classification:{fam['calib']}"]
-    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *evals,
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *PAPER_NPS, *evals,
                 "--keep", "0.2", "--bands", "2", "--generations", "1", "--popsize", "4",
                 "--lambda-grid", "1.0", "1.5", "--lambda-generations", "1", "--quiet"]) == 0
     rep = report_of(out)

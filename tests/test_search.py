@@ -317,7 +317,8 @@ def test_candidate_scorer_end_to_end_on_tiny_bert(tiny_bert, text_csv):
     base, ft = tiny_bert
     scorer = CandidateScorer(base, ft, f"text-classification:{text_csv}", 0.1, num_bands=4)
     score, info = scorer(np.ones(4))
-    assert 0.0 <= score <= 1.0 and set(info) == {"build_s", "eval_s"}
+    assert 0.0 <= score <= 1.0 and set(info) == {"build_s", "eval_s", "examples"}
+    assert info["examples"] == scorer.state.evaluator.num_rows > 0
     r = run_search(pickle.loads(pickle.dumps(scorer)), 4, _settings(generations=2, popsize=4),
                    progress=False)
     assert r.candidates[0]["score"] == score and r.best_score >= score

@@ -66,6 +66,21 @@ class SearchOptions:
     popsize: Optional[int] = opt(None, "CMA-ES population (default: the library's 4+3 ln M)", lo=4)
     kept_values: str = opt("weighted", "kept entries carry their band weight or their original value",
                            choices=("weighted", "original"))
+    space: str = opt("hybrid", "NPS search space: 'magnitude' is the paper's (band weights over a "
+                               "magnitude top-k); 'hybrid' adds a global rescale and a random share "
+                               "that reaches DARE, so both baselines are points of it",
+                     choices=("hybrid", "magnitude"))
+    fitness: Optional[str] = opt(None, "what a candidate is scored by on calibration data: "
+                                       "accuracy, mean log-likelihood of the labels, or label-free "
+                                       "agreement with the fine-tuned model's predictions (default: "
+                                       "loglik; a python: evaluator's own score)",
+                                 choices=("loglik", "accuracy", "agreement"))
+    holdout: float = opt(0.25, "fraction of the calibration rows held out of the search; the best "
+                               "--rescore-top candidates and the start points are re-scored on "
+                               "them and the best there is chosen (0: choose on search rows)",
+                         lo=0.0, hi=0.9)
+    rescore_top: int = opt(5, "how many of the search's best candidates are re-scored on the "
+                              "held-out rows", lo=1)
     seed: int = opt(0, "random seed: same inputs and seed give the same result")
     calib_size: Optional[int] = opt(None, "score on a seeded random subsample of N calibration rows",
                                     lo=1)

@@ -78,12 +78,52 @@ class Session:
         self.set_task_values(tau, scale)
         return float(evaluator(self.model))
 
-    def evaluator(self, spec: str, opts, *, calib: bool = True):
+    def evaluator(self, spec: str, opts, *, calib: bool = True, fitness: str = "accuracy",
+                  calib_size=None, subset: str = "all", rest_size=None):
         from ..evaluation import make_evaluator
-        return make_evaluator(spec, model_path=self.finetuned,
-                              calib_size=getattr(opts, "calib_size", None) if calib else None,
-                              seed=opts.seed, batch_size=opts.batch_size,
-                              device=self.device, max_length=opts.max_length)
+        size = calib_size if calib_size is not None else (
+            getattr(opts, "calib_size", None) if calib else None)
+        ev = make_evaluator(spec, model_path=self.finetuned, calib_size=size,
+                            seed=opts.seed, batch_size=opts.batch_size,
+                            device=self.device, max_length=opts.max_length, fitness=fitness,
+                            subset=subset, rest_size=rest_size)
+        if fitness == "agreement":       # the fine-tuned model's own predictions are the target
+            self.set_task_values(self.task_vector.values)
+            ev.set_reference(self.model)
+        return ev
+
+    @staticmethod
+    def search_fitness(spec: str, opts) -> str:
+        """The fitness the search uses on ``spec``: ``opts.fitness``, by default loglik for the
+        classification evaluators; a python: evaluator's own score ("accuracy" here)."""
+        fitness = getattr(opts, "fitness", None)
+        if str(spec).split(":", 1)[0].strip().lower() == "python":
+            if fitness not in (None, "accuracy"):
+                raise NPSError(f"{spec}: --fitness {fitness} applies to the text- and "
+                               "image-classification evaluators; a python: evaluator returns its "
+                               "own score")
+            return "accuracy"
+        return fitness or "loglik"
+
+    def search_evaluators(self, spec: str, opts):
+        """(search evaluator, held-out evaluator or None) on the calibration data: with
+        ``opts.holdout`` = h > 0, the first (1−h) of the seeded calibration rows drive the search
+        and the other h re-score its best candidates (against the winner's curse)."""
+        from ..evaluation import count_rows
+        fitness = self.search_fitness(spec, opts)
+        h = float(getattr(opts, "holdout", 0.0) or 0.0)
+        if h <= 0 or str(spec).split(":", 1)[0].strip().lower() == "python":
+            return self.evaluator(spec, opts, fitness=fitness), None
+        total = count_rows(spec)
+        n = total if opts.calib_size is None else min(int(opts.calib_size), total)
+        n_search = max(1, int(round((1.0 - h) * n)))
+        n_hold = n - n_search
+        if n_hold < 1 or n_search >= total:
+            return self.evaluator(spec, opts, fitness=fitness, calib_size=n), None
+        search = self.evaluator(spec, opts, fitness=fitness, calib_size=n_search)
+        hold = self.evaluator(spec, opts, fitness=fitness, calib_size=n_search, subset="rest",
+                              rest_size=n_hold)
+        return search, hold
 
 
 @dataclass
@@ -96,6 +136,8 @@ class PruneOutcome:
     calibration: Dict[str, float] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     aborted: Optional[str] = None               # the search stopped on repeated failures
+    rescored: List[Dict[str, Any]] = field(default_factory=list)   # held-out re-scoring
+    space: str = "magnitude"
 
 
 def search_settings(opts):
@@ -104,19 +146,58 @@ def search_settings(opts):
     lower, upper, sigma0 = resolved_search_bounds(opts)
     return SearchSettings(generations=opts.generations, sigma0=sigma0, lower=lower, upper=upper,
                           popsize=opts.popsize, seed=opts.seed, param=opts.param,
-                          max_failures=opts.max_failures)
+                          max_failures=opts.max_failures, space=getattr(opts, "space", "magnitude"))
 
 
-def _scorer(session: Session, evaluator, bands, opts, eval_spec: str):
+def _scorer(session: Session, evaluator, bands, opts, eval_spec: str, index=None,
+            calib_size=None):
     from ..search.scorer import CandidateScorer
+    space = getattr(opts, "space", "magnitude")
     if opts.executor == "serial":
         return CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
-                                          session.flat, evaluator, opts.keep, opts.kept_values)
+                                          session.flat, evaluator, opts.keep, opts.kept_values,
+                                          space=space, index=index)
     return CandidateScorer(pretrained_path=session.pretrained, finetuned_path=session.finetuned,
                            eval_spec=eval_spec, keep_ratio=opts.keep, num_bands=opts.bands,
                            scheme=opts.scheme, focus=opts.focus, kept_values=opts.kept_values,
-                           calib_size=opts.calib_size, seed=opts.seed, model_factory=opts.model_factory,
-                           device=opts.device, batch_size=opts.batch_size, tau_dtype=opts.tau_dtype)
+                           calib_size=calib_size if calib_size is not None else opts.calib_size,
+                           seed=opts.seed, model_factory=opts.model_factory,
+                           device=opts.device, batch_size=opts.batch_size, tau_dtype=opts.tau_dtype,
+                           space=space, fitness=session.search_fitness(eval_spec, opts),
+                           max_length=opts.max_length)
+
+
+def rescore_on_holdout(session: Session, space, bands, index, result, holdout, keep: float,
+                       top: int, kept_values: str = "weighted"):
+    """Against the winner's curse: re-score the generation-0 start points and the ``top`` best
+    distinct candidates of the search on held-out calibration rows; return (chosen record,
+    rows). The chosen one has the best held-out score (ties: the better search score, then the
+    earlier candidate)."""
+    from ..core.space import build_point
+    ok = [c for c in result.candidates if c.get("status") == "ok" and c.get("score") is not None]
+    pool, seen = [], set()
+    starts = [c for c in ok if int(c["gen"]) == 0]
+    ranked = sorted((c for c in ok if int(c["gen"]) > 0), key=lambda c: -c["score"])
+    for c in starts + ranked:
+        key = tuple(round(float(v), 12) for v in c["weights"])
+        if key in seen:
+            continue
+        seen.add(key)
+        pool.append(c)
+        if len(pool) >= len(starts) + top:
+            break
+    rows = []
+    session.ensure_model()
+    for c in pool:
+        w = np.asarray(c["weights"], dtype=np.float64)
+        build_point(space, session.task_vector.values, bands, index, w, keep,
+                    base=session.base_flat, out=session.flat, kept_values=kept_values)
+        with torch.no_grad():
+            hs = float(holdout(session.model))
+        rows.append({"gen": int(c["gen"]), "idx": int(c["idx"]), "weights": c["weights"],
+                     "search_score": c["score"], "holdout_score": hs, "start": c.get("start")})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["holdout_score"], rows[i]["search_score"], -i))
+    return pool[best], rows
 
 
 def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] = None,
@@ -125,23 +206,33 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
     tv = session.task_vector
     t0 = time.perf_counter()
     if method == "nps":
-        from ..core import build_candidate, make_bands
+        from ..core import make_bands
+        from ..core.space import build_point, make_hybrid_index, make_space
         from ..search import run_search
         from ..search.executors import make_executor
         if not eval_spec:
             raise NPSError("--method nps needs a calibration evaluator (--eval SPEC)")
+        space_name = getattr(opts, "space", "magnitude")
+        if space_name == "hybrid" and opts.kept_values != "weighted":
+            raise NPSError("--kept-values original needs --space magnitude (the hybrid space "
+                           "carries its own scales)")
         session.ensure_model()
-        evaluator = session.evaluator(eval_spec, opts)
+        evaluator, holdout = session.search_evaluators(eval_spec, opts)
         bands = make_bands(tv.values, opts.bands, opts.scheme, opts.keep, opts.focus,
                            sorted_dtype=tv.values.dtype if tv.values.dtype != torch.float64 else torch.float32)
+        index = make_hybrid_index(tv.values, opts.seed) if space_name == "hybrid" else None
+        settings = search_settings(opts)
+        space = make_space(space_name, opts.bands, settings.lower, settings.upper, settings.param,
+                           keep_ratio=opts.keep)
         bands_s = time.perf_counter() - t0
         from ..search.cmaes_search import SearchAborted
         executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
         aborted = None
         try:
-            result = run_search(_scorer(session, evaluator, bands, opts, eval_spec), opts.bands,
-                                search_settings(opts), log_path=log_path, resume=opts.resume,
-                                executor=executor, progress=progress)
+            result = run_search(_scorer(session, evaluator, bands, opts, eval_spec, index,
+                                        calib_size=evaluator.num_rows if holdout is not None else None),
+                                opts.bands, settings, log_path=log_path, resume=opts.resume,
+                                executor=executor, progress=progress, space=space)
         except SearchAborted as e:
             # keep the best candidate scored so far; the caller writes it and still fails
             if e.result is None or not any(c.get("status") == "ok" for c in e.result.candidates):
@@ -149,11 +240,28 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
             result, aborted = e.result, str(e)
         finally:
             executor.close()
-        pruned = build_candidate(tv.values, bands, np.asarray(result.best_weights), opts.keep,
-                                 kept_values=opts.kept_values)
-        calib = {"magnitude": result.baseline_score, "nps": result.best_score}
+        chosen, rescored = None, []
+        if holdout is not None and not aborted:
+            t_r = time.perf_counter()
+            chosen, rescored = rescore_on_holdout(session, space, bands, index, result, holdout,
+                                                  opts.keep, int(getattr(opts, "rescore_top", 5)),
+                                                  opts.kept_values)
+            result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
+            result.best_score = float(chosen["score"])
+            rescore_s = time.perf_counter() - t_r
+        pruned = build_point(space, tv.values, bands, index, np.asarray(result.best_weights),
+                             opts.keep, kept_values=opts.kept_values)
+        calib = {"magnitude": result.baseline_score}
+        for c in result.candidates:
+            if int(c["gen"]) == 0 and c.get("start") not in (None, "magnitude") and c.get("status") == "ok":
+                calib[c["start"]] = c["score"]
+        calib["nps"] = result.best_score
         outcome = PruneOutcome("nps", pruned, opts.keep, result, bands, calib,
-                               {"bands_s": bands_s, "search_s": result.seconds}, aborted)
+                               {"bands_s": bands_s, "search_s": result.seconds}, aborted,
+                               rescored=rescored, space=space_name)
+        if rescored:
+            outcome.timings["rescore_s"] = rescore_s
+            outcome.calibration["nps_holdout"] = max(r["holdout_score"] for r in rescored)
         if aborted:
             return outcome
         outcome.calibration["finetuned"] = session.score(evaluator, tv.values)
@@ -164,7 +272,9 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
     pruned = PRUNERS[method](tv.values, opts.keep, seed=opts.seed)
     outcome = PruneOutcome(method, pruned, opts.keep, timings={"prune_s": time.perf_counter() - t0})
     if eval_spec:
-        evaluator = session.evaluator(eval_spec, opts)
+        fitness = (session.search_fitness(eval_spec, opts) if getattr(opts, "fitness", None)
+                   else "accuracy")
+        evaluator = session.evaluator(eval_spec, opts, fitness=fitness)
         outcome.calibration = {"finetuned": session.score(evaluator, tv.values),
                                method: session.score(evaluator, pruned)}
     return outcome
@@ -203,10 +313,14 @@ def band_summary(bands) -> Dict[str, Any]:
     return {"scheme": bands.scheme, "num_bands": bands.num_bands, "sizes": sizes}
 
 
-def search_report(result) -> Dict[str, Any]:
+def search_report(result, outcome=None) -> Dict[str, Any]:
     if result is None:
         return {}
-    return {"best_weights": result.best_weights, "best_score": result.best_score,
+    extra = {}
+    if outcome is not None:
+        extra = {"space": outcome.space, "rescored": outcome.rescored}
+    return {**extra, "best_weights": result.best_weights, "best_score": result.best_score,
+            "examples_scored": sum(int(c.get("examples") or 0) for c in result.candidates),
             "baseline_score": result.baseline_score, "stopped_early": result.stopped_early,
             "generations": result.generations, "candidates": result.candidates,
             "build_s_total": sum(c.get("build_s") or 0.0 for c in result.candidates),
@@ -234,6 +348,9 @@ def run_prune(opts) -> Dict[str, Any]:
         if opts.method == "nps":
             from ..core import PRUNERS
             test_scores["magnitude"] = session.score(test_eval, PRUNERS["magnitude"](tv.values, opts.keep))
+            if getattr(opts, "space", "magnitude") == "hybrid":
+                test_scores["dare"] = session.score(test_eval, PRUNERS["dare"](tv.values, opts.keep,
+                                                                              seed=opts.seed))
         test_scores[opts.method] = session.score(test_eval, outcome.pruned)
     report = {
         "command": "prune", "created": now_iso(), "settings": dataclasses.asdict(opts),
@@ -241,7 +358,7 @@ def run_prune(opts) -> Dict[str, Any]:
         "model": {"num_entries": tv.num_entries, "kept": int(torch.count_nonzero(outcome.pruned)),
                   "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),
                   "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
-        "bands": band_summary(outcome.bands), "search": search_report(outcome.search),
+        "bands": band_summary(outcome.bands), "search": search_report(outcome.search, outcome),
         "search_settings": dataclasses.asdict(search_settings(opts)) if opts.method == "nps" else None,
         "calibration": outcome.calibration, "test": test_scores,
         "timings": {"load_s": session.load_s, **outcome.timings,

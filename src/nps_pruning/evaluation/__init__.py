@@ -26,7 +26,7 @@ from .python_eval import PythonEvaluator, resolve_python
 from .text import TextClassificationEvaluator
 
 __all__ = [
-    "Evaluator", "make_evaluator", "evaluate_path", "load_model", "bind_flat", "logits_of",
+    "Evaluator", "make_evaluator", "evaluate_path", "count_rows", "load_model", "bind_flat", "logits_of",
     "load_state_dict_any", "resolve_python", "TextClassificationEvaluator",
     "ImageClassificationEvaluator", "PythonEvaluator", "SPEC_KINDS",
 ]
@@ -44,29 +44,55 @@ class Evaluator(Protocol):
 
 def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = None, seed: int = 0,
                    batch_size: int = 64, device="cpu", max_length: int = 128,
-                   subset: str = "all") -> Evaluator:
+                   subset: str = "all", fitness: str = "accuracy",
+                   rest_size: Optional[int] = None) -> Evaluator:
     """Build the evaluator that ``spec`` names (see the module docstring).
 
     ``calib_size=N`` scores a random subsample of N rows (the same rows for the same ``seed``;
     every row when N is at least the file's length, said in the evaluator's ``.note``);
-    ``subset="rest"`` scores the rows that subsample leaves out instead.
+    ``subset="rest"`` scores the rows that subsample leaves out instead (the first ``rest_size``
+    of them when given). ``fitness`` (:mod:`.fitness`): accuracy, loglik or agreement (label-free;
+    call ``set_reference(fine-tuned model)`` first); ``python:`` evaluators score themselves.
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise NPSError(f"{spec}: expected KIND:ARGUMENT with KIND one of {', '.join(SPEC_KINDS)}")
     kind, arg = spec.split(":", 1)
     kind = kind.strip().lower()
     if kind == "python":
+        if fitness != "accuracy":
+            raise NPSError(f"{spec}: --fitness {fitness} applies to the classification evaluators; "
+                           "a python: evaluator returns its own score")
         return PythonEvaluator(spec)
     if not arg:
         raise NPSError(f"{spec}: missing FILE after {kind}:")
     if kind in ("text-classification", "text"):
         return TextClassificationEvaluator(arg, model_path=model_path, calib_size=calib_size,
                                            seed=seed, batch_size=batch_size, device=device,
-                                           max_length=max_length, subset=subset)
+                                           max_length=max_length, subset=subset, fitness=fitness,
+                                           rest_size=rest_size)
     if kind in ("image-classification", "image"):
         return ImageClassificationEvaluator(arg, calib_size=calib_size, seed=seed,
-                                            batch_size=batch_size, device=device, subset=subset)
+                                            batch_size=batch_size, device=device, subset=subset,
+                                            fitness=fitness, rest_size=rest_size)
     raise NPSError(f"{spec}: unknown evaluation kind {kind!r} (expected one of {', '.join(SPEC_KINDS)})")
+
+
+def count_rows(spec: str) -> int:
+    """How many rows the classification evaluator ``spec`` would read (no tokenizing)."""
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("text-classification", "text"):
+        from .text import read_text_rows
+        return len(read_text_rows(Path(arg), need_labels=False)[0])
+    if kind in ("image-classification", "image"):
+        import numpy as np
+        try:
+            with np.load(arg, allow_pickle=False) as data:
+                return int(len(data["images"]))
+        except Exception as exc:
+            raise NPSError(f"{arg}: not a readable NPZ file with 'images' ({type(exc).__name__})") from exc
+    raise NPSError(f"{spec}: held-out re-scoring (--holdout) needs a text- or image-classification "
+                   "evaluator; use --holdout 0 with python: evaluators")
 
 
 def evaluate_path(model_path, spec: str, *, model_factory: Optional[str] = None,

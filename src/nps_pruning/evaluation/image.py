@@ -59,9 +59,12 @@ class ImageClassificationEvaluator:
     """Accuracy (argmax of logits) over the selected images of an NPZ file."""
 
     def __init__(self, path, *, calib_size=None, seed=0, batch_size=64, device="cpu",
-                 subset="all", **_ignored) -> None:
+                 subset="all", fitness="accuracy", rest_size=None, **_ignored) -> None:
+        from .fitness import check_fitness
         self.path = Path(path)
         self.name = f"image-classification:{path}"
+        self.fitness = check_fitness(fitness, str(path))
+        self.reference = None
         src = str(self.path)
         if not self.path.is_file():
             raise NPSError(f"{src}: no such file")
@@ -74,11 +77,13 @@ class ImageClassificationEvaluator:
         if not hasattr(data, "files"):
             raise NPSError(f"{src}: expected an NPZ archive with arrays 'images' and 'labels'")
         with data:
-            for key in ("images", "labels"):
+            for key in ("images", "labels") if self.fitness != "agreement" else ("images",):
                 if key not in data.files:
                     raise NPSError(f"{src}: missing array {key!r} (arrays: {', '.join(data.files)})")
             try:
-                images, labels = data["images"], data["labels"]
+                images = data["images"]
+                labels = (data["labels"] if "labels" in data.files
+                          else np.zeros(len(images), dtype=np.int64))
                 mean = data["mean"] if "mean" in data.files else None
                 std = data["std"] if "std" in data.files else None
             except Exception as exc:  # object arrays (pickles) are refused, corrupt members
@@ -96,7 +101,8 @@ class ImageClassificationEvaluator:
         if labels.min() < 0:
             raise NPSError(f"{src}: negative label {int(labels.min())}")
         self.total_rows = len(images)
-        self.indices, self.note = select_rows(len(images), calib_size, seed, subset, src)
+        self.indices, self.note = select_rows(len(images), calib_size, seed, subset, src,
+                                              rest_size=rest_size)
         idx = self.indices.numpy()
         self.device = torch.device(device)
         self.images = prepare_images(images[idx], mean, std, src).to(self.device)
@@ -105,14 +111,27 @@ class ImageClassificationEvaluator:
         self.max_label = int(self.labels.max())
         self.batch_size = int(batch_size)
 
-    def __call__(self, model: torch.nn.Module) -> float:
-        correct = 0
+    def _logits(self, model: torch.nn.Module):
         with torch.inference_mode():
             for s in range(0, self.num_rows, self.batch_size):
                 logits = logits_of(model(self.images[s:s + self.batch_size]))
                 check_num_outputs(logits, self.max_label, str(self.path))
-                correct += int((logits.argmax(dim=-1) == self.labels[s:s + self.batch_size]).sum())
-        return correct / self.num_rows
+                yield logits, self.labels[s:s + self.batch_size]
+
+    def set_reference(self, model: torch.nn.Module) -> None:
+        """Record ``model``'s output distributions for ``fitness="agreement"``."""
+        from .fitness import reference_log_probs
+        self.reference = reference_log_probs([l for l, _ in self._logits(model)])
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        from .fitness import FitnessAccumulator
+        if self.fitness == "agreement" and self.reference is None:
+            raise NPSError(f"{self.path}: fitness 'agreement' needs the fine-tuned model's "
+                           "predictions first (set_reference)")
+        acc = FitnessAccumulator(self.fitness)
+        for b, (logits, labels) in enumerate(self._logits(model)):
+            acc.add(logits, labels, self.reference[b] if self.reference is not None else None)
+        return acc.value()
 
     def __repr__(self) -> str:
         return f"ImageClassificationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"

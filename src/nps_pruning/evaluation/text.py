@@ -24,13 +24,14 @@ SUBSETS = ("all", "rest")
 
 # -- shared by the labelled-data evaluators (text, image) -------------------------------------
 def select_rows(num_rows: int, calib_size: Optional[int], seed: int, subset: str,
-                source: str) -> Tuple[torch.Tensor, str]:
+                source: str, rest_size: Optional[int] = None) -> Tuple[torch.Tensor, str]:
     """Row indices to score, and a note for the user (empty when nothing is worth saying).
 
     ``calib_size=N`` draws N rows with ``torch.Generator().manual_seed(seed).randperm`` (the same
     rows for the same seed); N at least the file's length uses every row. ``subset="all"`` scores
     the drawn rows (every row without ``calib_size``); ``subset="rest"`` scores the rows that draw
-    left out (held-out rows of the same file, e.g. a test split beside a calibration split).
+    left out (held-out rows of the same file, e.g. a test split beside a calibration split);
+    ``rest_size`` keeps only the first that many of them (in the seeded order).
     """
     if subset not in SUBSETS:
         raise NPSError(f"{source}: unknown subset {subset!r} (expected one of {', '.join(SUBSETS)})")
@@ -52,6 +53,8 @@ def select_rows(num_rows: int, calib_size: Optional[int], seed: int, subset: str
     gen = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(num_rows, generator=gen)
     chosen = perm[:calib_size] if subset == "all" else perm[calib_size:]
+    if subset == "rest" and rest_size is not None:
+        chosen = chosen[:max(1, int(rest_size))]
     return torch.sort(chosen).values, ""
 
 
@@ -88,8 +91,9 @@ def check_num_outputs(logits: torch.Tensor, max_label: int, source: str) -> None
 
 
 # -- reading -----------------------------------------------------------------------------------
-def read_text_rows(path: Path) -> Tuple[List[str], List[Any]]:
-    """(texts, raw labels) of a CSV/TSV/JSONL file; NPSError naming the file on any problem."""
+def read_text_rows(path: Path, need_labels: bool = True) -> Tuple[List[str], List[Any]]:
+    """(texts, raw labels) of a CSV/TSV/JSONL file; NPSError naming the file on any problem.
+    ``need_labels=False``: the ``label`` column may be missing (labels are then None)."""
     if not path.is_file():
         raise NPSError(f"{path}: no such file")
     texts: List[str] = []
@@ -107,13 +111,13 @@ def read_text_rows(path: Path) -> Tuple[List[str], List[Any]]:
                         raise NPSError(f"{path}: line {lineno}: not JSON ({exc.msg})") from exc
                     if not isinstance(row, dict):
                         raise NPSError(f"{path}: line {lineno}: expected a JSON object per line")
-                    for col in ("text", "label"):
+                    for col in ("text", "label") if need_labels else ("text",):
                         if col not in row:
                             raise NPSError(f"{path}: line {lineno}: missing column {col!r}")
                     if not isinstance(row["text"], str):
                         raise NPSError(f"{path}: line {lineno}: 'text' is not a string")
                     texts.append(row["text"])
-                    labels.append(row["label"])
+                    labels.append(row.get("label"))
         else:
             delimiter = "\t" if suffix == ".tsv" else ","
             with open(path, encoding="utf-8", newline="") as f:
@@ -121,13 +125,13 @@ def read_text_rows(path: Path) -> Tuple[List[str], List[Any]]:
                 fields = [c.strip() for c in (reader.fieldnames or [])]
                 if not fields:
                     raise NPSError(f"{path}: empty file (expected a header with columns text,label)")
-                for col in ("text", "label"):
+                for col in ("text", "label") if need_labels else ("text",):
                     if col not in fields:
                         raise NPSError(f"{path}: missing column {col!r} (columns: {', '.join(fields)})")
                 reader.fieldnames = fields
                 for row in reader:
                     texts.append(row["text"] or "")
-                    labels.append(row["label"])
+                    labels.append(row.get("label"))
     except UnicodeDecodeError as exc:
         raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     if not texts:
@@ -161,23 +165,31 @@ def _forward_keys(model: torch.nn.Module, keys: Sequence[str]) -> List[str]:
 
 
 class TextClassificationEvaluator:
-    """Accuracy (argmax of logits) over the selected rows of a text file."""
+    """Accuracy (argmax of logits) — or another ``fitness`` (:mod:`.fitness`) — over the selected
+    rows of a text file. ``fitness="agreement"`` needs no ``label`` column."""
 
     def __init__(self, path, *, model_path=None, calib_size=None, seed=0, batch_size=64,
-                 device="cpu", max_length=128, subset="all", tokenizer=None) -> None:
+                 device="cpu", max_length=128, subset="all", tokenizer=None,
+                 fitness="accuracy", rest_size=None) -> None:
+        from .fitness import check_fitness
         self.path = Path(path)
         self.name = f"text-classification:{path}"
+        self.fitness = check_fitness(fitness, str(path))
         if int(batch_size) <= 0:
             raise NPSError(f"{path}: batch_size must be positive, got {batch_size}")
-        texts, raw_labels = read_text_rows(self.path)
-        labels = check_labels(raw_labels, str(self.path))
+        texts, raw_labels = read_text_rows(self.path, need_labels=self.fitness != "agreement")
+        labelled = all(lab is not None for lab in raw_labels)
+        labels = (check_labels(raw_labels, str(self.path)) if labelled
+                  else torch.zeros(len(texts), dtype=torch.long))
         self.total_rows = len(texts)
-        self.indices, self.note = select_rows(len(texts), calib_size, seed, subset, str(self.path))
+        self.indices, self.note = select_rows(len(texts), calib_size, seed, subset, str(self.path),
+                                              rest_size=rest_size)
         idx = self.indices.tolist()
         texts = [texts[i] for i in idx]
         self.labels = labels[self.indices]
         self.num_rows = len(idx)
-        self.max_label = int(self.labels.max())
+        self.max_label = int(self.labels.max()) if labelled else 0
+        self.reference = None
         self.device = torch.device(device)
         tok = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         enc = tok(texts, truncation=True, max_length=int(max_length), padding=False)
@@ -194,17 +206,31 @@ class TextClassificationEvaluator:
             self.batches.append((inputs, self.labels[part].to(self.device)))
         self._keys: Dict[type, List[str]] = {}
 
-    def __call__(self, model: torch.nn.Module) -> float:
+    def _logits(self, model: torch.nn.Module):
         keys = self._keys.get(type(model))
         if keys is None:
             keys = self._keys[type(model)] = _forward_keys(model, list(self.batches[0][0]))
-        correct = 0
         with torch.inference_mode():
             for inputs, labels in self.batches:
                 logits = logits_of(model(**{k: inputs[k] for k in keys}))
                 check_num_outputs(logits, self.max_label, str(self.path))
-                correct += int((logits.argmax(dim=-1) == labels).sum())
-        return correct / self.num_rows
+                yield logits, labels
+
+    def set_reference(self, model: torch.nn.Module) -> None:
+        """Record ``model``'s output distributions (the fine-tuned model's, before a search) for
+        ``fitness="agreement"``."""
+        from .fitness import reference_log_probs
+        self.reference = reference_log_probs([l for l, _ in self._logits(model)])
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        from .fitness import FitnessAccumulator
+        if self.fitness == "agreement" and self.reference is None:
+            raise NPSError(f"{self.path}: fitness 'agreement' needs the fine-tuned model's "
+                           "predictions first (set_reference)")
+        acc = FitnessAccumulator(self.fitness)
+        for b, (logits, labels) in enumerate(self._logits(model)):
+            acc.add(logits, labels, self.reference[b] if self.reference is not None else None)
+        return acc.value()
 
     def __repr__(self) -> str:
         return f"TextClassificationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"

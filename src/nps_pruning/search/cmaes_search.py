@@ -47,6 +47,7 @@ class SearchSettings:
     seed: int = 0
     param: str = "linear"           # "linear": search w; "log": search log2(w) (needs lower > 0)
     max_failures: int = 5           # consecutive failed candidates before the run stops
+    space: str = "magnitude"        # core.space.SPACES: "magnitude" (the paper) or "hybrid"
 
     def validate(self) -> None:
         if self.generations < 0:
@@ -61,6 +62,9 @@ class SearchSettings:
             raise NPSError(f"search: param must be 'linear' or 'log', got {self.param!r}")
         if self.param == "log" and self.lower <= 0:
             raise NPSError(f"search: param='log' needs lower > 0, got lower={self.lower}")
+        from ..core.space import SPACES
+        if self.space not in SPACES:
+            raise NPSError(f"search: unknown space {self.space!r} (choose from {', '.join(SPACES)})")
         if self.max_failures < 1:
             raise NPSError(f"search: max_failures must be >= 1, got {self.max_failures}")
 
@@ -210,13 +214,20 @@ def _error_text(exc: BaseException) -> str:
 def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                settings: Optional[SearchSettings] = None, *, log_path=None, resume: bool = False,
                executor=None, progress: bool = True,
-               on_generation: Optional[Callable[[dict], None]] = None) -> SearchResult:
+               on_generation: Optional[Callable[[dict], None]] = None,
+               space=None) -> SearchResult:
     """Search band weights with CMA-ES; see the module docstring.
 
     ``scorer(weights) -> (score, {"build_s", "eval_s"})`` (higher is better; a bare float is
     accepted). ``executor``: None / "serial" / "processes" / "ray" or an object from
     :func:`make_executor` (not closed here when passed in). Raises :class:`SearchAborted`
-    (an NPSError carrying the partial result) after ``max_failures`` consecutive failures."""
+    (an NPSError carrying the partial result) after ``max_failures`` consecutive failures.
+
+    ``space``: a :mod:`~nps_pruning.core.space` object (its ``name`` must be ``settings.space``);
+    default the paper's band-weight space over ``settings``' bounds. Generation 0 scores the
+    space's start points (magnitude top-k; the hybrid space also DARE and a half-and-half point);
+    CMA-ES starts from the space's ``mean0`` of those scores. Records' ``weights`` are the points
+    in parameter units (band weights, then the space's extra parameters)."""
     from cmaes import CMA
     from tqdm.auto import tqdm
 
@@ -252,16 +263,16 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     log = _Log(log_path)
     log.open(header, keep_bytes)
 
-    # parametrisation
-    if settings.param == "log":
-        lo, hi = math.log2(settings.lower), math.log2(settings.upper)
-        to_weights = lambda x: np.exp2(x)          # noqa: E731
-    else:
-        lo, hi = settings.lower, settings.upper
-        to_weights = lambda x: np.asarray(x, dtype=np.float64).copy()  # noqa: E731
-    start = 0.0 if settings.param == "log" else 1.0
-    mean0 = np.full(num_bands, min(max(start, lo), hi), dtype=np.float64)
-    bounds = np.tile(np.array([[lo, hi]], dtype=np.float64), (num_bands, 1))
+    # parametrisation: the search space maps CMA-ES coordinates to candidate parameters
+    if space is None:
+        from ..core.space import make_space
+        space = make_space(settings.space, num_bands, settings.lower, settings.upper, settings.param)
+    if space.name != settings.space:
+        raise NPSError(f"search: settings.space is {settings.space!r} but the space passed is "
+                       f"{space.name!r}")
+    to_weights = space.to_params
+    bounds = space.bounds()
+    dim = space.dim
 
     candidates: List[dict] = []
     generations: List[dict] = []
@@ -272,7 +283,8 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     def partial_result() -> SearchResult:
         best = state["best"]
         return SearchResult(
-            best_weights=np.asarray(best["weights"], dtype=np.float64) if best else np.ones(num_bands),
+            best_weights=(np.asarray(best["weights"], dtype=np.float64) if best
+                          else space.to_params(space.start_points()[0])),
             best_score=best["score"] if best else float("nan"),
             baseline_score=(candidates[0]["score"] if candidates and candidates[0]["status"] == "ok"
                             else None),
@@ -284,7 +296,8 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         """Turn one scored (or replayed) candidate into a record; log it; track best/failures."""
         if reused is not None:
             rec = {k: reused.get(k) for k in
-                   ("gen", "idx", "weights", "score", "status", "error", "build_s", "eval_s")}
+                   ("gen", "idx", "weights", "score", "status", "error", "build_s", "eval_s",
+                    "examples")}
             state["reused"] += 1
         else:
             score, info = outcome
@@ -302,6 +315,8 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                     for key in ("build_s", "eval_s"):
                         if info.get(key) is not None:
                             rec[key] = float(info[key])
+                    if info.get("examples") is not None:
+                        rec["examples"] = int(info["examples"])
                     if rec["eval_s"] is None and info.get("wall_s") is not None:
                         rec["eval_s"] = float(info["wall_s"])
             log.write(rec)
@@ -332,7 +347,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         for idx, w in enumerate(weights):
             old = previous.get((gen, idx))
             ok = (old is not None and old.get("status") == "ok"
-                  and len(old.get("weights") or ()) == num_bands
+                  and len(old.get("weights") or ()) == dim
                   and np.allclose(np.asarray(old["weights"], dtype=np.float64), w,
                                   rtol=0.0, atol=1e-12))
             reuse.append(old if ok else None)
@@ -374,14 +389,18 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
 
     bar = None
     try:
-        # generation 0: the baseline w = 1 (plain magnitude top-k)
+        # generation 0: the space's start points (first: w = 1, plain magnitude top-k)
         t0 = time.perf_counter()
-        base_x = np.log2(np.ones(num_bands)) if settings.param == "log" else np.ones(num_bands)
-        recs = score_generation(0, [base_x])
+        recs = score_generation(0, list(space.start_points()))
+        for rec, label in zip(recs, space.start_labels()):
+            rec["start"] = label
         summarize(0, recs, None, time.perf_counter() - t0)
+        mean0 = space.mean0([r["score"] if r["status"] == "ok" else None for r in recs])
 
+        scales = np.asarray(space.step_scales(), dtype=np.float64)
+        cov = None if np.all(scales == 1.0) else np.diag(scales ** 2)
         opt = CMA(mean=mean0, sigma=float(settings.sigma0), bounds=bounds, seed=int(settings.seed),
-                  population_size=settings.popsize)
+                  population_size=settings.popsize, cov=cov)
         bar = tqdm(total=settings.generations, disable=not progress, desc="NPS search",
                    unit="gen", dynamic_ncols=True, leave=False)
         bar.set_postfix(best=f"{state['best_score']:.4f}", refresh=False)

@@ -30,6 +30,7 @@ class _State:
     model: Any
     flat: Any
     evaluator: Any
+    index: Any = None          # core.space.HybridIndex for the hybrid space
 
 
 class CandidateScorer:
@@ -37,7 +38,8 @@ class CandidateScorer:
                  num_bands: int = 8, scheme: str = "focused", focus: float = 3.0,
                  kept_values: str = "weighted", calib_size: Optional[int] = None, seed: int = 0,
                  model_factory: Optional[str] = None, device: str = "cpu", batch_size: int = 64,
-                 tau_dtype: str = "float32"):
+                 tau_dtype: str = "float32", space: str = "magnitude", fitness: str = "accuracy",
+                 max_length: int = 128):
         self.pretrained_path = str(pretrained_path) if pretrained_path is not None else None
         self.finetuned_path = str(finetuned_path) if finetuned_path is not None else None
         self.eval_spec = eval_spec
@@ -52,16 +54,20 @@ class CandidateScorer:
         self.device = device
         self.batch_size = int(batch_size)
         self.tau_dtype = str(tau_dtype).replace("torch.", "")
+        self.space = space
+        self.fitness = fitness
+        self.max_length = int(max_length)
         self._state: Optional[_State] = None
         self._picklable = True
 
     @classmethod
     def from_state(cls, base_flat, tv, bands, model, flat, evaluator, keep_ratio: float,
-                   kept_values: str = "weighted") -> "CandidateScorer":
+                   kept_values: str = "weighted", space: str = "magnitude",
+                   index=None) -> "CandidateScorer":
         """In-process scorer over already loaded objects (not picklable: serial executor only)."""
         self = cls(None, None, getattr(evaluator, "name", "<evaluator>"), keep_ratio,
-                   num_bands=getattr(bands, "num_bands", 0), kept_values=kept_values)
-        self._state = _State(base_flat, tv, bands, model, flat, evaluator)
+                   num_bands=getattr(bands, "num_bands", 0), kept_values=kept_values, space=space)
+        self._state = _State(base_flat, tv, bands, model, flat, evaluator, index)
         self._picklable = False
         return self
 
@@ -84,6 +90,7 @@ class CandidateScorer:
         return self._state
 
     def _build(self) -> _State:
+        import torch
         from ..checkpoints import load_task_vector
         from ..core import make_bands
         from ..evaluation import bind_flat, load_model, make_evaluator
@@ -102,12 +109,21 @@ class CandidateScorer:
                            f"task vector on {tv.values.device}")
         evaluator = make_evaluator(self.eval_spec, model_path=self.finetuned_path,
                                    calib_size=self.calib_size, seed=self.seed,
-                                   batch_size=self.batch_size, device=self.device)
-        return _State(base_flat, tv, bands, model, flat, evaluator)
+                                   batch_size=self.batch_size, device=self.device,
+                                   max_length=getattr(self, "max_length", 128),
+                                   fitness=getattr(self, "fitness", "accuracy"))
+        if hasattr(evaluator, "set_reference"):     # the model holds θ_ft now: its predictions
+            with torch.no_grad():
+                evaluator.set_reference(model)
+        index = None
+        if getattr(self, "space", "magnitude") == "hybrid":
+            from ..core.space import make_hybrid_index
+            index = make_hybrid_index(tv.values, self.seed)
+        return _State(base_flat, tv, bands, model, flat, evaluator, index)
 
     def __call__(self, weights) -> Tuple[float, dict]:
         import torch
-        from ..core import build_candidate
+        from ..core.space import make_space, build_point
 
         st = self.state
         dev = getattr(st.flat, "device", None)
@@ -116,12 +132,15 @@ class CandidateScorer:
         sync(dev)
         t0 = time.perf_counter()
         w = np.asarray(weights, dtype=np.float64)
-        build_candidate(st.tv.values, st.bands, w, self.keep_ratio, base=st.base_flat,
-                        out=st.flat, kept_values=self.kept_values)
+        space = make_space(getattr(self, "space", "magnitude"), st.bands.num_bands, 0.0, 1.0,
+                           keep_ratio=self.keep_ratio)
+        build_point(space, st.tv.values, st.bands, st.index, w, self.keep_ratio, base=st.base_flat,
+                    out=st.flat, kept_values=self.kept_values)
         sync(dev)
         t1 = time.perf_counter()
         with torch.no_grad():
             score = float(st.evaluator(st.model))
         sync(dev)
         t2 = time.perf_counter()
-        return score, {"build_s": t1 - t0, "eval_s": t2 - t1}
+        return score, {"build_s": t1 - t0, "eval_s": t2 - t1,
+                       "examples": int(getattr(st.evaluator, "num_rows", 0) or 0)}

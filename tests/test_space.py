@@ -1,0 +1,203 @@
+"""The hybrid search space (core/space.py): exact against its plain definition, magnitude top-k and
+DARE as exact points, exact kept counts; the fitnesses; the held-out re-scoring through the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nps_pruning.core.bands import make_bands
+from nps_pruning.core.mask import build_candidate, keep_count
+from nps_pruning.core.space import (HybridSpace, MagnitudeSpace, build_hybrid, build_point,
+                                    hybrid_plan, hybrid_reference, make_hybrid_index, make_space)
+from nps_pruning.core.sparsify import dare_prune, magnitude_prune
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(0)
+    for D in (7, 50, 1000, 12345):
+        for trial in range(8):
+            v = torch.randn(D, generator=gen) * (torch.rand(D, generator=gen) < 0.8)
+            if trial % 3 == 0:
+                v = torch.round(v * 4) / 4          # heavy ties
+            yield D, trial, v, 1 + trial % 8, (0.01, 0.05, 0.3, 1.0)[trial % 4], \
+                ("focused", "uniform")[trial % 2]
+
+
+def test_hybrid_build_equals_its_definition_and_keeps_exactly_k():
+    for D, trial, v, M, r, scheme in _cases():
+        bands = make_bands(v, M, scheme, r)
+        idx = make_hybrid_index(v, seed=trial)
+        rng = np.random.default_rng(trial)
+        for _ in range(4):
+            p = np.concatenate([rng.uniform(0, 3, M), [rng.uniform(-1, 2), rng.uniform(0, 1),
+                                                       rng.uniform(-1, 1)]])
+            got = build_hybrid(v, bands, idx, p, r)
+            assert torch.equal(got, hybrid_reference(v, bands, p, r, seed=trial)), (D, trial)
+            plan = hybrid_plan(bands, idx, p, r)
+            # exactly k positions: the magnitude part and the random part are disjoint
+            kept = (idx.rank < torch.tensor(plan.cuts)[bands.band_of.long()])
+            rand = (idx.inv_perm <= plan.last_pos) & ~kept
+            assert int(kept.sum()) == plan.k_mag and int(rand.sum()) == plan.k_rand
+            assert plan.k_mag + plan.k_rand == keep_count(D, r)
+            # with a base: base + τ̂, written into out
+            base = torch.randn(D, generator=torch.Generator().manual_seed(1))
+            out = torch.empty(D)
+            build_hybrid(v, bands, idx, p, r, base=base, out=out)
+            assert torch.equal(out, base + got)
+
+
+def test_magnitude_and_dare_are_exact_points_of_the_hybrid_space():
+    for D, trial, v, M, r, scheme in _cases():
+        bands = make_bands(v, M, scheme, r)
+        idx = make_hybrid_index(v, seed=trial)
+        mag = np.concatenate([np.ones(M), [0.0, 0.0, 0.0]])
+        dare = np.concatenate([np.ones(M), [0.0, 1.0, 0.0]])
+        assert torch.equal(build_hybrid(v, bands, idx, mag, r), magnitude_prune(v, r))
+        assert torch.equal(build_hybrid(v, bands, idx, dare, r), dare_prune(v, r, seed=trial))
+        # α = 0: the paper's candidate for any band weights, scaled by 2^g
+        w = np.linspace(0.5, 2.5, M)
+        assert torch.equal(build_hybrid(v, bands, idx, np.concatenate([w, [0.0, 0.0, 0.3]]), r),
+                           build_candidate(v, bands, w, r))
+        assert torch.equal(build_hybrid(v, bands, idx, np.concatenate([w, [1.0, 0.0, 0.0]]), r),
+                           build_candidate(v, bands, w * 2.0, r))
+
+
+def test_hybrid_random_part_is_an_unbiased_sample_of_the_rest():
+    # α = 0.5 on a constant vector: half the kept entries are the top ranks (flat index order on
+    # ties), the other half random, rescaled by (D − k_mag)/k_rand
+    D, r = 1000, 0.1
+    v = torch.ones(D)
+    bands = make_bands(v, 4, "focused", r)
+    idx = make_hybrid_index(v, seed=3)
+    out = build_hybrid(v, bands, idx, np.concatenate([np.ones(4), [0.0, 0.5, 0.0]]), r)
+    assert torch.equal(out[:50], torch.ones(50))
+    rest = out[50:]
+    assert int((rest != 0).sum()) == 50
+    assert torch.allclose(rest[rest != 0], torch.full((50,), 950 / 50))
+
+
+def test_spaces_bounds_starts_and_errors():
+    mag = make_space("magnitude", 4, 0.0, 4.0)
+    assert mag.dim == 4 and len(mag.start_points()) == 1
+    hyb = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
+    assert isinstance(hyb, HybridSpace) and hyb.dim == 7
+    b = hyb.bounds()
+    assert b.shape == (7, 2) and b[5].tolist() == [0.0, 1.0]
+    assert b[4, 1] == pytest.approx(np.log2(20))         # g reaches 1/r
+    assert hyb.start_labels() == ["magnitude", "dare", "hybrid-0.5"]
+    # CMA-ES starts at the best start point
+    assert hyb.mean0([0.5, 0.7, 0.6])[5] == 1.0 and hyb.mean0([0.8, 0.7, None])[5] == 0.0
+    log = make_space("hybrid", 2, 0.25, 8.0, param="log")
+    assert log.to_params(np.array([1.0, -1.0, 0.5, 0.2, 0.1])).tolist() == [2.0, 0.5, 0.5, 0.2, 0.1]
+    with pytest.raises(ValueError, match="unknown search space"):
+        make_space("nope", 4, 0.0, 4.0)
+    v = torch.randn(100)
+    bands = make_bands(v, 4, "focused", 0.1)
+    idx = make_hybrid_index(v)
+    with pytest.raises(ValueError, match="7 entries"):
+        build_hybrid(v, bands, idx, np.ones(4), 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        build_hybrid(v, bands, idx, np.array([1, 1, 1, 1, 0, 1.5, 0.0]), 0.1)
+    with pytest.raises(ValueError, match="kept_values"):
+        build_point(hyb, v, bands, idx, np.ones(7), 0.1, kept_values="original")
+    with pytest.raises(ValueError, match="non-finite"):
+        make_hybrid_index(torch.tensor([1.0, float("nan")]))
+    assert isinstance(mag, MagnitudeSpace)
+
+
+# -- fitnesses ------------------------------------------------------------------------------------
+class _Fixed(torch.nn.Module):
+    """A 'model' returning fixed logits for a batch of input_ids (one row per id)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None):
+        return self.table[input_ids[:, 1] - 1000]
+
+
+class _Tok:
+    def __call__(self, texts, truncation=True, max_length=128, padding=False):
+        ids = [[101, 1000 + int(t), 102] for t in texts]
+        return {"input_ids": ids, "attention_mask": [[1, 1, 1] for _ in ids]}
+
+    def pad(self, feats, padding=True, return_tensors="pt"):
+        return {k: torch.tensor([f[k] for f in feats]) for k in feats[0]}
+
+
+def test_fitness_accuracy_loglik_agreement_closed_forms(tmp_path):
+    from nps_pruning.evaluation.text import TextClassificationEvaluator
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\n0,0\n1,1\n2,1\n")
+    logits = [[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    model = _Fixed(logits)
+    lp = torch.log_softmax(torch.tensor(logits), dim=-1)
+    acc = TextClassificationEvaluator(csv, tokenizer=_Tok(), fitness="accuracy")(model)
+    assert acc == pytest.approx(2 / 3)
+    ll = TextClassificationEvaluator(csv, tokenizer=_Tok(), fitness="loglik")(model)
+    assert ll == pytest.approx(float((lp[0, 0] + lp[1, 1] + lp[2, 1]) / 3), abs=1e-6)
+    # agreement: exp(-mean KL(ref || candidate)); 1 against itself; label-free file
+    nolab = tmp_path / "u.csv"
+    nolab.write_text("text\n0\n1\n2\n")
+    ev = TextClassificationEvaluator(nolab, tokenizer=_Tok(), fitness="agreement")
+    ev.set_reference(model)
+    assert ev(model) == pytest.approx(1.0)
+    other = [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    q = torch.log_softmax(torch.tensor(other), dim=-1)
+    kl = float((lp.exp() * (lp - q)).sum(-1).mean())
+    assert ev(_Fixed(other)) == pytest.approx(np.exp(-kl), abs=1e-6)
+    from nps_pruning.errors import NPSError
+    with pytest.raises(NPSError, match="set_reference"):
+        TextClassificationEvaluator(nolab, tokenizer=_Tok(), fitness="agreement")(model)
+    with pytest.raises(NPSError, match="missing column 'label'"):
+        TextClassificationEvaluator(nolab, tokenizer=_Tok(), fitness="loglik")
+    with pytest.raises(NPSError, match="unknown fitness"):
+        TextClassificationEvaluator(csv, tokenizer=_Tok(), fitness="f1")
+
+
+def test_holdout_rows_are_disjoint_from_search_rows():
+    from nps_pruning.evaluation.text import select_rows
+    a, _ = select_rows(100, 60, 5, "all", "x")
+    b, _ = select_rows(100, 60, 5, "rest", "x", rest_size=25)
+    assert len(a) == 60 and len(b) == 25 and not set(a.tolist()) & set(b.tolist())
+    c, _ = select_rows(100, 85, 5, "all", "x")
+    assert set(a.tolist()) | set(b.tolist()) == set(c.tolist())   # search + held-out = the 85 drawn
+
+
+# -- through the CLI ------------------------------------------------------------------------------
+def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_path):
+    from nps_pruning.cli import main
+    base, ft = tiny_bert
+    out = tmp_path / "o"
+    assert main(["prune", str(base), str(ft), "-o", str(out), "--keep", "0.1", "--bands", "3",
+                 "--generations", "2", "--popsize", "4", "--eval", f"text-classification:{text_csv}",
+                 "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    s = rep["search"]
+    assert s["space"] == "hybrid" and rep["search_settings"]["space"] == "hybrid"
+    starts = [c for c in s["candidates"] if c["gen"] == 0]
+    assert [c["start"] for c in starts] == ["magnitude", "dare", "hybrid-0.5"]
+    assert all(len(c["weights"]) == 6 for c in s["candidates"])
+    # held-out re-scoring: start points + the best 5 distinct; the chosen has the best held-out score
+    rs = s["rescored"]
+    assert len(rs) >= 3 and [r["start"] for r in rs[:3]] == ["magnitude", "dare", "hybrid-0.5"]
+    best = max(rs, key=lambda r: r["holdout_score"])
+    assert rep["calibration"]["nps_holdout"] == best["holdout_score"]
+    assert s["examples_scored"] == sum(c["examples"] for c in s["candidates"]) > 0
+    # the written τ̂ is the chosen point, exactly k entries
+    from safetensors.torch import load_file
+    tv = load_file(out / "task_vector.safetensors")
+    assert sum(int(torch.count_nonzero(t)) for t in tv.values()) <= rep["model"]["kept"]
+    # label-free: agreement on a file with only a text column
+    nolab = tmp_path / "nolab.csv"
+    rows = [l.split(",")[0] for l in text_csv.read_text().splitlines()[1:]]
+    nolab.write_text("text\n" + "\n".join(rows) + "\n")
+    out2 = tmp_path / "o2"
+    assert main(["prune", str(base), str(ft), "-o", str(out2), "--keep", "0.1", "--bands", "3",
+                 "--generations", "1", "--popsize", "4", "--fitness", "agreement",
+                 "--eval", f"text-classification:{nolab}", "--quiet"]) == 0
+    rep2 = json.loads((out2 / "report.json").read_text())
+    assert rep2["calibration"]["finetuned"] == pytest.approx(1.0)
+    assert 0.0 < rep2["calibration"]["nps"] <= 1.0
