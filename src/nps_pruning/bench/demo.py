@@ -38,7 +38,7 @@ def run_demo(opts) -> Dict:
     keep = 0.05
     popts = PruneOptions(pretrained=suite.base, finetuned="", output=str(opts.output), keep=keep,
                          generations=2 if opts.quick else 6, popsize=4 if opts.quick else 8,
-                         calib_size=None if opts.quick else 128,
+                         calib_size=None,   # the default: every calibration row (25% held out)
                          max_length=64, seed=0, quiet=False)
     sessions, calib_evals, test_evals = [], [], []
     rows: List[Dict] = []

@@ -253,7 +253,9 @@ class TaskContext:
                             generations=c.generations, sigma0=c.sigma0, lower=c.lower, upper=c.upper,
                             popsize=c.popsize, seed=c.seed, calib_size=c.calib_size(self.suite),
                             batch_size=c.batch_size, max_length=t.get("max_length") or 128,
-                            model_factory=t.get("model_factory"), quiet=True)
+                            model_factory=t.get("model_factory"), quiet=True,
+                            # this grid measures the paper's NPS (bench.wins measures the default)
+                            space="magnitude", fitness="accuracy", holdout=0.0)
 
     @property
     def session(self):

@@ -1,0 +1,338 @@
+"""`make bench-wins`: the shipped NPS default against magnitude top-k, DARE and tuned-rescale
+magnitude (DAREx-q style) on test data, at every keep ratio; the paper's NPS beside it; and the
+calibration-size study. Results are cached per step (the same :class:`ResultCache` as
+``make bench``), so a killed run resumes; BENCHMARKS.md gets the section between the markers
+``<!-- wins:start -->`` and ``<!-- wins:end -->`` and ``benchmarks/figures/wins-<suite>.png``.
+
+    python -m nps_pruning.bench.wins --suites text --keeps 0.02,0.05,0.1,0.2,0.3
+    python -m nps_pruning.bench.wins --render-only
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..config import PruneOptions
+from .experiments import ResultCache, _logger, _set_threads, default_results_cache, task_dict
+
+REPO = Path(__file__).resolve().parents[3]
+START, END = "<!-- wins:start -->", "<!-- wins:end -->"
+WINS_VERSION = 1
+
+# (label, what it is, PruneOptions overrides, calibration rows)
+VARIANTS: Dict[str, Tuple[str, dict, Optional[int]]] = {
+    "default": ("NPS (default): hybrid space, loglik fitness, 25% held-out re-scoring, all calibration rows",
+                {}, None),
+    "paper": ("NPS (paper): magnitude space, accuracy fitness, no hold-out, 128 rows",
+              {"space": "magnitude", "fitness": "accuracy", "holdout": 0.0}, 128),
+    "default-128": ("NPS default on 128 calibration rows (calibration-size study)", {}, 128),
+    "hybrid-accuracy": ("NPS hybrid space, accuracy fitness, no hold-out, all rows (ablation)",
+                        {"fitness": "accuracy", "holdout": 0.0}, None),
+}
+RESCALES = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)   # DAREx-q-style grid (and 1/r)
+
+
+@dataclasses.dataclass
+class WinsConfig:
+    keeps: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
+    variants: Tuple[str, ...] = ("default", "paper")
+    study_keeps: Tuple[float, ...] = (0.05,)            # default-128 and ablations run here
+    study_variants: Tuple[str, ...] = ("default-128",)
+    generations: int = 6
+    popsize: int = 8
+    bands: int = 8
+    seed: int = 0
+    test_rows: Optional[int] = 1000
+    test_seed: int = 0
+    batch_size: int = 64
+    threads: int = 1
+    jobs: int = 2
+
+
+def _opts(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size) -> PruneOptions:
+    return PruneOptions(pretrained=task["base"], finetuned=task["finetuned"], output="unused",
+                        keep=keep, bands=cfg.bands, generations=cfg.generations,
+                        popsize=cfg.popsize, seed=cfg.seed, calib_size=calib_size,
+                        batch_size=cfg.batch_size, max_length=task.get("max_length") or 128,
+                        model_factory=task.get("model_factory"), quiet=True, **over)
+
+
+def _params(task: dict, cfg: WinsConfig, **more) -> dict:
+    return {"v": WINS_VERSION, "task": task["name"], "key": task.get("key", ""),
+            "test_rows": cfg.test_rows, "test_seed": cfg.test_seed, "seed": cfg.seed, **more}
+
+
+def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]:
+    from ..apps.prune import Session, prune_task
+    from ..core import PRUNERS
+    from ..evaluation import make_evaluator
+    cfg = WinsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
+    _set_threads(cfg.threads)
+    cache = ResultCache(Path(cache_root))
+    log = _logger(f"wins/{suite}/{task['name']}")
+    state: dict = {}
+
+    def session():
+        if "s" not in state:
+            state["s"] = Session.load(task["base"], task["finetuned"],
+                                      model_factory=task.get("model_factory"), name=task["name"])
+            state["test"] = make_evaluator(task["eval_test"], model_path=task["finetuned"],
+                                           calib_size=cfg.test_rows, seed=cfg.test_seed,
+                                           batch_size=cfg.batch_size,
+                                           max_length=task.get("max_length") or 128)
+            state["calib"] = make_evaluator(task["eval_calib"], model_path=task["finetuned"],
+                                            batch_size=cfg.batch_size,
+                                            max_length=task.get("max_length") or 128)
+        return state["s"]
+
+    rows: List[dict] = []
+
+    def ft():
+        s = session()
+        return {"test": s.score(state["test"], s.task_vector.values), "test_rows": state["test"].num_rows}
+    base = cache.step(suite, task["name"], "wins-finetuned", _params(task, cfg), ft, log)
+    rows.append({"method": "fine-tuned", "keep": 1.0, **base})
+    for r in cfg.keeps:
+        for method in ("magnitude", "dare"):
+            def one(method=method, r=r):
+                s = session()
+                return {"test": s.score(state["test"], PRUNERS[method](s.task_vector.values, r, seed=cfg.seed))}
+            res = cache.step(suite, task["name"], f"wins-{method}-r{r:g}", _params(task, cfg, keep=r), one, log)
+            rows.append({"method": method, "keep": r, **res})
+
+        def rescaled(r=r):   # magnitude top-k with a global rescale chosen on all calibration rows
+            s = session()
+            pruned = PRUNERS["magnitude"](s.task_vector.values, r)
+            grid = sorted(set(RESCALES) | {round(1.0 / r, 6)})
+            scores = [s.score(state["calib"], pruned, c) for c in grid]
+            best = grid[int(np.argmax(scores))]
+            return {"test": s.score(state["test"], pruned, best), "rescale": best,
+                    "calib_grid": dict(zip(map(str, grid), scores))}
+        res = cache.step(suite, task["name"], f"wins-magnitude-rescaled-r{r:g}",
+                         _params(task, cfg, keep=r, grid=list(RESCALES)), rescaled, log)
+        rows.append({"method": "magnitude-rescaled", "keep": r, **res})
+    plan = [(v, r) for r in cfg.keeps for v in cfg.variants]
+    plan += [(v, r) for r in cfg.study_keeps for v in cfg.study_variants]
+    for variant, r in plan:
+        _, over, calib_size = VARIANTS[variant]
+
+        def search(variant=variant, r=r, over=over, calib_size=calib_size):
+            s = session()
+            opts = _opts(task, cfg, r, over, calib_size)
+            t0 = time.perf_counter()
+            out = prune_task(s, "nps", opts, eval_spec=task["eval_calib"], progress=False)
+            res = out.search
+            return {"test": s.score(state["test"], out.pruned), "calib": float(res.best_score),
+                    "calib_start": {c.get("start"): c["score"] for c in res.candidates if c["gen"] == 0},
+                    "params": [float(w) for w in res.best_weights],
+                    "rescored": out.rescored,
+                    "examples_scored": int(sum(int(c.get("examples") or 0) for c in res.candidates)),
+                    "num_candidates": len(res.candidates), "search_s": time.perf_counter() - t0}
+        params = _params(task, cfg, keep=r, variant=variant, over=over, calib_size=calib_size,
+                         generations=cfg.generations, popsize=cfg.popsize, bands=cfg.bands)
+        res = cache.step(suite, task["name"], f"wins-nps-{variant}-r{r:g}", params, search, log)
+        rows.append({"method": f"nps-{variant}", "keep": r, **{k: v for k, v in res.items() if k != "rescored"}})
+    return rows
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(1, n))
+
+
+def summarize(rows_by_task: Dict[str, List[dict]]) -> Dict[str, Dict[float, Tuple[float, float, int]]]:
+    """method -> keep -> (mean test accuracy over tasks, its standard error, #tasks)."""
+    out: Dict[str, Dict[float, List[Tuple[float, int]]]] = {}
+    for task, rows in rows_by_task.items():
+        n = next(r["test_rows"] for r in rows if r["method"] == "fine-tuned")
+        for r in rows:
+            out.setdefault(r["method"], {}).setdefault(float(r["keep"]), []).append((r["test"], n))
+    res = {}
+    for m, by_k in out.items():
+        res[m] = {}
+        for k, vals in by_k.items():
+            ps = [p for p, _ in vals]
+            se = math.sqrt(sum(_se(p, n) ** 2 for p, n in vals)) / len(vals)
+            res[m][k] = (float(np.mean(ps)), se, len(vals))
+    return res
+
+
+def render(results: dict, figures: Path) -> str:
+    lines = [START, "## NPS that wins: the shipped default against magnitude and DARE", ""]
+    for suite, data in results["suites"].items():
+        summ = summarize(data["tasks"])
+        cfg = results["config"]
+        lines += [f"### {suite} suite ({data['model']}, {len(data['tasks'])} tasks: "
+                  f"{', '.join(data['tasks'])})", "",
+                  f"Mean test accuracy over the tasks ± standard error (sqrt(Σ se_i²)/T; "
+                  f"{cfg['test_rows']} test rows a task). NPS searches: {cfg['generations']} "
+                  f"generations × population {cfg['popsize']}, {cfg['bands']} focused bands, seed "
+                  f"{cfg['seed']}; measured at commit {results.get('commit', '?')}.", ""]
+        keeps = sorted({k for m in summ.values() for k in m if k < 1.0})
+        head = "| method | " + " | ".join(f"r = {k:g}" for k in keeps) + " |"
+        lines += [head, "|---" * (len(keeps) + 1) + "|"]
+        order = ["nps-default", "nps-paper", "magnitude", "dare", "magnitude-rescaled",
+                 "nps-default-128", "nps-hybrid-accuracy"]
+        names = {"nps-default": "**NPS (default)**", "nps-paper": "NPS paper (magnitude space, accuracy, 128 rows)",
+                 "magnitude": "magnitude top-k", "dare": "DARE",
+                 "magnitude-rescaled": "magnitude + tuned rescale (DAREx-q style)",
+                 "nps-default-128": "NPS default, 128 calibration rows",
+                 "nps-hybrid-accuracy": "NPS hybrid, accuracy fitness, no hold-out"}
+        for m in order:
+            if m not in summ:
+                continue
+            cells = []
+            for k in keeps:
+                v = summ[m].get(k)
+                cells.append("" if v is None else f"{v[0]:.4f} ± {v[1]:.4f}" + ("" if v[2] == len(data["tasks"]) else f" ({v[2]} tasks)"))
+            lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+        ft = summ.get("fine-tuned", {}).get(1.0)
+        if ft:
+            lines += ["", f"Fine-tuned: {ft[0]:.4f} ± {ft[1]:.4f}."]
+        # the verdict the issue asks for
+        lines += ["", "Against max(magnitude, DARE) at each r (margin in standard errors of the "
+                      "default's mean; the target: > 1 SE at r ≤ 0.05, within 1 SE above):", ""]
+        for k in keeps:
+            d = summ.get("nps-default", {}).get(k)
+            if d is None:
+                continue
+            rivals = [(m, summ[m][k][0]) for m in ("magnitude", "dare") if k in summ.get(m, {})]
+            best_m, best_v = max(rivals, key=lambda x: x[1])
+            margin = (d[0] - best_v) / d[1] if d[1] > 0 else float("nan")
+            target = 1.0 if k <= 0.05 else -1.0
+            ok = margin > target
+            lines.append(f"- r = {k:g}: default {d[0]:.4f} vs {best_m} {best_v:.4f}: "
+                         f"{d[0] - best_v:+.4f} ({margin:+.2f} SE) — "
+                         f"{'target met' if ok else 'target NOT met'}")
+        # per task
+        lines += ["", "Per task (test accuracy):", ""]
+        tasks = list(data["tasks"])
+        lines += ["| method | r | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for m in order:
+            for k in keeps:
+                vals = []
+                for t in tasks:
+                    hit = [r for r in data["tasks"][t] if r["method"] == m and float(r["keep"]) == k]
+                    vals.append(f"{hit[0]['test']:.4f}" if hit else "")
+                if any(vals):
+                    lines.append(f"| {names[m]} | {k:g} | " + " | ".join(vals) + " |")
+        cost = [r for t in tasks for r in data["tasks"][t] if r["method"] == "nps-default"]
+        if cost:
+            lines += ["", f"Search cost of the default: {np.mean([r['examples_scored'] for r in cost]):,.0f} "
+                          f"examples scored and {np.mean([r['search_s'] for r in cost]):.0f} s per search "
+                          f"(mean of {len(cost)} searches, 2 shared cores)."]
+            picks = [r["params"] for r in cost]
+            M = cfg["bands"]
+            alphas = [p[M + 1] for p in picks]
+            gs = [p[M] for p in picks]
+            lines += [f"Chosen random share α: mean {np.mean(alphas):.2f} (min {min(alphas):.2f}, max "
+                      f"{max(alphas):.2f}); chosen log2 rescale g of the magnitude part: mean "
+                      f"{np.mean(gs):.2f}."]
+        fig = figures / f"wins-{suite}.png"
+        _plot(summ, keeps, fig, names, suite)
+        lines += ["", f"![{suite}: mean test accuracy against r](benchmarks/figures/{fig.name})", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def _plot(summ, keeps, path: Path, names, suite) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in ("nps-default", "nps-paper", "magnitude", "dare", "magnitude-rescaled"):
+        if m not in summ:
+            continue
+        ks = [k for k in keeps if k in summ[m]]
+        ax.errorbar(ks, [summ[m][k][0] for k in ks], yerr=[summ[m][k][1] for k in ks],
+                    marker="o", capsize=3, label=names[m].replace("**", ""),
+                    lw=2.2 if m == "nps-default" else 1.2)
+    ft = summ.get("fine-tuned", {}).get(1.0)
+    if ft:
+        ax.axhline(ft[0], color="k", ls="--", lw=1, label="fine-tuned")
+    ax.set_xscale("log")
+    ax.set_xticks(keeps)
+    ax.set_xticklabels([f"{k:g}" for k in keeps])
+    ax.set_xlabel("keep ratio r")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_title(f"{suite}: NPS default vs magnitude and DARE (± SE)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_section(md: Path, section: str) -> None:
+    text = md.read_text() if md.exists() else ""
+    if START in text and END in text:
+        pre, rest = text.split(START, 1)
+        _, post = rest.split(END, 1)
+        text = pre + section + post
+    else:
+        marker = "\n## "
+        i = text.find(marker, text.find("\n") + 1)
+        text = (text[:i] + "\n\n" + section + "\n" + text[i:]) if i > 0 else text + "\n\n" + section + "\n"
+    md.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nps_pruning.bench.wins", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suites", default="text")
+    ap.add_argument("--keeps", default=None, help="keep ratios, e.g. 0.02,0.05")
+    ap.add_argument("--variants", default=None, help=f"NPS variants at every r ({', '.join(VARIANTS)})")
+    ap.add_argument("--study-variants", default=None)
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--generations", type=int, default=None)
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "wins.json"))
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args(argv)
+    results_path = Path(args.results)
+    figures = REPO / "benchmarks" / "figures"
+    if args.render_only:
+        results = json.loads(results_path.read_text())
+        write_section(Path(args.out), render(results, figures))
+        return 0
+    cfg = WinsConfig(jobs=args.jobs)
+    if args.keeps:
+        cfg.keeps = tuple(float(x) for x in args.keeps.split(","))
+    if args.variants:
+        cfg.variants = tuple(args.variants.split(","))
+    if args.study_variants is not None:
+        cfg.study_variants = tuple(x for x in args.study_variants.split(",") if x)
+    if args.generations is not None:
+        cfg.generations = args.generations
+    from .suites import build_suite
+    import subprocess
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    cache_root = str(Path(args.cache_dir) if args.cache_dir else default_results_cache())
+    results = {"config": dataclasses.asdict(cfg), "commit": commit, "suites": {}}
+    for suite_name in args.suites.split(","):
+        suite = build_suite(suite_name, tasks=args.tasks.split(",") if args.tasks else None)
+        tasks = [task_dict(t) for t in suite.tasks]
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(max(1, min(cfg.jobs, len(tasks)))) as pool:
+            outs = pool.starmap(run_task, [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
+        model = "all-MiniLM-L6-v2" if suite_name == "text" else "ImageNet MobileNetV2"
+        results["suites"][suite_name] = {"model": model,
+                                         "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)}}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=1, default=float))
+    write_section(Path(args.out), render(results, figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

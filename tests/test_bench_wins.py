@@ -1,0 +1,39 @@
+"""bench.wins: the summary statistics and the rendered section, on hand-made rows."""
+import math
+
+from nps_pruning.bench.wins import END, START, render, summarize, write_section
+
+
+def _rows(ft, mag, dare, nps):
+    rows = [{"method": "fine-tuned", "keep": 1.0, "test": ft, "test_rows": 1000}]
+    for r, (m, d, n) in zip((0.02, 0.05), zip(mag, dare, nps)):
+        rows += [{"method": "magnitude", "keep": r, "test": m}, {"method": "dare", "keep": r, "test": d},
+                 {"method": "nps-default", "keep": r, "test": n, "examples_scored": 100, "search_s": 5.0,
+                  "params": [1.0] * 8 + [0.5, 0.25, 0.0]}]
+    return rows
+
+
+def test_summary_mean_and_standard_error_closed_form():
+    data = {"a": _rows(0.8, (0.7, 0.75), (0.78, 0.79), (0.81, 0.8)),
+            "b": _rows(0.6, (0.5, 0.55), (0.58, 0.59), (0.6, 0.61))}
+    s = summarize(data)
+    mean, se, n = s["nps-default"][0.02]
+    assert n == 2 and math.isclose(mean, (0.81 + 0.6) / 2)
+    want = math.sqrt(0.81 * 0.19 / 1000 + 0.6 * 0.4 / 1000) / 2
+    assert math.isclose(se, want)
+
+
+def test_render_verdicts_and_markers(tmp_path):
+    data = {"a": _rows(0.8, (0.7, 0.75), (0.78, 0.79), (0.81, 0.8))}
+    results = {"config": {"test_rows": 1000, "generations": 6, "popsize": 8, "bands": 8, "seed": 0},
+               "commit": "abc", "suites": {"text": {"model": "m", "tasks": data}}}
+    md = render(results, tmp_path)
+    assert md.startswith(START) and md.endswith(END)
+    assert "r = 0.02: default 0.8100 vs dare 0.7800" in md and "target met" in md
+    assert (tmp_path / "wins-text.png").stat().st_size > 0
+    doc = tmp_path / "B.md"
+    doc.write_text("# title\n\nintro\n\n## old\ntext\n")
+    write_section(doc, md)
+    write_section(doc, md)           # idempotent: replaced between the markers
+    text = doc.read_text()
+    assert text.count(START) == 1 and text.index(START) < text.index("## old")
