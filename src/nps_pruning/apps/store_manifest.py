@@ -179,6 +179,9 @@ def check_manifest(store: Path, manifest: Any, where: str, *, value_dtypes, codi
     task_names = [t["name"] for t in tasks]
     if len(set(task_names)) != len(task_names):
         _fail(where, "malformed manifest: task names are not unique")
+    files = [part["file"] for part, _ in all_parts(manifest)]
+    if len(set(files)) != len(files) or "manifest.json" in files:
+        _fail(where, "malformed manifest: two parts name the same file")
 
 
 def all_parts(manifest: dict) -> Iterator[Tuple[dict, str]]:
