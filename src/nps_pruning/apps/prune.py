@@ -136,8 +136,8 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
                            sorted_dtype=tv.values.dtype if tv.values.dtype != torch.float64 else torch.float32)
         bands_s = time.perf_counter() - t0
         from ..search.cmaes_search import SearchAborted
-        if log_path is not None:
-            from ..workdirs import claim_work_dir
+        if log_path is not None and Path(log_path).parent.name.endswith(".nps-run"):
+            from ..workdirs import claim_work_dir     # our work folder: made with its marker
             claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
         executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
         aborted = None
