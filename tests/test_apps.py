@@ -346,7 +346,8 @@ def test_merge_nps_resume_after_interrupt(fam, tmp_path, monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists()
     wd = tmp_path / "m.nps-run"
-    assert sorted(p.name for p in wd.iterdir()) == [f"search-{fam['tasks'][0].name}.jsonl",
+    assert sorted(p.name for p in wd.iterdir()) == [".nps-owner",    # the work folder is ours
+                                                    f"search-{fam['tasks'][0].name}.jsonl",
                                                     f"search-{fam['tasks'][1].name}.jsonl"]
     monkeypatch.delenv("NPS_TEST_INTERRUPT_AT")
     calls.unlink()

@@ -173,6 +173,7 @@ class RestoreOptions:
 class InfoOptions:
     store: str = opt(None, "store folder", positional=True)
     json: bool = opt(False, "print one JSON object")
+    verify: bool = opt(False, "also check every part's sha256 and decode every task (reads it all)")
 
 
 @dataclass

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Mapping, NamedTuple, Optional, Tuple
@@ -46,7 +45,10 @@ import torch
 
 from ..errors import NPSError
 from ..task_vector import Layout
+from ..paths import safe_relpath, write_error
+from ..workdirs import make_temp_dir, unmark
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, decode_mask, encode_mask
+from .store_manifest import (MAX_MANIFEST_BYTES, all_parts, check_manifest, side_file_reserved)
 
 __all__ = ["StoreTask", "Store", "RestoredTask", "write_store", "read_store", "restore_task",
            "store_info", "encode_mask", "decode_mask", "flat_sha256", "VALUE_DTYPES",
@@ -152,6 +154,9 @@ def _validate(base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask],
             if not _safe_side_name(fname) or not isinstance(data, (bytes, bytearray)):
                 raise NPSError(f"task {task.name!r}: side file {fname!r}: must be a relative "
                                "path inside the model folder, mapped to bytes")
+            if side_file_reserved(fname):
+                raise NPSError(f"task {task.name!r}: side file {fname!r}: has the name of a "
+                               "weight file; side files may not replace the model's weights")
         try:
             json.dumps(task.meta)
         except (TypeError, ValueError) as err:
@@ -159,9 +164,12 @@ def _validate(base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask],
 
 
 def _safe_side_name(name) -> bool:
-    """A side file name is a relative POSIX path inside the model folder (no '..', no '/' start)."""
-    return (isinstance(name, str) and bool(name) and "\\" not in name and "\0" not in name
-            and not name.startswith("/") and all(p not in ("", ".", "..") for p in name.split("/")))
+    """A side file name is a relative POSIX path inside the model folder (see paths.safe_relpath)."""
+    try:
+        safe_relpath(Path("/"), name)
+    except NPSError:
+        return False
+    return True
 
 
 def _mask_sha256(mask: np.ndarray) -> str:
@@ -247,9 +255,10 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
     _validate(base_flat, layout, tasks, values_dtype, mask_coding)
     _check_destination(store_dir)
     num = layout.numel
-    store_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{store_dir.name}.tmp-", dir=store_dir.parent))
+    tmp = None
     try:
+        store_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(store_dir.parent, store_dir.name)
         pretrained = {"embedded": bool(embed_pretrained), "sha256": flat_sha256(base_flat),
                       "ref": pretrained_ref, "part": None}
         if embed_pretrained:
@@ -267,10 +276,11 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
         }
         manifest["manifest_sha256"] = _manifest_sha256(manifest)
         _write_part(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
+        unmark(tmp)
         _check_destination(store_dir)
         trash = None
         if store_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{store_dir.name}.old-", dir=store_dir.parent))
+            trash = make_temp_dir(store_dir.parent, store_dir.name, "old")
             os.replace(store_dir, trash / "store")
             try:
                 os.replace(tmp, store_dir)
@@ -282,16 +292,16 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
             os.replace(tmp, store_dir)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise write_error(err, store_dir) from None
         raise
     return manifest
 
 
 # -- reading ------------------------------------------------------------------------------------------
-_TASK_KEYS = ("name", "kept", "keep_ratio", "value_dtype", "mask_coding", "parts", "side_files")
-
-
 class Store:
     """An opened store: manifest checked (structure, own checksum, every part's presence and size);
     part checksums are checked when a task (or θ_pre) is read."""
@@ -304,33 +314,31 @@ class Store:
         if not manifest_path.is_file():
             raise NPSError(f"{manifest_path}: missing; not an nps store (or a partial one)")
         try:
+            if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise NPSError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; "
+                               "not an nps store manifest")
             manifest = json.loads(manifest_path.read_bytes())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise NPSError(f"{manifest_path}: unreadable or corrupted ({err})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise NPSError(f"{manifest_path}: not an nps store manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise NPSError(f"{manifest_path}: store format version {manifest.get('format_version')}"
+            raise NPSError(f"{manifest_path}: store format version {manifest.get('format_version')!r:.40}"
                            f" is not supported (this nps reads version {FORMAT_VERSION})")
         if manifest.get("manifest_sha256") != _manifest_sha256(manifest):
             raise NPSError(f"{manifest_path}: checksum mismatch (corrupted manifest)")
-        try:
-            lay = manifest["layout"]
-            self.layout = Layout(tuple(lay["names"]), tuple(tuple(s) for s in lay["shapes"]),
-                                 tuple(getattr(torch, d) for d in lay["dtypes"]))
-            self.num_entries = int(manifest["num_entries"])
-            self.pretrained = manifest["pretrained"]
-            self._tasks = {t["name"]: t for t in manifest["tasks"]}
-            if any(k not in t for t in manifest["tasks"] for k in _TASK_KEYS):
-                raise KeyError("task entry")
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
-            raise NPSError(f"{manifest_path}: malformed manifest ({err})") from None
-        if self.layout.numel != self.num_entries:
-            raise NPSError(f"{manifest_path}: layout has {self.layout.numel} entries, "
-                           f"manifest says {self.num_entries}")
+        # every field used below is checked first; part paths are confined to the store
+        check_manifest(self.path, manifest, str(manifest_path), value_dtypes=tuple(VALUE_DTYPES),
+                       codings=MASK_CODINGS)
+        lay = manifest["layout"]
+        self.layout = Layout(tuple(lay["names"]), tuple(tuple(s) for s in lay["shapes"]),
+                             tuple(getattr(torch, d) for d in lay["dtypes"]))
+        self.num_entries = manifest["num_entries"]
+        self.pretrained = manifest["pretrained"]
+        self._tasks = {t["name"]: t for t in manifest["tasks"]}
         self.manifest = manifest
         self.base_names: Dict[str, str] = dict(manifest.get("base_names") or {})
-        for part, owner in self._all_parts():
+        for part, owner in all_parts(manifest):
             self._check_size(part, owner)
 
     # -- parts -------------------------------------------------------------------------------
@@ -338,16 +346,9 @@ class Store:
     def tasks(self) -> List[str]:
         return list(self._tasks)
 
-    def _all_parts(self):
-        if self.pretrained.get("part"):
-            yield self.pretrained["part"], "pre-trained model"
-        for name, entry in self._tasks.items():
-            for part in list(entry["parts"].values()) + list(entry["side_files"].values()):
-                yield part, f"task {name!r}"
-
     def _check_size(self, part: dict, owner: str) -> Path:
-        path = self.path / part["file"]
-        if not path.is_file():
+        path = safe_relpath(self.path, part["file"], what=f"part of {owner}")
+        if path.is_symlink() or not path.is_file():
             raise NPSError(f"{path}: missing ({owner}); the store is partial")
         size = path.stat().st_size
         if size < part["bytes"]:
@@ -400,7 +401,11 @@ class Store:
                 or values.numel() != int(mask.sum()) or values.numel() != entry["kept"]):
             raise NPSError(f"{self.path / values_part['file']}: kept values do not match the "
                            f"mask ({owner})")
-        tau = torch.zeros(self.num_entries, dtype=torch.float32)
+        try:
+            tau = torch.zeros(self.num_entries, dtype=torch.float32)
+        except (RuntimeError, MemoryError):
+            raise NPSError(f"{self.path / MANIFEST}: {self.num_entries} entries do not fit in "
+                           "memory") from None
         tau[mask] = values.to(torch.float32)
         return tau
 
@@ -408,9 +413,6 @@ class Store:
         """(task_specific, buffers, side_files) of a task, checksums verified."""
         entry = self.entry(task_name)
         owner = f"task {task_name!r}"
-        unsafe = [f for f in entry["side_files"] if not _safe_side_name(f)]
-        if unsafe:
-            raise NPSError(f"{self.path / MANIFEST}: unsafe side file name {unsafe[0]!r} ({owner})")
         return (self._load(entry["parts"]["task_specific"], owner),
                 self._load(entry["parts"]["buffers"], owner),
                 {fname: self._read_part(part, owner)
@@ -465,7 +467,10 @@ class Store:
                 "task_specific_entries": entry.get("task_specific_entries", 0),
             })
         pretrained_bytes = self.pretrained["part"]["bytes"] if self.pretrained.get("part") else 0
-        total = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        total = sum(os.lstat(os.path.join(d, f)).st_size           # links are not followed
+                    for d, _, files in os.walk(self.path) for f in files
+                    if os.path.isfile(os.path.join(d, f))
+                    and not os.path.islink(os.path.join(d, f)))
         # Eq. 8 / App. C.3: 32·P + (32r + 1)·N·P' bits, with P = P' = D (θ_pre's prunable entries,
         # which is what the store keeps) and Σ over tasks when their keep ratios differ.
         paper_bits = 32 * num + sum((32 * t["keep_ratio"] + 1) * num for t in tasks)

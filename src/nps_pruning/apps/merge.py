@@ -18,19 +18,32 @@ import numpy as np
 import torch
 
 from ..errors import NPSError
+from ..paths import check_name, safe_child
 from ..report.report import now_iso, versions, write_json
 from ..task_vector import stack_values
 from .prune import Session, prepare_work_dir, prune_task, search_report
 
 
-def task_names(paths: Sequence[str], names: Sequence[str]) -> List[str]:
+# files `nps merge` writes next to the task folders (a task may not be named like one)
+MERGE_OUTPUT_FILES = ("report.json", "merged_task_vector.safetensors", ".nps-output")
+
+
+def task_names(paths: Sequence[str], names: Sequence[str], *,
+               reserved: Sequence[str] = ()) -> List[str]:
+    """One name per model: ``--names`` or each folder's name. A name becomes a folder (merge) and
+    a search log name, so it must be one plain path component and not a name in ``reserved``."""
     if names:
         if len(names) != len(paths):
             raise NPSError(f"--names gives {len(names)} names for {len(paths)} models")
         out = list(names)
+        what = "--names"
     else:
         out = [Path(p).stem if Path(p).is_file() else Path(p).resolve().name for p in paths]
-    if len(set(out)) != len(out):
+        what = "task name (from the model's folder name; pass --names)"
+    for name in out:
+        check_name(name, what=what, reserved=reserved)
+    folded = [n.casefold() for n in out]
+    if len(set(folded)) != len(folded):
         raise NPSError(f"task names are not unique: {out}; pass --names")
     return out
 
@@ -95,7 +108,7 @@ def run_merge(opts) -> Dict[str, Any]:
     t0 = time.perf_counter()
     if len(opts.finetuned) < 2:
         raise NPSError("merge needs at least two fine-tuned models")
-    names = task_names(opts.finetuned, opts.names)
+    names = task_names(opts.finetuned, opts.names, reserved=MERGE_OUTPUT_FILES)
     if opts.eval and len(opts.eval) != len(opts.finetuned):
         raise NPSError(f"--eval gives {len(opts.eval)} evaluators for {len(opts.finetuned)} models "
                        "(one per task, in the same order)")
@@ -123,8 +136,8 @@ def run_merge(opts) -> Dict[str, Any]:
     if opts.method == "nps":
         pruned_rows, searches = [], {}
         for s, spec, name in zip(sessions, opts.eval, names):
-            out = prune_task(s, "nps", opts, eval_spec=spec, log_path=wd / f"search-{name}.jsonl",
-                             progress=not opts.quiet)
+            out = prune_task(s, "nps", opts, eval_spec=spec,
+                             log_path=safe_child(wd, f"search-{name}.jsonl"), progress=not opts.quiet)
             pruned_rows.append(out.pruned)
             searches[name] = {"calibration": out.calibration, **search_report(out.search)}
         pruned = torch.stack(pruned_rows)
@@ -161,11 +174,12 @@ def run_merge(opts) -> Dict[str, Any]:
                      metadata={"method": opts.method})
         for s, name in zip(sessions, names):
             tv = s.task_vector.with_values(merged)
-            save_model_folder(tmp / name, tv.state_dict(base_cpu), like=open_checkpoint(s.finetuned),
+            save_model_folder(safe_child(tmp, name, what="--names", reserved=MERGE_OUTPUT_FILES),
+                              tv.state_dict(base_cpu), like=open_checkpoint(s.finetuned),
                               inputs=inputs)
         write_json(tmp / "report.json", report)
-    import shutil
-    shutil.rmtree(wd, ignore_errors=True)
+    from ..workdirs import release_work_dir
+    release_work_dir(wd)
     if not opts.quiet:
         for split in ("calibration", "test"):
             if split in report:

@@ -226,6 +226,9 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
                            keep_ratio=opts.keep)
         bands_s = time.perf_counter() - t0
         from ..search.cmaes_search import SearchAborted
+        if log_path is not None and Path(log_path).parent.name.endswith(".nps-run"):
+            from ..workdirs import claim_work_dir     # our work folder: made with its marker
+            claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
         executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
         aborted = None
         try:
@@ -233,6 +236,10 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
                                         calib_size=evaluator.num_rows if holdout is not None else None),
                                 opts.bands, settings, log_path=log_path, resume=opts.resume,
                                 executor=executor, progress=progress, space=space)
+        except OSError as e:
+            from ..paths import write_error
+            raise write_error(e, log_path, "the search log so far is kept for --resume "
+                              "once there is room") from None
         except SearchAborted as e:
             # keep the best candidate scored so far; the caller writes it and still fails
             if e.result is None or not any(c.get("status") == "ok" for c in e.result.candidates):
@@ -286,10 +293,14 @@ def work_dir(output: str | Path) -> Path:
     return out.with_name(out.name + ".nps-run")
 
 
-def prepare_work_dir(output, resume: bool, inputs) -> Path:
-    """Check the output against the inputs and return the work folder. The folder itself is
-    created by the search when it writes its first log line, so a run that fails before any
-    search (a missing input, a shape mismatch) leaves nothing behind."""
+def prepare_work_dir(output, resume: bool, inputs, *, check_output: bool = True) -> Path:
+    """Check the output against the inputs (and, with ``check_output``, that an existing output
+    may be replaced) before any work, and return the work folder. The folder is created, with its
+    ownership marker, just before a search writes its log (:func:`prune_task`), so a run that
+    fails before any search leaves nothing behind; a folder of that name that nps did not make
+    is refused, never removed (:mod:`nps_pruning.workdirs`)."""
+    from ..checkpoints.save import check_output_dir
+    from ..workdirs import check_work_dir, release_work_dir
     wd = work_dir(output)
     o = Path(output).resolve()
     for p in inputs:
@@ -298,11 +309,15 @@ def prepare_work_dir(output, resume: bool, inputs) -> Path:
             raise NPSError(f"{output}: refusing to write inside an input ({p})")
         if o in p.parents:
             raise NPSError(f"{output}: refusing to write over a folder that holds an input ({p})")
+    if check_output:
+        check_output_dir(output, inputs=inputs)
+    check_work_dir(wd, resume=resume, inputs=inputs)
     # prune/transfer log to search.jsonl, merge/compress to one search-<task>.jsonl per task
     if resume and not any(wd.glob("search*.jsonl")):
         raise NPSError(f"{wd / 'search.jsonl'}: no search log to resume from")
     if wd.exists() and not resume:
-        shutil.rmtree(wd)
+        release_work_dir(wd)
+        check_work_dir(wd, resume=resume, inputs=inputs)   # it held files nps did not write
     return wd
 
 
@@ -382,7 +397,8 @@ def run_prune(opts) -> Dict[str, Any]:
         # the log stays next to the output so that --resume can go on from it
         raise NPSError(f"{outcome.aborted}; the best candidate so far was written to {opts.output} "
                        "(report.json: search.stopped_early); fix the cause and rerun with --resume")
-    shutil.rmtree(wd, ignore_errors=True)
+    from ..workdirs import release_work_dir
+    release_work_dir(wd)
     if not opts.quiet:
         _print_summary(report)
     return report

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -11,6 +10,8 @@ from typing import Any, Dict
 import torch
 
 from ..errors import NPSError
+from ..paths import safe_child, safe_relpath
+from ..workdirs import release_work_dir
 from .compress import StoreTask, read_store, restore_task, store_info, write_store
 from .merge import task_names
 from .prune import Session, prepare_work_dir, prune_task, search_report
@@ -30,7 +31,8 @@ def run_compress(opts) -> Dict[str, Any]:
         raise NPSError(f"--eval gives {len(opts.eval)} evaluators for {len(opts.finetuned)} models "
                        "(one per task, in the same order)")
     inputs = [opts.pretrained, *opts.finetuned]
-    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    check_store_destination(opts.output, inputs)      # before any search, not after it
+    wd = prepare_work_dir(opts.output, opts.resume, inputs, check_output=False)
     tasks, base_flat, layout, base_names, pruning = [], None, None, None, {}
     for i, (ft, name) in enumerate(zip(opts.finetuned, names)):
         session = Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
@@ -44,7 +46,7 @@ def run_compress(opts) -> Dict[str, Any]:
                            "a store holds models of one architecture")
         spec = opts.eval[i] if opts.eval else None
         outcome = prune_task(session, opts.method, opts, eval_spec=spec,
-                             log_path=wd / f"search-{name}.jsonl", progress=not opts.quiet)
+                             log_path=safe_child(wd, f"search-{name}.jsonl"), progress=not opts.quiet)
         pruning[name] = {"calibration": outcome.calibration,
                          "best_weights": getattr(outcome.search, "best_weights", None)}
         ckpt = open_checkpoint(ft)
@@ -55,13 +57,23 @@ def run_compress(opts) -> Dict[str, Any]:
     manifest = write_store(opts.output, base_flat, layout, tasks, values_dtype=opts.values,
                            mask_coding=opts.mask, embed_pretrained=not opts.reference_pretrained,
                            pretrained_ref=str(Path(opts.pretrained).resolve()), base_names=base_names)
-    shutil.rmtree(wd, ignore_errors=True)
+    release_work_dir(wd)
     info = store_info(opts.output)
     info["pruning"] = pruning
     info["seconds"] = time.perf_counter() - t0
     if not opts.quiet:
         _print_info(info)
     return info
+
+
+def check_store_destination(output, inputs) -> None:
+    """What write_store checks at the end, checked at the start: the store is not an input, and
+    an existing folder there is empty or an nps store."""
+    from ..checkpoints.save import _check_not_input
+    from .compress import _check_destination
+    out = Path(output).expanduser().absolute()
+    _check_not_input(out, inputs)
+    _check_destination(out)
 
 
 def load_base_flat(pretrained: str, layout, base_names: Dict[str, str]) -> torch.Tensor:
@@ -85,7 +97,8 @@ def load_base_flat(pretrained: str, layout, base_names: Dict[str, str]) -> torch
 
 def run_restore(opts) -> Dict[str, Any]:
     from ..checkpoints import save_model_folder
-    from ..checkpoints.save import atomic_output_dir
+    from ..checkpoints.save import atomic_output_dir, check_output_dir
+    check_output_dir(opts.output, inputs=[opts.store] + ([opts.pretrained] if opts.pretrained else []))
     store = read_store(opts.store)
     if opts.task not in store.tasks:
         raise NPSError(f"{opts.store}: no task {opts.task!r} (tasks: {', '.join(store.tasks)})")
@@ -100,18 +113,29 @@ def run_restore(opts) -> Dict[str, Any]:
     inputs = [opts.store] + ([opts.pretrained] if opts.pretrained else [])
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
         save_model_folder(tmp, state, like=None, inputs=inputs)
-        for fname, data in restored.side_files.items():
-            (tmp / fname).write_bytes(data)
+        for fname, data in restored.side_files.items():   # names checked when the store opened
+            target = safe_relpath(tmp, fname, what="side file")
+            if target.exists():
+                raise NPSError(f"{opts.store}: side file {fname!r} of task {opts.task!r} would "
+                               "replace a file of the restored model")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
     print(f"restored task {opts.task!r} to {opts.output}")
     return {"task": opts.task, "output": opts.output}
 
 
 def run_info(opts) -> Dict[str, Any]:
-    info = store_info(opts.store)
+    store = read_store(opts.store)
+    if getattr(opts, "verify", False):
+        store.verify()            # every sha256, every mask decoded: raises on the first bad part
+    info = store.info()
+    info["verified"] = bool(getattr(opts, "verify", False))
     if opts.json:
         print(json.dumps(info))
     else:
         _print_info(info)
+        if info["verified"]:
+            print("  verified: every part's sha256, θ_pre and every task's mask hold")
     return info
 
 

@@ -99,7 +99,8 @@ def run_transfer(opts) -> Dict[str, Any]:
             from ..report.plots import plot_search
             plot_search(outcome.search, tmp / "search.png", title=f"NPS search for transfer: {tv.name}")
             shutil.copy2(wd / "search.jsonl", tmp / "search.jsonl")
-    shutil.rmtree(wd, ignore_errors=True)
+    from ..workdirs import release_work_dir
+    release_work_dir(wd)
     if not opts.quiet:
         print(f"λ = {res['lambda']:g}")
         for who, s in res["calibration"].items():

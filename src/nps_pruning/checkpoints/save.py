@@ -25,6 +25,8 @@ import torch
 
 from .. import __version__
 from ..errors import NPSError
+from ..paths import regular_files, write_error
+from ..workdirs import make_temp_dir, read_owner, unmark
 from .load import BIN_INDEX, SAFE_INDEX, Checkpoint, open_checkpoint
 
 MARKER = ".nps-output"
@@ -86,36 +88,57 @@ def _check_replaceable(out: Path) -> None:
     raise NPSError(f"{out}: exists; remove it or choose another")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir, *, inputs=()):
-    """Yield a temporary folder next to ``out_dir``; on success it becomes ``out_dir`` (with our
-    marker file), on an exception it is removed and ``out_dir`` is left as it was."""
+def check_output_dir(out_dir, *, inputs=()) -> Path:
+    """The checks :func:`atomic_output_dir` makes, run early (before a long search): the output
+    is not an input and, if it exists, may be replaced."""
     out = Path(out_dir).expanduser().absolute()
     _check_not_input(out, inputs)
     _check_replaceable(out)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir, *, inputs=()):
+    """Yield a temporary folder next to ``out_dir``; on success it becomes ``out_dir`` (with our
+    marker file), on an exception it is removed and ``out_dir`` is left as it was. An OSError of
+    a full disk (or a read-only / forbidden one) becomes one NPSError line."""
+    out = Path(out_dir).expanduser().absolute()
+    owner = read_owner(out, "temp")
+    if owner is not None and owner.get("pid") == os.getpid():
+        # a temporary folder of an enclosing atomic_output_dir of this process: that one makes
+        # the result appear atomically (and removes it on error)
+        _check_not_input(out, inputs)
+        yield out
+        return
+    check_output_dir(out, inputs=inputs)
     created = []
     parent = out.parent
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out.parent, out.name)
         yield tmp
+        unmark(tmp)
         (tmp / MARKER).write_text(json.dumps({"tool": "nps-pruning", "version": __version__}) + "\n")
         _check_replaceable(out)  # it may have appeared meanwhile
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = make_temp_dir(out.parent, out.name, "old")
             os.rename(out, old / "x")
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         for d in created:  # parents we made, innermost first, if still empty
             with contextlib.suppress(OSError):
                 d.rmdir()
+        if isinstance(err, OSError):
+            raise write_error(err, out) from None
         raise
 
 
@@ -174,9 +197,11 @@ def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | Non
     try:
         _write_safetensors(Path(tmp), ts, metadata)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise write_error(err, p) from None
         raise
     return p
 
@@ -191,29 +216,24 @@ def _is_weight_file(name: str) -> bool:
 
 def side_files(folder) -> Dict[str, bytes]:
     """The non-weight files at the top of a model folder (config, tokenizer, ...) as bytes: what a
-    compression store keeps per task so that a restored folder loads like the original."""
-    out: Dict[str, bytes] = {}
-    for entry in sorted(Path(folder).iterdir()):
-        if entry.is_file() and not entry.name.startswith(".") and not _is_weight_file(entry.name):
-            out[entry.name] = entry.read_bytes()
-    return out
+    compression store keeps per task so that a restored folder loads like the original. Only
+    regular files are read: links and special files are skipped with a warning."""
+    return {name: path.read_bytes()
+            for name, path in regular_files(folder, skip=_is_weight_file) if "/" not in name}
 
 
 def _copy_side_files(src: Path, dst: Path) -> List[str]:
-    """Copy everything in ``src`` that is not a weight file (config, tokenizer, generation
-    config, sentence-transformers module folders, ...). Hidden entries are skipped."""
+    """Copy the regular files of ``src`` that are not weight files (config, tokenizer,
+    generation config, sentence-transformers module folders, ...), sub-folders included. Hidden
+    entries are skipped; symbolic links and special files are skipped with a warning (a link
+    could point anywhere: its target is not part of the model)."""
     copied = []
-    for entry in sorted(src.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, symlinks=False,
-                            ignore=lambda d, names: [n for n in names
-                                                     if n.startswith(".") or _is_weight_file(n)])
-            copied.append(entry.name + "/")
-        elif entry.is_file() and not _is_weight_file(entry.name):
-            shutil.copy2(entry, dst / entry.name)
-            copied.append(entry.name)
+    for rel, path in regular_files(src, recursive=True, skip=_is_weight_file):
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        shutil.copystat(path, target)
+        copied.append(rel)
     return copied
 
 

@@ -1,0 +1,193 @@
+"""Checking a store's manifest before anything is read on its word (used by
+:class:`nps_pruning.apps.compress.Store`).
+
+A manifest is data from a file: every field the reader uses is checked for its type and range,
+every part path is confined to the store folder (:func:`nps_pruning.paths.safe_relpath`), and
+side-file names may not be weight files or names nps writes itself, so a restored folder's
+verified weights can never be replaced by a side file. Any failure is one NPSError line naming
+the manifest and the field.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator, Tuple
+
+from ..errors import NPSError
+from ..paths import safe_relpath
+
+PART_KINDS = ("mask", "values", "task_specific", "buffers")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_MANIFEST_BYTES = 64 * 2**20
+LAYOUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+class ManifestError(NPSError):
+    pass
+
+
+def _fail(where: str, what: str):
+    raise ManifestError(f"{where}: {what}")
+
+
+def _int(value, field: str, where: str, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        _fail(where, f"malformed manifest: {field} must be an integer >= {lo}, got {value!r:.60}")
+    return value
+
+
+def _str(value, field: str, where: str) -> str:
+    if not isinstance(value, str):
+        _fail(where, f"malformed manifest: {field} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _dict(value, field: str, where: str) -> dict:
+    if not isinstance(value, dict):
+        _fail(where, f"malformed manifest: {field} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value, field: str, where: str) -> list:
+    if not isinstance(value, list):
+        _fail(where, f"malformed manifest: {field} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _sha(value, field: str, where: str) -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        _fail(where, f"malformed manifest: {field} must be a sha256 hex digest")
+    return value
+
+
+def check_part(store: Path, part, field: str, where: str) -> None:
+    _dict(part, field, where)
+    for key in ("file", "bytes", "sha256"):
+        if key not in part:
+            _fail(where, f"malformed manifest: {field} has no {key!r}")
+    try:
+        safe_relpath(store, part["file"], what=f"{field}.file")
+    except NPSError as err:
+        _fail(where, f"unsafe part path: {err}")
+    _int(part["bytes"], f"{field}.bytes", where)
+    _sha(part["sha256"], f"{field}.sha256", where)
+
+
+def side_file_reserved(name: str) -> bool:
+    """Names a restored folder's own files have (weights, weight indexes, nps's markers)."""
+    from ..checkpoints.save import MARKER, _is_weight_file
+    base = name.rsplit("/", 1)[-1]
+    return _is_weight_file(base) or base.casefold() == MARKER
+
+
+def check_side_name(store: Path, name, where: str, owner: str) -> None:
+    try:
+        safe_relpath(store, name, what=f"side file ({owner})")
+    except NPSError as err:
+        _fail(where, f"unsafe side file name: {err}")
+    if side_file_reserved(name):
+        _fail(where, f"side file {name!r} ({owner}) has the name of a weight file nps writes "
+                     "itself; a side file may not replace the restored weights")
+
+
+def _task(store: Path, entry, i: int, where: str, num: int, value_dtypes, codings) -> None:
+    field = f"tasks[{i}]"
+    _dict(entry, field, where)
+    for key in ("name", "kept", "keep_ratio", "value_dtype", "mask_coding", "parts", "side_files",
+                "mask_sha256"):
+        if key not in entry:
+            _fail(where, f"malformed manifest: {field} has no {key!r}")
+    name = _str(entry["name"], f"{field}.name", where)
+    if not name or "\0" in name:
+        _fail(where, f"malformed manifest: {field}.name must be a non-empty name")
+    kept = _int(entry["kept"], f"{field}.kept", where)
+    if kept > num:
+        _fail(where, f"malformed manifest: {field}.kept = {kept} exceeds num_entries {num}")
+    ratio = entry["keep_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        _fail(where, f"malformed manifest: {field}.keep_ratio must be a number in [0, 1]")
+    if entry["value_dtype"] not in value_dtypes:
+        _fail(where, f"malformed manifest: {field}.value_dtype must be one of "
+                     f"{', '.join(value_dtypes)}")
+    if entry["mask_coding"] not in codings:
+        _fail(where, f"malformed manifest: {field}.mask_coding must be one of {', '.join(codings)}")
+    _sha(entry["mask_sha256"], f"{field}.mask_sha256", where)
+    parts = _dict(entry["parts"], f"{field}.parts", where)
+    if sorted(parts) != sorted(PART_KINDS):
+        _fail(where, f"malformed manifest: {field}.parts must hold exactly {', '.join(PART_KINDS)}")
+    for kind in PART_KINDS:
+        check_part(store, parts[kind], f"{field}.parts.{kind}", where)
+    mask_bytes = parts["mask"]["bytes"]
+    need = (num + 7) // 8 if entry["mask_coding"] == "packed" else 4 * -(-num // 2**16)
+    if mask_bytes < need:          # also bounds what a mask may make us allocate
+        _fail(where, f"malformed manifest: {field}.parts.mask is {mask_bytes} bytes, too small "
+                     f"for {num} entries")
+    side = _dict(entry["side_files"], f"{field}.side_files", where)
+    for fname, part in side.items():
+        check_side_name(store, fname, where, f"task {name!r}")
+        check_part(store, part, f"{field}.side_files[{fname!r}]", where)
+    if "task_specific_entries" in entry:
+        _int(entry["task_specific_entries"], f"{field}.task_specific_entries", where)
+
+
+def check_manifest(store: Path, manifest: Any, where: str, *, value_dtypes, codings) -> None:
+    """Raise one NPSError line when ``manifest`` is not a well-formed store manifest."""
+    _dict(manifest, "manifest", where)
+    num = _int(manifest.get("num_entries"), "num_entries", where, lo=1)
+    lay = _dict(manifest.get("layout"), "layout", where)
+    names = _list(lay.get("names"), "layout.names", where)
+    shapes = _list(lay.get("shapes"), "layout.shapes", where)
+    dtypes = _list(lay.get("dtypes"), "layout.dtypes", where)
+    if not names or not len(names) == len(shapes) == len(dtypes):
+        _fail(where, "malformed manifest: layout names, shapes and dtypes must be non-empty "
+                     "lists of one length")
+    total = 0
+    for i, (n, shape, dtype) in enumerate(zip(names, shapes, dtypes)):
+        _str(n, f"layout.names[{i}]", where)
+        size = 1
+        for d in _list(shape, f"layout.shapes[{i}]", where):
+            size *= _int(d, f"layout.shapes[{i}]", where)
+        total += size
+        if dtype not in LAYOUT_DTYPES:
+            _fail(where, f"malformed manifest: layout.dtypes[{i}] must be one of "
+                         f"{', '.join(LAYOUT_DTYPES)}, got {dtype!r:.40}")
+    if len(set(names)) != len(names):
+        _fail(where, "malformed manifest: layout.names has duplicates")
+    if total != num:
+        _fail(where, f"layout has {total} entries, manifest says {num}")
+    base_names = manifest.get("base_names", {})
+    if base_names is not None and (not isinstance(base_names, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in base_names.items())):
+        _fail(where, "malformed manifest: base_names must map strings to strings")
+    pre = _dict(manifest.get("pretrained"), "pretrained", where)
+    _sha(pre.get("sha256"), "pretrained.sha256", where)
+    if not isinstance(pre.get("embedded"), bool):
+        _fail(where, "malformed manifest: pretrained.embedded must be true or false")
+    if pre.get("ref") is not None:
+        _str(pre["ref"], "pretrained.ref", where)
+    if pre.get("part") is not None:
+        check_part(store, pre["part"], "pretrained.part", where)
+        if pre["part"]["bytes"] < 2 * num:
+            _fail(where, f"malformed manifest: pretrained.part is too small for {num} entries")
+    elif pre["embedded"]:
+        _fail(where, "malformed manifest: pretrained.embedded is true but there is no part")
+    tasks = _list(manifest.get("tasks"), "tasks", where)
+    if not tasks:
+        _fail(where, "malformed manifest: no tasks")
+    for i, entry in enumerate(tasks):
+        _task(store, entry, i, where, num, value_dtypes, codings)
+    task_names = [t["name"] for t in tasks]
+    if len(set(task_names)) != len(task_names):
+        _fail(where, "malformed manifest: task names are not unique")
+    files = [part["file"] for part, _ in all_parts(manifest)]
+    if len(set(files)) != len(files) or "manifest.json" in files:
+        _fail(where, "malformed manifest: two parts name the same file")
+
+
+def all_parts(manifest: dict) -> Iterator[Tuple[dict, str]]:
+    pre = manifest["pretrained"]
+    if pre.get("part"):
+        yield pre["part"], "pre-trained model"
+    for entry in manifest["tasks"]:
+        for part in list(entry["parts"].values()) + list(entry["side_files"].values()):
+            yield part, f"task {entry['name']!r}"
