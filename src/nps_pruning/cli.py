@@ -69,8 +69,16 @@ def run_eval(opts) -> dict:
     return result
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one ``nps: error:`` line, exit 2."""
+
+    def error(self, message: str):
+        print(f"nps: error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nps", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="NPS-Pruning: slimmer fine-tuned models for transfer, fusion and compression "
                     "(Du et al., ACL 2025).")
