@@ -139,9 +139,14 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
         executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
         aborted = None
         try:
+            run_id = None
+            if log_path is not None:    # what --resume checks: the log must be of this very run
+                from ..search.identity import run_identity
+                run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
+                                      eval_spec=eval_spec, opts=opts, method=method)
             result = run_search(_scorer(session, evaluator, bands, opts, eval_spec), opts.bands,
                                 search_settings(opts), log_path=log_path, resume=opts.resume,
-                                executor=executor, progress=progress)
+                                executor=executor, progress=progress, run_id=run_id)
         except SearchAborted as e:
             # keep the best candidate scored so far; the caller writes it and still fails
             if e.result is None or not any(c.get("status") == "ok" for c in e.result.candidates):
