@@ -7,7 +7,6 @@ non-zero exit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict, List, Optional
@@ -62,7 +61,8 @@ def run_eval(opts) -> dict:
                            calib_size=opts.calib_size, seed=opts.seed, batch_size=opts.batch_size,
                            max_length=opts.max_length)
     if opts.json:
-        print(json.dumps(result))
+        from .report.report import json_text
+        print(json_text(result))     # valid JSON always: a non-finite score is null
     else:
         print(f"score {result['score']:.4f} on {result['num_rows']} rows "
               f"({result['seconds']:.1f} s)")

@@ -109,7 +109,8 @@ def run_restore(opts) -> Dict[str, Any]:
 def run_info(opts) -> Dict[str, Any]:
     info = store_info(opts.store)
     if opts.json:
-        print(json.dumps(info))
+        from ..report.report import json_text
+        print(json_text(info))
     else:
         _print_info(info)
     return info
