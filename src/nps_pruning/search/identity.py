@@ -67,16 +67,20 @@ def eval_fingerprint(spec: Optional[str]) -> Optional[Dict[str, Any]]:
         return None
     kind, _, arg = str(spec).partition(":")
     kind = kind.strip().lower()
+    kind = {"text": "text-classification", "image": "image-classification"}.get(kind, kind)
     if kind == "python":
-        out: Dict[str, Any] = {"kind": kind, "spec": spec}
-        module = arg.split(":", 1)[0]
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            found = None
-        origin = getattr(found, "origin", None)
-        if origin and os.path.isfile(origin):
-            out["source"] = file_fingerprint(Path(origin))
+        from ..evaluation.python_eval import parse_python_spec
+        module, func = parse_python_spec(str(spec).strip())
+        out: Dict[str, Any] = {"kind": kind, "function": func}
+        if module.endswith(".py") or os.sep in module or "/" in module:
+            origin: Optional[str] = str(Path(module).expanduser())
+        else:
+            out["module"] = module
+            try:
+                origin = getattr(importlib.util.find_spec(module), "origin", None)
+            except (ImportError, ValueError):
+                origin = None
+        out["source"] = file_fingerprint(Path(origin)) if origin and os.path.isfile(origin) else None
         return out
     f = Path(arg)
     return {"kind": kind, "file": file_fingerprint(f) if f.is_file() else None}
