@@ -221,6 +221,8 @@ class TextClassificationEvaluator:
         enc = tok(texts, truncation=True, max_length=int(max_length), padding=False)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         lengths = [len(ids) for ids in enc["input_ids"]]
+        self.longest = max(lengths, default=0)
+        self.max_length = int(max_length)
         self.max_token_id = max((max(ids) for ids in enc["input_ids"] if len(ids)), default=-1)
         try:
             self.vocab_size = len(tok)
@@ -252,6 +254,13 @@ class TextClassificationEvaluator:
                            f"{self.vocab_size} tokens (ids up to {max(self.vocab_size - 1, self.max_token_id)}) "
                            f"but the model's input embedding has {rows} rows: tokenizer and model "
                            "do not match")
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        has_table = any(name.endswith("position_embeddings") and isinstance(m, torch.nn.Embedding)
+                        for name, m in model.named_modules())
+        if has_table and isinstance(positions, int) and self.longest > positions:
+            raise NPSError(f"{self.path}: rows are up to {self.longest} tokens long (--max-length "
+                           f"{self.max_length}) but the model takes at most {positions} positions; "
+                           f"pass --max-length {positions}")
 
     def __call__(self, model: torch.nn.Module) -> float:
         self.check_model(model)         # an attribute lookup: cheap next to the forward passes
