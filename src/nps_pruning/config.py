@@ -329,58 +329,11 @@ def _coerce_one(f: dataclasses.Field, value: Any, source: str):
     return value
 
 
-# A config is a handful of settings: anything near these limits is not one (and an alias bomb,
-# ``a: &a [x, x]``, ``b: &b [*a, *a]``, ..., expands exponentially while being built).
-YAML_MAX_BYTES = 1 << 20
-YAML_MAX_NODES = 100_000
-
-
-def _expanded_size(root, source: str) -> int:
-    """Number of nodes ``root`` stands for once every alias is expanded (memoised, so linear in
-    the distinct nodes); recursive aliases are refused."""
-    import yaml
-    sizes: Dict[int, int] = {}
-    busy: set = set()
-
-    def size(node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in busy:
-            raise NPSError(f"{source}: recursive YAML alias (a value that contains itself)")
-        busy.add(key)
-        total = 1
-        if isinstance(node, yaml.SequenceNode):
-            total += sum(size(child) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in node.value)
-        busy.discard(key)
-        sizes[key] = min(total, YAML_MAX_NODES + 1)
-        if sizes[key] > YAML_MAX_NODES:
-            raise NPSError(f"{source}: the YAML expands to more than {YAML_MAX_NODES} values "
-                           "(aliases repeated too often); a config is a handful of settings")
-        return sizes[key]
-
-    try:
-        return size(root)
-    except RecursionError:
-        raise NPSError(f"{source}: the YAML nests too deeply") from None
-
-
-def _bounded_loader(source: str):
-    import yaml
-
-    class BoundedLoader(yaml.SafeLoader):
-        def construct_document(self, node):
-            _expanded_size(node, source)
-            return super().construct_document(node)
-
-    return BoundedLoader
-
-
 def load_yaml_config(path: str | Path):
     """Read ``nps run CONFIG.yaml``: returns (command, options)."""
     import yaml
+
+    from .yaml_safe import YAML_MAX_BYTES, bounded_loader
     p = Path(path)
     if not p.is_file():
         raise NPSError(f"{p}: config file not found")
@@ -392,7 +345,7 @@ def load_yaml_config(path: str | Path):
     except UnicodeDecodeError as e:
         raise NPSError(f"{p}: not UTF-8 text ({e.reason})") from None
     try:
-        data = yaml.load(text, Loader=_bounded_loader(str(p)))   # noqa: S506 - a SafeLoader
+        data = yaml.load(text, Loader=bounded_loader(str(p)))   # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise NPSError(f"{p}: not valid YAML: {short(str(e).splitlines()[0] if str(e) else '')}") from None
     except RecursionError:
