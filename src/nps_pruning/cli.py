@@ -7,7 +7,6 @@ non-zero exit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict, List, Optional
@@ -62,15 +61,24 @@ def run_eval(opts) -> dict:
                            calib_size=opts.calib_size, seed=opts.seed, batch_size=opts.batch_size,
                            max_length=opts.max_length)
     if opts.json:
-        print(json.dumps(result))
+        from .report.report import json_text
+        print(json_text(result))     # valid JSON always: a non-finite score is null
     else:
         print(f"score {result['score']:.4f} on {result['num_rows']} rows "
               f"({result['seconds']:.1f} s)")
     return result
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one ``nps: error:`` line, exit 2."""
+
+    def error(self, message: str):
+        print(f"nps: error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nps", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="NPS-Pruning: slimmer fine-tuned models for transfer, fusion and compression "
                     "(Du et al., ACL 2025).")

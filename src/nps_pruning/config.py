@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Type
@@ -25,6 +27,11 @@ def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: 
         return field(default_factory=lambda: list(default or []), metadata=meta)
     return field(default=default, metadata=meta)
 
+
+# Seeds feed numpy's and cmaes' generators, which take 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+# Every integer option fits a C long (torch, numpy and argparse's consumers need no more).
+INT_MAX = 2**63 - 1
 
 # Search bounds and step size by parametrisation: (lower, upper, sigma0). Chosen from the benchmark
 # (BENCHMARKS.md, "Defaults chosen"): at small keep ratios the weights must be able to pass 2.
@@ -81,7 +88,7 @@ class SearchOptions:
                          lo=0.0, hi=0.9)
     rescore_top: int = opt(5, "how many of the search's best candidates are re-scored on the "
                               "held-out rows", lo=1)
-    seed: int = opt(0, "random seed: same inputs and seed give the same result")
+    seed: int = opt(0, "random seed: same inputs and seed give the same result", lo=0, hi=SEED_MAX)
     calib_size: Optional[int] = opt(None, "score on a seeded random subsample of N calibration rows",
                                     lo=1)
     batch_size: int = opt(64, "evaluation batch size", lo=1)
@@ -182,7 +189,7 @@ class EvalOptions:
     eval: str = opt(None, "evaluator SPEC", required=True)
     json: bool = opt(False, "print one JSON object with at least `score`")
     calib_size: Optional[int] = opt(None, "score a seeded random subsample of N rows", lo=1)
-    seed: int = opt(0, "seed of the subsample")
+    seed: int = opt(0, "seed of the subsample", lo=0, hi=SEED_MAX)
     batch_size: int = opt(64, "evaluation batch size", lo=1)
     max_length: int = opt(128, "text evaluators: maximum tokens per row", lo=1)
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
@@ -219,14 +226,14 @@ def _base_type(f: dataclasses.Field):
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: Type) -> None:
-    """Add one argparse argument per field of ``cls``."""
+    """Add one argparse argument per field of ``cls``. Values stay strings here: :func:`build`
+    converts and validates them, the same code as for YAML (one message format for both)."""
     for f in dataclasses.fields(cls):
         m = f.metadata
         help_text = m.get("help", "")
-        kind = _base_type(f)
+        metavar = f.name.upper()
         if m.get("positional"):
-            parser.add_argument(f.name, nargs="+" if m.get("many") else None, help=help_text,
-                                type=kind)
+            parser.add_argument(f.name, nargs="+" if m.get("many") else None, help=help_text)
             continue
         names = [_flag(f)] + ([m["short"]] if m.get("short") else [])
         if "bool" in str(f.type):
@@ -239,11 +246,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: Type) -> None:
             help_text += f" [default: {default}]"
         if m.get("many"):
             # --eval A --eval B, or --eval A B
-            parser.add_argument(*names, dest=f.name, nargs="+", action="extend", type=kind,
-                                default=None, help=help_text)
+            parser.add_argument(*names, dest=f.name, nargs="+", action="extend",
+                                default=None, help=help_text, metavar=metavar)
         else:
-            parser.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text,
-                                metavar=f.name.upper() if kind is str else None)
+            parser.add_argument(*names, dest=f.name, default=None, help=help_text, metavar=metavar)
 
 
 def from_namespace(cls: Type, ns: argparse.Namespace):
@@ -252,17 +258,34 @@ def from_namespace(cls: Type, ns: argparse.Namespace):
     return build(cls, values, source="command line")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
+def short(value: Any) -> str:
+    """A bounded one-line repr for error messages: never the whole of a huge (or aliased,
+    or recursive) value from a config file."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails still gets a message
+        text = f"<{type(value).__name__}>"
+    return " ".join(text.split())[:120]
+
+
 def build(cls: Type, values: Mapping[str, Any], source: str = "config"):
     """Validate ``values`` (from YAML or the CLI) into ``cls``: unknown keys, types, ranges, choices."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     aliases = {_flag(f).lstrip("-").replace("-", "_"): f.name for f in fields.values()}
     kwargs: Dict[str, Any] = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise NPSError(f"{source}: option names must be strings, not {short(key)}")
         name = key.replace("-", "_")
         name = name if name in fields else aliases.get(name, name)
         if name not in fields:
             known = ", ".join(sorted(fields))
-            raise NPSError(f"{source}: unknown option {key!r} (known: {known})")
+            raise NPSError(f"{source}: unknown option {short(key)} (known: {known})")
         kwargs[name] = _coerce(fields[name], value, source)
     for f in fields.values():
         if (f.metadata.get("positional") or f.metadata.get("required")) and kwargs.get(f.name) in (None, []):
@@ -281,51 +304,72 @@ def _coerce(f: dataclasses.Field, value: Any, source: str):
 
 
 def _coerce_one(f: dataclasses.Field, value: Any, source: str):
+    """The one validation of every option value (CLI and YAML alike): type, finiteness of every
+    float, integer range, choices, the field's bounds."""
     m, name, s = f.metadata, f.name, str(f.type)
     try:
         if "bool" in s:
             if not isinstance(value, bool):
                 raise TypeError
         elif _base_type(f) is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise TypeError
             value = float(value)
         elif _base_type(f) is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
+            if isinstance(value, float) and not value.is_integer():
                 raise TypeError
             value = int(value)
         else:
             if not isinstance(value, (str, Path)):
                 raise TypeError
             value = str(value)
-    except (TypeError, ValueError):
-        raise NPSError(f"{source}: option {name!r} has the wrong type: {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise NPSError(f"{source}: option {name!r} has the wrong type: {short(value)}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NPSError(f"{source}: option {name!r} must be a finite number, not {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+        raise NPSError(f"{source}: option {name!r} = {short(value)} is out of range (|value| <= 2**63 - 1)")
+    if isinstance(value, str) and ("\x00" in value or len(value) > 4096):
+        raise NPSError(f"{source}: option {name!r} is not a usable string: {short(value)}")
     if m.get("choices") and value not in m["choices"]:
         raise NPSError(f"{source}: option {name!r} must be one of {', '.join(m['choices'])}, "
-                       f"not {value!r}")
+                       f"not {short(value)}")
     lo, hi = m.get("lo"), m.get("hi")
     if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
-        raise NPSError(f"{source}: option {name!r} = {value} is out of range "
+        raise NPSError(f"{source}: option {name!r} = {short(value)} is out of range "
                        f"({'>' if m.get('lo_open') else '>='} {lo})")
     if hi is not None and value > hi:
-        raise NPSError(f"{source}: option {name!r} = {value} is out of range (<= {hi})")
+        raise NPSError(f"{source}: option {name!r} = {short(value)} is out of range (<= {hi})")
     return value
 
 
 def load_yaml_config(path: str | Path):
     """Read ``nps run CONFIG.yaml``: returns (command, options)."""
     import yaml
+
+    from .yaml_safe import YAML_MAX_BYTES, bounded_loader
     p = Path(path)
     if not p.is_file():
         raise NPSError(f"{p}: config file not found")
+    if p.stat().st_size > YAML_MAX_BYTES:
+        raise NPSError(f"{p}: config file is larger than {YAML_MAX_BYTES} bytes; a config is a "
+                       "handful of settings")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise NPSError(f"{p}: not UTF-8 text ({e.reason})") from None
+    try:
+        data = yaml.load(text, Loader=bounded_loader(str(p)))   # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
-        raise NPSError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise NPSError(f"{p}: not valid YAML: {short(str(e).splitlines()[0] if str(e) else '')}") from None
+    except RecursionError:
+        raise NPSError(f"{p}: the YAML nests too deeply") from None
     if not isinstance(data, dict):
         raise NPSError(f"{p}: expected a mapping with a 'command' key")
     command = data.pop("command", None)
-    if command not in COMMANDS:
-        raise NPSError(f"{p}: 'command' must be one of {', '.join(COMMANDS)}, not {command!r}")
+    if not isinstance(command, str) or command not in COMMANDS:
+        raise NPSError(f"{p}: 'command' must be one of {', '.join(COMMANDS)}, not {short(command)}")
     # Relative paths in a config resolve against the current directory, as on the command line.
     return command, build(COMMANDS[command], data, source=str(p))

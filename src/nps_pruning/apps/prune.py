@@ -232,10 +232,15 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
         executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
         aborted = None
         try:
+            run_id = None
+            if log_path is not None:    # what --resume checks: the log must be of this very run
+                from ..search.identity import run_identity
+                run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
+                                      eval_spec=eval_spec, opts=opts, method=method)
             result = run_search(_scorer(session, evaluator, bands, opts, eval_spec, index,
                                         calib_size=evaluator.num_rows if holdout is not None else None),
                                 opts.bands, settings, log_path=log_path, resume=opts.resume,
-                                executor=executor, progress=progress, space=space)
+                                executor=executor, progress=progress, space=space, run_id=run_id)
         except OSError as e:
             from ..paths import write_error
             raise write_error(e, log_path, "the search log so far is kept for --resume "

@@ -131,7 +131,8 @@ def run_info(opts) -> Dict[str, Any]:
     info = store.info()
     info["verified"] = bool(getattr(opts, "verify", False))
     if opts.json:
-        print(json.dumps(info))
+        from ..report.report import json_text
+        print(json_text(info))
     else:
         _print_info(info)
         if info["verified"]:

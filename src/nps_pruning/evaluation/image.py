@@ -17,7 +17,7 @@ import torch
 
 from ..errors import NPSError
 from .model import logits_of
-from .text import check_num_outputs, select_rows
+from .text import check_num_outputs, forward_or_explain, select_rows
 
 
 def prepare_images(images: np.ndarray, mean=None, std=None, source: str = "") -> torch.Tensor:
@@ -114,7 +114,7 @@ class ImageClassificationEvaluator:
     def _logits(self, model: torch.nn.Module):
         with torch.inference_mode():
             for s in range(0, self.num_rows, self.batch_size):
-                logits = logits_of(model(self.images[s:s + self.batch_size]))
+                logits = logits_of(forward_or_explain(model, self.path, self.images[s:s + self.batch_size]))
                 check_num_outputs(logits, self.max_label, str(self.path))
                 yield logits, self.labels[s:s + self.batch_size]
 

@@ -90,6 +90,21 @@ def check_num_outputs(logits: torch.Tensor, max_label: int, source: str) -> None
                        f"{logits.shape[-1]} outputs")
 
 
+def forward_or_explain(model: torch.nn.Module, source, *args, **kwargs):
+    """``model(*args, **kwargs)``; a failure (inputs of a shape the model does not take, ids out
+    of range, out of memory) becomes one NPSError naming the data file and the input shape."""
+    try:
+        return model(*args, **kwargs)
+    except NPSError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError, AssertionError) as exc:
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else "?"
+        msg = " ".join(str(exc).split())[:200]
+        raise NPSError(f"{source}: the model ({type(model).__name__}) cannot score inputs of shape "
+                       f"{shape}: {type(exc).__name__}: {msg}") from None
+
+
 # -- reading -----------------------------------------------------------------------------------
 def read_text_rows(path: Path, need_labels: bool = True) -> Tuple[List[str], List[Any]]:
     """(texts, raw labels) of a CSV/TSV/JSONL file; NPSError naming the file on any problem.
@@ -101,7 +116,7 @@ def read_text_rows(path: Path, need_labels: bool = True) -> Tuple[List[str], Lis
     suffix = path.suffix.lower()
     try:
         if suffix in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:         # a UTF-8 BOM is not part of row 1
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -119,24 +134,43 @@ def read_text_rows(path: Path, need_labels: bool = True) -> Tuple[List[str], Lis
                     texts.append(row["text"])
                     labels.append(row.get("label"))
         else:
-            delimiter = "\t" if suffix == ".tsv" else ","
-            with open(path, encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f, delimiter=delimiter)
-                fields = [c.strip() for c in (reader.fieldnames or [])]
-                if not fields:
-                    raise NPSError(f"{path}: empty file (expected a header with columns text,label)")
-                for col in ("text", "label") if need_labels else ("text",):
-                    if col not in fields:
-                        raise NPSError(f"{path}: missing column {col!r} (columns: {', '.join(fields)})")
-                reader.fieldnames = fields
-                for row in reader:
-                    texts.append(row["text"] or "")
-                    labels.append(row.get("label"))
+            _read_csv(path, "\t" if suffix == ".tsv" else ",", texts, labels, need_labels)
     except UnicodeDecodeError as exc:
         raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     if not texts:
         raise NPSError(f"{path}: empty file (no rows)")
     return texts, labels
+
+
+def _read_csv(path: Path, delimiter: str, texts: List[str], labels: List[Any],
+              need_labels: bool = True) -> None:
+    """Rows of a CSV/TSV file (a UTF-8 BOM is skipped; fields of any length are read)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)       # the default (128 KiB) refuses long texts
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            try:
+                fields = [str(c).strip() for c in (reader.fieldnames or [])]
+                if not fields:
+                    raise NPSError(f"{path}: empty file (expected a header with columns text,label)")
+                for col in ("text", "label") if need_labels else ("text",):
+                    if col not in fields:
+                        shown = ", ".join(c[:40] for c in fields[:10])
+                        raise NPSError(f"{path}: missing column {col!r} (columns: {shown})")
+                reader.fieldnames = fields
+                for row in reader:
+                    texts.append(row["text"] or "")
+                    labels.append(row.get("label"))
+            except csv.Error as exc:
+                raise NPSError(f"{path}: line {reader.line_num}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+# Files one of which holds a tokenizer's vocabulary (fast tokenizers, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model")
 
 
 def load_tokenizer(model_path):
@@ -145,6 +179,11 @@ def load_tokenizer(model_path):
     folder = Path(model_path)
     if folder.is_file():
         folder = folder.parent
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build a tokenizer of special tokens only from config.json, and every
+        # row would score as [UNK]s: silently wrong. Refuse instead.
+        raise NPSError(f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES[:3])}, ...); "
+                       "copy the tokenizer files of the pre-trained model into this folder")
     try:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(folder))
@@ -195,6 +234,14 @@ class TextClassificationEvaluator:
         enc = tok(texts, truncation=True, max_length=int(max_length), padding=False)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         lengths = [len(ids) for ids in enc["input_ids"]]
+        self.longest = max(lengths, default=0)
+        self.max_length = int(max_length)
+        self.max_token_id = max((max(ids) for ids in enc["input_ids"] if len(ids)), default=-1)
+        try:
+            self.vocab_size = len(tok)
+        except TypeError:
+            self.vocab_size = self.max_token_id + 1
+        self.tokenizer_source = str(model_path) if tokenizer is None else "the given tokenizer"
         # stable sort by length: batches of like lengths pad little
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         self.batches: List[Tuple[Dict[str, torch.Tensor], torch.Tensor]] = []
@@ -206,13 +253,36 @@ class TextClassificationEvaluator:
             self.batches.append((inputs, self.labels[part].to(self.device)))
         self._keys: Dict[type, List[str]] = {}
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a tokenizer that does not fit the model (ids beyond its embedding table)
+        with one clear line instead of an index error deep in torch."""
+        get = getattr(model, "get_input_embeddings", None)
+        try:
+            emb = get() if callable(get) else None
+        except Exception:  # noqa: BLE001 - a model without input embeddings: nothing to check
+            emb = None
+        rows = getattr(emb, "num_embeddings", None)
+        if isinstance(rows, int) and max(self.vocab_size, self.max_token_id + 1) > rows:
+            raise NPSError(f"{self.path}: the tokenizer of {self.tokenizer_source} has "
+                           f"{self.vocab_size} tokens (ids up to {max(self.vocab_size - 1, self.max_token_id)}) "
+                           f"but the model's input embedding has {rows} rows: tokenizer and model "
+                           "do not match")
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        has_table = any(name.endswith("position_embeddings") and isinstance(m, torch.nn.Embedding)
+                        for name, m in model.named_modules())
+        if has_table and isinstance(positions, int) and self.longest > positions:
+            raise NPSError(f"{self.path}: rows are up to {self.longest} tokens long (--max-length "
+                           f"{self.max_length}) but the model takes at most {positions} positions; "
+                           f"pass --max-length {positions}")
+
     def _logits(self, model: torch.nn.Module):
+        self.check_model(model)         # an attribute lookup: cheap next to the forward passes
         keys = self._keys.get(type(model))
         if keys is None:
             keys = self._keys[type(model)] = _forward_keys(model, list(self.batches[0][0]))
         with torch.inference_mode():
             for inputs, labels in self.batches:
-                logits = logits_of(model(**{k: inputs[k] for k in keys}))
+                logits = logits_of(forward_or_explain(model, self.path, **{k: inputs[k] for k in keys}))
                 check_num_outputs(logits, self.max_label, str(self.path))
                 yield logits, labels
 

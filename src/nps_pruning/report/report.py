@@ -34,10 +34,8 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return _jsonable(obj.tolist())
     if isinstance(obj, (np.floating, float)):
         v = float(obj)
         return v if math.isfinite(v) else None
@@ -48,11 +46,17 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def json_text(data: Any, **kwargs) -> str:
+    """Strict JSON of ``data``: NaN and infinities become null (``json.dumps`` would print
+    ``NaN``/``Infinity``, which no JSON parser accepts)."""
+    return json.dumps(_jsonable(data), allow_nan=False, **kwargs)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Atomic JSON write (temporary name, then rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json_text(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -10,7 +10,8 @@ ends exactly where an uninterrupted one would.
 
 Log format (one JSON object per line)::
 
-    {"type": "header", "format": "nps-search-log/1", "num_bands": M, "settings": {...}}
+    {"type": "header", "format": "nps-search-log/1", "num_bands": M, "settings": {...},
+     "run": {...}}                     # the run identity (search/identity.py), when given
     {"gen": 0, "idx": 0, "weights": [...], "score": 0.75, "status": "ok", "error": null,
      "build_s": 0.01, "eval_s": 0.5}
     ...
@@ -122,9 +123,25 @@ class SearchAborted(NPSError):
 # ---------------------------------------------------------------------------------------------
 # log file
 # ---------------------------------------------------------------------------------------------
-def _header(num_bands: int, settings: SearchSettings) -> dict:
-    return {"type": "header", "format": LOG_FORMAT, "num_bands": int(num_bands),
-            "settings": asdict(settings)}
+def _header(num_bands: int, settings: SearchSettings, run_id: Optional[dict] = None) -> dict:
+    header = {"type": "header", "format": LOG_FORMAT, "num_bands": int(num_bands),
+              "settings": asdict(settings)}
+    if run_id is not None:
+        header["run"] = run_id
+    return header
+
+
+def _check_same_run(log_path: Path, old: dict, new: dict) -> None:
+    """Refuse to resume from the log of another run, saying what differs."""
+    from .identity import identity_diff
+    if "run" in new and "run" not in old:
+        raise NPSError(f"{log_path}: cannot resume: the log carries no run identity (written by an "
+                       "older nps), so it cannot be checked against this run; rerun without --resume")
+    keys = ("num_bands", "settings", "run")
+    diffs = identity_diff({k: old.get(k) for k in keys}, {k: new.get(k) for k in keys})
+    if diffs:
+        raise NPSError(f"{log_path}: cannot resume: the log is of another run ({'; '.join(diffs)}); "
+                       "rerun without --resume to start afresh")
 
 
 def _read_log(path: Path) -> Tuple[Optional[dict], Dict[Tuple[int, int], dict], int]:
@@ -215,7 +232,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                settings: Optional[SearchSettings] = None, *, log_path=None, resume: bool = False,
                executor=None, progress: bool = True,
                on_generation: Optional[Callable[[dict], None]] = None,
-               space=None) -> SearchResult:
+               space=None, run_id: Optional[dict] = None) -> SearchResult:
     """Search band weights with CMA-ES; see the module docstring.
 
     ``scorer(weights) -> (score, {"build_s", "eval_s"})`` (higher is better; a bare float is
@@ -227,7 +244,10 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     default the paper's band-weight space over ``settings``' bounds. Generation 0 scores the
     space's start points (magnitude top-k; the hybrid space also DARE and a half-and-half point);
     CMA-ES starts from the space's ``mean0`` of those scores. Records' ``weights`` are the points
-    in parameter units (band weights, then the space's extra parameters)."""
+    in parameter units (band weights, then the space's extra parameters).
+
+    ``run_id`` (JSON-ready, see :mod:`.identity`) goes into the log's header; ``resume`` refuses
+    a log whose header differs from this run's."""
     from cmaes import CMA
     from tqdm.auto import tqdm
 
@@ -245,7 +265,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         executor = make_executor(executor or "serial")
 
     log_path = Path(log_path) if log_path is not None else None
-    header = _header(num_bands, settings)
+    header = _header(num_bands, settings, run_id)
     previous: Dict[Tuple[int, int], dict] = {}
     keep_bytes = None
     if resume:
@@ -255,11 +275,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
             old_header, previous, keep_bytes = _read_log(log_path)
             if old_header is None:
                 raise NPSError(f"{log_path}: search log has no header; cannot resume from it")
-            for key in ("num_bands", "settings"):
-                if old_header.get(key) != header[key]:
-                    raise NPSError(f"{log_path}: cannot resume: the log was written with {key}="
-                                   f"{json.dumps(old_header.get(key))}, this run has "
-                                   f"{json.dumps(header[key])}")
+            _check_same_run(log_path, old_header, header)
     log = _Log(log_path)
     log.open(header, keep_bytes)
 

@@ -82,8 +82,44 @@ class SerialExecutor:
 _WORKER_SCORER = None
 
 
-def _init_worker(scorer_bytes: bytes) -> None:
+WATCHDOG_INTERVAL_S = 0.5
+
+
+def die_with_parent(parent_pid: int, interval: float = WATCHDOG_INTERVAL_S, *,
+                    pdeathsig: bool = True) -> None:
+    """Make this (worker) process end when ``parent_pid`` dies, even by ``kill -9``.
+
+    On Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` lets the kernel kill it at once; everywhere a
+    daemon thread polls ``os.getppid()`` (a dead parent's children are re-parented) and ends the
+    process with ``os._exit``. A parent already gone when this runs ends the worker too.
+    (The kernel's signal follows the parent *thread* that started the worker, so ``pdeathsig``
+    is only asked for workers started from the parent's main thread.)"""
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)       # PR_SET_PDEATHSIG = 1
+        except Exception:  # noqa: BLE001 - no libc/prctl: the watchdog below still works
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="nps-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(scorer_bytes: bytes, parent_pid: Optional[int] = None,
+                 pdeathsig: bool = False) -> None:
     global _WORKER_SCORER
+    if parent_pid is not None:
+        die_with_parent(parent_pid, pdeathsig=pdeathsig)
     _WORKER_SCORER = pickle.loads(scorer_bytes)
 
 
@@ -92,7 +128,10 @@ def _score_in_worker(weights: np.ndarray) -> Outcome:
 
 
 class ProcessExecutor(SerialExecutor):
-    """concurrent.futures.ProcessPoolExecutor ('spawn'); the scorer is unpickled once per worker."""
+    """concurrent.futures.ProcessPoolExecutor ('spawn'); the scorer is unpickled once per worker.
+
+    Workers die with this process (:func:`die_with_parent`): a killed parent leaves no worker
+    holding a model in memory."""
 
     kind = "processes"
 
@@ -109,10 +148,12 @@ class ProcessExecutor(SerialExecutor):
             return
         self.close()
         import multiprocessing
+        import threading
         from concurrent.futures import ProcessPoolExecutor
+        main_thread = threading.current_thread() is threading.main_thread()
         self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                          mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(data,))
+                                         initializer=_init_worker, initargs=(data, os.getpid(), main_thread))
         self._scorer_bytes = data
 
     def map(self, scorer: Callable, weights: Sequence[np.ndarray]) -> List[Outcome]:

@@ -1,0 +1,62 @@
+"""YAML for ``nps run CONFIG.yaml`` that cannot exhaust memory.
+
+PyYAML's SafeLoader builds aliases as shared objects, but anything that walks the result (a
+validator, an error message's repr) pays for the full expansion: ``a: &a [x, x, ...]``,
+``b: &b [*a, *a, ...]``, ... is 9**9 values after nine lines. :func:`bounded_loader` measures the
+expanded size of the composed document (memoised, linear in its distinct nodes) before any
+Python object is built, and refuses recursive aliases.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from .errors import NPSError
+
+# A config is a handful of settings: anything near these limits is not one (and an alias bomb,
+# ``a: &a [x, x]``, ``b: &b [*a, *a]``, ..., expands exponentially while being built).
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_NODES = 100_000
+
+
+def _expanded_size(root, source: str) -> int:
+    """Number of nodes ``root`` stands for once every alias is expanded (memoised, so linear in
+    the distinct nodes); recursive aliases are refused."""
+    import yaml
+    sizes: Dict[int, int] = {}
+    busy: set = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise NPSError(f"{source}: recursive YAML alias (a value that contains itself)")
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        busy.discard(key)
+        sizes[key] = min(total, YAML_MAX_NODES + 1)
+        if sizes[key] > YAML_MAX_NODES:
+            raise NPSError(f"{source}: the YAML expands to more than {YAML_MAX_NODES} values "
+                           "(aliases repeated too often); a config is a handful of settings")
+        return sizes[key]
+
+    try:
+        return size(root)
+    except RecursionError:
+        raise NPSError(f"{source}: the YAML nests too deeply") from None
+
+
+def bounded_loader(source: str):
+    """A SafeLoader class that refuses documents expanding past YAML_MAX_NODES values."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def construct_document(self, node):
+            _expanded_size(node, source)
+            return super().construct_document(node)
+
+    return BoundedLoader
