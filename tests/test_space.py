@@ -85,9 +85,17 @@ def test_spaces_bounds_starts_and_errors():
     b = hyb.bounds()
     assert b.shape == (7, 2) and b[5].tolist() == [0.0, 1.0]
     assert b[4, 1] == pytest.approx(np.log2(20))         # g reaches 1/r
-    assert hyb.start_labels() == ["magnitude", "dare", "hybrid-0.5"]
+    assert hyb.start_labels() == ["magnitude", "dare", "hybrid-0.5", "magnitude-x2",
+                                  "magnitude-x4", "magnitude-x8"]
+    assert [p[4] for p in hyb.start_points()] == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+    # rescales stay below 1/r: r = 0.2 -> ×2, ×4; r = 0.5 -> none
+    assert make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.2).start_labels()[3:] == ["magnitude-x2",
+                                                                                    "magnitude-x4"]
+    assert make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.5).start_labels()[3:] == []
     # CMA-ES starts at the best start point
-    assert hyb.mean0([0.5, 0.7, 0.6])[5] == 1.0 and hyb.mean0([0.8, 0.7, None])[5] == 0.0
+    assert hyb.mean0([0.5, 0.7, 0.6, 0.1, 0.1, 0.1])[5] == 1.0
+    assert hyb.mean0([0.8, 0.7, None, 0.1, 0.1, 0.1])[5] == 0.0
+    assert hyb.mean0([0.1, 0.1, 0.1, 0.1, 0.9, 0.1])[4] == 2.0
     log = make_space("hybrid", 2, 0.25, 8.0, param="log")
     assert log.to_params(np.array([1.0, -1.0, 0.5, 0.2, 0.1])).tolist() == [2.0, 0.5, 0.5, 0.2, 0.1]
     with pytest.raises(ValueError, match="unknown search space"):
@@ -178,11 +186,12 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     s = rep["search"]
     assert s["space"] == "hybrid" and rep["search_settings"]["space"] == "hybrid"
     starts = [c for c in s["candidates"] if c["gen"] == 0]
-    assert [c["start"] for c in starts] == ["magnitude", "dare", "hybrid-0.5"]
+    assert [c["start"] for c in starts] == ["magnitude", "dare", "hybrid-0.5", "magnitude-x2",
+                                            "magnitude-x4", "magnitude-x8"]
     assert all(len(c["weights"]) == 6 for c in s["candidates"])
     # held-out re-scoring: start points + the best 5 distinct; the chosen has the best held-out score
     rs = s["rescored"]
-    assert len(rs) >= 3 and [r["start"] for r in rs[:3]] == ["magnitude", "dare", "hybrid-0.5"]
+    assert len(rs) >= 6 and [r["start"] for r in rs[:3]] == ["magnitude", "dare", "hybrid-0.5"]
     best = max(rs, key=lambda r: r["holdout_score"])
     assert rep["calibration"]["nps_holdout"] == best["holdout_score"]
     assert s["examples_scored"] == sum(c["examples"] for c in s["candidates"]) > 0

@@ -27,6 +27,7 @@ from .experiments import ResultCache, _logger, _set_threads, default_results_cac
 REPO = Path(__file__).resolve().parents[3]
 START, END = "<!-- wins:start -->", "<!-- wins:end -->"
 WINS_VERSION = 1
+NPS_VERSION = 2        # bump when the default search changes (v2: rescaled start points)
 
 # (label, what it is, PruneOptions overrides, calibration rows)
 VARIANTS: Dict[str, Tuple[str, dict, Optional[int]]] = {
@@ -138,6 +139,7 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                     "examples_scored": int(sum(int(c.get("examples") or 0) for c in res.candidates)),
                     "num_candidates": len(res.candidates), "search_s": time.perf_counter() - t0}
         params = _params(task, cfg, keep=r, variant=variant, over=over, calib_size=calib_size,
+                         nps_v=NPS_VERSION,
                          generations=cfg.generations, popsize=cfg.popsize, bands=cfg.bands)
         res = cache.step(suite, task["name"], f"wins-nps-{variant}-r{r:g}", params, search, log)
         rows.append({"method": f"nps-{variant}", "keep": r, **{k: v for k, v in res.items() if k != "rescored"}})

@@ -285,15 +285,22 @@ class HybridSpace(MagnitudeSpace):
         head = np.exp2(x[:M]) if self.param == "log" else x[:M].copy()
         return np.concatenate([head, x[M:]])
 
+    def _rescales(self) -> List[int]:
+        """The magnitude rescales tried at generation 0: ×2, ×4, ×8 while below 1/r."""
+        g_hi = self._extra_bounds()[0, 1]
+        return [g for g in (1, 2, 3) if g < g_hi]
+
     def start_points(self) -> List[np.ndarray]:
-        """magnitude (w=1, g=0, α=0), DARE (α=1, h=0), and the half-and-half hybrid (α=0.5)."""
+        """magnitude (w=1, g=0, α=0), DARE (α=1, h=0), the half-and-half hybrid (α=0.5), and
+        magnitude rescaled ×2, ×4, ×8 (g = 1, 2, 3; DAREx-q's tuned rescale, on a grid)."""
         w1 = np.zeros(self.num_bands) if self.param == "log" else np.ones(self.num_bands)
-        return [np.concatenate([w1, [0.0, 0.0, 0.0]]),
-                np.concatenate([w1, [0.0, 1.0, 0.0]]),
-                np.concatenate([w1, [0.0, 0.5, 0.0]])]
+        pts = [np.concatenate([w1, [0.0, 0.0, 0.0]]),
+               np.concatenate([w1, [0.0, 1.0, 0.0]]),
+               np.concatenate([w1, [0.0, 0.5, 0.0]])]
+        return pts + [np.concatenate([w1, [float(g), 0.0, 0.0]]) for g in self._rescales()]
 
     def start_labels(self) -> List[str]:
-        return ["magnitude", "dare", "hybrid-0.5"]
+        return ["magnitude", "dare", "hybrid-0.5"] + [f"magnitude-x{2 ** g}" for g in self._rescales()]
 
     def mean0(self, scored) -> np.ndarray:
         """CMA-ES starts at the best start point (the earliest on ties), pulled inside the box."""
