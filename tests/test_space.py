@@ -210,3 +210,17 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     rep2 = json.loads((out2 / "report.json").read_text())
     assert rep2["calibration"]["finetuned"] == pytest.approx(1.0)
     assert 0.0 < rep2["calibration"]["nps"] <= 1.0
+
+
+def test_fitness_floors_non_finite_outputs():
+    from nps_pruning.evaluation.fitness import LOG_FLOOR, FitnessAccumulator
+    logits = torch.tensor([[float("nan"), 0.0], [float("inf"), 0.0], [0.0, -1e6], [2.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 0])
+    acc = FitnessAccumulator("loglik")
+    acc.add(logits, labels, None)
+    want = (3 * LOG_FLOOR + float(torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0])) / 4
+    assert np.isfinite(acc.value()) and acc.value() == pytest.approx(want)
+    ref = torch.log_softmax(torch.tensor([[1.0, 0.0]] * 4), dim=-1)
+    ag = FitnessAccumulator("agreement")
+    ag.add(logits, None, ref)
+    assert 0.0 < ag.value() < 1.0

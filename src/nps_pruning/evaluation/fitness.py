@@ -7,7 +7,10 @@
   fine-tuned model's own output distribution (recorded once by ``set_reference``). 1 means the
   candidate predicts exactly what the fine-tuned model predicts; needs only inputs, no labels.
 
-Each is higher-is-better, so the search maximizes any of them alike.
+Each is higher-is-better, so the search maximizes any of them alike. A row's log-likelihood is
+floored at log(1e-9) (and its KL capped at −log(1e-9)), and non-finite outputs count as that floor:
+an extreme candidate whose activations overflow (a rescaled dense task vector through BatchNorm,
+say) then scores as the worst possible model instead of failing with NaN.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from ..errors import NPSError
 
 FITNESSES = ("accuracy", "loglik", "agreement")
+LOG_FLOOR = math.log(1e-9)      # the worst a row's log-likelihood counts (≈ −20.7)
 
 
 def check_fitness(fitness: str, source: str = "") -> str:
@@ -43,18 +47,31 @@ class FitnessAccumulator:
         if self.fitness == "accuracy":
             self.total += int((logits.argmax(dim=-1) == labels).sum())
         elif self.fitness == "loglik":
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            self.total += float(logp.gather(1, labels.view(-1, 1)).sum())
+            ll = _row_logp(logits).gather(1, labels.view(-1, 1)).squeeze(1)
+            self.total += float(_floor(ll).sum())
         else:
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp = _row_logp(logits)
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)
-            self.total += float(kl.clamp_min(0.0).sum())
+            kl = torch.nan_to_num(kl, nan=-LOG_FLOOR, posinf=-LOG_FLOOR).clamp(0.0, -LOG_FLOOR)
+            self.total += float(kl.sum())
 
     def value(self) -> float:
         mean = self.total / max(1, self.rows)
         if self.fitness == "agreement":
             return math.exp(-mean)
         return mean
+
+
+def _row_logp(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax per row; a row with any non-finite logit gets the floor for every class."""
+    x = logits.float()
+    bad = ~torch.isfinite(x).all(dim=-1)
+    logp = torch.log_softmax(torch.where(bad.unsqueeze(-1), torch.zeros_like(x), x), dim=-1)
+    return torch.where(bad.unsqueeze(-1), torch.full_like(logp, LOG_FLOOR), logp)
+
+
+def _floor(ll: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(ll, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
 
 
 def reference_log_probs(batches_logits: List[torch.Tensor]) -> List[torch.Tensor]:
