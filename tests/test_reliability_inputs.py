@@ -62,7 +62,8 @@ def one_error_line(capsys, *names) -> str:
 def _prune_args(pair, out, *extra):
     return ["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--method", "nps",
             "--eval", f"text-classification:{pair['calib']}", "--bands", "2", "--generations", "1",
-            "--popsize", "4", "--keep", "0.1", "--quiet", *extra]
+            "--popsize", "4", "--keep", "0.1", "--quiet",
+            "--space", "magnitude", *extra]     # the paper's space: --kept-values original is valid
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ def test_merge_names_are_confined(fam, tmp_path, capsys, bad):
     code = main(["merge", str(fam["base"]), str(fam["ft"]), str(fam["ft2"]),
                  "-o", str(tmp_path / "m03"), *MERGE, "--names", name, "x"])
     assert code == 2
-    assert "--names" in error_line(capsys)
+    line = error_line(capsys)   # NUL is refused by the option check, before the path check
+    assert "--names" in line or "option 'names'" in line
     assert tree_hash(tmp_path / "m01") == m01 and not victim.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m01"]
     assert snapshot(fam) == before

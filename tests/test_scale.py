@@ -146,7 +146,7 @@ def test_scorer_compact_tau_and_device(tiny_bert, text_csv, device):
     st = s.state
     assert st.tv.values.dtype == torch.bfloat16 and st.tv.values.device.type == device
     assert st.bands.band_of.device.type == device and st.bands.sorted_abs.device.type == "cpu"
-    assert set(info) == {"build_s", "eval_s"} and 0.0 <= score <= 1.0
+    assert set(info) == {"build_s", "eval_s", "examples"} and 0.0 <= score <= 1.0
     # the candidate in the model is the float32 path's candidate for the bf16-rounded τ
     ref(w)
     v16 = ref.state.tv.values.to(torch.bfloat16)
