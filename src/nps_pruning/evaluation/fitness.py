@@ -76,3 +76,22 @@ def _floor(ll: torch.Tensor) -> torch.Tensor:
 
 def reference_log_probs(batches_logits: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.log_softmax(l.float(), dim=-1).detach() for l in batches_logits]
+
+
+class FitnessScored:
+    """The scoring shared by the classification evaluators: a subclass sets ``path``, ``fitness``
+    and ``reference = None`` and yields ``(logits, labels)`` per batch from ``_logits(model)``."""
+
+    def set_reference(self, model: torch.nn.Module) -> None:
+        """Record ``model``'s output distributions (the fine-tuned model's, before a search) for
+        ``fitness="agreement"``."""
+        self.reference = reference_log_probs([l for l, _ in self._logits(model)])
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        if self.fitness == "agreement" and self.reference is None:
+            raise NPSError(f"{self.path}: fitness 'agreement' needs the fine-tuned model's "
+                           "predictions first (set_reference)")
+        acc = FitnessAccumulator(self.fitness)
+        for b, (logits, labels) in enumerate(self._logits(model)):
+            acc.add(logits, labels, self.reference[b] if self.reference is not None else None)
+        return acc.value()

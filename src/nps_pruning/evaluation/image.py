@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import NPSError
+from .fitness import FitnessScored
 from .model import logits_of
 from .text import check_num_outputs, forward_or_explain, select_rows
 
@@ -55,7 +56,7 @@ def prepare_images(images: np.ndarray, mean=None, std=None, source: str = "") ->
     return x
 
 
-class ImageClassificationEvaluator:
+class ImageClassificationEvaluator(FitnessScored):
     """Accuracy (argmax of logits) over the selected images of an NPZ file."""
 
     def __init__(self, path, *, calib_size=None, seed=0, batch_size=64, device="cpu",
@@ -117,21 +118,6 @@ class ImageClassificationEvaluator:
                 logits = logits_of(forward_or_explain(model, self.path, self.images[s:s + self.batch_size]))
                 check_num_outputs(logits, self.max_label, str(self.path))
                 yield logits, self.labels[s:s + self.batch_size]
-
-    def set_reference(self, model: torch.nn.Module) -> None:
-        """Record ``model``'s output distributions for ``fitness="agreement"``."""
-        from .fitness import reference_log_probs
-        self.reference = reference_log_probs([l for l, _ in self._logits(model)])
-
-    def __call__(self, model: torch.nn.Module) -> float:
-        from .fitness import FitnessAccumulator
-        if self.fitness == "agreement" and self.reference is None:
-            raise NPSError(f"{self.path}: fitness 'agreement' needs the fine-tuned model's "
-                           "predictions first (set_reference)")
-        acc = FitnessAccumulator(self.fitness)
-        for b, (logits, labels) in enumerate(self._logits(model)):
-            acc.add(logits, labels, self.reference[b] if self.reference is not None else None)
-        return acc.value()
 
     def __repr__(self) -> str:
         return f"ImageClassificationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"

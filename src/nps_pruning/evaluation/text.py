@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import NPSError
+from .fitness import FitnessScored
 from .model import logits_of
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -203,7 +204,7 @@ def _forward_keys(model: torch.nn.Module, keys: Sequence[str]) -> List[str]:
     return [k for k in keys if k in params]
 
 
-class TextClassificationEvaluator:
+class TextClassificationEvaluator(FitnessScored):
     """Accuracy (argmax of logits) — or another ``fitness`` (:mod:`.fitness`) — over the selected
     rows of a text file. ``fitness="agreement"`` needs no ``label`` column."""
 
@@ -285,22 +286,6 @@ class TextClassificationEvaluator:
                 logits = logits_of(forward_or_explain(model, self.path, **{k: inputs[k] for k in keys}))
                 check_num_outputs(logits, self.max_label, str(self.path))
                 yield logits, labels
-
-    def set_reference(self, model: torch.nn.Module) -> None:
-        """Record ``model``'s output distributions (the fine-tuned model's, before a search) for
-        ``fitness="agreement"``."""
-        from .fitness import reference_log_probs
-        self.reference = reference_log_probs([l for l, _ in self._logits(model)])
-
-    def __call__(self, model: torch.nn.Module) -> float:
-        from .fitness import FitnessAccumulator
-        if self.fitness == "agreement" and self.reference is None:
-            raise NPSError(f"{self.path}: fitness 'agreement' needs the fine-tuned model's "
-                           "predictions first (set_reference)")
-        acc = FitnessAccumulator(self.fitness)
-        for b, (logits, labels) in enumerate(self._logits(model)):
-            acc.add(logits, labels, self.reference[b] if self.reference is not None else None)
-        return acc.value()
 
     def __repr__(self) -> str:
         return f"TextClassificationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"
