@@ -224,3 +224,30 @@ def test_layout_flatten_roundtrip():
     tv = TaskVector(layout, flat)
     with pytest.raises(NPSError):
         tv + TaskVector(Layout.from_tensors({"w": ts["w"]}), torch.zeros(6))
+
+
+def test_batchnorm_running_stats_kept_whole_by_default(tmp_path):
+    """running_mean/running_var are the fine-tuned model's, verbatim and task-specific, unless
+    running_stats="prune" makes them prunable; weights and the integer counter as before."""
+    g = torch.Generator().manual_seed(0)
+    pre = {"bn.weight": torch.rand(4, generator=g), "bn.bias": torch.rand(4, generator=g),
+           "bn.running_mean": torch.rand(4, generator=g), "bn.running_var": torch.rand(4, generator=g) + 0.5,
+           "bn.num_batches_tracked": torch.tensor(3)}
+    ft = {k: (v + 0.25 if v.is_floating_point() else v + 1) for k, v in pre.items()}
+    save_tensors(tmp_path / "pre.safetensors", pre)
+    save_tensors(tmp_path / "ft.safetensors", ft)
+    base_flat, tv = load_task_vector(tmp_path / "pre.safetensors", tmp_path / "ft.safetensors")
+    assert set(tv.layout.names) == {"bn.weight", "bn.bias"}
+    assert set(tv.task_specific) == {"bn.running_mean", "bn.running_var"}
+    assert all(torch.equal(tv.task_specific[k], ft[k]) for k in tv.task_specific)
+    assert set(tv.buffers) == {"bn.num_batches_tracked"}
+    # the written state dict of a zero task vector keeps the fine-tuned statistics
+    sd = tv.with_values(torch.zeros_like(tv.values)).state_dict(base_flat)
+    assert torch.equal(sd["bn.running_var"], ft["bn.running_var"])
+    assert torch.equal(sd["bn.weight"], pre["bn.weight"])
+    _, tv2 = load_task_vector(tmp_path / "pre.safetensors", tmp_path / "ft.safetensors",
+                              running_stats="prune")
+    assert set(tv2.layout.names) == {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
+    assert tv2.task_specific == {}
+    with pytest.raises(ValueError, match="running_stats"):
+        load_task_vector(tmp_path / "pre.safetensors", tmp_path / "ft.safetensors", running_stats="x")

@@ -97,6 +97,10 @@ class SearchOptions:
                                              "state dict")
     allow_shape_mismatch: bool = opt(False, "treat tensors whose shape differs from the pre-trained "
                                             "model's as task-specific instead of failing")
+    running_stats: str = opt("finetuned", "BatchNorm running_mean/running_var: keep the fine-tuned "
+                                          "model's whole, as task-specific tensors (a variance that "
+                                          "is pruned or rescaled goes negative), or prune them as "
+                                          "weights", choices=("finetuned", "prune"))
     executor: str = opt("serial", "where candidates are scored", choices=("serial", "processes", "ray"))
     workers: Optional[int] = opt(None, "parallel workers for the processes/ray executors", lo=1)
     ray_address: Optional[str] = opt(None, "address of an existing Ray cluster (default: start a "

@@ -126,7 +126,8 @@ def run_merge(opts) -> Dict[str, Any]:
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     need_model = bool(opts.eval or opts.test)
     sessions = [Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
-                             allow_shape_mismatch=opts.allow_shape_mismatch, need_model=need_model,
+                             allow_shape_mismatch=opts.allow_shape_mismatch,
+                           running_stats=opts.running_stats, need_model=need_model,
                              device=opts.device)
                 for ft, name in zip(opts.finetuned, names)]
     taus = stack_values([s.task_vector for s in sessions])

@@ -38,14 +38,15 @@ class Session:
 
     @classmethod
     def load(cls, pretrained: str, finetuned: str, *, model_factory=None, allow_shape_mismatch=False,
-             need_model=True, device="cpu", name=None, tau_dtype="float32") -> "Session":
+             need_model=True, device="cpu", name=None, tau_dtype="float32",
+             running_stats="finetuned") -> "Session":
         """Load θ_pre and τ (τ in ``tau_dtype``; θ_pre then kept in the checkpoint's own 16-bit
         dtype, which is lossless) on ``device``, and the model once if it will be scored."""
         from ..checkpoints import load_task_vector
         t0 = time.perf_counter()
         compact = tau_dtype != "float32"
         base_flat, tv = load_task_vector(pretrained, finetuned, allow_shape_mismatch=allow_shape_mismatch,
-                                         name=name, dtype=tau_dtype,
+                                         name=name, dtype=tau_dtype, running_stats=running_stats,
                                          base_dtype="checkpoint" if compact else "float32",
                                          device=None if device == "cpu" else device)
         s = cls(str(pretrained), str(finetuned), base_flat, tv, model_factory=model_factory, device=device)
@@ -164,7 +165,8 @@ def _scorer(session: Session, evaluator, bands, opts, eval_spec: str, index=None
                            seed=opts.seed, model_factory=opts.model_factory,
                            device=opts.device, batch_size=opts.batch_size, tau_dtype=opts.tau_dtype,
                            space=space, fitness=session.search_fitness(eval_spec, opts),
-                           max_length=opts.max_length)
+                           max_length=opts.max_length, running_stats=opts.running_stats,
+                           allow_shape_mismatch=opts.allow_shape_mismatch)
 
 
 def rescore_on_holdout(session: Session, space, bands, index, result, holdout, keep: float,
@@ -356,6 +358,7 @@ def run_prune(opts) -> Dict[str, Any]:
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
                            allow_shape_mismatch=opts.allow_shape_mismatch,
+                           running_stats=opts.running_stats,
                            need_model=bool(opts.eval or opts.test or opts.method == "nps"),
                            device=opts.device, tau_dtype=opts.tau_dtype)
     tv = session.task_vector

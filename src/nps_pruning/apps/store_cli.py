@@ -37,6 +37,7 @@ def run_compress(opts) -> Dict[str, Any]:
     for i, (ft, name) in enumerate(zip(opts.finetuned, names)):
         session = Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
                                allow_shape_mismatch=opts.allow_shape_mismatch,
+                           running_stats=opts.running_stats,
                                need_model=opts.method == "nps", device=opts.device)
         tv = session.task_vector
         if layout is None:

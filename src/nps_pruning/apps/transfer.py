@@ -72,7 +72,8 @@ def run_transfer(opts) -> Dict[str, Any]:
     inputs = [opts.pretrained, opts.finetuned]
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
-                           allow_shape_mismatch=opts.allow_shape_mismatch, device=opts.device)
+                           allow_shape_mismatch=opts.allow_shape_mismatch,
+                           running_stats=opts.running_stats, device=opts.device)
     source = session.evaluator(opts.eval_source, opts)
     target = session.evaluator(opts.eval_target, opts)
     res = transfer(session, opts.method, opts, source, target, eval_target_spec=opts.eval_target,

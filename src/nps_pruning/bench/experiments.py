@@ -232,8 +232,19 @@ def task_dict(task) -> dict:
     return asdict(task) if dataclasses.is_dataclass(task) else dict(task)
 
 
+def stats_params(task: dict) -> dict:
+    """{"running_stats": "finetuned"} for a model with BatchNorm running statistics (since they
+    are kept whole by default, results differ from steps cached before), else {} (keys unchanged)."""
+    from ..checkpoints import open_checkpoint
+    from ..checkpoints.pair import is_running_stat
+    if "_has_stats" not in task:
+        task["_has_stats"] = any(is_running_stat(k) for k in open_checkpoint(task["finetuned"]).keys())
+    return {"running_stats": "finetuned"} if task["_has_stats"] else {}
+
+
 def _task_params(task: dict) -> dict:
-    return {"task": task["name"], "key": task.get("key", ""), "finetuned": task["finetuned"]}
+    return {"task": task["name"], "key": task.get("key", ""), "finetuned": task["finetuned"],
+            **stats_params(task)}
 
 
 class TaskContext:

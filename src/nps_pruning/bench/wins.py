@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..config import PruneOptions
-from .experiments import ResultCache, _logger, _set_threads, default_results_cache, task_dict
+from .experiments import (ResultCache, _logger, _set_threads, default_results_cache, stats_params,
+                          task_dict)
 
 REPO = Path(__file__).resolve().parents[3]
 START, END = "<!-- wins:start -->", "<!-- wins:end -->"
@@ -70,7 +71,8 @@ def _opts(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size) -> P
 
 def _params(task: dict, cfg: WinsConfig, **more) -> dict:
     return {"v": WINS_VERSION, "task": task["name"], "key": task.get("key", ""),
-            "test_rows": cfg.test_rows, "test_seed": cfg.test_seed, "seed": cfg.seed, **more}
+            "test_rows": cfg.test_rows, "test_seed": cfg.test_seed, "seed": cfg.seed,
+            **stats_params(task), **more}
 
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]:
@@ -188,7 +190,8 @@ def render(results: dict, figures: Path) -> str:
                   f"Mean test accuracy over the tasks ± standard error (sqrt(Σ se_i²)/T; "
                   f"{cfg['test_rows']} test rows a task). NPS searches: {cfg['generations']} "
                   f"generations × population {cfg['popsize']}, {cfg['bands']} focused bands, seed "
-                  f"{cfg['seed']}; measured at commit {results.get('commit', '?')}.", ""]
+                  f"{cfg['seed']}; measured at commit {data.get('commit', results.get('commit', '?'))} "
+                  f"on {data.get('date', results.get('date', '?'))}.", ""]
         keeps = sorted({k for m in summ.values() for k in m if k < 1.0})
         head = "| method | " + " | ".join(f"r = {k:g}" for k in keeps) + " |"
         lines += [head, "|---" * (len(keeps) + 1) + "|"]
@@ -341,8 +344,15 @@ def main(argv=None) -> int:
             outs = pool.starmap(run_task, [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
         model = ("all-MiniLM-L6-v2" if suite_name == "text" else
                  "ImageNet MobileNetV2, the large-task-vector stress suite")
-        results["suites"][suite_name] = {"model": model,
+        results["suites"][suite_name] = {"model": model, "commit": commit, "date": results["date"],
                                          "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)}}
+    if results_path.exists():      # suites not run now keep their own results (and commit)
+        old = json.loads(results_path.read_text())
+        for name, data in old.get("suites", {}).items():
+            if name not in results["suites"]:
+                data.setdefault("commit", old.get("commit", "?"))
+                data.setdefault("date", old.get("date", "?"))
+                results["suites"][name] = data
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, default=float))
     write_section(Path(args.out), render(results, figures))

@@ -4,6 +4,12 @@
   the same shape; the layout uses the fine-tuned names, in the fine-tuned checkpoint's order;
 * task-specific: fine-tuned tensors with no counterpart (a new head), kept verbatim;
 * buffers: integer / bool tensors of the fine-tuned model, copied verbatim;
+* running statistics (BatchNorm's ``running_mean`` / ``running_var``): with
+  ``running_stats="finetuned"`` (the default) the fine-tuned model's are kept whole as
+  task-specific tensors, like a head; ``"prune"`` treats them as prunable entries (SPEC §1 read
+  literally). They are estimates of activation statistics, not learned weights: band weights,
+  rescales and DARE's 1/r make a variance negative (the model then outputs NaN), and a pruned
+  mix of two models' statistics matches neither model's activations;
 * base-only tensors are ignored.
 
 The flat vectors are filled tensor by tensor (from memory-mapped safetensors) into preallocated
@@ -39,6 +45,15 @@ def _verbatim(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().contiguous()
 
 
+RUNNING_STATS = ("finetuned", "prune")
+STAT_SUFFIXES = ("running_mean", "running_var")
+
+
+def is_running_stat(name: str) -> bool:
+    """A BatchNorm running statistic, by torch's naming (``<module>.running_mean`` / ``_var``)."""
+    return name.rsplit(".", 1)[-1] in STAT_SUFFIXES
+
+
 TAU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,7 +71,8 @@ def load_task_vector(pretrained, finetuned, *, allow_shape_mismatch: bool = Fals
                      name: str | None = None, check_finite: bool = True,
                      dtype: torch.dtype | str = torch.float32,
                      base_dtype: torch.dtype | str = torch.float32,
-                     device: torch.device | str | None = None
+                     device: torch.device | str | None = None,
+                     running_stats: str = "finetuned"
                      ) -> Tuple[torch.Tensor, TaskVector]:
     """``(base_flat, τ)``: θ_pre in the layout of the prunable tensors, and the task vector.
     ``pretrained`` / ``finetuned`` are paths or :class:`Checkpoint` objects.
@@ -64,7 +80,10 @@ def load_task_vector(pretrained, finetuned, *, allow_shape_mismatch: bool = Fals
     ``dtype``: τ's dtype (float32 default; bfloat16 / float16 round each difference once).
     ``base_dtype``: θ_pre's dtype (float32 default; ``"checkpoint"``: the pre-trained tensors'
     own dtype when they share a 16-bit one — lossless — else float32). ``device``: where both
-    flat vectors live (default CPU)."""
+    flat vectors live (default CPU). ``running_stats``: ``"finetuned"`` (keep BatchNorm running
+    statistics whole, task-specific) or ``"prune"`` (prunable entries)."""
+    if running_stats not in RUNNING_STATS:
+        raise ValueError(f"running_stats must be one of {', '.join(RUNNING_STATS)}, got {running_stats!r}")
     dtype = _as_dtype(dtype, "dtype")
     if not (isinstance(base_dtype, str) and base_dtype == "checkpoint"):
         base_dtype = _as_dtype(base_dtype, "base_dtype")
@@ -95,7 +114,8 @@ def load_task_vector(pretrained, finetuned, *, allow_shape_mismatch: bool = Fals
             buffers[k] = _verbatim(ft.get(k))
             continue
         b = mapping.get(k)
-        if b is None or not base.dtype(b).is_floating_point:
+        if b is None or not base.dtype(b).is_floating_point or (
+                running_stats == "finetuned" and is_running_stat(k)):
             t = ft.get(k)
             if check_finite:
                 _check_finite(t, ft, k)

@@ -100,6 +100,7 @@ def run_identity(*, pretrained, finetuned, eval_spec, opts, method: str = "nps")
         "batch_size": g("batch_size"), "max_length": g("max_length"), "device": g("device"),
         "tau_dtype": g("tau_dtype"), "model_factory": g("model_factory"),
         "allow_shape_mismatch": g("allow_shape_mismatch"),
+        "running_stats": g("running_stats"),
         # the fitness and the search/held-out split of the calibration rows change every score
         "fitness": g("fitness"), "holdout": g("holdout"), "rescore_top": g("rescore_top"),
     }

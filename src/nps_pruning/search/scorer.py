@@ -39,7 +39,8 @@ class CandidateScorer:
                  kept_values: str = "weighted", calib_size: Optional[int] = None, seed: int = 0,
                  model_factory: Optional[str] = None, device: str = "cpu", batch_size: int = 64,
                  tau_dtype: str = "float32", space: str = "magnitude", fitness: str = "accuracy",
-                 max_length: int = 128):
+                 max_length: int = 128, running_stats: str = "finetuned",
+                 allow_shape_mismatch: bool = False):
         self.pretrained_path = str(pretrained_path) if pretrained_path is not None else None
         self.finetuned_path = str(finetuned_path) if finetuned_path is not None else None
         self.eval_spec = eval_spec
@@ -57,6 +58,8 @@ class CandidateScorer:
         self.space = space
         self.fitness = fitness
         self.max_length = int(max_length)
+        self.running_stats = running_stats
+        self.allow_shape_mismatch = bool(allow_shape_mismatch)
         self._state: Optional[_State] = None
         self._picklable = True
 
@@ -99,7 +102,9 @@ class CandidateScorer:
         base_flat, tv = load_task_vector(self.pretrained_path, self.finetuned_path,
                                          dtype=getattr(self, "tau_dtype", "float32"),
                                          base_dtype="checkpoint" if compact else "float32",
-                                         device=self.device)
+                                         device=self.device,
+                                         running_stats=getattr(self, "running_stats", "finetuned"),
+                                         allow_shape_mismatch=getattr(self, "allow_shape_mismatch", False))
         bands = make_bands(tv.values, self.num_bands, self.scheme, self.keep_ratio, self.focus,
                            sorted_dtype=tv.values.dtype)
         model = load_model(self.finetuned_path, model_factory=self.model_factory, device=self.device)
