@@ -186,8 +186,9 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     s = rep["search"]
     assert s["space"] == "hybrid" and rep["search_settings"]["space"] == "hybrid"
     starts = [c for c in s["candidates"] if c["gen"] == 0]
-    assert [c["start"] for c in starts] == ["magnitude", "dare", "hybrid-0.5", "magnitude-x2",
-                                            "magnitude-x4", "magnitude-x8"]
+    assert [c["start"] for c in starts][:6] == ["magnitude", "dare", "hybrid-0.5", "magnitude-x2",
+                                                "magnitude-x4", "magnitude-x8"]
+    assert all(c["start"].startswith("magnitude-x") for c in starts[6:]) and len(starts) <= 10
     assert all(len(c["weights"]) == 6 for c in s["candidates"])
     # held-out re-scoring: start points + the best 5 distinct; the chosen has the best held-out score
     rs = s["rescored"]
@@ -224,3 +225,47 @@ def test_fitness_floors_non_finite_outputs():
     ag = FitnessAccumulator("agreement")
     ag.add(logits, None, ref)
     assert 0.0 < ag.value() < 1.0
+
+
+def test_hybrid_refines_the_magnitude_rescale_in_generation_zero():
+    hyb = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
+    pts = hyb.start_points()
+    # best of the grid at ×4 (g = 2): round 0 proposes g = 1.5 and 2.5, round 1 ±0.25 around the best
+    scores = [0.1, 0.2, 0.2, 0.3, 0.5, 0.4]
+    more, labels = hyb.refine(pts, scores, 0)
+    assert [p[4] for p in more] == [1.5, 2.5] and labels == ["magnitude-x2.83", "magnitude-x5.66"]
+    assert all(p[:4].tolist() == [1.0] * 4 and p[5] == 0.0 and p[6] == 0.0 for p in more)
+    more2, _ = hyb.refine(pts + more, scores + [0.6, 0.45], 1)
+    assert [p[4] for p in more2] == [1.25, 1.75]
+    # failed points are ignored; nothing already scored or outside the box is proposed
+    assert hyb.refine(pts, [None] * 6, 0) == ([], [])
+    top = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.2)      # g reaches log2(5) = 2.32
+    tp = top.start_points()
+    more3, _ = top.refine(tp, [0.1, 0.1, 0.1, 0.2, 0.9], 0)
+    assert [p[4] for p in more3] == [1.5]
+    assert make_space("magnitude", 4, 0.0, 4.0).refine(pts, scores, 0) == ([], [])
+    # CMA-ES starts at the best of all scored generation-0 points
+    assert hyb.mean0(scores + [0.6, 0.45], pts + more)[4] == 1.5
+
+
+def test_search_scores_refined_points_and_resumes_them(tmp_path):
+    from nps_pruning.search import SearchSettings, run_search
+    hyb = make_space("hybrid", 2, 0.0, 4.0, keep_ratio=0.05)
+    calls = []
+
+    def scorer(w):   # the best rescale is g = 1.6; everything else costs
+        calls.append(list(w))
+        return -abs(w[2] - 1.6) - 0.1 * abs(w[3]) - 0.05 * float(np.abs(w[:2] - 1).sum())
+
+    st = SearchSettings(generations=2, popsize=4, seed=1, space="hybrid", upper=4.0)
+    res = run_search(scorer, 2, st, space=hyb, log_path=tmp_path / "log.jsonl", progress=False)
+    gen0 = [c for c in res.candidates if c["gen"] == 0]
+    gs = [c["weights"][2] for c in gen0]
+    assert gs[:6] == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0] and gs[6:] == [1.5, 2.5, 1.25, 1.75]
+    assert [c["idx"] for c in gen0] == list(range(10))
+    assert gen0[6]["start"] == "magnitude-x2.83"
+    n = len(calls)
+    res2 = run_search(scorer, 2, st, space=hyb, log_path=tmp_path / "log.jsonl", progress=False,
+                      resume=True)
+    assert len(calls) == n and res2.reused == len(res.candidates)
+    assert res2.best_weights.tolist() == res.best_weights.tolist()

@@ -28,8 +28,9 @@ from .experiments import (ResultCache, _logger, _set_threads, default_results_ca
 REPO = Path(__file__).resolve().parents[3]
 START, END = "<!-- wins:start -->", "<!-- wins:end -->"
 WINS_VERSION = 1
-NPS_VERSION = 3        # bump when the default search changes (v2: rescaled start points;
-                       # v3: non-finite outputs score the loglik floor instead of failing)
+NPS_VERSION = 4        # bump when the default search changes (v2: rescaled start points;
+                       # v3: non-finite outputs score the loglik floor instead of failing;
+                       # v4: generation 0 refines the magnitude rescale g* ± 0.5, ± 0.25)
 
 # (label, what it is, PruneOptions overrides, calibration rows)
 VARIANTS: Dict[str, Tuple[str, dict, Optional[int]]] = {

@@ -356,11 +356,12 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         log.close()
         raise SearchAborted(f"search aborted: {reason}", partial_result())
 
-    def score_generation(gen: int, xs: List[np.ndarray]) -> List[dict]:
-        """Score (or replay) one generation's candidates; records in ask order."""
+    def score_generation(gen: int, xs: List[np.ndarray], first: int = 0) -> List[dict]:
+        """Score (or replay) one generation's candidates (indices from ``first``); records in
+        ask order."""
         weights = [to_weights(x) for x in xs]
         reuse: List[Optional[dict]] = []
-        for idx, w in enumerate(weights):
+        for idx, w in enumerate(weights, start=first):
             old = previous.get((gen, idx))
             ok = (old is not None and old.get("status") == "ok"
                   and len(old.get("weights") or ()) == dim
@@ -372,13 +373,13 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         if getattr(executor, "kind", None) == "serial":
             # one at a time: each candidate is logged as soon as it is scored, and an abort
             # stops before scoring the rest of the generation
-            for idx, w in enumerate(weights):
-                outcome = None if reuse[idx] is not None else executor.map(scorer, [w])[0]
-                recs.append(record(gen, idx, w, outcome, reuse[idx]))
+            for i, w in enumerate(weights):
+                outcome = None if reuse[i] is not None else executor.map(scorer, [w])[0]
+                recs.append(record(gen, first + i, w, outcome, reuse[i]))
         else:
             outcomes = dict(zip(todo, executor.map(scorer, [weights[i] for i in todo]))) if todo else {}
-            for idx, w in enumerate(weights):
-                recs.append(record(gen, idx, w, outcomes.get(idx), reuse[idx]))
+            for i, w in enumerate(weights):
+                recs.append(record(gen, first + i, w, outcomes.get(i), reuse[i]))
         return recs
 
     def summarize(gen: int, recs: List[dict], opt=None, seconds: float = 0.0) -> dict:
@@ -407,11 +408,22 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     try:
         # generation 0: the space's start points (first: w = 1, plain magnitude top-k)
         t0 = time.perf_counter()
-        recs = score_generation(0, list(space.start_points()))
+        points = list(space.start_points())
+        recs = score_generation(0, points)
         for rec, label in zip(recs, space.start_labels()):
             rec["start"] = label
+        for round_ in range(getattr(space, "refine_rounds", 0)):   # adaptive gen-0 points
+            more, labels = space.refine(points, [r["score"] if r["status"] == "ok" else None
+                                                 for r in recs], round_)
+            if not more:
+                break
+            new = score_generation(0, more, first=len(points))
+            for rec, label in zip(new, labels):
+                rec["start"] = label
+            points += more
+            recs += new
         summarize(0, recs, None, time.perf_counter() - t0)
-        mean0 = space.mean0([r["score"] if r["status"] == "ok" else None for r in recs])
+        mean0 = space.mean0([r["score"] if r["status"] == "ok" else None for r in recs], points)
 
         scales = np.asarray(space.step_scales(), dtype=np.float64)
         cov = None if np.all(scales == 1.0) else np.diag(scales ** 2)
