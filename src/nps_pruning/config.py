@@ -351,25 +351,9 @@ def _coerce_one(f: dataclasses.Field, value: Any, source: str):
 
 def load_yaml_config(path: str | Path):
     """Read ``nps run CONFIG.yaml``: returns (command, options)."""
-    import yaml
-
-    from .yaml_safe import YAML_MAX_BYTES, bounded_loader
+    from .yaml_safe import read_yaml
     p = Path(path)
-    if not p.is_file():
-        raise NPSError(f"{p}: config file not found")
-    if p.stat().st_size > YAML_MAX_BYTES:
-        raise NPSError(f"{p}: config file is larger than {YAML_MAX_BYTES} bytes; a config is a "
-                       "handful of settings")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise NPSError(f"{p}: not UTF-8 text ({e.reason})") from None
-    try:
-        data = yaml.load(text, Loader=bounded_loader(str(p)))   # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as e:
-        raise NPSError(f"{p}: not valid YAML: {short(str(e).splitlines()[0] if str(e) else '')}") from None
-    except RecursionError:
-        raise NPSError(f"{p}: the YAML nests too deeply") from None
+    data = read_yaml(p)
     if not isinstance(data, dict):
         raise NPSError(f"{p}: expected a mapping with a 'command' key")
     command = data.pop("command", None)

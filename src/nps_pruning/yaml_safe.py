@@ -1,4 +1,5 @@
-"""YAML for ``nps run CONFIG.yaml`` that cannot exhaust memory.
+"""YAML for ``nps run CONFIG.yaml`` that cannot exhaust memory; :func:`read_yaml` is the one
+config-file reader (size, encoding and syntax checked, each failure one NPSError line).
 
 PyYAML's SafeLoader builds aliases as shared objects, but anything that walks the result (a
 validator, an error message's repr) pays for the full expansion: ``a: &a [x, x, ...]``,
@@ -8,6 +9,7 @@ Python object is built, and refuses recursive aliases.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict
 
 from .errors import NPSError
@@ -60,3 +62,27 @@ def bounded_loader(source: str):
             return super().construct_document(node)
 
     return BoundedLoader
+
+
+def read_yaml(path):
+    """The document of the YAML file ``path`` (UTF-8, a BOM allowed), read with
+    :func:`bounded_loader`."""
+    import yaml
+
+    from .config import short          # the bounded repr of every config error message
+    p = Path(path)
+    if not p.is_file():
+        raise NPSError(f"{p}: config file not found")
+    if p.stat().st_size > YAML_MAX_BYTES:
+        raise NPSError(f"{p}: config file is larger than {YAML_MAX_BYTES} bytes; a config is a "
+                       "handful of settings")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise NPSError(f"{p}: not UTF-8 text ({e.reason})") from None
+    try:
+        return yaml.load(text, Loader=bounded_loader(str(p)))   # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        raise NPSError(f"{p}: not valid YAML: {short(str(e).splitlines()[0] if str(e) else '')}") from None
+    except RecursionError:
+        raise NPSError(f"{p}: the YAML nests too deeply") from None

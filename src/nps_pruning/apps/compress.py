@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Mapping, NamedTuple, Optional, Tuple
@@ -43,10 +42,12 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from ..atomic import staging_dir, swap_in_dir
+from ..dtypes import from_name, registry, torch_name
 from ..errors import NPSError
 from ..task_vector import Layout
-from ..paths import safe_relpath, write_error
-from ..workdirs import make_temp_dir, unmark
+from ..paths import safe_relpath
+from ..workdirs import unmark
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, decode_mask, encode_mask
 from .store_manifest import (MAX_MANIFEST_BYTES, all_parts, check_manifest, side_file_reserved)
 
@@ -57,10 +58,7 @@ __all__ = ["StoreTask", "Store", "RestoredTask", "write_store", "read_store", "r
 FORMAT = "nps-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-VALUE_DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
-                                        "bf16": torch.bfloat16}
-_DTYPE_NAMES = {getattr(torch, n): n for n in (
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
+VALUE_DTYPES: Dict[str, torch.dtype] = registry("fp32", "fp16", "bf16")   # --values' names
 
 
 @dataclass
@@ -205,10 +203,6 @@ def _pretrained_tensors(base_flat: torch.Tensor, layout: Layout) -> Dict[str, to
     return out
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
-
 def _write_task(root: Path, index: int, task: StoreTask, num: int, values_dtype: str,
                 mask_coding: str) -> dict:
     folder = f"tasks/{index:03d}"
@@ -255,10 +249,7 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
     _validate(base_flat, layout, tasks, values_dtype, mask_coding)
     _check_destination(store_dir)
     num = layout.numel
-    tmp = None
-    try:
-        store_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(store_dir.parent, store_dir.name)
+    with staging_dir(store_dir) as tmp:
         pretrained = {"embedded": bool(embed_pretrained), "sha256": flat_sha256(base_flat),
                       "ref": pretrained_ref, "part": None}
         if embed_pretrained:
@@ -268,7 +259,7 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "num_entries": num,
             "layout": {"names": list(layout.names), "shapes": [list(s) for s in layout.shapes],
-                       "dtypes": [_dtype_name(d) for d in layout.dtypes]},
+                       "dtypes": [torch_name(d) for d in layout.dtypes]},
             "base_names": dict(base_names or {}),
             "pretrained": pretrained,
             "tasks": [_write_task(tmp, i, task, num, values_dtype, mask_coding)
@@ -278,26 +269,7 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
         _write_part(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
         unmark(tmp)
         _check_destination(store_dir)
-        trash = None
-        if store_dir.exists():
-            trash = make_temp_dir(store_dir.parent, store_dir.name, "old")
-            os.replace(store_dir, trash / "store")
-            try:
-                os.replace(tmp, store_dir)
-            except OSError:
-                os.replace(trash / "store", store_dir)     # put the old store back
-                shutil.rmtree(trash, ignore_errors=True)
-                raise
-        else:
-            os.replace(tmp, store_dir)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise write_error(err, store_dir) from None
-        raise
+        swap_in_dir(tmp, store_dir)       # an old store is put back if this fails
     return manifest
 
 
@@ -332,7 +304,7 @@ class Store:
                        codings=MASK_CODINGS)
         lay = manifest["layout"]
         self.layout = Layout(tuple(lay["names"]), tuple(tuple(s) for s in lay["shapes"]),
-                             tuple(getattr(torch, d) for d in lay["dtypes"]))
+                             tuple(from_name(d) for d in lay["dtypes"]))
         self.num_entries = manifest["num_entries"]
         self.pretrained = manifest["pretrained"]
         self._tasks = {t["name"]: t for t in manifest["tasks"]}

@@ -13,13 +13,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Tuple
 
+from ..dtypes import FLOAT_NAMES
 from ..errors import NPSError
 from ..paths import safe_relpath
 
 PART_KINDS = ("mask", "values", "task_specific", "buffers")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_MANIFEST_BYTES = 64 * 2**20
-LAYOUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+LAYOUT_DTYPES = FLOAT_NAMES
 
 
 class ManifestError(NPSError):

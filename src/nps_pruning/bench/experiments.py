@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..config import MergeOptions, PruneOptions
 
 RESULTS_VERSION = 1
@@ -175,9 +176,8 @@ class ResultCache:
     def put(self, suite, task, step, params, value: dict) -> dict:
         p = self.path(suite, task, step, params)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({**value, "_step": step, "_params": params}, indent=1, default=_jsonable))
-        os.replace(tmp, p)
+        atomic_write_text(p, json.dumps({**value, "_step": step, "_params": params}, indent=1,
+                                        default=_jsonable))
         self.misses += 1
         return value
 

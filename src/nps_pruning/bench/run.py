@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..atomic import atomic_write_text
 from . import experiments as ex
 
 REPO = Path(__file__).resolve().parents[3]
@@ -191,9 +192,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=ex._jsonable))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=ex._jsonable))
 
 
 def _save_suite(results_dir: Path, name: str, S: dict) -> None:
@@ -223,9 +222,7 @@ def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
     figures_dir.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(figures_dir, out_md.parent)
     md = render(results, figures_dir=figures_dir, figures_rel=rel)
-    tmp = out_md.with_name(out_md.name + ".tmp")
-    tmp.write_text(md)
-    os.replace(tmp, out_md)
+    atomic_write_text(out_md, md)
     return out_md
 
 

@@ -20,6 +20,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import NPSError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -27,16 +28,6 @@ SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -142,9 +133,9 @@ class SafetensorsCheckpoint(Checkpoint):
                 for k in names:
                     sl = h.get_slice(k)
                     dt = sl.get_dtype()
-                    if dt not in _ST_DTYPES:
+                    if dt not in SAFETENSORS_DTYPES:
                         raise NPSError(f"{f}: tensor {k!r} has unsupported dtype {dt}")
-                    infos[k] = (tuple(int(s) for s in sl.get_shape()), _ST_DTYPES[dt])
+                    infos[k] = (tuple(int(s) for s in sl.get_shape()), SAFETENSORS_DTYPES[dt])
             except NPSError:
                 raise
             except Exception as exc:  # SafetensorError, OSError, ...
@@ -282,7 +273,9 @@ def _all_tensors(d: dict) -> bool:
     return bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
 
-def _read_config(folder: Path) -> dict | None:
+def read_model_config(folder: Path) -> dict | None:
+    """A model folder's ``config.json`` as a dict (None when absent); one NPSError line when it
+    is not a JSON object. The one reader of it (loading checkpoints and building models)."""
     p = folder / "config.json"
     if not p.is_file():
         return None
@@ -333,7 +326,7 @@ def open_checkpoint(path) -> Checkpoint:
         raise NPSError(f"{p}: no such file or folder")
     p = p.absolute()
     if p.is_dir():
-        config = _read_config(p)
+        config = read_model_config(p)
         if (p / SAFE_INDEX).is_file():
             wm = _read_index(p / SAFE_INDEX)
             return SafetensorsCheckpoint(p, p, config, _unique(wm.values()), wm)
@@ -360,7 +353,7 @@ def open_checkpoint(path) -> Checkpoint:
         return SafetensorsCheckpoint(p, None, None, [p])
     if p.name.endswith(".safetensors.index.json"):
         wm = _read_index(p)
-        return SafetensorsCheckpoint(p, p.parent, _read_config(p.parent), _unique(wm.values()), wm)
+        return SafetensorsCheckpoint(p, p.parent, read_model_config(p.parent), _unique(wm.values()), wm)
     if p.suffix in PICKLE_SUFFIXES:
         return TorchCheckpoint(p, None, None, [p])
     raise NPSError(f"{p}: unknown weight file type (expected .safetensors, .bin, .pt or .pth)")

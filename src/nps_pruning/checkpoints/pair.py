@@ -28,6 +28,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from ..dtypes import registry
 from ..errors import NPSError
 from ..task_vector import Layout, TaskVector
 from .load import Checkpoint, open_checkpoint
@@ -54,7 +55,7 @@ def is_running_stat(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in STAT_SUFFIXES
 
 
-TAU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TAU_DTYPES = registry("float32", "bfloat16", "float16")     # --tau-dtype's names
 
 
 def _as_dtype(dtype, what: str) -> torch.dtype:

@@ -17,29 +17,20 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping
 
 import torch
 
 from .. import __version__
+from ..atomic import atomic_path, staging_dir, swap_in_dir
+from ..dtypes import SAFETENSORS_CODES
 from ..errors import NPSError
-from ..paths import regular_files, write_error
-from ..workdirs import make_temp_dir, read_owner, unmark
+from ..paths import regular_files
+from ..workdirs import read_owner, unmark
 from .load import BIN_INDEX, SAFE_INDEX, Checkpoint, open_checkpoint
 
 MARKER = ".nps-output"
-
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
-for _attr, _name in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
-                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _attr):
-        _DTYPE_NAMES[getattr(torch, _attr)] = _name
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
                     ".gguf")
@@ -116,29 +107,18 @@ def atomic_output_dir(out_dir, *, inputs=()):
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(out.parent, out.name)
-        yield tmp
-        unmark(tmp)
-        (tmp / MARKER).write_text(json.dumps({"tool": "nps-pruning", "version": __version__}) + "\n")
-        _check_replaceable(out)  # it may have appeared meanwhile
-        if out.exists():
-            old = make_temp_dir(out.parent, out.name, "old")
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staging_dir(out) as tmp:
+            yield tmp
+            unmark(tmp)
+            (tmp / MARKER).write_text(json.dumps({"tool": "nps-pruning", "version": __version__})
+                                      + "\n")
+            _check_replaceable(out)  # it may have appeared meanwhile
+            swap_in_dir(tmp, out)
+    except BaseException:
         for d in created:  # parents we made, innermost first, if still empty
             with contextlib.suppress(OSError):
                 d.rmdir()
-        if isinstance(err, OSError):
-            raise write_error(err, out) from None
         raise
 
 
@@ -150,7 +130,7 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             raise NPSError(f"tensor name {k!r} is not a string")
         if not isinstance(t, torch.Tensor):
             raise NPSError(f"tensor {k}: not a tensor ({type(t).__name__})")
-        if t.dtype not in _DTYPE_NAMES:
+        if t.dtype not in SAFETENSORS_CODES:
             raise NPSError(f"tensor {k}: dtype {t.dtype} cannot be stored in safetensors")
         out[k] = t.detach().to("cpu").contiguous()
     return out
@@ -168,7 +148,7 @@ def _write_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: d
     pos = 0
     for k, t in tensors.items():
         n = _nbytes(t)
-        header[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        header[k] = {"dtype": SAFETENSORS_CODES[t.dtype], "shape": list(t.shape),
                      "data_offsets": [pos, pos + n]}
         pos += n
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -179,30 +159,19 @@ def _write_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: d
         for t in tensors.values():
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None, *,
                  inputs=()) -> Path:
-    """Write one ``.safetensors`` file atomically (temporary file + ``os.replace``)."""
+    """Write one ``.safetensors`` file atomically (temporary file, fsync, ``os.replace``)."""
     p = Path(path).expanduser().absolute()
     _check_not_input(p, inputs)
     if p.is_dir():
         raise NPSError(f"{p}: is a folder; expected a .safetensors file path")
     ts = _prepare(tensors)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
-    os.close(fd)
-    try:
-        _write_safetensors(Path(tmp), ts, metadata)
-        os.replace(tmp, p)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise write_error(err, p) from None
-        raise
+    with atomic_path(p, mode=0o600, report_errors=True) as tmp:   # 0o600: as mkstemp made it
+        _write_safetensors(tmp, ts, metadata)
     return p
 
 

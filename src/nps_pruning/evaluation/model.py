@@ -8,12 +8,12 @@ calls the evaluator, hundreds of times, with no reload and no state-dict copy pe
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..checkpoints.load import read_model_config
 from ..errors import NPSError
 from ..task_vector import Layout
 
@@ -38,16 +38,6 @@ def logits_of(output) -> torch.Tensor:
 
 
 # -- loading -----------------------------------------------------------------------------------
-def _read_config(folder: Path) -> Optional[dict]:
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise NPSError(f"{cfg}: unreadable config ({exc})") from exc
-
-
 def _weight_files(folder: Path) -> List[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -144,7 +134,7 @@ def load_model(path, *, model_factory: Optional[str] = None, device="cpu") -> to
     path = Path(path)
     if not path.exists():
         raise NPSError(f"{path}: no such file or folder")
-    config = _read_config(path) if path.is_dir() else None
+    config = read_model_config(path) if path.is_dir() else None
     if model_factory:
         model = _factory_model(path, model_factory)
     elif config is not None:

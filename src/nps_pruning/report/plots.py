@@ -1,12 +1,12 @@
 """Plots of a search (as the paper's Fig. 6-7): score and band weights per generation."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 
 def _candidates(obj: Any) -> List[dict]:
@@ -88,15 +88,6 @@ def plot_search(result_or_candidates: Any, path, title: Optional[str] = None) ->
     fig.tight_layout()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path, mode=0o600) as tmp:          # 0o600: as mkstemp made it
+        fig.savefig(tmp, format="png")
     return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import Any, Dict
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_write_text
 
 
 def versions() -> Dict[str, str]:
@@ -53,11 +54,8 @@ def json_text(data: Any, **kwargs) -> str:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Atomic JSON write (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json_text(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Atomic JSON write (temporary name, fsync, then rename)."""
+    atomic_write_text(path, json_text(data, indent=2, sort_keys=False) + "\n")
 
 
 def now_iso() -> str:
