@@ -166,7 +166,8 @@ def test_resume_refuses_a_log_without_run_identity(pair, finished_log, tmp_path,
 def test_run_search_refuses_another_run_id(tmp_path):
     from nps_pruning.search import SearchSettings, run_search
     log = tmp_path / "s.jsonl"
-    s = lambda: SearchSettings(generations=1, popsize=4, seed=0)   # noqa: E731
+    s = lambda: SearchSettings(generations=1, popsize=4, seed=0, upper=2.0,   # noqa: E731
+                                 space="magnitude")
     run_search(lambda w: float(-np.sum((w - 1.5) ** 2)), 3, s(), log_path=log, progress=False,
                run_id={"keep": 0.1, "finetuned": {"m.safetensors": "sha256:aa"}})
     with pytest.raises(NPSError, match=r"cannot resume.*finetuned.m.safetensors changed"):

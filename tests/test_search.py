@@ -61,14 +61,19 @@ def _key(cands):
     return [(c["gen"], c["idx"], tuple(c["weights"]), c["score"], c["status"]) for c in cands]
 
 
+# The space and bound these tests were written against (SearchSettings' defaults before they became
+# the CLI's): one weight per band in [0, 2].
+OLD = dict(upper=2.0, space="magnitude")
+
+
 def _settings(**kw):
-    base = dict(generations=8, seed=3, popsize=6)
+    base = dict(generations=8, seed=3, popsize=6, **OLD)
     base.update(kw)
     return SearchSettings(**base)
 
 
 def test_finds_optimum_and_keeps_best_ever():
-    r = run_search(Quadratic(), 4, SearchSettings(generations=25, seed=0), progress=False)
+    r = run_search(Quadratic(), 4, SearchSettings(generations=25, seed=0, **OLD), progress=False)
     c0 = r.candidates[0]
     assert (c0["gen"], c0["idx"], c0["weights"]) == (0, 0, [1.0] * 4)
     assert r.generations[0]["label"] == "baseline"
@@ -114,13 +119,14 @@ def test_a_longer_run_starts_with_the_shorter_run_and_best_up_to_returns_its_res
 
 
 def test_log_parametrisation():
-    s = SearchSettings(generations=15, seed=1, param="log", lower=0.25, upper=8.0)
+    s = SearchSettings(generations=15, seed=1, param="log", lower=0.25, upper=8.0,
+                       space="magnitude")
     r = run_search(Quadratic([3.0, 0.5, 6.0, 1.0]), 4, s, progress=False)
     assert r.candidates[0]["weights"] == [1.0] * 4
     assert all(0.25 - 1e-12 <= x <= 8.0 + 1e-12 for c in r.candidates for x in c["weights"])
     assert r.best_score > r.baseline_score + 10
     with pytest.raises(NPSError, match="lower > 0"):
-        run_search(Quadratic(), 4, SearchSettings(param="log"), progress=False)
+        run_search(Quadratic(), 4, SearchSettings(param="log", **OLD), progress=False)
 
 
 def test_failures_are_recorded_and_the_search_goes_on(tmp_path):

@@ -12,15 +12,23 @@ import math
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Type
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type
 
 from .errors import NPSError
+from .registries import (Choices, executors, fitnesses, mask_codings, mergers, normalizations,
+                         pruners, schemes, spaces, tau_dtypes, value_dtypes)
+from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MIN, SearchSettings
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
-        choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
+        choices: "tuple | Choices | Callable[[], Iterable[str]] | None" = None,
+        lo: float | None = None, hi: float | None = None,
         lo_open: bool = False, positional: bool = False, many: bool = False, required: bool = False):
-    """A dataclass field with what the CLI and the validator need to know about it."""
+    """A dataclass field with what the CLI and the validator need to know about it. ``choices``
+    is a fixed tuple, or a zero-argument callable returning a registry's names (read lazily,
+    the field's default listed first: see :class:`Choices`)."""
+    if callable(choices) and not isinstance(choices, Choices):
+        choices = Choices(choices, first=default if isinstance(default, str) else None)
     meta = dict(help=help, flag=flag, short=short, choices=choices, lo=lo, hi=hi, lo_open=lo_open,
                 positional=positional, many=many, required=required)
     if many or isinstance(default, list):
@@ -33,9 +41,10 @@ SEED_MAX = 2**32 - 1
 # Every integer option fits a C long (torch, numpy and argparse's consumers need no more).
 INT_MAX = 2**63 - 1
 
-# Search bounds and step size by parametrisation: (lower, upper, sigma0). Chosen from the benchmark
-# (BENCHMARKS.md, "Defaults chosen"): at small keep ratios the weights must be able to pass 2.
-PARAM_DEFAULTS = {"linear": (0.0, 4.0, 0.3), "log": (0.25, 8.0, 1.0)}
+# The search's defaults are SearchSettings' (search/cmaes_search.py), the only place they are
+# written: PARAM_DEFAULTS (bounds and step size by parametrisation) is re-exported from there.
+_SEARCH = SearchSettings()
+_LIN, _LOG = PARAM_DEFAULTS["linear"], PARAM_DEFAULTS["log"]
 
 
 def resolved_search_bounds(opts) -> tuple:
@@ -58,37 +67,41 @@ class SearchOptions:
     keep: float = opt(0.05, "fraction of prunable entries kept (exactly round(keep*D) entries)",
                       lo=0.0, hi=1.0, lo_open=True)
     bands: int = opt(8, "number of magnitude-rank bands M searched by NPS", lo=1, hi=255)
-    scheme: str = opt("focused", "where the band cuts go", choices=("focused", "uniform"))
+    scheme: str = opt("focused", "where the band cuts go", choices=schemes)
     focus: float = opt(3.0, "focused scheme: the first M-1 bands split the top min(1, focus*keep) ranks",
                        lo=0.0, lo_open=True)
-    generations: int = opt(30, "CMA-ES generations", lo=0)
+    generations: int = opt(_SEARCH.generations, "CMA-ES generations", lo=0)
     sigma0: Optional[float] = opt(None, "CMA-ES initial step size, in the units of --param "
-                                        "(default: 0.3 linear, 1.0 log2)", lo=0.0, lo_open=True)
-    lower: Optional[float] = opt(None, "lower bound of every band weight (default: 0 linear, 0.25 log)",
-                                 lo=0.0)
-    upper: Optional[float] = opt(None, "upper bound of every band weight (default: 4 linear, 8 log)",
+                                        f"(default: {_LIN[2]} linear, {_LOG[2]} log2)",
+                                  lo=0.0, lo_open=True)
+    lower: Optional[float] = opt(None, "lower bound of every band weight "
+                                       f"(default: {_LIN[0]:g} linear, {_LOG[0]:g} log)", lo=0.0)
+    upper: Optional[float] = opt(None, "upper bound of every band weight "
+                                       f"(default: {_LIN[1]:g} linear, {_LOG[1]:g} log)",
                                  lo=0.0, lo_open=True)
-    param: str = opt("linear", "search band weights directly (linear) or their log2 (log)",
-                     choices=("linear", "log"))
-    popsize: Optional[int] = opt(None, "CMA-ES population (default: the library's 4+3 ln M)", lo=4)
+    param: str = opt(_SEARCH.param, "search band weights directly (linear) or their log2 (log)",
+                     choices=lambda: tuple(PARAM_DEFAULTS))
+    popsize: Optional[int] = opt(_SEARCH.popsize, "CMA-ES population (default: the library's "
+                                                  "4+3 ln M)", lo=POPSIZE_MIN)
     kept_values: str = opt("weighted", "kept entries carry their band weight or their original value",
                            choices=("weighted", "original"))
-    space: str = opt("hybrid", "NPS search space: 'magnitude' is the paper's (band weights over a "
+    space: str = opt(_SEARCH.space, "NPS search space: 'magnitude' is the paper's (band weights over a "
                                "magnitude top-k); 'hybrid' adds a global rescale and a random share "
                                "that reaches DARE, so both baselines are points of it",
-                     choices=("hybrid", "magnitude"))
+                     choices=spaces)
     fitness: Optional[str] = opt(None, "what a candidate is scored by on calibration data: "
                                        "accuracy, mean log-likelihood of the labels, or label-free "
                                        "agreement with the fine-tuned model's predictions (default: "
                                        "loglik; a python: evaluator's own score)",
-                                 choices=("loglik", "accuracy", "agreement"))
+                                 choices=Choices(fitnesses, first="loglik"))
     holdout: float = opt(0.25, "fraction of the calibration rows held out of the search; the best "
                                "--rescore-top candidates and the start points are re-scored on "
                                "them and the best there is chosen (0: choose on search rows)",
                          lo=0.0, hi=0.9)
     rescore_top: int = opt(5, "how many of the search's best candidates are re-scored on the "
                               "held-out rows", lo=1)
-    seed: int = opt(0, "random seed: same inputs and seed give the same result", lo=0, hi=SEED_MAX)
+    seed: int = opt(_SEARCH.seed, "random seed: same inputs and seed give the same result", lo=0,
+                    hi=SEED_MAX)
     calib_size: Optional[int] = opt(None, "score on a seeded random subsample of N calibration rows",
                                     lo=1)
     batch_size: int = opt(64, "evaluation batch size", lo=1)
@@ -101,15 +114,16 @@ class SearchOptions:
                                           "model's whole, as task-specific tensors (a variance that "
                                           "is pruned or rescaled goes negative), or prune them as "
                                           "weights", choices=("finetuned", "prune"))
-    executor: str = opt("serial", "where candidates are scored", choices=("serial", "processes", "ray"))
+    executor: str = opt("serial", "where candidates are scored", choices=executors)
     workers: Optional[int] = opt(None, "parallel workers for the processes/ray executors", lo=1)
     ray_address: Optional[str] = opt(None, "address of an existing Ray cluster (default: start a "
                                            "local one on loopback)")
     device: str = opt("cpu", "device for the candidate build and evaluation (cpu, cuda)")
     tau_dtype: str = opt("float32", "precision τ is held in during the search (16-bit halves the "
                                     "memory of large models; keys are ranked in float32)",
-                         choices=("float32", "bfloat16", "float16"))
-    max_failures: int = opt(5, "consecutive failed candidates before the search stops", lo=1)
+                         choices=tau_dtypes)
+    max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search "
+                                                  "stops", lo=1)
     resume: bool = opt(False, "continue a killed search from its log next to the output")
     quiet: bool = opt(False, "no progress bars")
 
@@ -121,7 +135,7 @@ class PruneOptions(SearchOptions):
     output: str = opt(None, "output folder", short="-o", required=True)
     eval: Optional[str] = opt(None, "calibration evaluator SPEC (needed by --method nps)")
     test: Optional[str] = opt(None, "held-out evaluator SPEC scored once at the end")
-    method: str = opt("nps", "pruning method", choices=("nps", "magnitude", "dare", "ties-trim", "random"))
+    method: str = opt("nps", "pruning method", choices=lambda: ("nps",) + pruners())
 
 
 @dataclass
@@ -133,7 +147,7 @@ class TransferOptions(SearchOptions):
     eval_target: str = opt(None, "evaluator SPEC of the new task (also NPS's calibration data)",
                            required=True)
     method: str = opt("nps", "how the task vector is pruned",
-                      choices=("nps", "magnitude", "dare", "ties-trim", "random", "none"))
+                      choices=lambda: ("nps",) + pruners() + ("none",))
     lambdas: List[float] = opt([0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0], "grid of λ tried",
                                flag="--lambdas", many=True)
 
@@ -143,14 +157,13 @@ class MergeOptions(SearchOptions):
     pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
     finetuned: List[str] = opt([], "fine-tuned models, one per task", positional=True, many=True)
     output: str = opt(None, "output folder", short="-o", required=True)
-    method: str = opt("nps", "merge method", choices=("nps", "average", "task-arithmetic", "ties",
-                                                      "dare-linear", "dare-ties"))
+    method: str = opt("nps", "merge method", choices=lambda: ("nps",) + mergers())
     eval: List[str] = opt([], "one calibration evaluator SPEC per task, in the order of the models",
                           many=True)
     test: List[str] = opt([], "one held-out evaluator SPEC per task, scored once at the end", many=True)
     lam: Optional[float] = opt(None, "fixed scaling λ: merge without any evaluator", flag="--lambda")
     normalize: str = opt("mask-count", "NPS merge: divide Σλ_i·τ̂_i by the per-entry mask count, Σλ_i, "
-                                       "or nothing", choices=("mask-count", "lambda-sum", "none"))
+                                       "or nothing", choices=normalizations)
     lambda_grid: List[float] = opt([0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5],
                                    "grid of single λ tried before the per-task search", many=True)
     lambda_generations: int = opt(10, "CMA-ES generations of the per-task λ search", lo=0)
@@ -162,11 +175,10 @@ class CompressOptions(SearchOptions):
     pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
     finetuned: List[str] = opt([], "fine-tuned models, one per task", positional=True, many=True)
     output: str = opt(None, "store folder", short="-o", required=True)
-    method: str = opt("nps", "pruning method", choices=("nps", "magnitude", "dare", "ties-trim", "random"))
+    method: str = opt("nps", "pruning method", choices=lambda: ("nps",) + pruners())
     eval: List[str] = opt([], "one calibration evaluator SPEC per task (needed by nps)", many=True)
-    values: str = opt("fp32", "precision of the stored values", choices=("fp32", "fp16", "bf16"))
-    mask: str = opt("packed", "mask coding: 1-bit packed or entropy-coded",
-                    choices=("packed", "entropy"))
+    values: str = opt("fp32", "precision of the stored values", choices=value_dtypes)
+    mask: str = opt("packed", "mask coding: 1-bit packed or entropy-coded", choices=mask_codings)
     reference_pretrained: bool = opt(False, "store a reference (path + checksum) to the pre-trained "
                                             "model instead of a copy")
     names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)

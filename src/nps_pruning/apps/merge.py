@@ -75,8 +75,11 @@ def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, opts, *, progr
             t0 = time.perf_counter()
             return mean_score(lam_star * np.asarray(w)), {"build_s": 0.0, "eval_s": time.perf_counter() - t0}
         upper = max(opts.lambda_grid) * 1.5 / lam_star
+        # the per-task λ search: a plain box over λ_i/λ* (the "magnitude" space: one weight per
+        # task, no extra coordinates), not the band-weight search's defaults
         settings = SearchSettings(generations=opts.lambda_generations, sigma0=0.2, lower=0.0,
-                                  upper=upper, seed=opts.seed, max_failures=opts.max_failures)
+                                  upper=upper, seed=opts.seed, max_failures=opts.max_failures,
+                                  space="magnitude")
         result = run_search(scorer, n, settings, progress=progress)
         lambdas = [lam_star * float(w) for w in result.best_weights]
     return lambdas, grid, result

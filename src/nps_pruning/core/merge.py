@@ -28,11 +28,11 @@ import torch
 
 from .mask import keep_count, topk_mask
 
-__all__ = ["MERGERS", "register_merger", "nps_combine", "trim_top_k", "dare_drop", "elect_sign",
-           "disjoint_mean", "Normalize"]
+__all__ = ["MERGERS", "register_merger", "NORMALIZATIONS", "register_normalization", "nps_combine",
+           "trim_top_k", "dare_drop", "elect_sign", "disjoint_mean", "Normalize"]
 
 Merger = Callable[..., torch.Tensor]
-Normalize = Literal["mask-count", "lambda-sum", "none"]
+Normalize = Literal["mask-count", "lambda-sum", "none"]   # the built-in NORMALIZATIONS (below)
 
 MERGERS: Dict[str, Merger] = {}
 
@@ -173,13 +173,42 @@ def nps_combine(pruned: torch.Tensor, lambdas: Sequence[float],
         raise ValueError(f"got {len(lambdas)} lambdas for {pruned.shape[0]} task vectors")
     weights = torch.tensor(lambdas, dtype=pruned.dtype, device=pruned.device)
     total = (weights[:, None] * pruned).sum(dim=0)
-    if normalize == "mask-count":
-        return total / (pruned != 0).sum(dim=0).clamp(min=1).to(pruned.dtype)
-    if normalize == "lambda-sum":
-        lambda_sum = sum(lambdas)
-        if lambda_sum == 0:
-            raise ValueError("normalize='lambda-sum' needs lambdas that do not sum to 0")
-        return total / lambda_sum
-    if normalize == "none":
-        return total
-    raise ValueError(f"normalize must be 'mask-count', 'lambda-sum' or 'none', got {normalize!r}")
+    if normalize not in NORMALIZATIONS:
+        names = [f"'{n}'" for n in NORMALIZATIONS]
+        listed = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise ValueError(f"normalize must be {listed}, got {normalize!r}")
+    return NORMALIZATIONS[normalize](total, pruned, lambdas)
+
+
+# The n of Eq. 7 by name (``nps merge --normalize``): ``fn(total, pruned, lambdas) -> total / n``,
+# ``total`` = Σ_i λ_i·τ̂_i.
+Normalization = Callable[[torch.Tensor, torch.Tensor, Sequence[float]], torch.Tensor]
+NORMALIZATIONS: Dict[str, Normalization] = {}
+
+
+def register_normalization(name: str) -> Callable[[Normalization], Normalization]:
+    """Decorator adding an NPS-merge normalization to :data:`NORMALIZATIONS` (names are unique)."""
+    def decorate(fn: Normalization) -> Normalization:
+        if name in NORMALIZATIONS:
+            raise ValueError(f"normalization {name!r} is already registered")
+        NORMALIZATIONS[name] = fn
+        return fn
+    return decorate
+
+
+@register_normalization("mask-count")
+def _by_mask_count(total: torch.Tensor, pruned: torch.Tensor, lambdas) -> torch.Tensor:
+    return total / (pruned != 0).sum(dim=0).clamp(min=1).to(pruned.dtype)
+
+
+@register_normalization("lambda-sum")
+def _by_lambda_sum(total: torch.Tensor, pruned: torch.Tensor, lambdas) -> torch.Tensor:
+    lambda_sum = sum(lambdas)
+    if lambda_sum == 0:
+        raise ValueError("normalize='lambda-sum' needs lambdas that do not sum to 0")
+    return total / lambda_sum
+
+
+@register_normalization("none")
+def _unnormalized(total: torch.Tensor, pruned: torch.Tensor, lambdas) -> torch.Tensor:
+    return total

@@ -1,7 +1,8 @@
 """CMA-ES search over band weights (SPEC §1 "Search")."""
-from .cmaes_search import SearchAborted, SearchResult, SearchSettings, best_up_to, run_search
+from .cmaes_search import (PARAM_DEFAULTS, POPSIZE_MIN, SearchAborted, SearchResult, SearchSettings,
+                           best_up_to, run_search)
 from .executors import make_executor
 from .scorer import CandidateScorer
 
-__all__ = ["SearchSettings", "SearchResult", "SearchAborted", "best_up_to", "run_search", "make_executor",
-           "CandidateScorer"]
+__all__ = ["SearchSettings", "PARAM_DEFAULTS", "POPSIZE_MIN", "SearchResult", "SearchAborted",
+           "best_up_to", "run_search", "make_executor", "CandidateScorer"]

@@ -36,19 +36,47 @@ LOG_FORMAT = "nps-search-log/1"
 _FAILED_TOLD_MARGIN = 1.0  # a failed candidate is told "worst score seen minus this"
 
 
+# The search's defaults, the only place they are written: the CLI, YAML configs (config.py) and
+# the benchmark read them from here.
+# Bounds and initial step size of the band weights by parametrisation: (lower, upper, sigma0), in
+# the units searched (w for "linear", the weights themselves for "log", whose CMA-ES runs over
+# log2 w). Chosen from the benchmark (BENCHMARKS.md, "Defaults chosen"): at small keep ratios the
+# weights must be able to pass 2.
+PARAM_DEFAULTS: Dict[str, Tuple[float, float, float]] = {
+    "linear": (0.0, 4.0, 0.3),
+    "log": (0.25, 8.0, 1.0),
+}
+POPSIZE_MIN = 4                  # the smallest CMA-ES population accepted (its own default is 4 + 3 ln M)
+
+
 @dataclass
 class SearchSettings:
-    """How the band weights are searched (defaults: SPEC §1)."""
+    """How the band weights are searched. Its defaults are the CLI's (``nps prune`` with no search
+    flags searches exactly ``SearchSettings()``); for ``param="log"`` pass the bounds and step
+    size of :data:`PARAM_DEFAULTS` ``["log"]`` (or use :meth:`for_param`)."""
 
     generations: int = 30
-    sigma0: float = 0.3
-    lower: float = 0.0
-    upper: float = 2.0
+    sigma0: float = PARAM_DEFAULTS["linear"][2]
+    lower: float = PARAM_DEFAULTS["linear"][0]
+    upper: float = PARAM_DEFAULTS["linear"][1]
     popsize: Optional[int] = None   # None: the library default 4 + floor(3 ln M)
     seed: int = 0
     param: str = "linear"           # "linear": search w; "log": search log2(w) (needs lower > 0)
     max_failures: int = 5           # consecutive failed candidates before the run stops
-    space: str = "magnitude"        # core.space.SPACES: "magnitude" (the paper) or "hybrid"
+    space: str = "hybrid"           # core.space.SPACES: "hybrid" or "magnitude" (the paper's)
+
+    @classmethod
+    def for_param(cls, param: str = "linear", *, lower: Optional[float] = None,
+                  upper: Optional[float] = None, sigma0: Optional[float] = None,
+                  **rest) -> "SearchSettings":
+        """Settings for ``param`` whose bounds and step size not given are that
+        parametrisation's defaults (:data:`PARAM_DEFAULTS`)."""
+        if param not in PARAM_DEFAULTS:
+            raise NPSError(f"search: param must be 'linear' or 'log', got {param!r}")
+        lo, hi, sigma = PARAM_DEFAULTS[param]
+        return cls(param=param, lower=lo if lower is None else lower,
+                   upper=hi if upper is None else upper,
+                   sigma0=sigma if sigma0 is None else sigma0, **rest)
 
     def validate(self) -> None:
         if self.generations < 0:
@@ -57,9 +85,9 @@ class SearchSettings:
             raise NPSError(f"search: sigma0 must be a positive number, got {self.sigma0}")
         if not (math.isfinite(self.lower) and math.isfinite(self.upper) and self.lower < self.upper):
             raise NPSError(f"search: bounds must satisfy lower < upper, got [{self.lower}, {self.upper}]")
-        if self.popsize is not None and self.popsize < 2:
-            raise NPSError(f"search: popsize must be >= 2, got {self.popsize}")
-        if self.param not in ("linear", "log"):
+        if self.popsize is not None and self.popsize < POPSIZE_MIN:
+            raise NPSError(f"search: popsize must be >= {POPSIZE_MIN}, got {self.popsize}")
+        if self.param not in PARAM_DEFAULTS:
             raise NPSError(f"search: param must be 'linear' or 'log', got {self.param!r}")
         if self.param == "log" and self.lower <= 0:
             raise NPSError(f"search: param='log' needs lower > 0, got lower={self.lower}")

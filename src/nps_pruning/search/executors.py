@@ -15,7 +15,7 @@ import os
 import pickle
 import sys
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -302,16 +302,25 @@ class RayExecutor(SerialExecutor):
         self._ray = None
 
 
+# The executors by name (``--executor``): each entry is ``factory(workers, ray_address)``.
+EXECUTORS: Dict[str, Callable[[Optional[int], Optional[str]], Any]] = {
+    "serial": lambda workers, ray_address: SerialExecutor(),
+    "processes": lambda workers, ray_address: ProcessExecutor(workers),
+    "ray": lambda workers, ray_address: RayExecutor(workers, ray_address),
+}
+_ALIASES = {None: "serial", "process": "processes"}
+
+
 def make_executor(kind: str = "serial", *, workers: Optional[int] = None,
                   ray_address: Optional[str] = None):
-    """serial | processes | ray (see the module docstring)."""
-    if kind in (None, "serial"):
-        return SerialExecutor()
-    if kind in ("processes", "process"):
-        return ProcessExecutor(workers)
-    if kind == "ray":
-        return RayExecutor(workers, ray_address)
-    raise NPSError(f"unknown executor {kind!r} (choose serial, processes or ray)")
+    """An executor of :data:`EXECUTORS` by name (see the module docstring)."""
+    name = _ALIASES.get(kind, kind)
+    if name not in EXECUTORS:
+        names = list(EXECUTORS)
+        choose = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise NPSError(f"unknown executor {kind!r} (choose {choose})")
+    return EXECUTORS[name](workers, ray_address)
 
 
-__all__ = ["make_executor", "SerialExecutor", "ProcessExecutor", "RayExecutor", "CandidateError"]
+__all__ = ["make_executor", "EXECUTORS", "SerialExecutor", "ProcessExecutor", "RayExecutor",
+           "CandidateError"]
