@@ -20,6 +20,7 @@ import torch
 from ..errors import NPSError
 from ..paths import check_name, safe_child
 from ..report.report import now_iso, versions, write_json
+from ..search.grid import grid_search
 from ..task_vector import stack_values
 from .prune import Session, prepare_work_dir, prune_task, search_report
 
@@ -65,9 +66,9 @@ def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, opts, *, progr
         return float(np.mean(merged_scores(sessions, evaluators,
                                            nps_combine(pruned, list(lambdas), opts.normalize))))
 
-    grid = [{"lambda": lam, "score": mean_score([lam] * n)} for lam in opts.lambda_grid]
-    best = max(grid, key=lambda g: g["score"])
-    lam_star = best["lambda"]
+    choice = grid_search(opts.lambda_grid, lambda lam: mean_score([lam] * n), what="lambda_grid")
+    grid = [{"lambda": lam, "score": score} for lam, score in zip(opts.lambda_grid, choice.scores)]
+    lam_star = choice.value
     result = None
     lambdas = [lam_star] * n
     if opts.lambda_generations > 0 and n > 1:
@@ -91,15 +92,14 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, opts, sessions, eval
     if method == "average":
         merged = fn(taus, lam=1.0, keep_ratio=opts.keep, seed=opts.seed)
         return merged, None, []
-    grid = []
-    best = None
-    for lam in opts.lambda_grid:
+
+    def score(lam):           # the best λ's merged τ is kept, not built again
         merged = fn(taus, lam=lam, keep_ratio=opts.keep, seed=opts.seed)
-        score = float(np.mean(merged_scores(sessions, evaluators, merged)))
-        grid.append({"lambda": lam, "score": score})
-        if best is None or score > best[1]:
-            best = (merged, score, lam)
-    return best[0], best[2], grid
+        return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
+
+    choice = grid_search(opts.lambda_grid, score, what="lambda_grid")
+    grid = [{"lambda": lam, "score": s} for lam, s in zip(opts.lambda_grid, choice.scores)]
+    return choice.extra, choice.value, grid
 
 
 def run_merge(opts) -> Dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import NPSError
 from ..report.report import now_iso, versions, write_json
+from ..search.grid import grid_search
 from .prune import Session, _print_summary, prepare_work_dir, prune_task, search_report
 
 
@@ -28,12 +29,16 @@ def choose_lambda(session: Session, tau: torch.Tensor, source: Callable, target:
     """Score θ_pre + λ·τ on both abilities for every λ; return the grid and the best λ by H-score
     (ties: the smaller λ, which moves the model less)."""
     grid: List[Dict[str, float]] = []
-    for lam in sorted(lambdas):
+
+    def score(lam) -> float:
         a = session.score(source, tau, lam)
         b = float(target(session.model))
         grid.append({"lambda": lam, "source": a, "target": b, "h_score": h_score(a, b)})
-    best = max(grid, key=lambda g: (g["h_score"], -g["lambda"]))
-    return {"grid": grid, "best": best}
+        return grid[-1]["h_score"]
+
+    # in ascending order, the first of equal H-scores is the smaller λ
+    choice = grid_search(sorted(lambdas), score, what="lambdas")
+    return {"grid": grid, "best": grid[choice.index]}
 
 
 def scores_at(session: Session, tau: torch.Tensor, scale: float, source, target) -> Dict[str, float]:
