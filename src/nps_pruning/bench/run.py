@@ -8,7 +8,7 @@
   2 generations of 4); everything is written into a temporary folder (or next to ``--out``);
 * ``--render-only``: re-render the report from the results JSON, nothing is run.
 
-Every step is cached (see :mod:`.experiments`), so an interrupted run resumes where it stopped.
+Every step is cached (see :mod:`.cache`), so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..config import PruneOptions
-from .experiments import (ResultCache, _logger, _set_threads, default_results_cache, stats_params,
-                          task_dict)
+from .cache import ResultCache, _logger, _set_threads, default_results_cache
+from .context import stats_params, task_dict
 
 REPO = Path(__file__).resolve().parents[3]
 START, END = "<!-- wins:start -->", "<!-- wins:end -->"

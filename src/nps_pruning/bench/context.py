@@ -1,0 +1,106 @@
+"""Per-task plumbing shared by the experiments: a task as a plain dict, the task part of every
+step's cache params, and :class:`TaskContext` (a task's Session and evaluators, built lazily).
+
+Pruned NPS vectors are not stored: :meth:`TaskContext.nps_pruned` rebuilds them exactly from the
+cached band weights (``make_bands`` + ``build_candidate`` are deterministic).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict
+
+import numpy as np
+
+from ..config import PruneOptions
+from .config import BenchConfig
+
+
+def task_dict(task) -> dict:
+    """A TaskEntry as a plain dict (what workers receive)."""
+    return asdict(task) if dataclasses.is_dataclass(task) else dict(task)
+
+
+def stats_params(task: dict) -> dict:
+    """{"running_stats": "finetuned"} for a model with BatchNorm running statistics (since they
+    are kept whole by default, results differ from steps cached before), else {} (keys unchanged)."""
+    from ..checkpoints import open_checkpoint
+    from ..checkpoints.pair import is_running_stat
+    if "_has_stats" not in task:
+        task["_has_stats"] = any(is_running_stat(k) for k in open_checkpoint(task["finetuned"]).keys())
+    return {"running_stats": "finetuned"} if task["_has_stats"] else {}
+
+
+def _task_params(task: dict) -> dict:
+    return {"task": task["name"], "key": task.get("key", ""), "finetuned": task["finetuned"],
+            **stats_params(task)}
+
+
+class TaskContext:
+    """A task's Session and evaluators, built once (lazily: a fully cached task loads nothing)."""
+
+    def __init__(self, suite: str, task: dict, cfg: BenchConfig):
+        self.suite, self.task, self.cfg = suite, task, cfg
+        self._session = None
+        self._calib = None
+        self._test = None
+
+    @property
+    def opts(self) -> PruneOptions:
+        t, c = self.task, self.cfg
+        return PruneOptions(pretrained=t["base"], finetuned=t["finetuned"], output="unused",
+                            keep=0.05, bands=c.bands, scheme=c.scheme, focus=c.focus,
+                            generations=c.generations, sigma0=c.sigma0, lower=c.lower, upper=c.upper,
+                            popsize=c.popsize, seed=c.seed, calib_size=c.calib_size(self.suite),
+                            batch_size=c.batch_size, max_length=t.get("max_length") or 128,
+                            model_factory=t.get("model_factory"), quiet=True,
+                            # this grid measures the paper's NPS (bench.wins measures the default)
+                            space="magnitude", fitness="accuracy", holdout=0.0)
+
+    @property
+    def session(self):
+        if self._session is None:
+            from ..apps.prune import Session
+            t = self.task
+            self._session = Session.load(t["base"], t["finetuned"], model_factory=t.get("model_factory"),
+                                         name=t["name"])
+        return self._session
+
+    @property
+    def calib(self):
+        if self._calib is None:
+            self._calib = self.session.evaluator(self.task["eval_calib"], self.opts)
+        return self._calib
+
+    @property
+    def test(self):
+        if self._test is None:
+            from ..evaluation import make_evaluator
+            self._test = make_evaluator(self.task["eval_test"], model_path=self.task["finetuned"],
+                                        calib_size=self.cfg.test_rows(self.suite), seed=self.cfg.test_seed,
+                                        batch_size=self.cfg.batch_size,
+                                        max_length=self.task.get("max_length") or 128)
+        return self._test
+
+    def nps_pruned(self, keep: float, scheme: str, upper: float, weights) -> "torch.Tensor":
+        from ..core import build_candidate, make_bands
+        values = self.session.task_vector.values
+        bands = make_bands(values, self.cfg.bands, scheme, keep, self.cfg.focus)
+        return build_candidate(values, bands, np.asarray(weights, dtype=np.float64), keep,
+                               kept_values="weighted")
+
+
+def nps_step_params(ctx_or_suite, task: dict, cfg: BenchConfig, scheme: str, upper: float, keep: float) -> dict:
+    suite = ctx_or_suite if isinstance(ctx_or_suite, str) else ctx_or_suite.suite
+    return {**_task_params(task), **cfg.eval_params(suite), **cfg.search_params(suite),
+            "scheme": scheme, "upper": upper, "keep": keep}
+
+
+def _strip(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def _find_nps(task_result: dict, variant: str, keep: float) -> dict:
+    for row in task_result["pruning"]:
+        if row["method"] == "nps" and row["variant"] == variant and abs(row["keep"] - keep) < 1e-12:
+            return row
+    raise KeyError(f"no NPS {variant} r={keep} result for {task_result['task']}")

@@ -1,0 +1,100 @@
+"""Experiment: transfer of one text task (Table 1): source ability (k-NN on the other text tasks'
+data) against target accuracy, pruned vectors scaled by a λ chosen on calibration H-score."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from .cache import ResultCache, _logger, _set_threads
+from .config import BenchConfig
+from .context import TaskContext, _find_nps, _strip, _task_params, nps_step_params
+from .labels import FOCUSED
+
+
+def _source_data(suite_tasks: List[dict], target: str, quick: bool) -> List[Tuple[str, list, list]]:
+    """Other text tasks' calibration rows: from the suite's cached calib.csv when the suite holds
+    the task, else from the data loader (the same rows)."""
+    from . import data as bdata
+    by_name = {t["name"]: t for t in suite_tasks}
+    out = []
+    for name in bdata.TEXT_TASKS:
+        if name == target:
+            continue
+        if name in by_name:
+            import csv
+            with open(by_name[name]["calib"], newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            out.append((name, [r["text"] for r in rows], [int(r["label"]) for r in rows]))
+        else:
+            sp = bdata.load_task(name, quick=quick).calib
+            out.append((name, list(sp.x), [int(y) for y in sp.y]))
+    return out
+
+
+def run_transfer_job(task: dict, suite_tasks: List[dict], cfg_dict: dict, cache_root: str,
+                     pruning: dict) -> dict:
+    import torch
+    from ..apps.transfer import choose_lambda, scores_at
+    from ..core import PRUNERS
+    from .transfer_eval import KnnSourceEvaluator
+
+    cfg = BenchConfig.from_dict(cfg_dict)
+    _set_threads(cfg.threads)
+    cache = ResultCache(Path(cache_root))
+    log = _logger(f"text/{task['name']}/transfer")
+    t_job = time.perf_counter()
+    ctx = TaskContext("text", task, cfg)
+    src_params = {"k": cfg.knn_k, "ref": cfg.knn_ref_rows, "select": cfg.knn_select_rows,
+                  "report": cfg.knn_report_rows, "seed": cfg.seed,
+                  "sources": [_task_params(t) for t in suite_tasks if t["name"] != task["name"]],
+                  "quick": cfg.profile == "quick"}
+    params = {**_task_params(task), **cfg.eval_params("text"), **src_params}
+    state: Dict[str, Any] = {}
+
+    def sources():
+        if "src" not in state:
+            data = _source_data(suite_tasks, task["name"], cfg.profile == "quick")
+            kw = dict(k=cfg.knn_k, ref_rows=cfg.knn_ref_rows, select_rows=cfg.knn_select_rows,
+                      report_rows=cfg.knn_report_rows, seed=cfg.seed,
+                      max_length=task.get("max_length") or 128, batch_size=cfg.batch_size)
+            state["src"] = (KnnSourceEvaluator(data, task["finetuned"], part="select", **kw),
+                            KnnSourceEvaluator(data, task["finetuned"], part="report", **kw))
+        return state["src"]
+
+    def vector(method):
+        s = ctx.session
+        if method == "pre-trained":
+            return torch.zeros_like(s.task_vector.values)
+        if method == "fine-tuned":
+            return s.task_vector.values
+        if method == "nps":
+            row = _find_nps(pruning, FOCUSED, cfg.transfer_keep)
+            return ctx.nps_pruned(cfg.transfer_keep, cfg.scheme, cfg.upper, row["weights"])
+        return PRUNERS[method](s.task_vector.values, cfg.transfer_keep, seed=cfg.seed)
+
+    rows = []
+    for method in ("pre-trained", "fine-tuned", "dare", "magnitude", "nps"):
+        mp = dict(params, method=method, keep=cfg.transfer_keep, lambdas=list(cfg.transfer_lambdas))
+        if method == "nps":
+            mp["pruned"] = nps_step_params("text", task, cfg, cfg.scheme, cfg.upper, cfg.transfer_keep)
+
+        def compute(method=method):
+            s = ctx.session
+            sel, rep = sources()
+            tau = vector(method)
+            if method in ("pre-trained", "fine-tuned"):
+                lam, grid = (0.0 if method == "pre-trained" else 1.0), None
+                calib = scores_at(s, tau, lam, sel, ctx.calib)
+            else:
+                choice = choose_lambda(s, tau, sel, ctx.calib, list(cfg.transfer_lambdas))
+                lam, grid = choice["best"]["lambda"], choice["grid"]
+                calib = {k: choice["best"][k] for k in ("source", "target", "h_score")}
+            held = scores_at(s, tau, lam, rep, ctx.test)
+            return {"lambda": lam, "grid": grid, "calib": calib, "source": held["source"],
+                    "target": held["target"], "h_score": held["h_score"],
+                    "source_per_task": dict(rep.last_per_source), "source_rows": rep.num_rows,
+                    "target_rows": ctx.test.num_rows}
+        res = cache.step("text", task["name"], f"transfer-{method}", mp, compute, log)
+        rows.append({"method": method, **_strip(res)})
+    return {"task": task["name"], "rows": rows, "job_s": time.perf_counter() - t_job}

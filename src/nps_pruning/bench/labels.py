@@ -1,0 +1,52 @@
+"""The labels results are stored under, written by the experiments and read back by the report:
+defined once here, so the two sides cannot drift apart.
+
+* NPS variants (``row["variant"]`` of a pruning row; also part of the step name, hence of the
+  cache path): ``focused``, ``uniform``, ``focused-upper<u>``, ``focused-log``,
+  ``focused-sigma<s>``, ``focused-long``;
+* the report's grid keys: a baseline's method name, or ``nps:<variant>``;
+* the fusion results of one NPS-merge normalisation with a single λ: ``NPS-merge (<norm>, single λ)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+FOCUSED, UNIFORM, FOCUSED_LOG, FOCUSED_LONG = "focused", "uniform", "focused-log", "focused-long"
+NPS_MERGE_GRID_PREFIX = "NPS-merge ("
+
+
+def upper_variant(upper: float) -> str:
+    """NPS focused with band weights bounded by ``upper`` (the upper-bound ablation)."""
+    return f"focused-upper{upper:g}"
+
+
+def sigma_variant(sigma: float) -> str:
+    """NPS focused with initial CMA-ES step ``sigma`` (the σ0 ablation)."""
+    return f"focused-sigma{sigma:g}"
+
+
+def nps_key(variant: str) -> str:
+    """The report's grid key of an NPS variant."""
+    return "nps:" + variant
+
+
+def grid_key(method: str, variant: Optional[str]) -> str:
+    """The report's grid key of a pruning row: the method for a baseline, ``nps:<variant>`` for NPS."""
+    return method if method != "nps" else nps_key(variant)
+
+
+def merge_single_label(norm: str) -> str:
+    """The fusion result of NPS-merge under normalisation ``norm`` with the best single λ."""
+    return f"NPS-merge ({norm}, single λ)"
+
+
+def is_merge_grid_label(label: str) -> bool:
+    """Whether a fusion key is one of the :func:`merge_single_label` results."""
+    return label.startswith(NPS_MERGE_GRID_PREFIX)
+
+
+def parse_merge_single(label: str) -> Optional[str]:
+    """The normalisation of a :func:`merge_single_label` label, else None."""
+    if is_merge_grid_label(label) and "single" in label:
+        return label[len(NPS_MERGE_GRID_PREFIX):].split(",")[0]
+    return None

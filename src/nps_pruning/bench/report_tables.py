@@ -1,0 +1,291 @@
+"""The report's per-experiment sections: settings, suite, pruning, fusion, compression, transfer,
+speed and timing tables (markdown strings, from the results JSON)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .labels import FOCUSED, FOCUSED_LOG, UNIFORM, is_merge_grid_label, nps_key, upper_variant
+from .report_common import (FUSION_LABELS, FUSION_ORDER, _grid, _lam, _task_names, _test_rows, mean_se,
+                            pm, se, table)
+
+
+def _settings(meta: dict) -> str:
+    cfg = meta.get("config", {})
+    lines = ["```"]
+    lines += [f"{k} = {v}" for k, v in cfg.items()]
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def _suite_table(S: dict) -> str:
+    rows = []
+    for t in S["suite"]["tasks"]:
+        if t["name"] not in S["tasks"]:
+            continue
+        ft = S["tasks"][t["name"]]["finetuned"]
+        n_full = t["sizes"].get("test", 0)
+        rows.append([t["name"], t["num_classes"], t["sizes"].get("train", ""), t["sizes"].get("calib", ""),
+                     n_full, ft["test_rows"], ft["calib_rows"],
+                     f"{t['finetuned_acc']:.4f} ± {se(t['finetuned_acc'], n_full):.4f}",
+                     f"{t['pretrained_acc']:.4f}", f"{t['head_only_acc']:.4f}", f"{t['majority_acc']:.4f}",
+                     f"{ft['test']:.4f} ± {se(ft['test'], ft['test_rows']):.4f}"])
+    return table(["task", "classes", "train", "calib split", "test split", "test rows used", "calib rows used",
+                  "fine-tuned (full test)", "pre-trained (untrained head)", "pre-trained body + ft head",
+                  "majority", "fine-tuned (rows used)"], rows)
+
+
+def _pruning_section(sname: str, S: dict, cfg: dict, fig_rel: Optional[str]) -> str:
+    grid = _grid(S)
+    names = _task_names(S)
+    ns = [_test_rows(S, n) for n in names]
+    keeps = sorted({r for (_, r) in grid})
+    upper_key = nps_key(upper_variant(cfg['ablation_upper']))
+    order = ["magnitude", "dare", "random", nps_key(FOCUSED), nps_key(UNIFORM), upper_key, nps_key(FOCUSED_LOG)]
+    labels = {"magnitude": "magnitude", "dare": "DARE", "random": "random",
+              nps_key(FOCUSED): f"NPS focused (upper {cfg['upper']:g})",
+              nps_key(UNIFORM): f"NPS uniform (upper {cfg['upper']:g})",
+              upper_key: f"NPS focused, upper {cfg['ablation_upper']:g}",
+              nps_key(FOCUSED_LOG): (f"NPS focused, log2 search in [{cfg.get('log_lower', 0.25):g}, "
+                                     f"{cfg.get('log_upper', 8.0):g}], σ0 {cfg.get('log_sigma0', 1.0):g}")}
+    out = [f"Mean test accuracy over the {len(names)} tasks ± standard error; fine-tuned: "
+           f"{pm(*mean_se([S['tasks'][n]['finetuned']['test'] for n in names], ns))}. "
+           "TIES-trim on one task vector *is* magnitude top-k (no rescale; TIES' sign election only acts "
+           "when merging), so its row is the magnitude numbers — checked here: "
+           + ("the two pruned vectors were bit-identical at every r and task."
+              if all(row.get("ties_trim_identical", True) for n in names for row in S["tasks"][n]["pruning"]
+                     if row["method"] == "magnitude") else "**they differed somewhere — see the results JSON**."),
+           ""]
+    rows = []
+    for key in order:
+        cells = []
+        have = False
+        for r in keeps:
+            by = grid.get((key, r), {})
+            if all(n in by for n in names) and names:
+                cells.append(pm(*mean_se([by[n]["test"] for n in names], ns)))
+                have = True
+            else:
+                cells.append("")
+        if have:
+            rows.append([labels[key]] + cells)
+            if key == "magnitude":
+                rows.append(["TIES-trim (= magnitude)"] + cells)
+    out.append(table(["method"] + [f"r = {r:g}" for r in keeps], rows))
+    if fig_rel:
+        out += ["", f"![pruning curves, {sname}]({fig_rel}/pruning_{sname}.png)"]
+    # calibration means of the NPS variants (what the defaults are chosen on)
+    crow = []
+    for key in order:
+        cells, have = [], False
+        for r in keeps:
+            by = grid.get((key, r), {})
+            vals = [by[n].get("calib") for n in names if n in by]
+            if key == "magnitude":
+                nb = grid.get((nps_key(FOCUSED), r), {})
+                vals = [nb[n].get("calib_magnitude") for n in names if n in nb]
+            if vals and len(vals) == len(names) and None not in vals:
+                cells.append(f"{np.mean(vals):.4f}")
+                have = True
+            else:
+                cells.append("")
+        if have:
+            crow.append([labels[key] + (" (w = 1 of the search)" if key == "magnitude" else "")] + cells)
+    out += ["", f"Calibration accuracy (the {S['tasks'][names[0]]['finetuned']['calib_rows']}-row search data; "
+                "these choose the defaults below):", "", table(["method"] + [f"r = {r:g}" for r in keeps], crow)]
+    # per task
+    out += ["", "<details><summary>Per task (test accuracy; ± is the per-task standard error)</summary>", ""]
+    prow = []
+    for n, nr in zip(names, ns):
+        for key in order:
+            cells, have = [], False
+            for r in keeps:
+                row = grid.get((key, r), {}).get(n)
+                if row:
+                    cells.append(f"{row['test']:.4f}")
+                    have = True
+                else:
+                    cells.append("")
+            if have:
+                prow.append([n, labels[key]] + cells)
+        prow.append([n, "fine-tuned", *([f"{S['tasks'][n]['finetuned']['test']:.4f} ± "
+                                         f"{se(S['tasks'][n]['finetuned']['test'], nr):.4f}"] + [""] * (len(keeps) - 1))])
+    out += [table(["task", "method"] + [f"r = {r:g}" for r in keeps], prow), "", "</details>"]
+    # NPS band weights found
+    wrows = []
+    for n in names:
+        for row in S["tasks"][n]["pruning"]:
+            if row["method"] == "nps":
+                wrows.append([n, row["variant"], f"{row['keep']:g}", " ".join(f"{w:.2f}" for w in row["weights"]),
+                              f"{row.get('calib_magnitude', float('nan')):.4f} → {row['calib']:.4f}",
+                              row.get("num_candidates", ""), f"{row.get('seconds', 0):.0f}"])
+    out += ["", "<details><summary>NPS searches: band weights found, calibration accuracy (w = 1 → best), "
+                "candidates scored, seconds</summary>", "",
+            table(["task", "bands", "r", "best band weights", "calib", "candidates", "s"], wrows), "", "</details>"]
+    return "\n".join(out)
+
+
+def _fusion_rows(F: dict) -> List[Tuple[str, dict]]:
+    out = [(FUSION_LABELS[k], F[k]) for k in FUSION_ORDER if k in F]
+    out += [(k, v) for k, v in F.items() if is_merge_grid_label(k)]
+    if "NPS-merge" in F:
+        out.append((f"NPS-merge (per-task λ search, {F['NPS-merge'].get('normalize')})", F["NPS-merge"]))
+    return out
+
+
+def _fusion_section(sname: str, S: dict) -> str:
+    fj = S.get("fusion")
+    if not fj:
+        return "_not run (see errors)_"
+    F = fj["fusion"]
+    names = fj["tasks"]
+    ns = [_test_rows(S, n) for n in names]
+    rows = []
+    for label, v in _fusion_rows(F):
+        rows.append([label] + [f"{x:.4f}" for x in v["test"]] + [pm(*mean_se(v["test"], ns)), f"{v['calib_mean']:.4f}",
+                                                                 _lam(v.get("lambda"))])
+    return "\n".join([
+        f"All {len(names)} tasks merged into one body (each task keeps its own head). λ chosen on the calibration "
+        "rows (mean over tasks), reported on test. TIES and DARE-TIES keep 20% of each task vector; "
+        f"NPS-merge merges the NPS-focused r = {S['fusion']['compression']['keep']:g} vectors of the pruning table. "
+        "Under `lambda-sum` a common λ cancels (Σλτ̂ᵢ/Σλ = mean τ̂ᵢ), so its grid is one point.", "",
+        table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)])
+
+
+def _compression_section(sname: str, S: dict, fig_rel: Optional[str]) -> str:
+    fj = S.get("fusion")
+    if not fj:
+        return "_not run (see errors)_"
+    C = fj["compression"]
+    names = fj["tasks"]
+    ns = [_test_rows(S, n) for n in names]
+    rows = []
+    for r in C["rows"]:
+        paper = f"{8 * r['paper_formula_bytes'] / C['num_entries'] / len(names):.2f}" if "paper_formula_bytes" in r else ""
+        rows.append([r["method"], pm(*mean_se(r["test"], ns)), f"{r['normalized_mean']:.4f}", f"{r['mb']:.2f}",
+                     f"{r['bits_per_entry']:.3f}", r.get("paper_bits_per_entry") and f"{r['paper_bits_per_entry']:.3f}" or "",
+                     " ".join(f"{x:.3f}" for x in r["normalized"])])
+    out = [f"D = {C['num_entries']:,} prunable entries per task, {len(names)} tasks, NPS at r = {C['keep']:g}. "
+           "Storage is the total of all tasks: fine-tuned = N fp32 models (prunable entries + heads); "
+           "task arithmetic / TIES = one merged fp32 body + every head; NPS = a real store written with "
+           "`write_store` (θ_pre once + per task mask, values, head; no tokenizer files) and measured on disk. "
+           "Bits per entry = the per-task mask + values per prunable entry (θ_pre and heads excluded); "
+           "the paper's 32r + 1 beside it. Every NPS task was restored with `restore_task`: the fp32 restore "
+           "was checked bit-identical to the pruned model (so its accuracy is the pruning table's), the fp16 "
+           "restore was scored on test.", "",
+           table(["method", "mean test ± se", "normalized acc", "MB", "bits / entry / task", "paper 32r+1",
+                  "normalized per task (" + ", ".join(names) + ")"], rows)]
+    if fig_rel:
+        out += ["", f"![compression, {sname}]({fig_rel}/compression_{sname}.png)"]
+    return "\n".join(out)
+
+
+def _transfer_section(S: dict) -> str:
+    T = S.get("transfer") or {}
+    if not T:
+        return ""
+    cfg_rows = []
+    by_method: Dict[str, List[dict]] = {}
+    for tname, tr in T.items():
+        for r in tr["rows"]:
+            by_method.setdefault(r["method"], []).append(r)
+            cfg_rows.append([tname, r["method"], _lam(r["lambda"]), f"{r['source']:.4f}", f"{r['target']:.4f}",
+                             f"{r['h_score']:.4f}", f"{r['calib']['h_score']:.4f}"])
+    mean_rows = [[m, f"{np.mean([r['source'] for r in rs]):.4f}", f"{np.mean([r['target'] for r in rs]):.4f}",
+                  f"{np.mean([r['h_score'] for r in rs]):.4f}"] for m, rs in by_method.items()]
+    first = next(iter(T.values()))["rows"][0]
+    return "\n".join([
+        "Source ability = the frozen encoder's mean-pooled embeddings as k-NN features (cosine, majority of "
+        "k neighbours) on the *other* text tasks' data: per other task a fixed reference set and a query set "
+        f"from its calibration split ({first['source_rows']} held-out query rows in all; λ is chosen on a "
+        "separate query set). Target = the task's accuracy (λ chosen on the calibration rows, reported on "
+        f"{first['target_rows']} test rows). DARE, magnitude and NPS (focused) prune to the transfer keep ratio "
+        "in the settings; θ = θ_pre + λ·τ̂ with λ chosen by calibration H-score. Pre-trained = λ = 0 with the "
+        "fine-tuned head; fine-tuned = λ = 1 with the whole τ.", "",
+        table(["task", "method", "λ", "source (held-out)", "target (test)", "H-score", "H on calibration"], cfg_rows),
+        "", "Mean over the transfer tasks:", "", table(["method", "source", "target", "H-score"], mean_rows)])
+
+
+def _speed_section(meta: dict, scale: Optional[dict]) -> str:
+    sp = meta.get("speed")
+    out = []
+    if sp and "table" in sp:
+        out += ["Per-candidate cost of the fast exact mask (`benchmarks/bench_candidate.py`, one subprocess "
+                "per size, measured at the end of this run, after the experiments):", "", sp["table"]]
+    elif sp and "error" in sp:
+        out.append(f"bench_candidate failed: {sp['error']}")
+    else:
+        out.append("bench_candidate was not run.")
+    if scale:
+        when = f", written {scale['written']}" if scale.get("written") else ""
+        out += ["", "At scale (`benchmarks/results/scale.json`, from `benchmarks/bench_scale.py`, which `make bench` "
+                    f"runs just before the experiments, in its own processes{when}):", "", _scale_table(scale)]
+    else:
+        out += ["", "No `benchmarks/results/scale.json` (the 10⁹-parameter measurement) was present when this "
+                    "report was rendered."]
+    return "\n".join(out)
+
+
+def _scale_table(scale: dict) -> str:
+    rows = []
+    try:
+        for r in scale.get("rows", []):
+            rows.append([f"{r['D']:.2e}", f"{r.get('P', 0):.2e}", f"{r.get('tau_dtype')}/{r.get('base_dtype')}",
+                         r.get("threads"), f"{r['load_s']:.1f}", f"{r['bands_s']:.1f}", f"{r['build_s_median']:.2f}",
+                         f"{r['floor_s_median']:.2f}", f"{r['peak_bytes'] / 2**30:.1f}",
+                         f"{r['peak_x_fp32_model']:.2f}x"])
+        text = table(["D (prunable)", "P (all)", "τ / θ_pre dtype", "threads", "load s", "make_bands s",
+                      "build_candidate s (median)", "floor θ+τ s", "peak RSS GiB", "peak / fp32 model"], rows)
+        ref = scale.get("make_bands_vs_reference")
+        if ref:
+            text += (f"\n\nmake_bands at D = {ref['D']:.0e}: {ref['new_s']:.3f} s vs {ref['reference_s']:.3f} s "
+                     "for the reference.")
+        return text
+    except (KeyError, TypeError, ValueError):
+        return "```\n" + _short_json(scale) + "\n```"
+
+
+def _short_json(obj, limit: int = 4000) -> str:
+    import json
+    s = json.dumps(obj, indent=1, default=str)
+    return s if len(s) <= limit else s[:limit] + "\n... (truncated; see the file)"
+
+
+def _timing_section(meta: dict, suites: Dict[str, dict]) -> str:
+    rows = []
+    for sname, S in suites.items():
+        tm = S.get("timings", {})
+        rows.append([sname, f"{tm.get('suite_build_s', 0):.0f}", f"{tm.get('wall_span_s', 0) / 60:.1f}",
+                     f"{tm.get('job_seconds_sum', 0) / 60:.1f}"])
+    steps: Dict[Tuple[str, str], float] = {}
+    for sname, S in suites.items():
+        for n, tr in S.get("tasks", {}).items():
+            steps[(sname, "fine-tuned scores")] = steps.get((sname, "fine-tuned scores"), 0) + tr["finetuned"].get("seconds", 0)
+            for row in tr["pruning"]:
+                k = "NPS searches (+ test score)" if row["method"] == "nps" else "baseline pruning (test score)"
+                steps[(sname, k)] = steps.get((sname, k), 0) + row.get("seconds", 0)
+        fj = S.get("fusion")
+        if fj:
+            for k, v in fj["fusion"].items():
+                steps[(sname, "fusion")] = steps.get((sname, "fusion"), 0) + v.get("seconds", 0)
+            for r in fj["compression"]["rows"]:
+                if "write_s" in r:
+                    steps[(sname, "compression stores (write, restore, fp16 test)")] = \
+                        steps.get((sname, "compression stores (write, restore, fp16 test)"), 0) + r["write_s"] + r["restore_s"]
+        for tr in (S.get("transfer") or {}).values():
+            steps[(sname, "transfer")] = steps.get((sname, "transfer"), 0) + sum(r.get("seconds", 0) for r in tr["rows"])
+    srows = [[s, k, f"{v / 60:.1f}"] for (s, k), v in steps.items()]
+    jobs = []
+    for sname, S in suites.items():
+        for k, j in S.get("timings", {}).get("jobs", {}).items():
+            jobs.append([sname, k, f"{j['seconds'] / 60:.1f}"])
+    return "\n".join([
+        f"Whole run: {meta.get('total_s', 0) / 60:.1f} min wall clock ({meta.get('config', {}).get('jobs')} worker "
+        f"processes × {meta.get('config', {}).get('threads')} torch thread(s)); speed benchmark "
+        f"{meta.get('speed_s', 0):.0f} s. Suite wall time = first job start to last job end (the suites' jobs "
+        "share the workers, so spans overlap); job minutes = the sum over that suite's jobs. Steps restored "
+        "from the result cache keep the seconds of the run that computed them.", "",
+        table(["suite", "suite load/build s", "wall span (min)", "job minutes"], rows), "",
+        table(["suite", "step", "minutes"], srows), "",
+        "<details><summary>Per job</summary>", "", table(["suite", "job", "minutes"], jobs), "", "</details>"])
