@@ -376,11 +376,11 @@ def _enospc(*args, **kwargs):
 
 @pytest.mark.parametrize("command", ["prune", "compress", "merge"])
 def test_disk_full_is_one_line_and_leaves_nothing(fam, tmp_path, capsys, monkeypatch, command):
-    import nps_pruning.apps.compress as compress
+    import nps_pruning.apps.store_write as store_write
     import nps_pruning.checkpoints.save as save
     before = snapshot(fam)
     if command == "compress":
-        monkeypatch.setattr(compress, "_write_part", _enospc)
+        monkeypatch.setattr(store_write, "_write_part", _enospc)
     else:
         monkeypatch.setattr(save, "_write_safetensors", _enospc)
     out = tmp_path / "out"

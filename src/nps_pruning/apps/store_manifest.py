@@ -1,5 +1,5 @@
 """Checking a store's manifest before anything is read on its word (used by
-:class:`nps_pruning.apps.compress.Store`).
+:class:`nps_pruning.apps.store_read.Store`).
 
 A manifest is data from a file: every field the reader uses is checked for its type and range,
 every part path is confined to the store folder (:func:`nps_pruning.paths.safe_relpath`), and
@@ -31,41 +31,41 @@ def _fail(where: str, what: str):
     raise ManifestError(f"{where}: {what}")
 
 
+def _malformed(where: str, what: str):
+    _fail(where, f"malformed manifest: {what}")
+
+
+_KINDS = {str: "a string", dict: "an object", list: "a list"}     # what a message calls each type
+
+
+def _want(value, kind: type, field: str, where: str):
+    """``value`` when it is a ``kind`` (str, dict or list), else one line naming the field."""
+    if not isinstance(value, kind):
+        _malformed(where, f"{field} must be {_KINDS[kind]}, got {type(value).__name__}")
+    return value
+
+
 def _int(value, field: str, where: str, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        _fail(where, f"malformed manifest: {field} must be an integer >= {lo}, got {value!r:.60}")
-    return value
-
-
-def _str(value, field: str, where: str) -> str:
-    if not isinstance(value, str):
-        _fail(where, f"malformed manifest: {field} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _dict(value, field: str, where: str) -> dict:
-    if not isinstance(value, dict):
-        _fail(where, f"malformed manifest: {field} must be an object, got {type(value).__name__}")
-    return value
-
-
-def _list(value, field: str, where: str) -> list:
-    if not isinstance(value, list):
-        _fail(where, f"malformed manifest: {field} must be a list, got {type(value).__name__}")
+        _malformed(where, f"{field} must be an integer >= {lo}, got {value!r:.60}")
     return value
 
 
 def _sha(value, field: str, where: str) -> str:
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
-        _fail(where, f"malformed manifest: {field} must be a sha256 hex digest")
+        _malformed(where, f"{field} must be a sha256 hex digest")
     return value
 
 
+def _require(entry: dict, keys, field: str, where: str) -> None:
+    for key in keys:
+        if key not in entry:
+            _malformed(where, f"{field} has no {key!r}")
+
+
 def check_part(store: Path, part, field: str, where: str) -> None:
-    _dict(part, field, where)
-    for key in ("file", "bytes", "sha256"):
-        if key not in part:
-            _fail(where, f"malformed manifest: {field} has no {key!r}")
+    _want(part, dict, field, where)
+    _require(part, ("file", "bytes", "sha256"), field, where)
     try:
         safe_relpath(store, part["file"], what=f"{field}.file")
     except NPSError as err:
@@ -93,37 +93,32 @@ def check_side_name(store: Path, name, where: str, owner: str) -> None:
 
 def _task(store: Path, entry, i: int, where: str, num: int, value_dtypes, codings) -> None:
     field = f"tasks[{i}]"
-    _dict(entry, field, where)
-    for key in ("name", "kept", "keep_ratio", "value_dtype", "mask_coding", "parts", "side_files",
-                "mask_sha256"):
-        if key not in entry:
-            _fail(where, f"malformed manifest: {field} has no {key!r}")
-    name = _str(entry["name"], f"{field}.name", where)
+    _want(entry, dict, field, where)
+    _require(entry, ("name", "kept", "keep_ratio", "value_dtype", "mask_coding", "parts",
+                     "side_files", "mask_sha256"), field, where)
+    name = _want(entry["name"], str, f"{field}.name", where)
     if not name or "\0" in name:
-        _fail(where, f"malformed manifest: {field}.name must be a non-empty name")
+        _malformed(where, f"{field}.name must be a non-empty name")
     kept = _int(entry["kept"], f"{field}.kept", where)
     if kept > num:
-        _fail(where, f"malformed manifest: {field}.kept = {kept} exceeds num_entries {num}")
+        _malformed(where, f"{field}.kept = {kept} exceeds num_entries {num}")
     ratio = entry["keep_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        _fail(where, f"malformed manifest: {field}.keep_ratio must be a number in [0, 1]")
-    if entry["value_dtype"] not in value_dtypes:
-        _fail(where, f"malformed manifest: {field}.value_dtype must be one of "
-                     f"{', '.join(value_dtypes)}")
-    if entry["mask_coding"] not in codings:
-        _fail(where, f"malformed manifest: {field}.mask_coding must be one of {', '.join(codings)}")
+        _malformed(where, f"{field}.keep_ratio must be a number in [0, 1]")
+    for key, choices in (("value_dtype", value_dtypes), ("mask_coding", codings)):
+        if entry[key] not in choices:
+            _malformed(where, f"{field}.{key} must be one of {', '.join(choices)}")
     _sha(entry["mask_sha256"], f"{field}.mask_sha256", where)
-    parts = _dict(entry["parts"], f"{field}.parts", where)
+    parts = _want(entry["parts"], dict, f"{field}.parts", where)
     if sorted(parts) != sorted(PART_KINDS):
-        _fail(where, f"malformed manifest: {field}.parts must hold exactly {', '.join(PART_KINDS)}")
+        _malformed(where, f"{field}.parts must hold exactly {', '.join(PART_KINDS)}")
     for kind in PART_KINDS:
         check_part(store, parts[kind], f"{field}.parts.{kind}", where)
     mask_bytes = parts["mask"]["bytes"]
     need = (num + 7) // 8 if entry["mask_coding"] == "packed" else 4 * -(-num // 2**16)
     if mask_bytes < need:          # also bounds what a mask may make us allocate
-        _fail(where, f"malformed manifest: {field}.parts.mask is {mask_bytes} bytes, too small "
-                     f"for {num} entries")
-    side = _dict(entry["side_files"], f"{field}.side_files", where)
+        _malformed(where, f"{field}.parts.mask is {mask_bytes} bytes, too small for {num} entries")
+    side = _want(entry["side_files"], dict, f"{field}.side_files", where)
     for fname, part in side.items():
         check_side_name(store, fname, where, f"task {name!r}")
         check_part(store, part, f"{field}.side_files[{fname!r}]", where)
@@ -133,56 +128,54 @@ def _task(store: Path, entry, i: int, where: str, num: int, value_dtypes, coding
 
 def check_manifest(store: Path, manifest: Any, where: str, *, value_dtypes, codings) -> None:
     """Raise one NPSError line when ``manifest`` is not a well-formed store manifest."""
-    _dict(manifest, "manifest", where)
+    _want(manifest, dict, "manifest", where)
     num = _int(manifest.get("num_entries"), "num_entries", where, lo=1)
-    lay = _dict(manifest.get("layout"), "layout", where)
-    names = _list(lay.get("names"), "layout.names", where)
-    shapes = _list(lay.get("shapes"), "layout.shapes", where)
-    dtypes = _list(lay.get("dtypes"), "layout.dtypes", where)
+    lay = _want(manifest.get("layout"), dict, "layout", where)
+    names, shapes, dtypes = (_want(lay.get(key), list, f"layout.{key}", where)
+                             for key in ("names", "shapes", "dtypes"))
     if not names or not len(names) == len(shapes) == len(dtypes):
-        _fail(where, "malformed manifest: layout names, shapes and dtypes must be non-empty "
-                     "lists of one length")
+        _malformed(where, "layout names, shapes and dtypes must be non-empty lists of one length")
     total = 0
     for i, (n, shape, dtype) in enumerate(zip(names, shapes, dtypes)):
-        _str(n, f"layout.names[{i}]", where)
+        _want(n, str, f"layout.names[{i}]", where)
         size = 1
-        for d in _list(shape, f"layout.shapes[{i}]", where):
+        for d in _want(shape, list, f"layout.shapes[{i}]", where):
             size *= _int(d, f"layout.shapes[{i}]", where)
         total += size
         if dtype not in LAYOUT_DTYPES:
-            _fail(where, f"malformed manifest: layout.dtypes[{i}] must be one of "
-                         f"{', '.join(LAYOUT_DTYPES)}, got {dtype!r:.40}")
+            _malformed(where, f"layout.dtypes[{i}] must be one of {', '.join(LAYOUT_DTYPES)}, "
+                              f"got {dtype!r:.40}")
     if len(set(names)) != len(names):
-        _fail(where, "malformed manifest: layout.names has duplicates")
+        _malformed(where, "layout.names has duplicates")
     if total != num:
         _fail(where, f"layout has {total} entries, manifest says {num}")
     base_names = manifest.get("base_names", {})
     if base_names is not None and (not isinstance(base_names, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in base_names.items())):
-        _fail(where, "malformed manifest: base_names must map strings to strings")
-    pre = _dict(manifest.get("pretrained"), "pretrained", where)
+        _malformed(where, "base_names must map strings to strings")
+    pre = _want(manifest.get("pretrained"), dict, "pretrained", where)
     _sha(pre.get("sha256"), "pretrained.sha256", where)
     if not isinstance(pre.get("embedded"), bool):
-        _fail(where, "malformed manifest: pretrained.embedded must be true or false")
+        _malformed(where, "pretrained.embedded must be true or false")
     if pre.get("ref") is not None:
-        _str(pre["ref"], "pretrained.ref", where)
+        _want(pre["ref"], str, "pretrained.ref", where)
     if pre.get("part") is not None:
         check_part(store, pre["part"], "pretrained.part", where)
         if pre["part"]["bytes"] < 2 * num:
-            _fail(where, f"malformed manifest: pretrained.part is too small for {num} entries")
+            _malformed(where, f"pretrained.part is too small for {num} entries")
     elif pre["embedded"]:
-        _fail(where, "malformed manifest: pretrained.embedded is true but there is no part")
-    tasks = _list(manifest.get("tasks"), "tasks", where)
+        _malformed(where, "pretrained.embedded is true but there is no part")
+    tasks = _want(manifest.get("tasks"), list, "tasks", where)
     if not tasks:
-        _fail(where, "malformed manifest: no tasks")
+        _malformed(where, "no tasks")
     for i, entry in enumerate(tasks):
         _task(store, entry, i, where, num, value_dtypes, codings)
     task_names = [t["name"] for t in tasks]
     if len(set(task_names)) != len(task_names):
-        _fail(where, "malformed manifest: task names are not unique")
+        _malformed(where, "task names are not unique")
     files = [part["file"] for part, _ in all_parts(manifest)]
     if len(set(files)) != len(files) or "manifest.json" in files:
-        _fail(where, "malformed manifest: two parts name the same file")
+        _malformed(where, "two parts name the same file")
 
 
 def all_parts(manifest: dict) -> Iterator[Tuple[dict, str]]:

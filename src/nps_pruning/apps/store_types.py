@@ -1,0 +1,58 @@
+"""What the store's writer and reader share (:mod:`nps_pruning.apps.compress` describes the
+format): its name and version, the value dtypes, the task records and the checksums."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, NamedTuple
+
+import numpy as np
+import torch
+
+from ..dtypes import registry
+
+FORMAT = "nps-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VALUE_DTYPES: Dict[str, torch.dtype] = registry("fp32", "fp16", "bf16")   # --values' names
+
+
+@dataclass
+class StoreTask:
+    """One task to store. ``pruned_values`` is τ̂ (D,), zero where pruned: its nonzero entries are
+    the mask. ``side_files`` maps file names (config.json, tokenizer files) to their bytes."""
+
+    name: str
+    pruned_values: torch.Tensor
+    task_specific: Dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    side_files: Dict[str, bytes] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+class RestoredTask(NamedTuple):
+    theta_flat: torch.Tensor            # float32 (D,), θ_pre + τ̂ in the store's layout
+    task_specific: Dict[str, torch.Tensor]
+    buffers: Dict[str, torch.Tensor]
+    side_files: Dict[str, bytes]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def flat_sha256(flat: torch.Tensor) -> str:
+    """sha256 of a flat vector's float32 bytes: the identity of a θ_pre in a layout."""
+    array = flat.detach().to(torch.float32).contiguous().cpu().numpy()
+    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
+
+
+def _manifest_sha256(manifest: Mapping) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _mask_sha256(mask: np.ndarray) -> str:
+    """sha256 of a boolean mask packed little-endian: recorded on write, checked after decoding."""
+    return _sha256(np.packbits(mask, bitorder="little").tobytes())
