@@ -1,11 +1,11 @@
 """The one λ-grid search (search/grid.py) and its call sites in apps/merge.py and apps/transfer.py:
 plain functions and stub sessions only (no models)."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from nps_pruning.apps.settings import MergeSettings
 from nps_pruning.errors import NPSError
 from nps_pruning.search import GridChoice, grid_search
 
@@ -98,14 +98,16 @@ def test_merge_with_lambda_grid_keeps_the_first_best_and_its_merged_tau(monkeypa
     monkeypatch.setitem(core_merge.MERGERS, "toy", toy_merger)
     taus = torch.tensor([[1.0], [1.0]])                      # merged τ[0] = 2λ
     sessions = [_Session(lambda x: -abs(x - 2.0)), _Session(lambda x: -abs(x - 2.0))]
-    opts = SimpleNamespace(lambda_grid=[0.5, 1.5, 0.5, 1.0], keep=1.0, seed=0)
+    settings = MergeSettings(lambda_grid=[0.5, 1.5, 0.5, 1.0], keep_ratio=1.0, seed=0)
     # 2λ = 1 and 3 are equally far from 2: λ = 0.5 (the first) wins over λ = 1.5; λ = 1 is exact
-    merged, lam, grid = merge_mod.merge_with_lambda_grid("toy", taus, opts, sessions, [None, None])
+    merged, lam, grid = merge_mod.merge_with_lambda_grid("toy", taus, sessions, [None, None],
+                                                         settings=settings)
     assert lam == 1.0 and float(merged[0]) == 2.0 and built == [0.5, 1.5, 0.5, 1.0]
     assert grid == [{"lambda": 0.5, "score": -1.0}, {"lambda": 1.5, "score": -1.0},
                     {"lambda": 0.5, "score": -1.0}, {"lambda": 1.0, "score": 0.0}]
-    opts.lambda_grid = [1.5, 0.5]
-    merged, lam, grid = merge_mod.merge_with_lambda_grid("toy", taus, opts, sessions, [None, None])
+    settings = settings.replace(lambda_grid=[1.5, 0.5])
+    merged, lam, grid = merge_mod.merge_with_lambda_grid("toy", taus, sessions, [None, None],
+                                                         settings=settings)
     assert lam == 1.5 and float(merged[0]) == 3.0
 
 
@@ -113,8 +115,9 @@ def test_nps_merge_lambdas_grid_picks_the_first_best_common_lambda():
     from nps_pruning.apps.merge import nps_merge_lambdas
     pruned = torch.tensor([[1.0], [1.0]])
     sessions = [_Session(lambda x: -abs(x - 1.0)), _Session(lambda x: -abs(x - 1.0))]
-    opts = SimpleNamespace(lambda_grid=[2.0, 0.5, 1.5, 1.0], normalize="none", lambda_generations=0)
-    lambdas, grid, result = nps_merge_lambdas(sessions, [None, None], pruned, opts, progress=False)
+    settings = MergeSettings(lambda_grid=[2.0, 0.5, 1.5, 1.0], normalize="none", lambda_generations=0)
+    lambdas, grid, result = nps_merge_lambdas(sessions, [None, None], pruned, settings=settings,
+                                              progress=False)
     # the "none" normalization sums λ·τ̂_i: merged τ[0] = 2λ; 0.5 is exact
     assert lambdas == [0.5, 0.5] and result is None
     assert [g["lambda"] for g in grid] == [2.0, 0.5, 1.5, 1.0]

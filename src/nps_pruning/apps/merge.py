@@ -23,6 +23,7 @@ from ..report.report import now_iso, versions, write_json
 from ..search.grid import grid_search
 from ..task_vector import stack_values
 from .prune import Session, prepare_work_dir, prune_task, search_report
+from .settings import MergeSettings
 
 
 # files `nps merge` writes next to the task folders (a task may not be named like one)
@@ -55,50 +56,57 @@ def merged_scores(sessions: Sequence[Session], evaluators: Sequence[Callable],
     return [s.score(ev, merged) for s, ev in zip(sessions, evaluators)]
 
 
-def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, opts, *, progress=True):
-    """λ for Eq. 7: the best single λ of a grid, then CMA-ES over per-task λ_i started from it
-    (parametrised as λ_i = λ*·w_i so that w = 1 is the grid's best and is always scored)."""
+def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, *,
+                      settings: MergeSettings = MergeSettings(), progress=True):
+    """λ for Eq. 7: the best single λ of ``settings.lambda_grid``, then CMA-ES over per-task λ_i
+    started from it (parametrised as λ_i = λ*·w_i so that w = 1 is the grid's best and is always
+    scored). Returns (λ_i, grid rows, the CMA-ES SearchResult or None)."""
     from ..core.merge import nps_combine
     from ..search import SearchSettings, run_search
     n = len(sessions)
+    lambda_grid = list(settings.lambda_grid)
 
     def mean_score(lambdas) -> float:
         return float(np.mean(merged_scores(sessions, evaluators,
-                                           nps_combine(pruned, list(lambdas), opts.normalize))))
+                                           nps_combine(pruned, list(lambdas), settings.normalize))))
 
-    choice = grid_search(opts.lambda_grid, lambda lam: mean_score([lam] * n), what="lambda_grid")
-    grid = [{"lambda": lam, "score": score} for lam, score in zip(opts.lambda_grid, choice.scores)]
+    choice = grid_search(lambda_grid, lambda lam: mean_score([lam] * n), what="lambda_grid")
+    grid = [{"lambda": lam, "score": score} for lam, score in zip(lambda_grid, choice.scores)]
     lam_star = choice.value
     result = None
     lambdas = [lam_star] * n
-    if opts.lambda_generations > 0 and n > 1:
+    if settings.lambda_generations > 0 and n > 1:
         def scorer(w):
             t0 = time.perf_counter()
             return mean_score(lam_star * np.asarray(w)), {"build_s": 0.0, "eval_s": time.perf_counter() - t0}
-        upper = max(opts.lambda_grid) * 1.5 / lam_star
+        upper = max(lambda_grid) * 1.5 / lam_star
         # the per-task λ search: a plain box over λ_i/λ* (the "magnitude" space: one weight per
         # task, no extra coordinates), not the band-weight search's defaults
-        settings = SearchSettings(generations=opts.lambda_generations, sigma0=0.2, lower=0.0,
-                                  upper=upper, seed=opts.seed, max_failures=opts.max_failures,
-                                  space="magnitude")
-        result = run_search(scorer, n, settings, progress=progress)
+        search = SearchSettings(generations=settings.lambda_generations, sigma0=0.2, lower=0.0,
+                                upper=upper, seed=settings.seed, max_failures=settings.max_failures,
+                                space="magnitude")
+        result = run_search(scorer, n, search, progress=progress)
         lambdas = [lam_star * float(w) for w in result.best_weights]
     return lambdas, grid, result
 
 
-def merge_with_lambda_grid(method: str, taus: torch.Tensor, opts, sessions, evaluators):
+def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators, *,
+                           settings: MergeSettings = MergeSettings()):
+    """Merge ``taus`` with ``core.merge.MERGERS[method]`` at the λ of ``settings.lambda_grid``
+    whose merged model scores best (weight averaging has no λ). Returns (merged τ, λ, grid rows)."""
     from ..core.merge import MERGERS
     fn = MERGERS[method]
     if method == "average":
-        merged = fn(taus, lam=1.0, keep_ratio=opts.keep, seed=opts.seed)
+        merged = fn(taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return merged, None, []
 
     def score(lam):           # the best λ's merged τ is kept, not built again
-        merged = fn(taus, lam=lam, keep_ratio=opts.keep, seed=opts.seed)
+        merged = fn(taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
 
-    choice = grid_search(opts.lambda_grid, score, what="lambda_grid")
-    grid = [{"lambda": lam, "score": s} for lam, s in zip(opts.lambda_grid, choice.scores)]
+    lambda_grid = list(settings.lambda_grid)
+    choice = grid_search(lambda_grid, score, what="lambda_grid")
+    grid = [{"lambda": lam, "score": s} for lam, s in zip(lambda_grid, choice.scores)]
     return choice.extra, choice.value, grid
 
 
@@ -134,7 +142,10 @@ def run_merge(opts) -> Dict[str, Any]:
                              device=opts.device)
                 for ft, name in zip(opts.finetuned, names)]
     taus = stack_values([s.task_vector for s in sessions])
-    evaluators = [s.evaluator(spec, opts) for s, spec in zip(sessions, opts.eval)] if opts.eval else []
+    merge_settings = MergeSettings.from_options(opts)
+    ev_kw = {"seed": opts.seed, "batch_size": opts.batch_size, "max_length": opts.max_length}
+    evaluators = ([s.evaluator(spec, calib_size=opts.calib_size, **ev_kw)
+                   for s, spec in zip(sessions, opts.eval)] if opts.eval else [])
     report: Dict[str, Any] = {"command": "merge", "created": now_iso(), "settings": dataclasses.asdict(opts),
                               "seed": opts.seed, "versions": versions(), "tasks": names}
     if opts.method == "nps":
@@ -149,7 +160,8 @@ def run_merge(opts) -> Dict[str, Any]:
         if opts.lam is not None:
             lambdas, grid, lam_result = [opts.lam] * len(sessions), [], None
         else:
-            lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned, opts,
+            lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned,
+                                                          settings=merge_settings,
                                                           progress=not opts.quiet)
         merged = nps_combine(pruned, lambdas, opts.normalize)
         report.update(lambdas=lambdas, lambda_grid=grid, lambda_search=search_report(lam_result))
@@ -160,12 +172,13 @@ def run_merge(opts) -> Dict[str, Any]:
         report.update(lambdas=[opts.lam] * len(sessions)
                       if opts.lam is not None and opts.method != "average" else None)
     else:
-        merged, lam, grid = merge_with_lambda_grid(opts.method, taus, opts, sessions, evaluators)
+        merged, lam, grid = merge_with_lambda_grid(opts.method, taus, sessions, evaluators,
+                                                   settings=merge_settings)
         report.update(lambdas=[lam] * len(sessions), lambda_grid=grid)
     if evaluators:
         report["calibration"] = dict(zip(names, merged_scores(sessions, evaluators, merged)))
     if opts.test:
-        tests = [s.evaluator(spec, opts, calib=False) for s, spec in zip(sessions, opts.test)]
+        tests = [s.evaluator(spec, **ev_kw) for s, spec in zip(sessions, opts.test)]
         report["test"] = dict(zip(names, merged_scores(sessions, tests, merged)))
         report["test_finetuned"] = {n: s.score(ev, s.task_vector.values)
                                     for n, s, ev in zip(names, sessions, tests)}

@@ -1,8 +1,11 @@
 """`nps prune`: one fine-tuned model in, its slim task vector and pruned model out.
 
-The per-task step (:func:`prune_task`) is shared by transfer, merge and compress: load the pair
-once, bind the model's weights to one flat buffer, then either search band weights with CMA-ES
-(NPS) or apply a baseline pruner, and score what is asked for.
+The per-task step (:func:`prune`, the library's entry point) is shared by transfer, merge,
+compress and the benchmark: on a :class:`~.session.Session` (the pair loaded once, the model's
+weights bound to one flat buffer) it either searches band weights with CMA-ES (NPS) or applies a
+baseline pruner, and scores what is asked for; what it does is a :class:`~.settings.PruneSettings`.
+:func:`run_prune` is the command: it maps the options to settings (``PruneSettings.from_options``),
+calls :func:`prune` and writes the output folder.
 """
 from __future__ import annotations
 
@@ -11,120 +14,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from ..errors import NPSError
-from ..task_vector import TaskVector
 from ..report.report import now_iso, versions, write_json
+from .session import Session
+from .settings import PruneSettings, SearchSettings, search_settings_from_options
 
-
-@dataclass
-class Session:
-    """A fine-tuned model loaded once for scoring: θ_pre, τ, and a model whose prunable weights are
-    views into ``flat`` (writing θ into ``flat`` changes the model in place)."""
-
-    pretrained: str
-    finetuned: str
-    base_flat: torch.Tensor
-    task_vector: TaskVector
-    model: Any = None
-    flat: Optional[torch.Tensor] = None
-    model_factory: Optional[str] = None
-    device: str = "cpu"
-    load_s: float = 0.0
-
-    @classmethod
-    def load(cls, pretrained: str, finetuned: str, *, model_factory=None, allow_shape_mismatch=False,
-             need_model=True, device="cpu", name=None, tau_dtype="float32",
-             running_stats="finetuned") -> "Session":
-        """Load θ_pre and τ (τ in ``tau_dtype``; θ_pre then kept in the checkpoint's own 16-bit
-        dtype, which is lossless) on ``device``, and the model once if it will be scored."""
-        from ..checkpoints import load_task_vector
-        t0 = time.perf_counter()
-        compact = tau_dtype != "float32"
-        base_flat, tv = load_task_vector(pretrained, finetuned, allow_shape_mismatch=allow_shape_mismatch,
-                                         name=name, dtype=tau_dtype, running_stats=running_stats,
-                                         base_dtype="checkpoint" if compact else "float32",
-                                         device=None if device == "cpu" else device)
-        s = cls(str(pretrained), str(finetuned), base_flat, tv, model_factory=model_factory, device=device)
-        if need_model:
-            s.ensure_model()
-        s.load_s = time.perf_counter() - t0
-        return s
-
-    def ensure_model(self):
-        if self.model is None:
-            from ..evaluation import bind_flat, load_model
-            self.model = load_model(self.finetuned, model_factory=self.model_factory, device=self.device)
-            self.flat = bind_flat(self.model, self.task_vector.layout)
-            if self.device != "cpu":
-                self.base_flat = self.base_flat.to(self.device)
-                self.task_vector = self.task_vector.with_values(self.task_vector.values.to(self.device))
-        return self.model
-
-    def set_task_values(self, tau: torch.Tensor, scale: float = 1.0) -> None:
-        """Put θ_pre + scale·τ into the model (in place).
-
-        Computed as ``θ_pre + (scale·τ)``, the same float arithmetic as the model that is written
-        (``TaskVector.state_dict`` of ``scale·τ``), so the scores reported are those of the
-        written weights bit for bit (``torch.add(..., alpha=scale)`` rounds differently)."""
-        self.ensure_model()
-        tau = tau.to(self.flat.device)
-        torch.add(self.base_flat, tau if scale == 1.0 else tau * scale, out=self.flat)
-
-    def score(self, evaluator, tau: torch.Tensor, scale: float = 1.0) -> float:
-        self.set_task_values(tau, scale)
-        return float(evaluator(self.model))
-
-    def evaluator(self, spec: str, opts, *, calib: bool = True, fitness: str = "accuracy",
-                  calib_size=None, subset: str = "all", rest_size=None):
-        from ..evaluation import make_evaluator
-        size = calib_size if calib_size is not None else (
-            getattr(opts, "calib_size", None) if calib else None)
-        ev = make_evaluator(spec, model_path=self.finetuned, calib_size=size,
-                            seed=opts.seed, batch_size=opts.batch_size,
-                            device=self.device, max_length=opts.max_length, fitness=fitness,
-                            subset=subset, rest_size=rest_size)
-        if fitness == "agreement":       # the fine-tuned model's own predictions are the target
-            self.set_task_values(self.task_vector.values)
-            ev.set_reference(self.model)
-        return ev
-
-    @staticmethod
-    def search_fitness(spec: str, opts) -> str:
-        """The fitness the search uses on ``spec``: ``opts.fitness``, by default loglik for the
-        classification evaluators; a python: evaluator's own score ("accuracy" here)."""
-        fitness = getattr(opts, "fitness", None)
-        if str(spec).split(":", 1)[0].strip().lower() == "python":
-            if fitness not in (None, "accuracy"):
-                raise NPSError(f"{spec}: --fitness {fitness} applies to the text- and "
-                               "image-classification evaluators; a python: evaluator returns its "
-                               "own score")
-            return "accuracy"
-        return fitness or "loglik"
-
-    def search_evaluators(self, spec: str, opts):
-        """(search evaluator, held-out evaluator or None) on the calibration data: with
-        ``opts.holdout`` = h > 0, the first (1−h) of the seeded calibration rows drive the search
-        and the other h re-score its best candidates (against the winner's curse)."""
-        from ..evaluation import count_rows
-        fitness = self.search_fitness(spec, opts)
-        h = float(getattr(opts, "holdout", 0.0) or 0.0)
-        if h <= 0 or str(spec).split(":", 1)[0].strip().lower() == "python":
-            return self.evaluator(spec, opts, fitness=fitness), None
-        total = count_rows(spec)
-        n = total if opts.calib_size is None else min(int(opts.calib_size), total)
-        n_search = max(1, int(round((1.0 - h) * n)))
-        n_hold = n - n_search
-        if n_hold < 1 or n_search >= total:
-            return self.evaluator(spec, opts, fitness=fitness, calib_size=n), None
-        search = self.evaluator(spec, opts, fitness=fitness, calib_size=n_search)
-        hold = self.evaluator(spec, opts, fitness=fitness, calib_size=n_search, subset="rest",
-                              rest_size=n_hold)
-        return search, hold
+__all__ = ["Session", "PruneSettings", "SearchSettings", "PruneOutcome", "prune",
+           "rescore_on_holdout", "prune_task", "search_settings", "run_prune"]
 
 
 @dataclass
@@ -142,31 +44,42 @@ class PruneOutcome:
 
 
 def search_settings(opts):
-    from ..config import resolved_search_bounds
-    from ..search import SearchSettings
-    lower, upper, sigma0 = resolved_search_bounds(opts)
-    return SearchSettings(generations=opts.generations, sigma0=sigma0, lower=lower, upper=upper,
-                          popsize=opts.popsize, seed=opts.seed, param=opts.param,
-                          max_failures=opts.max_failures, space=getattr(opts, "space", "magnitude"))
+    """The CMA-ES settings of a CLI options object (the CLI's mapping: see
+    :meth:`PruneSettings.from_options`)."""
+    return search_settings_from_options(opts)
 
 
-def _scorer(session: Session, evaluator, bands, opts, eval_spec: str, index=None,
-            calib_size=None):
+def _scorer(session: Session, evaluator, bands, settings: PruneSettings, eval_spec: str,
+            index=None, calib_size=None):
     from ..search.scorer import CandidateScorer
-    space = getattr(opts, "space", "magnitude")
-    if opts.executor == "serial":
+    if settings.executor == "serial":
         return CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
-                                          session.flat, evaluator, opts.keep, opts.kept_values,
-                                          space=space, index=index)
+                                          session.flat, evaluator, settings.keep_ratio,
+                                          settings.kept_values, space=settings.space, index=index)
+    # worker processes load the pair from its paths, the way the session was loaded
     return CandidateScorer(pretrained_path=session.pretrained, finetuned_path=session.finetuned,
-                           eval_spec=eval_spec, keep_ratio=opts.keep, num_bands=opts.bands,
-                           scheme=opts.scheme, focus=opts.focus, kept_values=opts.kept_values,
-                           calib_size=calib_size if calib_size is not None else opts.calib_size,
-                           seed=opts.seed, model_factory=opts.model_factory,
-                           device=opts.device, batch_size=opts.batch_size, tau_dtype=opts.tau_dtype,
-                           space=space, fitness=session.search_fitness(eval_spec, opts),
-                           max_length=opts.max_length, running_stats=opts.running_stats,
-                           allow_shape_mismatch=opts.allow_shape_mismatch)
+                           eval_spec=eval_spec, keep_ratio=settings.keep_ratio,
+                           num_bands=settings.bands, scheme=settings.scheme, focus=settings.focus,
+                           kept_values=settings.kept_values,
+                           calib_size=calib_size if calib_size is not None else settings.calib_size,
+                           seed=settings.seed, model_factory=session.model_factory,
+                           device=session.device, batch_size=settings.batch_size,
+                           tau_dtype=session.tau_dtype, space=settings.space,
+                           fitness=session.search_fitness(eval_spec, settings.fitness),
+                           max_length=settings.max_length, running_stats=session.running_stats,
+                           allow_shape_mismatch=session.allow_shape_mismatch)
+
+
+def _identity_fields(session: Session, settings: PruneSettings) -> SimpleNamespace:
+    """What :func:`~nps_pruning.search.identity.run_identity` reads, under the names the search
+    logs' headers have always used (so a log written before resumes)."""
+    return SimpleNamespace(
+        calib_size=settings.calib_size, keep=settings.keep_ratio, bands=settings.bands,
+        scheme=settings.scheme, focus=settings.focus, kept_values=settings.kept_values,
+        batch_size=settings.batch_size, max_length=settings.max_length, device=session.device,
+        tau_dtype=session.tau_dtype, model_factory=session.model_factory,
+        allow_shape_mismatch=session.allow_shape_mismatch, running_stats=session.running_stats,
+        fitness=settings.fitness, holdout=settings.holdout, rescore_top=settings.rescore_top)
 
 
 def rescore_on_holdout(session: Session, space, bands, index, result, holdout, keep: float,
@@ -202,10 +115,15 @@ def rescore_on_holdout(session: Session, space, bands, index, result, holdout, k
     return pool[best], rows
 
 
-def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] = None,
-               log_path: Optional[Path] = None, progress: bool = True) -> PruneOutcome:
-    """Prune ``session``'s task vector with ``method`` at ``opts.keep``; NPS searches on ``eval_spec``."""
+def prune(session: Session, method: str, *, settings: PruneSettings = PruneSettings(),
+          eval_spec: Optional[str] = None, log_path: Optional[Path] = None, resume: bool = False,
+          progress: bool = True) -> PruneOutcome:
+    """Prune ``session``'s task vector with ``method`` ("nps" or a baseline of ``core.PRUNERS``)
+    at ``settings.keep_ratio``. NPS searches on the calibration evaluator ``eval_spec`` (a
+    baseline is scored on it when given); ``log_path``: the search's JSONL log, which ``resume``
+    continues (only a log of this very run)."""
     tv = session.task_vector
+    keep = settings.keep_ratio
     t0 = time.perf_counter()
     if method == "nps":
         from ..core import make_bands
@@ -213,39 +131,43 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
         from ..search import run_search
         from ..search.executors import make_executor
         if not eval_spec:
-            raise NPSError("--method nps needs a calibration evaluator (--eval SPEC)")
-        space_name = getattr(opts, "space", "magnitude")
-        if space_name == "hybrid" and opts.kept_values != "weighted":
-            raise NPSError("--kept-values original needs --space magnitude (the hybrid space "
+            raise NPSError("method 'nps' needs a calibration evaluator (eval_spec)")
+        space_name = settings.space
+        if space_name == "hybrid" and settings.kept_values != "weighted":
+            raise NPSError("kept_values='original' needs space='magnitude' (the hybrid space "
                            "carries its own scales)")
         session.ensure_model()
-        evaluator, holdout = session.search_evaluators(eval_spec, opts)
-        bands = make_bands(tv.values, opts.bands, opts.scheme, opts.keep, opts.focus,
+        evaluator, holdout = session.search_evaluators(
+            eval_spec, fitness=settings.fitness, holdout=settings.holdout,
+            calib_size=settings.calib_size, **settings.evaluator_kwargs())
+        bands = make_bands(tv.values, settings.bands, settings.scheme, keep, settings.focus,
                            sorted_dtype=tv.values.dtype if tv.values.dtype != torch.float64 else torch.float32)
-        index = make_hybrid_index(tv.values, opts.seed) if space_name == "hybrid" else None
-        settings = search_settings(opts)
-        space = make_space(space_name, opts.bands, settings.lower, settings.upper, settings.param,
-                           keep_ratio=opts.keep)
+        index = make_hybrid_index(tv.values, settings.seed) if space_name == "hybrid" else None
+        search = settings.search
+        space = make_space(space_name, settings.bands, search.lower, search.upper, search.param,
+                           keep_ratio=keep)
         bands_s = time.perf_counter() - t0
         from ..search.cmaes_search import SearchAborted
         if log_path is not None and Path(log_path).parent.name.endswith(".nps-run"):
             from ..workdirs import claim_work_dir     # our work folder: made with its marker
             claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
-        executor = make_executor(opts.executor, workers=opts.workers, ray_address=opts.ray_address)
+        executor = make_executor(settings.executor, workers=settings.workers,
+                                 ray_address=settings.ray_address)
         aborted = None
         try:
             run_id = None
-            if log_path is not None:    # what --resume checks: the log must be of this very run
+            if log_path is not None:    # what resume checks: the log must be of this very run
                 from ..search.identity import run_identity
                 run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
-                                      eval_spec=eval_spec, opts=opts, method=method)
-            result = run_search(_scorer(session, evaluator, bands, opts, eval_spec, index,
+                                      eval_spec=eval_spec, opts=_identity_fields(session, settings),
+                                      method=method)
+            result = run_search(_scorer(session, evaluator, bands, settings, eval_spec, index,
                                         calib_size=evaluator.num_rows if holdout is not None else None),
-                                opts.bands, settings, log_path=log_path, resume=opts.resume,
+                                settings.bands, search, log_path=log_path, resume=resume,
                                 executor=executor, progress=progress, space=space, run_id=run_id)
         except OSError as e:
             from ..paths import write_error
-            raise write_error(e, log_path, "the search log so far is kept for --resume "
+            raise write_error(e, log_path, "the search log so far is kept for resuming "
                               "once there is room") from None
         except SearchAborted as e:
             # keep the best candidate scored so far; the caller writes it and still fails
@@ -258,19 +180,19 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
         if holdout is not None and not aborted:
             t_r = time.perf_counter()
             chosen, rescored = rescore_on_holdout(session, space, bands, index, result, holdout,
-                                                  opts.keep, int(getattr(opts, "rescore_top", 5)),
-                                                  opts.kept_values)
+                                                  keep, int(settings.rescore_top),
+                                                  settings.kept_values)
             result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
             result.best_score = float(chosen["score"])
             rescore_s = time.perf_counter() - t_r
         pruned = build_point(space, tv.values, bands, index, np.asarray(result.best_weights),
-                             opts.keep, kept_values=opts.kept_values)
+                             keep, kept_values=settings.kept_values)
         calib = {"magnitude": result.baseline_score}
         for c in result.candidates:
             if int(c["gen"]) == 0 and c.get("start") not in (None, "magnitude") and c.get("status") == "ok":
                 calib[c["start"]] = c["score"]
         calib["nps"] = result.best_score
-        outcome = PruneOutcome("nps", pruned, opts.keep, result, bands, calib,
+        outcome = PruneOutcome("nps", pruned, keep, result, bands, calib,
                                {"bands_s": bands_s, "search_s": result.seconds}, aborted,
                                rescored=rescored, space=space_name)
         if rescored:
@@ -283,15 +205,34 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
     from ..core import PRUNERS
     if method not in PRUNERS:
         raise NPSError(f"unknown pruning method {method!r} (known: nps, {', '.join(PRUNERS)})")
-    pruned = PRUNERS[method](tv.values, opts.keep, seed=opts.seed)
-    outcome = PruneOutcome(method, pruned, opts.keep, timings={"prune_s": time.perf_counter() - t0})
+    pruned = PRUNERS[method](tv.values, keep, seed=settings.seed)
+    outcome = PruneOutcome(method, pruned, keep, timings={"prune_s": time.perf_counter() - t0})
     if eval_spec:
-        fitness = (session.search_fitness(eval_spec, opts) if getattr(opts, "fitness", None)
+        fitness = (session.search_fitness(eval_spec, settings.fitness) if settings.fitness
                    else "accuracy")
-        evaluator = session.evaluator(eval_spec, opts, fitness=fitness)
+        evaluator = session.evaluator(eval_spec, calib_size=settings.calib_size, fitness=fitness,
+                                      **settings.evaluator_kwargs())
         outcome.calibration = {"finetuned": session.score(evaluator, tv.values),
                                method: session.score(evaluator, pruned)}
     return outcome
+
+
+def check_prune_options(method: str, opts, eval_spec: Optional[str]) -> None:
+    """What :func:`prune` refuses, said in the CLI's flags (checked before it runs)."""
+    if method == "nps" and not eval_spec:
+        raise NPSError("--method nps needs a calibration evaluator (--eval SPEC)")
+    if method == "nps" and opts.space == "hybrid" and opts.kept_values != "weighted":
+        raise NPSError("--kept-values original needs --space magnitude (the hybrid space "
+                       "carries its own scales)")
+
+
+def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] = None,
+               log_path: Optional[Path] = None, progress: bool = True) -> PruneOutcome:
+    """The CLI's form of :func:`prune` (kept for callers of earlier versions): the settings of the
+    options object ``opts``, its ``resume``; the errors name the CLI's flags."""
+    check_prune_options(method, opts, eval_spec)
+    return prune(session, method, settings=PruneSettings.from_options(opts), eval_spec=eval_spec,
+                 log_path=log_path, resume=bool(opts.resume), progress=progress)
 
 
 def work_dir(output: str | Path) -> Path:
@@ -362,16 +303,18 @@ def run_prune(opts) -> Dict[str, Any]:
                            need_model=bool(opts.eval or opts.test or opts.method == "nps"),
                            device=opts.device, tau_dtype=opts.tau_dtype)
     tv = session.task_vector
+    settings = PruneSettings.from_options(opts)
     outcome = prune_task(session, opts.method, opts, eval_spec=opts.eval, log_path=wd / "search.jsonl",
                          progress=not opts.quiet)
     test_scores: Dict[str, float] = {}
     if opts.test:
-        test_eval = session.evaluator(opts.test, opts, calib=False)
+        test_eval = session.evaluator(opts.test, seed=opts.seed, batch_size=opts.batch_size,
+                                      max_length=opts.max_length)
         test_scores["finetuned"] = session.score(test_eval, tv.values)
         if opts.method == "nps":
             from ..core import PRUNERS
             test_scores["magnitude"] = session.score(test_eval, PRUNERS["magnitude"](tv.values, opts.keep))
-            if getattr(opts, "space", "magnitude") == "hybrid":
+            if settings.space == "hybrid":
                 test_scores["dare"] = session.score(test_eval, PRUNERS["dare"](tv.values, opts.keep,
                                                                               seed=opts.seed))
         test_scores[opts.method] = session.score(test_eval, outcome.pruned)
@@ -382,7 +325,7 @@ def run_prune(opts) -> Dict[str, Any]:
                   "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),
                   "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
         "bands": band_summary(outcome.bands), "search": search_report(outcome.search, outcome),
-        "search_settings": dataclasses.asdict(search_settings(opts)) if opts.method == "nps" else None,
+        "search_settings": dataclasses.asdict(settings.search) if opts.method == "nps" else None,
         "calibration": outcome.calibration, "test": test_scores,
         "timings": {"load_s": session.load_s, **outcome.timings,
                     "total_s": time.perf_counter() - t_start},

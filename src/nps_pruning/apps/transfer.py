@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from ..errors import NPSError
 from ..report.report import now_iso, versions, write_json
 from ..search.grid import grid_search
-from .prune import Session, _print_summary, prepare_work_dir, prune_task, search_report
+from .prune import Session, check_prune_options, prepare_work_dir, prune, search_report
+from .settings import PruneSettings
 
 
 def h_score(a: float, b: float) -> float:
@@ -47,17 +48,20 @@ def scores_at(session: Session, tau: torch.Tensor, scale: float, source, target)
     return {"source": a, "target": b, "h_score": h_score(a, b)}
 
 
-def transfer(session: Session, method: str, opts, source, target, *, eval_target_spec=None,
-             log_path=None, progress=True) -> Dict[str, Any]:
-    """Library form: returns {"tau_hat", "lambda", "calibration": {...}, "outcome"}."""
+def transfer(session: Session, method: str, source, target, *, lambdas: Sequence[float],
+             settings: PruneSettings = PruneSettings(), eval_target_spec: Optional[str] = None,
+             log_path=None, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Prune τ with ``method`` ("none": keep τ whole; NPS searches on ``eval_target_spec``), then
+    choose λ of ``lambdas`` by the H-score of the ``source`` and ``target`` evaluators.
+    Returns {"tau_hat", "lambda", "lambda_grid", "calibration": {...}, "outcome"}."""
     tv = session.task_vector
     if method == "none":
         tau_hat, outcome = tv.values, None
     else:
-        outcome = prune_task(session, method, opts, eval_spec=eval_target_spec, log_path=log_path,
-                             progress=progress)
+        outcome = prune(session, method, settings=settings, eval_spec=eval_target_spec,
+                        log_path=log_path, resume=resume, progress=progress)
         tau_hat = outcome.pruned
-    choice = choose_lambda(session, tau_hat, source, target, opts.lambdas)
+    choice = choose_lambda(session, tau_hat, source, target, lambdas)
     lam = choice["best"]["lambda"]
     calib = {"pretrained": scores_at(session, tv.values, 0.0, source, target),
              "finetuned": scores_at(session, tv.values, 1.0, source, target),
@@ -79,10 +83,15 @@ def run_transfer(opts) -> Dict[str, Any]:
     session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
                            allow_shape_mismatch=opts.allow_shape_mismatch,
                            running_stats=opts.running_stats, device=opts.device)
-    source = session.evaluator(opts.eval_source, opts)
-    target = session.evaluator(opts.eval_target, opts)
-    res = transfer(session, opts.method, opts, source, target, eval_target_spec=opts.eval_target,
-                   log_path=wd / "search.jsonl", progress=not opts.quiet)
+    ev_kw = {"calib_size": opts.calib_size, "seed": opts.seed, "batch_size": opts.batch_size,
+             "max_length": opts.max_length}
+    source = session.evaluator(opts.eval_source, **ev_kw)
+    target = session.evaluator(opts.eval_target, **ev_kw)
+    if opts.method != "none":
+        check_prune_options(opts.method, opts, opts.eval_target)
+    res = transfer(session, opts.method, source, target, lambdas=opts.lambdas,
+                   settings=PruneSettings.from_options(opts), eval_target_spec=opts.eval_target,
+                   log_path=wd / "search.jsonl", resume=opts.resume, progress=not opts.quiet)
     outcome = res["outcome"]
     tv = session.task_vector
     report = {

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..config import PruneOptions
+from ..apps.settings import PruneSettings, SearchSettings
 from .config import BenchConfig
 
 
@@ -45,16 +45,16 @@ class TaskContext:
         self._test = None
 
     @property
-    def opts(self) -> PruneOptions:
+    def settings(self) -> PruneSettings:
+        """The grid's NPS settings at keep 0.05 (``.replace(keep_ratio=..., upper=...)`` per step)."""
         t, c = self.task, self.cfg
-        return PruneOptions(pretrained=t["base"], finetuned=t["finetuned"], output="unused",
-                            keep=0.05, bands=c.bands, scheme=c.scheme, focus=c.focus,
-                            generations=c.generations, sigma0=c.sigma0, lower=c.lower, upper=c.upper,
-                            popsize=c.popsize, seed=c.seed, calib_size=c.calib_size(self.suite),
-                            batch_size=c.batch_size, max_length=t.get("max_length") or 128,
-                            model_factory=t.get("model_factory"), quiet=True,
-                            # this grid measures the paper's NPS (bench.wins measures the default)
-                            space="magnitude", fitness="accuracy", holdout=0.0)
+        search = SearchSettings(generations=c.generations, sigma0=c.sigma0, lower=c.lower,
+                                upper=c.upper, popsize=c.popsize)
+        return PruneSettings(keep_ratio=0.05, bands=c.bands, scheme=c.scheme, focus=c.focus,
+                             search=search, seed=c.seed, calib_size=c.calib_size(self.suite),
+                             batch_size=c.batch_size, max_length=t.get("max_length") or 128,
+                             # this grid measures the paper's NPS (bench.wins measures the default)
+                             space="magnitude", fitness="accuracy", holdout=0.0)
 
     @property
     def session(self):
@@ -68,7 +68,9 @@ class TaskContext:
     @property
     def calib(self):
         if self._calib is None:
-            self._calib = self.session.evaluator(self.task["eval_calib"], self.opts)
+            st = self.settings
+            self._calib = self.session.evaluator(self.task["eval_calib"], calib_size=st.calib_size,
+                                                 **st.evaluator_kwargs())
         return self._calib
 
     @property

@@ -7,14 +7,13 @@ It prints one table and writes report.json next to it. ``--quick`` is the CI-siz
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-from ..config import MergeOptions, PruneOptions
+from ..apps.settings import MergeSettings, PruneSettings, SearchSettings
 from ..report.report import now_iso, versions, write_json
 
 DEMO_TASKS = ("rt-sentiment", "tweet-sentiment")
@@ -26,7 +25,7 @@ def _se(acc: float, n: int) -> float:
 
 def run_demo(opts) -> Dict:
     from ..apps.merge import merge_with_lambda_grid, merged_scores, nps_merge_lambdas
-    from ..apps.prune import Session, prune_task
+    from ..apps.prune import Session, prune
     from ..core.merge import nps_combine
     from ..task_vector import stack_values
     from .suites import build_suite
@@ -36,23 +35,24 @@ def run_demo(opts) -> Dict:
     print(f"nps demo ({profile}): building or reusing the fine-tuned MiniLM models ...", flush=True)
     suite = build_suite("text", tasks=list(DEMO_TASKS), profile=profile, progress=True)
     keep = 0.05
-    popts = PruneOptions(pretrained=suite.base, finetuned="", output=str(opts.output), keep=keep,
-                         generations=2 if opts.quick else 6, popsize=4 if opts.quick else 8,
-                         calib_size=None,   # the default: every calibration row (25% held out)
-                         max_length=64, seed=0, quiet=False)
+    settings = PruneSettings(keep_ratio=keep, seed=0, max_length=64,
+                             calib_size=None,   # the default: every calibration row (25% held out)
+                             search=SearchSettings(generations=2 if opts.quick else 6,
+                                                   popsize=4 if opts.quick else 8))
     sessions, calib_evals, test_evals = [], [], []
     rows: List[Dict] = []
     pruned = []
     for task in suite.tasks:
         s = Session.load(suite.base, task.finetuned, name=task.name)
         sessions.append(s)
-        calib = s.evaluator(task.eval_calib, popts)
-        test = s.evaluator(task.eval_test, popts, calib=False)
+        calib = s.evaluator(task.eval_calib, calib_size=settings.calib_size,
+                            **settings.evaluator_kwargs())
+        test = s.evaluator(task.eval_test, **settings.evaluator_kwargs())
         calib_evals.append(calib)
         test_evals.append(test)
-        print(f"[{task.name}] NPS search: {popts.generations} generations on "
+        print(f"[{task.name}] NPS search: {settings.search.generations} generations on "
               f"{calib.num_rows} calibration rows", flush=True)
-        out = prune_task(s, "nps", popts, eval_spec=task.eval_calib)
+        out = prune(s, "nps", settings=settings, eval_spec=task.eval_calib)
         pruned.append(out.pruned)
         tv = s.task_vector
         row = {"task": task.name, "test_rows": test.num_rows,
@@ -65,22 +65,22 @@ def run_demo(opts) -> Dict:
         row["calibration"] = out.calibration
         rows.append(row)
 
-    mopts = MergeOptions(pretrained=suite.base, finetuned=[t.finetuned for t in suite.tasks],
-                         output=str(opts.output), keep=keep, seed=0,
-                         lambda_generations=1 if opts.quick else 3,
-                         lambda_grid=[1.0, 1.6] if opts.quick else [1.0, 1.4, 1.8, 2.2])
+    msettings = MergeSettings(keep_ratio=keep, seed=0, lambda_generations=1 if opts.quick else 3,
+                              lambda_grid=[1.0, 1.6] if opts.quick else [1.0, 1.4, 1.8, 2.2])
     taus = stack_values([s.task_vector for s in sessions])
     merges: Dict[str, Dict] = {}
     for method, label in (("task-arithmetic", "task arithmetic"), ("ties", "TIES")):
         print(f"merging with {label}: choosing λ on calibration data", flush=True)
-        grid_opts = dataclasses.replace(mopts, keep=0.2, lambda_grid=[0.3, 0.6, 0.9]
-                                        if method == "task-arithmetic" else mopts.lambda_grid)
-        merged, lam, _ = merge_with_lambda_grid(method, taus, grid_opts, sessions, calib_evals)
+        grid_settings = msettings.replace(keep_ratio=0.2, lambda_grid=[0.3, 0.6, 0.9]
+                                          if method == "task-arithmetic" else msettings.lambda_grid)
+        merged, lam, _ = merge_with_lambda_grid(method, taus, sessions, calib_evals,
+                                                settings=grid_settings)
         merges[label] = {"lambda": lam, "test": merged_scores(sessions, test_evals, merged)}
     import torch
     print("merging with NPS-merge: λ grid, then a CMA-ES search of per-task λ", flush=True)
-    lambdas, _, _ = nps_merge_lambdas(sessions, calib_evals, torch.stack(pruned), mopts, progress=True)
-    merged = nps_combine(torch.stack(pruned), lambdas, mopts.normalize)
+    lambdas, _, _ = nps_merge_lambdas(sessions, calib_evals, torch.stack(pruned), settings=msettings,
+                                      progress=True)
+    merged = nps_combine(torch.stack(pruned), lambdas, msettings.normalize)
     merges["NPS-merge"] = {"lambda": lambdas, "test": merged_scores(sessions, test_evals, merged)}
 
     _print_tables(rows, merges, [t.name for t in suite.tasks], keep)

@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ..config import MergeOptions
+from ..apps.settings import MergeSettings
 from .cache import ResultCache, _logger, _set_threads
 from .config import BenchConfig
 from .context import TaskContext, _find_nps, _strip, _task_params, nps_step_params
@@ -57,9 +57,8 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
             state["pruned"] = torch.stack(rows)
         return state["pruned"]
 
-    def mopts(**over) -> MergeOptions:
-        return MergeOptions(pretrained=tasks[0]["base"], finetuned=[t["finetuned"] for t in tasks],
-                            output="unused", seed=cfg.seed, quiet=True, **over)
+    def msettings(**over) -> MergeSettings:
+        return MergeSettings(seed=cfg.seed, **over)
 
     def scored(merged, extra=None) -> dict:
         calib = merged_scores(sessions(), calibs(), merged)
@@ -80,8 +79,8 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
     for method, keep, grid in (("task-arithmetic", 1.0, cfg.ta_grid), ("ties", cfg.ties_keep, cfg.ties_grid),
                                ("dare-ties", cfg.ties_keep, cfg.ties_grid)):
         def grid_merge(method=method, keep=keep, grid=grid):
-            merged, lam, g = merge_with_lambda_grid(method, taus(), mopts(keep=keep, lambda_grid=list(grid)),
-                                                    sessions(), calibs())
+            merged, lam, g = merge_with_lambda_grid(method, taus(), sessions(), calibs(),
+                                                    settings=msettings(keep_ratio=keep, lambda_grid=grid))
             return scored(merged, {"lambda": lam, "grid": g, "keep": keep})
         fusion[method] = cache.step(suite, "_fusion", method,
                                     {**base_params, "grid": list(grid), "keep": keep, "seed": cfg.seed},
@@ -114,9 +113,10 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
                                                       -cfg.normalizations.index(n)))
 
     def nps_search():
-        opts = mopts(normalize=best_norm, lambda_grid=list(cfg.nps_merge_grid),
-                     lambda_generations=cfg.lambda_generations)
-        lambdas, grid, result = nps_merge_lambdas(sessions(), calibs(), nps_pruned(), opts, progress=False)
+        settings = msettings(normalize=best_norm, lambda_grid=cfg.nps_merge_grid,
+                             lambda_generations=cfg.lambda_generations)
+        lambdas, grid, result = nps_merge_lambdas(sessions(), calibs(), nps_pruned(), settings=settings,
+                                                  progress=False)
         merged = nps_combine(nps_pruned(), lambdas, best_norm)
         return scored(merged, {"lambda": [float(x) for x in lambdas], "normalize": best_norm,
                                "search_candidates": 0 if result is None else len(result.candidates)})

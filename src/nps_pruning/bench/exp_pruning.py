@@ -5,7 +5,6 @@ Baselines (magnitude, DARE, random) at every keep ratio, and NPS searches of eve
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import List, Sequence, Tuple
@@ -77,11 +76,11 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
         params = {**nps_step_params(suite, task, cfg, scheme, upper, r), **extra}
 
         def search(scheme=scheme, upper=upper, r=r, extra=extra, label=label):
-            from ..apps.prune import prune_task
+            from ..apps.prune import prune
             from ..report.plots import search_curves
             s = ctx.session
-            opts = dataclasses.replace(ctx.opts, keep=r, scheme=scheme, upper=upper, **extra)
-            out = prune_task(s, "nps", opts, eval_spec=task["eval_calib"], progress=False)
+            settings = ctx.settings.replace(keep_ratio=r, scheme=scheme, upper=upper, **extra)
+            out = prune(s, "nps", settings=settings, eval_spec=task["eval_calib"], progress=False)
             res = out.search
             curves = search_curves(res)
             more = {}

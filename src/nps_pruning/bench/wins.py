@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..config import PruneOptions
+from ..apps.settings import PruneSettings, SearchSettings
 from .cache import ResultCache, _logger, _set_threads, default_results_cache
 from .context import stats_params, task_dict
 
@@ -32,7 +32,7 @@ NPS_VERSION = 4        # bump when the default search changes (v2: rescaled star
                        # v3: non-finite outputs score the loglik floor instead of failing;
                        # v4: generation 0 refines the magnitude rescale g* ± 0.5, ± 0.25)
 
-# (label, what it is, PruneOptions overrides, calibration rows)
+# (label, what it is, PruneSettings overrides, calibration rows)
 VARIANTS: Dict[str, Tuple[str, dict, Optional[int]]] = {
     "default": ("NPS (default): hybrid space, loglik fitness, 25% held-out re-scoring, all calibration rows",
                 {}, None),
@@ -62,12 +62,13 @@ class WinsConfig:
     jobs: int = 2
 
 
-def _opts(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size) -> PruneOptions:
-    return PruneOptions(pretrained=task["base"], finetuned=task["finetuned"], output="unused",
-                        keep=keep, bands=cfg.bands, generations=cfg.generations,
-                        popsize=cfg.popsize, seed=cfg.seed, calib_size=calib_size,
-                        batch_size=cfg.batch_size, max_length=task.get("max_length") or 128,
-                        model_factory=task.get("model_factory"), quiet=True, **over)
+def _settings(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size) -> PruneSettings:
+    """The library's defaults but for the grid's keep ratio, bands, budget and seed, and the
+    variant's ``over`` (the model factory is the session's)."""
+    return PruneSettings(keep_ratio=keep, bands=cfg.bands, seed=cfg.seed, calib_size=calib_size,
+                         batch_size=cfg.batch_size, max_length=task.get("max_length") or 128,
+                         search=SearchSettings(generations=cfg.generations,
+                                               popsize=cfg.popsize)).replace(**over)
 
 
 def _params(task: dict, cfg: WinsConfig, **more) -> dict:
@@ -77,7 +78,7 @@ def _params(task: dict, cfg: WinsConfig, **more) -> dict:
 
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]:
-    from ..apps.prune import Session, prune_task
+    from ..apps.prune import Session, prune
     from ..core import PRUNERS
     from ..evaluation import make_evaluator
     cfg = WinsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
@@ -132,9 +133,9 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
 
         def search(variant=variant, r=r, over=over, calib_size=calib_size):
             s = session()
-            opts = _opts(task, cfg, r, over, calib_size)
+            settings = _settings(task, cfg, r, over, calib_size)
             t0 = time.perf_counter()
-            out = prune_task(s, "nps", opts, eval_spec=task["eval_calib"], progress=False)
+            out = prune(s, "nps", settings=settings, eval_spec=task["eval_calib"], progress=False)
             res = out.search
             return {"test": s.score(state["test"], out.pruned), "calib": float(res.best_score),
                     "calib_start": {c.get("start"): c["score"] for c in res.candidates if c["gen"] == 0},

@@ -1,0 +1,136 @@
+"""A fine-tuned model loaded once for scoring (:class:`Session`): θ_pre, τ, and the model whose
+prunable weights are views into one flat buffer; its evaluators on calibration and test data.
+
+Every library entry point (:func:`~nps_pruning.apps.prune.prune`, merge, transfer, the benchmark)
+works on sessions; nothing here reads a CLI option.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..errors import NPSError
+from ..task_vector import TaskVector
+
+
+def _is_python_spec(spec: str) -> bool:
+    return str(spec).split(":", 1)[0].strip().lower() == "python"
+
+
+@dataclass
+class Session:
+    """A fine-tuned model loaded once for scoring: θ_pre, τ, and a model whose prunable weights are
+    views into ``flat`` (writing θ into ``flat`` changes the model in place). The load settings
+    (device, τ dtype, model factory, running statistics, shape-mismatch handling) are kept: a
+    scorer in another process loads the pair the same way."""
+
+    pretrained: str
+    finetuned: str
+    base_flat: torch.Tensor
+    task_vector: TaskVector
+    model: Any = None
+    flat: Optional[torch.Tensor] = None
+    model_factory: Optional[str] = None
+    device: str = "cpu"
+    load_s: float = 0.0
+    tau_dtype: str = "float32"
+    running_stats: str = "finetuned"
+    allow_shape_mismatch: bool = False
+
+    @classmethod
+    def load(cls, pretrained: str, finetuned: str, *, model_factory=None, allow_shape_mismatch=False,
+             need_model=True, device="cpu", name=None, tau_dtype="float32",
+             running_stats="finetuned") -> "Session":
+        """Load θ_pre and τ (τ in ``tau_dtype``; θ_pre then kept in the checkpoint's own 16-bit
+        dtype, which is lossless) on ``device``, and the model once if it will be scored."""
+        from ..checkpoints import load_task_vector
+        t0 = time.perf_counter()
+        compact = tau_dtype != "float32"
+        base_flat, tv = load_task_vector(pretrained, finetuned, allow_shape_mismatch=allow_shape_mismatch,
+                                         name=name, dtype=tau_dtype, running_stats=running_stats,
+                                         base_dtype="checkpoint" if compact else "float32",
+                                         device=None if device == "cpu" else device)
+        s = cls(str(pretrained), str(finetuned), base_flat, tv, model_factory=model_factory, device=device,
+                tau_dtype=str(tau_dtype), running_stats=running_stats,
+                allow_shape_mismatch=bool(allow_shape_mismatch))
+        if need_model:
+            s.ensure_model()
+        s.load_s = time.perf_counter() - t0
+        return s
+
+    def ensure_model(self):
+        if self.model is None:
+            from ..evaluation import bind_flat, load_model
+            self.model = load_model(self.finetuned, model_factory=self.model_factory, device=self.device)
+            self.flat = bind_flat(self.model, self.task_vector.layout)
+            if self.device != "cpu":
+                self.base_flat = self.base_flat.to(self.device)
+                self.task_vector = self.task_vector.with_values(self.task_vector.values.to(self.device))
+        return self.model
+
+    def set_task_values(self, tau: torch.Tensor, scale: float = 1.0) -> None:
+        """Put θ_pre + scale·τ into the model (in place).
+
+        Computed as ``θ_pre + (scale·τ)``, the same float arithmetic as the model that is written
+        (``TaskVector.state_dict`` of ``scale·τ``), so the scores reported are those of the
+        written weights bit for bit (``torch.add(..., alpha=scale)`` rounds differently)."""
+        self.ensure_model()
+        tau = tau.to(self.flat.device)
+        torch.add(self.base_flat, tau if scale == 1.0 else tau * scale, out=self.flat)
+
+    def score(self, evaluator, tau: torch.Tensor, scale: float = 1.0) -> float:
+        self.set_task_values(tau, scale)
+        return float(evaluator(self.model))
+
+    def evaluator(self, spec: str, *, calib_size: Optional[int] = None, seed: int = 0,
+                  batch_size: int = 64, max_length: int = 128, fitness: str = "accuracy",
+                  subset: str = "all", rest_size: Optional[int] = None):
+        """The evaluator ``spec`` for this model: every row, or a seeded subsample of
+        ``calib_size`` rows (``subset="rest"``: ``rest_size`` of the rows that subsample left
+        out). ``fitness="agreement"`` scores against this fine-tuned model's own predictions."""
+        from ..evaluation import make_evaluator
+        ev = make_evaluator(spec, model_path=self.finetuned, calib_size=calib_size,
+                            seed=seed, batch_size=batch_size,
+                            device=self.device, max_length=max_length, fitness=fitness,
+                            subset=subset, rest_size=rest_size)
+        if fitness == "agreement":       # the fine-tuned model's own predictions are the target
+            self.set_task_values(self.task_vector.values)
+            ev.set_reference(self.model)
+        return ev
+
+    @staticmethod
+    def search_fitness(spec: str, fitness: Optional[str] = None) -> str:
+        """The fitness a search uses on ``spec``: ``fitness``, by default loglik for the
+        classification evaluators; a python: evaluator's own score ("accuracy" here)."""
+        if _is_python_spec(spec):
+            if fitness not in (None, "accuracy"):
+                raise NPSError(f"{spec}: fitness {fitness!r} applies to the text- and "
+                               "image-classification evaluators; a python: evaluator returns its "
+                               "own score")
+            return "accuracy"
+        return fitness or "loglik"
+
+    def search_evaluators(self, spec: str, *, fitness: Optional[str] = None, holdout: float = 0.0,
+                          calib_size: Optional[int] = None, seed: int = 0, batch_size: int = 64,
+                          max_length: int = 128):
+        """(search evaluator, held-out evaluator or None) on the calibration data: with
+        ``holdout`` = h > 0, the first (1−h) of the seeded calibration rows drive the search
+        and the other h re-score its best candidates (against the winner's curse)."""
+        from ..evaluation import count_rows
+        kw = {"seed": seed, "batch_size": batch_size, "max_length": max_length,
+              "fitness": self.search_fitness(spec, fitness)}
+        h = float(holdout or 0.0)
+        if h <= 0 or _is_python_spec(spec):
+            return self.evaluator(spec, calib_size=calib_size, **kw), None
+        total = count_rows(spec)
+        n = total if calib_size is None else min(int(calib_size), total)
+        n_search = max(1, int(round((1.0 - h) * n)))
+        n_hold = n - n_search
+        if n_hold < 1 or n_search >= total:
+            return self.evaluator(spec, calib_size=n, **kw), None
+        search = self.evaluator(spec, calib_size=n_search, **kw)
+        hold = self.evaluator(spec, calib_size=n_search, subset="rest", rest_size=n_hold, **kw)
+        return search, hold

@@ -1,0 +1,183 @@
+"""The library API (issue 11, item 1): typed settings and plain functions, no CLI options object.
+
+``prune(session, method, settings=PruneSettings(...))`` gives exactly the τ̂ and scores of
+``nps prune`` with the same flags and seed; the defaults of the settings are the CLI's; no public
+function of ``nps_pruning.apps`` but the commands' own takes an options object; library errors
+name settings, not flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_bert, write_text_csv
+from nps_pruning.apps.prune import PruneOutcome, Session, prune
+from nps_pruning.apps.settings import MergeSettings, PruneSettings, SearchSettings
+from nps_pruning.cli import main
+from nps_pruning.config import MergeOptions, PruneOptions, TransferOptions, build
+from nps_pruning.errors import NPSError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    base, ft = make_tiny_bert(root)
+    return {"base": base, "ft": ft, "calib": write_text_csv(root / "calib.csv", rows=40, seed=0),
+            "test": write_text_csv(root / "test.csv", rows=40, seed=1)}
+
+
+def _cli_tau(out, session) -> torch.Tensor:
+    """The written task vector, flat in the session's layout order."""
+    tv = load_file(out / "task_vector.safetensors")
+    return torch.cat([tv[name].reshape(-1) for name in session.task_vector.layout.names])
+
+
+def _cli(argv) -> int:
+    return main([str(a) for a in argv])
+
+
+CASES = {
+    # the shipped default: hybrid space, loglik fitness, 25% of the rows held out for re-scoring
+    "default": ([], {}),
+    # the paper's NPS
+    "paper": (["--space", "magnitude", "--fitness", "accuracy", "--holdout", "0"],
+              {"space": "magnitude", "fitness": "accuracy", "holdout": 0.0}),
+    # log-scale search with explicit bounds, a calibration subsample
+    "log": (["--space", "magnitude", "--param", "log", "--lower", "0.5", "--upper", "4",
+             "--calib-size", "24", "--scheme", "uniform"],
+            {"space": "magnitude", "param": "log", "lower": 0.5, "upper": 4.0,
+             "sigma0": 1.0, "calib_size": 24, "scheme": "uniform"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prune_with_settings_equals_the_cli(pair, tmp_path, case):
+    flags, over = CASES[case]
+    spec = f"text-classification:{pair['calib']}"
+    out = tmp_path / "cli"
+    assert _cli(["prune", pair["base"], pair["ft"], "-o", out, "--keep", "0.1", "--bands", "4",
+                 "--generations", "2", "--popsize", "4", "--seed", "3", "--eval", spec,
+                 "--quiet", *flags]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    session = Session.load(pair["base"], pair["ft"])
+    settings = PruneSettings(keep_ratio=0.1, bands=4, seed=3,
+                             search=SearchSettings(generations=2, popsize=4)).replace(**over)
+    got = prune(session, "nps", settings=settings, eval_spec=spec, progress=False)
+    assert isinstance(got, PruneOutcome)
+    assert torch.equal(got.pruned, _cli_tau(out, session))
+    assert got.calibration == rep["calibration"]
+    assert [c["score"] for c in got.search.candidates] == [c["score"] for c in rep["search"]["candidates"]]
+    assert [list(map(float, c["weights"])) for c in got.search.candidates] == \
+        [c["weights"] for c in rep["search"]["candidates"]]
+    assert dataclasses.asdict(settings.search) == rep["search_settings"]
+    assert got.rescored == rep["search"]["rescored"]
+
+
+def test_baseline_prune_and_transfer_equal_the_cli(pair, tmp_path):
+    spec, test = f"text-classification:{pair['calib']}", f"text-classification:{pair['test']}"
+    out = tmp_path / "dare"
+    assert _cli(["prune", pair["base"], pair["ft"], "-o", out, "--method", "dare", "--keep", "0.2",
+                 "--seed", "5", "--eval", spec, "--quiet"]) == 0
+    session = Session.load(pair["base"], pair["ft"])
+    got = prune(session, "dare", settings=PruneSettings(keep_ratio=0.2, seed=5), eval_spec=spec)
+    assert torch.equal(got.pruned, _cli_tau(out, session))
+    assert got.calibration == json.loads((out / "report.json").read_text())["calibration"]
+
+    from nps_pruning.apps.transfer import transfer
+    out = tmp_path / "transfer"
+    assert _cli(["transfer", pair["base"], pair["ft"], "-o", out, "--method", "magnitude",
+                 "--keep", "0.2", "--eval-source", test, "--eval-target", spec,
+                 "--lambdas", "0.5", "1.0", "1.5", "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    source, target = session.evaluator(test), session.evaluator(spec)
+    res = transfer(session, "magnitude", source, target, lambdas=[0.5, 1.0, 1.5],
+                   settings=PruneSettings(keep_ratio=0.2), eval_target_spec=spec)
+    assert res["lambda"] == rep["lambda"] and res["lambda_grid"] == rep["lambda_grid"]
+    assert res["calibration"] == rep["calibration"]
+
+
+BASE = {"pretrained": "p", "finetuned": "f", "output": "o"}
+
+
+def test_the_settings_defaults_are_the_clis():
+    assert PruneSettings.from_options(build(PruneOptions, BASE)) == PruneSettings()
+    assert PruneSettings.from_options(build(TransferOptions, {**BASE, "eval_source": "a",
+                                                              "eval_target": "b"})) == PruneSettings()
+    merge = build(MergeOptions, {**BASE, "finetuned": ["a", "b"]})
+    assert PruneSettings.from_options(merge) == PruneSettings()
+    assert MergeSettings.from_options(merge) == MergeSettings()
+    s = PruneSettings.from_options(build(PruneOptions, {**BASE, "param": "log", "seed": 4,
+                                                        "space": "magnitude", "keep": 0.2}))
+    assert s.search == SearchSettings.for_param("log", seed=4, space="magnitude")
+    assert (s.seed, s.space, s.keep_ratio) == (4, "magnitude", 0.2)
+
+
+def test_settings_replace_and_the_one_seed():
+    s = PruneSettings(seed=3)
+    assert s.search.seed == 3 and s.search.space == s.space == "hybrid"
+    assert PruneSettings(search=SearchSettings(seed=7, space="magnitude")).seed == 7
+    r = s.replace(keep_ratio=0.1, generations=9, upper=2.0, seed=5, space="magnitude")
+    assert (r.keep_ratio, r.search.generations, r.search.upper) == (0.1, 9, 2.0)
+    assert r.seed == r.search.seed == 5 and r.space == r.search.space == "magnitude"
+    assert s.search.generations == SearchSettings().generations        # s is unchanged
+    with pytest.raises(NPSError, match="unknown setting"):
+        s.replace(keep=0.1)
+    for bad in ({"keep_ratio": 0.0}, {"holdout": 0.95}, {"kept_values": "other"}):
+        with pytest.raises(NPSError, match="settings: "):
+            PruneSettings(**bad)
+
+
+def test_library_errors_name_settings_not_flags(pair):
+    session = Session.load(pair["base"], pair["ft"], need_model=False)
+    for kwargs in ({}, {"settings": PruneSettings(kept_values="original"),
+                        "eval_spec": f"text-classification:{pair['calib']}"}):
+        with pytest.raises(NPSError) as e:
+            prune(session, "nps", **kwargs)
+        assert "--" not in str(e.value)
+    with pytest.raises(NPSError) as e:
+        Session.search_fitness("python:mod:fn", "loglik")
+    assert "--" not in str(e.value)
+
+
+# the commands themselves and the CLI's mapping onto settings take the options object
+CLI_SIDE = {"run_prune", "run_transfer", "run_merge", "run_compress", "run_restore", "run_info",
+            "from_options", "search_settings_from_options", "check_prune_options",
+            "prune_task", "search_settings"}     # the last two: the CLI's forms, kept for old callers
+APPS = ("session", "settings", "prune", "merge", "transfer", "store_cli", "compress",
+        "store_manifest", "mask_coding")
+
+
+def _public_callables():
+    for name in APPS:
+        mod = importlib.import_module(f"nps_pruning.apps.{name}")
+        for attr, obj in vars(mod).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if inspect.isfunction(obj):
+                yield f"{name}.{attr}", attr, obj
+            elif inspect.isclass(obj):
+                for m, fn in vars(obj).items():
+                    fn = getattr(fn, "__func__", fn)
+                    if not m.startswith("_") and inspect.isfunction(fn):
+                        yield f"{name}.{attr}.{m}", m, fn
+
+
+def test_no_library_function_takes_an_options_object():
+    seen = 0
+    for where, name, fn in _public_callables():
+        params = inspect.signature(fn).parameters
+        takes_opts = any(p in ("opts", "options") for p in params)
+        if name in CLI_SIDE:
+            continue
+        seen += 1
+        assert not takes_opts, f"{where}{inspect.signature(fn)} takes a CLI options object"
+    assert seen > 20
+    for fn in (prune, Session.evaluator, Session.search_evaluators):
+        assert all(p.kind is not p.POSITIONAL_OR_KEYWORD for n, p in inspect.signature(fn).parameters.items()
+                   if n not in ("self", "session", "method", "spec"))
