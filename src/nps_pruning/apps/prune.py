@@ -147,7 +147,12 @@ def search_settings(opts):
     lower, upper, sigma0 = resolved_search_bounds(opts)
     return SearchSettings(generations=opts.generations, sigma0=sigma0, lower=lower, upper=upper,
                           popsize=opts.popsize, seed=opts.seed, param=opts.param,
-                          max_failures=opts.max_failures, space=getattr(opts, "space", "magnitude"))
+                          max_failures=opts.max_failures, space=getattr(opts, "space", "magnitude"),
+                          # cost-h: the cheaper-search settings (issue 16), off by default
+                          **{k: getattr(opts, k) for k in _COST_SETTINGS if hasattr(opts, k)})
+
+
+_COST_SETTINGS = ("patience", "race", "race_min_rows", "race_eta", "race_z")   # cost-h
 
 
 def _scorer(session: Session, evaluator, bands, opts, eval_spec: str, index=None,
@@ -242,7 +247,8 @@ def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] 
             result = run_search(_scorer(session, evaluator, bands, opts, eval_spec, index,
                                         calib_size=evaluator.num_rows if holdout is not None else None),
                                 opts.bands, settings, log_path=log_path, resume=opts.resume,
-                                executor=executor, progress=progress, space=space, run_id=run_id)
+                                executor=executor, progress=progress, space=space, run_id=run_id,
+                                calib_rows=evaluator.num_rows)   # cost-h: what --race races over
         except OSError as e:
             from ..paths import write_error
             raise write_error(e, log_path, "the search log so far is kept for --resume "
@@ -344,6 +350,7 @@ def search_report(result, outcome=None) -> Dict[str, Any]:
     return {**extra, "best_weights": result.best_weights, "best_score": result.best_score,
             "examples_scored": sum(int(c.get("examples") or 0) for c in result.candidates),
             "baseline_score": result.baseline_score, "stopped_early": result.stopped_early,
+            **({"stopped_at": result.stopped_at} if result.stopped_at is not None else {}),  # cost-h
             "generations": result.generations, "candidates": result.candidates,
             "build_s_total": sum(c.get("build_s") or 0.0 for c in result.candidates),
             "eval_s_total": sum(c.get("eval_s") or 0.0 for c in result.candidates),
@@ -382,7 +389,7 @@ def run_prune(opts) -> Dict[str, Any]:
                   "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),
                   "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
         "bands": band_summary(outcome.bands), "search": search_report(outcome.search, outcome),
-        "search_settings": dataclasses.asdict(search_settings(opts)) if opts.method == "nps" else None,
+        "search_settings": search_settings(opts).to_dict() if opts.method == "nps" else None,
         "calibration": outcome.calibration, "test": test_scores,
         "timings": {"load_s": session.load_s, **outcome.timings,
                     "total_s": time.perf_counter() - t_start},
