@@ -11,9 +11,11 @@ Within one CMA-ES generation (generation 0, the start points, is never raced):
 3. After each stage the survivors are (:func:`survivors`): the top ⌈alive/eta⌉ by mean per-row
    value (ties: the earlier candidate), plus every other candidate that the stage cannot tell
    apart from the stage's leader — a paired normal-approximation bound on the per-row differences
-   d_r = v_i,r − v_lead,r over the rows both were scored on: kept when mean(d) + z·SE(d) >= 0,
+   d_r = v_i,r − v_lead,r over the rows both were scored on: kept when mean(d) + z·SE(d) > 0,
    SE(d) = std(d, ddof=1)/sqrt(rows). (Paired because every candidate sees the same rows: two
-   nearby candidates differ far less than their scores' own spread.)
+   nearby candidates differ far less than their scores' own spread. Strict, so a candidate equal
+   to the leader on every row so far — common with accuracy on a flat landscape — is not carried
+   on by the bound: it goes on only if it is in the top ⌈alive/eta⌉.)
 4. Whoever is left after the last partial stage (or once one candidate is left) is scored on all
    the rows by the scorer's ordinary full call — the same score an unraced search would record,
    bit for bit — and only those full scores compete for the search's best.
@@ -66,7 +68,7 @@ def survivors(values: Dict[int, np.ndarray], eta: float, z: float) -> List[int]:
     for i in ranked[n_keep:]:
         d = values[i] - lead
         se = float(np.std(d, ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else math.inf
-        if float(np.mean(d)) + float(z) * se >= 0.0:
+        if float(np.mean(d)) + float(z) * se > 0.0:
             keep.add(i)
     return sorted(keep)
 
