@@ -768,3 +768,29 @@ def score(model):
     assert len(ok) >= 5 and report["search"]["best_score"] == max(c["score"] for c in ok)
     assert (out / "model.safetensors").exists()
     assert (tmp_path / "out.nps-run" / "search.jsonl").exists()
+
+
+def test_prune_race_and_patience_count_fewer_examples(fam, tmp_path):
+    """--race halving / --patience through `nps prune`: fewer rows forwarded than the plain search,
+    eliminated candidates marked, the reported best a full (search-rows) score; same seed twice:
+    the same report; the holdout re-scoring only sees fully scored candidates."""
+    common = ["prune", fam["base"], fam["ft"], "--method", "nps", "--keep", "0.1", *PAPER_NPS,
+              "--bands", "4", "--generations", "4", "--popsize", "6", "--seed", 7,
+              "--eval", f"text-classification:{fam['calib']}", "--quiet"]
+    assert run(common + ["-o", tmp_path / "plain"]) == 0
+    cheap = ["--race", "halving", "--race-min-rows", "4", "--patience", "2"]
+    assert run(common + ["-o", tmp_path / "a"] + cheap) == 0
+    assert run(common + ["-o", tmp_path / "b"] + cheap) == 0
+    plain, rep = report_of(tmp_path / "plain")["search"], report_of(tmp_path / "a")
+    s = rep["search"]
+    assert s["examples_scored"] < plain["examples_scored"]
+    assert s["examples_scored"] == sum(c["examples"] for c in s["candidates"])
+    assert any(c["status"] == "eliminated" for c in s["candidates"])
+    assert rep["search_settings"]["race"] == "halving" and rep["search_settings"]["patience"] == 2
+    ok = [c for c in s["candidates"] if c["status"] == "ok"]
+    assert rep["calibration"]["nps"] in [c["score"] for c in ok]
+    assert all(r["search_score"] is not None for r in s["rescored"])
+    if s["stopped_early"]:
+        assert s["stopped_at"] < 4
+    assert cand_key(report_of(tmp_path / "b")) == cand_key(rep)
+    assert "race" not in report_of(tmp_path / "plain")["search_settings"]

@@ -75,7 +75,7 @@ def test_prune_with_settings_equals_the_cli(pair, tmp_path, case):
     assert [c["score"] for c in got.search.candidates] == [c["score"] for c in rep["search"]["candidates"]]
     assert [list(map(float, c["weights"])) for c in got.search.candidates] == \
         [c["weights"] for c in rep["search"]["candidates"]]
-    assert dataclasses.asdict(settings.search) == rep["search_settings"]
+    assert settings.search.to_dict() == rep["search_settings"]
     assert got.rescored == rep["search"]["rescored"]
 
 

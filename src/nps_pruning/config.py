@@ -18,6 +18,7 @@ from .errors import NPSError
 from .registries import (Choices, executors, fitnesses, mask_codings, mergers, normalizations,
                          pruners, schemes, spaces, tau_dtypes, value_dtypes)
 from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MIN, SearchSettings
+from .search.race import RACES
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
@@ -124,6 +125,21 @@ class SearchOptions:
                          choices=tau_dtypes)
     max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search "
                                                   "stops", lo=1)
+    # cheaper searches (issue 16; README "Search cost"), off by default
+    patience: Optional[int] = opt(_SEARCH.patience, "stop the search once the best calibration "
+                                                    "score has not improved for N generations",
+                                  lo=1)
+    race: Optional[str] = opt(_SEARCH.race, "race each CMA-ES generation over the calibration "
+                                            "rows (successive halving): score all candidates on "
+                                            "a few seeded rows, carry only those that can still "
+                                            "win to more rows; the winners get every row",
+                              choices=RACES)
+    race_min_rows: int = opt(_SEARCH.race_min_rows, "--race: rows of the first stage", lo=2)
+    race_eta: float = opt(_SEARCH.race_eta, "--race: each stage keeps the top 1/ETA of the "
+                                            "candidates, and the next has ETA times the rows",
+                          lo=1.0, lo_open=True)
+    race_z: float = opt(_SEARCH.race_z, "--race: also keep a candidate within Z standard errors "
+                                        "(paired, per row) of the stage's leader", lo=0.0)
     resume: bool = opt(False, "continue a killed search from its log next to the output")
     quiet: bool = opt(False, "no progress bars")
 

@@ -164,7 +164,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             result = run_search(_scorer(session, evaluator, bands, settings, eval_spec, index,
                                         calib_size=evaluator.num_rows if holdout is not None else None),
                                 settings.bands, search, log_path=log_path, resume=resume,
-                                executor=executor, progress=progress, space=space, run_id=run_id)
+                                executor=executor, progress=progress, space=space, run_id=run_id,
+                                calib_rows=evaluator.num_rows)   # what a race races over
         except OSError as e:
             from ..paths import write_error
             raise write_error(e, log_path, "the search log so far is kept for resuming "
@@ -285,6 +286,7 @@ def search_report(result, outcome=None) -> Dict[str, Any]:
     return {**extra, "best_weights": result.best_weights, "best_score": result.best_score,
             "examples_scored": sum(int(c.get("examples") or 0) for c in result.candidates),
             "baseline_score": result.baseline_score, "stopped_early": result.stopped_early,
+            **({"stopped_at": result.stopped_at} if result.stopped_at is not None else {}),  # cost-h
             "generations": result.generations, "candidates": result.candidates,
             "build_s_total": sum(c.get("build_s") or 0.0 for c in result.candidates),
             "eval_s_total": sum(c.get("eval_s") or 0.0 for c in result.candidates),
@@ -325,7 +327,7 @@ def run_prune(opts) -> Dict[str, Any]:
                   "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),
                   "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
         "bands": band_summary(outcome.bands), "search": search_report(outcome.search, outcome),
-        "search_settings": dataclasses.asdict(settings.search) if opts.method == "nps" else None,
+        "search_settings": settings.search.to_dict() if opts.method == "nps" else None,
         "calibration": outcome.calibration, "test": test_scores,
         "timings": {"load_s": session.load_s, **outcome.timings,
                     "total_s": time.perf_counter() - t_start},

@@ -119,5 +119,21 @@ class ImageClassificationEvaluator(FitnessScored):
                 check_num_outputs(logits, self.max_label, str(self.path))
                 yield logits, self.labels[s:s + self.batch_size]
 
+    # -- some of the rows (FitnessScored.score_rows) -------------------------------------------
+    def _batch_positions(self):
+        return [np.arange(s, min(s + self.batch_size, self.num_rows), dtype=np.int64)
+                for s in range(0, self.num_rows, self.batch_size)]
+
+    def _subset_positions(self, pos: np.ndarray):
+        return [pos[s:s + self.batch_size] for s in range(0, len(pos), self.batch_size)]
+
+    def _subset_logits(self, model: torch.nn.Module, parts):
+        with torch.inference_mode():
+            for part in parts:
+                at = torch.as_tensor(part, device=self.images.device)
+                logits = logits_of(forward_or_explain(model, self.path, self.images[at]))
+                check_num_outputs(logits, self.max_label, str(self.path))
+                yield logits, self.labels[at]
+
     def __repr__(self) -> str:
         return f"ImageClassificationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..errors import NPSError
@@ -246,13 +247,61 @@ class TextClassificationEvaluator(FitnessScored):
         # stable sort by length: batches of like lengths pad little
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         self.batches: List[Tuple[Dict[str, torch.Tensor], torch.Tensor]] = []
+        self._parts: List[List[int]] = []
         for s in range(0, len(order), int(batch_size)):
             part = order[s:s + int(batch_size)]
             feats = [{k: enc[k][i] for k in keys} for i in part]
             padded = tok.pad(feats, padding=True, return_tensors="pt")
             inputs = {k: padded[k].to(self.device) for k in keys if k in padded}
             self.batches.append((inputs, self.labels[part].to(self.device)))
+            self._parts.append(part)
         self._keys: Dict[type, List[str]] = {}
+        # for scoring some of the rows (score_rows): each row's tokens, and how the batches pad
+        self.batch_size = int(batch_size)
+        self._lengths = lengths
+        self._rows_enc = [{k: list(enc[k][i]) for k in keys} for i in range(len(texts))]
+        pad_id = getattr(tok, "pad_token_id", None)
+        self._pad = {"input_ids": 0 if pad_id is None else int(pad_id), "attention_mask": 0,
+                     "token_type_ids": int(getattr(tok, "pad_token_type_id", 0) or 0)}
+        self._pad_left = getattr(tok, "padding_side", "right") == "left"
+
+    # -- some of the rows (FitnessScored.score_rows) -------------------------------------------
+    def _batch_positions(self) -> List[np.ndarray]:
+        return [np.asarray(p, dtype=np.int64) for p in self._parts]
+
+    def _subset_positions(self, pos: np.ndarray) -> List[np.ndarray]:
+        order = sorted(pos.tolist(), key=lambda i: self._lengths[i])    # stable, as __init__
+        return [np.asarray(order[s:s + self.batch_size], dtype=np.int64)
+                for s in range(0, len(order), self.batch_size)]
+
+    def _subset_batch(self, part: np.ndarray):
+        """The padded inputs of the rows ``part`` (padded as the tokenizer pads)."""
+        width = max(self._lengths[i] for i in part)
+        inputs = {}
+        for k, pad in self._pad.items():
+            if k not in self._rows_enc[0]:
+                continue
+            t = torch.full((len(part), width), pad, dtype=torch.long)
+            for j, i in enumerate(part.tolist()):
+                row = self._rows_enc[i][k]
+                if self._pad_left:
+                    t[j, width - len(row):] = torch.tensor(row, dtype=torch.long)
+                else:
+                    t[j, :len(row)] = torch.tensor(row, dtype=torch.long)
+            inputs[k] = t.to(self.device)
+        return inputs, self.labels[torch.as_tensor(part)].to(self.device)
+
+    def _subset_logits(self, model: torch.nn.Module, parts):
+        self.check_model(model)
+        keys = self._keys.get(type(model))
+        if keys is None:
+            keys = self._keys[type(model)] = _forward_keys(model, list(self.batches[0][0]))
+        with torch.inference_mode():
+            for part in parts:
+                inputs, labels = self._subset_batch(part)
+                logits = logits_of(forward_or_explain(model, self.path, **{k: inputs[k] for k in keys}))
+                check_num_outputs(logits, self.max_label, str(self.path))
+                yield logits, labels
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse a tokenizer that does not fit the model (ids beyond its embedding table)

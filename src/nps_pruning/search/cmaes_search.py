@@ -59,6 +59,18 @@ class SearchSettings:
     param: str = "linear"           # "linear": search w; "log": search log2(w) (needs lower > 0)
     max_failures: int = 5           # consecutive failed candidates before the run stops
     space: str = "hybrid"           # core.space.SPACES: "hybrid" or "magnitude" (the paper's)
+    # Cheaper searches (issue 16), off by default: an unset one leaves the run as it was.
+    patience: Optional[int] = None  # stop once the best score has not improved for N generations
+    race: Optional[str] = None      # "halving": race each generation over the calibration rows
+    race_min_rows: int = 16         # rows of the first racing stage
+    race_eta: float = 3.0           # each stage keeps the top 1/eta (and rows grow eta-fold)
+    race_z: float = 2.0             # ... plus those within z standard errors of the leader
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, without the settings of the features that are off (the log header's
+        and report.json's ``settings``)."""
+        from .search_log import settings_dict
+        return settings_dict(self)
 
     @classmethod
     def for_param(cls, param: str = "linear", *, lower: Optional[float] = None,
@@ -91,13 +103,25 @@ class SearchSettings:
             raise NPSError(f"search: unknown space {self.space!r} (choose from {', '.join(SPACES)})")
         if self.max_failures < 1:
             raise NPSError(f"search: max_failures must be >= 1, got {self.max_failures}")
+        if self.patience is not None and int(self.patience) < 1:
+            raise NPSError(f"search: patience must be >= 1 generation, got {self.patience}")
+        from .race import RACES
+        if self.race is not None and self.race not in RACES:
+            raise NPSError(f"search: unknown race {self.race!r} (choose from {', '.join(RACES)})")
+        if int(self.race_min_rows) < 2:
+            raise NPSError(f"search: race_min_rows must be >= 2, got {self.race_min_rows}")
+        if not (math.isfinite(self.race_eta) and self.race_eta > 1):
+            raise NPSError(f"search: race_eta must be > 1, got {self.race_eta}")
+        if not (math.isfinite(self.race_z) and self.race_z >= 0):
+            raise NPSError(f"search: race_z must be >= 0, got {self.race_z}")
 
 
 def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                settings: Optional[SearchSettings] = None, *, log_path=None, resume: bool = False,
                executor=None, progress: bool = True,
                on_generation: Optional[Callable[[dict], None]] = None,
-               space=None, run_id: Optional[dict] = None) -> SearchResult:
+               space=None, run_id: Optional[dict] = None,
+               calib_rows: Optional[int] = None) -> SearchResult:
     """Search band weights with CMA-ES; see the module docstring.
 
     ``scorer(weights) -> (score, {"build_s", "eval_s"})`` (higher is better; a bare float is
@@ -112,7 +136,16 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     in parameter units (band weights, then the space's extra parameters).
 
     ``run_id`` (JSON-ready, see :mod:`.identity`) goes into the log's header; ``resume`` refuses
-    a log whose header differs from this run's."""
+    a log whose header differs from this run's.
+
+    ``settings.patience`` = N: stop after the first generation that ends N generations after the
+    one that found the best score (a strictly higher score is an improvement); the result's
+    ``stopped_early`` says so and ``stopped_at`` is that generation. It depends only on the
+    scores, so a resumed run stops where the uninterrupted one did.
+
+    ``settings.race = "halving"``: CMA-ES generations are raced over the calibration rows
+    (:mod:`.race`); the scorer must have ``score_rows(weights, rows)``, and the number of
+    calibration rows is ``calib_rows`` (default: ``scorer.num_rows``)."""
     from cmaes import CMA
     from tqdm.auto import tqdm
 
@@ -127,6 +160,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     space = _resolve_space(space, settings, num_bands)
     log_path = Path(log_path) if log_path is not None else None
     header = log_header(num_bands, settings, run_id)
+    num_rows = _race_rows(scorer, settings, calib_rows)
     previous, keep_bytes = previous_records(log_path, header, resume)
 
     own_executor = executor is None or isinstance(executor, str)
@@ -146,15 +180,22 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                   seed=int(settings.seed), population_size=settings.popsize, cov=cov)
         bar = tqdm(total=settings.generations, disable=not progress, desc="NPS search",
                    unit="gen", dynamic_ncols=True, leave=False)
-        bar.set_postfix(best=f"{state.best_score:.4f}", refresh=False)
+        bar.set_postfix(best=f"{state.best_score:.4f}", ex=state.examples, refresh=False)
         for gen in range(1, settings.generations + 1):
             t0 = time.perf_counter()
             xs = [opt.ask() for _ in range(opt.population_size)]
-            recs = state.score_generation(gen, xs)
+            recs = (state.race_generation(gen, xs, num_rows) if num_rows is not None
+                    else state.score_generation(gen, xs))
             opt.tell(state.told(xs, recs))
             state.summarize(gen, recs, opt, time.perf_counter() - t0)
-            bar.set_postfix(best=f"{state.best_score:.4f}", gen=gen, refresh=False)
+            bar.set_postfix(best=f"{state.best_score:.4f}", gen=gen, ex=state.examples,
+                            refresh=False)
             bar.update(1)
+            if (settings.patience is not None and state.best_gen is not None
+                    and gen - state.best_gen >= int(settings.patience)):
+                state.stop(f"patience: no better score in the {int(settings.patience)} "
+                           f"generations after generation {state.best_gen}", gen)
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -162,6 +203,20 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         if own_executor:
             executor.close()
     return state.result()
+
+
+def _race_rows(scorer, settings: SearchSettings, calib_rows: Optional[int]) -> Optional[int]:
+    """The number of calibration rows a raced search races over (None: not racing)."""
+    if settings.race is None:
+        return None
+    if not (callable(getattr(scorer, "score_rows", None))
+            and getattr(scorer, "supports_rows", True)):
+        raise NPSError("search: racing (race='halving') needs a scorer that scores rows "
+                       "(score_rows): a text- or image-classification evaluator")
+    n = calib_rows if calib_rows is not None else getattr(scorer, "num_rows", None)
+    if n is None or int(n) < 1:
+        raise NPSError("search: racing needs the number of calibration rows (calib_rows)")
+    return int(n)
 
 
 def _resolve_space(space, settings: SearchSettings, num_bands: int):

@@ -37,10 +37,13 @@ class CandidateError(Exception):
     """A candidate failed inside a worker; carries the worker's error text (always picklable)."""
 
 
-def _call(scorer: Callable, weights: np.ndarray) -> Outcome:
+def _call(scorer: Callable, weights: np.ndarray, rows=None) -> Outcome:
+    """``scorer(weights)``, or ``scorer.score_rows(weights, rows)`` when ``rows`` is given
+    (racing: the candidate's per-row values on those calibration rows)."""
     t0 = time.perf_counter()
     try:
-        out = scorer(np.asarray(weights, dtype=np.float64))
+        w = np.asarray(weights, dtype=np.float64)
+        out = scorer(w) if rows is None else scorer.score_rows(w, rows)
     except Exception as exc:  # noqa: BLE001 - every scorer failure is recorded, not raised
         return None, exc
     wall = time.perf_counter() - t0
@@ -61,12 +64,20 @@ def _portable(outcome: Outcome) -> Outcome:
     return score, info
 
 
+def _rows_for(weights: Sequence[np.ndarray], rows) -> list:
+    """Per item: the calibration row positions to score (None: the scorer's full score)."""
+    return [None] * len(weights) if rows is None else [None if r is None else np.asarray(r)
+                                                         for r in rows]
+
+
 class SerialExecutor:
     kind = "serial"
     workers = 1
 
-    def map(self, scorer: Callable, weights: Sequence[np.ndarray]) -> List[Outcome]:
-        return [_call(scorer, w) for w in weights]
+    def map(self, scorer: Callable, weights: Sequence[np.ndarray], rows=None) -> List[Outcome]:
+        """Score each of ``weights`` in order; ``rows`` (one per item, for racing): score only
+        those calibration rows, with ``scorer.score_rows``."""
+        return [_call(scorer, w, r) for w, r in zip(weights, _rows_for(weights, rows))]
 
     def close(self) -> None:
         pass
@@ -115,30 +126,64 @@ def die_with_parent(parent_pid: int, interval: float = WATCHDOG_INTERVAL_S, *,
     threading.Thread(target=watch, name="nps-parent-watchdog", daemon=True).start()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int, cores: Optional[int] = None) -> int:
+    """Torch threads each of ``workers`` processes gets: the usable cores split evenly (at
+    least 1), so W workers never run W × cores threads on cores cores."""
+    return max(1, (usable_cores() if cores is None else int(cores)) // max(1, int(workers)))
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _limit_threads(threads: int) -> None:
+    for var in _THREAD_VARS:          # read by the BLAS/OpenMP runtimes torch starts later
+        os.environ[var] = str(threads)
+    try:
+        import torch
+        torch.set_num_threads(int(threads))
+    except ImportError:  # a scorer without torch: the variables are all there is to set
+        pass
+
+
 def _init_worker(scorer_bytes: bytes, parent_pid: Optional[int] = None,
-                 pdeathsig: bool = False) -> None:
+                 pdeathsig: bool = False, threads: Optional[int] = None) -> None:
     global _WORKER_SCORER
     if parent_pid is not None:
         die_with_parent(parent_pid, pdeathsig=pdeathsig)
+    if threads is not None:
+        _limit_threads(threads)
     _WORKER_SCORER = pickle.loads(scorer_bytes)
 
 
-def _score_in_worker(weights: np.ndarray) -> Outcome:
-    return _portable(_call(_WORKER_SCORER, weights))
+def _score_in_worker(weights: np.ndarray, rows=None) -> Outcome:
+    return _portable(_call(_WORKER_SCORER, weights, rows))
 
 
 class ProcessExecutor(SerialExecutor):
     """concurrent.futures.ProcessPoolExecutor ('spawn'); the scorer is unpickled once per worker.
 
     Workers die with this process (:func:`die_with_parent`): a killed parent leaves no worker
-    holding a model in memory."""
+    holding a model in memory. Each worker runs ``threads`` torch threads (default: the usable
+    cores split evenly, :func:`threads_per_worker`), so the workers together use the machine's
+    cores without oversubscribing them."""
 
     kind = "processes"
 
-    def __init__(self, workers: Optional[int] = None):
-        self.workers = int(workers or os.cpu_count() or 1)
+    def __init__(self, workers: Optional[int] = None, threads: Optional[int] = None):
+        self.workers = int(workers or usable_cores())
         if self.workers < 1:
             raise NPSError(f"executor: workers must be >= 1, got {workers}")
+        self.threads = int(threads) if threads is not None else threads_per_worker(self.workers)
+        if self.threads < 1:
+            raise NPSError(f"executor: threads must be >= 1, got {threads}")
         self._pool = None
         self._scorer_bytes: Optional[bytes] = None
 
@@ -153,14 +198,15 @@ class ProcessExecutor(SerialExecutor):
         main_thread = threading.current_thread() is threading.main_thread()
         self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                          mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(data, os.getpid(), main_thread))
+                                         initializer=_init_worker, initargs=(data, os.getpid(), main_thread,
+                                                   self.threads))
         self._scorer_bytes = data
 
-    def map(self, scorer: Callable, weights: Sequence[np.ndarray]) -> List[Outcome]:
+    def map(self, scorer: Callable, weights: Sequence[np.ndarray], rows=None) -> List[Outcome]:
         from concurrent.futures.process import BrokenProcessPool
         self._ensure_pool(scorer)
-        futures = [self._pool.submit(_score_in_worker, np.asarray(w, dtype=np.float64))
-                   for w in weights]
+        futures = [self._pool.submit(_score_in_worker, np.asarray(w, dtype=np.float64), r)
+                   for w, r in zip(weights, _rows_for(weights, rows))]
         out: List[Outcome] = []
         broken = False
         for fut in futures:
@@ -261,22 +307,22 @@ class RayExecutor(SerialExecutor):
             def __init__(self, scorer_bytes: bytes):
                 self.scorer = pickle.loads(scorer_bytes)
 
-            def score(self, weights):
-                return _portable(_call(self.scorer, weights))
+            def score(self, weights, rows=None):
+                return _portable(_call(self.scorer, weights, rows))
 
         ref = ray.put(data)
         self._actors = [_ScorerActor.remote(ref) for _ in range(self.workers)]
         self._scorer_bytes = data
 
-    def map(self, scorer: Callable, weights: Sequence[np.ndarray]) -> List[Outcome]:
+    def map(self, scorer: Callable, weights: Sequence[np.ndarray], rows=None) -> List[Outcome]:
         self._ensure_actors(scorer)
-        ray = self._ray
         from ray.util import ActorPool
         pool = ActorPool(self._actors)
-        items = [np.asarray(w, dtype=np.float64) for w in weights]
+        items = [(np.asarray(w, dtype=np.float64), r)
+                 for w, r in zip(weights, _rows_for(weights, rows))]
         out: List[Outcome] = []
         try:
-            for res in pool.map(lambda a, w: a.score.remote(w), items):   # ordered
+            for res in pool.map(lambda a, item: a.score.remote(*item), items):   # ordered
                 out.append(res)
         except Exception as exc:  # noqa: BLE001 - an actor died: fail the rest, restart next time
             text = f"ray actor failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
@@ -323,4 +369,4 @@ def make_executor(kind: str = "serial", *, workers: Optional[int] = None,
 
 
 __all__ = ["make_executor", "EXECUTORS", "SerialExecutor", "ProcessExecutor", "RayExecutor",
-           "CandidateError"]
+           "CandidateError", "usable_cores", "threads_per_worker"]

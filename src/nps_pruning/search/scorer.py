@@ -87,6 +87,19 @@ class CandidateScorer:
         self.__dict__.update(state)
 
     @property
+    def num_rows(self) -> Optional[int]:
+        """Calibration rows of the evaluator, once built here (None before)."""
+        st = self._state
+        return None if st is None else int(getattr(st.evaluator, "num_rows", 0) or 0) or None
+
+    @property
+    def supports_rows(self) -> bool:
+        """Whether the evaluator can score some of the rows (racing): the classification ones."""
+        if self._state is not None:
+            return callable(getattr(self._state.evaluator, "score_rows", None))
+        return str(self.eval_spec).split(":", 1)[0].strip().lower() != "python"
+
+    @property
     def state(self) -> _State:
         if self._state is None:
             self._state = self._build()
@@ -126,7 +139,8 @@ class CandidateScorer:
             index = make_hybrid_index(tv.values, self.seed)
         return _State(base_flat, tv, bands, model, flat, evaluator, index)
 
-    def __call__(self, weights) -> Tuple[float, dict]:
+    def _put_candidate(self, weights):
+        """Write θ_pre + τ̂(w) into the model; returns (state, sync, build seconds)."""
         import torch
         from ..core.space import make_space, build_point
 
@@ -142,10 +156,33 @@ class CandidateScorer:
         build_point(space, st.tv.values, st.bands, st.index, w, self.keep_ratio, base=st.base_flat,
                     out=st.flat, kept_values=self.kept_values)
         sync(dev)
+        return st, (lambda: sync(dev)), time.perf_counter() - t0
+
+    def __call__(self, weights) -> Tuple[float, dict]:
+        import torch
+        st, sync, build_s = self._put_candidate(weights)
         t1 = time.perf_counter()
         with torch.no_grad():
             score = float(st.evaluator(st.model))
-        sync(dev)
+        sync()
         t2 = time.perf_counter()
-        return score, {"build_s": t1 - t0, "eval_s": t2 - t1,
+        return score, {"build_s": build_s, "eval_s": t2 - t1,
                        "examples": int(getattr(st.evaluator, "num_rows", 0) or 0)}
+
+    def score_rows(self, weights, rows) -> Tuple[np.ndarray, dict]:
+        """Per-row values of the candidate on the calibration rows at positions ``rows`` (for
+        racing; see ``FitnessScored.score_rows``); info as ``__call__``'s, with ``examples`` =
+        the rows forwarded and ``fitness`` (how the values make a score)."""
+        import torch
+        st = self.state
+        if not callable(getattr(st.evaluator, "score_rows", None)):
+            raise NPSError(f"{getattr(st.evaluator, 'name', 'this evaluator')}: racing (--race) "
+                           "needs a text- or image-classification evaluator (it scores rows)")
+        st, sync, build_s = self._put_candidate(weights)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            _, values = st.evaluator.score_rows(st.model, rows)
+        sync()
+        t2 = time.perf_counter()
+        return values, {"build_s": build_s, "eval_s": t2 - t1, "examples": int(len(values)),
+                        "fitness": getattr(st.evaluator, "fitness", None)}

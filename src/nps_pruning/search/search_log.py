@@ -30,10 +30,23 @@ LOG_FORMAT = "nps-search-log/1"
 Records = Dict[Tuple[int, int], dict]     # {(gen, idx): record}
 
 
+def settings_dict(settings) -> dict:
+    """``asdict(settings)`` without the settings of features that are off (patience, racing),
+    so the log header and report of a run that uses neither are what they were before those
+    settings existed (and such older logs still resume)."""
+    d = asdict(settings)
+    if d.get("patience", 0) is None:
+        d.pop("patience")
+    if "race" in d and d["race"] is None:
+        for key in ("race", "race_min_rows", "race_eta", "race_z"):
+            d.pop(key, None)
+    return d
+
+
 def log_header(num_bands: int, settings, run_id: Optional[dict] = None) -> dict:
     """The header line of a run's log (``settings``: a SearchSettings)."""
     header = {"type": "header", "format": LOG_FORMAT, "num_bands": int(num_bands),
-              "settings": asdict(settings)}
+              "settings": settings_dict(settings)}
     if run_id is not None:
         header["run"] = run_id
     return header

@@ -14,10 +14,11 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import NPSError
-from .search_log import Records, SearchLog
+from .search_log import Records, SearchLog, settings_dict
 
 _FAILED_TOLD_MARGIN = 1.0  # a failed candidate is told "worst score seen minus this"
 _RECORD_KEYS = ("gen", "idx", "weights", "score", "status", "error", "build_s", "eval_s", "examples")
+_RACE_KEYS = ("rows_scored", "eliminated_at", "partial_score")   # raced generations' records only
 
 
 def best_up_to(candidates: List[dict], generation: int) -> Optional[dict]:
@@ -45,10 +46,12 @@ class SearchResult:
     reused: int = 0                     # candidates taken from the log on resume
     settings: Optional[dict] = None
     num_bands: int = 0
+    stopped_at: Optional[int] = None    # the last generation run when --patience stopped it
 
     def to_dict(self) -> dict:
         """JSON-ready form (for report.json)."""
-        return {
+        extra = {} if self.stopped_at is None else {"stopped_at": self.stopped_at}
+        return {**extra,
             "num_bands": self.num_bands,
             "settings": self.settings,
             "best_weights": [float(x) for x in self.best_weights],
@@ -117,6 +120,45 @@ def _new_record(gen: int, idx: int, weights: np.ndarray, outcome) -> dict:
     return rec
 
 
+def _is_record(outcome) -> bool:
+    return isinstance(outcome, dict) and "status" in outcome and "gen" in outcome
+
+
+def _add_times(o: dict, info, rows: int) -> None:
+    info = info if isinstance(info, dict) else {}
+    for key in ("build_s", "eval_s"):
+        if info.get(key) is not None:
+            o[key] += float(info[key])
+    o["examples"] += int(info["examples"]) if info.get("examples") is not None else int(rows)
+
+
+def _race_record(gen: int, idx: int, weights: np.ndarray, o: dict) -> dict:
+    """The record of one raced candidate (race.py): failed, eliminated, or a finalist with its
+    full score; times and ``examples`` summed over every stage it was scored in."""
+    from ..evaluation.fitness import score_from_rows
+    rows = int(len(o["values"]))
+    if o["full"] is not None:
+        rec = _new_record(gen, idx, weights, o["full"])
+        full_examples = rec.get("examples")
+        rec["rows_scored"] = int(o["num_rows"]) if rec["status"] == "ok" else rows
+    else:
+        rec = _new_record(gen, idx, weights, (None, o["error"]) if o["error"] is not None
+                          else (0.0, {}))
+        full_examples = None
+        rec["rows_scored"] = rows
+        if o["error"] is None:
+            rec.update(status="eliminated", score=None, eliminated_at=int(o["eliminated_at"]),
+                       partial_score=score_from_rows(o["fitness"], o["values"]))
+    if rec["status"] != "failed" or rows:
+        for key in ("build_s", "eval_s"):
+            rec[key] = (rec.get(key) or 0.0) + o[key]
+    if full_examples is None and rec["status"] == "ok":
+        full_examples = int(o["num_rows"])        # a scorer that does not count: every row
+    rec["examples"] = o["examples"] + int(full_examples or 0)
+    rec.setdefault("eliminated_at", None)
+    return rec
+
+
 def scores_of(recs: Sequence[dict]) -> List[Optional[float]]:
     """Each record's score, None where it failed (what a search space's refine/mean0 take)."""
     return [r["score"] if r["status"] == "ok" else None for r in recs]
@@ -143,8 +185,11 @@ class SearchState:
         self.consecutive = 0             # failed candidates in a row
         self.last_error = ""
         self.reused = 0                  # candidates replayed from the log
-        self.worst = math.inf            # the lowest successful score seen
+        self.worst = math.inf            # the lowest successful (or partial) score seen
         self.stopped_early: Optional[str] = None
+        self.stopped_at: Optional[int] = None
+        self.best_gen: Optional[int] = None   # the generation of the best candidate
+        self.examples = 0                # calibration rows forwarded so far (logged records)
 
     # -- candidates ------------------------------------------------------------------------
     def record(self, gen: int, idx: int, weights: np.ndarray, outcome,
@@ -153,16 +198,21 @@ class SearchState:
         Raises :class:`SearchAborted` after ``settings.max_failures`` failures in a row."""
         if reused is not None:
             rec = {k: reused.get(k) for k in _RECORD_KEYS}
+            rec.update({k: reused[k] for k in _RACE_KEYS if k in reused})
             self.reused += 1
         else:
-            rec = _new_record(gen, idx, weights, outcome)
+            rec = outcome if _is_record(outcome) else _new_record(gen, idx, weights, outcome)
             self.log.write(rec)
         self.candidates.append(rec)
+        self.examples += int(rec.get("examples") or 0)
         if rec["status"] == "ok":
             self.consecutive = 0
             self.worst = min(self.worst, rec["score"])
             if rec["score"] > self.best_score:        # ties: the earliest stays
-                self.best, self.best_score = rec, rec["score"]
+                self.best, self.best_score, self.best_gen = rec, rec["score"], gen
+        elif rec["status"] == "eliminated":           # scored on some rows: not a failure
+            self.consecutive = 0
+            self.worst = min(self.worst, rec["partial_score"])
         else:
             self.consecutive += 1
             self.last_error = rec["error"] or "unknown error"
@@ -171,10 +221,14 @@ class SearchState:
                            f"{self.last_error}")
         return rec
 
-    def _replayable(self, gen: int, idx: int, weights: np.ndarray) -> Optional[dict]:
-        """The logged record of (gen, idx) if it succeeded with these very weights."""
+    def _replayable(self, gen: int, idx: int, weights: np.ndarray,
+                    raced: bool = False) -> Optional[dict]:
+        """The logged record of (gen, idx) if it succeeded with these very weights (``raced``:
+        a record of a raced generation, a finalist or an eliminated candidate)."""
         old = self.previous.get((gen, idx))
-        ok = (old is not None and old.get("status") == "ok"
+        statuses = ("ok", "eliminated") if raced else ("ok",)
+        ok = (old is not None and old.get("status") in statuses
+              and (not raced or old.get("rows_scored") is not None)
               and len(old.get("weights") or ()) == self.space.dim
               and np.allclose(np.asarray(old["weights"], dtype=np.float64), weights,
                               rtol=0.0, atol=1e-12))
@@ -202,10 +256,73 @@ class SearchState:
         """What CMA-ES is told for one generation: (x, -score) (cmaes minimizes). A failed
         candidate is told a value worse than every score seen so far (finite, so CMA-ES's
         arithmetic stays sane); it only depends on the history, so a resumed run tells exactly
-        the same values."""
+        the same values. An eliminated candidate of a raced generation: see race.told_scores."""
         worst = self.worst if math.isfinite(self.worst) else 0.0
+        if any(r["status"] == "eliminated" for r in recs):
+            from .race import told_scores
+            return [(x, -t) for x, t in zip(xs, told_scores(recs, worst - _FAILED_TOLD_MARGIN))]
         return [(x, -float(r["score"] if r["status"] == "ok" else worst - _FAILED_TOLD_MARGIN))
                 for x, r in zip(xs, recs)]
+
+    # -- racing (race.py) --------------------------------------------------------------------
+    def race_generation(self, gen: int, xs: Sequence[np.ndarray], num_rows: int) -> List[dict]:
+        """Score one generation by racing over the calibration rows (race.py's rule); records
+        in ask order, logged once the race is decided. A generation found whole in the log is
+        replayed; one logged in part (killed while its records were written) is raced again."""
+        from .race import race_order, race_schedule
+        st = self.settings
+        stages = race_schedule(num_rows, st.race_min_rows, st.race_eta)
+        if not stages:                    # too few rows to race: the ordinary path
+            return self.score_generation(gen, xs)
+        weights = [self.space.to_params(x) for x in xs]
+        reuse = [self._replayable(gen, idx, w, raced=True) for idx, w in enumerate(weights)]
+        if all(r is not None for r in reuse):
+            return [self.record(gen, i, w, None, reuse[i]) for i, w in enumerate(weights)]
+        outcomes = self._race(weights, race_order(st.seed, gen, num_rows), stages, num_rows)
+        return [self.record(gen, i, w, _race_record(gen, i, w, outcomes[i]), None)
+                for i, w in enumerate(weights)]
+
+    def _race(self, weights, order: np.ndarray, stages: Sequence[int], num_rows: int) -> List[dict]:
+        """Run the stages; per candidate {"values", "info", "fitness", "eliminated_at",
+        "error", "full"} (see race.py)."""
+        from .race import survivors
+        st, ex = self.settings, self.executor
+        n = len(weights)
+        out = [{"values": np.empty(0), "build_s": 0.0, "eval_s": 0.0, "examples": 0,
+                "fitness": None, "eliminated_at": None, "error": None, "full": None}
+               for _ in range(n)]
+        alive = list(range(n))
+        done = 0
+        for rows in stages:
+            new = order[done:rows]
+            for i, (vals, info) in zip(alive, ex.map(self.scorer, [weights[i] for i in alive],
+                                                     rows=[new] * len(alive))):
+                o = out[i]
+                if isinstance(info, BaseException):
+                    o["error"] = info
+                    continue
+                vals = np.asarray(vals, dtype=np.float64).reshape(-1)
+                if len(vals) != len(new) or not np.all(np.isfinite(vals)):
+                    o["error"] = NPSError(f"scorer returned {len(vals)} row values for "
+                                          f"{len(new)} rows, or non-finite ones")
+                    continue
+                o["values"] = np.concatenate([o["values"], vals])
+                _add_times(o, info, len(vals))
+                o["fitness"] = (info or {}).get("fitness")
+            alive = [i for i in alive if out[i]["error"] is None]
+            done = rows
+            keep = survivors({i: out[i]["values"] for i in alive}, st.race_eta, st.race_z)
+            for i in alive:
+                if i not in keep:
+                    out[i]["eliminated_at"] = rows
+            alive = keep
+            if len(alive) <= 1:
+                break
+        finals = ex.map(self.scorer, [weights[i] for i in alive]) if alive else []
+        for i, outcome in zip(alive, finals):
+            out[i]["full"] = outcome
+            out[i]["num_rows"] = num_rows
+        return out
 
     # -- generations and results -----------------------------------------------------------
     def summarize(self, gen: int, recs: List[dict], opt=None, seconds: float = 0.0) -> dict:
@@ -217,7 +334,7 @@ class SearchState:
             "gen": gen,
             "label": "baseline" if gen == 0 else "cma-es",
             "num_candidates": len(recs),
-            "failures": len(recs) - len(ok),
+            "failures": sum(1 for r in recs if r["status"] not in ("ok", "eliminated")),
             "best_score": gbest["score"] if gbest else None,
             "mean_score": float(np.mean([r["score"] for r in ok])) if ok else None,
             "best_weights": gbest["weights"] if gbest else None,
@@ -227,6 +344,9 @@ class SearchState:
             "sigma": (float(getattr(opt, "_sigma", float("nan"))) if opt is not None else None),
             "seconds": seconds,
         }
+        if getattr(self.settings, "race", None):
+            summary["eliminated"] = sum(1 for r in recs if r["status"] == "eliminated")
+            summary["examples"] = sum(int(r.get("examples") or 0) for r in recs)
         self.generations.append(summary)
         if self.on_generation is not None:
             self.on_generation(summary)
@@ -242,7 +362,12 @@ class SearchState:
             baseline_score=cands[0]["score"] if cands and cands[0]["status"] == "ok" else None,
             candidates=cands, generations=self.generations, stopped_early=self.stopped_early,
             seconds=time.perf_counter() - self.t_start, reused=self.reused,
-            settings=asdict(self.settings), num_bands=self.num_bands)
+            settings=settings_dict(self.settings), num_bands=self.num_bands,
+            stopped_at=self.stopped_at)
+
+    def stop(self, reason: str, gen: int) -> None:
+        """The run ends after generation ``gen`` (not an abort: the result is complete)."""
+        self.stopped_early, self.stopped_at = reason, gen
 
     def abort(self, reason: str) -> None:
         """Stop the run: close the log, raise :class:`SearchAborted` with the partial result."""

@@ -1,0 +1,329 @@
+"""Cheaper searches (issue 16): --patience, --race halving, row scoring by the evaluators, and
+the processes executor's split of threads. Synthetic scorers first; the tiny text model last."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nps_pruning.errors import NPSError
+from nps_pruning.search import SearchSettings, make_executor, run_search
+from nps_pruning.search.executors import threads_per_worker
+from nps_pruning.search.race import race_order, race_schedule, survivors, told_scores
+
+TARGET = np.array([1.6, 0.3, 1.2, 0.7])
+
+
+def _settings(**kw):
+    base = dict(generations=8, seed=3, popsize=8, upper=2.0, space="magnitude")
+    base.update(kw)
+    return SearchSettings(**base)
+
+
+def _key(cands):
+    return [(c["gen"], c["idx"], tuple(c["weights"]), c["score"], c["status"],
+             c.get("partial_score"), c.get("rows_scored"), c.get("eliminated_at"),
+             c.get("examples")) for c in cands]
+
+
+class PerRow:
+    """A synthetic calibration set of ``rows`` rows: row r of candidate w has the value
+    −||w − target||² + e_r + noise·h_r(w), with e_r a per-row offset common to every candidate and
+    h_r(w) a candidate's own seeded noise (mean ~0). Its full score is the mean over all rows."""
+
+    def __init__(self, rows: int = 96, noise: float = 0.5, spread: float = 1.0):
+        self.rows, self.noise = rows, noise
+        self.offsets = np.random.default_rng(7).normal(0.0, spread, rows)
+        self.full_calls = self.row_calls = 0
+
+    def values(self, w) -> np.ndarray:
+        w = np.asarray(w, dtype=np.float64)
+        seed = int.from_bytes(hashlib.sha256(w.tobytes()).digest()[:8], "little")
+        h = np.random.default_rng(seed).normal(0.0, 1.0, self.rows)
+        return -float(np.sum((w - TARGET) ** 2)) + self.offsets + self.noise * h
+
+    def __call__(self, w):
+        self.full_calls += 1
+        return float(np.mean(self.values(w))), {"build_s": 0.0, "eval_s": 0.0,
+                                                "examples": self.rows}
+
+    def score_rows(self, w, rows):
+        self.row_calls += 1
+        rows = np.asarray(rows)
+        return self.values(w)[rows], {"build_s": 0.0, "eval_s": 0.0, "examples": len(rows)}
+
+    @property
+    def num_rows(self):
+        return self.rows
+
+
+def _examples(result) -> int:
+    return sum(int(c.get("examples") or 0) for c in result.candidates)
+
+
+# -- patience ------------------------------------------------------------------------------------
+def _expected_stop(cands, generations, patience):
+    """Where a run with ``patience`` stops, read from an uninterrupted run's candidates."""
+    best, best_gen = -math.inf, None
+    for g in range(generations + 1):
+        for c in cands:
+            if c["gen"] == g and c["status"] == "ok" and c["score"] > best:
+                best, best_gen = c["score"], g
+        if g >= 1 and g - best_gen >= patience:
+            return g, best_gen
+    return None, best_gen
+
+
+def test_patience_stops_where_the_full_run_says_and_is_its_prefix(tmp_path):
+    scorer = PerRow(noise=0.0)
+    full = run_search(scorer, 4, _settings(generations=40), progress=False)
+    stop, best_gen = _expected_stop(full.candidates, 40, 3)
+    assert stop is not None and stop < 40
+    r = run_search(PerRow(noise=0.0), 4, _settings(generations=40, patience=3),
+                   log_path=tmp_path / "p.jsonl", progress=False)
+    assert r.stopped_at == stop and r.stopped_early.startswith("patience")
+    assert f"generation {best_gen}" in r.stopped_early
+    assert _key(r.candidates) == _key([c for c in full.candidates if c["gen"] <= stop])
+    assert r.best_score == max(c["score"] for c in r.candidates if c["status"] == "ok")
+    assert r.to_dict()["stopped_at"] == stop and len(r.generations) == stop + 1
+    # resume-safe: a resumed run (whole log, or a log cut in the middle) stops at the same place
+    again = PerRow(noise=0.0)
+    r2 = run_search(again, 4, _settings(generations=40, patience=3), log_path=tmp_path / "p.jsonl",
+                    resume=True, progress=False)
+    assert again.full_calls == 0 and r2.stopped_at == stop and _key(r2.candidates) == _key(r.candidates)
+    lines = (tmp_path / "p.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "p.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    r3 = run_search(PerRow(noise=0.0), 4, _settings(generations=40, patience=3),
+                    log_path=tmp_path / "p.jsonl", resume=True, progress=False)
+    assert r3.stopped_at == stop and _key(r3.candidates) == _key(r.candidates)
+
+
+def test_patience_on_a_flat_score_stops_after_n_generations():
+    r = run_search(lambda w: 0.25, 3, _settings(generations=20, patience=2), progress=False)
+    assert r.stopped_at == 2 and r.best_score == 0.25 and r.candidates[0]["gen"] == 0
+    assert max(c["gen"] for c in r.candidates) == 2
+
+
+def test_off_settings_leave_header_and_result_as_before(tmp_path):
+    r = run_search(PerRow(), 4, _settings(generations=3), log_path=tmp_path / "a.jsonl",
+                   progress=False)
+    header = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
+    for key in ("patience", "race", "race_min_rows", "race_eta", "race_z"):
+        assert key not in header["settings"] and key not in r.settings
+    assert "stopped_at" not in r.to_dict() and r.stopped_early is None
+    assert all(set(c) <= {"gen", "idx", "weights", "score", "status", "error", "build_s",
+                          "eval_s", "examples", "start"} for c in r.candidates)
+    assert all("eliminated" not in g for g in r.generations)
+
+
+@pytest.mark.parametrize("bad", [dict(patience=0), dict(race="quarters"), dict(race_eta=1.0),
+                                 dict(race_min_rows=1), dict(race_z=-1.0)])
+def test_bad_cost_settings_are_refused(bad):
+    with pytest.raises(NPSError):
+        _settings(**bad).validate()
+
+
+# -- racing --------------------------------------------------------------------------------------
+def test_race_schedule_order_and_rule():
+    assert race_schedule(96, 16, 3.0) == [16, 48]
+    assert race_schedule(128, 16, 2.0) == [16, 32, 64]
+    assert race_schedule(16, 16, 3.0) == [] and race_schedule(10, 16, 3.0) == []
+    a = race_order(3, 5, 50)
+    assert sorted(a.tolist()) == list(range(50)) and np.array_equal(a, race_order(3, 5, 50))
+    assert not np.array_equal(a, race_order(3, 6, 50))
+    # top 1/eta kept; a close second kept by the paired bound; a clearly worse one dropped
+    base = np.linspace(-1, 1, 20)
+    vals = {0: base + 1.0, 1: base + 0.999 + 0.01 * np.sin(np.arange(20)), 2: base + 0.2,
+            3: base, 4: base - 0.5}
+    assert survivors(vals, eta=5.0, z=2.0) == [0, 1]
+    assert survivors(vals, eta=5.0, z=0.0) == [0]
+    assert survivors(vals, eta=2.0, z=0.0) == [0, 1, 2]
+    # told values: finalists their score; eliminated below everyone who outlasted them
+    recs = [{"status": "ok", "score": 0.5}, {"status": "eliminated", "partial_score": 0.9,
+                                             "eliminated_at": 48},
+            {"status": "eliminated", "partial_score": 0.1, "eliminated_at": 16},
+            {"status": "eliminated", "partial_score": 0.7, "eliminated_at": 16},
+            {"status": "failed", "score": None}]
+    assert told_scores(recs, -5.0) == [0.5, 0.5, 0.1, 0.5, -5.0]
+
+
+def test_race_keeps_the_true_best_and_scores_fewer_rows():
+    settings = dict(generations=10, popsize=10)
+    full = run_search(PerRow(), 4, _settings(**settings), progress=False)
+    scorer = PerRow()
+    raced = run_search(scorer, 4, _settings(race="halving", **settings), progress=False)
+    assert _examples(raced) < 0.8 * _examples(full)
+    # with z = 0 only the top 1/eta go on: exactly 10·16 + 4·32 rows, then 2 finalists · 96 rows
+    # (a finalist is re-scored on every row by the ordinary full call), per generation
+    tight = run_search(PerRow(), 4, _settings(race="halving", race_z=0.0, **settings),
+                       progress=False)
+    assert _examples(tight) == 96 + 10 * (10 * 16 + 4 * 32 + 2 * 96)
+    assert raced.generations[1]["eliminated"] > 0
+    oracle = PerRow()
+    for g in range(1, 11):
+        recs = [c for c in raced.candidates if c["gen"] == g]
+        true = [oracle(c["weights"])[0] for c in recs]          # every candidate's full score
+        best = int(np.argmax(true))
+        assert recs[best]["status"] == "ok" and recs[best]["score"] == true[best]
+        for c in recs:
+            assert c["rows_scored"] == (96 if c["status"] == "ok" else c["eliminated_at"])
+            if c["status"] == "eliminated":
+                assert c["score"] is None and c["eliminated_at"] in (16, 48)
+                assert c["partial_score"] == pytest.approx(
+                    np.mean(oracle.values(c["weights"])[race_order(3, g, 96)[:c["rows_scored"]]]))
+    # the reported best is a full-calibration score, and the best of the finalists
+    ok = [c for c in raced.candidates if c["status"] == "ok"]
+    assert raced.best_score == max(c["score"] for c in ok) == oracle(raced.best_weights)[0]
+    assert sum(1 for c in raced.candidates if c["status"] == "failed") == 0
+    assert raced.generations[1]["examples"] == sum(
+        c["examples"] for c in raced.candidates if c["gen"] == 1)
+
+
+def test_race_same_seed_same_result_and_resume(tmp_path):
+    s = _settings(generations=6, race="halving", race_min_rows=8, race_eta=2.0)
+    a = run_search(PerRow(), 4, s, log_path=tmp_path / "a.jsonl", progress=False)
+    b = run_search(PerRow(), 4, s, progress=False)
+    assert _key(a.candidates) == _key(b.candidates) and list(a.best_weights) == list(b.best_weights)
+    c = run_search(PerRow(), 4, _settings(generations=6, race="halving", race_min_rows=8,
+                                          race_eta=2.0, seed=4), progress=False)
+    assert _key(c.candidates) != _key(a.candidates)
+    # resume from a log cut inside a generation: that generation is raced again, same result
+    lines = (tmp_path / "a.jsonl").read_text().splitlines(keepends=True)
+    whole = 1 + sum(1 for c in a.candidates if c["gen"] <= 2)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:whole + 3]))   # gens 0-2, 3 records of gen 3
+    again = PerRow()
+    r = run_search(again, 4, s, log_path=tmp_path / "a.jsonl", resume=True, progress=False)
+    assert _key(r.candidates) == _key(a.candidates) and r.best_score == a.best_score
+    assert r.reused == whole - 1 and again.full_calls > 0
+    idle = PerRow()
+    r2 = run_search(idle, 4, s, log_path=tmp_path / "a.jsonl", resume=True, progress=False)
+    assert idle.full_calls == idle.row_calls == 0 and _key(r2.candidates) == _key(a.candidates)
+
+
+def test_race_without_stages_is_the_plain_search():
+    plain = run_search(PerRow(rows=12), 4, _settings(generations=4), progress=False)
+    raced = run_search(PerRow(rows=12), 4, _settings(generations=4, race="halving"),
+                       progress=False)
+    assert [c["score"] for c in raced.candidates] == [c["score"] for c in plain.candidates]
+    assert [c["weights"] for c in raced.candidates] == [c["weights"] for c in plain.candidates]
+
+
+def test_race_needs_a_row_scorer():
+    with pytest.raises(NPSError, match="scores rows"):
+        run_search(lambda w: 0.0, 2, _settings(race="halving"), progress=False)
+
+
+def test_race_with_the_processes_executor_matches_serial():
+    s = _settings(generations=3, race="halving", race_min_rows=8)
+    serial = run_search(PerRow(), 4, s, progress=False)
+    ex = make_executor("processes", workers=2)
+    try:
+        par = run_search(PerRow(), 4, s, executor=ex, progress=False)
+    finally:
+        ex.close()
+    assert _key(par.candidates) == _key(serial.candidates)
+
+
+def test_processes_executor_splits_the_cores():
+    assert threads_per_worker(4, cores=16) == 4
+    assert threads_per_worker(3, cores=16) == 5
+    assert threads_per_worker(32, cores=16) == 1
+    ex = make_executor("processes", workers=2)
+    try:
+        assert ex.threads == threads_per_worker(2)
+        out = ex.map(_torch_threads, [np.zeros(1), np.zeros(1)])
+    finally:
+        ex.close()
+    assert [o[0] for o in out] == [ex.threads, ex.threads]
+
+
+def _torch_threads(w):
+    return float(torch.get_num_threads())
+
+
+# -- evaluators score rows ----------------------------------------------------------------------
+@pytest.mark.parametrize("fitness", ["accuracy", "loglik", "agreement"])
+def test_text_evaluator_rows_equal_the_full_score(tiny_bert, text_csv, fitness):
+    from nps_pruning.evaluation import load_model, make_evaluator
+    _, ft = tiny_bert
+    model = load_model(ft)
+    ev = make_evaluator(f"text-classification:{text_csv}", model_path=ft, fitness=fitness,
+                        batch_size=8)
+    if fitness == "agreement":
+        ev.set_reference(model)
+    with torch.no_grad():
+        for p in model.bert.encoder.parameters():
+            p.mul_(1.3)
+    full = ev(model)
+    score, values = ev.score_rows(model)
+    perm = np.random.default_rng(0).permutation(ev.num_rows)
+    score_p, values_p = ev.score_rows(model, perm)
+    assert score == full and score_p == full                      # bit for bit
+    assert np.array_equal(values_p, values[perm]) and len(values) == ev.num_rows
+    from nps_pruning.evaluation.fitness import score_from_rows
+    assert score_from_rows(fitness, values) == pytest.approx(full, rel=1e-6, abs=1e-7)
+    part = perm[:13]
+    score_s, values_s = ev.score_rows(model, part)
+    np.testing.assert_allclose(values_s, values[part], rtol=1e-5, atol=1e-6)
+    assert score_s == pytest.approx(score_from_rows(fitness, values_s), rel=1e-6, abs=1e-7)
+    with pytest.raises(NPSError, match="repeat"):
+        ev.score_rows(model, [0, 0])
+
+
+def test_image_evaluator_rows_equal_the_full_score(tmp_path):
+    from nps_pruning.evaluation import make_evaluator
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=g.integers(0, 255, (30, 1, 4, 4), dtype=np.uint8),
+             labels=g.integers(0, 3, 30))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    for fitness in ("accuracy", "loglik"):
+        ev = make_evaluator(f"image-classification:{tmp_path / 'd.npz'}", fitness=fitness,
+                            batch_size=7)
+        full = ev(model)
+        score, values = ev.score_rows(model, np.arange(30)[::-1])
+        assert score == full
+        _, sub = ev.score_rows(model, [3, 17, 29])
+        np.testing.assert_allclose(sub, values[::-1][[3, 17, 29]], rtol=1e-6, atol=1e-7)
+
+
+def test_candidate_scorer_races_on_tiny_bert(tiny_bert, tmp_path):
+    from conftest import write_text_csv
+    from nps_pruning.search import CandidateScorer
+    base, ft = tiny_bert
+    data = write_text_csv(tmp_path / "calib.csv", rows=48)
+    scorer = CandidateScorer(base, ft, f"text-classification:{data}", 0.1, num_bands=4,
+                             fitness="loglik", batch_size=16)
+    s = _settings(generations=3, popsize=6, race="halving", race_min_rows=8)
+    raced = run_search(scorer, 4, s, progress=False, calib_rows=48)
+    assert scorer.num_rows == 48                                  # known once built
+    plain = run_search(scorer, 4, _settings(generations=3, popsize=6), progress=False)
+    assert _examples(raced) < _examples(plain)
+    assert any(c["status"] == "eliminated" for c in raced.candidates)
+    assert raced.best_score == scorer(raced.best_weights)[0]      # a full-calibration score
+    assert plain.candidates[0]["score"] == raced.candidates[0]["score"]
+    py = CandidateScorer(base, ft, "python:mod:fn", 0.1, num_bands=4)
+    with pytest.raises(NPSError, match="scores rows"):
+        run_search(py, 4, s, progress=False, calib_rows=10)
+
+
+def test_cli_options_parse_and_validate():
+    from nps_pruning.config import PruneOptions, build
+    o = build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o", "race": "halving",
+                             "patience": "4", "race_eta": "2"})
+    assert (o.race, o.patience, o.race_eta, o.race_min_rows) == ("halving", 4, 2.0, 16)
+    from nps_pruning.apps.prune import search_settings
+    st = search_settings(o)
+    assert (st.race, st.patience, st.race_eta) == ("halving", 4, 2.0)
+    assert "race" in st.to_dict()
+    plain = search_settings(build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o"}))
+    assert "race" not in plain.to_dict() and "patience" not in plain.to_dict()
+    for bad in ({"race": "fast"}, {"patience": 0}, {"race_eta": 1}):
+        with pytest.raises(NPSError):
+            build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o", **bad})
