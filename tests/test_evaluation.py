@@ -434,3 +434,37 @@ def test_evaluate_path(bert, data_csv):
     assert out["num_rows"] == 15 and out["seconds"] >= 0
     assert out["score"] == ev(load_model(ft))
     json.dumps(out)
+
+
+def test_bind_flat_follows_transformers_load_time_renames(tmp_path):
+    """transformers >= 5 loads Dinov2's saved `attention.attention.query` as `attention.q_proj`:
+    the layout (the file's names) still binds, and writing θ into the flat buffer moves the
+    renamed module's weight."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: F401
+    except ImportError:
+        pytest.skip("transformers without load-time renames")
+    from safetensors.torch import load_file
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+    from nps_pruning.apps.session import Session
+    torch.manual_seed(0)
+    m = Dinov2ForImageClassification(Dinov2Config(hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32,
+                                                  image_size=28, patch_size=14, num_labels=3))
+    m.save_pretrained(tmp_path / "pre")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01)
+    m.save_pretrained(tmp_path / "ft")
+    saved = load_file(tmp_path / "ft" / "model.safetensors")
+    key = "dinov2.encoder.layer.0.attention.attention.query.weight"
+    assert key in saved                                   # the file keeps the old name
+    s = Session.load(str(tmp_path / "pre"), str(tmp_path / "ft"))
+    assert key in s.task_vector.layout.names
+    s.set_task_values(torch.zeros_like(s.task_vector.values))
+    q = dict(s.model.named_parameters())["dinov2.encoder.layer.0.attention.q_proj.weight"]
+    pre = load_file(tmp_path / "pre" / "model.safetensors")[key]
+    assert torch.equal(q.detach(), pre)
+    s.set_task_values(s.task_vector.values)
+    assert torch.equal(q.detach(), saved[key])

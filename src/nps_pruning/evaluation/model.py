@@ -159,10 +159,45 @@ def _live_tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _load_renamings(model: torch.nn.Module) -> list:
+    """transformers ≥ 5 renames some checkpoint keys on load (Dinov2's
+    ``attention.attention.query`` is the module ``attention.q_proj``) and writes the old names
+    back on save: the pure renames of its conversion mapping for ``model`` (empty for other
+    models and older transformers). Conversions that split or merge tensors are not renames and
+    are left out: such tensors cannot be bound and fail with the usual error."""
+    cached = getattr(model, "_nps_renamings", None)
+    if cached is not None:
+        return cached
+    out: list = []
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+        if isinstance(model, PreTrainedModel):
+            out = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    except Exception:       # older transformers, or a model it cannot map: no renames
+        out = []
+    try:
+        object.__setattr__(model, "_nps_renamings", out)
+    except Exception:
+        pass
+    return out
+
+
+def _renamed(name: str, model: torch.nn.Module) -> Optional[str]:
+    new = name
+    for t in _load_renamings(model):
+        try:
+            new, _ = t.rename_source_key(new)
+        except Exception:
+            continue
+    return new if new != name else None
+
+
 def _resolve_name(name: str, live: Mapping[str, torch.Tensor], model: torch.nn.Module,
                   base_names: Optional[Mapping[str, str]]) -> Optional[str]:
     """The model's name for layout tensor ``name``: ``base_names`` first, then the name itself,
-    then the ``transformers`` base-model prefix added or removed (``bert.x`` <-> ``x``)."""
+    then the ``transformers`` base-model prefix added or removed (``bert.x`` <-> ``x``), then
+    each of those through the load-time renames of transformers ≥ 5 (:func:`_load_renamings`)."""
     candidates = []
     if base_names and name in base_names:
         candidates.append(base_names[name])
@@ -176,6 +211,10 @@ def _resolve_name(name: str, live: Mapping[str, torch.Tensor], model: torch.nn.M
     for c in candidates:
         if c in live:
             return c
+    for c in candidates:
+        r = _renamed(c, model)
+        if r is not None and r in live:
+            return r
     return None
 
 
