@@ -125,7 +125,10 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
         log(f"[{name}] suite ready: {', '.join(suite.task_names)} ({time.time() - t0:.0f}s)")
 
     cfg_d = cfg.to_dict()
-    pool = (cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn"))
+    from ..search.executors import die_with_parent
+    # workers end with this process (a killed `make bench` leaves no step running on)
+    pool = (cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
             if cfg.jobs > 1 else _Inline())
     pending: Dict[cf.Future, tuple] = {}
 

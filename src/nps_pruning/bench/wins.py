@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -183,8 +184,10 @@ def render(results: dict, figures: Path) -> str:
              "The sections after this one are the earlier `make bench` run described above (code "
              "of commit 2841d00, not rerun in this session): their NPS rows are the paper's search, "
              "which this tool keeps as `--space magnitude --fitness accuracy --holdout 0` (its code "
-             "path is unchanged; the tests pin it). The fine-tuned checkpoints were rebuilt from "
-             "scratch for this section, and its fine-tuned, magnitude and DARE scores equal that "
+             "path is unchanged; the tests pin it), and their vision rows pruned the BatchNorm running "
+             "statistics as weights (`--running-stats prune`, the only behaviour then). The "
+             "fine-tuned checkpoints were rebuilt from "
+             "scratch for this section, and its text fine-tuned, magnitude and DARE scores equal that "
              "run's to the last digit.", ""]
     for suite, data in results["suites"].items():
         summ = summarize(data["tasks"])
@@ -345,7 +348,10 @@ def main(argv=None) -> int:
         suite = build_suite(suite_name, tasks=args.tasks.split(",") if args.tasks else None)
         tasks = [task_dict(t) for t in suite.tasks]
         ctx = mp.get_context("spawn")
-        with ctx.Pool(max(1, min(cfg.jobs, len(tasks)))) as pool:
+        from ..search.executors import die_with_parent
+        # workers end with this process (a killed run leaves no search running on)
+        with ctx.Pool(max(1, min(cfg.jobs, len(tasks))), initializer=die_with_parent,
+                      initargs=(os.getpid(),)) as pool:
             outs = pool.starmap(run_task, [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
         model = ("all-MiniLM-L6-v2" if suite_name == "text" else
                  "ImageNet MobileNetV2, the large-task-vector stress suite")
