@@ -41,16 +41,18 @@ def test_the_best_values_extra_is_kept_and_only_it():
     assert choice.scores == [0.1, 0.9, 0.5]
 
 
-def test_nan_scores_compare_as_max_does():
+def test_nan_scores_never_win_over_a_number():
     # a NaN never replaces an earlier best ...
     nan_later = {1: 0.3, 2: math.nan, 3: 0.2}
     assert grid_search([1, 2, 3], nan_later.get).value == 1
-    assert grid_search([1, 2, 3], nan_later.get).value == max([1, 2, 3], key=nan_later.get)
-    # ... and a NaN at the front is never replaced (what the call sites' `max` / `>` did)
-    nan_first = {1: math.nan, 2: 0.9}
-    choice = grid_search([1, 2], nan_first.get)
-    assert choice.value == max([1, 2], key=nan_first.get) == 1
-    assert math.isnan(choice.scores[0]) and choice.scores[1] == 0.9
+    # ... and a NaN at the front is replaced by the first number (max() would keep the NaN)
+    nan_first = {1: math.nan, 2: 0.9, 3: 0.5}
+    choice = grid_search([1, 2, 3], nan_first.get)
+    assert choice.value == 2 and choice.score == 0.9
+    assert math.isnan(choice.scores[0]) and choice.scores[1:] == [0.9, 0.5]
+    # all NaN: the first value
+    all_nan = grid_search([1, 2], lambda v: math.nan)
+    assert all_nan.value == 1 and math.isnan(all_nan.score)
 
 
 def test_a_failing_score_stops_the_search():

@@ -5,6 +5,7 @@ H-score); a pure function of the grid and the scoring function, no I/O.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, List, NamedTuple
 
 from ..errors import NPSError
@@ -26,8 +27,8 @@ def grid_search(grid: Iterable, score_fn: Callable[[Any], Any], *, what: str = "
     as soon as they are beaten.
 
     Ties go to the first value in grid order (to prefer the smaller λ, pass the grid sorted).
-    Scores are compared with ``>`` as :func:`max` does, so a NaN score never replaces an earlier
-    best, and a NaN at the front is never replaced. A ``score_fn`` that raises stops the search
+    A NaN score (a merged model whose outputs are not finite, say) never wins while some value
+    scores a number; only when every score is NaN is the first value returned. A ``score_fn`` that raises stops the search
     (the exception propagates). An empty grid is an :class:`NPSError` naming ``what``."""
     values = list(grid)
     if not values:
@@ -39,7 +40,7 @@ def grid_search(grid: Iterable, score_fn: Callable[[Any], Any], *, what: str = "
         score, extra = out if isinstance(out, tuple) else (out, None)
         score = float(score)
         scores.append(score)
-        if best is None or score > best[1]:
+        if best is None or score > best[1] or (math.isnan(best[1]) and not math.isnan(score)):
             best = (i, score, extra)
     i, score, extra = best
     return GridChoice(values[i], i, score, scores, extra)
