@@ -233,3 +233,15 @@ def test_benchmark_search_settings_are_unchanged():
     assert (cfg.log_lower, cfg.log_upper, cfg.log_sigma0) == PARAM_DEFAULTS["log"] == (0.25, 8.0, 1.0)
     assert (cfg.bands, cfg.scheme, cfg.focus, cfg.generations, cfg.popsize, cfg.ablation_upper) == \
         (8, "focused", 3.0, 8, 8, 2.0)
+
+
+def test_a_taken_name_cannot_be_registered_again():
+    from nps_pruning.core.merge import MERGERS, NORMALIZATIONS, register_merger, register_normalization
+    from nps_pruning.core.sparsify import PRUNERS, register_pruner
+    for register, table, kind, name in ((register_pruner, PRUNERS, "pruner", "magnitude"),
+                                        (register_merger, MERGERS, "merger", "ties"),
+                                        (register_normalization, NORMALIZATIONS, "normalization", "none")):
+        before = table[name]
+        with pytest.raises(ValueError, match=f"{kind} '{name}' is already registered"):
+            register(name)(lambda *a, **k: None)
+        assert table[name] is before

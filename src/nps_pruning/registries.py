@@ -7,6 +7,7 @@ say: ``@register_pruner("mine")`` in ``core/sparsify.py``, or from user code) is
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Iterable, Iterator, Optional
 
 __all__ = ["Choices", "pruners", "mergers", "normalizations", "schemes", "spaces", "fitnesses",
@@ -43,51 +44,22 @@ class Choices:
         return f"Choices({self.names()!r})"
 
 
-def pruners() -> tuple:
-    from .core.sparsify import PRUNERS
-    return tuple(PRUNERS)
+def _names_of(module: str, attr: str) -> Callable[[], tuple]:
+    """A loader of the names of registry ``attr`` in ``module`` (imported when first called)."""
+    def load() -> tuple:
+        return tuple(getattr(importlib.import_module(module, __package__), attr))
+    load.__name__ = attr.lower()
+    load.__doc__ = f"The names in {module.lstrip('.')}.{attr}."
+    return load
 
 
-def mergers() -> tuple:
-    from .core.merge import MERGERS
-    return tuple(MERGERS)
-
-
-def normalizations() -> tuple:
-    from .core.merge import NORMALIZATIONS
-    return tuple(NORMALIZATIONS)
-
-
-def schemes() -> tuple:
-    from .core.bands import SCHEMES
-    return tuple(SCHEMES)
-
-
-def spaces() -> tuple:
-    from .core.space import SPACES
-    return tuple(SPACES)
-
-
-def fitnesses() -> tuple:
-    from .evaluation.fitness import FITNESSES
-    return tuple(FITNESSES)
-
-
-def executors() -> tuple:
-    from .search.executors import EXECUTORS
-    return tuple(EXECUTORS)
-
-
-def tau_dtypes() -> tuple:
-    from .checkpoints.pair import TAU_DTYPES
-    return tuple(TAU_DTYPES)
-
-
-def value_dtypes() -> tuple:
-    from .apps.compress import VALUE_DTYPES
-    return tuple(VALUE_DTYPES)
-
-
-def mask_codings() -> tuple:
-    from .apps.mask_coding import MASK_CODINGS
-    return tuple(MASK_CODINGS)
+pruners = _names_of(".core.sparsify", "PRUNERS")
+mergers = _names_of(".core.merge", "MERGERS")
+normalizations = _names_of(".core.merge", "NORMALIZATIONS")
+schemes = _names_of(".core.bands", "SCHEMES")
+spaces = _names_of(".core.space", "SPACES")
+fitnesses = _names_of(".evaluation.fitness", "FITNESSES")
+executors = _names_of(".search.executors", "EXECUTORS")
+tau_dtypes = _names_of(".checkpoints.pair", "TAU_DTYPES")
+value_dtypes = _names_of(".apps.compress", "VALUE_DTYPES")
+mask_codings = _names_of(".apps.mask_coding", "MASK_CODINGS")

@@ -27,6 +27,7 @@ from typing import Callable, Dict, Literal, Sequence
 import torch
 
 from .mask import keep_count, topk_mask
+from .registry import registrar
 
 __all__ = ["MERGERS", "register_merger", "NORMALIZATIONS", "register_normalization", "nps_combine",
            "trim_top_k", "dare_drop", "elect_sign", "disjoint_mean", "Normalize"]
@@ -37,14 +38,8 @@ Normalize = Literal["mask-count", "lambda-sum", "none"]   # the built-in NORMALI
 MERGERS: Dict[str, Merger] = {}
 
 
-def register_merger(name: str) -> Callable[[Merger], Merger]:
-    """Decorator adding a merger to :data:`MERGERS` under ``name`` (names are unique)."""
-    def decorate(fn: Merger) -> Merger:
-        if name in MERGERS:
-            raise ValueError(f"merger {name!r} is already registered")
-        MERGERS[name] = fn
-        return fn
-    return decorate
+register_merger = registrar(MERGERS, "merger", "Decorator adding a merger to :data:`MERGERS` "
+                                                "under ``name`` (names are unique).")
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -186,14 +181,9 @@ Normalization = Callable[[torch.Tensor, torch.Tensor, Sequence[float]], torch.Te
 NORMALIZATIONS: Dict[str, Normalization] = {}
 
 
-def register_normalization(name: str) -> Callable[[Normalization], Normalization]:
-    """Decorator adding an NPS-merge normalization to :data:`NORMALIZATIONS` (names are unique)."""
-    def decorate(fn: Normalization) -> Normalization:
-        if name in NORMALIZATIONS:
-            raise ValueError(f"normalization {name!r} is already registered")
-        NORMALIZATIONS[name] = fn
-        return fn
-    return decorate
+register_normalization = registrar(NORMALIZATIONS, "normalization",
+                                   "Decorator adding an NPS-merge normalization to "
+                                   ":data:`NORMALIZATIONS` (names are unique).")
 
 
 @register_normalization("mask-count")

@@ -13,20 +13,14 @@ from typing import Callable, Dict
 import torch
 
 from .mask import keep_count, topk_mask
+from .registry import registrar
 
 Pruner = Callable[..., torch.Tensor]
 PRUNERS: Dict[str, Pruner] = {}
 
 
-def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
-    """Decorator: ``@register_pruner("name")`` adds ``fn(values, keep_ratio, *, seed=0)`` to
-    :data:`PRUNERS`. A name can be registered once."""
-    def deco(fn: Pruner) -> Pruner:
-        if name in PRUNERS:
-            raise ValueError(f"pruner {name!r} is already registered")
-        PRUNERS[name] = fn
-        return fn
-    return deco
+register_pruner = registrar(PRUNERS, "pruner", """Decorator: ``@register_pruner("name")`` adds
+``fn(values, keep_ratio, *, seed=0)`` to :data:`PRUNERS`. A name can be registered once.""")
 
 
 def _flat(values: torch.Tensor) -> torch.Tensor:
