@@ -267,13 +267,19 @@ def _vision_task(name: str, root: Path, base_file: Path, base_key: str, quick: b
                 "sizes": splits.sizes, "source": splits.source, "key": key, "quick": quick, "base": str(base_file)}
 
     info = json.loads((final / "info.json").read_text()) if _complete(final) else _atomic_build(final, build)
+    return image_entry(name, final, base_file, final / "model.safetensors", info, key, VISION_FACTORY)
+
+
+def image_entry(name: str, final: Path, base, finetuned, info: dict, key: str,
+                model_factory: str | None) -> "TaskEntry":
+    """The TaskEntry of a built image task (its folder ``final`` holds calib.npz, test.npz, info)."""
     return TaskEntry(
-        name=name, kind="image", dir=str(final), base=str(base_file), finetuned=str(final / "model.safetensors"),
+        name=name, kind="image", dir=str(final), base=str(base), finetuned=str(finetuned),
         calib=str(final / "calib.npz"), test=str(final / "test.npz"),
         eval_calib=f"image-classification:{final / 'calib.npz'}", eval_test=f"image-classification:{final / 'test.npz'}",
         num_classes=info["num_classes"], class_names=info["class_names"], finetuned_acc=info["finetuned_acc"],
         pretrained_acc=info["pretrained_acc"], head_only_acc=info["head_only_acc"], majority_acc=info["majority_acc"],
-        model_factory=VISION_FACTORY, sizes=info["sizes"], timings=info["timings"], settings=info["settings"], key=key)
+        model_factory=model_factory, sizes=info["sizes"], timings=info["timings"], settings=info["settings"], key=key)
 
 
 # ------------------------------------------------------------------ relative size of τ

