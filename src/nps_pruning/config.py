@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type
 from .errors import NPSError
 from .registries import (Choices, executors, fitnesses, mask_codings, mergers, normalizations,
                          pruners, schemes, spaces, tau_dtypes, value_dtypes)
+from .apps.settings import PruneSettings
 from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MIN, SearchSettings
 from .search.race import RACES
 
@@ -45,6 +46,7 @@ INT_MAX = 2**63 - 1
 # The search's defaults are SearchSettings' (search/cmaes_search.py), the only place they are
 # written: PARAM_DEFAULTS (bounds and step size by parametrisation) is re-exported from there.
 _SEARCH = SearchSettings()
+_PRUNE = PruneSettings()     # and the pruning settings' (apps/settings.py): keep, bands, hold-out, ...
 _LIN, _LOG = PARAM_DEFAULTS["linear"], PARAM_DEFAULTS["log"]
 
 
@@ -65,11 +67,11 @@ def resolved_search_bounds(opts) -> tuple:
 
 @dataclass
 class SearchOptions:
-    keep: float = opt(0.05, "fraction of prunable entries kept (exactly round(keep*D) entries)",
+    keep: float = opt(_PRUNE.keep_ratio, "fraction of prunable entries kept (exactly round(keep*D) entries)",
                       lo=0.0, hi=1.0, lo_open=True)
-    bands: int = opt(8, "number of magnitude-rank bands M searched by NPS", lo=1, hi=255)
-    scheme: str = opt("focused", "where the band cuts go", choices=schemes)
-    focus: float = opt(3.0, "focused scheme: the first M-1 bands split the top min(1, focus*keep) ranks",
+    bands: int = opt(_PRUNE.bands, "number of magnitude-rank bands M searched by NPS", lo=1, hi=255)
+    scheme: str = opt(_PRUNE.scheme, "where the band cuts go", choices=schemes)
+    focus: float = opt(_PRUNE.focus, "focused scheme: the first M-1 bands split the top min(1, focus*keep) ranks",
                        lo=0.0, lo_open=True)
     generations: int = opt(_SEARCH.generations, "CMA-ES generations", lo=0)
     sigma0: Optional[float] = opt(None, "CMA-ES initial step size, in the units of --param "
@@ -84,7 +86,7 @@ class SearchOptions:
                      choices=lambda: tuple(PARAM_DEFAULTS))
     popsize: Optional[int] = opt(_SEARCH.popsize, "CMA-ES population (default: the library's "
                                                   "4+3 ln M)", lo=POPSIZE_MIN)
-    kept_values: str = opt("weighted", "kept entries carry their band weight or their original value",
+    kept_values: str = opt(_PRUNE.kept_values, "kept entries carry their band weight or their original value",
                            choices=("weighted", "original"))
     space: str = opt(_SEARCH.space, "NPS search space: 'magnitude' is the paper's (band weights over a "
                                "magnitude top-k); 'hybrid' adds a global rescale and a random share "
@@ -95,18 +97,18 @@ class SearchOptions:
                                        "agreement with the fine-tuned model's predictions (default: "
                                        "loglik; a python: evaluator's own score)",
                                  choices=Choices(fitnesses, first="loglik"))
-    holdout: float = opt(0.25, "fraction of the calibration rows held out of the search; the best "
+    holdout: float = opt(_PRUNE.holdout, "fraction of the calibration rows held out of the search; the best "
                                "--rescore-top candidates and the start points are re-scored on "
                                "them and the best there is chosen (0: choose on search rows)",
                          lo=0.0, hi=0.9)
-    rescore_top: int = opt(5, "how many of the search's best candidates are re-scored on the "
+    rescore_top: int = opt(_PRUNE.rescore_top, "how many of the search's best candidates are re-scored on the "
                               "held-out rows", lo=1)
     seed: int = opt(_SEARCH.seed, "random seed: same inputs and seed give the same result", lo=0,
                     hi=SEED_MAX)
     calib_size: Optional[int] = opt(None, "score on a seeded random subsample of N calibration rows",
                                     lo=1)
-    batch_size: int = opt(64, "evaluation batch size", lo=1)
-    max_length: int = opt(128, "text evaluators: maximum tokens per row", lo=1)
+    batch_size: int = opt(_PRUNE.batch_size, "evaluation batch size", lo=1)
+    max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
                                              "state dict")
     allow_shape_mismatch: bool = opt(False, "treat tensors whose shape differs from the pre-trained "
@@ -115,7 +117,7 @@ class SearchOptions:
                                           "model's whole, as task-specific tensors (a variance that "
                                           "is pruned or rescaled goes negative), or prune them as "
                                           "weights", choices=("finetuned", "prune"))
-    executor: str = opt("serial", "where candidates are scored", choices=executors)
+    executor: str = opt(_PRUNE.executor, "where candidates are scored", choices=executors)
     workers: Optional[int] = opt(None, "parallel workers for the processes/ray executors", lo=1)
     ray_address: Optional[str] = opt(None, "address of an existing Ray cluster (default: start a "
                                            "local one on loopback)")
@@ -222,8 +224,8 @@ class EvalOptions:
     json: bool = opt(False, "print one JSON object with at least `score`")
     calib_size: Optional[int] = opt(None, "score a seeded random subsample of N rows", lo=1)
     seed: int = opt(0, "seed of the subsample", lo=0, hi=SEED_MAX)
-    batch_size: int = opt(64, "evaluation batch size", lo=1)
-    max_length: int = opt(128, "text evaluators: maximum tokens per row", lo=1)
+    batch_size: int = opt(_PRUNE.batch_size, "evaluation batch size", lo=1)
+    max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
                                              "state dict")
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..atomic import atomic_write_text
+from nps_pruning.atomic import atomic_write_text
 
 
 def default_results_cache() -> Path:

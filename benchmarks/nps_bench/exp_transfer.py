@@ -35,8 +35,8 @@ def _source_data(suite_tasks: List[dict], target: str, quick: bool) -> List[Tupl
 def run_transfer_job(task: dict, suite_tasks: List[dict], cfg_dict: dict, cache_root: str,
                      pruning: dict) -> dict:
     import torch
-    from ..apps.transfer import choose_lambda, scores_at
-    from ..core import PRUNERS
+    from nps_pruning.apps.transfer import choose_lambda, scores_at
+    from nps_pruning.core import PRUNERS
     from .transfer_eval import KnnSourceEvaluator
 
     cfg = BenchConfig.from_dict(cfg_dict)

@@ -1,7 +1,7 @@
 """The real benchmark (SPEC §4): data loaders, the grayscale MobileNetV2, the converted DINOv2 ViT,
 fine-tuning, cached suites.
 
-    from nps_pruning.bench import build_suite
+    from nps_bench import build_suite
     suite = build_suite("text")   # or "vision" (MobileNetV2), "vit" (DINOv2 ViT-S/14)
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark (SPEC §4) and regenerate BENCHMARKS.md with its figures.
 
-    python -m nps_pruning.bench.run [--suites text,vision] [--quick] [--render-only] [--out BENCHMARKS.md]
+    python -m nps_bench.run [--suites text,vision] [--quick] [--render-only] [--out BENCHMARKS.md]
 
 * full profile: results go to ``benchmarks/results/*.json``, figures to ``benchmarks/figures/*.png``,
   the report to ``BENCHMARKS.md`` (repository root);
@@ -27,14 +27,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..atomic import atomic_write_text
+from nps_pruning.atomic import atomic_write_text
 from . import experiments as ex
+from .paths import repo_root
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = repo_root()
 
 
 def _repo_root() -> Path:
-    return REPO if (REPO / "benchmarks").is_dir() and (REPO / "pyproject.toml").is_file() else Path.cwd()
+    return REPO
 
 
 def machine_info() -> dict:
@@ -125,7 +126,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
         log(f"[{name}] suite ready: {', '.join(suite.task_names)} ({time.time() - t0:.0f}s)")
 
     cfg_d = cfg.to_dict()
-    from ..search.executors import die_with_parent
+    from nps_pruning.search.executors import die_with_parent
     # workers end with this process (a killed `make bench` leaves no step running on)
     pool = (cf.ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn"),
                                    initializer=die_with_parent, initargs=(os.getpid(),))
@@ -230,7 +231,7 @@ def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nps_pruning.bench.run", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m nps_bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default="text,vision", help="comma-separated: text,vision")
     ap.add_argument("--quick", action="store_true", help="CI smoke profile, written into a temporary folder")
     ap.add_argument("--render-only", action="store_true", help="re-render the report from the results JSON")
@@ -275,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         figures_dir = Path(args.figures_dir) if args.figures_dir else root / "benchmarks" / "figures"
     out_md.parent.mkdir(parents=True, exist_ok=True)
     cache_root = Path(args.cache_dir) if args.cache_dir else ex.default_results_cache()
-    command = "python -m nps_pruning.bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m nps_bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.render_only:
         results = load_results(results_dir)
         if not results["meta"]:
@@ -285,6 +286,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         ex.ResultCache(cache_root)
         results = run_benchmark(cfg, results_dir=results_dir, cache_root=cache_root, command=command.strip())
     render_to(results, out_md, figures_dir)
+    wins_json = results_dir / "wins.json"
+    if wins_json.is_file():       # the section "NPS that wins" (make bench-wins) from its own results
+        from .wins import render as render_wins, write_section
+        write_section(out_md, render_wins(json.loads(wins_json.read_text()), figures_dir))
     print(f"wrote {out_md} (results: {results_dir}, figures: {figures_dir})", flush=True)
     return 1 if results["meta"].get("failed") else 0
 

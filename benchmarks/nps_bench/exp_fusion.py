@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ..apps.settings import MergeSettings
+from nps_pruning.apps.settings import MergeSettings
 from .cache import ResultCache, _logger, _set_threads
 from .config import BenchConfig
 from .context import TaskContext, _find_nps, _strip, _task_params, nps_step_params
@@ -20,9 +20,9 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
                    pruning: Dict[str, dict]) -> dict:
     """Fusion (Table 2) and compression (Table 3, Fig. 5) of all the suite's tasks."""
     import torch
-    from ..apps.merge import merge_with_lambda_grid, merged_scores, nps_merge_lambdas
-    from ..core.merge import MERGERS, nps_combine
-    from ..task_vector import stack_values
+    from nps_pruning.apps.merge import merge_with_lambda_grid, merged_scores, nps_merge_lambdas
+    from nps_pruning.core.merge import MERGERS, nps_combine
+    from nps_pruning.task_vector import stack_values
 
     cfg = BenchConfig.from_dict(cfg_dict)
     _set_threads(cfg.threads)

@@ -4,8 +4,8 @@ calibration-size study. Results are cached per step (the same :class:`ResultCach
 ``make bench``), so a killed run resumes; BENCHMARKS.md gets the section between the markers
 ``<!-- wins:start -->`` and ``<!-- wins:end -->`` and ``benchmarks/figures/wins-<suite>.png``.
 
-    python -m nps_pruning.bench.wins --suites text --keeps 0.02,0.05,0.1,0.2,0.3
-    python -m nps_pruning.bench.wins --render-only
+    python -m nps_bench.wins --suites text --keeps 0.02,0.05,0.1,0.2,0.3
+    python -m nps_bench.wins --render-only
 """
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..apps.settings import PruneSettings, SearchSettings
+from nps_pruning.apps.settings import PruneSettings, SearchSettings
+from nps_pruning.atomic import atomic_write_text
 from .cache import ResultCache, _logger, _set_threads, default_results_cache
 from .labels import SUITE_MODELS
 from .context import stats_params, task_dict
+from .paths import repo_root
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = repo_root()
 START, END = "<!-- wins:start -->", "<!-- wins:end -->"
 WINS_VERSION = 1
 NPS_VERSION = 4        # bump when the default search changes (v2: rescaled start points;
@@ -80,9 +82,9 @@ def _params(task: dict, cfg: WinsConfig, **more) -> dict:
 
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]:
-    from ..apps.prune import Session, prune
-    from ..core import PRUNERS
-    from ..evaluation import make_evaluator
+    from nps_pruning.apps.prune import Session, prune
+    from nps_pruning.core import PRUNERS
+    from nps_pruning.evaluation import make_evaluator
     cfg = WinsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
     _set_threads(cfg.threads)
     cache = ResultCache(Path(cache_root))
@@ -176,7 +178,7 @@ def summarize(rows_by_task: Dict[str, List[dict]]) -> Dict[str, Dict[float, Tupl
 
 def render(results: dict, figures: Path) -> str:
     lines = [START, "## NPS that wins: the shipped default against magnitude and DARE", "",
-             f"Written by `make bench-wins` (`python -m nps_pruning.bench.wins`) at commit "
+             f"Written by `make bench-wins` (`python -m nps_bench.wins`) at commit "
              f"{results.get('commit', '?')} on {results.get('date', '?')}, from its own cached steps "
              "(`--render-only` re-renders it). The shipped default is `nps prune` with no options: "
              "`--space hybrid --fitness loglik --holdout 0.25 --rescore-top 5 --running-stats finetuned`, "
@@ -306,11 +308,11 @@ def write_section(md: Path, section: str) -> None:
         marker = "\n## "
         i = text.find(marker, text.find("\n") + 1)
         text = (text[:i] + "\n\n" + section + "\n" + text[i:]) if i > 0 else text + "\n\n" + section + "\n"
-    md.write_text(text)
+    atomic_write_text(md, text)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nps_pruning.bench.wins", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m nps_bench.wins", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default="text")
     ap.add_argument("--keeps", default=None, help="keep ratios, e.g. 0.02,0.05")
     ap.add_argument("--variants", default=None, help=f"NPS variants at every r ({', '.join(VARIANTS)})")
@@ -349,7 +351,7 @@ def main(argv=None) -> int:
         suite = build_suite(suite_name, tasks=args.tasks.split(",") if args.tasks else None)
         tasks = [task_dict(t) for t in suite.tasks]
         ctx = mp.get_context("spawn")
-        from ..search.executors import die_with_parent
+        from nps_pruning.search.executors import die_with_parent
         # workers end with this process (a killed run leaves no search running on)
         with ctx.Pool(max(1, min(cfg.jobs, len(tasks))), initializer=die_with_parent,
                       initargs=(os.getpid(),)) as pool:

@@ -9,13 +9,16 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-from ..search import PARAM_DEFAULTS
+from nps_pruning.apps.settings import PruneSettings
+from nps_pruning.search import PARAM_DEFAULTS
 
 # The library's search bounds and step sizes (search/cmaes_search.py), which the benchmark measures
 # as "the default". Their values are part of the result-cache keys (search_params), so changing a
 # library default re-runs the benchmark's searches; tests/test_registry.py pins today's numbers.
 _LIN_LOWER, _LIN_UPPER, _LIN_SIGMA0 = PARAM_DEFAULTS["linear"]
 _LOG_LOWER, _LOG_UPPER, _LOG_SIGMA0 = PARAM_DEFAULTS["log"]
+
+_PRUNE = PruneSettings()       # the library's bands / scheme / focus
 
 RESULTS_VERSION = 1
 
@@ -50,9 +53,9 @@ class BenchConfig:
     long_checkpoints: Tuple[int, ...] = (0, 1, 2, 4, 8, 12, 16, 24)
     # NPS search. bands, scheme and focus equal the CLI's defaults; generations and popsize are the
     # benchmark's own budget (the CLI's: 30 generations, CMA-ES' own 4 + 3 ln M population).
-    bands: int = 8
-    scheme: str = "focused"
-    focus: float = 3.0
+    bands: int = _PRUNE.bands                     # 8
+    scheme: str = _PRUNE.scheme                   # "focused"
+    focus: float = _PRUNE.focus                   # 3.0
     generations: int = 8
     popsize: int = 8
     sigma0: float = _LIN_SIGMA0                   # 0.3

@@ -13,8 +13,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from ..apps.settings import MergeSettings, PruneSettings, SearchSettings
-from ..report.report import now_iso, versions, write_json
+from nps_pruning.apps.settings import MergeSettings, PruneSettings, SearchSettings
+from nps_pruning.report.report import now_iso, versions, write_json
 
 DEMO_TASKS = ("rt-sentiment", "tweet-sentiment")
 
@@ -24,10 +24,10 @@ def _se(acc: float, n: int) -> float:
 
 
 def run_demo(opts) -> Dict:
-    from ..apps.merge import merge_with_lambda_grid, merged_scores, nps_merge_lambdas
-    from ..apps.prune import Session, prune
-    from ..core.merge import nps_combine
-    from ..task_vector import stack_values
+    from nps_pruning.apps.merge import merge_with_lambda_grid, merged_scores, nps_merge_lambdas
+    from nps_pruning.apps.prune import Session, prune
+    from nps_pruning.core.merge import nps_combine
+    from nps_pruning.task_vector import stack_values
     from .suites import build_suite
 
     t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def run_demo(opts) -> Dict:
         tv = s.task_vector
         row = {"task": task.name, "test_rows": test.num_rows,
                "finetuned": s.score(test, tv.values)}
-        from ..core import PRUNERS
+        from nps_pruning.core import PRUNERS
         for method in ("magnitude", "dare"):
             row[method] = s.score(test, PRUNERS[method](tv.values, keep, seed=0))
         row["nps"] = s.score(test, out.pruned)

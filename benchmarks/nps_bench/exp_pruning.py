@@ -60,7 +60,7 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
     for method in cfg.baselines:
         for r in cfg.keep_ratios:
             def baseline(method=method, r=r):
-                from ..core import PRUNERS
+                from nps_pruning.core import PRUNERS
                 s = ctx.session
                 pruned = PRUNERS[method](s.task_vector.values, r, seed=cfg.seed)
                 out = {"test": s.score(ctx.test, pruned)}
@@ -76,8 +76,8 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
         params = {**nps_step_params(suite, task, cfg, scheme, upper, r), **extra}
 
         def search(scheme=scheme, upper=upper, r=r, extra=extra, label=label):
-            from ..apps.prune import prune
-            from ..report.plots import search_curves
+            from nps_pruning.apps.prune import prune
+            from nps_pruning.report.plots import search_curves
             s = ctx.session
             settings = ctx.settings.replace(keep_ratio=r, scheme=scheme, upper=upper, **extra)
             out = prune(s, "nps", settings=settings, eval_spec=task["eval_calib"], progress=False)
@@ -106,7 +106,7 @@ def _checkpoints(ctx: "TaskContext", res, keep: float, scheme: str, upper: float
                  gens: Sequence[int]) -> List[dict]:
     """Test accuracy of the best-so-far candidate after each generation in ``gens`` of one search
     (exactly what a search stopped there returns; see ``best_up_to``)."""
-    from ..search import best_up_to
+    from nps_pruning.search import best_up_to
     out, seen = [], {}
     for g in sorted(set(int(x) for x in gens)):
         best = best_up_to(res.candidates, g)

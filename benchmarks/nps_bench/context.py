@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..apps.settings import PruneSettings, SearchSettings
+from nps_pruning.apps.settings import PruneSettings, SearchSettings
 from .config import BenchConfig
 
 
@@ -23,8 +23,8 @@ def task_dict(task) -> dict:
 def stats_params(task: dict) -> dict:
     """{"running_stats": "finetuned"} for a model with BatchNorm running statistics (since they
     are kept whole by default, results differ from steps cached before), else {} (keys unchanged)."""
-    from ..checkpoints import open_checkpoint
-    from ..checkpoints.pair import is_running_stat
+    from nps_pruning.checkpoints import open_checkpoint
+    from nps_pruning.checkpoints.pair import is_running_stat
     if "_has_stats" not in task:
         task["_has_stats"] = any(is_running_stat(k) for k in open_checkpoint(task["finetuned"]).keys())
     return {"running_stats": "finetuned"} if task["_has_stats"] else {}
@@ -59,7 +59,7 @@ class TaskContext:
     @property
     def session(self):
         if self._session is None:
-            from ..apps.prune import Session
+            from nps_pruning.apps.prune import Session
             t = self.task
             self._session = Session.load(t["base"], t["finetuned"], model_factory=t.get("model_factory"),
                                          name=t["name"])
@@ -76,7 +76,7 @@ class TaskContext:
     @property
     def test(self):
         if self._test is None:
-            from ..evaluation import make_evaluator
+            from nps_pruning.evaluation import make_evaluator
             self._test = make_evaluator(self.task["eval_test"], model_path=self.task["finetuned"],
                                         calib_size=self.cfg.test_rows(self.suite), seed=self.cfg.test_seed,
                                         batch_size=self.cfg.batch_size,
@@ -84,7 +84,7 @@ class TaskContext:
         return self._test
 
     def nps_pruned(self, keep: float, scheme: str, upper: float, weights) -> "torch.Tensor":
-        from ..core import build_candidate, make_bands
+        from nps_pruning.core import build_candidate, make_bands
         values = self.session.task_vector.values
         bands = make_bands(values, self.cfg.bands, scheme, keep, self.cfg.focus)
         return build_candidate(values, bands, np.asarray(weights, dtype=np.float64), keep,
