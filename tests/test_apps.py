@@ -368,18 +368,19 @@ def test_merge_nps_resume_after_interrupt(fam, tmp_path, monkeypatch, capsys):
 # -- 3. merge ---------------------------------------------------------------------------------------
 def _merge_reference(fam, method, lam, keep, seed):
     from nps_pruning.checkpoints import load_task_vector
-    from nps_pruning.core.merge import MERGERS
+    from nps_pruning.core.merge import merge
     tvs = [load_task_vector(fam["base"], t) for t in fam["tasks"]]
     base_flat = tvs[0][0]
     taus = torch.stack([tv.values for _, tv in tvs])
-    merged = MERGERS[method](taus, lam=lam, keep_ratio=keep, seed=seed)
+    merged = merge(method, taus, lam=lam, keep_ratio=keep, seed=seed, shapes=tvs[0][1].layout.shapes)
     return tvs[0][1].layout, base_flat, merged
 
 
-@pytest.mark.parametrize("method", ["average", "task-arithmetic", "ties", "dare-linear", "dare-ties"])
+@pytest.mark.parametrize("method", ["average", "task-arithmetic", "ties", "dare-linear", "dare-ties",
+                                    "della", "tsv-m", "iso-c"])
 def test_merge_baselines_with_fixed_lambda(fam, tmp_path, method):
     out = tmp_path / "merged"
-    extra = ["--keep", "0.3"] if method in ("ties", "dare-linear", "dare-ties") else []
+    extra = ["--keep", "0.3"] if method in ("ties", "dare-linear", "dare-ties", "della") else []
     assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", method, "--lambda", "0.7",
                 "--seed", "2", "--quiet", *extra]) == 0
     layout, base_flat, merged = _merge_reference(fam, method, 0.7, 0.3 if extra else 0.05, 2)

@@ -94,14 +94,15 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
                            settings: MergeSettings = MergeSettings()):
     """Merge ``taus`` with ``core.merge.MERGERS[method]`` at the λ of ``settings.lambda_grid``
     whose merged model scores best (weight averaging has no λ). Returns (merged τ, λ, grid rows)."""
-    from ..core.merge import MERGERS
-    fn = MERGERS[method]
+    from ..core.merge import merge
+    shapes = sessions[0].task_vector.layout.shapes if sessions else None
     if method == "average":
-        merged = fn(taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
+        merged = merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return merged, None, []
 
     def score(lam):           # the best λ's merged τ is kept, not built again
-        merged = fn(taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed)
+        merged = merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,
+                       shapes=shapes)
         return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
 
     lambda_grid = list(settings.lambda_grid)
@@ -115,7 +116,7 @@ def run_merge(opts) -> Dict[str, Any]:
         raise NPSError("--tau-dtype is supported by nps prune only (merges and stores use float32 τ)")
     from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
     from ..checkpoints.save import atomic_output_dir
-    from ..core.merge import MERGERS, nps_combine
+    from ..core.merge import merge, nps_combine
     t0 = time.perf_counter()
     if len(opts.finetuned) < 2:
         raise NPSError("merge needs at least two fine-tuned models")
@@ -166,8 +167,9 @@ def run_merge(opts) -> Dict[str, Any]:
         merged = nps_combine(pruned, lambdas, opts.normalize)
         report.update(lambdas=lambdas, lambda_grid=grid, lambda_search=search_report(lam_result))
     elif opts.lam is not None or opts.method == "average":
-        merged = MERGERS[opts.method](taus, lam=opts.lam if opts.lam is not None else 1.0,
-                                      keep_ratio=opts.keep, seed=opts.seed)
+        merged = merge(opts.method, taus, lam=opts.lam if opts.lam is not None else 1.0,
+                       keep_ratio=opts.keep, seed=opts.seed,
+                       shapes=sessions[0].task_vector.layout.shapes)
         # weight averaging has no λ (it ignores --lambda): do not report one as if it were used
         report.update(lambdas=[opts.lam] * len(sessions)
                       if opts.lam is not None and opts.method != "average" else None)

@@ -14,7 +14,13 @@ Baselines, with their published definitions:
   magnitudes, elect a sign per entry (sign of the summed trimmed values), disjoint mean;
 * ``dare-linear``      — DARE, Yu et al. 2024: keep exactly k random entries of each τ_i, rescale
   them by D/k (= 1/(1−p)), then ``lam · Σ``;
-* ``dare-ties``        — DARE on each τ_i, then TIES' sign election and disjoint mean (no trim).
+* ``dare-ties``        — DARE on each τ_i, then TIES' sign election and disjoint mean (no trim);
+* ``della``            — DELLA-Merging, Deep et al. 2024: MAGPRUNE (magnitude-aware drop: each
+  entry is kept with probability 1 − p_j, p_j linear in its magnitude rank over
+  [p − ε/2, p + ε/2] around p = 1 − r, the largest entries dropped least; kept entries rescaled by
+  1/(1 − p_j)), then TIES' sign election and disjoint mean; × λ;
+* ``tsv-m``, ``iso-c``  — per-matrix SVD merges (TSV-M, CVPR 2025; Iso-C, ICML 2025), in
+  :mod:`.merge_svd`; they need the tensors' shapes, which :func:`merge` passes.
 
 NPS-merge itself prunes each τ_i with NPS first and combines the pruned vectors with
 :func:`nps_combine` (Eq. 7). The helpers (:func:`trim_top_k`, :func:`dare_drop`,
@@ -29,7 +35,7 @@ import torch
 from .mask import keep_count, topk_mask
 from .registry import registrar
 
-__all__ = ["MERGERS", "register_merger", "NORMALIZATIONS", "register_normalization", "nps_combine",
+__all__ = ["MERGERS", "register_merger", "merge", "magprune", "NORMALIZATIONS", "register_normalization", "nps_combine",
            "trim_top_k", "dare_drop", "elect_sign", "disjoint_mean", "Normalize"]
 
 Merger = Callable[..., torch.Tensor]
@@ -150,6 +156,53 @@ def dare_ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
     return lam * disjoint_mean(dropped, elect_sign(dropped))
 
 
+DELLA_EPSILON = 0.1      # DELLA's ε: the spread of the drop probabilities around p = 1 − r
+
+
+def magprune(taus: torch.Tensor, keep_ratio: float, seed: int = 0,
+             epsilon: float = DELLA_EPSILON) -> torch.Tensor:
+    """DELLA's MAGPRUNE on each row: drop probability p_j = p + ε/2 − ε·rank_j/(D − 1) with rank 0
+    the smallest magnitude (p = 1 − keep_ratio; ε shrunk to 2·min(p, 1 − p) so every p_j lies in
+    [0, 1]); entry j kept independently (generator seeded with ``seed + i``) and rescaled by
+    1/(1 − p_j). The expected kept count is r·D (not exact, unlike :func:`dare_drop`)."""
+    _check_taus(taus)
+    p = 1.0 - float(keep_ratio)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    eps = min(float(epsilon), 2 * min(p, 1 - p))
+    num_entries = taus.shape[1]
+    out = torch.zeros_like(taus)
+    for i, row in enumerate(taus):
+        ranks = torch.empty(num_entries, dtype=torch.float64, device=taus.device)
+        ranks[torch.argsort(row.abs(), stable=True)] = torch.arange(
+            num_entries, dtype=torch.float64, device=taus.device)
+        drop = p + eps / 2 - eps * ranks / max(num_entries - 1, 1)
+        keep_prob = 1.0 - drop
+        gen = torch.Generator().manual_seed(int(seed) + i)
+        u = torch.rand(num_entries, generator=gen, dtype=torch.float64).to(taus.device)
+        kept = u < keep_prob
+        out[i, kept] = (row[kept].double() / keep_prob[kept]).to(taus.dtype)
+    return out
+
+
+@register_merger("della")
+def della(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
+          seed: int = 0) -> torch.Tensor:
+    """DELLA-Merging (Deep et al. 2024): MAGPRUNE, elect sign, disjoint mean; × λ."""
+    lam = _check_scalar("lam", lam)
+    dropped = magprune(taus, keep_ratio, seed)
+    return lam * disjoint_mean(dropped, elect_sign(dropped))
+
+
+def merge(method: str, taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
+          seed: int = 0, shapes=None) -> torch.Tensor:
+    """``MERGERS[method]`` on ``taus``; ``shapes`` (the layout's tensor shapes) goes to the mergers
+    that need them (``needs_shapes``: the per-matrix SVD merges)."""
+    fn = MERGERS[method]
+    extra = {"shapes": shapes} if getattr(fn, "needs_shapes", False) else {}
+    return fn(taus, lam=lam, keep_ratio=keep_ratio, seed=seed, **extra)
+
+
 # -- NPS-merge (Eq. 7) --------------------------------------------------------------------------------
 def nps_combine(pruned: torch.Tensor, lambdas: Sequence[float],
                 normalize: Normalize = "mask-count") -> torch.Tensor:
@@ -202,3 +255,6 @@ def _by_lambda_sum(total: torch.Tensor, pruned: torch.Tensor, lambdas) -> torch.
 @register_normalization("none")
 def _unnormalized(total: torch.Tensor, pruned: torch.Tensor, lambdas) -> torch.Tensor:
     return total
+
+
+from . import merge_svd  # noqa: E402,F401  (registers tsv-m and iso-c)
