@@ -73,6 +73,7 @@ class BenchConfig:
     ties_keep: float = 0.2
     ties_grid: Tuple[float, ...] = (0.8, 1.1, 1.4, 1.7, 2.0, 2.3, 2.5)
     nps_merge_grid: Tuple[float, ...] = (0.8, 1.1, 1.4, 1.7, 2.0, 2.3, 2.5)
+    svd_grid: Tuple[float, ...] = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)   # TSV-M and Iso-C's λ (α)
     normalizations: Tuple[str, ...] = ("mask-count", "lambda-sum", "none")
     lambda_generations: int = 6
     # transfer (text suite only)
@@ -96,7 +97,7 @@ class BenchConfig:
                     uniform_keep_ratios=(0.05,), ablation_keep_ratios=(0.05,), sigma0_ablation=(1.0,),
                     sigma0_keep_ratios=(0.05,), long_generations=3, long_keep=0.05, long_checkpoints=(0, 2, 3),
                     generations=2, popsize=4, calib_size_text=64,
-                    calib_size_vision=64, test_rows_text=None, ta_grid=(1.0,), ties_grid=(1.0,),
+                    calib_size_vision=64, test_rows_text=None, ta_grid=(1.0,), ties_grid=(1.0,), svd_grid=(1.0,),
                     nps_merge_grid=(1.0,), lambda_generations=1, transfer_tasks=("rt-sentiment",),
                     transfer_keep=0.05, transfer_lambdas=(1.0,), knn_k=5, speed_sizes=(10**5,),
                     jobs=1)

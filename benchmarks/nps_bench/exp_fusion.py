@@ -77,7 +77,9 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
     fusion["average"] = cache.step(suite, "_fusion", "average", base_params,
                                    lambda: scored(MERGERS["average"](taus())), log)
     for method, keep, grid in (("task-arithmetic", 1.0, cfg.ta_grid), ("ties", cfg.ties_keep, cfg.ties_grid),
-                               ("dare-ties", cfg.ties_keep, cfg.ties_grid)):
+                               ("dare-ties", cfg.ties_keep, cfg.ties_grid),
+                               ("della", cfg.ties_keep, cfg.ties_grid),
+                               ("tsv-m", 1.0, cfg.svd_grid), ("iso-c", 1.0, cfg.svd_grid)):
         def grid_merge(method=method, keep=keep, grid=grid):
             merged, lam, g = merge_with_lambda_grid(method, taus(), sessions(), calibs(),
                                                     settings=msettings(keep_ratio=keep, lambda_grid=grid))

@@ -12,10 +12,13 @@ import numpy as np
 from .labels import FOCUSED, UNIFORM, grid_key
 
 METHOD_LABELS = {"magnitude": "magnitude", "dare": "DARE", "random": "random"}
-FUSION_ORDER = ["pre-trained", "fine-tuned", "average", "task-arithmetic", "ties", "dare-ties"]
+FUSION_ORDER = ["pre-trained", "fine-tuned", "average", "task-arithmetic", "ties", "dare-ties", "della",
+                "tsv-m", "iso-c"]
 FUSION_LABELS = {"pre-trained": "pre-trained (τ = 0, each task's head)", "fine-tuned": "fine-tuned (one model per task)",
                  "average": "weight averaging", "task-arithmetic": "task arithmetic", "ties": "TIES",
-                 "dare-ties": "DARE-TIES"}
+                 "dare-ties": "DARE-TIES", "della": "DELLA (MAGPRUNE + TIES' sign election)",
+                 "tsv-m": "TSV-M (task singular vectors, CVPR 2025)",
+                 "iso-c": "Iso-C (isotropic spectrum, ICML 2025)"}
 
 
 # ------------------------------------------------------------------ small helpers

@@ -147,7 +147,10 @@ def _fusion_section(sname: str, S: dict) -> str:
                                                                  _lam(v.get("lambda"))])
     return "\n".join([
         f"All {len(names)} tasks merged into one body (each task keeps its own head). λ chosen on the calibration "
-        "rows (mean over tasks), reported on test. TIES and DARE-TIES keep 20% of each task vector; "
+        "rows (mean over tasks), reported on test. "
+        + ("TIES, DARE-TIES and DELLA keep (in expectation, DELLA) 20% of each task vector; TSV-M and Iso-C are "
+           "dense (per-matrix SVD, biases and norms averaged); " if "della" in F else
+           "TIES and DARE-TIES keep 20% of each task vector; ") +
         f"NPS-merge merges the NPS-focused r = {S['fusion']['compression']['keep']:g} vectors of the pruning table. "
         "Under `lambda-sum` a common λ cancels (Σλτ̂ᵢ/Σλ = mean τ̂ᵢ), so its grid is one point.", "",
         table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)])
