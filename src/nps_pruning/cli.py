@@ -123,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             command = args.command
             opts = from_namespace(COMMANDS[command], args)
-        _runner(command)(opts)
+        from .checkpoints.external import resolve_options
+        _runner(command)(resolve_options(opts))     # GGUF files and LoRA adapters -> model folders
     except NPSError as e:
         print(f"nps: error: {e}", file=sys.stderr)
         return 2

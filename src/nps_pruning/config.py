@@ -148,8 +148,8 @@ class SearchOptions:
 
 @dataclass
 class PruneOptions(SearchOptions):
-    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
-    finetuned: str = opt(None, "fine-tuned model folder or .safetensors file", positional=True)
+    pretrained: str = opt(None, "pre-trained model folder, .safetensors or .gguf file", positional=True)
+    finetuned: str = opt(None, "fine-tuned model folder, .safetensors or .gguf file, or a LoRA adapter folder", positional=True)
     output: str = opt(None, "output folder", short="-o", required=True)
     eval: Optional[str] = opt(None, "calibration evaluator SPEC (needed by --method nps)")
     test: Optional[str] = opt(None, "held-out evaluator SPEC scored once at the end")
@@ -158,8 +158,8 @@ class PruneOptions(SearchOptions):
 
 @dataclass
 class TransferOptions(SearchOptions):
-    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
-    finetuned: str = opt(None, "fine-tuned model folder or .safetensors file", positional=True)
+    pretrained: str = opt(None, "pre-trained model folder, .safetensors or .gguf file", positional=True)
+    finetuned: str = opt(None, "fine-tuned model folder, .safetensors or .gguf file, or a LoRA adapter folder", positional=True)
     output: str = opt(None, "output folder", short="-o", required=True)
     eval_source: str = opt(None, "evaluator SPEC of the original (pre-trained) ability", required=True)
     eval_target: str = opt(None, "evaluator SPEC of the new task (also NPS's calibration data)",
@@ -172,8 +172,8 @@ class TransferOptions(SearchOptions):
 
 @dataclass
 class MergeOptions(SearchOptions):
-    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
-    finetuned: List[str] = opt([], "fine-tuned models, one per task", positional=True, many=True)
+    pretrained: str = opt(None, "pre-trained model folder, .safetensors or .gguf file", positional=True)
+    finetuned: List[str] = opt([], "fine-tuned models (folders, .safetensors, .gguf, LoRA adapters), one per task", positional=True, many=True)
     output: str = opt(None, "output folder", short="-o", required=True)
     method: str = opt("nps", "merge method", choices=lambda: ("nps",) + mergers())
     eval: List[str] = opt([], "one calibration evaluator SPEC per task, in the order of the models",
@@ -190,8 +190,8 @@ class MergeOptions(SearchOptions):
 
 @dataclass
 class CompressOptions(SearchOptions):
-    pretrained: str = opt(None, "pre-trained model folder or .safetensors file", positional=True)
-    finetuned: List[str] = opt([], "fine-tuned models, one per task", positional=True, many=True)
+    pretrained: str = opt(None, "pre-trained model folder, .safetensors or .gguf file", positional=True)
+    finetuned: List[str] = opt([], "fine-tuned models (folders, .safetensors, .gguf, LoRA adapters), one per task", positional=True, many=True)
     output: str = opt(None, "store folder", short="-o", required=True)
     method: str = opt("nps", "pruning method", choices=lambda: ("nps",) + pruners())
     eval: List[str] = opt([], "one calibration evaluator SPEC per task (needed by nps)", many=True)

@@ -47,7 +47,10 @@ class Session:
         """Load θ_pre and τ (τ in ``tau_dtype``; θ_pre then kept in the checkpoint's own 16-bit
         dtype, which is lossless) on ``device``, and the model once if it will be scored."""
         from ..checkpoints import load_task_vector
+        from ..checkpoints.external import resolve_input
         t0 = time.perf_counter()
+        pretrained = resolve_input(pretrained)          # GGUF / LoRA adapter -> a model folder
+        finetuned = resolve_input(finetuned, base=pretrained)
         compact = tau_dtype != "float32"
         base_flat, tv = load_task_vector(pretrained, finetuned, allow_shape_mismatch=allow_shape_mismatch,
                                          name=name, dtype=tau_dtype, running_stats=running_stats,
