@@ -33,6 +33,12 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
            f"{m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, transformers "
            f"{m.get('transformers')}; load average at start {m.get('loadavg_start')} (the machine was shared)",
            f"- profile: {cfg.get('profile')}; suites: {', '.join(suites)}"]
+    for name, S in suites.items():          # suites written by a later per-suite run say so
+        r = S.get("run")
+        if r and r.get("command") != meta.get("command"):
+            out.append(f"- suite {name}: written by `{r.get('command')}` at commit {r.get('commit')} on {r.get('date')}"
+                       + (f" (kept from before: {', '.join(r['skipped'])})" if r.get("skipped") else "")
+                       + "; steps found in the result cache keep the values of the run that computed them")
     if meta.get("failed"):
         out.append("- **some steps failed**: " + "; ".join(e for S in suites.values() for e in S.get("errors", [])))
     out += ["", "## Settings", "",

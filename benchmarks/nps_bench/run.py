@@ -108,12 +108,34 @@ def _pick_tasks(name: str, cfg: ex.BenchConfig) -> Optional[List[str]]:
     return names[:cfg.tasks_per_suite]
 
 
+EXPERIMENTS = ("transfer", "fusion", "speed")     # --skip-able; pruning always runs (the others need it)
+
+
+def _commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(_repo_root()), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, command: str,
-                  log=print) -> dict:
+                  log=print, skip: tuple = ()) -> dict:
+    """Run the suites of ``cfg`` (every step cached) and write their results. A run of some
+    suites keeps the other suites' results (and, with ``speed`` skipped, the last speed
+    measurement); each suite records the command, date and commit of the run that wrote it."""
     from .suites import build_suite
+    bad = sorted(set(skip) - set(EXPERIMENTS))
+    if bad:
+        raise ValueError(f"--skip: unknown experiment(s) {', '.join(bad)} (choose from {', '.join(EXPERIMENTS)})")
     t_run = time.time()
     results_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "started": t_run,
+    old_meta = (json.loads((results_dir / "run.json").read_text())
+                if (results_dir / "run.json").is_file() else {})
+    stamp = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": _commit(),
+             "skipped": list(skip)}
+    meta = {"command": command, "date": stamp["date"], "commit": stamp["commit"], "started": t_run,
             "machine": machine_info(), "config": cfg.to_dict(), "results_cache": str(cache_root)}
     suites: Dict[str, dict] = {}
     suite_tasks: Dict[str, List[dict]] = {}
@@ -122,7 +144,15 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
         suite = build_suite(name, quick=cfg.profile == "quick", tasks=_pick_tasks(name, cfg), progress=True)
         suite_tasks[name] = [ex.task_dict(t) for t in suite.tasks]
         suites[name] = {"suite": _suite_summary(suite), "tasks": {}, "transfer": {}, "fusion": None,
-                        "errors": [], "timings": {"suite_build_s": time.time() - t0, "jobs": {}}}
+                        "errors": [], "timings": {"suite_build_s": time.time() - t0, "jobs": {}},
+                        "run": stamp}
+        old = results_dir / f"{name}.json"
+        if old.is_file():          # a skipped experiment keeps its last results
+            prev = json.loads(old.read_text())
+            if "transfer" in skip:
+                suites[name]["transfer"] = prev.get("transfer", {})
+            if "fusion" in skip:
+                suites[name]["fusion"] = prev.get("fusion")
         log(f"[{name}] suite ready: {', '.join(suite.task_names)} ({time.time() - t0:.0f}s)")
 
     cfg_d = cfg.to_dict()
@@ -159,11 +189,11 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                 log(f"[{sname}] {kind} {tname} done in {out['t_end'] - out['t_start']:.0f}s")
                 if kind == "pruning":
                     S["tasks"][tname] = out
-                    if sname == "text" and tname in cfg.transfer_tasks:
+                    if sname == "text" and tname in cfg.transfer_tasks and "transfer" not in skip:
                         task = next(t for t in suite_tasks[sname] if t["name"] == tname)
                         submit("transfer", sname, tname, "run_transfer_job", task, suite_tasks[sname], cfg_d,
                                str(cache_root), out)
-                    if len(S["tasks"]) == len(suite_tasks[sname]):
+                    if len(S["tasks"]) == len(suite_tasks[sname]) and "fusion" not in skip:
                         submit("fusion", sname, "_all", "run_fusion_job", sname, suite_tasks[sname], cfg_d,
                                str(cache_root), S["tasks"])
                 elif kind == "transfer":
@@ -180,16 +210,25 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
             S["timings"]["job_seconds_sum"] = sum(j["seconds"] for j in spans)
         _save_suite(results_dir, sname, S)
     t_speed = time.time()
-    log("speed: bench_candidate " + ", ".join(f"{d:.0e}" for d in cfg.speed_sizes))
-    try:
-        meta["speed"] = ex.run_speed(cfg, _repo_root() / "benchmarks")
-    except Exception as e:  # noqa: BLE001
-        failed = True
-        meta["speed"] = {"error": f"{type(e).__name__}: {e}"}
-    meta["speed_s"] = time.time() - t_speed
+    if "speed" in skip:
+        meta["speed"], meta["speed_s"] = old_meta.get("speed"), old_meta.get("speed_s", 0)
+    else:
+        log("speed: bench_candidate " + ", ".join(f"{d:.0e}" for d in cfg.speed_sizes))
+        try:
+            meta["speed"] = ex.run_speed(cfg, _repo_root() / "benchmarks")
+        except Exception as e:  # noqa: BLE001
+            failed = True
+            meta["speed"] = {"error": f"{type(e).__name__}: {e}"}
+        meta["speed_s"] = time.time() - t_speed
     meta["finished"] = time.time()
     meta["total_s"] = meta["finished"] - t_run
-    meta["suites"] = list(cfg.suites)
+    kept = [n for n in old_meta.get("suites", []) if n not in cfg.suites and (results_dir / f"{n}.json").is_file()]
+    meta["suites"] = kept + list(cfg.suites)      # the other suites' results stay as they were
+    for n in kept:                                 # ... and say which run wrote them
+        prev = json.loads((results_dir / f"{n}.json").read_text())
+        if "run" not in prev:
+            prev["run"] = {k: old_meta.get(k, "?") for k in ("command", "date", "commit")}
+            _save_suite(results_dir, n, prev)
     meta["failed"] = failed
     _write_json(results_dir / "run.json", meta)
     return load_results(results_dir)
@@ -246,6 +285,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--uniform-keeps", default=None, help="keep ratios of the NPS-uniform grid")
     ap.add_argument("--ablation-keeps", default=None,
                     help="keep ratios of the upper-bound and log2 ablations, e.g. 0.02,0.05")
+    ap.add_argument("--skip", default="", help="experiments not to run this time (their last results are kept): "
+                                              + ",".join(EXPERIMENTS))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -284,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     else:
         ex.ResultCache(cache_root)
-        results = run_benchmark(cfg, results_dir=results_dir, cache_root=cache_root, command=command.strip())
+        results = run_benchmark(cfg, results_dir=results_dir, cache_root=cache_root, command=command.strip(),
+                                skip=tuple(x for x in args.skip.split(",") if x))
     render_to(results, out_md, figures_dir)
     wins_json = results_dir / "wins.json"
     if wins_json.is_file():       # the section "NPS that wins" (make bench-wins) from its own results
