@@ -38,6 +38,8 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
         if r and r.get("command") != meta.get("command"):
             out.append(f"- suite {name}: written by `{r.get('command')}` at commit {r.get('commit')} on {r.get('date')}"
                        + (f" (kept from before: {', '.join(r['skipped'])})" if r.get("skipped") else "")
+                       + (f"; its pruning tables are those of `{r['pruning_from'].get('command')}` (commit "
+                          f"{r['pruning_from'].get('commit')}, {r['pruning_from'].get('date')})" if r.get("pruning_from") else "")
                        + "; steps found in the result cache keep the values of the run that computed them")
     if meta.get("failed"):
         out.append("- **some steps failed**: " + "; ".join(e for S in suites.values() for e in S.get("errors", [])))

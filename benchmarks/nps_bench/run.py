@@ -120,11 +120,23 @@ def _commit() -> str:
         return "?"
 
 
+def _committed_in(path: Path) -> str:
+    """The commit that last committed ``path`` (who wrote an old results file without a stamp)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", str(_repo_root()), "log", "-1", "--format=%h", "--", str(path)],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, command: str,
-                  log=print, skip: tuple = ()) -> dict:
+                  log=print, skip: tuple = (), pruning_from_results: bool = False) -> dict:
     """Run the suites of ``cfg`` (every step cached) and write their results. A run of some
     suites keeps the other suites' results (and, with ``speed`` skipped, the last speed
-    measurement); each suite records the command, date and commit of the run that wrote it."""
+    measurement); each suite records the command, date and commit of the run that wrote it.
+    ``pruning_from_results``: take each suite's pruning table from its results file instead of
+    running it (the fusion and compression experiments then run on it)."""
     from .suites import build_suite
     bad = sorted(set(skip) - set(EXPERIMENTS))
     if bad:
@@ -167,6 +179,20 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
         pending[pool.submit(_timed, fn_name, *args)] = (kind, suite, task)
 
     for name in cfg.suites:
+        prev = results_dir / f"{name}.json"
+        prev_tasks = json.loads(prev.read_text()).get("tasks", {}) if pruning_from_results and prev.is_file() else {}
+        if pruning_from_results and all(t["name"] in prev_tasks for t in suite_tasks[name]):
+            # the pruning table as the results file holds it (the run that wrote it is kept in "run")
+            suites[name]["tasks"] = {t["name"]: prev_tasks[t["name"]] for t in suite_tasks[name]}
+            suites[name]["run"] = {**stamp, "pruning_from": json.loads(prev.read_text()).get("run", {
+                "command": old_meta.get("command", "?"), "date": old_meta.get("date", "?"),
+                "commit": old_meta.get("commit") or _committed_in(prev)})}
+            if "fusion" not in skip:
+                submit("fusion", name, "_all", "run_fusion_job", name, suite_tasks[name], cfg_d,
+                       str(cache_root), suites[name]["tasks"])
+            continue
+        if pruning_from_results:
+            raise ValueError(f"--pruning-from-results: {prev} lacks the pruning results of some {name} tasks")
         for t in suite_tasks[name]:
             submit("pruning", name, t["name"], "run_pruning_job", name, t, cfg_d, str(cache_root))
     failed = False
@@ -227,7 +253,8 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
     for n in kept:                                 # ... and say which run wrote them
         prev = json.loads((results_dir / f"{n}.json").read_text())
         if "run" not in prev:
-            prev["run"] = {k: old_meta.get(k, "?") for k in ("command", "date", "commit")}
+            prev["run"] = {"command": old_meta.get("command", "?"), "date": old_meta.get("date", "?"),
+                           "commit": old_meta.get("commit") or _committed_in(results_dir / f"{n}.json")}
             _save_suite(results_dir, n, prev)
     meta["failed"] = failed
     _write_json(results_dir / "run.json", meta)
@@ -285,6 +312,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--uniform-keeps", default=None, help="keep ratios of the NPS-uniform grid")
     ap.add_argument("--ablation-keeps", default=None,
                     help="keep ratios of the upper-bound and log2 ablations, e.g. 0.02,0.05")
+    ap.add_argument("--pruning-from-results", action="store_true",
+                    help="use the pruning results in benchmarks/results/<suite>.json instead of running them")
     ap.add_argument("--skip", default="", help="experiments not to run this time (their last results are kept): "
                                               + ",".join(EXPERIMENTS))
     args = ap.parse_args(argv)
@@ -326,7 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         ex.ResultCache(cache_root)
         results = run_benchmark(cfg, results_dir=results_dir, cache_root=cache_root, command=command.strip(),
-                                skip=tuple(x for x in args.skip.split(",") if x))
+                                skip=tuple(x for x in args.skip.split(",") if x),
+                                pruning_from_results=args.pruning_from_results)
     render_to(results, out_md, figures_dir)
     wins_json = results_dir / "wins.json"
     if wins_json.is_file():       # the section "NPS that wins" (make bench-wins) from its own results
