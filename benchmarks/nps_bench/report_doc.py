@@ -79,7 +79,7 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
             out += ["", f"### Pruning ({sname}; the paper's Fig. 4)", "", _pruning_section(sname, S, cfg, fig_rel)]
             if fig_rel:
                 out += ["", f"NPS search curves ({sname}):", "", f"![search curves, {sname}]({fig_rel}/search_{sname}.png)"]
-        out += ["", f"### Fusion ({sname}; Table 2)", "", _fusion_section(sname, S)]
+        out += ["", f"### Fusion ({sname}; Table 2)", "", _fusion_section(sname, S, figures_dir, fig_rel)]
         out += ["", f"### Compression ({sname}; Table 3 and Fig. 5)", "", _compression_section(sname, S, fig_rel)]
         tr = _transfer_section(S)
         if tr:

@@ -58,6 +58,24 @@ def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:
             f"Pruning the task vector ({sname} suite)")
 
 
+def fig_fusion(sname: str, rows, ns, path: Path) -> None:
+    """Mean test accuracy per merge method with its standard error (``rows``: (label, result))."""
+    from .report_common import mean_se
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.0, 0.42 * len(rows) + 1.4))
+    labels = [label for label, _ in rows]
+    stats = [mean_se(v["test"], ns) for _, v in rows]
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y, [m for m, _ in stats], xerr=[se for _, se in stats], color="#4c72b0", alpha=0.8,
+            error_kw={"capsize": 3, "lw": 1}, label="mean test ± se")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    lo = min(m - se for m, se in stats)
+    ax.set_xlim(max(0.0, lo - 0.05), min(1.0, max(m + se for m, se in stats) + 0.03))
+    _finish(fig, ax, path, f"mean test accuracy over {len(ns)} tasks", "",
+            f"Fusion: one merged model for all tasks ({sname} suite)")
+
+
 def fig_compression(sname: str, comp: dict, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

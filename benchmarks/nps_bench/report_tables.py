@@ -2,6 +2,8 @@
 speed and timing tables (markdown strings, from the results JSON)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -134,13 +136,19 @@ def _fusion_rows(F: dict) -> List[Tuple[str, dict]]:
     return out
 
 
-def _fusion_section(sname: str, S: dict) -> str:
+def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
     fj = S.get("fusion")
     if not fj:
         return "_not run (see errors)_"
     F = fj["fusion"]
     names = fj["tasks"]
     ns = [_test_rows(S, n) for n in names]
+    fig = ""
+    if figures_dir is not None and fig_rel and "della" in F:     # runs with today's merge rows
+        from .report_figures import fig_fusion
+        fig_fusion(sname, [(l, v) for l, v in _fusion_rows(F) if l != FUSION_LABELS["fine-tuned"]], ns,
+                   Path(figures_dir) / f"fusion_{sname}.png")
+        fig = f"\n\n![fusion, {sname}]({fig_rel}/fusion_{sname}.png)"
     rows = []
     for label, v in _fusion_rows(F):
         rows.append([label] + [f"{x:.4f}" for x in v["test"]] + [pm(*mean_se(v["test"], ns)), f"{v['calib_mean']:.4f}",
@@ -153,7 +161,7 @@ def _fusion_section(sname: str, S: dict) -> str:
            "TIES and DARE-TIES keep 20% of each task vector; ") +
         f"NPS-merge merges the NPS-focused r = {S['fusion']['compression']['keep']:g} vectors of the pruning table. "
         "Under `lambda-sum` a common λ cancels (Σλτ̂ᵢ/Σλ = mean τ̂ᵢ), so its grid is one point.", "",
-        table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)])
+        table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)]) + fig
 
 
 def _compression_section(sname: str, S: dict, fig_rel: Optional[str]) -> str:
