@@ -133,6 +133,10 @@ def test_info_numbers_by_hand(tmp_path):
         assert 0 < parts["values"] - 2 * k < 200        # fp16 values + a safetensors header
         assert 0 < parts["mask"] - (num + 7) // 8 < 200  # packed bits + header
         assert entry["bits_per_entry"] == 8 * (parts["mask"] + parts["values"]) / num
+        assert entry["mask_bits_per_entry"] == 8 * parts["mask"] / num
+        assert entry["values_bits_per_entry"] == 8 * parts["values"] / num
+        assert entry["side_bits_per_entry"] == 8 * (entry["bytes"] - parts["mask"] - parts["values"]) / num
+        assert entry["side_bits_per_entry"] > 0            # its head and side files
         assert info["bits_per_entry"][entry["name"]] == entry["bits_per_entry"]
     assert info["paper_formula_bits"] == 32 * num + 2 * (32 * r + 1) * num
     assert json.loads(json.dumps(info)) == info         # `nps info --json` can print it

@@ -145,7 +145,11 @@ def _print_info(info: Dict[str, Any]) -> None:
     print(f"store {info['store']}: {info['num_tasks']} tasks, {info['num_entries']:,} prunable "
           f"entries, {info['total_bytes'] / 2**20:.2f} MiB "
           f"(paper's formula at fp32: {info['paper_formula_bytes'] / 2**20:.2f} MiB)")
-    print(f"  {'task':24s} {'keep':>7s} {'values':>6s} {'mask':>8s} {'bits/entry':>10s} {'paper':>6s} {'MiB':>8s}")
+    print(f"  bits per prunable entry: mask + values (split below, with the side data: each task's own "
+          f"head, buffers and files), against the paper's 32r + 1")
+    print(f"  {'task':24s} {'keep':>7s} {'values':>6s} {'mask':>8s} {'bits/entry':>10s} {'=mask':>7s} "
+          f"{'+values':>7s} {'side':>7s} {'paper':>6s} {'MiB':>8s}")
     for t in info["tasks"]:
         print(f"  {t['name']:24s} {t['keep_ratio']:7.4f} {t['value_dtype']:>6s} {t['mask_coding']:>8s} "
-              f"{t['bits_per_entry']:10.3f} {t['paper_bits_per_entry']:6.2f} {t['bytes'] / 2**20:8.3f}")
+              f"{t['bits_per_entry']:10.3f} {t['mask_bits_per_entry']:7.3f} {t['values_bits_per_entry']:7.3f} "
+              f"{t['side_bits_per_entry']:7.3f} {t['paper_bits_per_entry']:6.2f} {t['bytes'] / 2**20:8.3f}")

@@ -172,7 +172,8 @@ class Store:
 
     def info(self) -> dict:
         """Sizes and bits per entry (SPEC §3 ``nps info --json``): per task the keep ratio,
-        bits per prunable entry of mask + values, bytes, against the paper's 32r + 1."""
+        bits per prunable entry of mask + values (and split: mask / values / side data, the
+        task's other parts and files), bytes, against the paper's 32r + 1."""
         num = self.num_entries
         tasks = []
         for name, entry in self._tasks.items():
@@ -185,6 +186,9 @@ class Store:
                 "value_dtype": entry["value_dtype"], "mask_coding": entry["mask_coding"],
                 "mask_bytes": mask_bytes, "values_bytes": values_bytes, "bytes": task_bytes,
                 "mask_bits_per_entry": 8 * mask_bytes / num,
+                "values_bits_per_entry": 8 * values_bytes / num,
+                # everything else of the task (its own head, buffers, config/tokenizer files)
+                "side_bits_per_entry": 8 * (task_bytes - mask_bytes - values_bytes) / num,
                 "bits_per_entry": 8 * (mask_bytes + values_bytes) / num,
                 "paper_bits_per_entry": 32 * entry["keep_ratio"] + 1,
                 "task_specific_entries": entry.get("task_specific_entries", 0),
