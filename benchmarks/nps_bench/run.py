@@ -273,7 +273,9 @@ def load_results(results_dir: Path) -> dict:
     results_dir = Path(results_dir)
     run = json.loads((results_dir / "run.json").read_text()) if (results_dir / "run.json").is_file() else {}
     suites = {}
-    for name in run.get("suites") or ("text", "vision"):
+    canon = ("text", "vision", "vit")               # the report's order, whichever run wrote a suite
+    names = list(run.get("suites") or ("text", "vision"))
+    for name in sorted(names, key=lambda n: (canon.index(n) if n in canon else len(canon), names.index(n))):
         p = results_dir / f"{name}.json"
         if p.is_file():
             suites[name] = json.loads(p.read_text())
