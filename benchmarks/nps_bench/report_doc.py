@@ -35,7 +35,7 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
            f"- profile: {cfg.get('profile')}; suites: {', '.join(suites)}"]
     for name, S in suites.items():          # suites written by a later per-suite run say so
         r = S.get("run")
-        if r and r.get("command") != meta.get("command"):
+        if r and (r.get("command") != meta.get("command") or r.get("pruning_from") or r.get("skipped")):
             out.append(f"- suite {name}: written by `{r.get('command')}` at commit {r.get('commit')} on {r.get('date')}"
                        + (f" (kept from before: {', '.join(r['skipped'])})" if r.get("skipped") else "")
                        + (f"; its pruning tables are those of `{r['pruning_from'].get('command')}` (commit "
