@@ -192,7 +192,8 @@ def render(results: dict, figures: Path) -> str:
              "fine-tuned checkpoints were rebuilt from "
              "scratch for this section, and its text fine-tuned, magnitude and DARE scores equal that "
              "run's to the last digit.", ""]
-    for suite, data in results["suites"].items():
+    order = ("text", "vision", "vit")
+    for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
         summ = summarize(data["tasks"])
         cfg = results["config"]
         lines += [f"### {suite} suite ({data['model']}, {len(data['tasks'])} tasks: "
