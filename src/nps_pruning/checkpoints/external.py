@@ -86,11 +86,11 @@ def gguf_to_folder(path: Path, *, cache_dir=None) -> Path:
     from ..atomic import staging_dir, swap_in_dir
     kw = {"gguf_file": path.name}
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path.parent), **kw)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
     except Exception as exc:
         msg = " ".join(str(exc).split())[:300]
         raise NPSError(f"{path}: transformers cannot read this GGUF file ({type(exc).__name__}: {msg})") from exc
+    config = model.config                  # read from the same file (the model is not used after)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
