@@ -1,5 +1,6 @@
 """make bench per suite and per experiment: a run of one suite keeps the other suites' results,
 a skipped experiment keeps its last results, and each suite says which run wrote it."""
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -8,10 +9,22 @@ import pytest
 from nps_bench import run as brun
 
 
+@dataclasses.dataclass
+class _Task:                  # the TaskEntry fields the runner reads
+    name: str
+    kind: str = "text"
+    num_classes: int = 2
+    finetuned_acc: float = 0.9
+    pretrained_acc: float = 0.5
+    head_only_acc: float = 0.6
+    majority_acc: float = 0.5
+    sizes: dict = dataclasses.field(default_factory=dict)
+    key: str = "k"
+    max_length: int = 8
+
+
 def _fake_suite(name, **_):
-    task = SimpleNamespace(**{"name": f"{name}-task", "kind": "text", "num_classes": 2, "finetuned_acc": 0.9,
-            "pretrained_acc": 0.5, "head_only_acc": 0.6, "majority_acc": 0.5, "sizes": {}, "key": "k",
-            "max_length": 8})
+    task = _Task(f"{name}-task")
     return SimpleNamespace(name=name, base="b", quick=True, tasks=[task], task_names=[task.name])
 
 

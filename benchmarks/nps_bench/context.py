@@ -17,7 +17,7 @@ from .config import BenchConfig
 
 def task_dict(task) -> dict:
     """A TaskEntry as a plain dict (what workers receive)."""
-    return asdict(task) if dataclasses.is_dataclass(task) else dict(vars(task) if hasattr(task, "__dict__") else task)
+    return asdict(task) if dataclasses.is_dataclass(task) else dict(task)
 
 
 def stats_params(task: dict) -> dict:

@@ -4,6 +4,7 @@ copy outside a checkout writes into the current directory."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -15,3 +16,12 @@ def repo_root() -> Path:
     if (root / "benchmarks").is_dir() and (root / "pyproject.toml").is_file():
         return root
     return Path.cwd()
+
+
+def git_output(*args: str) -> str:
+    """``git -C <repo_root()> ARGS``' stripped output, "" where git is missing or fails."""
+    try:
+        return subprocess.run(["git", "-C", str(repo_root()), *args], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 from nps_pruning.atomic import atomic_write_text
 from . import experiments as ex
-from .paths import repo_root
+from .paths import git_output, repo_root
 
 REPO = repo_root()
 
@@ -112,22 +112,12 @@ EXPERIMENTS = ("transfer", "fusion", "speed")     # --skip-able; pruning always 
 
 
 def _commit() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "-C", str(_repo_root()), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=30).stdout.strip() or "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
+    return git_output("rev-parse", "--short", "HEAD") or "?"
 
 
 def _committed_in(path: Path) -> str:
     """The commit that last committed ``path`` (who wrote an old results file without a stamp)."""
-    import subprocess
-    try:
-        return subprocess.run(["git", "-C", str(_repo_root()), "log", "-1", "--format=%h", "--", str(path)],
-                              capture_output=True, text=True, timeout=30).stdout.strip() or "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
+    return git_output("log", "-1", "--format=%h", "--", str(path)) or "?"
 
 
 def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, command: str,
@@ -145,12 +135,18 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
     results_dir.mkdir(parents=True, exist_ok=True)
     old_meta = (json.loads((results_dir / "run.json").read_text())
                 if (results_dir / "run.json").is_file() else {})
+
+    def old_stamp(path: Path) -> dict:     # the run that wrote a results file without a stamp
+        return {"command": old_meta.get("command", "?"), "date": old_meta.get("date", "?"),
+                "commit": old_meta.get("commit") or _committed_in(path)}
+
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": _commit(),
              "skipped": list(skip)}
     meta = {"command": command, "date": stamp["date"], "commit": stamp["commit"], "started": t_run,
             "machine": machine_info(), "config": cfg.to_dict(), "results_cache": str(cache_root)}
     suites: Dict[str, dict] = {}
     suite_tasks: Dict[str, List[dict]] = {}
+    previous: Dict[str, dict] = {}           # each suite's results file as it was before this run
     for name in cfg.suites:
         t0 = time.time()
         suite = build_suite(name, quick=cfg.profile == "quick", tasks=_pick_tasks(name, cfg), progress=True)
@@ -158,9 +154,8 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
         suites[name] = {"suite": _suite_summary(suite), "tasks": {}, "transfer": {}, "fusion": None,
                         "errors": [], "timings": {"suite_build_s": time.time() - t0, "jobs": {}},
                         "run": stamp}
-        old = results_dir / f"{name}.json"
-        if old.is_file():          # a skipped experiment keeps its last results
-            prev = json.loads(old.read_text())
+        if (results_dir / f"{name}.json").is_file():   # a skipped experiment keeps its last results
+            prev = previous[name] = json.loads((results_dir / f"{name}.json").read_text())
             if "transfer" in skip:
                 suites[name]["transfer"] = prev.get("transfer", {})
             if "fusion" in skip:
@@ -180,13 +175,11 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
 
     for name in cfg.suites:
         prev = results_dir / f"{name}.json"
-        prev_tasks = json.loads(prev.read_text()).get("tasks", {}) if pruning_from_results and prev.is_file() else {}
+        prev_tasks = previous.get(name, {}).get("tasks", {}) if pruning_from_results else {}
         if pruning_from_results and all(t["name"] in prev_tasks for t in suite_tasks[name]):
             # the pruning table as the results file holds it (the run that wrote it is kept in "run")
             suites[name]["tasks"] = {t["name"]: prev_tasks[t["name"]] for t in suite_tasks[name]}
-            suites[name]["run"] = {**stamp, "pruning_from": json.loads(prev.read_text()).get("run", {
-                "command": old_meta.get("command", "?"), "date": old_meta.get("date", "?"),
-                "commit": old_meta.get("commit") or _committed_in(prev)})}
+            suites[name]["run"] = {**stamp, "pruning_from": previous[name].get("run") or old_stamp(prev)}
             if "fusion" not in skip:
                 submit("fusion", name, "_all", "run_fusion_job", name, suite_tasks[name], cfg_d,
                        str(cache_root), suites[name]["tasks"])
@@ -253,8 +246,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
     for n in kept:                                 # ... and say which run wrote them
         prev = json.loads((results_dir / f"{n}.json").read_text())
         if "run" not in prev:
-            prev["run"] = {"command": old_meta.get("command", "?"), "date": old_meta.get("date", "?"),
-                           "commit": old_meta.get("commit") or _committed_in(results_dir / f"{n}.json")}
+            prev["run"] = old_stamp(results_dir / f"{n}.json")
             _save_suite(results_dir, n, prev)
     meta["failed"] = failed
     _write_json(results_dir / "run.json", meta)

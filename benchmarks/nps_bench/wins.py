@@ -27,7 +27,7 @@ from nps_pruning.atomic import atomic_write_text
 from .cache import ResultCache, _logger, _set_threads, default_results_cache
 from .labels import SUITE_MODELS
 from .context import stats_params, task_dict
-from .paths import repo_root
+from .paths import git_output, repo_root
 
 REPO = repo_root()
 START, END = "<!-- wins:start -->", "<!-- wins:end -->"
@@ -342,9 +342,7 @@ def main(argv=None) -> int:
     if args.generations is not None:
         cfg.generations = args.generations
     from .suites import build_suite
-    import subprocess
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    commit = git_output("rev-parse", "--short", "HEAD")
     cache_root = str(Path(args.cache_dir) if args.cache_dir else default_results_cache())
     results = {"config": dataclasses.asdict(cfg), "commit": commit, "suites": {},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
