@@ -94,9 +94,8 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
                            settings: MergeSettings = MergeSettings()):
     """Merge ``taus`` with ``core.merge.MERGERS[method]`` at the λ of ``settings.lambda_grid``
     whose merged model scores best (weight averaging has no λ). Returns (merged τ, λ, grid rows)."""
-    from ..core.merge import MERGERS, merge
-    needs = getattr(MERGERS[method], "needs_shapes", False)
-    shapes = sessions[0].task_vector.layout.shapes if needs and sessions else None
+    from ..core.merge import merge, needs_shapes
+    shapes = sessions[0].task_vector.layout.shapes if needs_shapes(method) and sessions else None
     if method == "average":
         merged = merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return merged, None, []

@@ -198,9 +198,13 @@ def merge(method: str, taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: floa
           seed: int = 0, shapes=None) -> torch.Tensor:
     """``MERGERS[method]`` on ``taus``; ``shapes`` (the layout's tensor shapes) goes to the mergers
     that need them (``needs_shapes``: the per-matrix SVD merges)."""
-    fn = MERGERS[method]
-    extra = {"shapes": shapes} if getattr(fn, "needs_shapes", False) else {}
-    return fn(taus, lam=lam, keep_ratio=keep_ratio, seed=seed, **extra)
+    extra = {"shapes": shapes} if needs_shapes(method) else {}
+    return MERGERS[method](taus, lam=lam, keep_ratio=keep_ratio, seed=seed, **extra)
+
+
+def needs_shapes(method: str) -> bool:
+    """Whether ``MERGERS[method]`` works per tensor and so needs the layout's shapes."""
+    return bool(getattr(MERGERS[method], "needs_shapes", False))
 
 
 # -- NPS-merge (Eq. 7) --------------------------------------------------------------------------------
