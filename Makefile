@@ -41,7 +41,7 @@ bench: $(STAMP)
 
 bench-wins: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.wins --suites text,vision $(WINS_ARGS)
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.wins --suites text,vision,vit $(WINS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

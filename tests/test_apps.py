@@ -505,6 +505,37 @@ def test_restore_fp16_values(fam, stores, tmp_path):
         assert not all(torch.equal(got[k], read_sd(stores / "pruned" / t.name)[k]) for k, _ in pairs)
 
 
+def test_compress_q3_values_restore_what_the_store_describes(fam, tmp_path, capsys):
+    """`nps compress --values q3 --mask entropy`: restore = θ_pre + the 3-bit codebook's τ̂, and
+    `nps info` counts its values at under 3 bits per kept entry plus the codebooks."""
+    import numpy as np
+    from nps_pruning.apps.value_coding import encode_values, group_sizes_of
+    store = tmp_path / "q3"
+    assert run(["compress", fam["base"], *fam["tasks"], "-o", store, "--values", "q3", "--mask", "entropy",
+                "--method", "magnitude", "--keep", "0.1", "--quiet"]) == 0
+    for t in fam["tasks"]:
+        out = tmp_path / ("r-" + t.name)
+        assert run(["restore", store, t.name, "-o", out]) == 0
+        pairs, base_flat, tau = flat_tau(fam["base"], t)
+        tau_hat, _ = topk_tau(tau, 0.1)
+        mask = tau_hat != 0
+        spans, start, sd = [], 0, read_sd(t)
+        for k, _ in pairs:                  # one codebook per tensor, in the layout's order
+            spans.append((start, start + sd[k].numel()))
+            start += sd[k].numel()
+        _, dec = encode_values(tau_hat[mask].numpy(), group_sizes_of(mask.numpy(), spans), "q3")
+        expected_tau = torch.zeros_like(tau_hat)
+        expected_tau[mask] = torch.from_numpy(dec)
+        assert_equal_tensors(read_sd(out), unflat(pairs, base_flat + expected_tau, read_sd(t)))
+    capsys.readouterr()
+    assert run(["info", store, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for task in info["tasks"]:
+        assert task["value_dtype"] == "q3"
+        assert task["values_bytes"] * 8 < 3 * task["kept"] + 8 * (len(pairs) * 8 * 10 * 4 + 400)
+        assert np.isfinite(task["bits_per_entry"])
+
+
 def test_info_json(fam, stores, capsys):
     capsys.readouterr()
     assert run(["info", stores / "fp32", "--json"]) == 0

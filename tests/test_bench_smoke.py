@@ -91,6 +91,17 @@ def test_bench_quick_text_end_to_end(tmp_path):
     comp = {r["method"]: r for r in results["fusion"]["compression"]["rows"]}
     assert comp["NPS fp16 + entropy-coded mask"]["bits_per_entry"] < comp["NPS fp32 + packed mask (paper)"]["bits_per_entry"]
     assert (out / "results" / "run.json").is_file()
+    # value codings (issue 15): real stores of DARE at every coding, fewer bits with fewer levels,
+    # the anchors present, the Pareto figure drawn; the τ size is reported
+    codings = {(r["method"], r["coding"]): r for r in results["fusion"]["compression"]["codings"]}
+    bits = [codings[("DARE", c)]["bits_per_entry"] for c in ("fp16", "q4", "q3", "q2")]
+    assert bits == sorted(bits, reverse=True) and bits[-1] < 0.5, bits
+    assert any(m.startswith("TALL-masks") for m, _ in codings) and any(m.startswith("BitDelta") for m, _ in codings)
+    assert all(0.0 <= r["normalized_mean"] <= 1.5 for r in codings.values())
+    assert (out / "figures" / "codings_text.png").stat().st_size > 1000 and "figures/codings_text.png" in md
+    tau = results["fusion"]["tau"]
+    assert set(tau) == set(results["tasks"]) and all(0 < t["ratio"] < 1 for t in tau.values())
+    assert "## Size of the task vectors" in md
     # the generations study: a longer search whose first `generations` generations are the grid's
     # search, scored on test at each checkpoint; its last checkpoint is the search's own result
     rows = results["tasks"][next(iter(results["tasks"]))]["pruning"]

@@ -155,7 +155,7 @@ def test_a_registered_normalization_is_a_choice():
 
 
 def test_every_registry_backed_option_lists_its_registry():
-    from nps_pruning.apps.compress import VALUE_DTYPES
+    from nps_pruning.apps.compress import VALUE_CODINGS
     from nps_pruning.apps.mask_coding import MASK_CODINGS
     from nps_pruning.checkpoints.pair import TAU_DTYPES
     from nps_pruning.core.bands import SCHEMES
@@ -172,7 +172,7 @@ def test_every_registry_backed_option_lists_its_registry():
     assert names(COMMANDS["compress"], "method") == ("nps", *PRUNERS)
     assert names(MergeOptions, "method") == ("nps", *MERGERS)
     assert names(MergeOptions, "normalize") == tuple(NORMALIZATIONS)
-    assert names(COMMANDS["compress"], "values") == tuple(VALUE_DTYPES)
+    assert names(COMMANDS["compress"], "values") == tuple(VALUE_CODINGS)
     assert names(COMMANDS["compress"], "mask") == tuple(MASK_CODINGS)
     assert names(PruneOptions, "tau_dtype") == tuple(TAU_DTYPES)
     assert names(PruneOptions, "executor") == tuple(EXECUTORS) == ("serial", "processes", "ray")

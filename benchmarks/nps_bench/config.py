@@ -6,8 +6,8 @@ the params of every step, so a changed default re-runs the steps that use it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 from nps_pruning.apps.settings import PruneSettings
 from nps_pruning.search import PARAM_DEFAULTS
@@ -22,13 +22,21 @@ _PRUNE = PruneSettings()       # the library's bands / scheme / focus
 
 RESULTS_VERSION = 1
 
+# The ViT suite's smaller NPS grid (a ViT search costs ~4 s per candidate on 2 CPU cores, five
+# times a MiniLM one): NPS focused at r in {0.02, 0.05, 0.1}, uniform at 0.05, no ablations. Its
+# baselines, fusion and compression run as for every suite. `--suite-grid vit=full` runs it all.
+VIT_GRID: Dict[str, Any] = {"nps_keep_ratios": (0.02, 0.05, 0.1), "uniform_keep_ratios": (0.05,),
+                            "ablation_keep_ratios": (), "sigma0_ablation": (), "long_keep": None}
+
 
 @dataclass
 class BenchConfig:
     """Every setting of a benchmark run (printed into BENCHMARKS.md)."""
 
     profile: str = "full"                       # "full" | "quick" (CI smoke)
-    suites: Tuple[str, ...] = ("text", "vision")
+    suites: Tuple[str, ...] = ("text", "vision", "vit")
+    # per-suite changes of the grid below (BenchConfig.for_suite); the other suites run it whole
+    suite_grids: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"vit": dict(VIT_GRID)})
     tasks_per_suite: Optional[int] = None       # None: every task of the suite
     # pruning grid
     keep_ratios: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
@@ -76,6 +84,8 @@ class BenchConfig:
     svd_grid: Tuple[float, ...] = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)   # TSV-M and Iso-C's λ (α)
     normalizations: Tuple[str, ...] = ("mask-count", "lambda-sum", "none")
     lambda_generations: int = 6
+    # compression: the value codings' stores (exp_codings) of DARE and the default NPS at these r
+    coding_keeps: Tuple[float, ...] = (0.02, 0.05, 0.1)
     # transfer (text suite only)
     transfer_tasks: Tuple[str, ...] = ("rt-sentiment", "tweet-sentiment")
     transfer_keep: float = 0.1
@@ -99,8 +109,8 @@ class BenchConfig:
                     generations=2, popsize=4, calib_size_text=64,
                     calib_size_vision=64, test_rows_text=None, ta_grid=(1.0,), ties_grid=(1.0,), svd_grid=(1.0,),
                     nps_merge_grid=(1.0,), lambda_generations=1, transfer_tasks=("rt-sentiment",),
-                    transfer_keep=0.05, transfer_lambdas=(1.0,), knn_k=5, speed_sizes=(10**5,),
-                    jobs=1)
+                    transfer_keep=0.05, transfer_lambdas=(1.0,), knn_k=5, coding_keeps=(0.05,), speed_sizes=(10**5,),
+                    jobs=1, suite_grids={})
         base.update(over)
         return cls(**base)
 
@@ -115,6 +125,11 @@ class BenchConfig:
             if k in names:
                 out[k] = tuple(v) if isinstance(v, list) else v
         return cls(**out)
+
+    def for_suite(self, suite: str) -> "BenchConfig":
+        """This config with ``suite_grids[suite]`` applied (the grid that suite runs)."""
+        over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.suite_grids.get(suite, {}).items()}
+        return dataclasses.replace(self, **over)
 
     def calib_size(self, suite: str) -> int:
         return self.calib_size_text if suite == "text" else self.calib_size_vision

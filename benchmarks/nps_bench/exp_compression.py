@@ -11,10 +11,12 @@ from typing import List
 import numpy as np
 
 from .context import _find_nps
+from .exp_codings import run_codings
 from .labels import FOCUSED
 
 
-def run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_pruned, nps_params, log) -> dict:
+def run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_pruned, nps_params, log,
+                    base_params=None, wins_rows=None) -> dict:
     import torch
     from nps_pruning.apps.compress import StoreTask, restore_task, store_info, write_store
 
@@ -83,4 +85,7 @@ def run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_p
         row(label, res["test"], res["total_bytes"], res["bits_per_entry"],
             {k: res[k] for k in ("paper_formula_bytes", "mask_bits_per_entry", "paper_bits_per_entry",
                                  "pretrained_bytes", "write_s", "restore_s", "restore_checked")})
-    return {"num_entries": D, "head_entries": head_entries, "keep": cfg.fusion_keep, "rows": rows}
+    codings = (run_codings(suite, cfg, cache, ctxs, pruning, fusion, taus, base_params, wins_rows, log)
+               if base_params is not None and cfg.coding_keeps else [])
+    return {"num_entries": D, "head_entries": head_entries, "keep": cfg.fusion_keep, "rows": rows,
+            "codings": codings}

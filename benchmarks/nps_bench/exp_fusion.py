@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .labels import FOCUSED, merge_single_label
 
 
 def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: str,
-                   pruning: Dict[str, dict]) -> dict:
+                   pruning: Dict[str, dict], wins_rows: Optional[Dict[str, list]] = None) -> dict:
     """Fusion (Table 2) and compression (Table 3, Fig. 5) of all the suite's tasks."""
     import torch
     from nps_pruning.apps.merge import merge_with_lambda_grid, merged_scores, nps_merge_lambdas
@@ -127,6 +127,14 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
                                       "gens": cfg.lambda_generations}, nps_search, log)
 
     # ---------------- compression
-    comp = run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_pruned, nps_params, log)
-    return {"suite": suite, "tasks": names, "fusion": {k: _strip(v) for k, v in fusion.items()},
+    comp = run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_pruned, nps_params, log,
+                           base_params=base_params, wins_rows=wins_rows)
+
+    def tau_norm(c):            # the relative size of τ over the prunable entries
+        s = c.session
+        tau, base = float(s.task_vector.values.double().norm()), float(s.base_flat.double().norm())
+        return {"tau_norm": tau, "base_norm": base, "ratio": tau / base if base > 0 else float("inf")}
+    tau = {c.task["name"]: _strip(cache.step(suite, c.task["name"], "tau-norm", {**_task_params(c.task), "v": 1},
+                                             lambda c=c: tau_norm(c), log)) for c in ctxs}
+    return {"suite": suite, "tasks": names, "tau": tau, "fusion": {k: _strip(v) for k, v in fusion.items()},
             "best_normalization": best_norm, "compression": comp, "job_s": time.perf_counter() - t_job}

@@ -39,7 +39,7 @@ def nps_variants(cfg: BenchConfig) -> List[Tuple[str, str, float, float, dict]]:
 
 
 def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> dict:
-    cfg = BenchConfig.from_dict(cfg_dict)
+    cfg = BenchConfig.from_dict(cfg_dict).for_suite(suite)
     _set_threads(cfg.threads)
     cache = ResultCache(Path(cache_root))
     log = _logger(f"{suite}/{task['name']}")

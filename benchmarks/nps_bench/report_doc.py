@@ -8,10 +8,10 @@ from typing import Optional
 
 from .labels import SUITE_SOURCES
 from .report_common import _curve_row, _defaults, _task_names
-from .report_figures import fig_compression, fig_generations, fig_pruning, fig_search
+from .report_figures import fig_codings, fig_compression, fig_generations, fig_pruning, fig_search
 from .report_studies import defaults_section, losses_section
 from .report_tables import (_compression_section, _fusion_section, _pruning_section, _settings, _speed_section,
-                            _suite_table, _timing_section, _transfer_section)
+                            _suite_table, _timing_section, _transfer_section, tau_section)
 
 
 def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str = "benchmarks/figures") -> str:
@@ -63,8 +63,19 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
                     f"(the shipped default is {_defaults()['generations']} generations of the library's population) "
                     "to fit the budget; the generations study under \"Defaults chosen\" shows what more "
                     "generations add.")
+    for sname, grid in (cfg.get("suite_grids") or {}).items():
+        if sname in suites and grid:
+            cuts.append(f"Suite {sname} runs a smaller grid: " + "; ".join(
+                f"{k} = {tuple(v) if isinstance(v, list) else v}" for k, v in grid.items())
+                + " (`suite_grids`; its baselines, fusion and compression run as for every suite).")
     if cuts:
         out += ["", "Cut from the full grid in this run:", ""] + [f"- {c}" for c in cuts]
+    tau = tau_section(suites)
+    if tau:
+        out += ["", "## Size of the task vectors", "",
+                "‖τ‖ / ‖θ_pre‖ over the prunable entries (tensors in both checkpoints; new heads and BatchNorm "
+                "running statistics left out). The ViT suite is fine-tuned gently, the paper's regime; the "
+                "MobileNetV2 suite is the large-task-vector stress suite.", "", tau]
     for sname, S in suites.items():
         out += ["", f"## Suite: {sname}", "", f"Base: {SUITE_SOURCES.get(sname, sname)}.", "", _suite_table(S)]
         if S.get("errors"):
@@ -75,6 +86,8 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
             fig_search(sname, S, keep, figures_dir / f"search_{sname}.png")
             if S.get("fusion"):
                 fig_compression(sname, S["fusion"]["compression"], figures_dir / f"compression_{sname}.png")
+                if S["fusion"]["compression"].get("codings"):
+                    fig_codings(sname, S["fusion"]["compression"]["codings"], figures_dir / f"codings_{sname}.png")
         if S["tasks"]:
             out += ["", f"### Pruning ({sname}; the paper's Fig. 4)", "", _pruning_section(sname, S, cfg, fig_rel)]
             if fig_rel:

@@ -96,6 +96,31 @@ def fig_compression(sname: str, comp: dict, path: Path) -> None:
             f"Compression: accuracy vs storage ({sname} suite)")
 
 
+def fig_codings(sname: str, rows: list, path: Path) -> None:
+    """Pareto plot: normalized accuracy against bits per prunable entry per task, one series per
+    source (DARE / default NPS: a point per coding and keep ratio), the anchors as single points."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    series: dict = {}
+    for r in rows:
+        series.setdefault(r["method"], []).append(r)
+    markers = "os^Dv*P"
+    for i, (method, rs) in enumerate(series.items()):
+        ax.scatter([r["bits_per_entry"] for r in rs], [r["normalized_mean"] for r in rs], s=36,
+                   marker=markers[i % len(markers)], label=method[:48], alpha=0.85, zorder=3)
+        for r in rs:
+            if r["keep"] is not None and r["keep"] < 1:
+                ax.annotate(f"{r['coding']} r={r['keep']:g}", (r["bits_per_entry"], r["normalized_mean"]),
+                            textcoords="offset points", xytext=(3, 3), fontsize=5.5)
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.99, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    _finish(fig, ax, path, "bits per prunable entry per task (log scale)", "mean normalized accuracy",
+            f"Stores: accuracy vs bits per entry ({sname} suite; dashed: 0.5 bits, 0.99)")
+
+
 def fig_search(sname: str, S: dict, keep: float, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

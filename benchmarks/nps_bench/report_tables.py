@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .labels import FOCUSED, FOCUSED_LOG, UNIFORM, is_merge_grid_label, nps_key, upper_variant
+from .labels import FOCUSED, FOCUSED_LOG, SUITE_MODELS, UNIFORM, is_merge_grid_label, nps_key, upper_variant
 from .report_common import (FUSION_LABELS, FUSION_ORDER, _grid, _lam, _task_names, _test_rows, mean_se,
                             pm, se, table)
 
@@ -32,10 +32,33 @@ def _suite_table(S: dict) -> str:
                      n_full, ft["test_rows"], ft["calib_rows"],
                      f"{t['finetuned_acc']:.4f} ± {se(t['finetuned_acc'], n_full):.4f}",
                      f"{t['pretrained_acc']:.4f}", f"{t['head_only_acc']:.4f}", f"{t['majority_acc']:.4f}",
-                     f"{ft['test']:.4f} ± {se(ft['test'], ft['test_rows']):.4f}"])
+                     f"{ft['test']:.4f} ± {se(ft['test'], ft['test_rows']):.4f}", _tau_cell(S, t["name"])])
     return table(["task", "classes", "train", "calib split", "test split", "test rows used", "calib rows used",
                   "fine-tuned (full test)", "pre-trained (untrained head)", "pre-trained body + ft head",
-                  "majority", "fine-tuned (rows used)"], rows)
+                  "majority", "fine-tuned (rows used)", "‖τ‖/‖θ_pre‖"], rows)
+
+
+def _tau(S: dict) -> Dict[str, dict]:
+    return (S.get("fusion") or {}).get("tau") or {}
+
+
+def _tau_cell(S: dict, name: str) -> str:
+    tau = _tau(S).get(name)
+    return f"{tau['ratio']:.4f}" if tau else "-"
+
+
+def tau_section(suites: Dict[str, dict]) -> str:
+    """‖τ‖/‖θ_pre‖ over the prunable entries, per task and suite: how large each suite's task
+    vectors are (small, gentle fine-tunes are the regime of the paper's ViTs)."""
+    rows = []
+    for sname, S in suites.items():
+        vals = [(n, t["ratio"]) for n, t in _tau(S).items()]
+        if vals:
+            rows.append([sname, SUITE_MODELS.get(sname, sname), ", ".join(f"{n} {v:.4f}" for n, v in vals),
+                         f"{sum(v for _, v in vals) / len(vals):.4f}"])
+    if not rows:
+        return ""
+    return table(["suite", "model", "‖τ‖/‖θ_pre‖ per task", "mean"], rows)
 
 
 def _pruning_section(sname: str, S: dict, cfg: dict, fig_rel: Optional[str]) -> str:
@@ -189,7 +212,33 @@ def _compression_section(sname: str, S: dict, fig_rel: Optional[str]) -> str:
                   "normalized per task (" + ", ".join(names) + ")"], rows)]
     if fig_rel:
         out += ["", f"![compression, {sname}]({fig_rel}/compression_{sname}.png)"]
+    if C.get("codings"):
+        out += ["", codings_table(C["codings"], names, ns)]
+        if fig_rel:
+            out += ["", f"![bits per entry vs normalized accuracy, {sname}]({fig_rel}/codings_{sname}.png)"]
     return "\n".join(out)
+
+
+def codings_table(rows: List[dict], names: List[str], ns: List[int]) -> str:
+    """The value codings' stores (exp_codings): bits per prunable entry per task against normalized
+    accuracy, best first within each bit budget; the rows at ≤ 0.5 bits and ≥ 0.99 marked."""
+    body = []
+    for r in sorted(rows, key=lambda r: r["bits_per_entry"]):
+        hit = r["bits_per_entry"] <= 0.5 and r["normalized_mean"] >= 0.99
+        body.append([r["method"], r["coding"], "" if r["keep"] is None else f"{r['keep']:g}",
+                     f"{r['bits_per_entry']:.3f}", f"{r['mask_bits_per_entry']:.3f}", f"{r['values_bits_per_entry']:.3f}",
+                     pm(*mean_se(r["test"], ns)), f"**{r['normalized_mean']:.4f}**" if hit else f"{r['normalized_mean']:.4f}",
+                     " ".join(f"{x:.3f}" for x in r["normalized"])])
+    return "\n".join([
+        "Value codings (stores below half a bit per entry): real stores with a range-coded mask and each value "
+        "coding (`nps compress --values`): fp16; q2/q3/q4 = a least-squares codebook of 2^k levels per tensor "
+        "with range-coded indices; sign = one sign bit per kept value + one least-squares scale per tensor. "
+        "Sources: DARE (seeded) and the shipped default NPS (the space points of \"NPS that wins\", rebuilt); "
+        "anchors: BitDelta-style sign + scale of the dense τ (no distillation) and TALL-masks on the TIES merge "
+        "(λ per task from {0.2, …, 0.6} on calibration; the shared fp32 vector counts 32/N bits per entry per "
+        "task). Every restored task was scored on test; bold: ≤ 0.5 bits per entry and ≥ 0.99 normalized.", "",
+        table(["source", "coding", "r", "bits / entry / task", "mask", "values", "mean test ± se", "normalized",
+               "normalized per task (" + ", ".join(names) + ")"], body)])
 
 
 def _transfer_section(S: dict) -> str:

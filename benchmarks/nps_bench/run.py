@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark (SPEC §4) and regenerate BENCHMARKS.md with its figures.
 
-    python -m nps_bench.run [--suites text,vision] [--quick] [--render-only] [--out BENCHMARKS.md]
+    python -m nps_bench.run [--suites text,vision,vit] [--quick] [--render-only] [--out BENCHMARKS.md]
 
 * full profile: results go to ``benchmarks/results/*.json``, figures to ``benchmarks/figures/*.png``,
   the report to ``BENCHMARKS.md`` (repository root);
@@ -108,6 +108,15 @@ def _pick_tasks(name: str, cfg: ex.BenchConfig) -> Optional[List[str]]:
     return names[:cfg.tasks_per_suite]
 
 
+def _wins_rows(results_dir: Path, suite: str) -> Optional[Dict[str, list]]:
+    """The "NPS that wins" rows of a suite per task (make bench-wins' results), or None: the
+    compression experiment stores the shipped default's slim vectors from their space points."""
+    path = results_dir / "wins.json"
+    if not path.is_file():
+        return None
+    return (json.loads(path.read_text()).get("suites", {}).get(suite) or {}).get("tasks")
+
+
 EXPERIMENTS = ("transfer", "fusion", "speed")     # --skip-able; pruning always runs (the others need it)
 
 
@@ -182,7 +191,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
             suites[name]["run"] = {**stamp, "pruning_from": previous[name].get("run") or old_stamp(prev)}
             if "fusion" not in skip:
                 submit("fusion", name, "_all", "run_fusion_job", name, suite_tasks[name], cfg_d,
-                       str(cache_root), suites[name]["tasks"])
+                       str(cache_root), suites[name]["tasks"], _wins_rows(results_dir, name))
             continue
         if pruning_from_results:
             raise ValueError(f"--pruning-from-results: {prev} lacks the pruning results of some {name} tasks")
@@ -214,7 +223,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                                str(cache_root), out)
                     if len(S["tasks"]) == len(suite_tasks[sname]) and "fusion" not in skip:
                         submit("fusion", sname, "_all", "run_fusion_job", sname, suite_tasks[sname], cfg_d,
-                               str(cache_root), S["tasks"])
+                               str(cache_root), S["tasks"], _wins_rows(results_dir, sname))
                 elif kind == "transfer":
                     S["transfer"][tname] = out
                 else:
@@ -292,7 +301,7 @@ def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--suites", default="text,vision", help="comma-separated: text,vision")
+    ap.add_argument("--suites", default="text,vision,vit", help="comma-separated: text,vision,vit")
     ap.add_argument("--quick", action="store_true", help="CI smoke profile, written into a temporary folder")
     ap.add_argument("--render-only", action="store_true", help="re-render the report from the results JSON")
     ap.add_argument("--out", default=None, help="markdown output (default: BENCHMARKS.md; --quick: a temp dir)")

@@ -195,7 +195,9 @@ class CompressOptions(SearchOptions):
     output: str = opt(None, "store folder", short="-o", required=True)
     method: str = opt("nps", "pruning method", choices=lambda: ("nps",) + pruners())
     eval: List[str] = opt([], "one calibration evaluator SPEC per task (needed by nps)", many=True)
-    values: str = opt("fp32", "precision of the stored values", choices=value_dtypes)
+    values: str = opt("fp32", "coding of the stored values: fp32|fp16|bf16, a k-bit codebook per tensor "
+                      "(q2|q3|q4|q8), sign + one scale per tensor (sign), or sign + 4 magnitude levels "
+                      "(sign-q2)", choices=value_dtypes)
     mask: str = opt("packed", "mask coding: 1-bit packed or entropy-coded", choices=mask_codings)
     reference_pretrained: bool = opt(False, "store a reference (path + checksum) to the pre-trained "
                                             "model instead of a copy")

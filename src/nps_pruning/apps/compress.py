@@ -7,7 +7,8 @@ prunable entries plus the kept values, and the task-specific tensors verbatim::
       manifest.json                    format, layout, D, θ_pre's sha256, per task: counts, parts
       pretrained.safetensors           θ_pre's prunable tensors (omitted with embed_pretrained=False)
       tasks/000/mask.safetensors       packed bits (numpy.packbits) or a range-coded mask
-      tasks/000/values.safetensors     the kept values, in order, as fp32 | fp16 | bf16
+      tasks/000/values.safetensors     the kept values, in order, as fp32 | fp16 | bf16, or quantized
+                                       (q2|q3|q4|q8|sign|sign-q2: :mod:`.value_coding`)
       tasks/000/task_specific.safetensors, tasks/000/buffers.safetensors
       tasks/000/side/000 ...           the task folder's config/tokenizer files, byte for byte
 
@@ -38,12 +39,12 @@ from __future__ import annotations
 
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, decode_mask, encode_mask
 from .store_read import Store, read_store, restore_task, store_info
-from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_DTYPES, RestoredTask, StoreTask,
+from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask, StoreTask,
                           _manifest_sha256, _mask_sha256, _sha256, flat_sha256)
 from .store_write import (_check_destination, _check_tensor_dict, _is_our_store,
                           _pretrained_tensors, _safe_side_name, _tensor_bytes, _validate,
                           _write_part, _write_task, write_store)
 
 __all__ = ["StoreTask", "Store", "RestoredTask", "write_store", "read_store", "restore_task",
-           "store_info", "encode_mask", "decode_mask", "flat_sha256", "VALUE_DTYPES",
+           "store_info", "encode_mask", "decode_mask", "flat_sha256", "VALUE_DTYPES", "VALUE_CODINGS",
            "MASK_CODINGS"]

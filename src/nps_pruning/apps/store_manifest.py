@@ -16,6 +16,7 @@ from typing import Any, Iterator, Tuple
 from ..dtypes import FLOAT_NAMES
 from ..errors import NPSError
 from ..paths import safe_relpath
+from .value_coding import FLOAT_CODINGS
 
 PART_KINDS = ("mask", "values", "task_specific", "buffers")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -109,6 +110,8 @@ def _task(store: Path, entry, i: int, where: str, num: int, value_dtypes, coding
         if entry[key] not in choices:
             _malformed(where, f"{field}.{key} must be one of {', '.join(choices)}")
     _sha(entry["mask_sha256"], f"{field}.mask_sha256", where)
+    if entry["value_dtype"] not in FLOAT_CODINGS:    # a quantized coding records its decoded values
+        _sha(entry.get("values_sha256"), f"{field}.values_sha256", where)
     parts = _want(entry["parts"], dict, f"{field}.parts", where)
     if sorted(parts) != sorted(PART_KINDS):
         _malformed(where, f"{field}.parts must hold exactly {', '.join(PART_KINDS)}")

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import safetensors.numpy
 import safetensors.torch
 import torch
@@ -19,8 +20,9 @@ from ..paths import safe_relpath
 from ..task_vector import Layout
 from .mask_coding import MASK_CODINGS, decode_mask
 from .store_manifest import MAX_MANIFEST_BYTES, all_parts, check_manifest
-from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_DTYPES, RestoredTask,
-                          _manifest_sha256, _mask_sha256, _sha256, flat_sha256)
+from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask,
+                          _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
+from .value_coding import decode_values, group_sizes_of, is_float_coding
 
 __all__ = ["Store", "read_store", "restore_task", "store_info"]
 
@@ -51,7 +53,7 @@ class Store:
         if manifest.get("manifest_sha256") != _manifest_sha256(manifest):
             raise NPSError(f"{manifest_path}: checksum mismatch (corrupted manifest)")
         # every field used below is checked first; part paths are confined to the store
-        check_manifest(self.path, manifest, str(manifest_path), value_dtypes=tuple(VALUE_DTYPES),
+        check_manifest(self.path, manifest, str(manifest_path), value_dtypes=tuple(VALUE_CODINGS),
                        codings=MASK_CODINGS)
         lay = manifest["layout"]
         self.layout = Layout(tuple(lay["names"]), tuple(tuple(s) for s in lay["shapes"]),
@@ -118,8 +120,11 @@ class Store:
             raise NPSError(f"{self.path / mask_part['file']}: the mask does not decode to the "
                            f"recorded one ({owner})")
         mask = torch.from_numpy(mask_array)
-        values = self._load(values_part, owner).get("values")
-        expected = VALUE_DTYPES.get(entry["value_dtype"])
+        if is_float_coding(entry["value_dtype"]):
+            values = self._load(values_part, owner).get("values")
+        else:
+            values = self._quantized_values(entry, values_part, mask_array, owner)
+        expected = VALUE_DTYPES.get(entry["value_dtype"], torch.float32)
         if (values is None or values.dtype != expected or values.dim() != 1
                 or values.numel() != int(mask.sum()) or values.numel() != entry["kept"]):
             raise NPSError(f"{self.path / values_part['file']}: kept values do not match the "
@@ -131,6 +136,19 @@ class Store:
                            "memory") from None
         tau[mask] = values.to(torch.float32)
         return tau
+
+    def _quantized_values(self, entry: dict, part: dict, mask: "np.ndarray", owner: str) -> torch.Tensor:
+        """A quantized coding's kept values, decoded and checked against the recorded sha256."""
+        path = self.path / part["file"]
+        arrays = self._load(part, owner, numpy_arrays=True)
+        sizes = group_sizes_of(mask, [(a, b) for _, a, b, _ in self.layout.spans()])
+        try:
+            values = decode_values(arrays, entry["value_dtype"], sizes)
+        except (KeyError, ValueError) as err:
+            raise NPSError(f"{path}: bad {entry['value_dtype']} values ({owner}): {err}") from None
+        if entry.get("values_sha256") != _values_sha256(values):
+            raise NPSError(f"{path}: the values do not decode to the recorded ones ({owner})")
+        return torch.from_numpy(values)
 
     def carried(self, task_name: str) -> Tuple[dict, dict, Dict[str, bytes]]:
         """(task_specific, buffers, side_files) of a task, checksums verified."""

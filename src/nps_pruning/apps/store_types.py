@@ -11,11 +11,14 @@ import numpy as np
 import torch
 
 from ..dtypes import registry
+from .value_coding import VALUE_CODINGS as _VALUE_CODING_NAMES
 
 FORMAT = "nps-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-VALUE_DTYPES: Dict[str, torch.dtype] = registry("fp32", "fp16", "bf16")   # --values' names
+VALUE_DTYPES: Dict[str, torch.dtype] = registry("fp32", "fp16", "bf16")   # the float codings
+# --values' names: the float dtypes and the quantized codings of :mod:`.value_coding`
+VALUE_CODINGS: Dict[str, str] = {name: name for name in _VALUE_CODING_NAMES}
 
 
 @dataclass
@@ -51,6 +54,11 @@ def flat_sha256(flat: torch.Tensor) -> str:
 def _manifest_sha256(manifest: Mapping) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _values_sha256(values: np.ndarray) -> str:
+    """sha256 of decoded kept values' float32 bytes (a quantized coding's end-to-end check)."""
+    return _sha256(np.ascontiguousarray(values, dtype=np.float32).tobytes())
 
 
 def _mask_sha256(mask: np.ndarray) -> str:

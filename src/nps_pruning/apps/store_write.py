@@ -20,8 +20,9 @@ from ..task_vector import Layout
 from ..workdirs import unmark
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask
 from .store_manifest import side_file_reserved
-from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_DTYPES, StoreTask, _manifest_sha256,
-                          _mask_sha256, _sha256, flat_sha256)
+from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, StoreTask,
+                          _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
+from .value_coding import encode_values, group_sizes_of, is_float_coding
 
 __all__ = ["write_store"]
 
@@ -51,8 +52,8 @@ def _check_tensor_dict(task: str, what: str, tensors: Mapping[str, torch.Tensor]
 
 def _validate(base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask],
               values_dtype: str, mask_coding: str) -> None:
-    if values_dtype not in VALUE_DTYPES:
-        raise NPSError(f"value dtype must be one of {', '.join(VALUE_DTYPES)}, got {values_dtype!r}")
+    if values_dtype not in VALUE_CODINGS:
+        raise NPSError(f"value coding must be one of {', '.join(VALUE_CODINGS)}, got {values_dtype!r}")
     if mask_coding not in MASK_CODINGS:
         raise NPSError(f"mask coding must be one of {', '.join(MASK_CODINGS)}, got {mask_coding!r}")
     num = layout.numel
@@ -70,7 +71,7 @@ def _validate(base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask],
             raise NPSError(f"task {task.name!r}: pruned values must be 1-D with {num} entries")
         if not values.is_floating_point() or not bool(torch.isfinite(values).all()):
             raise NPSError(f"task {task.name!r}: pruned values must be finite floats")
-        kept = values[values != 0].to(VALUE_DTYPES[values_dtype])
+        kept = values[values != 0].to(VALUE_DTYPES.get(values_dtype, torch.float32))
         if not bool(torch.isfinite(kept).all()):
             raise NPSError(f"task {task.name!r}: kept values overflow {values_dtype}; "
                            "store them as fp32 or bf16")
@@ -127,12 +128,24 @@ def _pretrained_tensors(base_flat: torch.Tensor, layout: Layout) -> Dict[str, to
     return out
 
 
-def _write_task(root: Path, index: int, task: StoreTask, num: int, values_dtype: str,
+def _values_part(values: torch.Tensor, mask: torch.Tensor, layout: Layout, coding: str):
+    """(bytes of the values part, extra manifest fields) of one task's kept values."""
+    if is_float_coding(coding):
+        return safetensors.torch.save({"values": values[mask].to(VALUE_DTYPES[coding]).contiguous()}), {}
+    sizes = group_sizes_of(mask.numpy(), [(a, b) for _, a, b, _ in layout.spans()])
+    arrays, decoded = encode_values(values[mask].to(torch.float32).numpy(), sizes, coding)
+    data = safetensors.numpy.save(arrays, metadata={"coding": coding, "groups": "one per layout tensor"})
+    return data, {"values_sha256": _values_sha256(decoded)}
+
+
+def _write_task(root: Path, index: int, task: StoreTask, layout: Layout, values_dtype: str,
                 mask_coding: str) -> dict:
     folder = f"tasks/{index:03d}"
+    num = layout.numel
     values = task.pruned_values.detach().cpu()
     mask = values != 0
     kept = int(mask.sum())
+    values_bytes, values_fields = _values_part(values, mask, layout, values_dtype)
     mask_arrays = encode_mask(mask.numpy(), mask_coding)
     coding_note = ("numpy.packbits, little bit order" if mask_coding == "packed" else
                    f"constriction range coder, Bernoulli(perfect=False) per {ENTROPY_CHUNK} entries")
@@ -140,8 +153,7 @@ def _write_task(root: Path, index: int, task: StoreTask, num: int, values_dtype:
         "mask": _write_part(root, f"{folder}/mask.safetensors", safetensors.numpy.save(
             mask_arrays, metadata={"coding": mask_coding, "num_entries": str(num),
                                    "model": coding_note})),
-        "values": _write_part(root, f"{folder}/values.safetensors", safetensors.torch.save(
-            {"values": values[mask].to(VALUE_DTYPES[values_dtype]).contiguous()})),
+        "values": _write_part(root, f"{folder}/values.safetensors", values_bytes),
         "task_specific": _write_part(root, f"{folder}/task_specific.safetensors",
                                      _tensor_bytes(task.task_specific)),
         "buffers": _write_part(root, f"{folder}/buffers.safetensors", _tensor_bytes(task.buffers)),
@@ -150,7 +162,7 @@ def _write_task(root: Path, index: int, task: StoreTask, num: int, values_dtype:
     for j, (fname, data) in enumerate(sorted(task.side_files.items())):
         side[fname] = _write_part(root, f"{folder}/side/{j:03d}", bytes(data))
     return {"name": task.name, "kept": kept, "keep_ratio": kept / num,
-            "mask_sha256": _mask_sha256(mask.numpy()),
+            "mask_sha256": _mask_sha256(mask.numpy()), **values_fields,
             "value_dtype": values_dtype, "mask_coding": mask_coding, "parts": parts,
             "side_files": side,
             "task_specific_entries": sum(t.numel() for t in task.task_specific.values()),
@@ -158,7 +170,7 @@ def _write_task(root: Path, index: int, task: StoreTask, num: int, values_dtype:
 
 
 def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask], *,
-                values_dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
+                values_dtype: str = "fp32",
                 mask_coding: Literal["packed", "entropy"] = "packed",
                 embed_pretrained: bool = True, pretrained_ref: Optional[str] = None,
                 base_names: Optional[Dict[str, str]] = None) -> dict:
@@ -186,7 +198,7 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
                        "dtypes": [torch_name(d) for d in layout.dtypes]},
             "base_names": dict(base_names or {}),
             "pretrained": pretrained,
-            "tasks": [_write_task(tmp, i, task, num, values_dtype, mask_coding)
+            "tasks": [_write_task(tmp, i, task, layout, values_dtype, mask_coding)
                       for i, task in enumerate(tasks)],
         }
         manifest["manifest_sha256"] = _manifest_sha256(manifest)
