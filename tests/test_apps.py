@@ -536,6 +536,33 @@ def test_compress_q3_values_restore_what_the_store_describes(fam, tmp_path, caps
         assert np.isfinite(task["bits_per_entry"])
 
 
+def test_compress_tune_levels(fam, tmp_path, capsys):
+    """--tune-levels: the tuned factors are in the report and the manifest, the calibration score
+    is never below the least-squares levels', and a float coding is refused in one line."""
+    store = tmp_path / "tuned"
+    spec = f"text-classification:{fam['calib']}"
+    args = ["compress", fam["base"], *fam["tasks"], "-o", store, "--method", "magnitude", "--keep", "0.1",
+            "--values", "q2", "--tune-levels", "2", "--popsize", "4", "--quiet"]
+    for _ in fam["tasks"]:
+        args += ["--eval", spec]
+    from nps_pruning.apps.store_cli import run_compress
+    from nps_pruning.cli import build_parser
+    from nps_pruning.config import COMMANDS, from_namespace
+    ns = build_parser().parse_args([str(a) for a in args])
+    report = run_compress(from_namespace(COMMANDS["compress"], ns))
+    manifest = json.loads((store / "manifest.json").read_text())
+    for t, entry in zip(fam["tasks"], manifest["tasks"]):
+        lv = report["pruning"][t.name]["levels"]
+        assert lv["calib_tuned"] >= lv["calib_least_squares"]
+        assert entry["level_scale"] == lv["factors"] and len(lv["factors"]) == 4
+        assert run(["restore", store, t.name, "-o", tmp_path / ("r" + t.name)]) == 0
+    bad = [a if a != "q2" else "fp16" for a in args]
+    bad[bad.index(store)] = tmp_path / "nope"
+    assert run(bad) == 2
+    assert "--tune-levels needs a quantized" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "nope").exists()
+
+
 def test_info_json(fam, stores, capsys):
     capsys.readouterr()
     assert run(["info", stores / "fp32", "--json"]) == 0

@@ -10,7 +10,7 @@ import torch
 
 from nps_pruning.apps.compress import _manifest_sha256, read_store, restore_task, store_info, write_store
 from nps_pruning.apps.value_coding import (QUANT_BITS, SIGN_LEVELS, decode_values, encode_values,
-                                           group_sizes_of, lloyd)
+                                           group_sizes_of, lloyd, tune_level_scale)
 from nps_pruning.errors import NPSError
 
 from test_compress import base_for, make_layout, make_tasks
@@ -148,3 +148,50 @@ def test_unknown_value_coding_is_refused(tmp_path):
     layout = make_layout()
     with pytest.raises(NPSError, match="value coding must be one of fp32, fp16, bf16, q2, q3, q4, q8, sign"):
         write_store(tmp_path / "s", base_for(layout), layout, make_tasks(layout.numel), values_dtype="q5")
+
+
+def test_tuned_level_factors_find_a_known_optimum_and_never_lose_to_the_fit():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(3000).astype(np.float32)
+    sizes = [1000, 2000]
+    _, fit = encode_values(x, sizes, "q2")
+    target = 1.5 * fit                        # the best factor is 1.5 for every level
+
+    def score(dec):
+        return -float(np.linalg.norm(dec - target))
+    f, before, after = tune_level_scale(x, sizes, "q2", score, generations=40, popsize=8, seed=0)
+    assert before == score(fit) and after > before
+    assert np.allclose(f, 1.5, atol=0.1), f
+    again = tune_level_scale(x, sizes, "q2", score, generations=40, popsize=8, seed=0)
+    assert np.array_equal(again[0], f) and again[2] == after          # same seed, same result
+    # scoring the fit itself: no factor beats the least-squares levels by much, none is worse
+    f2, b2, a2 = tune_level_scale(x, sizes, "q2", lambda d: -float(np.linalg.norm(d - x)), generations=3)
+    assert a2 >= b2
+    # 0 generations: the fit, untouched
+    f0, b0, a0 = tune_level_scale(x, sizes, "q2", score, generations=0)
+    assert np.array_equal(f0, np.ones(4)) and a0 == b0
+
+
+def test_store_with_tuned_levels_restores_them_and_checks_them(tmp_path):
+    from nps_pruning.apps.compress import StoreTask
+    layout = make_layout()
+    base, tasks = base_for(layout), make_tasks(layout.numel)
+    tasks[0] = StoreTask(tasks[0].name, tasks[0].pruned_values, level_scale=[0.5, 1.0, 1.0, 2.0])
+    store = tmp_path / "store"
+    write_store(store, base, layout, tasks, values_dtype="sign-q2")
+    mask = tasks[0].pruned_values != 0
+    sizes = group_sizes_of(mask.numpy(), [(a, b) for _, a, b, _ in layout.spans()])
+    _, dec = encode_values(tasks[0].pruned_values[mask].numpy(), sizes, "sign-q2", [0.5, 1.0, 1.0, 2.0])
+    _, fit = encode_values(tasks[0].pruned_values[mask].numpy(), sizes, "sign-q2")
+    assert not np.array_equal(dec, fit)
+    expected = torch.zeros(layout.numel)
+    expected[mask] = torch.from_numpy(dec)
+    assert torch.equal(restore_task(store, tasks[0].name).theta_flat, base + expected)
+    assert json.loads((store / "manifest.json").read_text())["tasks"][0]["level_scale"] == [0.5, 1.0, 1.0, 2.0]
+    for bad, coding, msg in (([1.0, 2.0], "sign-q2", "needs 4 finite positive"),
+                             ([1.0, -1.0, 1.0, 1.0], "q2", "needs 4 finite positive"),
+                             ([1.0] * 4, "fp16", "need a quantized value coding")):
+        t = [StoreTask("a", tasks[0].pruned_values, level_scale=bad)]
+        with pytest.raises(NPSError, match=msg):
+            write_store(tmp_path / "bad", base, layout, t, values_dtype=coding)
+        assert not (tmp_path / "bad").exists()

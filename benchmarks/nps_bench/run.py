@@ -117,7 +117,8 @@ def _wins_rows(results_dir: Path, suite: str) -> Optional[Dict[str, list]]:
     return (json.loads(path.read_text()).get("suites", {}).get(suite) or {}).get("tasks")
 
 
-EXPERIMENTS = ("transfer", "fusion", "speed")     # --skip-able; pruning always runs (the others need it)
+EXPERIMENTS = ("transfer", "fusion", "speed")
+CANON_SUITES = ("text", "vision", "vit")     # --skip-able; pruning always runs (the others need it)
 
 
 def _commit() -> str:
@@ -250,7 +251,9 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
         meta["speed_s"] = time.time() - t_speed
     meta["finished"] = time.time()
     meta["total_s"] = meta["finished"] - t_run
-    kept = [n for n in old_meta.get("suites", []) if n not in cfg.suites and (results_dir / f"{n}.json").is_file()]
+    # every other suite with a results file (also one a concurrent per-suite run wrote meanwhile)
+    kept = [n for n in dict.fromkeys([*old_meta.get("suites", []), *CANON_SUITES])
+            if n not in cfg.suites and (results_dir / f"{n}.json").is_file()]
     meta["suites"] = kept + list(cfg.suites)      # the other suites' results stay as they were
     for n in kept:                                 # ... and say which run wrote them
         prev = json.loads((results_dir / f"{n}.json").read_text())
@@ -274,7 +277,7 @@ def load_results(results_dir: Path) -> dict:
     results_dir = Path(results_dir)
     run = json.loads((results_dir / "run.json").read_text()) if (results_dir / "run.json").is_file() else {}
     suites = {}
-    canon = ("text", "vision", "vit")               # the report's order, whichever run wrote a suite
+    canon = CANON_SUITES                            # the report's order, whichever run wrote a suite
     names = list(run.get("suites") or ("text", "vision"))
     for name in sorted(names, key=lambda n: (canon.index(n) if n in canon else len(canon), names.index(n))):
         p = results_dir / f"{name}.json"

@@ -15,6 +15,8 @@ from ..workdirs import release_work_dir
 from .compress import StoreTask, read_store, restore_task, store_info, write_store
 from .merge import task_names
 from .prune import Session, prepare_work_dir, prune_task, search_report
+from .settings import PruneSettings
+from .value_coding import is_float_coding
 
 
 def run_compress(opts) -> Dict[str, Any]:
@@ -27,6 +29,9 @@ def run_compress(opts) -> Dict[str, Any]:
     if opts.method == "nps" and len(opts.eval) != len(opts.finetuned):
         raise NPSError(f"--method nps needs one --eval SPEC per task ({len(opts.finetuned)} models, "
                        f"{len(opts.eval)} evaluators)")
+    if opts.tune_levels and (is_float_coding(opts.values) or len(opts.eval) != len(opts.finetuned)):
+        raise NPSError("--tune-levels needs a quantized --values coding (q2|q3|q4|q8|sign|sign-q2) and "
+                       "one --eval SPEC per task")
     if opts.eval and len(opts.eval) != len(opts.finetuned):   # else opts.eval[i] fails mid-run
         raise NPSError(f"--eval gives {len(opts.eval)} evaluators for {len(opts.finetuned)} models "
                        "(one per task, in the same order)")
@@ -38,7 +43,7 @@ def run_compress(opts) -> Dict[str, Any]:
         session = Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
                                allow_shape_mismatch=opts.allow_shape_mismatch,
                            running_stats=opts.running_stats,
-                               need_model=opts.method == "nps", device=opts.device)
+                               need_model=opts.method == "nps" or opts.tune_levels > 0, device=opts.device)
         tv = session.task_vector
         if layout is None:
             base_flat, layout, base_names = session.base_flat.cpu(), tv.layout, tv.base_names
@@ -50,10 +55,15 @@ def run_compress(opts) -> Dict[str, Any]:
                              log_path=safe_child(wd, f"search-{name}.jsonl"), progress=not opts.quiet)
         pruning[name] = {"calibration": outcome.calibration,
                          "best_weights": getattr(outcome.search, "best_weights", None)}
+        level_scale = None
+        if opts.tune_levels:
+            level_scale, before, after = tune_task_levels(session, spec, outcome.pruned, layout, opts)
+            pruning[name]["levels"] = {"factors": [float(x) for x in level_scale],
+                                       "calib_least_squares": before, "calib_tuned": after}
         ckpt = open_checkpoint(ft)
         tasks.append(StoreTask(name, outcome.pruned.cpu(), dict(tv.task_specific), dict(tv.buffers),
                                side_files(ckpt.folder) if ckpt.folder else {},
-                               {"method": opts.method, "source": str(ft)}))
+                               {"method": opts.method, "source": str(ft)}, level_scale=level_scale))
         del session
     manifest = write_store(opts.output, base_flat, layout, tasks, values_dtype=opts.values,
                            mask_coding=opts.mask, embed_pretrained=not opts.reference_pretrained,
@@ -65,6 +75,26 @@ def run_compress(opts) -> Dict[str, Any]:
     if not opts.quiet:
         _print_info(info)
     return info
+
+
+def tune_task_levels(session: Session, spec: str, pruned: torch.Tensor, layout, opts):
+    """(factors, calibration score of the least-squares levels, of the tuned ones) of one task's
+    quantized values (``opts.values``), tuned for ``opts.tune_levels`` generations on ``spec``."""
+    from .value_coding import group_sizes_of, tune_level_scale
+    settings = PruneSettings.from_options(opts)
+    evaluator = session.evaluator(spec, calib_size=settings.calib_size,
+                                  fitness=session.search_fitness(spec, settings.fitness),
+                                  **settings.evaluator_kwargs())
+    pruned = pruned.detach().cpu().float()
+    mask = pruned != 0
+    sizes = group_sizes_of(mask.numpy(), [(a, b) for _, a, b, _ in layout.spans()])
+    tau = torch.zeros_like(pruned)
+
+    def score(decoded):
+        tau[mask] = torch.from_numpy(decoded)
+        return session.score(evaluator, tau)
+    return tune_level_scale(pruned[mask].numpy(), sizes, opts.values, score, generations=opts.tune_levels,
+                            seed=settings.seed)
 
 
 def check_store_destination(output, inputs) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, NamedTuple
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class StoreTask:
     buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     side_files: Dict[str, bytes] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    level_scale: Optional[Sequence[float]] = None     # quantized codings: tuned level factors
 
 
 class RestoredTask(NamedTuple):

@@ -4,6 +4,7 @@ manifest last, all in a staging folder next to the destination that is renamed i
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Literal, Mapping, Optional
@@ -22,7 +23,7 @@ from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask
 from .store_manifest import side_file_reserved
 from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, StoreTask,
                           _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
-from .value_coding import encode_values, group_sizes_of, is_float_coding
+from .value_coding import encode_values, group_sizes_of, is_float_coding, levels_of
 
 __all__ = ["write_store"]
 
@@ -75,6 +76,14 @@ def _validate(base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask],
         if not bool(torch.isfinite(kept).all()):
             raise NPSError(f"task {task.name!r}: kept values overflow {values_dtype}; "
                            "store them as fp32 or bf16")
+        if task.level_scale is not None:
+            if is_float_coding(values_dtype):
+                raise NPSError(f"task {task.name!r}: level factors need a quantized value coding")
+            scale = list(task.level_scale)
+            if len(scale) != levels_of(values_dtype) or not all(math.isfinite(float(x)) and float(x) > 0
+                                                                for x in scale):
+                raise NPSError(f"task {task.name!r}: {values_dtype} needs {levels_of(values_dtype)} "
+                               "finite positive level factors")
         _check_tensor_dict(task.name, "task-specific tensors", task.task_specific)
         _check_tensor_dict(task.name, "buffers", task.buffers)
         for fname, data in task.side_files.items():
@@ -128,12 +137,12 @@ def _pretrained_tensors(base_flat: torch.Tensor, layout: Layout) -> Dict[str, to
     return out
 
 
-def _values_part(values: torch.Tensor, mask: torch.Tensor, layout: Layout, coding: str):
+def _values_part(values: torch.Tensor, mask: torch.Tensor, layout: Layout, coding: str, level_scale=None):
     """(bytes of the values part, extra manifest fields) of one task's kept values."""
     if is_float_coding(coding):
         return safetensors.torch.save({"values": values[mask].to(VALUE_DTYPES[coding]).contiguous()}), {}
     sizes = group_sizes_of(mask.numpy(), [(a, b) for _, a, b, _ in layout.spans()])
-    arrays, decoded = encode_values(values[mask].to(torch.float32).numpy(), sizes, coding)
+    arrays, decoded = encode_values(values[mask].to(torch.float32).numpy(), sizes, coding, level_scale)
     data = safetensors.numpy.save(arrays, metadata={"coding": coding, "groups": "one per layout tensor"})
     return data, {"values_sha256": _values_sha256(decoded)}
 
@@ -145,7 +154,9 @@ def _write_task(root: Path, index: int, task: StoreTask, layout: Layout, values_
     values = task.pruned_values.detach().cpu()
     mask = values != 0
     kept = int(mask.sum())
-    values_bytes, values_fields = _values_part(values, mask, layout, values_dtype)
+    values_bytes, values_fields = _values_part(values, mask, layout, values_dtype, task.level_scale)
+    if task.level_scale is not None:
+        values_fields["level_scale"] = [float(x) for x in task.level_scale]
     mask_arrays = encode_mask(mask.numpy(), mask_coding)
     coding_note = ("numpy.packbits, little bit order" if mask_coding == "packed" else
                    f"constriction range coder, Bernoulli(perfect=False) per {ENTROPY_CHUNK} entries")

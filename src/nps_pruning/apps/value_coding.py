@@ -14,13 +14,17 @@ tensor of the layout (a tensor's kept count follows from the mask). Codings:
   the index of one of 4 magnitude levels per tensor, fitted by least squares on |v| (the magnitude
   bands), range-coded (band indices are not uniform, so they have less than 2 bits of entropy).
 
+The least-squares levels minimise ‖τ̂ − decoded‖, not the loss of the model; :func:`tune_level_scale`
+then searches one factor per level index (shared by all tensors) with CMA-ES on calibration data,
+started from the least-squares fit, which it scores first (so the result never scores below it).
+
 Lossy codings describe the model θ_pre + decode(encode(τ̂)): :func:`encode_values` returns the
 decoded values with the arrays, the writer records their sha256, and the reader checks it after
 decoding, so a restore is bit for bit the model the store describes, or an error.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,10 +87,13 @@ def _groups(group_sizes: Sequence[int]) -> List[Tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def encode_values(values: np.ndarray, group_sizes: Sequence[int], coding: str
-                  ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+def encode_values(values: np.ndarray, group_sizes: Sequence[int], coding: str,
+                  level_scale: Optional[Sequence[float]] = None) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     """(arrays to store, the float32 values they decode to) for a quantized ``coding``.
-    ``group_sizes``: the kept count of each tensor, in layout order (sums to ``values.size``)."""
+    ``group_sizes``: the kept count of each tensor, in layout order (sums to ``values.size``).
+    ``level_scale``: one factor per level index (levels_of(coding) of them), multiplied into every
+    tensor's fitted levels after the values are assigned to them (what :func:`tune_level_scale`
+    searches); None = the least-squares levels."""
     import constriction
     values = np.ascontiguousarray(values, dtype=np.float32)
     spans = _groups(group_sizes)
@@ -94,6 +101,11 @@ def encode_values(values: np.ndarray, group_sizes: Sequence[int], coding: str
         raise ValueError("group sizes do not add up to the number of kept values")
     L = levels_of(coding)
     signed = coding in SIGN_LEVELS
+    scale = None
+    if level_scale is not None:
+        scale = np.asarray(level_scale, dtype=np.float64)
+        if scale.shape != (L,) or not np.isfinite(scale).all():
+            raise ValueError(f"level_scale must hold {L} finite factors for {coding}")
     levels = np.zeros((len(spans), L), dtype=np.float32)
     counts = np.zeros((len(spans), L), dtype=np.uint32)
     decoded = np.empty_like(values)
@@ -103,6 +115,8 @@ def encode_values(values: np.ndarray, group_sizes: Sequence[int], coding: str
             continue
         x = values[a:b]
         lv, idx = lloyd(np.abs(x) if signed else x, L)
+        if scale is not None:
+            lv = (lv.astype(np.float64) * scale).astype(np.float32)
         levels[g] = lv
         counts[g] = np.bincount(idx, minlength=L)
         decoded[a:b] = np.where(x < 0, -lv[idx], lv[idx]) if signed else lv[idx]
@@ -163,3 +177,32 @@ def group_sizes_of(mask: np.ndarray, spans: Sequence[Tuple[int, int]]) -> List[i
     """The kept count of each tensor span (start, stop) of a flat boolean mask."""
     csum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
     return [int(csum[b] - csum[a]) for a, b in spans]
+
+
+def tune_level_scale(values: np.ndarray, group_sizes: Sequence[int], coding: str,
+                     score: "Callable[[np.ndarray], float]", *, generations: int = 4, popsize: int = 6,
+                     seed: int = 0, log2_range: float = 1.0) -> Tuple[np.ndarray, float, float]:
+    """CMA-ES over log2 of one factor per level index (in ±``log2_range``) maximising
+    ``score(decoded values)`` (e.g. a model's calibration accuracy with them). Returns (the best
+    factors, the least-squares fit's score, the best score); factors of ones when nothing beats
+    the fit. Deterministic for a seed and a deterministic ``score``."""
+    from cmaes import CMA
+    L = levels_of(coding)
+    ones = np.ones(L)
+    base_score = float(score(encode_values(values, group_sizes, coding)[1]))
+    best = (ones, base_score)
+    if generations <= 0:
+        return ones, base_score, base_score
+    opt = CMA(mean=np.zeros(L), sigma=log2_range / 2, bounds=np.tile([-log2_range, log2_range], (L, 1)),
+              seed=seed, population_size=max(2, popsize))
+    for _ in range(generations):
+        told = []
+        for _ in range(opt.population_size):
+            x = opt.ask()
+            f = 2.0 ** x
+            sc = float(score(encode_values(values, group_sizes, coding, level_scale=f)[1]))
+            told.append((x, -sc))
+            if sc > best[1]:
+                best = (f, sc)
+        opt.tell(told)
+    return best[0], base_score, best[1]
