@@ -442,6 +442,71 @@ def test_merge_nps_searches_and_reports_lambdas(fam, tmp_path):
         assert (out / t.name / "model.safetensors").is_file()
 
 
+def test_merge_nps_joint_search_is_never_worse_and_reports_its_merge(fam, tmp_path):
+    """--joint-generations: every task's band weights and λ_i searched on the merged model;
+    generation 0 is the two-stage result, so the joint score is at least its score, and the
+    written merged τ is Eq. 7 at the joint point (with --collide magnitude applied)."""
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.core import build_candidate, make_bands
+    from nps_pruning.core.merge import nps_combine
+    out = tmp_path / "joint"
+    evals = []
+    for t in fam["tasks"]:
+        evals += ["--eval", f"text-classification:{fam['calib']}"]
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *PAPER_NPS, *evals,
+                "--keep", "0.2", "--bands", "2", "--generations", "1", "--popsize", "4",
+                "--lambda-grid", "1.0", "1.5", "--lambda-generations", "0",
+                "--joint-generations", "1", "--collide", "magnitude", "--quiet"]) == 0
+    rep = report_of(out)
+    joint = rep["joint_search"]
+    assert joint["best_score"] >= joint["two_stage_score"] - 1e-12
+    assert joint["candidates"][0]["start"] == "two-stage"
+    assert joint["candidates"][0]["score"] == pytest.approx(joint["two_stage_score"], abs=1e-9)
+    assert joint["examples_scored"] > 0 and len(joint["candidates"]) > 1
+    w = np.asarray(joint["best_weights"])
+    assert w.shape == (3 * 2 + 3,) and rep["lambdas"] == pytest.approx(list(w[6:]))
+    pruned = []
+    for i, t in enumerate(fam["tasks"]):
+        _, tv = load_task_vector(fam["base"], t)
+        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
+        pruned.append(build_candidate(tv.values, bands, w[2 * i:2 * i + 2], 0.2))
+    merged = nps_combine(torch.stack(pruned), rep["lambdas"], "mask-count", collide="magnitude")
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(merged).items()})
+
+
+@pytest.mark.parametrize("case", ["collide-average", "trim-dare", "joint-ties", "joint-lambda"])
+def test_merge_refuses_options_the_method_does_not_take(fam, tmp_path, capsys, case):
+    out = tmp_path / "m"
+    t = fam["tasks"]
+    base = ["merge", fam["base"], *t, "-o", out, "--lambda", "0.5"]
+    argv = {"collide-average": base + ["--method", "average", "--collide", "magnitude"],
+            "trim-dare": base + ["--method", "dare-ties", "--trim", "layer"],
+            "joint-ties": base + ["--method", "ties", "--joint-generations", "2"],
+            "joint-lambda": base + ["--method", "nps", "--joint-generations", "2",
+                                    *sum((["--eval", f"text-classification:{fam['calib']}"] for _ in t), [])],
+            }[case]
+    assert run(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert {"collide-average": "--collide", "trim-dare": "--trim", "joint-ties": "--joint-generations",
+            "joint-lambda": "--lambda"}[case] in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("trim", ["layer", "sequential"])
+def test_merge_ties_trims_match_the_core(fam, tmp_path, trim):
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.core.merge import merge
+    out = tmp_path / trim
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "ties", "--lambda", "0.9",
+                "--keep", "0.1", "--trim", trim, "--collide", "order", "--quiet"]) == 0
+    tvs = [load_task_vector(fam["base"], t)[1] for t in fam["tasks"]]
+    want = merge("ties", torch.stack([tv.values for tv in tvs]), lam=0.9, keep_ratio=0.1,
+                 shapes=tvs[0].layout.shapes, trim=trim, collide="order")
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tvs[0].layout.unflatten(want).items()})
+
+
 @pytest.mark.parametrize("case", ["one-model", "eval-count", "no-lambda-no-eval"])
 def test_merge_usage_errors(fam, tmp_path, capsys, case):
     out = tmp_path / "m"

@@ -185,6 +185,17 @@ class MergeOptions(SearchOptions):
     lambda_grid: List[float] = opt([0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5],
                                    "grid of single λ tried before the per-task search", many=True)
     lambda_generations: int = opt(10, "CMA-ES generations of the per-task λ search", lo=0)
+    joint_generations: int = opt(0, "nps: then CMA-ES generations of the merge-aware search (every "
+                                    "task's search-space point and λ_i searched together on the "
+                                    "merged model's mean calibration score, started from the "
+                                    "two-stage result; 0: the paper's two-stage NPS-merge)", lo=0)
+    collide: str = opt("allow", "masks that do not collide: leave each entry to one task only, the "
+                                "one of largest |value| (magnitude) or the first in order (nps, "
+                                "ties, dare-linear, dare-ties, della)",
+                       choices=("allow", "magnitude", "order"))
+    trim: str = opt("global", "ties: keep each task's global top-k, each tensor's top-k (layer: "
+                              "balanced across layers), or CABS' conflict-free sequential top-k",
+                    choices=("global", "layer", "sequential"))
     names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)
 
 

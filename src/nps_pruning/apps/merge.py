@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -68,7 +69,8 @@ def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, *,
 
     def mean_score(lambdas) -> float:
         return float(np.mean(merged_scores(sessions, evaluators,
-                                           nps_combine(pruned, list(lambdas), settings.normalize))))
+                                           nps_combine(pruned, list(lambdas), settings.normalize,
+                                                       settings.collide))))
 
     choice = grid_search(lambda_grid, lambda lam: mean_score([lam] * n), what="lambda_grid")
     grid = [{"lambda": lam, "score": score} for lam, score in zip(lambda_grid, choice.scores)]
@@ -90,6 +92,73 @@ def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, *,
     return lambdas, grid, result
 
 
+@dataclass
+class TaskPoint:
+    """One task's NPS result as the merge-aware search needs it: its space, bands, hybrid
+    index (None in the paper's space), chosen point (parameter units) and keep ratio."""
+
+    space: Any
+    bands: Any
+    index: Any
+    params: np.ndarray
+    keep: float
+    kept_values: str = "weighted"
+
+
+def task_point(session: Session, outcome, settings) -> TaskPoint:
+    """The :class:`TaskPoint` of a per-task NPS outcome (``settings``: its PruneSettings); the
+    hybrid index is rebuilt from the seed (deterministic, as the search built it)."""
+    from ..core.space import make_hybrid_index, make_space
+    search = settings.search
+    space = make_space(outcome.space, settings.bands, search.lower, search.upper, search.param,
+                       keep_ratio=outcome.keep_ratio)
+    index = (make_hybrid_index(session.task_vector.values, settings.seed)
+             if outcome.space == "hybrid" else None)
+    return TaskPoint(space, outcome.bands, index,
+                     np.asarray(outcome.search.best_weights, dtype=np.float64), outcome.keep_ratio,
+                     settings.kept_values)
+
+
+def joint_nps_merge(sessions, evaluators, points: Sequence[TaskPoint], lambdas0: Sequence[float], *,
+                    settings: MergeSettings = MergeSettings(), sigma0: float = 0.15,
+                    popsize=None, log_path=None, progress=True):
+    """Merge-aware NPS: CMA-ES over every task's search-space point and the λ_i together
+    (:class:`~nps_pruning.core.space.JointSpace`), each candidate scored as the merged model's
+    mean calibration score over the tasks (``evaluators``: any fitness), for
+    ``settings.joint_generations`` generations, started from the two-stage result (``points``,
+    ``lambdas0``), which generation 0 scores: the result is never worse than it on this score.
+    ``sigma0``: the initial step in search coordinates (a local refinement). Returns
+    (pruned (N, D), λ_i, the SearchResult)."""
+    from ..core.merge import nps_combine
+    from ..core.space import JointSpace, build_point
+    from ..search import SearchSettings, run_search
+    space = JointSpace([p.space for p in points], [p.params for p in points], lambdas0)
+
+    def build(params):
+        per_task, lambdas = space.unpack(params)
+        pruned = torch.stack([build_point(p.space, s.task_vector.values, p.bands, p.index, w, p.keep,
+                                          kept_values=p.kept_values)
+                              for s, p, w in zip(sessions, points, per_task)])
+        return pruned, [float(v) for v in lambdas]
+
+    def scorer(params):
+        t0 = time.perf_counter()
+        pruned, lambdas = build(params)
+        merged = nps_combine(pruned, lambdas, settings.normalize, settings.collide)
+        t1 = time.perf_counter()
+        score = float(np.mean(merged_scores(sessions, evaluators, merged)))
+        return score, {"build_s": t1 - t0, "eval_s": time.perf_counter() - t1, "examples": rows}
+
+    rows = sum(int(getattr(ev, "num_rows", 0) or 0) for ev in evaluators)   # per candidate
+
+    search = SearchSettings(generations=int(settings.joint_generations), sigma0=float(sigma0),
+                            seed=settings.seed, max_failures=settings.max_failures, space="joint",
+                            popsize=popsize)
+    result = run_search(scorer, space.dim, search, space=space, log_path=log_path, progress=progress)
+    pruned, lambdas = build(result.best_weights)
+    return pruned, lambdas, result
+
+
 def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators, *,
                            settings: MergeSettings = MergeSettings()):
     """Merge ``taus`` with ``core.merge.MERGERS[method]`` at the λ of ``settings.lambda_grid``
@@ -99,16 +168,34 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
     if method == "average":
         merged = merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return merged, None, []
+    if settings.trim == "layer" and sessions:
+        shapes = sessions[0].task_vector.layout.shapes
 
     def score(lam):           # the best λ's merged τ is kept, not built again
         merged = merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,
-                       shapes=shapes)
+                       shapes=shapes, collide=settings.collide, trim=settings.trim)
         return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
 
     lambda_grid = list(settings.lambda_grid)
     choice = grid_search(lambda_grid, score, what="lambda_grid")
     grid = [{"lambda": lam, "score": s} for lam, s in zip(lambda_grid, choice.scores)]
     return choice.extra, choice.value, grid
+
+
+def check_merge_options(opts) -> None:
+    """The options that only some methods take, refused clearly for the others."""
+    from ..core.merge import MERGERS
+    sparse = opts.method == "nps" or getattr(MERGERS.get(opts.method), "sparsifies", False)
+    if opts.collide != "allow" and not sparse:
+        raise NPSError(f"--collide {opts.collide}: --method {opts.method} keeps every entry of every "
+                       "task; masks that do not collide apply to nps, ties, dare-linear, dare-ties "
+                       "and della")
+    if opts.trim != "global" and opts.method != "ties":
+        raise NPSError(f"--trim {opts.trim} applies to --method ties only")
+    if opts.joint_generations and opts.method != "nps":
+        raise NPSError("--joint-generations is the merge-aware search of --method nps")
+    if opts.joint_generations and opts.lam is not None:
+        raise NPSError("--joint-generations searches the λ_i: do not fix --lambda")
 
 
 def run_merge(opts) -> Dict[str, Any]:
@@ -134,6 +221,7 @@ def run_merge(opts) -> Dict[str, Any]:
                        "--eval SPEC per task")
     if opts.lam is None and opts.method != "average" and not opts.lambda_grid:
         raise NPSError("lambda_grid: give at least one λ to try, or a fixed --lambda")
+    check_merge_options(opts)
     inputs = [opts.pretrained, *opts.finetuned]
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     need_model = bool(opts.eval or opts.test)
@@ -150,11 +238,12 @@ def run_merge(opts) -> Dict[str, Any]:
     report: Dict[str, Any] = {"command": "merge", "created": now_iso(), "settings": dataclasses.asdict(opts),
                               "seed": opts.seed, "versions": versions(), "tasks": names}
     if opts.method == "nps":
-        pruned_rows, searches = [], {}
+        pruned_rows, searches, outcomes = [], {}, []
         for s, spec, name in zip(sessions, opts.eval, names):
             out = prune_task(s, "nps", opts, eval_spec=spec,
                              log_path=safe_child(wd, f"search-{name}.jsonl"), progress=not opts.quiet)
             pruned_rows.append(out.pruned)
+            outcomes.append(out)
             searches[name] = {"calibration": out.calibration, **search_report(out.search)}
         pruned = torch.stack(pruned_rows)
         report["pruning"] = searches
@@ -164,12 +253,24 @@ def run_merge(opts) -> Dict[str, Any]:
             lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned,
                                                           settings=merge_settings,
                                                           progress=not opts.quiet)
-        merged = nps_combine(pruned, lambdas, opts.normalize)
-        report.update(lambdas=lambdas, lambda_grid=grid, lambda_search=search_report(lam_result))
+        report.update(lambda_grid=grid, lambda_search=search_report(lam_result))
+        if merge_settings.joint_generations > 0:
+            from .settings import PruneSettings
+            prune_settings = PruneSettings.from_options(opts)
+            points = [task_point(s, o, prune_settings) for s, o in zip(sessions, outcomes)]
+            two_stage = float(np.mean(merged_scores(
+                sessions, evaluators, nps_combine(pruned, lambdas, opts.normalize, opts.collide))))
+            pruned, lambdas, joint = joint_nps_merge(
+                sessions, evaluators, points, lambdas, settings=merge_settings,
+                log_path=safe_child(wd, "search-joint.jsonl"), progress=not opts.quiet)
+            report["joint_search"] = {"two_stage_score": two_stage, **search_report(joint)}
+        merged = nps_combine(pruned, lambdas, opts.normalize, opts.collide)
+        report["lambdas"] = lambdas
     elif opts.lam is not None or opts.method == "average":
         merged = merge(opts.method, taus, lam=opts.lam if opts.lam is not None else 1.0,
                        keep_ratio=opts.keep, seed=opts.seed,
-                       shapes=sessions[0].task_vector.layout.shapes)
+                       shapes=sessions[0].task_vector.layout.shapes, collide=opts.collide,
+                       trim=opts.trim)
         # weight averaging has no λ (it ignores --lambda): do not report one as if it were used
         report.update(lambdas=[opts.lam] * len(sessions)
                       if opts.lam is not None and opts.method != "average" else None)

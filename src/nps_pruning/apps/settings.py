@@ -136,11 +136,22 @@ class MergeSettings:
     lambda_generations: int = 10      # CMA-ES generations of the per-task λ search (0: grid only)
     seed: int = 0
     max_failures: int = 5
+    collide: str = "allow"            # core.collide.allot rule on the sparse vectors before merging
+    trim: str = "global"              # TIES' trim: global | layer | sequential
+    joint_generations: int = 0        # NPS-merge: merge-aware joint search after the two stages
 
     def __post_init__(self):
         object.__setattr__(self, "lambda_grid", tuple(self.lambda_grid))   # as given: the report lists them
         if int(self.lambda_generations) < 0:
             raise NPSError(f"settings: lambda_generations must be >= 0, got {self.lambda_generations}")
+        if int(self.joint_generations) < 0:
+            raise NPSError(f"settings: joint_generations must be >= 0, got {self.joint_generations}")
+        from ..core.collide import COLLIDE_RULES
+        from ..core.merge import TRIMS
+        if self.collide not in COLLIDE_RULES:
+            raise NPSError(f"settings: collide must be one of {', '.join(COLLIDE_RULES)}, got {self.collide!r}")
+        if self.trim not in TRIMS:
+            raise NPSError(f"settings: trim must be one of {', '.join(TRIMS)}, got {self.trim!r}")
 
     def replace(self, **changes) -> "MergeSettings":
         return dataclasses.replace(self, **changes)
@@ -150,4 +161,5 @@ class MergeSettings:
         """The settings of a ``nps merge`` options object (:class:`~nps_pruning.config.MergeOptions`)."""
         return cls(lambda_grid=tuple(opts.lambda_grid), keep_ratio=opts.keep,
                    normalize=opts.normalize, lambda_generations=opts.lambda_generations,
-                   seed=opts.seed, max_failures=opts.max_failures)
+                   seed=opts.seed, max_failures=opts.max_failures, collide=opts.collide,
+                   trim=opts.trim, joint_generations=opts.joint_generations)

@@ -130,29 +130,53 @@ def task_arithmetic(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float =
     return _check_scalar("lam", lam) * taus.sum(dim=0)
 
 
+TRIMS = ("global", "layer", "sequential")   # TIES' trim: one top-k per task / per tensor / CABS
+
+
+def _sparse(fn: Merger) -> Merger:
+    """Mark a merger that sparsifies each τ_i first: it takes ``collide`` (:mod:`.collide`)."""
+    fn.sparsifies = True
+    return fn
+
+
 @register_merger("ties")
+@_sparse
 def ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
-         seed: int = 0) -> torch.Tensor:
-    """TIES-Merging (Yadav et al. 2023): trim (global top-k per task), elect sign, disjoint mean; × λ."""
+         seed: int = 0, collide: str = "allow", trim: str = "global", shapes=None) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023): trim (global top-k per task), elect sign, disjoint mean; × λ.
+
+    ``trim="layer"``: the top-k of each tensor instead (:func:`.collide.layer_trim`, needs
+    ``shapes``); ``trim="sequential"``: CABS' conflict-free trim (:func:`.collide.sequential_trim`).
+    ``collide``: :func:`.collide.allot` on the trimmed vectors."""
+    from .collide import allot, layer_trim, sequential_trim
     lam = _check_scalar("lam", lam)
-    trimmed = trim_top_k(taus, keep_ratio)
+    if trim not in TRIMS:
+        raise ValueError(f"trim must be one of {', '.join(TRIMS)}, got {trim!r}")
+    trimmed = (trim_top_k(taus, keep_ratio) if trim == "global" else
+               layer_trim(taus, keep_ratio, shapes) if trim == "layer" else
+               sequential_trim(taus, keep_ratio))
+    trimmed = allot(trimmed, collide)
     return lam * disjoint_mean(trimmed, elect_sign(trimmed))
 
 
 @register_merger("dare-linear")
+@_sparse
 def dare_linear(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
-                seed: int = 0) -> torch.Tensor:
-    """DARE then Task Arithmetic: λ · Σ_i DARE(τ_i)."""
+                seed: int = 0, collide: str = "allow") -> torch.Tensor:
+    """DARE then Task Arithmetic: λ · Σ_i DARE(τ_i) (``collide``: on the dropped vectors)."""
+    from .collide import allot
     lam = _check_scalar("lam", lam)
-    return lam * dare_drop(taus, keep_ratio, seed).sum(dim=0)
+    return lam * allot(dare_drop(taus, keep_ratio, seed), collide).sum(dim=0)
 
 
 @register_merger("dare-ties")
+@_sparse
 def dare_ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
-              seed: int = 0) -> torch.Tensor:
+              seed: int = 0, collide: str = "allow") -> torch.Tensor:
     """DARE then TIES' sign election and disjoint mean (DARE replaces the trim); × λ."""
+    from .collide import allot
     lam = _check_scalar("lam", lam)
-    dropped = dare_drop(taus, keep_ratio, seed)
+    dropped = allot(dare_drop(taus, keep_ratio, seed), collide)
     return lam * disjoint_mean(dropped, elect_sign(dropped))
 
 
@@ -186,20 +210,34 @@ def magprune(taus: torch.Tensor, keep_ratio: float, seed: int = 0,
 
 
 @register_merger("della")
+@_sparse
 def della(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
-          seed: int = 0) -> torch.Tensor:
+          seed: int = 0, collide: str = "allow") -> torch.Tensor:
     """DELLA-Merging (Deep et al. 2024): MAGPRUNE, elect sign, disjoint mean; × λ."""
+    from .collide import allot
     lam = _check_scalar("lam", lam)
-    dropped = magprune(taus, keep_ratio, seed)
+    dropped = allot(magprune(taus, keep_ratio, seed), collide)
     return lam * disjoint_mean(dropped, elect_sign(dropped))
 
 
 def merge(method: str, taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
-          seed: int = 0, shapes=None) -> torch.Tensor:
+          seed: int = 0, shapes=None, collide: str = "allow", trim: str = "global") -> torch.Tensor:
     """``MERGERS[method]`` on ``taus``; ``shapes`` (the layout's tensor shapes) goes to the mergers
-    that need them (``needs_shapes``: the per-matrix SVD merges)."""
+    that need them (``needs_shapes``: the per-matrix SVD merges; TIES with ``trim="layer"``).
+    ``collide`` (masks that do not collide, :mod:`.collide`) applies to the mergers that sparsify
+    each τ_i (ties, dare-linear, dare-ties, della), ``trim`` to TIES only."""
+    fn = MERGERS[method]
     extra = {"shapes": shapes} if needs_shapes(method) else {}
-    return MERGERS[method](taus, lam=lam, keep_ratio=keep_ratio, seed=seed, **extra)
+    if collide != "allow":
+        if not getattr(fn, "sparsifies", False):
+            raise ValueError(f"collide={collide!r}: merger {method!r} keeps every entry of every "
+                             "task (it applies to ties, dare-linear, dare-ties, della and nps)")
+        extra["collide"] = collide
+    if trim != "global":
+        if method != "ties":
+            raise ValueError(f"trim={trim!r} applies to the ties merger only, not {method!r}")
+        extra.update(trim=trim, shapes=shapes)
+    return fn(taus, lam=lam, keep_ratio=keep_ratio, seed=seed, **extra)
 
 
 def needs_shapes(method: str) -> bool:
@@ -209,7 +247,7 @@ def needs_shapes(method: str) -> bool:
 
 # -- NPS-merge (Eq. 7) --------------------------------------------------------------------------------
 def nps_combine(pruned: torch.Tensor, lambdas: Sequence[float],
-                normalize: Normalize = "mask-count") -> torch.Tensor:
+                normalize: Normalize = "mask-count", collide: str = "allow") -> torch.Tensor:
     """Eq. 7: Σ_i λ_i · τ̂_i / n over NPS-pruned task vectors ``pruned`` (N, D).
 
     ``normalize`` chooses n (SPEC §2 "Fusion"):
@@ -218,8 +256,12 @@ def nps_combine(pruned: torch.Tensor, lambdas: Sequence[float],
       — the authors' earlier code;
     * ``"lambda-sum"``: n = Σ_i λ_i — the paper's literal formula;
     * ``"none"``: n = 1.
+
+    ``collide`` ≠ "allow": each entry is first left to one task only (:func:`.collide.allot`).
     """
+    from .collide import allot
     _check_taus(pruned)
+    pruned = allot(pruned, collide)
     lambdas = [_check_scalar("lambda", lam) for lam in lambdas]
     if len(lambdas) != pruned.shape[0]:
         raise ValueError(f"got {len(lambdas)} lambdas for {pruned.shape[0]} task vectors")

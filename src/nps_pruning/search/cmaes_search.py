@@ -98,9 +98,9 @@ class SearchSettings:
             raise NPSError(f"search: param must be 'linear' or 'log', got {self.param!r}")
         if self.param == "log" and self.lower <= 0:
             raise NPSError(f"search: param='log' needs lower > 0, got lower={self.lower}")
-        from ..core.space import SPACES
-        if self.space not in SPACES:
-            raise NPSError(f"search: unknown space {self.space!r} (choose from {', '.join(SPACES)})")
+        from ..core.space import SEARCH_SPACES
+        if self.space not in SEARCH_SPACES:
+            raise NPSError(f"search: unknown space {self.space!r} (choose from {', '.join(SEARCH_SPACES)})")
         if self.max_failures < 1:
             raise NPSError(f"search: max_failures must be >= 1, got {self.max_failures}")
         if self.patience is not None and int(self.patience) < 1:
