@@ -102,6 +102,10 @@ def test_bench_quick_text_end_to_end(tmp_path):
     tau = results["fusion"]["tau"]
     assert set(tau) == set(results["tasks"]) and all(0 < t["ratio"] < 1 for t in tau.values())
     assert "## Size of the task vectors" in md
+    # fusion that beats TIES (issue 14): the collision-free TIES rows, in the fusion table
+    ma = results["merge_aware"]["rows"]
+    assert {"ties-sequential", "ties-layer", "ties-collide"} <= set(ma)
+    assert ma["ties-sequential"]["trim"] == "sequential" and "CABS-style" in md
     # the generations study: a longer search whose first `generations` generations are the grid's
     # search, scored on test at each checkpoint; its last checkpoint is the search's own result
     rows = results["tasks"][next(iter(results["tasks"]))]["pruning"]

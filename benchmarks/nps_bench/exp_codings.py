@@ -30,9 +30,10 @@ def default_pruned(ctx, row: dict, keep: float):
     from nps_pruning.core.space import build_hybrid, make_hybrid_index
     st = PruneSettings()
     values = ctx.session.task_vector.values
-    bands = make_bands(values, int(row["_params"].get("bands", st.bands)), st.scheme, keep, st.focus,
+    p = row.get("_params") or {}      # the cache's step parameters; results files may omit them
+    bands = make_bands(values, int(p.get("bands", st.bands)), st.scheme, keep, st.focus,
                        sorted_dtype=values.dtype if values.dtype != torch.float64 else torch.float32)
-    index = make_hybrid_index(values, int(row["_params"].get("seed", st.seed)))
+    index = make_hybrid_index(values, int(p.get("seed", st.seed)))
     return build_hybrid(values, bands, index, np.asarray(row["params"], dtype=np.float64), keep)
 
 

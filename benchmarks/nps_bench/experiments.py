@@ -26,6 +26,7 @@ from .context import (TaskContext, _find_nps, _strip, _task_params, nps_step_par
                       stats_params, task_dict)
 from .exp_compression import run_compression  # noqa: F401
 from .exp_fusion import run_fusion_job  # noqa: F401
+from .exp_merge_aware import run_merge_aware_job  # noqa: F401
 from .exp_pruning import _checkpoints, nps_variants, run_pruning_job, torch_equal  # noqa: F401
 from .exp_speed import run_speed  # noqa: F401
 from .exp_transfer import _source_data, run_transfer_job  # noqa: F401

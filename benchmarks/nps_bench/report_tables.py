@@ -151,12 +151,47 @@ def _pruning_section(sname: str, S: dict, cfg: dict, fig_rel: Optional[str]) -> 
     return "\n".join(out)
 
 
-def _fusion_rows(F: dict) -> List[Tuple[str, dict]]:
+MERGE_AWARE_LABELS = {
+    "nps-default": "**NPS-merge (default)**: `nps merge --method nps` as shipped (default NPS τ̂ at r = 0.05, "
+                   "λ grid + per-task λ search, mask-count)",
+    "nps-default-collide": "NPS-merge (default) + `--collide magnitude` (each entry kept by one task)",
+    "nps-joint": "NPS-merge, merge-aware (`--joint-generations 4`: all tasks' points and λ_i searched on the merge)",
+    "ties-sequential": "TIES, CABS-style conflict-free sequential trim (`--trim sequential`)",
+    "ties-layer": "TIES, layer-balanced trim (`--trim layer`)",
+    "ties-collide": "TIES + `--collide magnitude`",
+}
+
+
+def _fusion_rows(F: dict, MA: Optional[dict] = None) -> List[Tuple[str, dict]]:
     out = [(FUSION_LABELS[k], F[k]) for k in FUSION_ORDER if k in F]
     out += [(k, v) for k, v in F.items() if is_merge_grid_label(k)]
     if "NPS-merge" in F:
-        out.append((f"NPS-merge (per-task λ search, {F['NPS-merge'].get('normalize')})", F["NPS-merge"]))
+        out.append((f"NPS-merge, paper NPS (per-task λ search, {F['NPS-merge'].get('normalize')})", F["NPS-merge"]))
+    rows = (MA or {}).get("rows") or {}
+    out += [(label, rows[k]) for k, label in MERGE_AWARE_LABELS.items() if k in rows]
     return out
+
+
+def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
+    """The issue's comparison: the shipped NPS-merge against TIES and the best SVD merge."""
+    rows = (MA or {}).get("rows") or {}
+    if "nps-default" not in rows or "ties" not in F:
+        return ""
+    d, sd = mean_se(rows["nps-default"]["test"], ns)
+    out = []
+    for label, keys in (("TIES", ["ties"]), ("the best of TSV-M / Iso-C", ["tsv-m", "iso-c"])):
+        have = [k for k in keys if k in F]
+        if not have:
+            continue
+        k = max(have, key=lambda k: F[k]["test_mean"])
+        m, sm = mean_se(F[k]["test"], ns)
+        se = (sd ** 2 + sm ** 2) ** 0.5
+        out.append(f"{label} ({FUSION_LABELS[k].split(' (')[0]} {m:.4f}): {d - m:+.4f} "
+                   f"({(d - m) / se if se > 0 else float('nan'):+.1f} SE)")
+    best = max(((k, v) for k, v in rows.items() if k.startswith("nps")), key=lambda kv: kv[1]["test_mean"])
+    return ("\n\nThe shipped NPS-merge (default) scores {:.4f} on test; against ".format(d) + "; against ".join(out)
+            + " (SE of the difference from the two rows' standard errors). Best NPS-merge row here: "
+            + f"{MERGE_AWARE_LABELS[best[0]].split(':')[0]} {best[1]['test_mean']:.4f}.")
 
 
 def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
@@ -164,16 +199,18 @@ def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
     if not fj:
         return "_not run (see errors)_"
     F = fj["fusion"]
+    MA = S.get("merge_aware")
     names = fj["tasks"]
     ns = [_test_rows(S, n) for n in names]
     fig = ""
     if figures_dir is not None and fig_rel and "della" in F:     # runs with today's merge rows
         from .report_figures import fig_fusion
-        fig_fusion(sname, [(l, v) for l, v in _fusion_rows(F) if l != FUSION_LABELS["fine-tuned"]], ns,
+        fig_fusion(sname, [(l.replace("**", "").split(":")[0], v) for l, v in _fusion_rows(F, MA)
+                           if l != FUSION_LABELS["fine-tuned"]], ns,
                    Path(figures_dir) / f"fusion_{sname}.png")
         fig = f"\n\n![fusion, {sname}]({fig_rel}/fusion_{sname}.png)"
     rows = []
-    for label, v in _fusion_rows(F):
+    for label, v in _fusion_rows(F, MA):
         rows.append([label] + [f"{x:.4f}" for x in v["test"]] + [pm(*mean_se(v["test"], ns)), f"{v['calib_mean']:.4f}",
                                                                  _lam(v.get("lambda"))])
     return "\n".join([
@@ -184,7 +221,7 @@ def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
            "TIES and DARE-TIES keep 20% of each task vector; ") +
         f"NPS-merge merges the NPS-focused r = {S['fusion']['compression']['keep']:g} vectors of the pruning table. "
         "Under `lambda-sum` a common λ cancels (Σλτ̂ᵢ/Σλ = mean τ̂ᵢ), so its grid is one point.", "",
-        table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)]) + fig
+        table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)]) + _fusion_verdict(F, MA, ns) + fig
 
 
 def _compression_section(sname: str, S: dict, fig_rel: Optional[str]) -> str:

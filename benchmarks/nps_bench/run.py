@@ -117,7 +117,7 @@ def _wins_rows(results_dir: Path, suite: str) -> Optional[Dict[str, list]]:
     return (json.loads(path.read_text()).get("suites", {}).get(suite) or {}).get("tasks")
 
 
-EXPERIMENTS = ("transfer", "fusion", "speed")
+EXPERIMENTS = ("transfer", "fusion", "merge-aware", "speed")
 CANON_SUITES = ("text", "vision", "vit")     # --skip-able; pruning always runs (the others need it)
 
 
@@ -161,7 +161,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
         t0 = time.time()
         suite = build_suite(name, quick=cfg.profile == "quick", tasks=_pick_tasks(name, cfg), progress=True)
         suite_tasks[name] = [ex.task_dict(t) for t in suite.tasks]
-        suites[name] = {"suite": _suite_summary(suite), "tasks": {}, "transfer": {}, "fusion": None,
+        suites[name] = {"suite": _suite_summary(suite), "tasks": {}, "transfer": {}, "fusion": None, "merge_aware": None,
                         "errors": [], "timings": {"suite_build_s": time.time() - t0, "jobs": {}},
                         "run": stamp}
         if (results_dir / f"{name}.json").is_file():   # a skipped experiment keeps its last results
@@ -170,6 +170,8 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                 suites[name]["transfer"] = prev.get("transfer", {})
             if "fusion" in skip:
                 suites[name]["fusion"] = prev.get("fusion")
+            if "merge-aware" in skip:
+                suites[name]["merge_aware"] = prev.get("merge_aware")
         log(f"[{name}] suite ready: {', '.join(suite.task_names)} ({time.time() - t0:.0f}s)")
 
     cfg_d = cfg.to_dict()
@@ -183,6 +185,12 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
     def submit(kind, suite, task, fn_name, *args):
         pending[pool.submit(_timed, fn_name, *args)] = (kind, suite, task)
 
+    def submit_fusion(name, pruning):       # the jobs that need all of a suite's pruning results
+        for kind, fn in (("fusion", "run_fusion_job"), ("merge-aware", "run_merge_aware_job")):
+            if kind not in skip:
+                submit(kind, name, "_all", fn, name, suite_tasks[name], cfg_d, str(cache_root), pruning,
+                       _wins_rows(results_dir, name))
+
     for name in cfg.suites:
         prev = results_dir / f"{name}.json"
         prev_tasks = previous.get(name, {}).get("tasks", {}) if pruning_from_results else {}
@@ -190,9 +198,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
             # the pruning table as the results file holds it (the run that wrote it is kept in "run")
             suites[name]["tasks"] = {t["name"]: prev_tasks[t["name"]] for t in suite_tasks[name]}
             suites[name]["run"] = {**stamp, "pruning_from": previous[name].get("run") or old_stamp(prev)}
-            if "fusion" not in skip:
-                submit("fusion", name, "_all", "run_fusion_job", name, suite_tasks[name], cfg_d,
-                       str(cache_root), suites[name]["tasks"], _wins_rows(results_dir, name))
+            submit_fusion(name, suites[name]["tasks"])
             continue
         if pruning_from_results:
             raise ValueError(f"--pruning-from-results: {prev} lacks the pruning results of some {name} tasks")
@@ -222,11 +228,12 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                         task = next(t for t in suite_tasks[sname] if t["name"] == tname)
                         submit("transfer", sname, tname, "run_transfer_job", task, suite_tasks[sname], cfg_d,
                                str(cache_root), out)
-                    if len(S["tasks"]) == len(suite_tasks[sname]) and "fusion" not in skip:
-                        submit("fusion", sname, "_all", "run_fusion_job", sname, suite_tasks[sname], cfg_d,
-                               str(cache_root), S["tasks"], _wins_rows(results_dir, sname))
+                    if len(S["tasks"]) == len(suite_tasks[sname]):
+                        submit_fusion(sname, S["tasks"])
                 elif kind == "transfer":
                     S["transfer"][tname] = out
+                elif kind == "merge-aware":
+                    S["merge_aware"] = out
                 else:
                     S["fusion"] = out
                 _save_suite(results_dir, sname, S)

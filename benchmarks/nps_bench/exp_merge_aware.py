@@ -1,0 +1,137 @@
+"""Experiment: fusion that beats TIES (issue 14) — the shipped NPS-merge, merge-aware NPS and masks
+that do not collide (one job per suite, after its pruning; every step cached).
+
+Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test):
+
+* ``nps-default``: what ``nps merge --method nps`` ships — each task's τ̂ of the shipped default
+  NPS (hybrid space, loglik, held-out re-scoring; the "NPS that wins" search at r = 0.05,
+  rebuilt exactly from its space point), the default λ grid, then the per-task λ search, mask-count
+  normalization (``MergeSettings()``);
+* ``nps-default-collide``: the same with ``--collide magnitude`` (each entry left to one task);
+* ``nps-joint``: ``--joint-generations`` G: every task's space point and λ_i searched together on
+  the merged model's mean calibration score, started from ``nps-default``;
+* ``ties-sequential`` / ``ties-layer`` / ``ties-collide``: TIES with CABS' conflict-free
+  sequential trim, the layer-balanced trim, and allotment by magnitude (on the fusion grid).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .cache import ResultCache, _logger, _set_threads
+from .config import BenchConfig
+from .context import TaskContext, _strip, _task_params
+
+MERGE_KEEP = 0.05        # the shipped default's --keep
+JOINT_GENERATIONS = 4
+
+
+def _default_points(ctxs, wins_rows: Optional[Dict[str, list]], keep: float):
+    rows = []
+    for c in ctxs:
+        row = next((r for r in (wins_rows or {}).get(c.task["name"], []) if r.get("method") == "nps-default"
+                    and abs(r["keep"] - keep) < 1e-12 and r.get("params")), None)
+        if row is None:
+            return None
+        rows.append(row)
+    return rows
+
+
+def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: str,
+                        pruning: Dict[str, dict], wins_rows: Optional[Dict[str, list]] = None) -> dict:
+    import torch
+    from nps_pruning.apps.merge import (TaskPoint, joint_nps_merge, merge_with_lambda_grid, merged_scores,
+                                        nps_merge_lambdas)
+    from nps_pruning.apps.settings import MergeSettings, PruneSettings
+    from nps_pruning.core import make_bands
+    from nps_pruning.core.merge import nps_combine
+    from nps_pruning.core.space import make_hybrid_index, make_space
+    from nps_pruning.task_vector import stack_values
+    from .exp_codings import default_pruned
+
+    cfg = BenchConfig.from_dict(cfg_dict)
+    _set_threads(cfg.threads)
+    cache = ResultCache(Path(cache_root))
+    log = _logger(f"{suite}/merge-aware")
+    t_job = time.perf_counter()
+    ctxs = [TaskContext(suite, t, cfg) for t in tasks]
+    sessions = [c.session for c in ctxs]
+    calibs = [c.calib for c in ctxs]
+    base_params = {"tasks": [_task_params(t) for t in tasks], **cfg.eval_params(suite)}
+    out: Dict[str, dict] = {}
+
+    def scored(merged, extra=None) -> dict:
+        calib = merged_scores(sessions, calibs, merged)
+        test = merged_scores(sessions, [c.test for c in ctxs], merged)
+        return {"calib": calib, "test": test, "calib_mean": float(np.mean(calib)),
+                "test_mean": float(np.mean(test)), **(extra or {})}
+
+    taus = stack_values([s.task_vector for s in sessions])
+    for key, over in (("ties-sequential", {"trim": "sequential"}), ("ties-layer", {"trim": "layer"}),
+                      ("ties-collide", {"collide": "magnitude"})):
+        def ties_row(over=over):
+            settings = MergeSettings(seed=cfg.seed, keep_ratio=cfg.ties_keep, lambda_grid=cfg.ties_grid, **over)
+            merged, lam, grid = merge_with_lambda_grid("ties", taus, sessions, calibs, settings=settings)
+            return scored(merged, {"lambda": lam, "grid": grid, "keep": cfg.ties_keep, **over})
+        out[key] = _strip(cache.step(suite, "_merge_aware", key,
+                                     {**base_params, "grid": list(cfg.ties_grid), "keep": cfg.ties_keep,
+                                      "seed": cfg.seed, **over}, ties_row, log))
+
+    wr = _default_points(ctxs, wins_rows, MERGE_KEEP)
+    if wr is None:
+        log("no 'NPS that wins' default rows at r = 0.05 (run make bench-wins first): NPS rows skipped")
+        return {"suite": suite, "rows": out, "job_s": time.perf_counter() - t_job}
+    points_src = {"keep": MERGE_KEEP, "points": [r["params"] for r in wr]}
+    state: Dict[str, object] = {}
+
+    def pruned():
+        if "pruned" not in state:
+            state["pruned"] = torch.stack([default_pruned(c, r, MERGE_KEEP) for c, r in zip(ctxs, wr)])
+        return state["pruned"]
+
+    shipped = MergeSettings(seed=cfg.seed)
+
+    def two_stage(collide):
+        settings = shipped.replace(collide=collide)
+        lambdas, grid, result = nps_merge_lambdas(sessions, calibs, pruned(), settings=settings, progress=False)
+        merged = nps_combine(pruned(), lambdas, settings.normalize, collide)
+        return scored(merged, {"lambda": [float(x) for x in lambdas], "grid": grid, "collide": collide,
+                               "normalize": settings.normalize,
+                               "search_candidates": 0 if result is None else len(result.candidates)})
+    for key, collide in (("nps-default", "allow"), ("nps-default-collide", "magnitude")):
+        out[key] = _strip(cache.step(suite, "_merge_aware", key,
+                                     {**base_params, **points_src, "collide": collide,
+                                      "settings": {"grid": list(shipped.lambda_grid),
+                                                   "gens": shipped.lambda_generations,
+                                                   "normalize": shipped.normalize}},
+                                     lambda collide=collide: two_stage(collide), log))
+
+    def joint():
+        st = PruneSettings()
+        points = []
+        for c, r in zip(ctxs, wr):
+            values = c.session.task_vector.values
+            p = r.get("_params") or {}
+            bands = make_bands(values, int(p.get("bands", st.bands)), st.scheme, MERGE_KEEP, st.focus,
+                               sorted_dtype=values.dtype if values.dtype != torch.float64 else torch.float32)
+            space = make_space("hybrid", int(p.get("bands", st.bands)), st.search.lower, st.search.upper,
+                               st.search.param, keep_ratio=MERGE_KEEP)
+            index = make_hybrid_index(values, int(p.get("seed", st.seed)))
+            points.append(TaskPoint(space, bands, index, np.asarray(r["params"], dtype=np.float64), MERGE_KEEP))
+        lam0 = out["nps-default"]["lambda"]
+        settings = shipped.replace(joint_generations=JOINT_GENERATIONS)
+        t0 = time.perf_counter()
+        pr, lambdas, result = joint_nps_merge(sessions, calibs, points, lam0, settings=settings, progress=False)
+        merged = nps_combine(pr, lambdas, settings.normalize)
+        return scored(merged, {"lambda": [float(x) for x in lambdas], "generations": JOINT_GENERATIONS,
+                               "two_stage_calib": out["nps-default"]["calib_mean"],
+                               "joint_calib": float(result.best_score),
+                               "examples_scored": sum(int(c.get("examples") or 0) for c in result.candidates),
+                               "search_candidates": len(result.candidates), "search_s": time.perf_counter() - t0})
+    out["nps-joint"] = _strip(cache.step(suite, "_merge_aware", "nps-joint",
+                                         {**base_params, **points_src, "from": out["nps-default"]["lambda"],
+                                          "gens": JOINT_GENERATIONS}, joint, log))
+    return {"suite": suite, "rows": out, "job_s": time.perf_counter() - t_job}
