@@ -5,6 +5,9 @@ is better) with ``.name`` and ``.num_rows``. Spec forms:
 
 * ``text-classification:FILE`` — CSV/JSONL with ``text``,``label``; tokenizer from ``model_path``;
 * ``image-classification:FILE`` — NPZ with ``images``,``labels`` (optional ``mean``,``std``);
+* ``multiple-choice:FILE`` — JSONL ``context``, ``choices``, ``label``; a causal LM's summed
+  log-likelihood of each choice (:mod:`.lm`);
+* ``perplexity:FILE`` — text (paragraphs) or JSONL ``text``; exp(−mean token NLL) (:mod:`.lm`);
 * ``python:MODULE:FUNCTION`` — FUNCTION(model) -> float.
 
 Evaluators prepare their data once, at construction (tokenize, pad, normalise), so each call
@@ -31,7 +34,7 @@ __all__ = [
     "ImageClassificationEvaluator", "PythonEvaluator", "SPEC_KINDS",
 ]
 
-SPEC_KINDS = ("text-classification", "image-classification", "python")
+SPEC_KINDS = ("text-classification", "image-classification", "multiple-choice", "perplexity", "python")
 
 
 @runtime_checkable
@@ -74,6 +77,12 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
         return ImageClassificationEvaluator(arg, calib_size=calib_size, seed=seed,
                                             batch_size=batch_size, device=device, subset=subset,
                                             fitness=fitness, rest_size=rest_size)
+    if kind in ("multiple-choice", "perplexity"):
+        from .lm import MultipleChoiceEvaluator, PerplexityEvaluator
+        cls = MultipleChoiceEvaluator if kind == "multiple-choice" else PerplexityEvaluator
+        return cls(arg, model_path=model_path, calib_size=calib_size, seed=seed,
+                   batch_size=batch_size, device=device, max_length=max_length, subset=subset,
+                   fitness=fitness, rest_size=rest_size)
     raise NPSError(f"{spec}: unknown evaluation kind {kind!r} (expected one of {', '.join(SPEC_KINDS)})")
 
 
@@ -91,6 +100,9 @@ def count_rows(spec: str) -> int:
                 return int(len(data["images"]))
         except Exception as exc:
             raise NPSError(f"{arg}: not a readable NPZ file with 'images' ({type(exc).__name__})") from exc
+    if kind in ("multiple-choice", "perplexity"):
+        from .lm import count_lm_rows
+        return count_lm_rows(kind, arg)
     raise NPSError(f"{spec}: held-out re-scoring (--holdout) needs a text- or image-classification "
                    "evaluator; use --holdout 0 with python: evaluators")
 

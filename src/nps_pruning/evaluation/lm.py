@@ -1,0 +1,302 @@
+"""Causal language-model evaluators (SPEC §3 style; issue "Causal language models", item 2).
+
+* ``multiple-choice:FILE`` — JSONL rows ``{"context": str, "choices": [str, ...], "label": int}``
+  (the same number of choices in every row). Each choice is scored by the summed log-likelihood
+  of its tokens after the context; the row's "logits" are those C sums, so every ``--fitness``
+  applies: accuracy (argmax = label), loglik (log-softmax over the choices at the label) and the
+  label-free agreement (KL from the fine-tuned model's distribution over the choices). When every
+  choice of every row is one token, a row costs one forward pass of its context (the choices are
+  read off the last position); otherwise each (row, choice) sequence is one row of a batch.
+* ``perplexity:FILE`` — a ``.txt`` file (rows: its blank-line separated paragraphs) or JSONL with a
+  ``text`` column; each row truncated to ``max_length`` tokens. Score: **exp(−mean token NLL)** =
+  1/perplexity over all scored tokens (in (0, 1], higher is better) with the default fitness, the
+  mean token log-likelihood (its log, the same ranking) with ``--fitness loglik``. Agreement is
+  not defined for it.
+
+The tokenizer comes from the model folder being scored; rows are tokenized once, at
+construction, so a call is forward passes only, on the model whose weights the search rebinds in
+place (no candidate is reloaded).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import NPSError
+from .fitness import LOG_FLOOR, FitnessScored, check_fitness
+from .model import logits_of
+from .text import JSONL_SUFFIXES, forward_or_explain, load_tokenizer, select_rows
+
+
+def _jsonl_rows(path: Path, columns: Sequence[str]) -> List[dict]:
+    if not path.is_file():
+        raise NPSError(f"{path}: no such file")
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise NPSError(f"{path}: line {lineno}: not JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise NPSError(f"{path}: line {lineno}: expected a JSON object per line")
+                for col in columns:
+                    if col not in row:
+                        raise NPSError(f"{path}: line {lineno}: missing column {col!r}")
+                row["_line"] = lineno
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not rows:
+        raise NPSError(f"{path}: empty file (no rows)")
+    return rows
+
+
+def read_choice_rows(path: Path, need_labels: bool = True) -> Tuple[List[str], List[List[str]], List[int]]:
+    """(contexts, choices, labels) of a multiple-choice JSONL file; NPSError naming the line."""
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        raise NPSError(f"{path}: multiple-choice data is JSON Lines (.jsonl) with context, choices, label")
+    rows = _jsonl_rows(path, ("context", "choices", "label") if need_labels else ("context", "choices"))
+    contexts, choices, labels = [], [], []
+    width = None
+    for row in rows:
+        where = f"{path}: line {row['_line']}"
+        ch = row["choices"]
+        if not isinstance(row["context"], str):
+            raise NPSError(f"{where}: 'context' is not a string")
+        if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch)):
+            raise NPSError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if width is None:
+            width = len(ch)
+        elif len(ch) != width:
+            raise NPSError(f"{where}: {len(ch)} choices, earlier rows have {width} (every row needs "
+                           "the same number)")
+        lab = row.get("label", 0)
+        if need_labels and (isinstance(lab, bool) or not isinstance(lab, int) or not 0 <= lab < width):
+            raise NPSError(f"{where}: label {lab!r} is not a choice index in 0..{width - 1}")
+        contexts.append(row["context"])
+        choices.append(list(ch))
+        labels.append(int(lab) if isinstance(lab, int) else 0)
+    return contexts, choices, labels
+
+
+def read_lm_rows(path: Path) -> List[str]:
+    """The rows of a perplexity file: a .txt file's paragraphs, or a JSONL file's ``text``."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        rows = _jsonl_rows(path, ("text",))
+        for row in rows:
+            if not isinstance(row["text"], str):
+                raise NPSError(f"{path}: line {row['_line']}: 'text' is not a string")
+        texts = [r["text"] for r in rows if r["text"].strip()]
+    else:
+        if not path.is_file():
+            raise NPSError(f"{path}: no such file")
+        try:
+            raw = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        texts = [p.strip() for p in raw.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    if not texts:
+        raise NPSError(f"{path}: no text to score")
+    return texts
+
+
+def _pad_right(seqs: List[List[int]], pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _token_logp(model, ids, mask, source) -> torch.Tensor:
+    """log p(token t | tokens < t) for t ≥ 1: a (batch, width − 1) float tensor."""
+    logits = logits_of(forward_or_explain(model, source, input_ids=ids, attention_mask=mask)).float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    got = logp.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.nan_to_num(got, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
+
+
+def _check_vocab(model, max_id: int, source) -> None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and max_id >= rows:
+        raise NPSError(f"{source}: token ids go up to {max_id} but the model's input embedding has "
+                       f"{rows} rows: tokenizer and model do not match")
+
+
+class _LMBase:
+    def _tokenize(self, model_path, tokenizer):
+        tok = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+        pad = getattr(tok, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tok, "eos_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+        return tok
+
+
+class MultipleChoiceEvaluator(_LMBase, FitnessScored):
+    """``multiple-choice:FILE`` (see the module docstring)."""
+
+    def __init__(self, path, *, model_path=None, calib_size=None, seed=0, batch_size=16, device="cpu",
+                 max_length=256, subset="all", tokenizer=None, fitness="accuracy", rest_size=None):
+        self.path = Path(path)
+        self.name = f"multiple-choice:{path}"
+        self.fitness = check_fitness(fitness, str(path))
+        if int(batch_size) <= 0:
+            raise NPSError(f"{path}: batch_size must be positive, got {batch_size}")
+        contexts, choices, labels = read_choice_rows(self.path, need_labels=self.fitness != "agreement")
+        self.total_rows = len(contexts)
+        self.indices, self.note = select_rows(len(contexts), calib_size, seed, subset, str(self.path),
+                                              rest_size=rest_size)
+        idx = self.indices.tolist()
+        self.num_rows = len(idx)
+        self.labels = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+        self.reference = None
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        tok = self._tokenize(model_path, tokenizer)
+        L = int(max_length)
+        self.ctx_ids: List[List[int]] = []
+        self.choice_ids: List[List[List[int]]] = []
+        for i in idx:
+            ctx = tok(contexts[i])["input_ids"] or [self.pad_id]
+            chs = [tok(c, add_special_tokens=False)["input_ids"] for c in choices[i]]
+            if any(not c for c in chs):
+                raise NPSError(f"{path}: row {i + 1}: a choice tokenizes to no tokens")
+            longest = max(len(c) for c in chs)
+            if longest >= L:
+                raise NPSError(f"{path}: row {i + 1}: a choice is {longest} tokens, --max-length is {L}")
+            ctx = ctx[-(L - longest):]          # keep the end of a long context
+            self.ctx_ids.append(ctx)
+            self.choice_ids.append(chs)
+        self.single_token = all(len(c) == 1 for chs in self.choice_ids for c in chs)
+        self.max_id = max(max(max(c) for c in chs) for chs in self.choice_ids)
+        self.max_id = max(self.max_id, max(max(c) for c in self.ctx_ids))
+        self.max_label = int(self.labels.max()) if self.num_rows else 0
+
+    # row positions → batches (FitnessScored's contract)
+    def _batch_positions(self) -> List[np.ndarray]:
+        n = self.num_rows
+        return [np.arange(s, min(n, s + self.batch_size), dtype=np.int64) for s in range(0, n, self.batch_size)]
+
+    def _subset_positions(self, pos: np.ndarray) -> List[np.ndarray]:
+        return [pos[s:s + self.batch_size] for s in range(0, len(pos), self.batch_size)]
+
+    def _choice_scores(self, model, part: np.ndarray) -> torch.Tensor:
+        """(len(part), C): summed log-likelihood of each choice of each row."""
+        rows = part.tolist()
+        if self.single_token:
+            ids, mask = _pad_right([self.ctx_ids[i] for i in rows], self.pad_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = logits_of(forward_or_explain(model, self.path, input_ids=ids, attention_mask=mask)).float()
+            last = mask.sum(dim=1) - 1
+            logp = torch.log_softmax(logits[torch.arange(len(rows)), last], dim=-1)
+            tokens = torch.tensor([[c[0] for c in self.choice_ids[i]] for i in rows], device=self.device)
+            out = logp.gather(1, tokens)
+            return torch.nan_to_num(out, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
+        C = len(self.choice_ids[rows[0]])
+        seqs, spans = [], []
+        for i in rows:
+            for c in self.choice_ids[i]:
+                seqs.append(self.ctx_ids[i] + c)
+                spans.append((len(self.ctx_ids[i]), len(c)))
+        ids, mask = _pad_right(seqs, self.pad_id)
+        lp = _token_logp(model, ids.to(self.device), mask.to(self.device), self.path)
+        sums = torch.stack([lp[j, start - 1:start - 1 + n].sum() for j, (start, n) in enumerate(spans)])
+        return sums.view(len(rows), C)
+
+    def _scored(self, model, parts):
+        if getattr(self, "_checked", None) is not type(model):
+            _check_vocab(model, self.max_id, self.path)
+            self._checked = type(model)
+        with torch.inference_mode():
+            for part in parts:
+                yield self._choice_scores(model, part), self.labels[torch.as_tensor(part)].to(self.device)
+
+    def _logits(self, model):
+        return self._scored(model, self._batch_positions())
+
+    def _subset_logits(self, model, parts):
+        return self._scored(model, parts)
+
+    def __repr__(self) -> str:
+        return f"MultipleChoiceEvaluator({str(self.path)!r}, num_rows={self.num_rows})"
+
+
+class PerplexityEvaluator(_LMBase):
+    """``perplexity:FILE`` (see the module docstring)."""
+
+    def __init__(self, path, *, model_path=None, calib_size=None, seed=0, batch_size=8, device="cpu",
+                 max_length=256, subset="all", tokenizer=None, fitness="accuracy", rest_size=None):
+        self.path = Path(path)
+        self.name = f"perplexity:{path}"
+        self.fitness = check_fitness(fitness, str(path))
+        if self.fitness == "agreement":
+            raise NPSError(f"{path}: --fitness agreement is not defined for perplexity: (it scores the "
+                           "text itself); use loglik or the default")
+        if int(batch_size) <= 0:
+            raise NPSError(f"{path}: batch_size must be positive, got {batch_size}")
+        texts = read_lm_rows(self.path)
+        self.total_rows = len(texts)
+        self.indices, self.note = select_rows(len(texts), calib_size, seed, subset, str(self.path),
+                                              rest_size=rest_size)
+        self.device = torch.device(device)
+        tok = self._tokenize(model_path, tokenizer)
+        enc = [tok(texts[i], truncation=True, max_length=int(max_length))["input_ids"]
+               for i in self.indices.tolist()]
+        self.rows = [e for e in enc if len(e) >= 2]
+        if not self.rows:
+            raise NPSError(f"{path}: every row is shorter than two tokens: nothing to predict")
+        self.num_rows = len(self.rows)
+        self.num_tokens = sum(len(r) - 1 for r in self.rows)
+        self.max_id = max(max(r) for r in self.rows)
+        order = sorted(range(self.num_rows), key=lambda i: len(self.rows[i]))
+        self.batches = [order[s:s + int(batch_size)] for s in range(0, len(order), int(batch_size))]
+        self._checked = None
+
+    def mean_loglik(self, model) -> float:
+        if self._checked is not type(model):
+            _check_vocab(model, self.max_id, self.path)
+            self._checked = type(model)
+        total = 0.0
+        with torch.inference_mode():
+            for part in self.batches:
+                ids, mask = _pad_right([self.rows[i] for i in part], self.pad_id)
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                lp = _token_logp(model, ids, mask, self.path)
+                total += float((lp * mask[:, 1:].to(lp.dtype)).sum())
+        return total / self.num_tokens
+
+    def __call__(self, model) -> float:
+        ll = self.mean_loglik(model)
+        return ll if self.fitness == "loglik" else math.exp(ll)
+
+    def score_rows(self, model, rows=None):
+        raise NPSError(f"{self.path}: racing (--race) needs a classification or multiple-choice "
+                       "evaluator, not perplexity:")
+
+    def __repr__(self) -> str:
+        return f"PerplexityEvaluator({str(self.path)!r}, num_rows={self.num_rows})"
+
+
+def count_lm_rows(kind: str, path: str) -> int:
+    """Rows of a multiple-choice / perplexity file, without tokenizing."""
+    if kind == "multiple-choice":
+        return len(read_choice_rows(Path(path), need_labels=False)[0])
+    return len(read_lm_rows(Path(path)))
+
+
+__all__ = ["MultipleChoiceEvaluator", "PerplexityEvaluator", "read_choice_rows", "read_lm_rows",
+           "count_lm_rows"]

@@ -1,0 +1,161 @@
+"""Causal-LM evaluators (evaluation/lm.py): multiple-choice and perplexity scores against a
+by-hand computation with the model itself, batching invariance, clear errors, and NPS on an LLM."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import WORDS, _tokenizer
+from nps_pruning.cli import main as nps
+from nps_pruning.errors import NPSError
+from nps_pruning.evaluation import make_evaluator
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    """root/base and root/ft: a tiny LlamaForCausalLM (+ a small perturbation) with a tokenizer."""
+    root = tmp_path_factory.mktemp("llm")
+    tok, vocab = _tokenizer(root / "_vocab")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=64, tie_word_embeddings=True,
+                                   pad_token_id=0)
+    base = transformers.LlamaForCausalLM(cfg)
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    base.save_pretrained(root / "ft")
+    tok.save_pretrained(root / "ft")
+    g = torch.Generator().manual_seed(2)
+    single, multi = [], []
+    for i in range(12):
+        ctx = " ".join(WORDS[j] for j in torch.randint(len(WORDS), (int(3 + i % 4),), generator=g).tolist())
+        single.append({"context": ctx, "choices": ["good", "bad", "fun"], "label": i % 3})
+        multi.append({"context": ctx, "choices": ["good movie", "bad", "fun fun fine"], "label": i % 3})
+    (root / "mc1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in single))
+    (root / "mc2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multi))
+    paras = [" ".join(WORDS[j] for j in torch.randint(len(WORDS), (int(4 + i),), generator=g).tolist())
+             for i in range(7)]
+    (root / "prose.txt").write_text("\n\n".join(paras) + "\n")
+    return root, tok
+
+
+def _model(path):
+    return transformers.LlamaForCausalLM.from_pretrained(path).eval()
+
+
+def _hand_choice_scores(model, tok, row):
+    """Summed log p(choice tokens | context), one unpadded forward per choice."""
+    ctx = tok(row["context"])["input_ids"]
+    out = []
+    for c in row["choices"]:
+        ids = ctx + tok(c, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        out.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(ctx), len(ids))))
+    return out
+
+
+@pytest.mark.parametrize("fname", ["mc1.jsonl", "mc2.jsonl"])
+def test_multiple_choice_matches_the_hand_computation(llm, fname):
+    root, tok = llm
+    model = _model(root / "ft")
+    rows = [json.loads(l) for l in (root / fname).read_text().splitlines()]
+    hand = [_hand_choice_scores(model, tok, r) for r in rows]
+    acc = np.mean([int(np.argmax(h)) == r["label"] for h, r in zip(hand, rows)])
+    ll = np.mean([h[r["label"]] - math.log(sum(math.exp(x) for x in h)) for h, r in zip(hand, rows)])
+    for bs in (1, 5):
+        ev = make_evaluator(f"multiple-choice:{root / fname}", model_path=root / "ft", batch_size=bs)
+        assert ev.single_token == (fname == "mc1.jsonl") and ev.num_rows == 12
+        assert ev(model) == pytest.approx(acc, abs=1e-12)
+        evl = make_evaluator(f"multiple-choice:{root / fname}", model_path=root / "ft", batch_size=bs,
+                             fitness="loglik")
+        assert evl(model) == pytest.approx(ll, abs=1e-4)
+        # racing's per-row scoring agrees with the full score
+        score, values = evl.score_rows(model, np.array([3, 0, 7]))
+        assert score == pytest.approx(np.mean(values), abs=1e-6) and len(values) == 3   # float32 sums
+        assert evl.score_rows(model)[0] == pytest.approx(evl(model), abs=1e-6)
+
+
+def test_multiple_choice_agreement_is_one_for_the_reference_model(llm):
+    root, _ = llm
+    ft, base = _model(root / "ft"), _model(root / "base")
+    ev = make_evaluator(f"multiple-choice:{root / 'mc2.jsonl'}", model_path=root / "ft", fitness="agreement")
+    with pytest.raises(NPSError, match="set_reference"):
+        ev(ft)
+    ev.set_reference(ft)
+    assert ev(ft) == pytest.approx(1.0, abs=1e-6)
+    assert ev(base) < 1.0
+
+
+def test_perplexity_matches_the_hand_computation(llm):
+    root, tok = llm
+    model = _model(root / "ft")
+    paras = [p for p in (root / "prose.txt").read_text().split("\n\n") if p.strip()]
+    total, count = 0.0, 0
+    for p in paras:
+        ids = tok(p.strip())["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        total += sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)))
+        count += len(ids) - 1
+    for bs in (1, 3):
+        ev = make_evaluator(f"perplexity:{root / 'prose.txt'}", model_path=root / "ft", batch_size=bs)
+        assert ev.num_rows == 7 and ev.num_tokens == count
+        assert ev(model) == pytest.approx(math.exp(total / count), rel=1e-5)
+        evl = make_evaluator(f"perplexity:{root / 'prose.txt'}", model_path=root / "ft", batch_size=bs,
+                             fitness="loglik")
+        assert evl(model) == pytest.approx(total / count, abs=1e-5)
+    sub = make_evaluator(f"perplexity:{root / 'prose.txt'}", model_path=root / "ft", calib_size=3)
+    assert sub.num_rows == 3
+
+
+@pytest.mark.parametrize("case", ["width", "label", "column", "suffix", "agreement", "race", "empty"])
+def test_lm_evaluators_refuse_bad_input_clearly(llm, tmp_path, case):
+    root, _ = llm
+    bad = tmp_path / "bad.jsonl"
+    rows = {"width": [{"context": "a", "choices": ["good", "bad"], "label": 0},
+                      {"context": "b", "choices": ["good", "bad", "fun"], "label": 0}],
+            "label": [{"context": "a", "choices": ["good", "bad"], "label": 2}],
+            "column": [{"context": "a", "label": 0}]}.get(case)
+    if rows:
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec, match = {"width": (f"multiple-choice:{bad}", "same number"),
+                   "label": (f"multiple-choice:{bad}", "not a choice index"),
+                   "column": (f"multiple-choice:{bad}", "missing column 'choices'"),
+                   "suffix": (f"multiple-choice:{root / 'prose.txt'}", "JSON Lines"),
+                   "agreement": (f"perplexity:{root / 'prose.txt'}", "agreement is not defined"),
+                   "race": (f"perplexity:{root / 'prose.txt'}", "racing"),
+                   "empty": (f"perplexity:{tmp_path / 'e.txt'}", "no text")}[case]
+    if case == "empty":
+        (tmp_path / "e.txt").write_text("\n\n  \n")
+    with pytest.raises(NPSError, match=match):
+        ev = make_evaluator(spec, model_path=root / "ft",
+                            fitness="agreement" if case == "agreement" else "accuracy")
+        if case == "race":
+            ev.score_rows(_model(root / "ft"), [0])
+
+
+def test_nps_prunes_a_causal_lm_on_multiple_choice_and_eval_reads_perplexity(llm, tmp_path, capsys):
+    root, _ = llm
+    out = tmp_path / "pruned"
+    assert nps(["prune", str(root / "base"), str(root / "ft"), "-o", str(out), "--method", "nps",
+                "--eval", f"multiple-choice:{root / 'mc2.jsonl'}", "--keep", "0.2", "--bands", "2",
+                "--generations", "1", "--popsize", "4", "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["search"]["examples_scored"] > 0
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    capsys.readouterr()
+    assert nps(["eval", str(out), "--eval", f"perplexity:{root / 'prose.txt'}", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert 0.0 < got["score"] <= 1.0
