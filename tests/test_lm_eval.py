@@ -159,3 +159,29 @@ def test_nps_prunes_a_causal_lm_on_multiple_choice_and_eval_reads_perplexity(llm
     assert nps(["eval", str(out), "--eval", f"perplexity:{root / 'prose.txt'}", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert 0.0 < got["score"] <= 1.0
+
+
+def test_generation_exact_match_against_unpadded_greedy_decoding(llm, tmp_path):
+    """Half the answers are the model's own greedy output (decoded one prompt at a time, no
+    padding), half are wrong: the batched, left-padded evaluator must score exactly 0.5."""
+    root, tok = llm
+    model = _model(root / "ft")
+    prompts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(2 + i % 5)) for i in range(8)]
+    rows = []
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([tok(p)["input_ids"]])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                 do_sample=False, pad_token_id=0)
+        text = tok.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=True).split("\n")[0]
+        rows.append({"prompt": p, "answer": ("  " + text.upper() + " ") if i % 2 == 0 else text + " zzz"})
+    f = tmp_path / "gen.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from nps_pruning.evaluation.lm import GenerationEvaluator
+    for bs in (1, 3):
+        ev = GenerationEvaluator(f, model_path=root / "ft", batch_size=bs, max_new_tokens=4)
+        assert ev(model) == 0.5
+    with pytest.raises(NPSError, match="exact match"):
+        make_evaluator(f"generation:{f}", model_path=root / "ft", fitness="loglik")
+    from nps_pruning.apps.session import Session
+    assert Session.search_fitness(f"generation:{f}") == "accuracy"

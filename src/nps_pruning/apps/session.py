@@ -114,6 +114,8 @@ class Session:
                                "image-classification evaluators; a python: evaluator returns its "
                                "own score")
             return "accuracy"
+        if spec.partition(":")[0].strip().lower() == "generation":
+            return fitness or "accuracy"       # exact match is its only score
         return fitness or "loglik"
 
     def search_evaluators(self, spec: str, *, fitness: Optional[str] = None, holdout: float = 0.0,

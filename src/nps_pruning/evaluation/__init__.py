@@ -8,6 +8,7 @@ is better) with ``.name`` and ``.num_rows``. Spec forms:
 * ``multiple-choice:FILE`` — JSONL ``context``, ``choices``, ``label``; a causal LM's summed
   log-likelihood of each choice (:mod:`.lm`);
 * ``perplexity:FILE`` — text (paragraphs) or JSONL ``text``; exp(−mean token NLL) (:mod:`.lm`);
+* ``generation:FILE`` — JSONL ``prompt``, ``answer``; exact match of greedy output (:mod:`.lm`);
 * ``python:MODULE:FUNCTION`` — FUNCTION(model) -> float.
 
 Evaluators prepare their data once, at construction (tokenize, pad, normalise), so each call
@@ -34,7 +35,8 @@ __all__ = [
     "ImageClassificationEvaluator", "PythonEvaluator", "SPEC_KINDS",
 ]
 
-SPEC_KINDS = ("text-classification", "image-classification", "multiple-choice", "perplexity", "python")
+SPEC_KINDS = ("text-classification", "image-classification", "multiple-choice", "perplexity", "generation",
+              "python")
 
 
 @runtime_checkable
@@ -77,9 +79,10 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
         return ImageClassificationEvaluator(arg, calib_size=calib_size, seed=seed,
                                             batch_size=batch_size, device=device, subset=subset,
                                             fitness=fitness, rest_size=rest_size)
-    if kind in ("multiple-choice", "perplexity"):
-        from .lm import MultipleChoiceEvaluator, PerplexityEvaluator
-        cls = MultipleChoiceEvaluator if kind == "multiple-choice" else PerplexityEvaluator
+    if kind in ("multiple-choice", "perplexity", "generation"):
+        from .lm import GenerationEvaluator, MultipleChoiceEvaluator, PerplexityEvaluator
+        cls = {"multiple-choice": MultipleChoiceEvaluator, "perplexity": PerplexityEvaluator,
+               "generation": GenerationEvaluator}[kind]
         return cls(arg, model_path=model_path, calib_size=calib_size, seed=seed,
                    batch_size=batch_size, device=device, max_length=max_length, subset=subset,
                    fitness=fitness, rest_size=rest_size)
@@ -100,7 +103,7 @@ def count_rows(spec: str) -> int:
                 return int(len(data["images"]))
         except Exception as exc:
             raise NPSError(f"{arg}: not a readable NPZ file with 'images' ({type(exc).__name__})") from exc
-    if kind in ("multiple-choice", "perplexity"):
+    if kind in ("multiple-choice", "perplexity", "generation"):
         from .lm import count_lm_rows
         return count_lm_rows(kind, arg)
     raise NPSError(f"{spec}: held-out re-scoring (--holdout) needs a text- or image-classification "

@@ -12,6 +12,8 @@
   1/perplexity over all scored tokens (in (0, 1], higher is better) with the default fitness, the
   mean token log-likelihood (its log, the same ranking) with ``--fitness loglik``. Agreement is
   not defined for it.
+* ``generation:FILE`` — JSONL ``prompt``, ``answer``: exact match of the greedy continuation
+  (bounded length, first line, whitespace and case normalized).
 
 The tokenizer comes from the model folder being scored; rows are tokenized once, at
 construction, so a call is forward passes only, on the model whose weights the search rebinds in
@@ -291,12 +293,101 @@ class PerplexityEvaluator(_LMBase):
         return f"PerplexityEvaluator({str(self.path)!r}, num_rows={self.num_rows})"
 
 
+def read_generation_rows(path: Path) -> Tuple[List[str], List[str]]:
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        raise NPSError(f"{path}: generation data is JSON Lines (.jsonl) with prompt, answer")
+    rows = _jsonl_rows(path, ("prompt", "answer"))
+    for row in rows:
+        if not (isinstance(row["prompt"], str) and isinstance(row["answer"], str)):
+            raise NPSError(f"{path}: line {row['_line']}: 'prompt' and 'answer' must be strings")
+    return [r["prompt"] for r in rows], [r["answer"] for r in rows]
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: whitespace collapsed, ends stripped, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+class GenerationEvaluator(_LMBase):
+    """``generation:FILE`` — JSONL ``prompt``, ``answer``: the fraction of rows whose greedy
+    continuation (at most ``max_new_tokens``, cut at the first newline) equals the answer after
+    :func:`normalize_answer`. Left-padded batches; only accuracy (no loglik, agreement or race)."""
+
+    def __init__(self, path, *, model_path=None, calib_size=None, seed=0, batch_size=8, device="cpu",
+                 max_length=256, subset="all", tokenizer=None, fitness="accuracy", rest_size=None,
+                 max_new_tokens: int = 16):
+        self.path = Path(path)
+        self.name = f"generation:{path}"
+        if check_fitness(fitness, str(path)) != "accuracy":
+            raise NPSError(f"{path}: generation: is scored by exact match; --fitness {fitness} does not "
+                           "apply (use accuracy)")
+        self.fitness = "accuracy"
+        prompts, answers = read_generation_rows(self.path)
+        self.total_rows = len(prompts)
+        self.indices, self.note = select_rows(len(prompts), calib_size, seed, subset, str(self.path),
+                                              rest_size=rest_size)
+        idx = self.indices.tolist()
+        self.num_rows = len(idx)
+        self.device = torch.device(device)
+        self.tok = self._tokenize(model_path, tokenizer)
+        self.answers = [normalize_answer(answers[i]) for i in idx]
+        L = int(max_length)
+        self.prompts = [(self.tok(prompts[i])["input_ids"] or [self.pad_id])[-L:] for i in idx]
+        self.max_id = max(max(p) for p in self.prompts)
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        self._checked = None
+
+    def generate(self, model) -> List[str]:
+        """The decoded greedy continuation of every row, in row order."""
+        if self._checked is not type(model):
+            _check_vocab(model, self.max_id, self.path)
+            self._checked = type(model)
+        out: List[str] = []
+        with torch.inference_mode():
+            for s in range(0, self.num_rows, self.batch_size):
+                seqs = self.prompts[s:s + self.batch_size]
+                width = max(len(q) for q in seqs)
+                ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for i, q in enumerate(seqs):           # left padding: generation continues at the end
+                    ids[i, width - len(q):] = torch.tensor(q, dtype=torch.long)
+                    mask[i, width - len(q):] = 1
+                try:
+                    gen = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         pad_token_id=self.pad_id)
+                except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+                    raise NPSError(f"{self.path}: the model ({type(model).__name__}) cannot generate: "
+                                   f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+                for row in gen[:, width:].tolist():
+                    out.append(self.tok.decode(row, skip_special_tokens=True).split("\n")[0])
+        return out
+
+    def __call__(self, model) -> float:
+        got = self.generate(model)
+        return float(np.mean([normalize_answer(g) == a for g, a in zip(got, self.answers)]))
+
+    def score_rows(self, model, rows=None):
+        raise NPSError(f"{self.path}: racing (--race) needs a classification or multiple-choice "
+                       "evaluator, not generation:")
+
+    def __repr__(self) -> str:
+        return f"GenerationEvaluator({str(self.path)!r}, num_rows={self.num_rows})"
+
+
+LM_KINDS = ("multiple-choice", "perplexity", "generation")
+
+
 def count_lm_rows(kind: str, path: str) -> int:
-    """Rows of a multiple-choice / perplexity file, without tokenizing."""
+    """Rows of a multiple-choice / perplexity / generation file, without tokenizing."""
     if kind == "multiple-choice":
         return len(read_choice_rows(Path(path), need_labels=False)[0])
+    if kind == "generation":
+        return len(read_generation_rows(Path(path))[0])
     return len(read_lm_rows(Path(path)))
 
 
-__all__ = ["MultipleChoiceEvaluator", "PerplexityEvaluator", "read_choice_rows", "read_lm_rows",
+__all__ = ["MultipleChoiceEvaluator", "PerplexityEvaluator", "GenerationEvaluator", "LM_KINDS",
+           "read_generation_rows", "normalize_answer", "read_choice_rows", "read_lm_rows",
            "count_lm_rows"]
