@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml benchmarks/requirements-nodep
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e '.[dev,ray,llm]'
+	$(VPY) -m pip install -q -e '.[dev,ray,llm,lm-eval]'
 	$(VPY) -m pip install -q -e benchmarks
 	$(VPY) -m pip install -q --no-deps -r benchmarks/requirements-nodeps.txt
 	$(VPY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

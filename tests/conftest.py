@@ -21,7 +21,14 @@ def _tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores vocab_file here (every word became [UNK]): pass the vocabulary itself
+    try:
+        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    except TypeError:
+        tok = None
+    if tok is None or len(tok) != len(vocab):
+        tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    assert len(tok) == len(vocab) and tok.unk_token_id not in tok("good movie")["input_ids"]
     return tok, len(vocab)
 
 

@@ -185,3 +185,71 @@ def test_generation_exact_match_against_unpadded_greedy_decoding(llm, tmp_path):
         make_evaluator(f"generation:{f}", model_path=root / "ft", fitness="loglik")
     from nps_pruning.apps.session import Session
     assert Session.search_fitness(f"generation:{f}") == "accuracy"
+
+
+def _harness_task(tmp_path, rows):
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return tasks
+
+
+def test_lm_eval_scores_the_in_memory_model(llm, tmp_path, capsys):
+    """The harness scores the very model object: a hook that makes "bad" the likeliest token gives
+    accuracy = the share of rows labelled "bad"; without it (zero hidden state, all choices tie)
+    the harness's argmax takes choice 0."""
+    pytest.importorskip("lm_eval")
+    from nps_pruning.evaluation.lm_harness import LMEvalEvaluator
+    root, tok = llm
+    labels = [1, 1, 1, 1, 1, 1, 0, 2, 0]
+    rows = [{"context": f"{WORDS[i]} {WORDS[i + 1]}", "choices": ["good", "bad", "fun"], "label": lab}
+            for i, lab in enumerate(labels)]
+    tasks = _harness_task(tmp_path, rows)
+    model = _model(root / "ft")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    ev = LMEvalEvaluator("tiny_mc", model_path=root / "ft", include=tasks, batch_size=4)
+    assert ev(model) == pytest.approx(2 / 9)
+    assert ev.num_rows == 9 and ev.last_results["tiny_mc"]["acc,none"] == pytest.approx(2 / 9)
+    bad = tok.convert_tokens_to_ids("bad")
+
+    def prefer_bad(module, inputs, output):
+        output = output.clone()
+        output[..., bad] += 10.0
+        return output
+    handle = model.lm_head.register_forward_hook(prefer_bad)
+    try:
+        assert ev(model) == pytest.approx(6 / 9)
+    finally:
+        handle.remove()
+    limited = LMEvalEvaluator("tiny_mc", model_path=root / "ft", include=tasks, calib_size=3)
+    assert limited(model) == pytest.approx(1 / 3) and limited.num_rows == 3    # rows 0..2: label 1
+    with pytest.raises(NPSError, match="unknown task"):
+        LMEvalEvaluator("no_such_task_xyz", model_path=root / "ft", include=tasks)
+    with pytest.raises(NPSError, match="own score"):
+        from nps_pruning.apps.session import Session
+        Session.search_fitness("lm-eval:tiny_mc", "loglik")
+    capsys.readouterr()
+    assert nps(["eval", str(root / "ft"), "--eval", "lm-eval:tiny_mc", "--lm-eval-include", str(tasks),
+                "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["score"] <= 1.0
+
+
+def test_lm_eval_missing_is_a_clear_error(llm, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_harness(name, *a, **k):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError("no lm_eval")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_harness)
+    root, _ = llm
+    with pytest.raises(NPSError, match=r"nps-pruning\[lm-eval\]"):
+        make_evaluator("lm-eval:tiny_mc", model_path=root / "ft")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import __version__
@@ -123,6 +124,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             command = args.command
             opts = from_namespace(COMMANDS[command], args)
+        include = getattr(opts, "lm_eval_include", None)
+        if include:                                  # read by lm-eval: evaluators (and workers)
+            from .evaluation.lm_harness import INCLUDE_ENV
+            if not Path(include).is_dir():
+                raise NPSError(f"--lm-eval-include {include}: not a folder")
+            os.environ[INCLUDE_ENV] = str(Path(include).resolve())
         from .checkpoints.external import resolve_options
         _runner(command)(resolve_options(opts))     # GGUF files and LoRA adapters -> model folders
     except NPSError as e:

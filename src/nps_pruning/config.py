@@ -109,6 +109,8 @@ class SearchOptions:
                                     lo=1)
     batch_size: int = opt(_PRUNE.batch_size, "evaluation batch size", lo=1)
     max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
+    lm_eval_include: Optional[str] = opt(None, "lm-eval: evaluators: folder of local lm-evaluation-harness "
+                                               "task YAMLs (also NPS_LM_EVAL_INCLUDE)")
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
                                              "state dict")
     allow_shape_mismatch: bool = opt(False, "treat tensors whose shape differs from the pre-trained "
@@ -241,6 +243,8 @@ class EvalOptions:
     seed: int = opt(0, "seed of the subsample", lo=0, hi=SEED_MAX)
     batch_size: int = opt(_PRUNE.batch_size, "evaluation batch size", lo=1)
     max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
+    lm_eval_include: Optional[str] = opt(None, "lm-eval: evaluators: folder of local lm-evaluation-harness "
+                                               "task YAMLs (also NPS_LM_EVAL_INCLUDE)")
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
                                              "state dict")
 

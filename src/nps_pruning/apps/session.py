@@ -17,7 +17,9 @@ from ..task_vector import TaskVector
 
 
 def _is_python_spec(spec: str) -> bool:
-    return str(spec).split(":", 1)[0].strip().lower() == "python"
+    """Evaluators that return their own score (no fitness choice, no held-out split of rows):
+    ``python:`` and ``lm-eval:``."""
+    return str(spec).split(":", 1)[0].strip().lower() in ("python", "lm-eval")
 
 
 @dataclass
@@ -110,9 +112,9 @@ class Session:
         classification evaluators; a python: evaluator's own score ("accuracy" here)."""
         if _is_python_spec(spec):
             if fitness not in (None, "accuracy"):
-                raise NPSError(f"{spec}: fitness {fitness!r} applies to the text- and "
-                               "image-classification evaluators; a python: evaluator returns its "
-                               "own score")
+                raise NPSError(f"{spec}: fitness {fitness!r} applies to the classification and "
+                               "language-model evaluators; python: and lm-eval: evaluators return "
+                               "their own score")
             return "accuracy"
         if spec.partition(":")[0].strip().lower() == "generation":
             return fitness or "accuracy"       # exact match is its only score

@@ -9,6 +9,7 @@ is better) with ``.name`` and ``.num_rows``. Spec forms:
   log-likelihood of each choice (:mod:`.lm`);
 * ``perplexity:FILE`` — text (paragraphs) or JSONL ``text``; exp(−mean token NLL) (:mod:`.lm`);
 * ``generation:FILE`` — JSONL ``prompt``, ``answer``; exact match of greedy output (:mod:`.lm`);
+* ``lm-eval:TASK[,TASK...]`` — lm-evaluation-harness tasks (:mod:`.lm_harness`);
 * ``python:MODULE:FUNCTION`` — FUNCTION(model) -> float.
 
 Evaluators prepare their data once, at construction (tokenize, pad, normalise), so each call
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 SPEC_KINDS = ("text-classification", "image-classification", "multiple-choice", "perplexity", "generation",
-              "python")
+              "lm-eval", "python")
 
 
 @runtime_checkable
@@ -79,6 +80,10 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
         return ImageClassificationEvaluator(arg, calib_size=calib_size, seed=seed,
                                             batch_size=batch_size, device=device, subset=subset,
                                             fitness=fitness, rest_size=rest_size)
+    if kind == "lm-eval":
+        from .lm_harness import LMEvalEvaluator
+        return LMEvalEvaluator(arg, model_path=model_path, calib_size=calib_size, seed=seed,
+                               batch_size=batch_size, device=device, fitness=fitness)
     if kind in ("multiple-choice", "perplexity", "generation"):
         from .lm import GenerationEvaluator, MultipleChoiceEvaluator, PerplexityEvaluator
         cls = {"multiple-choice": MultipleChoiceEvaluator, "perplexity": PerplexityEvaluator,
