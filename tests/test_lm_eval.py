@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, _tokenizer
+from conftest import WORDS
 from nps_pruning.cli import main as nps
 from nps_pruning.errors import NPSError
 from nps_pruning.evaluation import make_evaluator
@@ -17,11 +17,23 @@ from nps_pruning.evaluation import make_evaluator
 transformers = pytest.importorskip("transformers")
 
 
+def _llm_tokenizer():
+    """A word-level tokenizer that, like a causal LM's, adds no [CLS]/[SEP] around the text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + WORDS
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                               bos_token="[BOS]", eos_token="[EOS]")
+    assert tok("good movie")["input_ids"] == [4 + WORDS.index("good"), 4 + WORDS.index("movie")]
+    return tok, len(vocab)
+
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     """root/base and root/ft: a tiny LlamaForCausalLM (+ a small perturbation) with a tokenizer."""
     root = tmp_path_factory.mktemp("llm")
-    tok, vocab = _tokenizer(root / "_vocab")
+    tok, vocab = _llm_tokenizer()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -229,7 +241,8 @@ def test_lm_eval_scores_the_in_memory_model(llm, tmp_path, capsys):
     finally:
         handle.remove()
     limited = LMEvalEvaluator("tiny_mc", model_path=root / "ft", include=tasks, calib_size=3)
-    assert limited(model) == pytest.approx(1 / 3) and limited.num_rows == 3    # rows 0..2: label 1
+    # the first 3 documents are labelled 1 ("bad"); without the hook the tie goes to choice 0
+    assert limited(model) == 0.0 and limited.num_rows == 3
     with pytest.raises(NPSError, match="unknown task"):
         LMEvalEvaluator("no_such_task_xyz", model_path=root / "ft", include=tasks)
     with pytest.raises(NPSError, match="own score"):
