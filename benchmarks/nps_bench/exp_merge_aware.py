@@ -7,7 +7,8 @@ Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test
   NPS (hybrid space, loglik, held-out re-scoring; the "NPS that wins" search at r = 0.05,
   rebuilt exactly from its space point), the default λ grid, then the per-task λ search, mask-count
   normalization (``MergeSettings()``);
-* ``nps-default-collide``: the same with ``--collide magnitude`` (each entry left to one task);
+* ``nps-default-collide``: its τ̂ and λ_i with ``--collide magnitude`` (each entry left to one
+  task; an ablation at the default's λ_i, not searched again);
 * ``nps-joint``: ``--joint-generations`` G: every task's space point and λ_i searched together on
   the merged model's mean calibration score, started from ``nps-default``;
 * ``ties-sequential`` / ``ties-layer`` / ``ties-collide``: TIES with CABS' conflict-free
@@ -26,7 +27,7 @@ from .config import BenchConfig
 from .context import TaskContext, _strip, _task_params
 
 MERGE_KEEP = 0.05        # the shipped default's --keep
-JOINT_GENERATIONS = 4
+JOINT_GENERATIONS = 3
 
 
 def _default_points(ctxs, wins_rows: Optional[Dict[str, list]], keep: float):
@@ -94,20 +95,25 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
 
     shipped = MergeSettings(seed=cfg.seed)
 
-    def two_stage(collide):
-        settings = shipped.replace(collide=collide)
-        lambdas, grid, result = nps_merge_lambdas(sessions, calibs, pruned(), settings=settings, progress=False)
-        merged = nps_combine(pruned(), lambdas, settings.normalize, collide)
-        return scored(merged, {"lambda": [float(x) for x in lambdas], "grid": grid, "collide": collide,
-                               "normalize": settings.normalize,
+    def two_stage():
+        lambdas, grid, result = nps_merge_lambdas(sessions, calibs, pruned(), settings=shipped, progress=False)
+        merged = nps_combine(pruned(), lambdas, shipped.normalize)
+        return scored(merged, {"lambda": [float(x) for x in lambdas], "grid": grid,
+                               "normalize": shipped.normalize,
                                "search_candidates": 0 if result is None else len(result.candidates)})
-    for key, collide in (("nps-default", "allow"), ("nps-default-collide", "magnitude")):
-        out[key] = _strip(cache.step(suite, "_merge_aware", key,
-                                     {**base_params, **points_src, "collide": collide,
-                                      "settings": {"grid": list(shipped.lambda_grid),
-                                                   "gens": shipped.lambda_generations,
-                                                   "normalize": shipped.normalize}},
-                                     lambda collide=collide: two_stage(collide), log))
+    out["nps-default"] = _strip(cache.step(suite, "_merge_aware", "nps-default",
+                                           {**base_params, **points_src,
+                                            "settings": {"grid": list(shipped.lambda_grid),
+                                                         "gens": shipped.lambda_generations,
+                                                         "normalize": shipped.normalize}}, two_stage, log))
+    lam_default = out["nps-default"]["lambda"]
+
+    def collided():            # the default's λ_i, each entry left to one task (an ablation: no λ search)
+        merged = nps_combine(pruned(), lam_default, shipped.normalize, "magnitude")
+        return scored(merged, {"lambda": lam_default, "collide": "magnitude"})
+    out["nps-default-collide"] = _strip(cache.step(suite, "_merge_aware", "nps-default-collide",
+                                                   {**base_params, **points_src, "lambda": lam_default,
+                                                    "collide": "magnitude"}, collided, log))
 
     def joint():
         st = PruneSettings()

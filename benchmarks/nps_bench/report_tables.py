@@ -154,8 +154,8 @@ def _pruning_section(sname: str, S: dict, cfg: dict, fig_rel: Optional[str]) -> 
 MERGE_AWARE_LABELS = {
     "nps-default": "**NPS-merge (default)**: `nps merge --method nps` as shipped (default NPS τ̂ at r = 0.05, "
                    "λ grid + per-task λ search, mask-count)",
-    "nps-default-collide": "NPS-merge (default) + `--collide magnitude` (each entry kept by one task)",
-    "nps-joint": "NPS-merge, merge-aware (`--joint-generations 4`: all tasks' points and λ_i searched on the merge)",
+    "nps-default-collide": "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; at the default's λ_i)",
+    "nps-joint": "NPS-merge, merge-aware (`--joint-generations 3`: all tasks' points and λ_i searched on the merge)",
     "ties-sequential": "TIES, CABS-style conflict-free sequential trim (`--trim sequential`)",
     "ties-layer": "TIES, layer-balanced trim (`--trim layer`)",
     "ties-collide": "TIES + `--collide magnitude`",
