@@ -37,3 +37,26 @@ def test_render_verdicts_and_markers(tmp_path):
     write_section(doc, md)           # idempotent: replaced between the markers
     text = doc.read_text()
     assert text.count(START) == 1 and text.index(START) < text.index("## old")
+
+
+def test_search_cost_section_and_settings():
+    """The search-cost table: examples scored relative to the plain 30-generation search and the
+    target verdict; the variants' SearchSettings overrides reach the search."""
+    from nps_bench.wins import VARIANTS, WinsConfig, _settings
+    rows = _rows(0.8, (0.7, 0.75), (0.78, 0.79), (0.81, 0.8))
+    rows += [{"method": "nps-plain30", "keep": 0.05, "test": 0.8, "examples_scored": 1000, "search_s": 50.0},
+             {"method": "nps-race", "keep": 0.05, "test": 0.79, "examples_scored": 60, "search_s": 3.0}]
+    results = {"config": {"test_rows": 1000, "generations": 6, "popsize": 8, "bands": 8, "seed": 0},
+               "commit": "abc", "suites": {"text": {"model": "m", "tasks": {"a": rows}}}}
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        md = render(results, Path(d))
+        assert (Path(d) / "cost-text.png").stat().st_size > 0
+    assert "#### Search cost" in md
+    assert "| 1,000 | 1.00× |" in md and "| 100 | 0.10× |" in md and "| 60 | 0.06× |" in md
+    assert "target (within 1 SE at ≤ 0.2×) met" in md          # default 0.80 = plain 0.80 at 0.1×
+    st = _settings({"name": "a"}, WinsConfig(), 0.05, VARIANTS["race"][1], None)
+    assert st.search.race == "halving" and st.search.patience == 3 and st.search.generations == 6
+    st = _settings({"name": "a"}, WinsConfig(), 0.05, VARIANTS["plain30"][1], None)
+    assert st.search.generations == 30 and st.holdout == 0.0 and st.search.race is None

@@ -45,7 +45,14 @@ VARIANTS: Dict[str, Tuple[str, dict, Optional[int]]] = {
     "default-128": ("NPS default on 128 calibration rows (calibration-size study)", {}, 128),
     "hybrid-accuracy": ("NPS hybrid space, accuracy fitness, no hold-out, all rows (ablation)",
                         {"fitness": "accuracy", "holdout": 0.0}, None),
+    # the search-cost study (issue "Search cost"): a plain 30-generation full-calibration CMA-ES
+    # as the reference, and cheaper searches against it ("search": SearchSettings overrides)
+    "plain30": ("plain CMA-ES: 30 generations, all calibration rows, no hold-out, no racing (the reference)",
+                {"holdout": 0.0, "search": {"generations": 30}}, None),
+    "race": ("default + racing over the calibration rows (successive halving, η = 3, z = 2) and "
+             "patience 3", {"search": {"race": "halving", "patience": 3}}, None),
 }
+COST_VARIANTS = ("plain30", "default", "race", "default-128")
 RESCALES = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)   # DAREx-q-style grid (and 1/r)
 
 
@@ -54,7 +61,7 @@ class WinsConfig:
     keeps: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
     variants: Tuple[str, ...] = ("default", "paper")
     study_keeps: Tuple[float, ...] = (0.05,)            # default-128 and ablations run here
-    study_variants: Tuple[str, ...] = ("default-128",)
+    study_variants: Tuple[str, ...] = ("default-128", "plain30", "race")   # + the search-cost study
     generations: int = 6
     popsize: int = 8
     bands: int = 8
@@ -69,10 +76,11 @@ class WinsConfig:
 def _settings(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size) -> PruneSettings:
     """The library's defaults but for the grid's keep ratio, bands, budget and seed, and the
     variant's ``over`` (the model factory is the session's)."""
+    over = dict(over)
+    search = {"generations": cfg.generations, "popsize": cfg.popsize, **over.pop("search", {})}
     return PruneSettings(keep_ratio=keep, bands=cfg.bands, seed=cfg.seed, calib_size=calib_size,
                          batch_size=cfg.batch_size, max_length=task.get("max_length") or 128,
-                         search=SearchSettings(generations=cfg.generations,
-                                               popsize=cfg.popsize)).replace(**over)
+                         search=SearchSettings(**search)).replace(**over)
 
 
 def _params(task: dict, cfg: WinsConfig, **more) -> dict:
@@ -184,14 +192,10 @@ def render(results: dict, figures: Path) -> str:
              "`--space hybrid --fitness loglik --holdout 0.25 --rescore-top 5 --running-stats finetuned`, "
              "all calibration rows (every method of the vision suite, baselines included, keeps the "
              "fine-tuned BatchNorm running statistics whole: `--running-stats finetuned`). "
-             "The sections after this one are the earlier `make bench` run described above (code "
-             "of commit 2841d00, not rerun in this session): their NPS rows are the paper's search, "
-             "which this tool keeps as `--space magnitude --fitness accuracy --holdout 0` (its code "
-             "path is unchanged; the tests pin it), and their vision rows pruned the BatchNorm running "
-             "statistics as weights (`--running-stats prune`, the only behaviour then). The "
-             "fine-tuned checkpoints were rebuilt from "
-             "scratch for this section, and its text fine-tuned, magnitude and DARE scores equal that "
-             "run's to the last digit.", ""]
+             "The sections after this one come from `make bench` (`python -m nps_bench.run`); each "
+             "suite says which run and commit wrote its tables. Their \"NPS\" pruning rows are the "
+             "paper's search, which this tool keeps as `--space magnitude --fitness accuracy "
+             "--holdout 0` (its code path is unchanged; the tests pin it).", ""]
     order = ("text", "vision", "vit")
     for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
         summ = summarize(data["tasks"])
@@ -267,8 +271,68 @@ def render(results: dict, figures: Path) -> str:
         fig = figures / f"wins-{suite}.png"
         _plot(summ, keeps, fig, names, suite)
         lines += ["", f"![{suite}: mean test accuracy against r](benchmarks/figures/{fig.name})", ""]
+        lines += _cost_section(suite, data, figures)
     lines.append(END)
     return "\n".join(lines)
+
+
+def _cost_section(suite: str, data: dict, figures: Path) -> List[str]:
+    """Search cost: mean test accuracy against examples scored, per variant, at the study keep;
+    the target: the default within 1 SE of the plain 30-generation search with ≤ 1/5 its cost."""
+    tasks = list(data["tasks"])
+    n = {t: next(r["test_rows"] for r in data["tasks"][t] if r["method"] == "fine-tuned") for t in tasks}
+    keeps = sorted({float(r["keep"]) for t in tasks for r in data["tasks"][t] if r["method"] == "nps-plain30"})
+    if not keeps:
+        return []
+    k = keeps[0]
+    stats = {}
+    for v in COST_VARIANTS:
+        hits = [(r, n[t]) for t in tasks for r in data["tasks"][t]
+                if r["method"] == f"nps-{v}" and float(r["keep"]) == k]
+        if len(hits) != len(tasks):
+            continue
+        ps = [r["test"] for r, _ in hits]
+        se = math.sqrt(sum(_se(p, m) ** 2 for p, m in zip(ps, [m for _, m in hits]))) / len(ps)
+        stats[v] = (float(np.mean(ps)), se, float(np.mean([r["examples_scored"] for r, _ in hits])),
+                    float(np.mean([r["search_s"] for r, _ in hits])))
+    if "plain30" not in stats:
+        return []
+    ref = stats["plain30"]
+    rows = ["#### Search cost", "", f"r = {k:g}, mean over the {len(tasks)} tasks. Examples scored = calibration "
+            "rows forward-passed, summed over the search's candidates (`examples_scored` in report.json); "
+            "wall time on 2 shared cores.", "", "| search | mean test ± se | examples scored | vs plain | s |",
+            "|---|---|---|---|---|"]
+    for v, (m, se, ex, sec) in stats.items():
+        label = VARIANTS[v][0] + (" **(default)**" if v == "default" else "")
+        rows.append(f"| {label} | {m:.4f} ± {se:.4f} | {ex:,.0f} | {ex / ref[2]:.2f}× | {sec:.0f} |")
+    if "default" in stats:
+        m, se, ex, _ = stats["default"]
+        within = m >= ref[0] - se
+        cheap = ex <= ref[2] / 5
+        rows += ["", f"Default against the plain search: {m - ref[0]:+.4f} test ({(m - ref[0]) / se if se else 0:+.2f} SE), "
+                     f"{ex / ref[2]:.2f}× the examples: target (within 1 SE at ≤ 0.2×) "
+                     f"{'met' if within and cheap else 'NOT met'}."]
+    _plot_cost(stats, figures / f"cost-{suite}.png", suite)
+    return rows + ["", f"![{suite}: test accuracy against examples scored](benchmarks/figures/cost-{suite}.png)", ""]
+
+
+def _plot_cost(stats, path: Path, suite: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for v, (m, se, ex, _) in stats.items():
+        ax.errorbar([ex], [m], yerr=[se], marker="o", capsize=3, ms=8 if v == "default" else 5,
+                    label=v + (" (default)" if v == "default" else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("examples scored per search (log)")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_title(f"{suite}: search cost (± SE)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot(summ, keeps, path: Path, names, suite) -> None:
