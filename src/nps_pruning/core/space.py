@@ -418,13 +418,9 @@ class JointSpace:
                               + [self.lambdas0 * np.exp2(u)])
 
     def unpack(self, params) -> tuple:
-        """(each task's point in its parameter units, the λ_i) of a point in parameter units."""
-        params = np.asarray(params, dtype=np.float64)
-        out, at = [], 0
-        for d in self.dims:
-            out.append(params[at:at + d])
-            at += d
-        return out, params[at:]
+        """(each task's point in its parameter units, the λ_i) of a point in parameter units
+        (the same slices as :meth:`split`: ``to_params`` keeps each task's dimensions)."""
+        return self.split(params)
 
     def start_points(self) -> List[np.ndarray]:
         return [self.x0.copy()]
