@@ -136,7 +136,9 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
                                  {**base_params, "method": method, "coding": coding, "keep": keep, **src,
                                   "mask": "entropy"},
                                  lambda pruned=pruned, coding=coding: _store_scores(ctxs, pruned(), coding), log)
-                add(method, coding, keep, {k: v for k, v in res.items() if not k.startswith("_")})
+                extra = ({"search_test_mean": float(np.mean([r["test"] for r in wr]))}
+                         if method != "DARE" else {})      # what the search itself measured
+                add(method, coding, keep, {**{k: v for k, v in res.items() if not k.startswith("_")}, **extra})
     dense = cache.step(suite, "_compression", "coding-bitdelta", {**base_params, "coding": "sign"},
                        lambda: _store_scores(ctxs, [c.session.task_vector.values for c in ctxs], "sign"), log)
     add("BitDelta-style (dense τ, sign + 1 scale per tensor, no distillation)", "sign", 1.0,

@@ -13,9 +13,12 @@ Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test
   the merged model's mean calibration score, started from ``nps-default``;
 * ``ties-sequential`` / ``ties-layer`` / ``ties-collide``: TIES with CABS' conflict-free
   sequential trim, the layer-balanced trim, and allotment by magnitude (on the fusion grid).
+
+``NPS_BENCH_MERGE_AWARE_NPS=0`` runs the TIES rows only (a partial pass when CPU time is short).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -81,6 +84,9 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
                                      {**base_params, "grid": list(cfg.ties_grid), "keep": cfg.ties_keep,
                                       "seed": cfg.seed, **over}, ties_row, log))
 
+    if os.environ.get("NPS_BENCH_MERGE_AWARE_NPS", "1") == "0":     # a partial pass: TIES rows only
+        log("NPS_BENCH_MERGE_AWARE_NPS=0: the NPS-merge rows are not run in this pass")
+        return {"suite": suite, "rows": out, "job_s": time.perf_counter() - t_job, "partial": True}
     wr = _default_points(ctxs, wins_rows, MERGE_KEEP)
     if wr is None:
         log("no 'NPS that wins' default rows at r = 0.05 (run make bench-wins first): NPS rows skipped")

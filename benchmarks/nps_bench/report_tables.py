@@ -168,8 +168,18 @@ def _fusion_rows(F: dict, MA: Optional[dict] = None) -> List[Tuple[str, dict]]:
     if "NPS-merge" in F:
         out.append((f"NPS-merge, paper NPS (per-task λ search, {F['NPS-merge'].get('normalize')})", F["NPS-merge"]))
     rows = (MA or {}).get("rows") or {}
-    out += [(label, rows[k]) for k, label in MERGE_AWARE_LABELS.items() if k in rows]
+    out += [(_ma_label(k, rows[k]), rows[k]) for k in MERGE_AWARE_LABELS if k in rows]
     return out
+
+
+def _ma_label(key: str, row: dict) -> str:
+    """The merge-aware row's label, from what the row records (older runs searched λ for the
+    collide row and ran the joint search longer)."""
+    if key == "nps-default-collide" and row.get("grid"):
+        return "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; λ grid + per-task λ search)"
+    if key == "nps-joint" and row.get("generations"):
+        return MERGE_AWARE_LABELS[key].replace("--joint-generations 3", f"--joint-generations {row['generations']}")
+    return MERGE_AWARE_LABELS[key]
 
 
 def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
@@ -191,7 +201,7 @@ def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
     best = max(((k, v) for k, v in rows.items() if k.startswith("nps")), key=lambda kv: kv[1]["test_mean"])
     return ("\n\nThe shipped NPS-merge (default) scores {:.4f} on test; against ".format(d) + "; against ".join(out)
             + " (SE of the difference from the two rows' standard errors). Best NPS-merge row here: "
-            + f"{MERGE_AWARE_LABELS[best[0]].split(':')[0]} {best[1]['test_mean']:.4f}.")
+            + f"{_ma_label(best[0], best[1]).split(':')[0].split(' (')[0]} {best[1]['test_mean']:.4f}.")
 
 
 def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
@@ -275,7 +285,24 @@ def codings_table(rows: List[dict], names: List[str], ns: List[int]) -> str:
         "(λ per task from {0.2, …, 0.6} on calibration; the shared fp32 vector counts 32/N bits per entry per "
         "task). Every restored task was scored on test; bold: ≤ 0.5 bits per entry and ≥ 0.99 normalized.", "",
         table(["source", "coding", "r", "bits / entry / task", "mask", "values", "mean test ± se", "normalized",
-               "normalized per task (" + ", ".join(names) + ")"], body), "", _codings_verdict(rows)])
+               "normalized per task (" + ", ".join(names) + ")"], body), "", _codings_verdict(rows)
+        + _rebuild_check(rows)])
+
+
+def _rebuild_check(rows: List[dict]) -> str:
+    """The NPS (default) fp16 stores against the test score its search reported: the space
+    points are rebuilt on this run's checkpoints, which a fresh fine-tune can move."""
+    out = []
+    for r in rows:
+        if r["coding"] == "fp16" and r.get("search_test_mean") is not None:
+            out.append(f"r = {r['keep']:g}: {r['search_test_mean']:.4f} → {r['test_mean']:.4f}")
+    if not out:
+        return ""
+    return ("\n\nNPS (default) rebuilt from its space points, mean test as the search measured it "
+            "(\"NPS that wins\", its own test rows) → here at fp16: " + "; ".join(out) + ". A large drop "
+            "means this run's fine-tuned checkpoints are not the ones the search ran on (image fine-tunes "
+            "are not bit-reproducible across runs here) and the points are off their optimum: rerun "
+            "`make bench-wins` for the suite, then this experiment.")
 
 
 def _codings_verdict(rows: List[dict]) -> str:
