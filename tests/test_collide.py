@@ -1,5 +1,5 @@
 """Masks that do not collide (core.collide), their use by the mergers, and the merge-aware
-search's joint space (core.space.JointSpace): closed forms on small tensors."""
+search's joint space (core.joint_space.JointSpace): closed forms on small tensors."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,8 @@ import torch
 
 from nps_pruning.core.collide import allot, layer_trim, sequential_trim
 from nps_pruning.core.merge import merge, nps_combine
-from nps_pruning.core.space import JointSpace, make_space, to_search
+from nps_pruning.core.joint_space import JointSpace, to_search
+from nps_pruning.core.space import make_space
 
 T = torch.tensor([[3.0, 0.0, -2.0, 1.0, 0.0, 0.5],
                   [-4.0, 1.0, 2.0, 0.0, 0.0, -0.5],

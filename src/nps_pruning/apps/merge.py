@@ -123,14 +123,15 @@ def joint_nps_merge(sessions, evaluators, points: Sequence[TaskPoint], lambdas0:
                     settings: MergeSettings = MergeSettings(), sigma0: float = 0.15,
                     popsize=None, log_path=None, progress=True):
     """Merge-aware NPS: CMA-ES over every task's search-space point and the λ_i together
-    (:class:`~nps_pruning.core.space.JointSpace`), each candidate scored as the merged model's
+    (:class:`~nps_pruning.core.joint_space.JointSpace`), each candidate scored as the merged model's
     mean calibration score over the tasks (``evaluators``: any fitness), for
     ``settings.joint_generations`` generations, started from the two-stage result (``points``,
     ``lambdas0``), which generation 0 scores: the result is never worse than it on this score.
     ``sigma0``: the initial step in search coordinates (a local refinement). Returns
     (pruned (N, D), λ_i, the SearchResult)."""
     from ..core.merge import nps_combine
-    from ..core.space import JointSpace, build_point
+    from ..core.joint_space import JointSpace
+    from ..core.space import build_point
     from ..search import SearchSettings, run_search
     space = JointSpace([p.space for p in points], [p.params for p in points], lambdas0)
 
@@ -182,7 +183,7 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
     return choice.extra, choice.value, grid
 
 
-def check_merge_options(opts) -> None:
+def _check_merge_options(opts) -> None:
     """The options that only some methods take, refused clearly for the others."""
     from ..core.merge import MERGERS
     sparse = opts.method == "nps" or getattr(MERGERS.get(opts.method), "sparsifies", False)
@@ -221,7 +222,7 @@ def run_merge(opts) -> Dict[str, Any]:
                        "--eval SPEC per task")
     if opts.lam is None and opts.method != "average" and not opts.lambda_grid:
         raise NPSError("lambda_grid: give at least one λ to try, or a fixed --lambda")
-    check_merge_options(opts)
+    _check_merge_options(opts)
     inputs = [opts.pretrained, *opts.finetuned]
     wd = prepare_work_dir(opts.output, opts.resume, inputs)
     need_model = bool(opts.eval or opts.test)

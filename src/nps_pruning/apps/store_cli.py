@@ -57,7 +57,7 @@ def run_compress(opts) -> Dict[str, Any]:
                          "best_weights": getattr(outcome.search, "best_weights", None)}
         level_scale = None
         if opts.tune_levels:
-            level_scale, before, after = tune_task_levels(session, spec, outcome.pruned, layout, opts)
+            level_scale, before, after = _tune_task_levels(session, spec, outcome.pruned, layout, opts)
             pruning[name]["levels"] = {"factors": [float(x) for x in level_scale],
                                        "calib_least_squares": before, "calib_tuned": after}
         ckpt = open_checkpoint(ft)
@@ -77,7 +77,7 @@ def run_compress(opts) -> Dict[str, Any]:
     return info
 
 
-def tune_task_levels(session: Session, spec: str, pruned: torch.Tensor, layout, opts):
+def _tune_task_levels(session: Session, spec: str, pruned: torch.Tensor, layout, opts):
     """(factors, calibration score of the least-squares levels, of the tuned ones) of one task's
     quantized values (``opts.values``), tuned for ``opts.tune_levels`` generations on ``spec``."""
     from .value_coding import group_sizes_of, tune_level_scale
