@@ -14,6 +14,14 @@ from .report_tables import (_compression_section, _fusion_section, _pruning_sect
                             _suite_table, _timing_section, _transfer_section, tau_section)
 
 
+
+def _origin(run: dict) -> dict:
+    """The run that computed a suite's pruning tables: follow ``pruning_from`` to its end (each
+    ``--pruning-from-results`` run took them from the one before)."""
+    while run.get("pruning_from"):
+        run = run["pruning_from"]
+    return {"command": run.get("command", "?"), **run}
+
 def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str = "benchmarks/figures") -> str:
     meta = results.get("meta", {})
     suites = results.get("suites", {})
@@ -38,8 +46,8 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
         if r and (r.get("command") != meta.get("command") or r.get("pruning_from") or r.get("skipped")):
             out.append(f"- suite {name}: written by `{r.get('command')}` at commit {r.get('commit')} on {r.get('date')}"
                        + (f" (kept from before: {', '.join(r['skipped'])})" if r.get("skipped") else "")
-                       + (f"; its pruning tables are those of `{r['pruning_from'].get('command')}` (commit "
-                          f"{r['pruning_from'].get('commit')}, {r['pruning_from'].get('date')})" if r.get("pruning_from") else "")
+                       + (f"; its pruning tables are those of `{_origin(r)['command']}` (commit "
+                          f"{_origin(r).get('commit')}, {_origin(r).get('date')})" if r.get("pruning_from") else "")
                        + "; steps found in the result cache keep the values of the run that computed them")
     if meta.get("failed"):
         out.append("- **some steps failed**: " + "; ".join(e for S in suites.values() for e in S.get("errors", [])))
