@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.nps-installed
 help:
 	@echo "make demo   - install into $(VENV) and run the embedded default on the real benchmark"
 	@echo "make test   - install the dev dependencies and run the test suite"
-	@echo "make bench  - regenerate BENCHMARKS.md and its figures (about 110 minutes on 2 cores, plus bench-wins)"
+	@echo "make bench  - regenerate BENCHMARKS.md and its figures (hours on 2 cores: the measured pieces are in README, plus bench-wins)"
 	@echo "make bench-wins - only the section 'NPS that wins' (the shipped default vs magnitude and DARE)"
 
 $(STAMP): pyproject.toml benchmarks/pyproject.toml benchmarks/requirements-nodeps.txt Makefile

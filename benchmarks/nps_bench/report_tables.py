@@ -172,6 +172,10 @@ def _fusion_rows(F: dict, MA: Optional[dict] = None) -> List[Tuple[str, dict]]:
     return out
 
 
+MA_SHORT = {"nps-default": "NPS-merge (default)", "nps-default-collide": "NPS-merge (default) + `--collide magnitude`",
+            "nps-joint": "merge-aware joint search"}
+
+
 def _ma_label(key: str, row: dict) -> str:
     """The merge-aware row's label, from what the row records (older runs searched λ for the
     collide row and ran the joint search longer)."""
@@ -201,7 +205,7 @@ def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
     best = max(((k, v) for k, v in rows.items() if k.startswith("nps")), key=lambda kv: kv[1]["test_mean"])
     return ("\n\nThe shipped NPS-merge (default) scores {:.4f} on test; against ".format(d) + "; against ".join(out)
             + " (SE of the difference from the two rows' standard errors). Best NPS-merge row here: "
-            + f"{_ma_label(best[0], best[1]).split(':')[0].split(' (')[0]} {best[1]['test_mean']:.4f}.")
+            + f"{MA_SHORT[best[0]]} {best[1]['test_mean']:.4f}.")
 
 
 def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
