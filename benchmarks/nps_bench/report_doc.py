@@ -105,6 +105,9 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
         tr = _transfer_section(S)
         if tr:
             out += ["", f"### Transfer ({sname}; Table 1)", "", tr]
+        elif sname != "text":
+            out += ["", f"Transfer ({sname}): not run. The transfer experiment is text-only: its source "
+                        "ability is a k-NN over the frozen encoder's embeddings of the other text tasks."]
     out += ["", "## Speed and memory", "", _speed_section(meta, results.get("scale"))]
     out += ["", "## Time taken", "", _timing_section(meta, suites)]
     gen_fig = figures_dir is not None and fig_generations(suites, cfg, figures_dir / "generations.png")
