@@ -21,20 +21,36 @@ CODINGS = ("fp16", "q4", "q3", "q2", "sign")
 TALL_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)        # TALL-masks' λ grid (its paper's), chosen on calib
 
 
-def default_pruned(ctx, row: dict, keep: float):
-    """τ̂ of the shipped default (hybrid space) at the space point ``row["params"]`` that the
-    "NPS that wins" search found (its bands, index and build are deterministic)."""
+def default_point(ctx, row: dict, keep: float):
+    """The shipped default (hybrid space) at the space point ``row["params"]`` that the "NPS that
+    wins" search found, as a :class:`~nps_pruning.apps.merge.TaskPoint`: its space, bands and
+    index, all deterministic from τ and the search's bands and seed."""
     import torch
+    from nps_pruning.apps.merge import TaskPoint
     from nps_pruning.apps.settings import PruneSettings
     from nps_pruning.core import make_bands
-    from nps_pruning.core.space import build_hybrid, make_hybrid_index
+    from nps_pruning.core.space import make_hybrid_index, make_space
     st = PruneSettings()
     values = ctx.session.task_vector.values
     p = row.get("_params") or {}      # the cache's step parameters; results files may omit them
-    bands = make_bands(values, int(p.get("bands", st.bands)), st.scheme, keep, st.focus,
+    num_bands = int(p.get("bands", st.bands))
+    bands = make_bands(values, num_bands, st.scheme, keep, st.focus,
                        sorted_dtype=values.dtype if values.dtype != torch.float64 else torch.float32)
+    space = make_space("hybrid", num_bands, st.search.lower, st.search.upper, st.search.param,
+                       keep_ratio=keep)
     index = make_hybrid_index(values, int(p.get("seed", st.seed)))
-    return build_hybrid(values, bands, index, np.asarray(row["params"], dtype=np.float64), keep)
+    return TaskPoint(space, bands, index, np.asarray(row["params"], dtype=np.float64), keep)
+
+
+def point_pruned(ctx, point):
+    """τ̂ of a :func:`default_point`."""
+    from nps_pruning.core.space import build_hybrid
+    return build_hybrid(ctx.session.task_vector.values, point.bands, point.index, point.params, point.keep)
+
+
+def default_pruned(ctx, row: dict, keep: float):
+    """τ̂ of the shipped default at the "NPS that wins" space point ``row["params"]``."""
+    return point_pruned(ctx, default_point(ctx, row, keep))
 
 
 def _store_scores(ctxs, pruned: List, coding: str) -> dict:

@@ -47,14 +47,11 @@ def _default_points(ctxs, wins_rows: Optional[Dict[str, list]], keep: float):
 def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: str,
                         pruning: Dict[str, dict], wins_rows: Optional[Dict[str, list]] = None) -> dict:
     import torch
-    from nps_pruning.apps.merge import (TaskPoint, joint_nps_merge, merge_with_lambda_grid, merged_scores,
-                                        nps_merge_lambdas)
-    from nps_pruning.apps.settings import MergeSettings, PruneSettings
-    from nps_pruning.core import make_bands
+    from nps_pruning.apps.merge import joint_nps_merge, merge_with_lambda_grid, merged_scores, nps_merge_lambdas
+    from nps_pruning.apps.settings import MergeSettings
     from nps_pruning.core.merge import nps_combine
-    from nps_pruning.core.space import make_hybrid_index, make_space
     from nps_pruning.task_vector import stack_values
-    from .exp_codings import default_pruned
+    from .exp_codings import default_point, point_pruned
 
     cfg = BenchConfig.from_dict(cfg_dict)
     _set_threads(cfg.threads)
@@ -94,9 +91,14 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
     points_src = {"keep": MERGE_KEEP, "points": [r["params"] for r in wr]}
     state: Dict[str, object] = {}
 
+    def points():              # bands and hybrid index built once, for the τ̂ and the joint search
+        if "points" not in state:
+            state["points"] = [default_point(c, r, MERGE_KEEP) for c, r in zip(ctxs, wr)]
+        return state["points"]
+
     def pruned():
         if "pruned" not in state:
-            state["pruned"] = torch.stack([default_pruned(c, r, MERGE_KEEP) for c, r in zip(ctxs, wr)])
+            state["pruned"] = torch.stack([point_pruned(c, p) for c, p in zip(ctxs, points())])
         return state["pruned"]
 
     shipped = MergeSettings(seed=cfg.seed)
@@ -122,21 +124,11 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
                                                     "collide": "magnitude"}, collided, log))
 
     def joint():
-        st = PruneSettings()
-        points = []
-        for c, r in zip(ctxs, wr):
-            values = c.session.task_vector.values
-            p = r.get("_params") or {}
-            bands = make_bands(values, int(p.get("bands", st.bands)), st.scheme, MERGE_KEEP, st.focus,
-                               sorted_dtype=values.dtype if values.dtype != torch.float64 else torch.float32)
-            space = make_space("hybrid", int(p.get("bands", st.bands)), st.search.lower, st.search.upper,
-                               st.search.param, keep_ratio=MERGE_KEEP)
-            index = make_hybrid_index(values, int(p.get("seed", st.seed)))
-            points.append(TaskPoint(space, bands, index, np.asarray(r["params"], dtype=np.float64), MERGE_KEEP))
         lam0 = out["nps-default"]["lambda"]
         settings = shipped.replace(joint_generations=JOINT_GENERATIONS)
         t0 = time.perf_counter()
-        pr, lambdas, result = joint_nps_merge(sessions, calibs, points, lam0, settings=settings, progress=False)
+        pr, lambdas, result = joint_nps_merge(sessions, calibs, points(), lam0, settings=settings,
+                                              progress=False)
         merged = nps_combine(pr, lambdas, settings.normalize)
         return scored(merged, {"lambda": [float(x) for x in lambdas], "generations": JOINT_GENERATIONS,
                                "two_stage_calib": out["nps-default"]["calib_mean"],

@@ -165,12 +165,11 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
     """Merge ``taus`` with ``core.merge.MERGERS[method]`` at the λ of ``settings.lambda_grid``
     whose merged model scores best (weight averaging has no λ). Returns (merged τ, λ, grid rows)."""
     from ..core.merge import merge, needs_shapes
-    shapes = sessions[0].task_vector.layout.shapes if needs_shapes(method) and sessions else None
+    wants_shapes = needs_shapes(method) or settings.trim == "layer"     # TIES' per-tensor trim
+    shapes = sessions[0].task_vector.layout.shapes if wants_shapes and sessions else None
     if method == "average":
         merged = merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return merged, None, []
-    if settings.trim == "layer" and sessions:
-        shapes = sessions[0].task_vector.layout.shapes
 
     def score(lam):           # the best λ's merged τ is kept, not built again
         merged = merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,

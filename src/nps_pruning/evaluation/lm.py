@@ -21,7 +21,6 @@ place (no candidate is reloaded).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import List, Sequence, Tuple
@@ -32,31 +31,14 @@ import torch
 from ..errors import NPSError
 from .fitness import LOG_FLOOR, FitnessScored, check_fitness
 from .model import logits_of
-from .text import JSONL_SUFFIXES, forward_or_explain, load_tokenizer, select_rows
+from .text import JSONL_SUFFIXES, forward_or_explain, iter_jsonl, load_tokenizer, select_rows
 
 
 def _jsonl_rows(path: Path, columns: Sequence[str]) -> List[dict]:
+    """The objects of a JSON Lines file (:func:`.text.iter_jsonl`), each with its ``_line``."""
     if not path.is_file():
         raise NPSError(f"{path}: no such file")
-    rows = []
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise NPSError(f"{path}: line {lineno}: not JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise NPSError(f"{path}: line {lineno}: expected a JSON object per line")
-                for col in columns:
-                    if col not in row:
-                        raise NPSError(f"{path}: line {lineno}: missing column {col!r}")
-                row["_line"] = lineno
-                rows.append(row)
-    except UnicodeDecodeError as exc:
-        raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    rows = [{**row, "_line": lineno} for lineno, row in iter_jsonl(path, columns)]
     if not rows:
         raise NPSError(f"{path}: empty file (no rows)")
     return rows

@@ -116,32 +116,43 @@ def read_text_rows(path: Path, need_labels: bool = True) -> Tuple[List[str], Lis
     texts: List[str] = []
     labels: List[Any] = []
     suffix = path.suffix.lower()
-    try:
-        if suffix in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8-sig") as f:         # a UTF-8 BOM is not part of row 1
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise NPSError(f"{path}: line {lineno}: not JSON ({exc.msg})") from exc
-                    if not isinstance(row, dict):
-                        raise NPSError(f"{path}: line {lineno}: expected a JSON object per line")
-                    for col in ("text", "label") if need_labels else ("text",):
-                        if col not in row:
-                            raise NPSError(f"{path}: line {lineno}: missing column {col!r}")
-                    if not isinstance(row["text"], str):
-                        raise NPSError(f"{path}: line {lineno}: 'text' is not a string")
-                    texts.append(row["text"])
-                    labels.append(row.get("label"))
-        else:
+    if suffix in JSONL_SUFFIXES:
+        for lineno, row in iter_jsonl(path, ("text", "label") if need_labels else ("text",)):
+            if not isinstance(row["text"], str):
+                raise NPSError(f"{path}: line {lineno}: 'text' is not a string")
+            texts.append(row["text"])
+            labels.append(row.get("label"))
+    else:
+        try:
             _read_csv(path, "\t" if suffix == ".tsv" else ",", texts, labels, need_labels)
-    except UnicodeDecodeError as exc:
-        raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        except UnicodeDecodeError as exc:
+            raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     if not texts:
         raise NPSError(f"{path}: empty file (no rows)")
     return texts, labels
+
+
+def iter_jsonl(path: Path, columns: Sequence[str]):
+    """(line number, object) of every non-blank line of a JSON Lines file, each an object with
+    ``columns``; NPSError naming the line (or the file, when it is not UTF-8). A UTF-8 BOM is
+    not part of row 1."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise NPSError(f"{path}: line {lineno}: not JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise NPSError(f"{path}: line {lineno}: expected a JSON object per line")
+                for col in columns:
+                    if col not in row:
+                        raise NPSError(f"{path}: line {lineno}: missing column {col!r}")
+                yield lineno, row
+    except UnicodeDecodeError as exc:
+        raise NPSError(f"{path}: not UTF-8 text ({exc.reason})") from exc
 
 
 def _read_csv(path: Path, delimiter: str, texts: List[str], labels: List[Any],
