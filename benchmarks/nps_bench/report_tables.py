@@ -350,11 +350,17 @@ def _transfer_section(S: dict) -> str:
     mean_rows = [[m, f"{np.mean([r['source'] for r in rs]):.4f}", f"{np.mean([r['target'] for r in rs]):.4f}",
                   f"{np.mean([r['h_score'] for r in rs]):.4f}"] for m, rs in by_method.items()]
     first = next(iter(T.values()))["rows"][0]
+    if "pydoc exp(-NLL)" in (first.get("source_per_task") or {}):      # the LLM suites
+        source = ("Source ability = general English prose: exp(−mean token NLL) on paragraphs of Python's reference "
+                  "documentation (`pydoc_data.topics`), divided by the pre-trained model's, so the pre-trained "
+                  f"model scores 1 ({first['source_rows']} held-out paragraphs; λ is chosen on 64 others).")
+    else:
+        source = ("Source ability = the frozen encoder's mean-pooled embeddings as k-NN features (cosine, majority of "
+                  "k neighbours) on the *other* text tasks' data: per other task a fixed reference set and a query set "
+                  f"from its calibration split ({first['source_rows']} held-out query rows in all; λ is chosen on a "
+                  "separate query set).")
     return "\n".join([
-        "Source ability = the frozen encoder's mean-pooled embeddings as k-NN features (cosine, majority of "
-        "k neighbours) on the *other* text tasks' data: per other task a fixed reference set and a query set "
-        f"from its calibration split ({first['source_rows']} held-out query rows in all; λ is chosen on a "
-        "separate query set). Target = the task's accuracy (λ chosen on the calibration rows, reported on "
+        source + " Target = the task's accuracy (λ chosen on the calibration rows, reported on "
         f"{first['target_rows']} test rows). DARE, magnitude and NPS (focused) prune to the transfer keep ratio "
         "in the settings; θ = θ_pre + λ·τ̂ with λ chosen by calibration H-score. Pre-trained = λ = 0 with the "
         "fine-tuned head; fine-tuned = λ = 1 with the whole τ.", "",

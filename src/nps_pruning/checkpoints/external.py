@@ -35,6 +35,9 @@ from ..errors import NPSError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json")
 
 
 def input_cache_dir() -> Path:
@@ -182,7 +185,9 @@ def lora_to_folder(path: Path, *, base=None, cache_dir=None) -> Path:
     except (OSError, ValueError) as exc:
         raise NPSError(f"{path / ADAPTER_CONFIG}: not readable JSON ({exc})") from None
     base_ckpt = open_checkpoint(_lora_base(path, config, base))
-    key = _sha256([path / ADAPTER_CONFIG, weights, *base_ckpt.files])
+    # the adapter folder's tokenizer (when it has one) wins over the base's: it is the one trained with
+    tokenizer = sorted(f for f in path.iterdir() if f.name in TOKENIZER_FILES and f.is_file())
+    key = _sha256([path / ADAPTER_CONFIG, weights, *base_ckpt.files, *tokenizer])
     out = Path(cache_dir or input_cache_dir()) / f"lora-{key}"
     if _done(out):
         return out
@@ -202,7 +207,7 @@ def lora_to_folder(path: Path, *, base=None, cache_dir=None) -> Path:
     if deltas:
         left = sorted(k.lstrip("=") for k in deltas)
         raise NPSError(f"{path}: adapter tensors for layers the base does not have: {', '.join(left[:3])}")
-    return save_model_folder(out, state, like=base_ckpt)
+    return save_model_folder(out, state, like=base_ckpt, extra_files=tokenizer)
 
 
 def resolve_options(opts):
@@ -218,6 +223,10 @@ def resolve_options(opts):
         value = getattr(opts, field, None) if field in names else None
         if isinstance(value, (list, tuple)):
             changes[field] = type(value)(resolve_input(v, base=base) for v in value)
+            if "names" in names and not opts.names and list(changes[field]) != list(value):
+                # tasks keep the names of the inputs given (an adapter folder, a .gguf file), not
+                # of the converted folders in the input cache
+                changes["names"] = [Path(v).stem if Path(v).is_file() else Path(v).resolve().name for v in value]
         elif value:
             changes[field] = resolve_input(value, base=base)
     changes = {k: v for k, v in changes.items() if v != getattr(opts, k)}

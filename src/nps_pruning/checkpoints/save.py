@@ -220,10 +220,12 @@ def _shards(tensors: Dict[str, torch.Tensor], max_shard_bytes: int) -> List[List
 
 
 def save_model_folder(out_dir, state_dict: Mapping[str, torch.Tensor], *, like=None,
-                      inputs: Iterable = (), max_shard_bytes: int = 5 * 2**30) -> Path:
+                      inputs: Iterable = (), max_shard_bytes: int = 5 * 2**30,
+                      extra_files: Iterable = ()) -> Path:
     """Write a Hugging Face model folder atomically: weights in safetensors (sharded past
     ``max_shard_bytes``, with ``model.safetensors.index.json``), side files copied from ``like``
-    (a :class:`Checkpoint` or a path). Returns ``out_dir``."""
+    (a :class:`Checkpoint` or a path), then ``extra_files`` (paths, copied by name over those).
+    Returns ``out_dir``."""
     if max_shard_bytes <= 0:
         raise NPSError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if like is not None and not isinstance(like, Checkpoint):
@@ -237,6 +239,8 @@ def save_model_folder(out_dir, state_dict: Mapping[str, torch.Tensor], *, like=N
     with atomic_output_dir(out, inputs=all_inputs) as tmp:
         if like is not None and like.folder is not None:
             _copy_side_files(like.folder, tmp)
+        for f in extra_files:
+            shutil.copyfile(f, tmp / Path(f).name)
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
             _write_safetensors(tmp / "model.safetensors", tensors, meta)
