@@ -133,4 +133,5 @@ def test_every_suite_grid_searches_the_keeps_that_fusion_and_transfer_reuse():
         if s in ("text", "llm", "llm-lora"):
             assert c.transfer_keep in c.nps_keep_ratios, s
     c = cfg.for_suite("llm")
-    assert c.calib_size("llm") == 64 and c.test_rows("llm") is None and c.keep_ratios == (0.02, 0.05, 0.1)
+    assert c.calib_size("llm") == 64 and c.test_rows("llm") == 150 and c.keep_ratios == (0.02, 0.05, 0.1)
+    assert "ties" in c.fusion_methods and set(c.fusion_methods) <= set(cfg.fusion_methods)

@@ -31,13 +31,19 @@ VIT_GRID: Dict[str, Any] = {"nps_keep_ratios": (0.02, 0.05, 0.1), "uniform_keep_
 # The LLM suites' grid (SmolLM2-135M on one thread: 3-10 s per candidate on 64 calibration rows,
 # 15-45 s a test score): magnitude and DARE at r in {0.02, 0.05, 0.1}, NPS focused at 0.05 (what
 # fusion, compression and transfer reuse) with 4 generations of 6, no ablations; transfer at
-# r = 0.05 on rt-sentiment.
+# r = 0.05 on rt-sentiment; fusion: task arithmetic, TIES, TSV-M, Iso-C on 3-point λ grids (a
+# merged model costs ~20 s on calibration and ~50 s on 150 test rows of the three tasks).
 LLM_GRID: Dict[str, Any] = {"keep_ratios": (0.02, 0.05, 0.1), "baselines": ("magnitude", "dare"),
                             "nps_keep_ratios": (0.05,), "uniform_keep_ratios": (),
                             "ablation_keep_ratios": (), "sigma0_ablation": (), "long_keep": None,
                             "transfer_keep": 0.05, "transfer_tasks": ("rt-sentiment",),
                             "coding_keeps": (0.05,), "batch_size": 16, "generations": 4, "popsize": 6,
-                            "memory_tasks": ("rt-sentiment",)}
+                            "memory_tasks": ("rt-sentiment",),
+                            # fusion: 3-point λ grids, one NPS-merge normalization, 2 λ generations
+                            "ta_grid": (0.4, 0.7, 1.0), "ties_grid": (0.8, 1.4, 2.0),
+                            "nps_merge_grid": (0.8, 1.4, 2.0), "svd_grid": (0.6, 1.0, 1.5),
+                            "normalizations": ("mask-count",), "lambda_generations": 2,
+                            "fusion_methods": ("task-arithmetic", "ties", "tsv-m", "iso-c")}
 LLM_SUITES = ("llm", "llm-lora")
 
 
@@ -86,6 +92,7 @@ class BenchConfig:
     calib_size_text: int = 128
     calib_size_vision: int = 256
     calib_size_llm: int = 64
+    test_rows_llm: Optional[int] = 150           # seeded subset of each LLM test file (300 rows)
     test_rows_text: Optional[int] = 1000         # seeded subset of each text test split
     test_rows_vision: Optional[int] = None       # None: the full test split
     test_seed: int = 0
@@ -98,6 +105,8 @@ class BenchConfig:
     svd_grid: Tuple[float, ...] = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)   # TSV-M and Iso-C's λ (α)
     normalizations: Tuple[str, ...] = ("mask-count", "lambda-sum", "none")
     lambda_generations: int = 6
+    # the λ-grid merges of the fusion table (besides average, NPS-merge and the pre-trained model)
+    fusion_methods: Tuple[str, ...] = ("task-arithmetic", "ties", "dare-ties", "della", "tsv-m", "iso-c")
     # compression: the value codings' stores (exp_codings) of DARE and the default NPS at these r
     coding_keeps: Tuple[float, ...] = (0.02, 0.05, 0.1)
     # transfer (text suite only)
@@ -154,7 +163,7 @@ class BenchConfig:
 
     def test_rows(self, suite: str) -> Optional[int]:
         if suite in LLM_SUITES:
-            return None            # the suite's test files are already seeded subsets
+            return self.test_rows_llm
         return self.test_rows_text if suite == "text" else self.test_rows_vision
 
     def search_params(self, suite: str) -> dict:

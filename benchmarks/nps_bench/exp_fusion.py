@@ -80,6 +80,8 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
                                ("dare-ties", cfg.ties_keep, cfg.ties_grid),
                                ("della", cfg.ties_keep, cfg.ties_grid),
                                ("tsv-m", 1.0, cfg.svd_grid), ("iso-c", 1.0, cfg.svd_grid)):
+        if method not in cfg.fusion_methods:
+            continue
         def grid_merge(method=method, keep=keep, grid=grid):
             merged, lam, g = merge_with_lambda_grid(method, taus(), sessions(), calibs(),
                                                     settings=msettings(keep_ratio=keep, lambda_grid=grid))

@@ -229,7 +229,7 @@ def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
     names = fj["tasks"]
     ns = [_test_rows(S, n) for n in names]
     fig = ""
-    if figures_dir is not None and fig_rel and "della" in F:     # runs with today's merge rows
+    if figures_dir is not None and fig_rel and ("della" in F or "tsv-m" in F):   # runs with today's merge rows
         from .report_figures import fig_fusion
         fig_fusion(sname, [(l.replace("**", "").split(":")[0], v) for l, v in _fusion_rows(F, MA)
                            if l != FUSION_LABELS["fine-tuned"]], ns,
@@ -242,9 +242,7 @@ def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
     return "\n".join([
         f"All {len(names)} tasks merged into one body (each task keeps its own head). λ chosen on the calibration "
         "rows (mean over tasks), reported on test. "
-        + ("TIES, DARE-TIES and DELLA keep (in expectation, DELLA) 20% of each task vector; TSV-M and Iso-C are "
-           "dense (per-matrix SVD, biases and norms averaged); " if "della" in F else
-           "TIES and DARE-TIES keep 20% of each task vector; ") +
+        + _fusion_keeps_text(F) +
         f"NPS-merge merges the NPS-focused r = {S['fusion']['compression']['keep']:g} vectors of the pruning table. "
         "Under `lambda-sum` a common λ cancels (Σλτ̂ᵢ/Σλ = mean τ̂ᵢ), so its grid is one point.", "",
         table(["method"] + names + ["mean test ± se", "mean calib", "λ"], rows)]) + _fusion_verdict(F, MA, ns) + fig
@@ -334,6 +332,19 @@ def _codings_verdict(rows: List[dict]) -> str:
     return (f"Smallest store at ≥ 0.99 normalized: {r['method']} {r['coding']}{keep}, "
             f"{r['bits_per_entry']:.3f} bits per entry per task (normalized {r['normalized_mean']:.4f}); "
             f"the target (≤ 0.5 bits at ≥ 0.99) is {met}.")
+
+
+def _fusion_keeps_text(F: dict) -> str:
+    """What the fusion rows of this run keep (the LLM suites run fewer merge methods)."""
+    sparse = [lab for k, lab in (("ties", "TIES"), ("dare-ties", "DARE-TIES"), ("della", "DELLA")) if k in F]
+    out = ""
+    if sparse:
+        out = (", ".join(sparse[:-1]) + " and " + sparse[-1] if len(sparse) > 1 else sparse[0]) + \
+              (" keep (in expectation, DELLA) 20% of each task vector; " if "della" in F else
+               " keep" + ("s" if len(sparse) == 1 else "") + " 20% of each task vector; ")
+    if "tsv-m" in F:
+        out += "TSV-M and Iso-C are dense (per-matrix SVD, biases and norms averaged); "
+    return out
 
 
 def _transfer_section(S: dict) -> str:

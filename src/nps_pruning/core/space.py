@@ -59,6 +59,15 @@ def _index_dtype(D: int) -> torch.dtype:
     return torch.int32 if D < 2 ** 31 - 1 else torch.int64
 
 
+def _inverse(perm: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """inv with inv[perm[i]] = i, in ``dt``, filled chunk by chunk."""
+    inv = torch.empty(perm.numel(), dtype=dt)
+    for s in range(0, perm.numel(), CHUNK):
+        e = min(perm.numel(), s + CHUNK)
+        inv[perm[s:e]] = torch.arange(s, e, dtype=dt)
+    return inv
+
+
 def make_hybrid_index(values: torch.Tensor, seed: int = 0) -> HybridIndex:
     """Indices of the hybrid space for τ = ``values`` (1-D) and the random order of ``seed``."""
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
@@ -68,15 +77,17 @@ def make_hybrid_index(values: torch.Tensor, seed: int = 0) -> HybridIndex:
     absv = values.detach().cpu().float().abs()
     if not bool(torch.isfinite(absv).all()):
         raise ValueError("task vector has non-finite (NaN or inf) entries")
+    # peak memory: the one sort (|τ|, its values and int64 indices) and then the permutation;
+    # the inverse maps are filled chunk by chunk (no D-long arange or int64 gather result)
     order = torch.sort(absv, descending=True, stable=True).indices
     del absv
-    rank = torch.empty(D, dtype=dt)
-    rank[order] = torch.arange(D, dtype=dt)
+    rank = _inverse(order, dt)
     del order
     perm = torch.randperm(D, generator=torch.Generator().manual_seed(int(seed)))
-    inv_perm = torch.empty(D, dtype=dt)
-    inv_perm[perm] = torch.arange(D, dtype=dt)
-    perm_rank = rank[perm]
+    inv_perm = _inverse(perm, dt)
+    perm_rank = torch.empty(D, dtype=dt)
+    for s in range(0, D, CHUNK):
+        perm_rank[s:s + CHUNK] = rank[perm[s:s + CHUNK]]
     del perm
     dev = values.device
     return HybridIndex(rank.to(dev), inv_perm.to(dev), perm_rank, int(seed))
