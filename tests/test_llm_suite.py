@@ -135,3 +135,35 @@ def test_every_suite_grid_searches_the_keeps_that_fusion_and_transfer_reuse():
     c = cfg.for_suite("llm")
     assert c.calib_size("llm") == 64 and c.test_rows("llm") == 150 and c.keep_ratios == (0.02, 0.05, 0.1)
     assert "ties" in c.fusion_methods and set(c.fusion_methods) <= set(cfg.fusion_methods)
+
+
+def test_the_llm_transfer_job_scores_prose_relative_to_the_pretrained_model(tmp_path):
+    """run_transfer_job on an LLM suite: the source is pydoc prose by perplexity:, divided by the
+    pre-trained model's score (so λ = 0 scores exactly 1), the target the task's evaluator."""
+    from nps_bench.config import LLM_GRID, BenchConfig
+    from nps_bench.exp_transfer import run_transfer_job
+    base, tok = _tiny_llama(tmp_path)
+    m = transformers.AutoModelForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    d = tmp_path / "root" / "llm" / "rt-sentiment" / "k"
+    m.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    for part in ("calib", "test"):
+        llm_suite.write_jsonl(d / f"{part}.jsonl", _mc_rows(12))
+    task = {"name": "rt-sentiment", "kind": "lm", "dir": str(d), "base": str(base), "finetuned": str(d / "model"),
+            "eval_calib": f"multiple-choice:{d / 'calib.jsonl'}", "eval_test": f"multiple-choice:{d / 'test.jsonl'}",
+            "max_length": 32, "key": "k"}
+    cfg = BenchConfig.quick(suites=("llm",), suite_grids={"llm": {**LLM_GRID, "transfer_lambdas": (0.5, 1.0)}})
+    pruning = {"task": "rt-sentiment", "pruning": [{"method": "nps", "variant": "focused", "keep": 0.05,
+                                                     "weights": [1.0] * cfg.bands}]}
+    out = run_transfer_job(task, [task], cfg.to_dict(), str(tmp_path / "cache"), pruning, "llm")
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"pre-trained", "fine-tuned", "dare", "magnitude", "nps"}
+    assert rows["pre-trained"]["source"] == 1.0 and rows["pre-trained"]["lambda"] == 0.0
+    assert rows["fine-tuned"]["lambda"] == 1.0 and rows["dare"]["lambda"] in (0.5, 1.0)
+    assert rows["nps"]["source_per_task"]["pydoc exp(-NLL)"] > 0
+    assert rows["fine-tuned"]["source_rows"] == 32 - 10       # the rows λ was not chosen on (quick: 32 in all)
+    assert (tmp_path / "root" / "llm" / "source-pydoc-32.jsonl").is_file()

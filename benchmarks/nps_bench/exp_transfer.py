@@ -52,7 +52,7 @@ class RelativeSource:
         return self.last_raw / self.reference
 
 
-SELECT_ROWS_LM = 64      # pydoc rows that choose λ; the rest of the source file is reported
+SELECT_ROWS_LM = 64      # pydoc rows that choose λ (at most a third); the rest of the source file is reported
 
 
 def run_transfer_job(task: dict, suite_tasks: List[dict], cfg_dict: dict, cache_root: str,
@@ -76,14 +76,16 @@ def run_transfer_job(task: dict, suite_tasks: List[dict], cfg_dict: dict, cache_
     else:
         from .llm_suite import source_file
         src = source_file(Path(task["dir"]).parents[2], cfg.profile == "quick")
-        src_params = {"source": str(src), "select": SELECT_ROWS_LM, "seed": cfg.seed, "relative": True}
+        n_src = sum(1 for line in open(src, encoding="utf-8") if line.strip())
+        src_params = {"source": str(src), "select": min(SELECT_ROWS_LM, n_src // 3), "seed": cfg.seed,
+                      "relative": True}
     params = {**_task_params(task), **cfg.eval_params(suite), **src_params}
     state: Dict[str, Any] = {}
 
     def sources():
         if "src" not in state and suite != "text":
             s, spec = ctx.session, f"perplexity:{src_params['source']}"
-            kw = dict(calib_size=SELECT_ROWS_LM, seed=cfg.seed, batch_size=cfg.batch_size,
+            kw = dict(calib_size=src_params["select"], seed=cfg.seed, batch_size=cfg.batch_size,
                       max_length=task.get("max_length") or 128)
             sel, rep = s.evaluator(spec, **kw), s.evaluator(spec, subset="rest", **kw)
             zero = torch.zeros_like(s.task_vector.values)
