@@ -155,10 +155,17 @@ def test_race_schedule_order_and_rule():
 
 def test_race_keeps_the_true_best_and_scores_fewer_rows():
     settings = dict(generations=10, popsize=10)
-    full = run_search(PerRow(), 4, _settings(**settings), progress=False)
+    # racing (z = 2) scores at least a fifth fewer rows, summed over five seeds: for one seed the
+    # saving depends on the CMA-ES trajectory (0.75-0.83 of the rows over seeds 3-7 with cmaes 0.13)
+    full_rows = raced_rows = 0
+    for seed in (3, 4, 5, 6, 7):
+        full_rows += _examples(run_search(PerRow(), 4, _settings(seed=seed, **settings), progress=False))
+        r = run_search(PerRow(), 4, _settings(seed=seed, race="halving", **settings), progress=False)
+        raced_rows += _examples(r)
+        assert _examples(r) < 0.9 * 96 * len(r.candidates)
+    assert raced_rows < 0.8 * full_rows
     scorer = PerRow()
     raced = run_search(scorer, 4, _settings(race="halving", **settings), progress=False)
-    assert _examples(raced) < 0.8 * _examples(full)
     # with z = 0 only the top 1/eta go on: exactly 10·16 + 4·32 rows, then 2 finalists · 96 rows
     # (a finalist is re-scored on every row by the ordinary full call), per generation
     tight = run_search(PerRow(), 4, _settings(race="halving", race_z=0.0, **settings),
