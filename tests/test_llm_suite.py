@@ -135,6 +135,7 @@ def test_every_suite_grid_searches_the_keeps_that_fusion_and_transfer_reuse():
     c = cfg.for_suite("llm")
     assert c.calib_size("llm") == 64 and c.test_rows("llm") == 150 and c.keep_ratios == (0.02, 0.05, 0.1)
     assert "ties" in c.fusion_methods and set(c.fusion_methods) <= set(cfg.fusion_methods)
+    assert c.lambda_generations == 0 and c.coding_keeps == ()
 
 
 def test_the_llm_transfer_job_scores_prose_relative_to_the_pretrained_model(tmp_path):

@@ -31,19 +31,20 @@ VIT_GRID: Dict[str, Any] = {"nps_keep_ratios": (0.02, 0.05, 0.1), "uniform_keep_
 # The LLM suites' grid (SmolLM2-135M on one thread: 3-10 s per candidate on 64 calibration rows,
 # 15-45 s a test score): magnitude and DARE at r in {0.02, 0.05, 0.1}, NPS focused at 0.05 (what
 # fusion, compression and transfer reuse) with 4 generations of 6, no ablations; transfer at
-# r = 0.05 on rt-sentiment; fusion: task arithmetic, TIES, TSV-M, Iso-C on 3-point λ grids (a
-# merged model costs ~20 s on calibration and ~50 s on 150 test rows of the three tasks).
+# r = 0.05 on rt-sentiment; fusion: TIES, TSV-M and NPS-merge (one λ for all tasks) on 3-point λ
+# grids, no per-task λ search, no value-codings study (a merged model costs ~30 s on calibration
+# and ~100 s on 150 test rows of the three tasks with one thread).
 LLM_GRID: Dict[str, Any] = {"keep_ratios": (0.02, 0.05, 0.1), "baselines": ("magnitude", "dare"),
                             "nps_keep_ratios": (0.05,), "uniform_keep_ratios": (),
                             "ablation_keep_ratios": (), "sigma0_ablation": (), "long_keep": None,
                             "transfer_keep": 0.05, "transfer_tasks": ("rt-sentiment",),
-                            "coding_keeps": (0.05,), "batch_size": 16, "generations": 4, "popsize": 6,
+                            "batch_size": 16, "generations": 4, "popsize": 6,
                             "memory_tasks": ("rt-sentiment",),
                             # fusion: 3-point λ grids, one NPS-merge normalization, 2 λ generations
                             "ta_grid": (0.4, 0.7, 1.0), "ties_grid": (0.8, 1.4, 2.0),
                             "nps_merge_grid": (0.8, 1.4, 2.0), "svd_grid": (0.6, 1.0, 1.5),
-                            "normalizations": ("mask-count",), "lambda_generations": 2,
-                            "fusion_methods": ("task-arithmetic", "ties", "tsv-m", "iso-c")}
+                            "normalizations": ("mask-count",), "lambda_generations": 0,
+                            "fusion_methods": ("ties", "tsv-m"), "coding_keeps": ()}
 LLM_SUITES = ("llm", "llm-lora")
 
 

@@ -38,6 +38,8 @@ def run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_p
     row("fine-tuned (N models)", ft_acc, 4 * (n * D + sum(head_entries)), 32.0,
         {"storage_note": "N full fp32 models: prunable entries + heads"})
     for method, label in (("task-arithmetic", "task arithmetic"), ("ties", "TIES")):
+        if method not in fusion:          # a suite grid without this merge (the LLM suites)
+            continue
         f = fusion[method]
         row(label, f["test"], 4 * (D + sum(head_entries)), 32.0 / n,
             {"lambda": f["lambda"], "storage_note": "one merged fp32 body + each task's head"})

@@ -124,9 +124,10 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
         merged = nps_combine(nps_pruned(), lambdas, best_norm)
         return scored(merged, {"lambda": [float(x) for x in lambdas], "normalize": best_norm,
                                "search_candidates": 0 if result is None else len(result.candidates)})
-    fusion["NPS-merge"] = cache.step(suite, "_fusion", f"nps-merge-search-{best_norm}",
-                                     {**nps_params, "grid": list(cfg.nps_merge_grid), "norm": best_norm,
-                                      "gens": cfg.lambda_generations}, nps_search, log)
+    if cfg.lambda_generations > 0:        # 0: no per-task λ search (the LLM suites' cut grid)
+        fusion["NPS-merge"] = cache.step(suite, "_fusion", f"nps-merge-search-{best_norm}",
+                                         {**nps_params, "grid": list(cfg.nps_merge_grid), "norm": best_norm,
+                                          "gens": cfg.lambda_generations}, nps_search, log)
 
     # ---------------- compression
     comp = run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_pruned, nps_params, log,
