@@ -24,7 +24,7 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
     from nps_pruning.core.merge import MERGERS, nps_combine
     from nps_pruning.task_vector import stack_values
 
-    cfg = BenchConfig.from_dict(cfg_dict)
+    cfg = BenchConfig.from_dict(cfg_dict).for_suite(suite)
     _set_threads(cfg.threads)
     cache = ResultCache(Path(cache_root))
     log = _logger(f"{suite}/fusion")

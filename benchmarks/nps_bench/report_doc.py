@@ -75,7 +75,8 @@ def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str =
         if sname in suites and grid:
             cuts.append(f"Suite {sname} runs a smaller grid: " + "; ".join(
                 f"{k} = {tuple(v) if isinstance(v, list) else v}" for k, v in grid.items())
-                + " (`suite_grids`; its baselines, fusion and compression run as for every suite).")
+                + " (`suite_grids`: these keys replace the grid's for this suite in every experiment; the others "
+                  "run as for every suite).")
     if cuts:
         out += ["", "Cut from the full grid in this run:", ""] + [f"- {c}" for c in cuts]
     tau = tau_section(suites)
