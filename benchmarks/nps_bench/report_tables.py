@@ -342,8 +342,10 @@ def _fusion_keeps_text(F: dict) -> str:
         out = (", ".join(sparse[:-1]) + " and " + sparse[-1] if len(sparse) > 1 else sparse[0]) + \
               (" keep (in expectation, DELLA) 20% of each task vector; " if "della" in F else
                " keep" + ("s" if len(sparse) == 1 else "") + " 20% of each task vector; ")
-    if "tsv-m" in F:
-        out += "TSV-M and Iso-C are dense (per-matrix SVD, biases and norms averaged); "
+    dense = [lab for k, lab in (("tsv-m", "TSV-M"), ("iso-c", "Iso-C")) if k in F]
+    if dense:
+        out += " and ".join(dense) + (" are" if len(dense) > 1 else " is") + \
+               " dense (per-matrix SVD, biases and norms averaged); "
     return out
 
 
