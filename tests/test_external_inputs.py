@@ -123,10 +123,24 @@ GGUF_NAMES = [("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"
               (".post_attention_layernorm", ".ffn_norm")]
 
 
+def gguf_tensors(model):
+    """(HF name, GGUF name, array in llama.cpp's row order, heads or None) of each tensor of a
+    Llama but the tied lm_head."""
+    c = model.config
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        name = k
+        for a, b in GGUF_NAMES:
+            name = name.replace(a, b)
+        heads = c.num_attention_heads if "q_proj" in k else c.num_key_value_heads if "k_proj" in k else None
+        arr = v.numpy()
+        yield k, name, (_permute(arr, heads) if heads else arr), heads
+
+
 def test_a_q8_gguf_file_converts_to_its_dequantized_weights(tmp_path):
     gguf = pytest.importorskip("gguf")
     model = _tiny_llama(hidden=32, inter=64, vocab=32)
-    sd = model.state_dict()
     path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(64); w.add_embedding_length(32); w.add_block_count(2)
@@ -134,16 +148,7 @@ def test_a_q8_gguf_file_converts_to_its_dequantized_weights(tmp_path):
     w.add_layer_norm_rms_eps(1e-6); w.add_rope_dimension_count(16); w.add_vocab_size(32)
     expected = {}
     q8 = gguf.GGMLQuantizationType.Q8_0
-    for k, v in sd.items():
-        if k == "lm_head.weight":
-            continue
-        name = k
-        for a, b in GGUF_NAMES:
-            name = name.replace(a, b)
-        arr = v.numpy()
-        heads = 2 if "q_proj" in k else 1 if "k_proj" in k else None
-        if heads:
-            arr = _permute(arr, heads)
+    for k, name, arr, heads in gguf_tensors(model):
         if arr.ndim == 2 and "token_embd" not in name:
             q = gguf.quants.quantize(arr, q8)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=q8)

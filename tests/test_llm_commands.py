@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 def _write_f32_gguf(model, path):
     """The model as an F32 GGUF file (llama.cpp's names and q/k row order), no tokenizer."""
-    from test_external_inputs import GGUF_NAMES, _permute
+    from test_external_inputs import gguf_tensors
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(c.max_position_embeddings); w.add_embedding_length(c.hidden_size)
@@ -27,15 +27,8 @@ def _write_f32_gguf(model, path):
     w.add_head_count(c.num_attention_heads); w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps); w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_vocab_size(c.vocab_size)
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        name = k
-        for a, b in GGUF_NAMES:
-            name = name.replace(a, b)
-        arr = v.numpy()
-        heads = c.num_attention_heads if "q_proj" in k else c.num_key_value_heads if "k_proj" in k else None
-        w.add_tensor(name, _permute(arr, heads) if heads else arr)
+    for _, name, arr, _ in gguf_tensors(model):
+        w.add_tensor(name, arr)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 
 

@@ -239,7 +239,7 @@ def finetune_lm(base: Path, kind: str, rows: list, settings: LMSettings, out_dir
     return {"model": model, "tokenizer": tok, "train_s": t_train}
 
 
-def _score(spec: str, model, folder, rows_hint: str = "") -> float:
+def _score(spec: str, model, folder) -> float:
     import torch
     from nps_pruning.evaluation import make_evaluator
     ev = make_evaluator(spec, model_path=str(folder), batch_size=16, max_length=MAX_LENGTH)
