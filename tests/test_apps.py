@@ -227,6 +227,9 @@ def test_prune_nps_report_model_and_repeatability(fam, tmp_path):
     assert rep["calibration"]["magnitude"] == cands[0]["score"]
     assert set(rep["test"]) == {"finetuned", "magnitude", "nps"}
     assert (a / "search.png").stat().st_size > 0
+    # peak resident memory: the search's and the command's, in bytes (this process's high-water mark)
+    mem = rep["memory"]
+    assert 50 * 2**20 < mem["search_peak_rss_bytes"] <= mem["peak_rss_bytes"]
     # the pruned τ is exactly mask(w*) ⊙ (w*[band] · τ) with k nonzeros (sort-based reference)
     pairs, base_flat, tau = flat_tau(fam["base"], fam["ft"])
     w = np.asarray(rep["search"]["best_weights"], dtype=np.float64)

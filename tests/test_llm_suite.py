@@ -118,6 +118,7 @@ def test_search_memory_measures_the_search_process(tmp_path):
     n = sum(p.numel() for p in load_file(str(tmp_path / "ft" / "model.safetensors")).values())   # lm_head tied
     assert out["model_bytes"] == out["tau_bytes"] == 4 * n
     assert out["peak_rss_bytes"] > 50 * 2**20       # a python process with torch, measured
+    assert 50 * 2**20 < out["search_peak_rss_bytes"] <= out["peak_rss_bytes"]
     bad = {**task, "eval_calib": f"multiple-choice:{tmp_path / 'missing.jsonl'}"}
     with pytest.raises(RuntimeError, match="nps prune failed"):
         search_memory(bad, calib_size=8, batch_size=4)

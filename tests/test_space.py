@@ -34,11 +34,18 @@ def test_hybrid_build_equals_its_definition_and_keeps_exactly_k():
                                                        rng.uniform(-1, 1)]])
             got = build_hybrid(v, bands, idx, p, r)
             assert torch.equal(got, hybrid_reference(v, bands, p, r, seed=trial)), (D, trial)
-            plan = hybrid_plan(bands, idx, p, r)
+            plan = hybrid_plan(v, bands, idx, p, r)
             # exactly k positions: the magnitude part and the random part are disjoint
-            kept = (idx.rank < torch.tensor(plan.cuts)[bands.band_of.long()])
-            rand = (idx.inv_perm <= plan.last_pos) & ~kept
+            kept = plan.mag.clone()
+            inv_perm = torch.empty(D, dtype=torch.int64)
+            inv_perm[idx.perm.long()] = torch.arange(D)
+            rand = (inv_perm <= plan.last_pos) & ~kept
             assert int(kept.sum()) == plan.k_mag and int(rand.sum()) == plan.k_rand
+            # the magnitude part is band b's rank prefix [starts[b], cuts[b]) (ranks: |τ|
+            # descending, ties by flat index)
+            rank = torch.empty(D, dtype=torch.int64)
+            rank[torch.sort(v.abs(), descending=True, stable=True).indices] = torch.arange(D)
+            assert torch.equal(kept, rank < torch.tensor(plan.cuts)[bands.band_of.long()])
             assert plan.k_mag + plan.k_rand == keep_count(D, r)
             # with a base: base + τ̂, written into out
             base = torch.randn(D, generator=torch.Generator().manual_seed(1))
@@ -61,6 +68,25 @@ def test_magnitude_and_dare_are_exact_points_of_the_hybrid_space():
                            build_candidate(v, bands, w, r))
         assert torch.equal(build_hybrid(v, bands, idx, np.concatenate([w, [1.0, 0.0, 0.0]]), r),
                            build_candidate(v, bands, w * 2.0, r))
+
+
+def test_hybrid_index_is_the_dare_permutation_in_int32_and_nothing_else():
+    # the space's only D-long structure: DARE's permutation, drawn as int32 (same order as int64)
+    for D, seed in ((1, 0), (1000, 3), (1 << 20, 7)):
+        v = torch.randn(D)
+        idx = make_hybrid_index(v, seed=seed)
+        assert idx.perm.dtype == torch.int32 and idx.num_entries == D
+        ref = torch.randperm(D, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(idx.perm.long(), ref)
+        assert [f for f in vars(idx) if isinstance(getattr(idx, f), torch.Tensor)] == ["perm"]
+    # the candidate does not change τ, the bands or the index
+    v = torch.round(torch.randn(5000) * 3) / 3
+    bands = make_bands(v, 4, "focused", 0.05)
+    idx = make_hybrid_index(v, seed=1)
+    before = (v.clone(), bands.band_of.clone(), bands.sorted_abs.clone(), idx.perm.clone())
+    build_hybrid(v, bands, idx, np.array([1.0, 2.0, 0.5, 1.0, 0.3, 0.6, 0.2]), 0.05)
+    for a, b in zip(before, (v, bands.band_of, bands.sorted_abs, idx.perm)):
+        assert torch.equal(a, b)
 
 
 def test_hybrid_random_part_is_an_unbiased_sample_of_the_rest():

@@ -57,7 +57,8 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
                 "load_s": s.load_s}
     ft = cache.step(suite, task["name"], "finetuned", ep, finetuned, log)
     if task["name"] in cfg.memory_tasks:     # the LLM suites: peak memory of a search in its own process
-        mem = cache.step(suite, task["name"], "memory", {**ep, "cmd": MEMORY_ARGS, "keep": 0.05},
+        mem = cache.step(suite, task["name"], "memory", {**ep, "cmd": MEMORY_ARGS, "keep": 0.05,
+                                                          "v": MEMORY_VERSION},
                          lambda: search_memory(task, cfg.calib_size(suite), cfg.batch_size), log)
         ft = {**ft, "memory": _strip(mem)}
 
@@ -127,13 +128,15 @@ def _checkpoints(ctx: "TaskContext", res, keep: float, scheme: str, upper: float
 
 
 MEMORY_ARGS = ["--generations", "2", "--popsize", "4", "--keep", "0.05", "--quiet"]
+MEMORY_VERSION = 2   # 2: the hybrid space's index is one int32 permutation; the search's own peak
 
 
 def search_memory(task: dict, calib_size: int, batch_size: int) -> dict:
     """Peak resident memory of ``nps prune`` (the shipped default search, 2 generations of 4) on
-    this task, run as its own process (``os.wait4``'s ru_maxrss of that child alone), next to the
-    bytes of the model's float32 weights and of τ: what the search holds beyond them is measured,
-    not assumed."""
+    this task, run as its own process (``os.wait4``'s ru_maxrss of that child alone; and the
+    search's own peak, before the pruned τ̂ is built, from its report.json), next to the bytes of
+    the model's float32 weights and of τ: what the search holds beyond them is measured, not
+    assumed."""
     import os
     import subprocess
     import sys
@@ -156,7 +159,11 @@ def search_memory(task: dict, calib_size: int, batch_size: int) -> dict:
         p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode != 0:
             raise RuntimeError(f"nps prune failed ({p.returncode}): {err.decode(errors='replace')[-2000:]}")
-    return {"peak_rss_bytes": int(ru.ru_maxrss) * 1024, "tau_bytes": tau_bytes,
+        import json
+        report = json.loads((Path(out) / "report.json").read_text())
+    search_peak = (report.get("memory") or {}).get("search_peak_rss_bytes")
+    return {"peak_rss_bytes": int(ru.ru_maxrss) * 1024, "search_peak_rss_bytes": search_peak,
+            "tau_bytes": tau_bytes,
             "model_bytes": model_bytes, "wall_s": time.perf_counter() - t0,
             "command": "nps prune PRE FT --eval CALIB " + " ".join(MEMORY_ARGS)}
 

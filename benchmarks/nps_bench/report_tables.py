@@ -36,22 +36,34 @@ def _suite_table(S: dict) -> str:
                      f"{ft['test']:.4f} ± {se(ft['test'], ft['test_rows']):.4f}", _tau_cell(S, t["name"])])
         if mem_col:
             m = ft.get("memory")
-            rows[-1].append(f"{m['peak_rss_bytes'] / 2**30:.2f} GiB = {m['peak_rss_bytes'] / m['model_bytes']:.1f}× "
-                            f"the model" if m else "-")
+            rows[-1].append(_memory_cell(m))
     head = ["task", "classes", "train", "calib split", "test split", "test rows used", "calib rows used",
             "fine-tuned (full test)", "pre-trained (untrained head)", "pre-trained body + ft head",
             "majority", "fine-tuned (rows used)", "‖τ‖/‖θ_pre‖"]
-    out = table(head + (["peak RSS of `nps prune`"] if mem_col else []), rows)
+    out = table(head + (["peak RSS of `nps prune`: search / whole command"] if mem_col else []), rows)
     if mem_col:
         m = next(S["tasks"][n]["finetuned"]["memory"] for n in S["tasks"] if S["tasks"][n]["finetuned"].get("memory"))
         out += ("\n\nPeak RSS: the resident-memory high-water mark of one `nps prune` process (the shipped "
-                f"default search, `{m['command']}`, and writing its output), measured with `os.wait4`; the "
-                f"model's float32 weights are {m['model_bytes'] / 2**20:.0f} MiB and τ as many.")
+                f"default search, `{m['command']}`): of the search (its own `getrusage` when the search and "
+                "the hold-out re-scoring end, from its report.json) and of the whole command (`os.wait4`; "
+                "it also builds the pruned τ̂, scores it, and writes the output); the "
+                f"model's float32 weights are {m['model_bytes'] / 2**20:.0f} MiB and τ as many. The search "
+                "holds θ_pre, τ, the model (whose weights are one flat buffer), the bands (|τ| sorted, "
+                "float32, and one byte per entry) and the hybrid space's permutation (int32).")
     return out
 
 
 def _tau(S: dict) -> Dict[str, dict]:
     return (S.get("fusion") or {}).get("tau") or {}
+
+
+def _memory_cell(m) -> str:
+    if not m:
+        return "-"
+    def gib(b):
+        return f"{b / 2**30:.2f} GiB = {b / m['model_bytes']:.1f}×"
+    search = m.get("search_peak_rss_bytes")
+    return (f"{gib(search)} / " if search else "- / ") + f"{gib(m['peak_rss_bytes'])} the model"
 
 
 def _tau_cell(S: dict, name: str) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import NPSError
-from ..report.report import now_iso, versions, write_json
+from ..report.report import now_iso, peak_rss_bytes, versions, write_json
 from .session import Session
 from .settings import PruneSettings, SearchSettings, search_settings_from_options
 
@@ -41,6 +41,7 @@ class PruneOutcome:
     aborted: Optional[str] = None               # the search stopped on repeated failures
     rescored: List[Dict[str, Any]] = field(default_factory=list)   # held-out re-scoring
     space: str = "magnitude"
+    memory: Dict[str, Optional[int]] = field(default_factory=dict)   # peak resident bytes
 
 
 def search_settings(opts):
@@ -186,6 +187,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
             result.best_score = float(chosen["score"])
             rescore_s = time.perf_counter() - t_r
+        search_peak = peak_rss_bytes()      # the search (and re-scoring) alone, before τ̂ is built
         pruned = build_point(space, tv.values, bands, index, np.asarray(result.best_weights),
                              keep, kept_values=settings.kept_values)
         calib = {"magnitude": result.baseline_score}
@@ -195,7 +197,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         calib["nps"] = result.best_score
         outcome = PruneOutcome("nps", pruned, keep, result, bands, calib,
                                {"bands_s": bands_s, "search_s": result.seconds}, aborted,
-                               rescored=rescored, space=space_name)
+                               rescored=rescored, space=space_name,
+                               memory={"search_peak_rss_bytes": search_peak})
         if rescored:
             outcome.timings["rescore_s"] = rescore_s
             outcome.calibration["nps_holdout"] = max(r["holdout_score"] for r in rescored)
@@ -331,7 +334,14 @@ def run_prune(opts) -> Dict[str, Any]:
         "calibration": outcome.calibration, "test": test_scores,
         "timings": {"load_s": session.load_s, **outcome.timings,
                     "total_s": time.perf_counter() - t_start},
+        # peak resident memory: of the search (θ_pre, τ, the model, the bands, the space's index),
+        # and of the command before it writes (+ the pruned τ̂); writing frees the model first
+        "memory": {**outcome.memory, "peak_rss_bytes": peak_rss_bytes()},
     }
+    # the scoring model and the search's bands are done with: free them before the written model
+    # is computed, so that writing does not raise the command's peak memory
+    outcome.bands = None
+    session.release_model()
     pruned_tv = tv.with_values(outcome.pruned.cpu())
     base_cpu = session.base_flat.cpu().float()   # the written model is computed in float32
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:

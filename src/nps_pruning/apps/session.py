@@ -76,6 +76,14 @@ class Session:
                 self.task_vector = self.task_vector.with_values(self.task_vector.values.to(self.device))
         return self.model
 
+    def release_model(self) -> None:
+        """Drop the scoring model and its flat buffer (θ_pre and τ stay): what a command does
+        before it writes its outputs, so that writing never holds a second copy of the weights
+        next to the model. :meth:`ensure_model` loads it again if it is needed."""
+        import gc
+        self.model, self.flat = None, None
+        gc.collect()
+
     def set_task_values(self, tau: torch.Tensor, scale: float = 1.0) -> None:
         """Put θ_pre + scale·τ into the model (in place).
 

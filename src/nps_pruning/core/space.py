@@ -16,11 +16,12 @@ subset for small, diffuse ones). A point is (w_1..w_M, g, α, h):
   2^h·(D − k_mag)/k_rand·τ (the unbiased rescale of a uniform sample of the rest, tuned by h).
 
 So (w=1, g=0, α=0) is magnitude top-k and (α=1, h=0) is DARE(seed) bit for bit. The kept count
-is exactly k. Per candidate the work is the per-band threshold search (O(M log D)), a scan of the
-random order until k_rand free entries are found (O(k_rand·D/(D−k_mag)) expected, on indices
-computed once) and one chunked elementwise pass — no sort per candidate. The indices cost
-three int32 (int64 beyond 2^31 entries) vectors of D entries, made once by
-:func:`make_hybrid_index` (one stable sort).
+is exactly k. Per candidate the work is the paper's exact mask at k_mag (the per-band threshold
+search, O(M log D), and one chunked pass over τ — :mod:`.mask`), a scan of the random order until
+k_rand free entries are found (O(k_rand·D/(D−k_mag)) expected) and one chunked elementwise pass —
+no sort per candidate, and no sort at all beyond the bands'. Beyond the bands the space holds one
+D-long int32 vector (the seeded permutation, :func:`make_hybrid_index`); a candidate's only D-long
+temporary is its one-byte-per-entry mask.
 """
 from __future__ import annotations
 
@@ -32,65 +33,44 @@ import numpy as np
 import torch
 
 from .bands import Bands
-from .mask import band_counts, build_candidate, keep_count
+from .mask import _pass as _mask_pass, _plan as _mask_plan, _weights32, build_candidate, keep_count
 
 CHUNK = 1 << 20
 
 
-# -- the hybrid space's indices -----------------------------------------------------------------
+# -- the hybrid space's index ------------------------------------------------------------------
 @dataclass
 class HybridIndex:
-    """Computed once per task vector and seed.
+    """Computed once per task vector and seed: ``perm``, the seeded random order DARE uses
+    (``torch.randperm(D, generator=manual_seed(seed))``: DARE keeps ``perm[:k]``), as int32
+    (int64 beyond 2^31 entries) on the task vector's device. The only D-long structure the hybrid
+    space adds to the bands: the magnitude part is found from the bands alone (:mod:`.mask`)."""
 
-    * ``rank``: global magnitude rank of each flat entry (|τ| descending, ties by flat index — the
-      order of :class:`Bands`);
-    * ``inv_perm``: position of each entry in the seeded permutation DARE uses
-      (``torch.randperm(D, generator=manual_seed(seed))``: DARE keeps ``perm[:k]``);
-    * ``perm_rank``: ``rank[perm]``, the magnitude ranks in permutation order.
-    """
-
-    rank: torch.Tensor
-    inv_perm: torch.Tensor
-    perm_rank: torch.Tensor
+    perm: torch.Tensor
     seed: int
+
+    @property
+    def num_entries(self) -> int:
+        return self.perm.numel()
 
 
 def _index_dtype(D: int) -> torch.dtype:
     return torch.int32 if D < 2 ** 31 - 1 else torch.int64
 
 
-def _inverse(perm: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """inv with inv[perm[i]] = i, in ``dt``, filled chunk by chunk."""
-    inv = torch.empty(perm.numel(), dtype=dt)
-    for s in range(0, perm.numel(), CHUNK):
-        e = min(perm.numel(), s + CHUNK)
-        inv[perm[s:e]] = torch.arange(s, e, dtype=dt)
-    return inv
-
-
 def make_hybrid_index(values: torch.Tensor, seed: int = 0) -> HybridIndex:
-    """Indices of the hybrid space for τ = ``values`` (1-D) and the random order of ``seed``."""
+    """The hybrid space's index for τ = ``values`` (1-D) and the random order of ``seed``.
+    Memory: the permutation itself (4 bytes per entry), drawn directly in int32 (the same
+    permutation as int64 ``randperm``); no sort and no copy of τ."""
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
         raise ValueError("make_hybrid_index expects a 1-D tensor (a flat task vector)")
     D = values.numel()
-    dt = _index_dtype(D)
-    absv = values.detach().cpu().float().abs()
-    if not bool(torch.isfinite(absv).all()):
-        raise ValueError("task vector has non-finite (NaN or inf) entries")
-    # peak memory: the one sort (|τ|, its values and int64 indices) and then the permutation;
-    # the inverse maps are filled chunk by chunk (no D-long arange or int64 gather result)
-    order = torch.sort(absv, descending=True, stable=True).indices
-    del absv
-    rank = _inverse(order, dt)
-    del order
-    perm = torch.randperm(D, generator=torch.Generator().manual_seed(int(seed)))
-    inv_perm = _inverse(perm, dt)
-    perm_rank = torch.empty(D, dtype=dt)
     for s in range(0, D, CHUNK):
-        perm_rank[s:s + CHUNK] = rank[perm[s:s + CHUNK]]
-    del perm
-    dev = values.device
-    return HybridIndex(rank.to(dev), inv_perm.to(dev), perm_rank, int(seed))
+        if not bool(torch.isfinite(values[s:s + CHUNK]).all()):
+            raise ValueError("task vector has non-finite (NaN or inf) entries")
+    perm = torch.randperm(D, generator=torch.Generator().manual_seed(int(seed)),
+                          dtype=_index_dtype(D))
+    return HybridIndex(perm.to(values.device), int(seed))
 
 
 # -- the hybrid candidate -------------------------------------------------------------------------
@@ -100,9 +80,10 @@ class HybridPlan:
     k_mag: int
     k_rand: int
     cuts: List[int]            # band b keeps ranks [starts[b], cuts[b]) in the magnitude part
-    last_pos: int              # the random part is every free entry with inv_perm <= last_pos (-1: none)
+    last_pos: int              # the random part: the free entries among perm[:last_pos + 1] (-1: none)
     mag_scale: np.ndarray      # float32 (M,): fl32(w_b · 2^g)
     rand_scale: float          # float32 value: fl32(2^h · (D − k_mag) / k_rand)
+    mag: torch.Tensor          # bool (D,): the magnitude part (the paper's mask of w at k_mag)
 
 
 def split_params(params: Sequence[float], num_bands: int):
@@ -116,7 +97,10 @@ def split_params(params: Sequence[float], num_bands: int):
     return p[:num_bands], float(p[num_bands]), float(p[num_bands + 1]), float(p[num_bands + 2])
 
 
-def hybrid_plan(bands: Bands, index: HybridIndex, params, keep_ratio: float) -> HybridPlan:
+def hybrid_plan(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
+                keep_ratio: float) -> HybridPlan:
+    """Which entries a hybrid point keeps: the magnitude part as the exact mask of :mod:`.mask`
+    (one chunked pass over τ), the random part as a prefix of ``index.perm``."""
     M, D = bands.num_bands, bands.num_entries
     w, g, alpha, h = split_params(params, M)
     if not 0.0 <= alpha <= 1.0:
@@ -124,32 +108,32 @@ def hybrid_plan(bands: Bands, index: HybridIndex, params, keep_ratio: float) -> 
     k = keep_count(D, keep_ratio)
     k_mag = min(k, max(0, int(round((1.0 - alpha) * k))))
     k_rand = k - k_mag
-    counts = band_counts(bands, w, k_mag) if k_mag > 0 else [0] * M
+    if k_mag > 0:
+        mplan = _mask_plan(bands, w, k_mag)
+        counts = mplan.counts
+        mag = _mask_pass(values, bands, mplan, _weights32(bands, w), "mask")
+    else:
+        counts, mag = [0] * M, torch.zeros(D, dtype=torch.bool, device=values.device)
     cuts = [int(bands.starts[b]) + int(counts[b]) for b in range(M)]
     mag_scale = (w.astype(np.float32) * np.float32(2.0 ** g)).astype(np.float32)
     if g == 0.0:
         mag_scale = w.astype(np.float32)
     last_pos, rand_scale = -1, 0.0
     if k_rand > 0:
-        last_pos = _scan_free(bands, index, cuts, k_rand)
+        last_pos = _scan_free(mag, index.perm, k_rand)
         rand_scale = float(np.float32((2.0 ** h) * (D - k_mag) / k_rand))
-    return HybridPlan(k, k_mag, k_rand, cuts, last_pos, mag_scale, rand_scale)
+    return HybridPlan(k, k_mag, k_rand, cuts, last_pos, mag_scale, rand_scale, mag)
 
 
-def _scan_free(bands: Bands, index: HybridIndex, cuts: List[int], need: int) -> int:
+def _scan_free(mag: torch.Tensor, perm: torch.Tensor, need: int) -> int:
     """Position (in permutation order) of the ``need``-th entry the magnitude part left free."""
-    inner = torch.tensor(bands.starts[1:-1], dtype=torch.int64)
-    cut_t = torch.tensor(cuts, dtype=torch.int64)
-    pr = index.perm_rank
-    D = pr.numel()
+    D = perm.numel()
     found = 0
     step = max(1024, 2 * need)
     s = 0
     while s < D:
         e = min(D, s + step)
-        r = pr[s:e].long()
-        b = torch.bucketize(r, inner, right=True)
-        free = r >= cut_t[b]
+        free = ~mag[perm[s:e]]
         c = torch.cumsum(free.to(torch.int64), 0)
         total = int(c[-1])
         if found + total >= need:
@@ -163,31 +147,35 @@ def _scan_free(bands: Bands, index: HybridIndex, cuts: List[int], need: int) -> 
 def build_hybrid(values: torch.Tensor, bands: Bands, index: HybridIndex, params, keep_ratio: float, *,
                  base: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """τ̂ of a hybrid point (see the module docstring); with ``base``: base + τ̂. Writes into
-    ``out`` when given. One chunked elementwise pass."""
+    ``out`` when given. Temporaries: one D-long uint8 code (the magnitude mask, reused) and
+    O(chunk); an elementwise pass finds the magnitude part, one more writes the candidate."""
     D = values.numel()
-    if bands.num_entries != D or index.rank.numel() != D:
+    if bands.num_entries != D or index.num_entries != D:
         raise ValueError(f"task vector has {D} entries, bands / index were made for "
-                         f"{bands.num_entries} / {index.rank.numel()}")
-    plan = hybrid_plan(bands, index, params, keep_ratio)
+                         f"{bands.num_entries} / {index.num_entries}")
+    plan = hybrid_plan(values, bands, index, params, keep_ratio)
     dev = values.device
+    M = bands.num_bands
     if out is None:
         out = torch.empty(D, dtype=base.dtype if base is not None else torch.float32, device=dev)
-    cut_t = torch.tensor(plan.cuts, dtype=index.rank.dtype, device=dev)
-    mag_t = torch.from_numpy(plan.mag_scale).to(dev)
-    rs = torch.tensor(plan.rand_scale, dtype=torch.float32, device=dev)
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    code = plan.mag.view(torch.uint8)          # 1: magnitude part; 2: random part; 0: dropped
+    if plan.k_rand > 0:
+        perm = index.perm
+        for s in range(0, plan.last_pos + 1, CHUNK):
+            sel = perm[s:min(plan.last_pos + 1, s + CHUNK)]
+            c = code[sel]
+            code[sel] = torch.where(c == 0, 2, c).to(torch.uint8)
+    # scale of entry d: table[band_d + M·code_d] = 0 | fl32(w_b·2^g) | the random part's rescale
+    table = torch.cat([torch.zeros(M), torch.from_numpy(plan.mag_scale),
+                       torch.full((M,), plan.rand_scale)]).to(torch.float32).to(dev)
     for s in range(0, D, CHUNK):
         e = min(D, s + CHUNK)
         tc = values[s:e]
         if tc.dtype != torch.float32:
             tc = tc.float()
-        b = bands.band_of[s:e].long()
-        inmag = index.rank[s:e] < cut_t[b]
-        scale = torch.where(inmag, mag_t[b], zero)
-        if plan.k_rand > 0:
-            inrand = (index.inv_perm[s:e] <= plan.last_pos) & ~inmag
-            scale = torch.where(inrand, rs, scale)
-        piece = tc * scale
+        key = bands.band_of[s:e].long()
+        key.add_(code[s:e].long(), alpha=M)
+        piece = tc * table[key]
         oc = out[s:e]
         if base is not None:
             if oc.dtype == torch.float32:

@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,17 @@ def json_text(data: Any, **kwargs) -> str:
 def write_json(path: str | Path, data: Any) -> None:
     """Atomic JSON write (temporary name, fsync, then rename)."""
     atomic_write_text(path, json_text(data, indent=2, sort_keys=False) + "\n")
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident memory so far (``getrusage`` ru_maxrss), or None where the
+    platform does not report it."""
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError, AttributeError):
+        return None
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024   # macOS: bytes; Linux: KiB
 
 
 def now_iso() -> str:
