@@ -53,7 +53,7 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
     from nps_pruning.task_vector import stack_values
     from .exp_codings import default_point, point_pruned
 
-    cfg = BenchConfig.from_dict(cfg_dict)
+    cfg = BenchConfig.from_dict(cfg_dict).for_suite(suite)
     _set_threads(cfg.threads)
     cache = ResultCache(Path(cache_root))
     log = _logger(f"{suite}/merge-aware")

@@ -137,17 +137,11 @@ def search_memory(task: dict, calib_size: int, batch_size: int) -> dict:
     search's own peak, before the pruned τ̂ is built, from its report.json), next to the bytes of
     the model's float32 weights and of τ: what the search holds beyond them is measured, not
     assumed."""
+    import json
     import os
     import subprocess
     import sys
     import tempfile
-    from nps_pruning.checkpoints.pair import load_task_vector
-    from nps_pruning.checkpoints.external import resolve_input
-    base = resolve_input(task["base"])
-    base_flat, tv = load_task_vector(base, resolve_input(task["finetuned"], base=base))
-    tau_bytes = int(tv.values.numel() * tv.values.element_size())
-    model_bytes = int(base_flat.numel() * 4)        # the model's (prunable) weights in float32
-    del tv, base_flat
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "nps_pruning.cli", "prune", task["base"], task["finetuned"],
                "--eval", task["eval_calib"], "--calib-size", str(calib_size), "--batch-size", str(batch_size),
@@ -159,9 +153,10 @@ def search_memory(task: dict, calib_size: int, batch_size: int) -> dict:
         p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode != 0:
             raise RuntimeError(f"nps prune failed ({p.returncode}): {err.decode(errors='replace')[-2000:]}")
-        import json
         report = json.loads((Path(out) / "report.json").read_text())
     search_peak = (report.get("memory") or {}).get("search_peak_rss_bytes")
+    D = int(report["model"]["num_entries"])         # the prunable entries: τ is D float32 values
+    model_bytes = tau_bytes = 4 * D                 # ... and so are the model's prunable weights
     return {"peak_rss_bytes": int(ru.ru_maxrss) * 1024, "search_peak_rss_bytes": search_peak,
             "tau_bytes": tau_bytes,
             "model_bytes": model_bytes, "wall_s": time.perf_counter() - t0,
