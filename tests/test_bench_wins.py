@@ -60,3 +60,21 @@ def test_search_cost_section_and_settings():
     assert st.search.race == "halving" and st.search.patience == 3 and st.search.generations == 6
     st = _settings({"name": "a"}, WinsConfig(), 0.05, VARIANTS["plain30"][1], None)
     assert st.search.generations == 30 and st.holdout == 0.0 and st.search.race is None
+
+
+def test_llm_suites_cap_the_calibration_rows_and_say_so(tmp_path):
+    """The LLM suites run every method on a seeded subsample of the calibration rows (and smaller
+    batches); the section says so; the other suites keep every row."""
+    from nps_bench.wins import VARIANTS, WinsConfig, _settings
+    cfg = WinsConfig()
+    assert cfg.suite_calib_size == {"llm": 64, "llm-lora": 64} and "text" not in cfg.suite_calib_size
+    st = _settings({"name": "a"}, cfg, 0.05, VARIANTS["default"][1], 64, 16)
+    assert st.calib_size == 64 and st.batch_size == 16
+    assert _settings({"name": "a"}, cfg, 0.05, VARIANTS["default"][1], None).batch_size == cfg.batch_size
+    data = {"a": _rows(0.8, (0.7, 0.75), (0.78, 0.79), (0.81, 0.8))}
+    results = {"config": {"test_rows": 1000, "generations": 6, "popsize": 8, "bands": 8, "seed": 0},
+               "commit": "abc", "suites": {"llm": {"model": "m", "tasks": data, "calib_cap": 64},
+                                           "text": {"model": "t", "tasks": data}}}
+    md = render(results, tmp_path)
+    assert md.count("seeded 64 of the task's calibration rows") == 1
+    assert md.index("### text suite") < md.index("### llm suite")

@@ -71,15 +71,23 @@ class WinsConfig:
     batch_size: int = 64
     threads: int = 1
     jobs: int = 2
+    # suites whose forward passes are too dear for every calibration row (the LLM suites: a
+    # SmolLM2 forward is ~40x MiniLM's): every method there sees a seeded subsample of this many
+    # calibration rows (as `nps prune --calib-size N`), and batches of suite_batch_size
+    suite_calib_size: Dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"llm": 64, "llm-lora": 64})
+    suite_batch_size: Dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"llm": 16, "llm-lora": 16})
 
 
-def _settings(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size) -> PruneSettings:
+def _settings(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size,
+              batch_size: Optional[int] = None) -> PruneSettings:
     """The library's defaults but for the grid's keep ratio, bands, budget and seed, and the
     variant's ``over`` (the model factory is the session's)."""
     over = dict(over)
     search = {"generations": cfg.generations, "popsize": cfg.popsize, **over.pop("search", {})}
     return PruneSettings(keep_ratio=keep, bands=cfg.bands, seed=cfg.seed, calib_size=calib_size,
-                         batch_size=cfg.batch_size, max_length=task.get("max_length") or 128,
+                         batch_size=batch_size or cfg.batch_size, max_length=task.get("max_length") or 128,
                          search=SearchSettings(**search)).replace(**over)
 
 
@@ -98,6 +106,9 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
     cache = ResultCache(Path(cache_root))
     log = _logger(f"wins/{suite}/{task['name']}")
     state: dict = {}
+    cap = cfg.suite_calib_size.get(suite)           # None: every calibration row
+    batch = cfg.suite_batch_size.get(suite) or cfg.batch_size
+    capped = {"calib_cap": cap} if cap is not None else {}   # (the other suites' keys unchanged)
 
     def session():
         if "s" not in state:
@@ -105,10 +116,10 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                                       model_factory=task.get("model_factory"), name=task["name"])
             state["test"] = make_evaluator(task["eval_test"], model_path=task["finetuned"],
                                            calib_size=cfg.test_rows, seed=cfg.test_seed,
-                                           batch_size=cfg.batch_size,
+                                           batch_size=batch,
                                            max_length=task.get("max_length") or 128)
             state["calib"] = make_evaluator(task["eval_calib"], model_path=task["finetuned"],
-                                            batch_size=cfg.batch_size,
+                                            calib_size=cap, seed=cfg.seed, batch_size=batch,
                                             max_length=task.get("max_length") or 128)
         return state["s"]
 
@@ -136,16 +147,18 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
             return {"test": s.score(state["test"], pruned, best), "rescale": best,
                     "calib_grid": dict(zip(map(str, grid), scores))}
         res = cache.step(suite, task["name"], f"wins-magnitude-rescaled-r{r:g}",
-                         _params(task, cfg, keep=r, grid=list(RESCALES)), rescaled, log)
+                         _params(task, cfg, keep=r, grid=list(RESCALES), **capped), rescaled, log)
         rows.append({"method": "magnitude-rescaled", "keep": r, **res})
     plan = [(v, r) for r in cfg.keeps for v in cfg.variants]
     plan += [(v, r) for r in cfg.study_keeps for v in cfg.study_variants]
     for variant, r in plan:
         _, over, calib_size = VARIANTS[variant]
+        if cap is not None:
+            calib_size = cap if calib_size is None else min(cap, calib_size)
 
         def search(variant=variant, r=r, over=over, calib_size=calib_size):
             s = session()
-            settings = _settings(task, cfg, r, over, calib_size)
+            settings = _settings(task, cfg, r, over, calib_size, batch)
             t0 = time.perf_counter()
             out = prune(s, "nps", settings=settings, eval_spec=task["eval_calib"], progress=False)
             res = out.search
@@ -196,7 +209,7 @@ def render(results: dict, figures: Path) -> str:
              "suite says which run and commit wrote its tables. Their \"NPS\" pruning rows are the "
              "paper's search, which this tool keeps as `--space magnitude --fitness accuracy "
              "--holdout 0` (its code path is unchanged; the tests pin it).", ""]
-    order = ("text", "vision", "vit")
+    order = ("text", "vision", "vit", "llm", "llm-lora")
     for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
         summ = summarize(data["tasks"])
         cfg = results["config"]
@@ -206,7 +219,11 @@ def render(results: dict, figures: Path) -> str:
                   f"up to {cfg['test_rows']} test rows a task). NPS searches: {cfg['generations']} "
                   f"generations × population {cfg['popsize']}, {cfg['bands']} focused bands, seed "
                   f"{cfg['seed']}; measured at commit {data.get('commit', results.get('commit', '?'))} "
-                  f"on {data.get('date', results.get('date', '?'))}.", ""]
+                  f"on {data.get('date', results.get('date', '?'))}."
+                  + (f" Calibration: every method here sees the same seeded {data['calib_cap']} of "
+                     f"the task's calibration rows (`--calib-size {data['calib_cap']}`: the default "
+                     "search's 25% hold-out comes out of them), not all of them: a SmolLM2 forward "
+                     "pass costs ~40× MiniLM's." if data.get("calib_cap") else ""), ""]
         keeps = sorted({k for m in summ.values() for k in m if k < 1.0})
         head = "| method | " + " | ".join(f"r = {k:g}" for k in keeps) + " |"
         lines += [head, "|---" * (len(keeps) + 1) + "|"]
@@ -421,7 +438,9 @@ def main(argv=None) -> int:
             outs = pool.starmap(run_task, [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
         model = SUITE_MODELS.get(suite_name, suite_name)
         results["suites"][suite_name] = {"model": model, "commit": commit, "date": results["date"],
-                                         "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)}}
+                                         "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)},
+                                         **({"calib_cap": cfg.suite_calib_size[suite_name]}
+                                            if suite_name in cfg.suite_calib_size else {})}
     if results_path.exists():      # suites not run now keep their own results (and commit)
         old = json.loads(results_path.read_text())
         for name, data in old.get("suites", {}).items():
