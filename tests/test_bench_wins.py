@@ -78,3 +78,39 @@ def test_llm_suites_cap_the_calibration_rows_and_say_so(tmp_path):
     md = render(results, tmp_path)
     assert md.count("seeded 64 of the task's calibration rows") == 1
     assert md.index("### text suite") < md.index("### llm suite")
+
+
+def test_selection_rules_pick_by_holdout_pooled_or_search_score():
+    from nps_bench.wins import holdout_split, select_finalist
+    rescored = [{"search_score": -0.448, "holdout_score": -0.339},    # magnitude: best held-out
+                {"search_score": -0.410, "holdout_score": -0.425},    # DARE
+                {"search_score": -0.4102, "holdout_score": -0.3972},  # best pooled
+                {"search_score": -0.4094, "holdout_score": -0.4195}]  # best search score
+    assert select_finalist(rescored, "holdout", 48, 16) == 0
+    assert select_finalist(rescored, "pooled", 48, 16) == 2     # 48·s + 16·h largest
+    assert select_finalist(rescored, "search", 48, 16) == 3
+    # ties: the held-out rule prefers the better search score, then the earlier candidate
+    tie = [{"search_score": -1.0, "holdout_score": -0.5}, {"search_score": -0.9, "holdout_score": -0.5}]
+    assert select_finalist(tie, "holdout", 3, 1) == 1
+    assert select_finalist(tie * 1, "pooled", 1, 0) == 1
+    import pytest
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        select_finalist(tie, "best", 3, 1)
+    # as Session.search_evaluators splits: round((1 − h)·n) search rows, the rest held out
+    assert holdout_split(500, None, 0.25) == (375, 125)
+    assert holdout_split(500, 64, 0.25) == (48, 16)
+    assert holdout_split(10, 64, 0.25) == (8, 2)
+
+
+def test_render_shows_the_selection_rows():
+    import tempfile
+    from pathlib import Path
+    rows = _rows(0.8, (0.7, 0.75), (0.78, 0.79), (0.81, 0.8))
+    rows += [{"method": "nps-default-select-pooled", "keep": 0.05, "test": 0.82},
+             {"method": "nps-default-select-search", "keep": 0.05, "test": 0.79}]
+    results = {"config": {"test_rows": 1000, "generations": 6, "popsize": 8, "bands": 8, "seed": 0},
+               "commit": "abc", "suites": {"vision": {"model": "m", "tasks": {"a": rows}}}}
+    with tempfile.TemporaryDirectory() as d:
+        md = render(results, Path(d))
+    assert "finalist chosen on all calibration rows (search + held-out, pooled) |  | 0.8200 ±" in md
+    assert "the shipped choice is the best score on the 25% held-out" in md
