@@ -99,6 +99,44 @@ def test_multiple_choice_matches_the_hand_computation(llm, fname):
         assert evl.score_rows(model)[0] == pytest.approx(evl(model), abs=1e-6)
 
 
+def test_single_token_choices_project_only_the_last_position(llm):
+    """The single-token path asks the LM head for each row's last real token alone (the logits
+    of a 50k vocabulary at every position are most of an LLM search's memory); its choice
+    scores equal those of the full logits, and a model without ``logits_to_keep`` still works."""
+    from nps_pruning.evaluation.lm import _last_logits
+    root, tok = llm
+    model = _model(root / "ft")
+    ev = make_evaluator(f"multiple-choice:{root / 'mc1.jsonl'}", model_path=root / "ft", batch_size=5,
+                        fitness="loglik")
+    assert ev.single_token
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    try:
+        fast = ev(model)
+    finally:
+        hook.remove()
+    assert seen and all(s[1] == 1 for s in seen), seen         # one position a row
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [4, 5, 6, 7]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        got = _last_logits(model, ids, mask, "x")
+    want = full[torch.arange(3), mask.sum(1) - 1]
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+    class NoKeep(torch.nn.Module):              # forward(input_ids, attention_mask) only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+    assert ev(NoKeep(model)) == pytest.approx(fast, abs=1e-6)
+
+
 def test_multiple_choice_agreement_is_one_for_the_reference_model(llm):
     root, _ = llm
     ft, base = _model(root / "ft"), _model(root / "base")

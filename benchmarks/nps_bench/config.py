@@ -132,11 +132,11 @@ class BenchConfig:
         base = dict(profile="quick", tasks_per_suite=1, keep_ratios=(0.05,), nps_keep_ratios=(0.05,),
                     uniform_keep_ratios=(0.05,), ablation_keep_ratios=(0.05,), sigma0_ablation=(1.0,),
                     sigma0_keep_ratios=(0.05,), long_generations=3, long_keep=0.05, long_checkpoints=(0, 2, 3),
-                    generations=2, popsize=4, calib_size_text=64,
-                    calib_size_vision=64, test_rows_text=None, ta_grid=(1.0,), ties_grid=(1.0,), svd_grid=(1.0,),
+                    generations=2, popsize=4, calib_size_text=32,
+                    calib_size_vision=64, test_rows_text=32, ta_grid=(1.0,), ties_grid=(1.0,), svd_grid=(1.0,),
                     nps_merge_grid=(1.0,), lambda_generations=1, transfer_tasks=("rt-sentiment",),
                     transfer_keep=0.05, transfer_lambdas=(1.0,), knn_k=5, coding_keeps=(0.05,), speed_sizes=(10**5,),
-                    jobs=1, suite_grids={})
+                    jobs=1, threads=2, suite_grids={})
         base.update(over)
         return cls(**base)
 

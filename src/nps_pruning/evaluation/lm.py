@@ -104,11 +104,49 @@ def _pad_right(seqs: List[List[int]], pad: int) -> Tuple[torch.Tensor, torch.Ten
 
 
 def _token_logp(model, ids, mask, source) -> torch.Tensor:
-    """log p(token t | tokens < t) for t ≥ 1: a (batch, width − 1) float tensor."""
-    logits = logits_of(forward_or_explain(model, source, input_ids=ids, attention_mask=mask)).float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    got = logp.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    """log p(token t | tokens < t) for t ≥ 1: a (batch, width − 1) float tensor. The
+    log-softmax runs one row at a time, so besides the model's logits it holds one row's
+    (width × vocabulary), not the whole batch's twice over."""
+    logits = logits_of(forward_or_explain(model, source, input_ids=ids, attention_mask=mask))
+    got = torch.empty(ids.shape[0], ids.shape[1] - 1, dtype=torch.float32, device=ids.device)
+    for i in range(ids.shape[0]):
+        logp = torch.log_softmax(logits[i, :-1].float(), dim=-1)
+        got[i] = logp.gather(1, ids[i, 1:].unsqueeze(-1)).squeeze(-1)
+    del logits
     return torch.nan_to_num(got, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _last_logits(model, ids, mask, source) -> torch.Tensor:
+    """(batch, vocabulary) logits at each row's last real token (right-padded ``ids``).
+
+    A ``transformers`` causal LM is asked for those positions alone (``logits_to_keep`` as a
+    (batch, 1) tensor of positions, transformers ≥ 5), so the LM head projects one position a row
+    instead of every position: for a 50k-word vocabulary at batch 16 × 128 tokens that is 3 MB of
+    logits instead of 400 MB. A model that does not take it, or answers in another shape (an
+    older transformers), is scored with its full logits, as before."""
+    last = mask.sum(dim=1) - 1
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    if getattr(model, "_nps_logits_to_keep", None) is not False and _takes_logits_to_keep(model):
+        try:
+            out = logits_of(model(input_ids=ids, attention_mask=mask, logits_to_keep=last.unsqueeze(1)))
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            out = None
+        if out is not None and out.dim() == 3 and out.shape[:2] == (ids.shape[0], 1):
+            return out[:, 0].float()
+        try:
+            object.__setattr__(model, "_nps_logits_to_keep", False)   # do not ask again
+        except Exception:
+            pass
+    logits = logits_of(forward_or_explain(model, source, input_ids=ids, attention_mask=mask))
+    return logits[rows, last].float()
 
 
 def _check_vocab(model, max_id: int, source) -> None:
@@ -184,9 +222,7 @@ class MultipleChoiceEvaluator(_LMBase, FitnessScored):
         if self.single_token:
             ids, mask = _pad_right([self.ctx_ids[i] for i in rows], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            logits = logits_of(forward_or_explain(model, self.path, input_ids=ids, attention_mask=mask)).float()
-            last = mask.sum(dim=1) - 1
-            logp = torch.log_softmax(logits[torch.arange(len(rows)), last], dim=-1)
+            logp = torch.log_softmax(_last_logits(model, ids, mask, self.path), dim=-1)
             tokens = torch.tensor([[c[0] for c in self.choice_ids[i]] for i in rows], device=self.device)
             out = logp.gather(1, tokens)
             return torch.nan_to_num(out, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
