@@ -33,6 +33,28 @@ def _import():
     return simple_evaluate, HFLM, TaskManager
 
 
+_MANAGERS: Dict[tuple, object] = {}
+
+
+def _task_manager(TaskManager, include: Optional[str], tasks: List[str]):
+    """The harness's task index for ``tasks``, built once per process and folder. With an include
+    folder the folder alone is indexed first (indexing the harness's ~10k built-in task YAMLs takes
+    most of a minute); the built-in tasks are added only when a task is not found there."""
+    def get(key, **kw):
+        if key not in _MANAGERS:
+            try:
+                _MANAGERS[key] = TaskManager(**kw)
+            except TypeError:          # an lm-eval without include_defaults
+                _MANAGERS[key] = TaskManager(include_path=kw.get("include_path"))
+        return _MANAGERS[key]
+    if include:
+        local = get((include, False), include_path=include, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+        return get((include, True), include_path=include)
+    return get((None, True))
+
+
 def primary_score(task_results: Dict[str, object], task: str) -> float:
     """The task's primary metric from its results row (``"acc,none"`` and the like)."""
     for metric in PRIMARY_METRICS:
@@ -64,7 +86,7 @@ class LMEvalEvaluator:
         if include is not None and not Path(include).is_dir():
             raise NPSError(f"--lm-eval-include {include}: not a folder")
         self.include = str(Path(include).resolve()) if include else None
-        self.task_manager = TaskManager(include_path=self.include) if self.include else TaskManager()
+        self.task_manager = _task_manager(TaskManager, self.include, self.tasks)
         missing = [t for t in self.tasks if t not in self.task_manager.all_tasks]
         if missing:
             raise NPSError(f"lm-eval: unknown task(s) {', '.join(missing)}"
