@@ -265,6 +265,10 @@ def test_lm_eval_scores_the_in_memory_model(llm, tmp_path, capsys):
     with torch.no_grad():
         model.model.norm.weight.zero_()
     ev = LMEvalEvaluator("tiny_mc", model_path=root / "ft", include=tasks, batch_size=4)
+    from nps_pruning.evaluation import lm_harness
+    # the include folder alone was indexed (the built-in index costs ~30 s), and is reused
+    assert (ev.include, False) in lm_harness._MANAGERS and (ev.include, True) not in lm_harness._MANAGERS
+    assert LMEvalEvaluator("tiny_mc", model_path=root / "ft", include=tasks).task_manager is ev.task_manager
     assert ev(model) == pytest.approx(2 / 9)
     assert ev.num_rows == 9 and ev.last_results["tiny_mc"]["acc,none"] == pytest.approx(2 / 9)
     bad = tok.convert_tokens_to_ids("bad")

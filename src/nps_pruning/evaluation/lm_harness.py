@@ -38,7 +38,7 @@ _MANAGERS: Dict[tuple, object] = {}
 
 def _task_manager(TaskManager, include: Optional[str], tasks: List[str]):
     """The harness's task index for ``tasks``, built once per process and folder. With an include
-    folder the folder alone is indexed first (indexing the harness's ~10k built-in task YAMLs takes
+    folder the folder alone is indexed first (indexing the harness's ~26k built-in task YAMLs takes
     most of a minute); the built-in tasks are added only when a task is not found there."""
     def get(key, **kw):
         if key not in _MANAGERS:
