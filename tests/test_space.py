@@ -9,7 +9,8 @@ import torch
 from nps_pruning.core.bands import make_bands
 from nps_pruning.core.mask import build_candidate, keep_count
 from nps_pruning.core.space import (HybridSpace, MagnitudeSpace, build_hybrid, build_point,
-                                    hybrid_plan, hybrid_reference, make_hybrid_index, make_space)
+                                    candidate_entries, hybrid_plan, hybrid_reference,
+                                    make_hybrid_index, make_space)
 from nps_pruning.core.sparsify import dare_prune, magnitude_prune
 
 
@@ -52,6 +53,41 @@ def test_hybrid_build_equals_its_definition_and_keeps_exactly_k():
             out = torch.empty(D)
             build_hybrid(v, bands, idx, p, r, base=base, out=out)
             assert torch.equal(out, base + got)
+
+
+def test_candidate_entries_write_the_dense_candidate_in_place_and_restore_exactly():
+    """base[idx] + vals at the kept entries, base elsewhere, is the dense candidate (both spaces,
+    both kept-value modes, 16-bit τ and base); restoring the k saved values gives base back bit
+    for bit — a scorer can hold θ_pre in the model itself instead of a second copy."""
+    for D, trial, v, M, r, scheme in _cases():
+        gen = torch.Generator().manual_seed(D + trial)
+        base = torch.randn(D, generator=gen)
+        if trial % 4 == 3:
+            v, base = v.to(torch.bfloat16), base.to(torch.bfloat16)
+        bands = make_bands(v, M, scheme, r)
+        index = make_hybrid_index(v, seed=trial)
+        rng = np.random.default_rng(trial)
+        k = keep_count(D, r)
+        for name, kept_values in (("magnitude", "weighted"), ("magnitude", "original"),
+                                  ("hybrid", "weighted")):
+            space = make_space(name, M, 0.0, 4.0, keep_ratio=r)
+            p = rng.uniform(0, 3, M)
+            if name == "hybrid":
+                p = np.concatenate([p, [rng.uniform(-1, 2), rng.uniform(0, 1), rng.uniform(-1, 1)]])
+            dense = build_point(space, v, bands, index, p, r, base=base,
+                                out=torch.empty(D, dtype=torch.float32), kept_values=kept_values)
+            idx, vals = candidate_entries(space, v, bands, index, p, r, kept_values=kept_values)
+            assert idx.dtype == torch.int64 and vals.dtype == torch.float32 and idx.numel() == k
+            assert bool((idx[1:] > idx[:-1]).all())
+            flat = base.float()                   # the model's weights: θ_pre
+            saved = flat[idx].clone()
+            flat[idx] = saved + vals
+            assert torch.equal(flat, dense), (D, trial, name, kept_values)
+            kept = torch.zeros(D, dtype=torch.bool)
+            kept[idx] = True
+            assert torch.equal(dense[~kept], base.float()[~kept])
+            flat[idx] = saved
+            assert torch.equal(flat.view(torch.int32), base.float().view(torch.int32))
 
 
 def test_magnitude_and_dare_are_exact_points_of_the_hybrid_space():

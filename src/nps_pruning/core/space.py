@@ -144,6 +144,22 @@ def _scan_free(mag: torch.Tensor, perm: torch.Tensor, need: int) -> int:
     raise AssertionError("fewer free entries than requested")   # k <= D makes this impossible
 
 
+def _hybrid_code(plan: HybridPlan, index: HybridIndex, M: int, dev):
+    """(code, table): code_d = 1 (magnitude part), 2 (random part) or 0 (dropped), one byte an
+    entry (it reuses the plan's mask); entry d's scale is table[band_d + M·code_d] = 0 |
+    fl32(w_b·2^g) | the random part's rescale."""
+    code = plan.mag.view(torch.uint8)
+    if plan.k_rand > 0:
+        perm = index.perm
+        for s in range(0, plan.last_pos + 1, CHUNK):
+            sel = perm[s:min(plan.last_pos + 1, s + CHUNK)]
+            c = code[sel]
+            code[sel] = torch.where(c == 0, 2, c).to(torch.uint8)
+    table = torch.cat([torch.zeros(M), torch.from_numpy(plan.mag_scale),
+                       torch.full((M,), plan.rand_scale)]).to(torch.float32).to(dev)
+    return code, table
+
+
 def build_hybrid(values: torch.Tensor, bands: Bands, index: HybridIndex, params, keep_ratio: float, *,
                  base: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """τ̂ of a hybrid point (see the module docstring); with ``base``: base + τ̂. Writes into
@@ -158,16 +174,7 @@ def build_hybrid(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
     M = bands.num_bands
     if out is None:
         out = torch.empty(D, dtype=base.dtype if base is not None else torch.float32, device=dev)
-    code = plan.mag.view(torch.uint8)          # 1: magnitude part; 2: random part; 0: dropped
-    if plan.k_rand > 0:
-        perm = index.perm
-        for s in range(0, plan.last_pos + 1, CHUNK):
-            sel = perm[s:min(plan.last_pos + 1, s + CHUNK)]
-            c = code[sel]
-            code[sel] = torch.where(c == 0, 2, c).to(torch.uint8)
-    # scale of entry d: table[band_d + M·code_d] = 0 | fl32(w_b·2^g) | the random part's rescale
-    table = torch.cat([torch.zeros(M), torch.from_numpy(plan.mag_scale),
-                       torch.full((M,), plan.rand_scale)]).to(torch.float32).to(dev)
+    code, table = _hybrid_code(plan, index, M, dev)
     for s in range(0, D, CHUNK):
         e = min(D, s + CHUNK)
         tc = values[s:e]
@@ -381,5 +388,36 @@ def build_point(space, values, bands, index, params, keep_ratio, *, base=None, o
     return build_hybrid(values, bands, index, params, keep_ratio, base=base, out=out)
 
 
-__all__ = ["HybridIndex", "make_hybrid_index", "hybrid_plan", "build_hybrid", "hybrid_reference",
+def candidate_entries(space, values, bands, index, params, keep_ratio, *, kept_values="weighted"):
+    """(idx, vals): the k kept entries of a point (int64 positions, ascending) and their τ̂ values
+    (float32), computed with the very float operations of :func:`build_point`, so that
+    ``base[idx] + vals`` is bit for bit ``build_point(..., base=base)[idx]`` and every other entry
+    of that candidate is ``base``. What a scorer needs to write a candidate into a model that holds
+    θ_pre and to restore it afterwards (O(k) memory, not a second D-long vector)."""
+    M = bands.num_bands
+    if space.name == "magnitude":
+        from .mask import KEPT_VALUES, candidate_mask
+        if kept_values not in KEPT_VALUES:
+            raise ValueError(f"kept_values must be one of {KEPT_VALUES}, got {kept_values!r}")
+        idx = torch.nonzero(candidate_mask(values, bands, params, keep_ratio)).squeeze(1)
+        vals = values[idx].float()
+        if kept_values == "weighted":
+            wtab = torch.from_numpy(_weights32(bands, params)).to(values.device)
+            vals = vals * wtab[bands.band_of[idx].long()]
+        return idx, vals
+    if kept_values != "weighted":
+        raise ValueError("the hybrid space carries its own scales; kept_values must be 'weighted'")
+    D = values.numel()
+    if bands.num_entries != D or index.num_entries != D:
+        raise ValueError(f"task vector has {D} entries, bands / index were made for "
+                         f"{bands.num_entries} / {index.num_entries}")
+    plan = hybrid_plan(values, bands, index, params, keep_ratio)
+    code, table = _hybrid_code(plan, index, M, values.device)
+    idx = torch.nonzero(code).squeeze(1)
+    key = bands.band_of[idx].long()
+    key.add_(code[idx].long(), alpha=M)
+    return idx, values[idx].float() * table[key]
+
+
+__all__ = ["candidate_entries", "HybridIndex", "make_hybrid_index", "hybrid_plan", "build_hybrid", "hybrid_reference",
            "MagnitudeSpace", "HybridSpace", "SPACES", "SEARCH_SPACES", "make_space", "build_point", "split_params"]
