@@ -331,3 +331,30 @@ def test_search_scores_refined_points_and_resumes_them(tmp_path):
                       resume=True)
     assert len(calls) == n and res2.reused == len(res.candidates)
     assert res2.best_weights.tolist() == res.best_weights.tolist()
+
+
+def test_scorer_with_theta_pre_in_the_model_writes_each_dense_candidate_and_restores():
+    """A scorer with no separate θ_pre (the search's case: Session.park_base) writes each
+    candidate at its kept entries only; the model sees the dense candidate bit for bit, the
+    previous one is undone first, and restore() leaves θ_pre exactly."""
+    from types import SimpleNamespace
+    from nps_pruning.search.scorer import CandidateScorer
+    gen = torch.Generator().manual_seed(5)
+    D, M, r = 3000, 4, 0.05
+    v = torch.randn(D, generator=gen) * (torch.rand(D, generator=gen) < 0.7)
+    base = torch.randn(D, generator=gen)
+    bands = make_bands(v, M, "focused", r)
+    index = make_hybrid_index(v, seed=1)
+    flat, seen = base.clone(), []
+    evaluator = lambda model: (seen.append(flat.clone()), 0.5)[1]   # noqa: E731
+    scorer = CandidateScorer.from_state(None, SimpleNamespace(values=v), bands, object(), flat,
+                                        evaluator, r, space="hybrid", index=index)
+    space = make_space("hybrid", M, 0.0, 4.0, keep_ratio=r)
+    points = [np.r_[np.ones(M), 0.0, 0.0, 0.0], np.r_[np.linspace(0.5, 2, M), 1.0, 0.5, -0.5],
+              np.r_[np.zeros(M), 0.0, 1.0, 0.0]]
+    for p in points:
+        assert scorer(p)[0] == 0.5
+    for p, got in zip(points, seen):
+        assert torch.equal(got, build_point(space, v, bands, index, p, r, base=base))
+    scorer.restore()
+    assert torch.equal(flat.view(torch.int32), base.view(torch.int32))

@@ -104,14 +104,17 @@ def rescore_on_holdout(session: Session, space, bands, index, result, holdout, k
             break
     rows = []
     session.ensure_model()
+    from ..search.scorer import CandidateScorer
+    # the session's θ_pre (or, parked, the model itself) under each finalist in turn
+    writer = CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
+                                        session.flat, holdout, keep, kept_values, space=space.name,
+                                        index=index)
     for c in pool:
         w = np.asarray(c["weights"], dtype=np.float64)
-        build_point(space, session.task_vector.values, bands, index, w, keep,
-                    base=session.base_flat, out=session.flat, kept_values=kept_values)
-        with torch.no_grad():
-            hs = float(holdout(session.model))
+        hs, _ = writer(w)
         rows.append({"gen": int(c["gen"]), "idx": int(c["idx"]), "weights": c["weights"],
                      "search_score": c["score"], "holdout_score": hs, "start": c.get("start")})
+    writer.restore()
     best = max(range(len(rows)), key=lambda i: (rows[i]["holdout_score"], rows[i]["search_score"], -i))
     return pool[best], rows
 
@@ -152,42 +155,50 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         if log_path is not None and Path(log_path).parent.name.endswith(".nps-run"):
             from ..workdirs import claim_work_dir     # our work folder: made with its marker
             claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
-        executor = make_executor(settings.executor, workers=settings.workers,
-                                 ray_address=settings.ray_address)
-        aborted = None
+        # the search holds the model (with θ_pre in it), τ and the band structures: each candidate
+        # is written at its k kept entries and restored (no second model-sized copy of θ_pre)
+        session.park_base()
+        scorer = _scorer(session, evaluator, bands, settings, eval_spec, index,
+                         calib_size=evaluator.num_rows if holdout is not None else None)
         try:
-            run_id = None
-            if log_path is not None:    # what resume checks: the log must be of this very run
-                from ..search.identity import run_identity
-                run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
-                                      eval_spec=eval_spec, opts=_identity_fields(session, settings),
-                                      method=method)
-            result = run_search(_scorer(session, evaluator, bands, settings, eval_spec, index,
-                                        calib_size=evaluator.num_rows if holdout is not None else None),
-                                settings.bands, search, log_path=log_path, resume=resume,
-                                executor=executor, progress=progress, space=space, run_id=run_id,
-                                calib_rows=evaluator.num_rows)   # what a race races over
-        except OSError as e:
-            from ..paths import write_error
-            raise write_error(e, log_path, "the search log so far is kept for resuming "
-                              "once there is room") from None
-        except SearchAborted as e:
-            # keep the best candidate scored so far; the caller writes it and still fails
-            if e.result is None or not any(c.get("status") == "ok" for c in e.result.candidates):
-                raise
-            result, aborted = e.result, str(e)
+            executor = make_executor(settings.executor, workers=settings.workers,
+                                     ray_address=settings.ray_address)
+            aborted = None
+            try:
+                run_id = None
+                if log_path is not None:    # what resume checks: the log must be of this very run
+                    from ..search.identity import run_identity
+                    run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
+                                          eval_spec=eval_spec, opts=_identity_fields(session, settings),
+                                          method=method)
+                result = run_search(scorer, settings.bands, search, log_path=log_path, resume=resume,
+                                    executor=executor, progress=progress, space=space, run_id=run_id,
+                                    calib_rows=evaluator.num_rows)   # what a race races over
+            except OSError as e:
+                from ..paths import write_error
+                raise write_error(e, log_path, "the search log so far is kept for resuming "
+                                  "once there is room") from None
+            except SearchAborted as e:
+                # keep the best candidate scored so far; the caller writes it and still fails
+                if e.result is None or not any(c.get("status") == "ok" for c in e.result.candidates):
+                    raise
+                result, aborted = e.result, str(e)
+            finally:
+                executor.close()
+            chosen, rescored = None, []
+            if holdout is not None and not aborted:
+                t_r = time.perf_counter()
+                chosen, rescored = rescore_on_holdout(session, space, bands, index, result, holdout,
+                                                      keep, int(settings.rescore_top),
+                                                      settings.kept_values)
+                result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
+                result.best_score = float(chosen["score"])
+                rescore_s = time.perf_counter() - t_r
+            search_peak = peak_rss_bytes()      # the search (and re-scoring) alone, before τ̂ is built
         finally:
-            executor.close()
-        chosen, rescored = None, []
-        if holdout is not None and not aborted:
-            t_r = time.perf_counter()
-            chosen, rescored = rescore_on_holdout(session, space, bands, index, result, holdout,
-                                                  keep, int(settings.rescore_top),
-                                                  settings.kept_values)
-            result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
-            result.best_score = float(chosen["score"])
-            rescore_s = time.perf_counter() - t_r
-        search_peak = peak_rss_bytes()      # the search (and re-scoring) alone, before τ̂ is built
+            if hasattr(scorer, "restore"):
+                scorer.restore()
+            session.unpark_base()
         pruned = build_point(space, tv.values, bands, index, np.asarray(result.best_weights),
                              keep, kept_values=settings.kept_values)
         calib = {"magnitude": result.baseline_score}

@@ -84,6 +84,25 @@ class Session:
         self.model, self.flat = None, None
         gc.collect()
 
+    def park_base(self) -> None:
+        """Put θ_pre into the model's own weights and drop the separate copy of θ_pre: what a
+        search does, writing each candidate only at its k kept entries and restoring them
+        (:func:`~nps_pruning.core.space.candidate_entries`), so that it holds the model, τ and
+        the band structures and no second model-sized vector. :meth:`unpark_base` takes the copy
+        back (the model must hold θ_pre again then)."""
+        import gc
+        self.ensure_model()
+        if self.base_flat is None:
+            return
+        self.flat.copy_(self.base_flat)
+        self._base_dtype = self.base_flat.dtype
+        self.base_flat = None
+        gc.collect()
+
+    def unpark_base(self) -> None:
+        if self.base_flat is None:
+            self.base_flat = self.flat.to(getattr(self, "_base_dtype", self.flat.dtype), copy=True)
+
     def set_task_values(self, tau: torch.Tensor, scale: float = 1.0) -> None:
         """Put θ_pre + scale·τ into the model (in place).
 

@@ -61,6 +61,7 @@ class CandidateScorer:
         self.running_stats = running_stats
         self.allow_shape_mismatch = bool(allow_shape_mismatch)
         self._state: Optional[_State] = None
+        self._written = None           # (positions, θ_pre there) of the candidate in the model
         self._picklable = True
 
     @classmethod
@@ -81,6 +82,7 @@ class CandidateScorer:
                            "processes; use the serial executor or construct it from paths")
         state = dict(self.__dict__)
         state["_state"] = None
+        state["_written"] = None
         return state
 
     def __setstate__(self, state):
@@ -133,16 +135,30 @@ class CandidateScorer:
         if hasattr(evaluator, "set_reference"):     # the model holds θ_ft now: its predictions
             with torch.no_grad():
                 evaluator.set_reference(model)
+        flat.copy_(base_flat)       # the model holds θ_pre from here on: no second copy of it
+        base_flat = None
         index = None
         if getattr(self, "space", "magnitude") == "hybrid":
             from ..core.space import make_hybrid_index
             index = make_hybrid_index(tv.values, self.seed)
         return _State(base_flat, tv, bands, model, flat, evaluator, index)
 
+    def restore(self) -> None:
+        """Give the model θ_pre back at the entries the last candidate wrote (a model that holds
+        θ_pre itself: ``base_flat`` None)."""
+        written = getattr(self, "_written", None)
+        if written is not None and self._state is not None:
+            idx, saved = written
+            self._state.flat[idx] = saved
+        self._written = None
+
     def _put_candidate(self, weights):
-        """Write θ_pre + τ̂(w) into the model; returns (state, sync, build seconds)."""
+        """Write θ_pre + τ̂(w) into the model; returns (state, sync, build seconds). With no
+        separate θ_pre (``base_flat`` None: the model holds θ_pre) only the k kept entries are
+        written, and restored before the next candidate (:meth:`restore`); bit for bit the same
+        weights as the dense build."""
         import torch
-        from ..core.space import make_space, build_point
+        from ..core.space import make_space, build_point, candidate_entries
 
         st = self.state
         dev = getattr(st.flat, "device", None)
@@ -153,8 +169,16 @@ class CandidateScorer:
         w = np.asarray(weights, dtype=np.float64)
         space = make_space(getattr(self, "space", "magnitude"), st.bands.num_bands, 0.0, 1.0,
                            keep_ratio=self.keep_ratio)
-        build_point(space, st.tv.values, st.bands, st.index, w, self.keep_ratio, base=st.base_flat,
-                    out=st.flat, kept_values=self.kept_values)
+        if st.base_flat is None:
+            self.restore()
+            idx, vals = candidate_entries(space, st.tv.values, st.bands, st.index, w, self.keep_ratio,
+                                          kept_values=self.kept_values)
+            saved = st.flat[idx]
+            st.flat[idx] = saved + vals
+            self._written = (idx, saved)
+        else:
+            build_point(space, st.tv.values, st.bands, st.index, w, self.keep_ratio, base=st.base_flat,
+                        out=st.flat, kept_values=self.kept_values)
         sync(dev)
         return st, (lambda: sync(dev)), time.perf_counter() - t0
 
