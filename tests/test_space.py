@@ -8,9 +8,9 @@ import torch
 
 from nps_pruning.core.bands import make_bands
 from nps_pruning.core.mask import build_candidate, keep_count
+from nps_pruning.core.entries import candidate_entries
 from nps_pruning.core.space import (HybridSpace, MagnitudeSpace, build_hybrid, build_point,
-                                    candidate_entries, hybrid_plan, hybrid_reference,
-                                    make_hybrid_index, make_space)
+                                    hybrid_plan, hybrid_reference, make_hybrid_index, make_space)
 from nps_pruning.core.sparsify import dare_prune, magnitude_prune
 
 
@@ -257,6 +257,20 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     assert len(rs) >= 6 and [r["start"] for r in rs[:3]] == ["magnitude", "dare", "hybrid-0.5"]
     best = max(rs, key=lambda r: r["holdout_score"])
     assert rep["calibration"]["nps_holdout"] == best["holdout_score"]
+    # each re-scored held-out score is that of the dense candidate θ_pre + τ̂ (the search wrote its
+    # candidates into the model holding θ_pre, and must have undone the last one first)
+    from nps_pruning.apps.session import Session
+    from nps_pruning.core.bands import make_bands as mb
+    st = rep["settings"]
+    sess = Session.load(str(base), str(ft))
+    _, hold = sess.search_evaluators(f"text-classification:{text_csv}", holdout=0.25, seed=0,
+                                     batch_size=st["batch_size"], max_length=st["max_length"])
+    v = sess.task_vector.values
+    bands = mb(v, 3, st["scheme"], 0.1, st["focus"], sorted_dtype=v.dtype)
+    index, space = make_hybrid_index(v, st["seed"]), make_space("hybrid", 3, 0.0, 4.0, keep_ratio=0.1)
+    for r in rs[:4]:
+        dense = build_point(space, v, bands, index, np.asarray(r["weights"]), 0.1)
+        assert sess.score(hold, dense) == pytest.approx(r["holdout_score"], abs=1e-6), r["start"]
     assert s["examples_scored"] == sum(c["examples"] for c in s["candidates"]) > 0
     # the written τ̂ is the chosen point, exactly k entries
     from safetensors.torch import load_file

@@ -185,6 +185,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                 result, aborted = e.result, str(e)
             finally:
                 executor.close()
+            if hasattr(scorer, "restore"):      # θ_pre back in the model before re-scoring
+                scorer.restore()
             chosen, rescored = None, []
             if holdout is not None and not aborted:
                 t_r = time.perf_counter()

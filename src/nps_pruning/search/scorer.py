@@ -158,7 +158,8 @@ class CandidateScorer:
         written, and restored before the next candidate (:meth:`restore`); bit for bit the same
         weights as the dense build."""
         import torch
-        from ..core.space import make_space, build_point, candidate_entries
+        from ..core.entries import candidate_entries
+        from ..core.space import make_space, build_point
 
         st = self.state
         dev = getattr(st.flat, "device", None)
