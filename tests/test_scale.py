@@ -151,8 +151,14 @@ def test_scorer_compact_tau_and_device(tiny_bert, text_csv, device):
     ref(w)
     v16 = ref.state.tv.values.to(torch.bfloat16)
     b = make_bands(v16, 4, "focused", keep_ratio=0.1)
-    want = build_candidate(v16, b, w, 0.1, base=ref.state.base_flat)
+    # the scorer keeps no θ_pre of its own (the model holds it): take it from the checkpoints
+    from nps_pruning.checkpoints import load_task_vector
+    assert st.base_flat is None and ref.state.base_flat is None
+    theta_pre, _ = load_task_vector(base, ft)
+    want = build_candidate(v16, b, w, 0.1, base=theta_pre)
     assert torch.equal(st.flat.cpu(), want)
+    s.restore()                    # and gives the model θ_pre back exactly
+    assert torch.equal(st.flat.cpu().view(torch.int32), theta_pre.view(torch.int32))
     if device == "cpu":
         ref_bands = _make_bands_reference(v16, 4, "focused", keep_ratio=0.1)
         assert torch.equal(ref_bands.band_of, st.bands.band_of)

@@ -3,11 +3,14 @@
 A picklable *recipe* (paths, eval spec, pruning settings). The heavy state (θ_pre, τ, bands, the
 model with its parameters bound to one flat buffer, the evaluator) is built lazily on the first
 call in each process, so worker processes and Ray actors receive only the recipe. Each call
-writes θ_pre + τ̂(w) into the model's flat buffer in place (no reload) and evaluates it.
+writes θ_pre + τ̂(w) into the model's flat buffer in place (no reload) and evaluates it. A scorer
+built from paths — or given ``base_flat=None`` (``Session.park_base``) — keeps no copy of θ_pre:
+the model holds θ_pre, and each candidate is written at its k kept entries only and undone before
+the next (:meth:`CandidateScorer.restore`), bit for bit the dense build.
 
 Large models: ``tau_dtype="bfloat16"`` (or "float16") keeps τ in 16 bits, θ_pre is kept in the
 checkpoint's own dtype when that is 16-bit (lossless), and the bands' ``sorted_abs`` in τ's dtype,
-so the state is about τ + θ_pre + D bytes (band_of) + sorted_abs besides the model.
+so the state is about τ + D bytes (band_of) + sorted_abs besides the model (which holds θ_pre).
 ``device="cuda"``: θ_pre, τ and ``band_of`` live on the device with the model (``sorted_abs``
 stays in host memory, read by the per-candidate threshold search); timings synchronize the device.
 """
