@@ -89,7 +89,6 @@ def rescore_on_holdout(session: Session, space, bands, index, result, holdout, k
     distinct candidates of the search on held-out calibration rows; return (chosen record,
     rows). The chosen one has the best held-out score (ties: the better search score, then the
     earlier candidate)."""
-    from ..core.space import build_point
     ok = [c for c in result.candidates if c.get("status") == "ok" and c.get("score") is not None]
     pool, seen = [], set()
     starts = [c for c in ok if int(c["gen"]) == 0]
@@ -185,8 +184,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                 result, aborted = e.result, str(e)
             finally:
                 executor.close()
-            if hasattr(scorer, "restore"):      # θ_pre back in the model before re-scoring
-                scorer.restore()
+            scorer.restore()                    # θ_pre back in the model before re-scoring
             chosen, rescored = None, []
             if holdout is not None and not aborted:
                 t_r = time.perf_counter()
@@ -198,8 +196,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                 rescore_s = time.perf_counter() - t_r
             search_peak = peak_rss_bytes()      # the search (and re-scoring) alone, before τ̂ is built
         finally:
-            if hasattr(scorer, "restore"):
-                scorer.restore()
+            scorer.restore()
             session.unpark_base()
         pruned = build_point(space, tv.values, bands, index, np.asarray(result.best_weights),
                              keep, kept_values=settings.kept_values)

@@ -87,7 +87,7 @@ class Session:
     def park_base(self) -> None:
         """Put θ_pre into the model's own weights and drop the separate copy of θ_pre: what a
         search does, writing each candidate only at its k kept entries and restoring them
-        (:func:`~nps_pruning.core.space.candidate_entries`), so that it holds the model, τ and
+        (:func:`~nps_pruning.core.entries.candidate_entries`), so that it holds the model, τ and
         the band structures and no second model-sized vector. :meth:`unpark_base` takes the copy
         back (the model must hold θ_pre again then)."""
         import gc

@@ -133,20 +133,23 @@ def _last_logits(model, ids, mask, source) -> torch.Tensor:
     logits instead of 400 MB. A model that does not take it, or answers in another shape (an
     older transformers), is scored with its full logits, as before."""
     last = mask.sum(dim=1) - 1
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    if getattr(model, "_nps_logits_to_keep", None) is not False and _takes_logits_to_keep(model):
+    keep = getattr(model, "_nps_logits_to_keep", None)     # None: not asked yet
+    if keep is None:
+        keep = _takes_logits_to_keep(model)
+    if keep:
         try:
             out = logits_of(model(input_ids=ids, attention_mask=mask, logits_to_keep=last.unsqueeze(1)))
         except (TypeError, ValueError, RuntimeError, IndexError):
             out = None
-        if out is not None and out.dim() == 3 and out.shape[:2] == (ids.shape[0], 1):
-            return out[:, 0].float()
-        try:
-            object.__setattr__(model, "_nps_logits_to_keep", False)   # do not ask again
-        except Exception:
-            pass
+        keep = out is not None and out.dim() == 3 and out.shape[:2] == (ids.shape[0], 1)
+    try:
+        object.__setattr__(model, "_nps_logits_to_keep", keep)   # ask (or not) the same next time
+    except Exception:
+        pass
+    if keep:
+        return out[:, 0].float()
     logits = logits_of(forward_or_explain(model, source, input_ids=ids, attention_mask=mask))
-    return logits[rows, last].float()
+    return logits[torch.arange(ids.shape[0], device=ids.device), last].float()
 
 
 def _check_vocab(model, max_id: int, source) -> None:
