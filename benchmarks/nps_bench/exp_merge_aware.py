@@ -11,6 +11,10 @@ Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test
   task; an ablation at the default's λ_i, not searched again);
 * ``nps-joint``: ``--joint-generations`` G: every task's space point and λ_i searched together on
   the merged model's mean calibration score, started from ``nps-default``;
+* ``nps-default-r<k>`` for k in :data:`STUDY_KEEPS` (0.1 and TIES' kept share 0.2): the same
+  two-stage merge of the shipped default's τ̂ found by the "NPS that wins" search at that r (a
+  fairer match for TIES, which keeps 20% of each task vector; skipped where bench-wins has no
+  such rows);
 * ``ties-sequential`` / ``ties-layer`` / ``ties-collide``: TIES with CABS' conflict-free
   sequential trim, the layer-balanced trim, and allotment by magnitude (on the fusion grid).
 
@@ -30,6 +34,7 @@ from .config import BenchConfig
 from .context import TaskContext, _strip, _task_params
 
 MERGE_KEEP = 0.05        # the shipped default's --keep
+STUDY_KEEPS = (0.1, 0.2)  # the default's τ̂ at these r, merged the same way (rows nps-default-r<k>)
 JOINT_GENERATIONS = 3
 
 
@@ -51,7 +56,7 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
     from nps_pruning.apps.settings import MergeSettings
     from nps_pruning.core.merge import nps_combine
     from nps_pruning.task_vector import stack_values
-    from .exp_codings import default_point, point_pruned
+    from .exp_codings import default_point, default_pruned, point_pruned
 
     cfg = BenchConfig.from_dict(cfg_dict).for_suite(suite)
     _set_threads(cfg.threads)
@@ -102,18 +107,30 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
         return state["pruned"]
 
     shipped = MergeSettings(seed=cfg.seed)
+    shipped_params = {"grid": list(shipped.lambda_grid), "gens": shipped.lambda_generations,
+                      "normalize": shipped.normalize}
 
-    def two_stage():
-        lambdas, grid, result = nps_merge_lambdas(sessions, calibs, pruned(), settings=shipped, progress=False)
-        merged = nps_combine(pruned(), lambdas, shipped.normalize)
+    def two_stage(pruned_fn):
+        pr = pruned_fn()
+        lambdas, grid, result = nps_merge_lambdas(sessions, calibs, pr, settings=shipped, progress=False)
+        merged = nps_combine(pr, lambdas, shipped.normalize)
         return scored(merged, {"lambda": [float(x) for x in lambdas], "grid": grid,
                                "normalize": shipped.normalize,
                                "search_candidates": 0 if result is None else len(result.candidates)})
     out["nps-default"] = _strip(cache.step(suite, "_merge_aware", "nps-default",
-                                           {**base_params, **points_src,
-                                            "settings": {"grid": list(shipped.lambda_grid),
-                                                         "gens": shipped.lambda_generations,
-                                                         "normalize": shipped.normalize}}, two_stage, log))
+                                           {**base_params, **points_src, "settings": shipped_params},
+                                           lambda: two_stage(pruned), log))
+    for keep in STUDY_KEEPS:   # the same merge of the default's τ̂ at a larger r
+        wk = _default_points(ctxs, wins_rows, keep)
+        if wk is None:
+            log(f"no 'NPS that wins' default rows at r = {keep:g}: row nps-default-r{keep:g} skipped")
+            continue
+        pruned_k = lambda wk=wk, keep=keep: torch.stack(      # noqa: E731
+            [default_pruned(c, r, keep) for c, r in zip(ctxs, wk)])
+        row = cache.step(suite, "_merge_aware", f"nps-default-r{keep:g}",
+                         {**base_params, "keep": keep, "points": [r["params"] for r in wk],
+                          "settings": shipped_params}, lambda pf=pruned_k: two_stage(pf), log)
+        out[f"nps-default-r{keep:g}"] = {**_strip(row), "keep": keep}
     lam_default = out["nps-default"]["lambda"]
 
     def collided():            # the default's λ_i, each entry left to one task (an ablation: no λ search)

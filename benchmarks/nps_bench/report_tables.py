@@ -193,16 +193,29 @@ def _fusion_rows(F: dict, MA: Optional[dict] = None) -> List[Tuple[str, dict]]:
         out.append((f"NPS-merge, paper NPS (per-task λ search, {F['NPS-merge'].get('normalize')})", F["NPS-merge"]))
     rows = (MA or {}).get("rows") or {}
     out += [(_ma_label(k, rows[k]), rows[k]) for k in MERGE_AWARE_LABELS if k in rows]
+    out += [(_ma_label(k, rows[k]), rows[k]) for k in sorted(rows, key=_study_keep) if _study_keep(k)]
     return out
+
+
+def _study_keep(key: str) -> float:
+    """r of a merge-aware row ``nps-default-r<r>`` (the default's τ̂ at another r), else 0."""
+    return float(key[len("nps-default-r"):]) if key.startswith("nps-default-r") else 0.0
 
 
 MA_SHORT = {"nps-default": "NPS-merge (default)", "nps-default-collide": "NPS-merge (default) + `--collide magnitude`",
             "nps-joint": "merge-aware joint search"}
 
 
+def _ma_short(key: str) -> str:
+    return f"NPS-merge (default) at r = {_study_keep(key):g}" if _study_keep(key) else MA_SHORT[key]
+
+
 def _ma_label(key: str, row: dict) -> str:
     """The merge-aware row's label, from what the row records (older runs searched λ for the
     collide row and ran the joint search longer)."""
+    if _study_keep(key):
+        return (f"NPS-merge (default) at r = {_study_keep(key):g}: the default NPS τ̂ found at that r, "
+                "merged as shipped (λ grid + per-task λ search, mask-count)")
     if key == "nps-default-collide" and row.get("grid"):
         return "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; λ grid + per-task λ search)"
     if key == "nps-joint" and row.get("generations"):
@@ -229,7 +242,7 @@ def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
     best = max(((k, v) for k, v in rows.items() if k.startswith("nps")), key=lambda kv: kv[1]["test_mean"])
     return ("\n\nThe shipped NPS-merge (default) scores {:.4f} on test; against ".format(d) + "; against ".join(out)
             + " (SE of the difference from the two rows' standard errors). Best NPS-merge row here: "
-            + f"{MA_SHORT[best[0]]} {best[1]['test_mean']:.4f}.")
+            + f"{_ma_short(best[0])} {best[1]['test_mean']:.4f}.")
 
 
 def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:
