@@ -135,7 +135,8 @@ class BenchConfig:
                     generations=2, popsize=4, calib_size_text=32,
                     calib_size_vision=64, test_rows_text=32, ta_grid=(1.0,), ties_grid=(1.0,), svd_grid=(1.0,),
                     nps_merge_grid=(1.0,), lambda_generations=1, transfer_tasks=("rt-sentiment",),
-                    transfer_keep=0.05, transfer_lambdas=(1.0,), knn_k=5, coding_keeps=(0.05,), speed_sizes=(10**5,),
+                    transfer_keep=0.05, transfer_lambdas=(1.0,), knn_k=5, knn_ref_rows=48, knn_select_rows=32,
+                    knn_report_rows=48, coding_keeps=(0.05,), speed_sizes=(10**5,),
                     jobs=1, threads=2, suite_grids={})
         base.update(over)
         return cls(**base)
