@@ -20,7 +20,9 @@ command then reads that folder like any other, so the outputs are ordinary folde
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import NPSError
+from ..paths import regular_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -38,6 +41,10 @@ PEFT_PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
                    "chat_template.json")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def input_cache_dir() -> Path:
@@ -89,11 +96,14 @@ def gguf_to_folder(path: Path, *, cache_dir=None) -> Path:
     from ..atomic import staging_dir, swap_in_dir
     kw = {"gguf_file": path.name}
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+        with _quiet_transformers():   # its load report and progress bars: our check says it in one line
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), dtype=torch.float32, output_loading_info=True, **kw)
     except Exception as exc:
         msg = " ".join(str(exc).split())[:300]
         raise NPSError(f"{path}: transformers cannot read this GGUF file ({type(exc).__name__}: {msg})") from exc
     config = model.config                  # read from the same file (the model is not used after)
+    _check_gguf_complete(path, model, info)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -113,12 +123,118 @@ def gguf_to_folder(path: Path, *, cache_dir=None) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as tlog
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # the GGUF reader's own tqdm bar
+            yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _gguf_tensor_count(path: Path) -> int:
+    import gguf
+    try:
+        return len(gguf.GGUFReader(str(path)).tensors)
+    except Exception as exc:
+        raise NPSError(f"{path}: cannot read the GGUF tensor table ({type(exc).__name__})") from None
+
+
+def _check_gguf_complete(path: Path, model, info: dict) -> None:
+    """Refuse a conversion in which a weight was not in the file (transformers would initialise it
+    at random and go on), a tensor of the file went unused, or a shape did not match: a model
+    that is not the file's is never cached nor scored."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = sorted(k for k in info.get("missing_keys") or ()
+                     if not (tied and k == "lm_head.weight"))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) of the model are not in the file "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    for what in ("unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(what) or ())
+        if keys:
+            problems.append(f"{what.replace('_', ' ')}: {', '.join(keys[:3])}")
+    if not problems:
+        state = model.state_dict()
+        loaded = len(state) - (1 if tied and "lm_head.weight" in state else 0)
+        in_file = _gguf_tensor_count(path)
+        if in_file > loaded:
+            problems.append(f"the file holds {in_file} tensors, of which the converted model "
+                            f"uses {loaded} (unrecognised tensor names)")
+    if problems:
+        raise NPSError(f"{path}: not a complete {type(model).__name__} ({'; '.join(problems)}); "
+                       "nothing was converted")
+
+
 # -- LoRA ------------------------------------------------------------------------------------------
+PATTERN_MAX_CHARS = 200        # a rank_pattern / alpha_pattern key longer than this is refused
+PATTERN_TIMEOUT_S = 1.0        # ... and one whose match takes longer (catastrophic backtracking)
+
+
 def _pattern_value(patterns: dict, module: str, default):
-    for key, value in (patterns or {}).items():       # PEFT: the key matches the module name's end
-        if re.match(rf"(.*\.)?{key}$", module):
+    """PEFT's rule: the first key that matches the end of the module name. Keys are regular
+    expressions from the adapter file: an invalid, overlong or pathologically slow one is an
+    NPSError, never a hang (``regex`` with a timeout)."""
+    import regex
+    for key, value in (patterns or {}).items():
+        if len(key) > PATTERN_MAX_CHARS:
+            raise NPSError(f"adapter pattern {key[:40]!r}...: longer than {PATTERN_MAX_CHARS} characters")
+        try:
+            hit = regex.match(rf"(.*\.)?(?:{key})$", module, timeout=PATTERN_TIMEOUT_S)
+        except regex.error as exc:
+            raise NPSError(f"adapter pattern {key!r} is not a valid regular expression ({exc})") from None
+        except TimeoutError:
+            raise NPSError(f"adapter pattern {key!r} takes over {PATTERN_TIMEOUT_S:g} s to match "
+                           f"{module!r} (a pathological regular expression)") from None
+        if hit:
             return value
     return default
+
+
+def _rank(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1_000_000:
+        raise NPSError(f"adapter {where}: LoRA rank r must be a positive integer, got {value!r:.40}")
+    return value
+
+
+def _alpha(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or abs(value) > 1e12:
+        raise NPSError(f"adapter {where}: lora_alpha must be a finite number, got {value!r:.40}")
+    return float(value)
+
+
+def check_lora_config(config) -> dict:
+    """The adapter_config.json object, its fields checked as PEFT would (r > 0, a finite alpha,
+    patterns as objects): an NPSError naming the field otherwise."""
+    if not isinstance(config, dict):
+        raise NPSError(f"{ADAPTER_CONFIG} is not a JSON object (got a {type(config).__name__})")
+    _rank(config.get("r", 8), "r")
+    _alpha(config.get("lora_alpha", 8), "lora_alpha")
+    for field, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise NPSError(f"adapter {field} must be an object of pattern -> value")
+        for key, value in patterns.items():
+            check(value, f"{field}[{key[:40]!r}]")
+    return config
+
+
+def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2:
+        raise NPSError(f"adapter module {module!r}: convolution LoRA is not supported")
+    if a.shape[0] != b.shape[1]:
+        raise NPSError(f"adapter module {module!r}: A is {tuple(a.shape)} and B {tuple(b.shape)}: "
+                       "their inner (rank) dimensions differ")
 
 
 def lora_deltas(adapter: Dict[str, torch.Tensor], config: dict) -> Dict[str, torch.Tensor]:
@@ -129,7 +245,8 @@ def lora_deltas(adapter: Dict[str, torch.Tensor], config: dict) -> Dict[str, tor
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise NPSError(f"adapter peft_type {peft_type!r} is not supported (only LORA)")
-    r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    config = check_lora_config(config)
+    r0, alpha0 = config.get("r", 8), float(config.get("lora_alpha", 8))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     out: Dict[str, torch.Tensor] = {}
     pairs: Dict[str, dict] = {}
@@ -150,12 +267,12 @@ def lora_deltas(adapter: Dict[str, torch.Tensor], config: dict) -> Dict[str, tor
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         if "lora_A" in parts and "lora_B" in parts:
             a, b = parts["lora_A"].float(), parts["lora_B"].float()
-            if a.dim() != 2 or b.dim() != 2:
-                raise NPSError(f"adapter module {module!r}: convolution LoRA is not supported")
+            _check_pair(module, a, b)
             delta = (b @ a) * scale
             out[module + ".weight"] = delta.T if fan_in_fan_out else delta
         elif "lora_embedding_A" in parts and "lora_embedding_B" in parts:
             a, b = parts["lora_embedding_A"].float(), parts["lora_embedding_B"].float()
+            _check_pair(module, a, b)
             out[module + ".weight"] = (b @ a).T * scale
         else:
             raise NPSError(f"adapter module {module!r}: has only {', '.join(parts)} (need A and B)")
@@ -163,13 +280,38 @@ def lora_deltas(adapter: Dict[str, torch.Tensor], config: dict) -> Dict[str, tor
 
 
 def _lora_base(path: Path, config: dict, base) -> Path:
+    """PRETRAINED when given, else ``base_model_name_or_path`` when it names a local folder; a
+    relative one is taken relative to the adapter folder (the same adapter means the same base
+    whatever the current folder)."""
     if base is not None:
         return Path(base)
     named = config.get("base_model_name_or_path")
-    if named and Path(named).expanduser().exists():
-        return Path(named).expanduser()
+    if isinstance(named, str) and named:
+        p = Path(named).expanduser()
+        p = p if p.is_absolute() else path / p
+        if p.is_dir():
+            return p
     raise NPSError(f"{path}: a LoRA adapter needs its base model: pass PRETRAINED "
-                   f"(adapter_config.json names {named!r}, which is not a local folder)")
+                   f"(adapter_config.json names {str(named)[:200]!r}, which is not a local folder)")
+
+
+def _missing_targets(config: dict, base_ckpt, adapted) -> list:
+    """Base layers that ``target_modules`` (a plain list of names, as PEFT writes it) selects but
+    the adapter has no update for: a truncated or edited adapter, which PEFT would load with a
+    zero update. Target regexes and layer filters are not second-guessed ([] then)."""
+    targets = config.get("target_modules")
+    if (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
+            or any(config.get(k) for k in ("layers_to_transform", "layers_pattern",
+                                            "exclude_modules"))):
+        return []
+    missing = []
+    for name in base_ckpt.keys():
+        if not name.endswith(".weight") or len(base_ckpt.shape(name)) != 2:
+            continue
+        module = name[: -len(".weight")]
+        if any(module == t or module.endswith("." + t) for t in targets) and name not in adapted:
+            missing.append(name)
+    return missing
 
 
 def lora_to_folder(path: Path, *, base=None, cache_dir=None) -> Path:
@@ -182,16 +324,31 @@ def lora_to_folder(path: Path, *, base=None, cache_dir=None) -> Path:
         raise NPSError(f"{path}: a LoRA adapter folder needs {ADAPTER_WEIGHTS}")
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise NPSError(f"{path / ADAPTER_CONFIG}: not readable JSON ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise NPSError(f"{path / ADAPTER_CONFIG}: not readable JSON ({_one_line(exc)})") from None
+    try:
+        check_lora_config(config)
+    except NPSError as exc:
+        raise NPSError(f"{path / ADAPTER_CONFIG}: {exc}") from None
     base_ckpt = open_checkpoint(_lora_base(path, config, base))
     # the adapter folder's tokenizer (when it has one) wins over the base's: it is the one trained with
-    tokenizer = sorted(f for f in path.iterdir() if f.name in TOKENIZER_FILES and f.is_file())
+    # Only regular files (or a Hugging Face cache's own blob links) are taken, as for a model
+    # folder: a symbolic link could point anywhere, and its target would be copied into the cache
+    # and into every output (skipped with a warning).
+    tokenizer = [p for _, p in regular_files(path, skip=lambda n: n not in TOKENIZER_FILES)]
     key = _sha256([path / ADAPTER_CONFIG, weights, *base_ckpt.files, *tokenizer])
     out = Path(cache_dir or input_cache_dir()) / f"lora-{key}"
     if _done(out):
         return out
-    deltas = lora_deltas(load_file(str(weights)), config)
+    try:
+        adapter = load_file(str(weights))
+    except Exception as exc:                  # a truncated or corrupt file
+        raise NPSError(f"{weights}: not a readable safetensors file ({_one_line(exc)})") from None
+    deltas = lora_deltas(adapter, config)
+    missing = _missing_targets(config, base_ckpt, deltas)
+    if missing:
+        raise NPSError(f"{path}: target_modules selects {len(missing)} layer(s) the adapter has no "
+                       f"update for ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     state = {}
     for name in base_ckpt.keys():
         t = base_ckpt.get(name)

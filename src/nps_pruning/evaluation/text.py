@@ -83,6 +83,24 @@ def check_labels(labels: Sequence[Any], source: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def labels_present(labels: Sequence[Any], fitness: str, source: str) -> bool:
+    """Whether a file's rows are labelled. A file is either fully labelled or — for the label-free
+    ``agreement`` fitness only — fully unlabelled; one row without a label among labelled ones
+    (a short CSV row, a JSON ``null``, an unterminated quote that swallowed the rest of the file)
+    is an NPSError naming that row, never a silent all-zero labelling."""
+    missing = [i for i, lab in enumerate(labels) if lab is None or (isinstance(lab, str)
+                                                                    and not lab.strip())]
+    if not missing:
+        return True
+    if fitness == "agreement" and len(missing) == len(labels):
+        return False
+    i = missing[0]
+    need = ("" if len(missing) < len(labels) else f"; fitness {fitness!r} needs labels")
+    raise NPSError(f"{source}: row {i + 1} has no label (a non-negative integer class id): "
+                   f"{len(missing)} of {len(labels)} rows unlabelled{need}; a file is either fully "
+                   "labelled or, for fitness 'agreement', fully unlabelled")
+
+
 def check_num_outputs(logits: torch.Tensor, max_label: int, source: str) -> None:
     if logits.dim() < 2:
         raise NPSError(f"{source}: the model returned outputs of shape {tuple(logits.shape)}, "
@@ -230,7 +248,7 @@ class TextClassificationEvaluator(FitnessScored):
         if int(batch_size) <= 0:
             raise NPSError(f"{path}: batch_size must be positive, got {batch_size}")
         texts, raw_labels = read_text_rows(self.path, need_labels=self.fitness != "agreement")
-        labelled = all(lab is not None for lab in raw_labels)
+        labelled = labels_present(raw_labels, self.fitness, str(self.path))
         labels = (check_labels(raw_labels, str(self.path)) if labelled
                   else torch.zeros(len(texts), dtype=torch.long))
         self.total_rows = len(texts)

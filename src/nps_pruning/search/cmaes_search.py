@@ -161,7 +161,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     log_path = Path(log_path) if log_path is not None else None
     header = log_header(num_bands, settings, run_id)
     num_rows = _race_rows(scorer, settings, calib_rows)
-    previous, keep_bytes = previous_records(log_path, header, resume)
+    previous, tail = previous_records(log_path, header, resume)
 
     own_executor = executor is None or isinstance(executor, str)
     if own_executor:
@@ -172,7 +172,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                         on_generation=on_generation, t_start=t_start)
     bar = None
     try:
-        log.open(header, keep_bytes)
+        log.open(header, tail)
         mean0 = _generation_zero(state, space)
         scales = np.asarray(space.step_scales(), dtype=np.float64)
         cov = None if np.all(scales == 1.0) else np.diag(scales ** 2)
