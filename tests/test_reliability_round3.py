@@ -381,3 +381,73 @@ def test_resume_refuses_records_of_another_run_appended(pair, logs, tmp_path, ca
     assert main(_prune_args(pair, out, "calib", "--resume")) == 2
     one_error_line(capsys, "checksum chain breaks")
     assert not out.exists()
+
+
+# -- MEDIUM 5: one live run per output ------------------------------------------------------------
+SLOW_EVAL = '''
+import os, time, torch
+_IDS = torch.tensor([[2, 5, 7, 9, 11, 13, 3], [2, 6, 8, 10, 12, 14, 3]])
+
+def score(model):
+    time.sleep(float(os.environ.get("NPS_TEST_DELAY", "0")))
+    logits = model(input_ids=_IDS).logits
+    return float(logits[:, 0].sum() - logits[:, 1].sum())
+'''
+
+
+def test_a_second_run_into_a_live_output_is_refused_and_the_first_finishes(pair, tmp_path, capsys):
+    import subprocess
+    import sys
+    ev = tmp_path / "slow_eval.py"
+    ev.write_text(SLOW_EVAL)
+    out = tmp_path / "out"
+    args = ["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--method", "nps",
+            "--space", "magnitude", "--bands", "2", "--generations", "3", "--popsize", "4",
+            "--keep", "0.1", "--eval", f"python:{ev}:score", "--quiet"]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "NPS_TEST_DELAY": "0.3", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "out.nps-run" / "search.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "nps_pruning.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (log.exists() and log.read_bytes().count(b"\n") >= 2):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        for extra in ([], ["--resume"]):           # a second run, and a --resume, while it runs
+            assert main(args + extra) == 2
+            one_error_line(capsys, "out.nps-run", f"pid {proc.pid}", "writing this output now")
+            assert log.exists()
+        assert main(["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--method",
+                     "magnitude", "--keep", "0.1", "--quiet"]) == 2
+        one_error_line(capsys, "writing this output now")
+        assert proc.wait(timeout=240) == 0, proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (out / "report.json").is_file() and not (tmp_path / "out.nps-run").exists()
+
+
+def test_resume_with_a_method_that_does_not_search_leaves_the_log_alone(pair, logs, tmp_path, capsys):
+    out = tmp_path / "out"
+    log = _plant(logs["calib"].read_text(), out)
+    before = log.read_bytes()
+    assert main(["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--method",
+                 "magnitude", "--keep", "0.1", "--quiet", "--resume"]) == 2
+    one_error_line(capsys, "--resume", "runs no search")
+    assert log.read_bytes() == before and not out.exists()
+
+
+def test_a_marker_of_a_dead_or_recycled_process_is_not_live():
+    import socket
+    from nps_pruning.workdirs import _proc_start, live_owner
+    host = socket.gethostname()
+    me = os.getpid()
+    assert not live_owner({"host": host, "pid": me})                     # ourselves: not another run
+    assert live_owner({"host": host, "pid": os.getppid(), "pid_start": _proc_start(os.getppid())})
+    start = _proc_start(os.getppid())
+    if start is not None:                                                 # a recycled pid
+        assert not live_owner({"host": host, "pid": os.getppid(), "pid_start": start + 1})
+    assert not live_owner({"host": host + "-elsewhere", "pid": os.getppid()})
+    assert not live_owner({"host": host, "pid": 2 ** 22 + 12345})        # no such process

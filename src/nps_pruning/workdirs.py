@@ -5,7 +5,10 @@ pid, host, time), written the moment the folder is created:
 
 * the **work folder** ``OUT.nps-run`` (the search log that ``--resume`` reads; kind ``work``).
   An existing ``OUT.nps-run`` without the marker, a symbolic link, or one that is, holds or sits
-  inside an input is refused with one error; it is never removed or reused.
+  inside an input is refused with one error; it is never removed or reused. It is also the
+  output's lock: while the process named in its marker is alive (same host, same process start
+  time, another process), a second run into the same output — or a ``--resume`` of it — is
+  refused in one line, and nothing of the live run is touched. A resumed run takes the marker over.
 * **temporary folders** ``.OUT.tmp-*`` / ``.OUT.old-*`` (kind ``temp``), renamed into place on
   success. Those a killed run left behind are removed by the next write of the same output, but
   only when they carry the marker and their process is gone (same host), or they are older than
@@ -32,9 +35,20 @@ STALE_AGE_S = 7 * 24 * 3600
 _TOOL = "nps-pruning"
 
 
+def _proc_start(pid: int) -> Optional[int]:
+    """The start time of process ``pid`` (clock ticks since boot, Linux ``/proc``), or None: with
+    the pid it names a process, so a recycled pid is not taken for the run that wrote a marker."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            stat_line = f.read().decode(errors="replace")
+        return int(stat_line[stat_line.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def write_owner(folder: Path, kind: str, **extra) -> None:
     info = {"tool": _TOOL, "kind": kind, "pid": os.getpid(), "host": socket.gethostname(),
-            "created": time.time(), **extra}
+            "created": time.time(), "pid_start": _proc_start(os.getpid()), **extra}
     (Path(folder) / OWNER).write_text(json.dumps(info) + "\n")
 
 
@@ -65,6 +79,17 @@ def _pid_gone(pid) -> bool:
     except OSError:            # EPERM: alive, someone else's
         return False
     return False
+
+
+def live_owner(info: Optional[dict]) -> bool:
+    """Whether the marker ``info`` names another process of this host that is still running."""
+    if not info or info.get("host") != socket.gethostname():
+        return False
+    pid = info.get("pid")
+    if pid == os.getpid() or not isinstance(pid, int) or isinstance(pid, bool) or _pid_gone(pid):
+        return False
+    started = info.get("pid_start")
+    return started is None or _proc_start(pid) in (None, started)
 
 
 def _is_stale(info: dict) -> bool:
@@ -126,18 +151,28 @@ def check_work_dir(wd: Path, *, resume: bool, inputs: Iterable = ()) -> None:
     if wd.is_symlink():
         raise NPSError(f"{wd}: the work folder is a symbolic link; nps does not use or remove "
                        "it; remove it or choose another output path")
-    if wd.exists() and read_owner(wd, "work") is None:
+    info = read_owner(wd, "work") if wd.exists() else None
+    if wd.exists() and info is None:
         raise NPSError(f"{wd}: exists but was not made by nps (no {OWNER} marker); nps neither "
                        "reuses nor removes it: move it away or choose another output path")
+    if live_owner(info):
+        raise NPSError(f"{wd}: another nps run (pid {info['pid']}) is writing this output now; "
+                       "wait for it to end, or choose another output path")
 
 
 def claim_work_dir(wd: Path, output) -> Path:
     """Create the work folder with its marker (or check an existing one is ours)."""
-    if wd.exists() or wd.is_symlink():
-        check_work_dir(wd, resume=True)
-        return wd
-    wd.mkdir(parents=True)
-    write_owner(wd, "work", output=str(Path(output).absolute()))
+    if not (wd.exists() or wd.is_symlink()):
+        wd.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            wd.mkdir()
+        except FileExistsError:            # another run made it a moment ago: checked below
+            pass
+        else:
+            write_owner(wd, "work", output=str(Path(output).absolute()))
+            return wd
+    check_work_dir(wd, resume=True)        # ours, and no other live run's
+    write_owner(wd, "work", output=str(Path(output).absolute()))   # the resumed run owns it now
     return wd
 
 

@@ -223,7 +223,7 @@ def run_merge(opts) -> Dict[str, Any]:
         raise NPSError("lambda_grid: give at least one λ to try, or a fixed --lambda")
     _check_merge_options(opts)
     inputs = [opts.pretrained, *opts.finetuned]
-    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    wd = prepare_work_dir(opts.output, opts.resume, inputs, searches=opts.method == "nps")
     need_model = bool(opts.eval or opts.test)
     sessions = [Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
                              allow_shape_mismatch=opts.allow_shape_mismatch,

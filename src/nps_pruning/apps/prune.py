@@ -255,7 +255,8 @@ def work_dir(output: str | Path) -> Path:
     return out.with_name(out.name + ".nps-run")
 
 
-def prepare_work_dir(output, resume: bool, inputs, *, check_output: bool = True) -> Path:
+def prepare_work_dir(output, resume: bool, inputs, *, check_output: bool = True,
+                     searches: bool = True) -> Path:
     """Check the output against the inputs (and, with ``check_output``, that an existing output
     may be replaced) before any work, and return the work folder. The folder is created, with its
     ownership marker, just before a search writes its log (:func:`prune_task`), so a run that
@@ -274,6 +275,9 @@ def prepare_work_dir(output, resume: bool, inputs, *, check_output: bool = True)
     if check_output:
         check_output_dir(output, inputs=inputs)
     check_work_dir(wd, resume=resume, inputs=inputs)
+    if resume and not searches:
+        raise NPSError("--resume continues an NPS search from its log, and this method runs no "
+                       "search: rerun without --resume (another run's log is never taken over)")
     # prune/transfer log to search.jsonl, merge/compress to one search-<task>.jsonl per task
     if resume and not any(wd.glob("search*.jsonl")):
         raise NPSError(f"{wd / 'search.jsonl'}: no search log to resume from")
@@ -311,7 +315,7 @@ def run_prune(opts) -> Dict[str, Any]:
     from ..checkpoints.save import atomic_output_dir
     t_start = time.perf_counter()
     inputs = [opts.pretrained, opts.finetuned]
-    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    wd = prepare_work_dir(opts.output, opts.resume, inputs, searches=opts.method == "nps")
     session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
                            allow_shape_mismatch=opts.allow_shape_mismatch,
                            running_stats=opts.running_stats,

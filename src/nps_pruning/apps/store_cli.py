@@ -37,7 +37,8 @@ def run_compress(opts) -> Dict[str, Any]:
                        "(one per task, in the same order)")
     inputs = [opts.pretrained, *opts.finetuned]
     check_store_destination(opts.output, inputs)      # before any search, not after it
-    wd = prepare_work_dir(opts.output, opts.resume, inputs, check_output=False)
+    wd = prepare_work_dir(opts.output, opts.resume, inputs, check_output=False,
+                          searches=opts.method == "nps")
     tasks, base_flat, layout, base_names, pruning = [], None, None, None, {}
     for i, (ft, name) in enumerate(zip(opts.finetuned, names)):
         session = Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,

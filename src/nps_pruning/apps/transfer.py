@@ -79,7 +79,7 @@ def run_transfer(opts) -> Dict[str, Any]:
     if not opts.lambdas:       # an empty list from a YAML config; argparse needs at least one
         raise NPSError("lambdas: give at least one λ to try")
     inputs = [opts.pretrained, opts.finetuned]
-    wd = prepare_work_dir(opts.output, opts.resume, inputs)
+    wd = prepare_work_dir(opts.output, opts.resume, inputs, searches=opts.method == "nps")
     session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
                            allow_shape_mismatch=opts.allow_shape_mismatch,
                            running_stats=opts.running_stats, device=opts.device)
