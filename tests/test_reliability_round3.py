@@ -451,3 +451,146 @@ def test_a_marker_of_a_dead_or_recycled_process_is_not_live():
         assert not live_owner({"host": host, "pid": os.getppid(), "pid_start": start + 1})
     assert not live_owner({"host": host + "-elsewhere", "pid": os.getppid()})
     assert not live_owner({"host": host, "pid": 2 ** 22 + 12345})        # no such process
+
+
+# -- MEDIUM 6: non-finite data and results ----------------------------------------------------------
+NET_PY = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+def build(state_dict):
+    return Net()
+'''
+
+
+@pytest.mark.parametrize("what", ["pixels", "mean", "std"])
+def test_non_finite_images_or_normalisation_are_refused(tmp_path, capsys, what):
+    import numpy as np
+    mod = tmp_path / "netmod.py"
+    mod.write_text(NET_PY)
+    ns: dict = {}
+    exec(NET_PY, ns)
+    weights = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in ns["Net"]().state_dict().items()}, str(weights))
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 8, 8)).astype(np.float32)
+    arrays = {"images": images, "labels": rng.integers(0, 3, size=6), "mean": np.array([0.5]),
+              "std": np.array([0.25])}
+    if what == "pixels":
+        images[4, 2, 3] = np.nan
+    else:
+        arrays[what] = np.array([np.inf])
+    np.savez(tmp_path / "d.npz", **arrays)
+    assert main(["eval", str(weights), "--eval", f"image-classification:{tmp_path / 'd.npz'}",
+                 "--model-factory", f"python:{mod}:build"]) == 2
+    one_error_line(capsys, "d.npz", "pixels" if what == "pixels" else f"{what} has a NaN or infinite")
+
+
+def test_a_merge_or_transfer_whose_result_overflows_writes_nothing(pair, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(pair["base"]), str(pair["ft"]), str(pair["ft"]), "-o", str(out),
+                 "--method", "task-arithmetic", "--lambda", "1e308", "--names", "a", "b",
+                 "--quiet"]) == 2
+    one_error_line(capsys, "merged model", "NaN or infinite", "nothing was written")
+    assert not out.exists()
+    out = tmp_path / "moved"
+    assert main(["transfer", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--method", "none",
+                 "--eval-source", f"text-classification:{pair['calib']}",
+                 "--eval-target", f"text-classification:{pair['calib2']}",
+                 "--lambdas", "1e308", "--quiet"]) == 2
+    one_error_line(capsys, "transferred model", "nothing was written")
+    assert not out.exists()
+
+
+def test_check_finite_model_counts_in_chunks():
+    from nps_pruning.apps.merge import check_finite_model
+    base = torch.ones(10)
+    check_finite_model(base, torch.zeros(10), "m", chunk=3)
+    tau = torch.zeros(10)
+    tau[[0, 4, 9]] = torch.tensor([float("inf"), float("nan"), 3.0e38])
+    with pytest.raises(NPSError, match="m: 2 of 10 prunable entries"):
+        check_finite_model(base, tau, "m", chunk=3)
+
+
+# -- MEDIUM 7: adapter base in report.json, popsize bound -----------------------------------------
+def test_report_names_the_adapter_and_the_base_it_was_applied_to(lora, tmp_path, monkeypatch):
+    root, _ = lora
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["prune", str(root / "base"), str(root / "adapter"), "-o", str(out), "--method",
+                 "magnitude", "--keep", "0.1", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (conv, info), = report["inputs"].items()
+    assert conv == report["settings"]["finetuned"]
+    assert info == {"kind": "lora", "adapter": str((root / "adapter").absolute()),
+                    "base": str((root / "base").absolute())}
+
+
+def test_popsize_has_an_upper_bound(pair, tmp_path, capsys):
+    assert main(_prune_args(pair, tmp_path / "o", "calib") + ["--popsize", str(10 ** 8)]) == 2
+    one_error_line(capsys, "popsize", "4096")
+
+
+# -- MEDIUM 9 / LOW: what used to be a traceback or a silent exit ---------------------------------
+def test_former_tracebacks_are_one_error_line(pair, tmp_path, capsys):
+    cases = []
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "good movie", "label": 10 ** 30}) + "\n")
+    cases.append((["eval", str(pair["ft"]), "--eval", f"text-classification:{big}"], "below 2**31"))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "a", "label": 1, "x": ' + "[" * 50000 + "]" * 50000 + "}\n")
+    cases.append((["eval", str(pair["ft"]), "--eval", f"text-classification:{deep}"], "nested too deeply"))
+    ev = tmp_path / "ev.py"
+    ev.write_text("import sys\ndef big(model):\n    return 10 ** 400\n"
+                  "def leave(model):\n    sys.exit(0)\n")
+    cases.append((["eval", str(pair["ft"]), "--eval", f"python:{ev}:big"], "too large for a float"))
+    cases.append((["eval", str(pair["ft"]), "--eval", f"python:{ev}:leave"], "raised SystemExit"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"command: prune\npretrained: {pair['base']}\nfinetuned: {pair['ft']}\n"
+                   f"output: {tmp_path / 'o'}\nmethod: magnitude\nkeep: 0.1\nseed: {'9' * 5000}\n")
+    cases.append((["run", str(cfg)], "cannot be read"))
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(f"command: prune\npretrained: {pair['base']}\npretrained: {pair['ft']}\n"
+                   f"finetuned: {pair['ft']}\noutput: {tmp_path / 'o'}\nmethod: magnitude\n")
+    cases.append((["run", str(dup)], "key 'pretrained' is given twice"))
+    cases.append((["prune", str(pair["base"]), str(pair["ft"]), "-o", str(tmp_path / ("x" * 250)),
+                   "--method", "magnitude", "--keep", "0.1", "--quiet"], "File name too long"))
+    cases.append((["merge", str(pair["base"]), str(pair["ft"]), str(pair["ft"]), "-o",
+                   str(tmp_path / "m"), "--lambda", "0.3", "--names", "a", "b\u202etxt.exe",
+                   "--quiet"], "bidirectional"))
+    for argv, expect in cases:
+        assert main(argv) == 2, argv
+        one_error_line(capsys, expect)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
+
+
+def test_an_os_error_mid_run_is_one_line(pair, tmp_path, capsys, monkeypatch):
+    """A read-only folder, a full disk: the system's refusal in one line (root ignores modes, so
+    the refusal is injected where the search makes its work folder, and where the output is
+    written)."""
+    import nps_pruning.checkpoints.save as save
+    import nps_pruning.workdirs as workdirs
+
+    def refuse_folder(folder, *a, **k):
+        raise PermissionError(13, "Permission denied", str(folder))
+    monkeypatch.setattr(workdirs, "write_owner", refuse_folder)
+    out = tmp_path / "ro"
+    assert main(_prune_args(pair, out, "calib")) == 2
+    one_error_line(capsys, "ro.nps-run: Permission denied")
+    monkeypatch.undo()
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(out / "model.safetensors"))
+    monkeypatch.setattr(save, "_write_safetensors", refuse)
+    assert main(["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out),
+                 "--method", "magnitude", "--keep", "0.1", "--quiet"]) == 2
+    one_error_line(capsys, "Permission denied", "nothing was written")
+    assert not out.exists()

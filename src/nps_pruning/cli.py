@@ -111,6 +111,15 @@ def _quiet_transformers() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: the path (bounded) and the system's reason."""
+    where = str(e.filename) if e.filename is not None else ""
+    if len(where) > 120:
+        where = where[:60] + "..." + where[-40:]
+    reason = e.strerror or type(e).__name__
+    return f"{where}: {reason}" if where else " ".join(str(e).split())[:300]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("nps: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:          # the system's refusal (name too long, read-only, disk full)
+        print(f"nps: error: {os_error_text(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

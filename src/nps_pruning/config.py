@@ -18,7 +18,7 @@ from .errors import NPSError
 from .registries import (Choices, executors, fitnesses, mask_codings, mergers, normalizations,
                          pruners, schemes, spaces, tau_dtypes, value_dtypes)
 from .apps.settings import PruneSettings
-from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MIN, SearchSettings
+from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, SearchSettings
 from .search.race import RACES
 
 
@@ -85,7 +85,7 @@ class SearchOptions:
     param: str = opt(_SEARCH.param, "search band weights directly (linear) or their log2 (log)",
                      choices=lambda: tuple(PARAM_DEFAULTS))
     popsize: Optional[int] = opt(_SEARCH.popsize, "CMA-ES population (default: the library's "
-                                                  "4+3 ln M)", lo=POPSIZE_MIN)
+                                                  "4+3 ln M)", lo=POPSIZE_MIN, hi=POPSIZE_MAX)
     kept_values: str = opt(_PRUNE.kept_values, "kept entries carry their band weight or their original value",
                            choices=("weighted", "original"))
     space: str = opt(_SEARCH.space, "NPS search space: 'magnitude' is the paper's (band weights over a "

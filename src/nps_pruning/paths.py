@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple
 
@@ -58,6 +59,10 @@ def _why_bad(name, *, single: bool) -> Optional[str]:
         return "empty"
     if "\0" in name or any(ord(c) < 32 for c in name):
         return "contains NUL or a control character"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        # DEL, C1 controls, bidirectional overrides (U+202E shows 'exe.txt' as 'txt.exe'),
+        # zero-width characters: a name must read as what it is
+        return "contains a control, format or bidirectional-override character"
     if "\\" in name:
         return "contains '\\'"
     if name.startswith("/") or os.path.isabs(name):

@@ -169,7 +169,12 @@ def claim_work_dir(wd: Path, output) -> Path:
         except FileExistsError:            # another run made it a moment ago: checked below
             pass
         else:
-            write_owner(wd, "work", output=str(Path(output).absolute()))
+            try:
+                write_owner(wd, "work", output=str(Path(output).absolute()))
+            except BaseException:          # no marker: remove the empty folder, or it blocks reruns
+                with contextlib.suppress(OSError):
+                    wd.rmdir()
+                raise
             return wd
     check_work_dir(wd, resume=True)        # ours, and no other live run's
     write_owner(wd, "work", output=str(Path(output).absolute()))   # the resumed run owns it now

@@ -38,6 +38,7 @@ def _expanded_size(root, source: str) -> int:
         if isinstance(node, yaml.SequenceNode):
             total += sum(size(child) for child in node.value)
         elif isinstance(node, yaml.MappingNode):
+            _no_duplicate_keys(node, source)
             total += sum(size(k) + size(v) for k, v in node.value)
         busy.discard(key)
         sizes[key] = min(total, YAML_MAX_NODES + 1)
@@ -50,6 +51,19 @@ def _expanded_size(root, source: str) -> int:
         return size(root)
     except RecursionError:
         raise NPSError(f"{source}: the YAML nests too deeply") from None
+
+
+def _no_duplicate_keys(node, source: str) -> None:
+    """PyYAML lets the last of two equal keys win silently (``pretrained:`` given twice): refuse."""
+    import yaml
+    seen = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            name = key.value.replace("-", "_")          # flag spellings: the same option
+            if name in seen:
+                raise NPSError(f"{source}: line {key.start_mark.line + 1}: key {key.value[:60]!r} "
+                               "is given twice (YAML would keep the last silently)")
+            seen.add(name)
 
 
 def bounded_loader(source: str):
@@ -86,3 +100,5 @@ def read_yaml(path):
         raise NPSError(f"{p}: not valid YAML: {short(str(e).splitlines()[0] if str(e) else '')}") from None
     except RecursionError:
         raise NPSError(f"{p}: the YAML nests too deeply") from None
+    except (ValueError, OverflowError) as e:    # an integer of thousands of digits, say
+        raise NPSError(f"{p}: a value cannot be read ({short(str(e).splitlines()[0])})") from None

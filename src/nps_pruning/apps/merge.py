@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..checkpoints.external import input_sources
 from ..errors import NPSError
 from ..paths import check_name, safe_child
 from ..report.report import now_iso, versions, write_json
@@ -198,6 +199,19 @@ def _check_merge_options(opts) -> None:
         raise NPSError("--joint-generations searches the λ_i: do not fix --lambda")
 
 
+def check_finite_model(base: torch.Tensor, tau: torch.Tensor, what: str,
+                       chunk: int = 1 << 24) -> None:
+    """Refuse to write θ_pre + τ when an entry is NaN or infinite (an overflowing λ, say): such a
+    model would be written with exit 0 and be useless. Checked in chunks (no model-sized copy)."""
+    bad = 0
+    for s in range(0, tau.numel(), chunk):
+        part = base[s:s + chunk].float() + tau[s:s + chunk].float()
+        bad += int((~torch.isfinite(part)).sum())
+    if bad:
+        raise NPSError(f"{what}: {bad:,} of {tau.numel():,} prunable entries are NaN or infinite; "
+                       "nothing was written")
+
+
 def run_merge(opts) -> Dict[str, Any]:
     if opts.tau_dtype != "float32":
         raise NPSError("--tau-dtype is supported by nps prune only (merges and stores use float32 τ)")
@@ -236,6 +250,7 @@ def run_merge(opts) -> Dict[str, Any]:
     evaluators = ([s.evaluator(spec, calib_size=opts.calib_size, **ev_kw)
                    for s, spec in zip(sessions, opts.eval)] if opts.eval else [])
     report: Dict[str, Any] = {"command": "merge", "created": now_iso(), "settings": dataclasses.asdict(opts),
+                              "inputs": input_sources(opts),
                               "seed": opts.seed, "versions": versions(), "tasks": names}
     if opts.method == "nps":
         pruned_rows, searches, outcomes = [], {}, []
@@ -288,6 +303,7 @@ def run_merge(opts) -> Dict[str, Any]:
     report["timings"] = {"total_s": time.perf_counter() - t0}
     merged = merged.cpu()
     base_cpu = sessions[0].base_flat.cpu()
+    check_finite_model(base_cpu, merged, f"the merged model (λ = {report.get('lambdas')})")
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
         first = sessions[0].task_vector.with_values(merged)
         save_tensors(tmp / "merged_task_vector.safetensors", {k: v.contiguous() for k, v in first.items()},

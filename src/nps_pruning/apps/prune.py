@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..checkpoints.external import input_sources
 from ..errors import NPSError
 from ..report.report import now_iso, peak_rss_bytes, versions, write_json
 from .session import Session
@@ -339,6 +340,7 @@ def run_prune(opts) -> Dict[str, Any]:
         test_scores[opts.method] = session.score(test_eval, outcome.pruned)
     report = {
         "command": "prune", "created": now_iso(), "settings": dataclasses.asdict(opts),
+        "inputs": input_sources(opts),
         "seed": opts.seed, "versions": versions(),
         "model": {"num_entries": tv.num_entries, "kept": int(torch.count_nonzero(outcome.pruned)),
                   "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),

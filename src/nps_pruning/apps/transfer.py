@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..checkpoints.external import input_sources
 from ..errors import NPSError
 from ..report.report import now_iso, versions, write_json
 from ..search.grid import grid_search
@@ -96,6 +97,7 @@ def run_transfer(opts) -> Dict[str, Any]:
     tv = session.task_vector
     report = {
         "command": "transfer", "created": now_iso(), "settings": dataclasses.asdict(opts),
+        "inputs": input_sources(opts),
         "seed": opts.seed, "versions": versions(), "lambda": res["lambda"],
         "lambda_grid": res["lambda_grid"],
         "model": {"num_entries": tv.num_entries, "kept": int(torch.count_nonzero(res["tau_hat"])),
@@ -105,7 +107,11 @@ def run_transfer(opts) -> Dict[str, Any]:
         "search": search_report(outcome.search if outcome else None),
         "timings": {"load_s": session.load_s, "total_s": time.perf_counter() - t0},
     }
-    final = tv.with_values((res["lambda"] * res["tau_hat"]).cpu())
+    from .merge import check_finite_model
+    final_values = (res["lambda"] * res["tau_hat"]).cpu()
+    check_finite_model(session.base_flat.cpu(), final_values,
+                       f"the transferred model (λ = {res['lambda']})")
+    final = tv.with_values(final_values)
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
         save_model_folder(tmp, final.state_dict(session.base_flat.cpu()),
                           like=open_checkpoint(opts.finetuned), inputs=inputs)

@@ -66,15 +66,39 @@ def is_lora_folder(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
 
 
+# converted folder -> where it came from (what report.json's "inputs" says)
+CONVERSIONS: Dict[str, dict] = {}
+
+
 def resolve_input(path, *, base=None, cache_dir=None) -> str:
     """``path`` itself, or for a GGUF file / LoRA adapter folder the model folder it converts to
     (``base``: the pre-trained model a LoRA adapter applies to)."""
     p = Path(path).expanduser()
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return str(gguf_to_folder(p, cache_dir=cache_dir))
+        out = str(gguf_to_folder(p, cache_dir=cache_dir))
+        CONVERSIONS[out] = {"kind": "gguf", "file": str(p.absolute())}
+        return out
     if is_lora_folder(p):
-        return str(lora_to_folder(p, base=base, cache_dir=cache_dir))
+        used = []
+        out = str(lora_to_folder(p, base=base, cache_dir=cache_dir, used_base=used))
+        CONVERSIONS[out] = {"kind": "lora", "adapter": str(p.absolute()), "base": used[0]}
+        return out
     return str(path)
+
+
+def input_sources(opts) -> Dict[str, dict]:
+    """For the report: each input of ``opts`` that is a converted GGUF file or LoRA adapter,
+    with what it was converted from (a LoRA adapter: the base model folder that was used)."""
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(opts):
+        if f.name not in ("pretrained", "finetuned", "model"):
+            continue
+        values = getattr(opts, f.name)
+        for v in values if isinstance(values, (list, tuple)) else [values]:
+            if v is not None and str(v) in CONVERSIONS:
+                out[str(v)] = CONVERSIONS[str(v)]
+    return out
 
 
 def _done(folder: Path) -> bool:
@@ -314,7 +338,7 @@ def _missing_targets(config: dict, base_ckpt, adapted) -> list:
     return missing
 
 
-def lora_to_folder(path: Path, *, base=None, cache_dir=None) -> Path:
+def lora_to_folder(path: Path, *, base=None, cache_dir=None, used_base: Optional[list] = None) -> Path:
     from safetensors.torch import load_file
     from .load import open_checkpoint
     from .save import save_model_folder
@@ -330,7 +354,10 @@ def lora_to_folder(path: Path, *, base=None, cache_dir=None) -> Path:
         check_lora_config(config)
     except NPSError as exc:
         raise NPSError(f"{path / ADAPTER_CONFIG}: {exc}") from None
-    base_ckpt = open_checkpoint(_lora_base(path, config, base))
+    base_dir = _lora_base(path, config, base)
+    if used_base is not None:
+        used_base.append(str(Path(base_dir).absolute()))
+    base_ckpt = open_checkpoint(base_dir)
     # the adapter folder's tokenizer (when it has one) wins over the base's: it is the one trained with
     # Only regular files (or a Hugging Face cache's own blob links) are taken, as for a model
     # folder: a symbolic link could point anywhere, and its target would be copied into the cache

@@ -50,9 +50,17 @@ def prepare_images(images: np.ndarray, mean=None, std=None, source: str = "") ->
 
         m = per_channel(mean, "mean", 0.0).reshape(shape)
         s = per_channel(std, "std", 1.0).reshape(shape)
+        for t, what in ((m, "mean"), (s, "std")):
+            if not bool(torch.isfinite(t).all()):
+                raise NPSError(f"{source}: {what} has a NaN or infinite entry")
         if bool((s == 0).any()):
             raise NPSError(f"{source}: std has a zero entry")
         x = (x - m) / s
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):        # NaN weights are refused; NaN data would score silently too
+        rows = int(bad.reshape(len(x), -1).any(dim=1).sum()) if x.dim() else 1
+        raise NPSError(f"{source}: {rows} of the {len(x)} images have NaN or infinite pixels"
+                       f"{' after normalisation by mean/std' if mean is not None or std is not None else ''}")
     return x
 
 

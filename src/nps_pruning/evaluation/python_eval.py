@@ -99,7 +99,10 @@ def as_score(value: Any, spec: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise NPSError(f"{spec}: returned {type(value).__name__}, expected a float (higher is better)")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:
+        raise NPSError(f"{spec}: returned a number too large for a float") from None
     if math.isnan(out):
         raise NPSError(f"{spec}: returned NaN")
     return out
@@ -128,7 +131,7 @@ class PythonEvaluator:
                 value = self._fn(model)
         except NPSError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:   # sys.exit() in an evaluator is not nps's exit
             raise NPSError(f"{self.spec}: raised {type(exc).__name__}: {exc}") from exc
         return as_score(value, self.spec)
 

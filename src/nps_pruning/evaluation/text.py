@@ -76,9 +76,9 @@ def check_labels(labels: Sequence[Any], source: str) -> torch.Tensor:
                 value = int(lab.strip())
             except ValueError:
                 value = None
-        if value is None or value < 0:
-            raise NPSError(f"{source}: row {i + 1}: label {lab!r} is not a non-negative integer "
-                           "class id")
+        if value is None or not 0 <= value < 2 ** 31:
+            raise NPSError(f"{source}: row {i + 1}: label {str(lab)[:40]!r} is not a non-negative "
+                           "integer class id (below 2**31)")
         out.append(value)
     return torch.tensor(out, dtype=torch.long)
 
@@ -163,6 +163,8 @@ def iter_jsonl(path: Path, columns: Sequence[str]):
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise NPSError(f"{path}: line {lineno}: not JSON ({exc.msg})") from exc
+                except RecursionError:
+                    raise NPSError(f"{path}: line {lineno}: JSON nested too deeply") from None
                 if not isinstance(row, dict):
                     raise NPSError(f"{path}: line {lineno}: expected a JSON object per line")
                 for col in columns:

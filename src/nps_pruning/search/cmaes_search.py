@@ -41,6 +41,7 @@ PARAM_DEFAULTS: Dict[str, Tuple[float, float, float]] = {
     "linear": (0.0, 4.0, 0.3),
     "log": (0.25, 8.0, 1.0),
 }
+POPSIZE_MAX = 4096               # beyond this a "search" is a typo (10**8 ran until killed)
 POPSIZE_MIN = 4                  # the smallest CMA-ES population accepted (its own default is 4 + 3 ln M)
 
 
@@ -92,8 +93,8 @@ class SearchSettings:
             raise NPSError(f"search: sigma0 must be a positive number, got {self.sigma0}")
         if not (math.isfinite(self.lower) and math.isfinite(self.upper) and self.lower < self.upper):
             raise NPSError(f"search: bounds must satisfy lower < upper, got [{self.lower}, {self.upper}]")
-        if self.popsize is not None and self.popsize < POPSIZE_MIN:
-            raise NPSError(f"search: popsize must be >= {POPSIZE_MIN}, got {self.popsize}")
+        if self.popsize is not None and not POPSIZE_MIN <= self.popsize <= POPSIZE_MAX:
+            raise NPSError(f"search: popsize must be in {POPSIZE_MIN}..{POPSIZE_MAX}, got {self.popsize}")
         if self.param not in PARAM_DEFAULTS:
             raise NPSError(f"search: param must be 'linear' or 'log', got {self.param!r}")
         if self.param == "log" and self.lower <= 0:
