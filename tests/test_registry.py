@@ -23,6 +23,7 @@ from nps_pruning.core.merge import MERGERS, NORMALIZATIONS, nps_combine, registe
 from nps_pruning.core.sparsify import PRUNERS, register_pruner
 from nps_pruning.errors import NPSError
 from nps_pruning.search import PARAM_DEFAULTS, POPSIZE_MIN, SearchSettings
+from nps_pruning.search.cmaes_search import POPSIZE_MAX
 
 TOY_PRUNER = "toy-positive"
 TOY_MERGER = "toy-half-sum"
@@ -219,9 +220,16 @@ def test_popsize_minimum_is_one_rule():
     assert popsize.metadata["lo"] == POPSIZE_MIN == 4
     with pytest.raises(NPSError, match="out of range"):
         build(PruneOptions, {**BASE, "popsize": POPSIZE_MIN - 1})
-    with pytest.raises(NPSError, match=f"popsize must be >= {POPSIZE_MIN}"):
+    with pytest.raises(NPSError, match=f"popsize must be in {POPSIZE_MIN}..{POPSIZE_MAX}"):
         SearchSettings(popsize=POPSIZE_MIN - 1).validate()
     SearchSettings(popsize=POPSIZE_MIN).validate()
+    # and one upper bound (issue 37: --popsize 10**8 ran until killed)
+    assert popsize.metadata["hi"] == POPSIZE_MAX
+    with pytest.raises(NPSError, match="out of range"):
+        build(PruneOptions, {**BASE, "popsize": POPSIZE_MAX + 1})
+    with pytest.raises(NPSError, match=f"popsize must be in {POPSIZE_MIN}..{POPSIZE_MAX}"):
+        SearchSettings(popsize=POPSIZE_MAX + 1).validate()
+    SearchSettings(popsize=POPSIZE_MAX).validate()
 
 
 def test_benchmark_search_settings_are_unchanged():

@@ -566,10 +566,14 @@ def test_former_tracebacks_are_one_error_line(pair, tmp_path, capsys):
     cases.append((["merge", str(pair["base"]), str(pair["ft"]), str(pair["ft"]), "-o",
                    str(tmp_path / "m"), "--lambda", "0.3", "--names", "a", "b\u202etxt.exe",
                    "--quiet"], "bidirectional"))
+    cases.append((["merge", str(pair["base"]), str(pair["ft"]), str(pair["ft"]), "-o",
+                   str(tmp_path / "m"), "--method", "task-arithmetic", "--lambda", "0.3",
+                   "--names", "a", "n" * 245, "--quiet"], "File name too long"))
     for argv, expect in cases:
         assert main(argv) == 2, argv
         one_error_line(capsys, expect)
     assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
+    assert not list(tmp_path.glob(".m.tmp-*")) and not list(tmp_path.glob(".o.tmp-*"))
 
 
 def test_an_os_error_mid_run_is_one_line(pair, tmp_path, capsys, monkeypatch):
