@@ -29,7 +29,11 @@ def test_merge_labels_round_trip():
 
 
 def test_cache_path_of_a_step_is_unchanged(tmp_path):
-    """The step-name sanitising and the params hash: a changed one would orphan every cached step."""
+    """The step-name sanitising and the params hash (the step's settings and the numbers versions
+    of the code groups it runs): a changed one would orphan every cached step."""
+    from nps_bench.code_versions import versions
     p = ResultCache(tmp_path).path("text", "rt-sentiment", "prune-nps-focused-r0.05", {"keep": 0.05, "task": "x"})
-    digest = hashlib.sha256(b'{"keep": 0.05, "task": "x"}').hexdigest()[:16]
+    v = versions()
+    code = ", ".join(f'"{g}": {v[g]}' for g in sorted(("bench", "eval", "prune", "search")))
+    digest = hashlib.sha256(f'{{"_code": {{{code}}}, "keep": 0.05, "task": "x"}}'.encode()).hexdigest()[:16]
     assert p.relative_to(tmp_path).as_posix() == f"text/rt-sentiment/prune-nps-focused-r0.05-{digest}.json"

@@ -1,8 +1,19 @@
 """The benchmark's step result cache, and the small runtime helpers every job uses.
 
-Every step's result is cached as JSON under ``<cache>/bench-results`` (``$NPS_CACHE`` or
-``~/.cache/nps-pruning``), keyed by (suite, task, step, a hash of the settings the step uses and
-of the fine-tuned checkpoint's build key), so a killed ``make bench`` resumes where it stopped.
+Every step's result is one small JSON file ``<root>/<suite>/<task>/<step>-<hash>.json``. For the
+full profile the root is ``benchmarks/results/steps`` in the repository (``$NPS_BENCH_STEPS``
+overrides it), so measured steps are committed and travel with the code; the quick (CI) profile
+keeps its own under ``$NPS_CACHE`` (``~/.cache/nps-pruning/bench-results-quick``).
+
+A step's hash covers the settings it uses, the SHA-256 of the fine-tuned checkpoint's tensors
+(``weights``, see :func:`nps_bench.suites.weights_digest`) and the numbers versions of the code
+groups it runs (:mod:`.code_versions`): a checkpoint that rebuilds differently, or a code change
+recorded as changing numbers, makes exactly its steps missing; nothing stale is ever reused. Each
+file also records the commit and date that computed it.
+
+``--budget``: with ``$NPS_BENCH_DEADLINE`` (epoch seconds) set, a step whose recorded time (the
+``seconds`` of an earlier file of the same step, any key) would end after the deadline is not
+started: :class:`BudgetReached` is raised instead, and the run reports what is left.
 """
 from __future__ import annotations
 
@@ -17,15 +28,49 @@ import numpy as np
 
 from nps_pruning.atomic import atomic_write_text
 
+DEADLINE_ENV = "NPS_BENCH_DEADLINE"
 
-def default_results_cache() -> Path:
+
+def default_results_cache(profile: str = "full") -> Path:
+    if profile == "full":
+        env = os.environ.get("NPS_BENCH_STEPS")
+        if env:
+            return Path(env).expanduser()
+        from .paths import repo_root
+        return repo_root() / "benchmarks" / "results" / "steps"
     env = os.environ.get("NPS_CACHE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "nps-pruning"
-    return root / "bench-results"
+    return root / f"bench-results-{profile}"
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def safe_step(step: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in step)
+
+
+class BudgetReached(Exception):
+    """A step was not started: its recorded time would end after the run's budget."""
+
+    def __init__(self, suite: str, task: str, step: str, estimate_s: Optional[float]):
+        super().__init__(suite, task, step, estimate_s)
+        self.suite, self.task, self.step, self.estimate_s = suite, task, step, estimate_s
+
+    def __str__(self) -> str:
+        est = f"~{self.estimate_s / 60:.1f} min" if self.estimate_s is not None else "time unknown"
+        return f"budget reached before {self.suite}/{self.task}/{self.step} ({est})"
+
+
+_COMMIT: list = []
+
+
+def _commit() -> str:
+    if not _COMMIT:
+        from .paths import git_output
+        _COMMIT.append(git_output("rev-parse", "--short", "HEAD") or "?")
+    return _COMMIT[0]
 
 
 class ResultCache:
@@ -36,9 +81,13 @@ class ResultCache:
         self.hits = 0
         self.misses = 0
 
+    @staticmethod
+    def key_params(task: str, step: str, params: dict) -> dict:
+        from .code_versions import code_key
+        return {**params, "_code": code_key(task, step)}
+
     def path(self, suite: str, task: str, step: str, params: dict) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in step)
-        return self.root / suite / task / f"{safe}-{_hash(params)}.json"
+        return self.root / suite / task / f"{safe_step(step)}-{_hash(self.key_params(task, step, params))}.json"
 
     def get(self, suite, task, step, params) -> Optional[dict]:
         p = self.path(suite, task, step, params)
@@ -54,15 +103,45 @@ class ResultCache:
     def put(self, suite, task, step, params, value: dict) -> dict:
         p = self.path(suite, task, step, params)
         p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(p, json.dumps({**value, "_step": step, "_params": params}, indent=1,
-                                        default=_jsonable))
+        from .code_versions import code_key
+        atomic_write_text(p, json.dumps({**value, "_step": step, "_params": params,
+                                         "_code": code_key(task, step), "_commit": _commit(),
+                                         "_date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                                        indent=1, default=_jsonable))
         self.misses += 1
         return value
+
+    def estimate(self, suite: str, task: str, step: str) -> Optional[float]:
+        """The seconds an earlier run of this step took (its newest file of any key), or None."""
+        folder = self.root / suite / task
+        best = None
+        name = safe_step(step)
+        for p in folder.glob(f"{name}-*.json") if folder.is_dir() else ():
+            digest = p.stem[len(name) + 1:]
+            if len(digest) == 16 and all(c in "0123456789abcdef" for c in digest):
+                try:
+                    v = json.loads(p.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                if isinstance(v.get("seconds"), (int, float)):
+                    mtime = p.stat().st_mtime
+                    if best is None or mtime > best[0]:
+                        best = (mtime, float(v["seconds"]))
+        return best[1] if best else None
+
+    def check_budget(self, suite: str, task: str, step: str) -> None:
+        deadline = os.environ.get(DEADLINE_ENV)
+        if not deadline:
+            return
+        est = self.estimate(suite, task, step)
+        if time.time() + (est or 0.0) > float(deadline):
+            raise BudgetReached(suite, task, step, est)
 
     def step(self, suite, task, step, params, compute: Callable[[], dict], log=None) -> dict:
         got = self.get(suite, task, step, params)
         if got is not None:
             return got
+        self.check_budget(suite, task, step)
         t0 = time.perf_counter()
         value = compute()
         value["seconds"] = time.perf_counter() - t0

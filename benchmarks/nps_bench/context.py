@@ -30,8 +30,17 @@ def stats_params(task: dict) -> dict:
     return {"running_stats": "finetuned"} if task["_has_stats"] else {}
 
 
+def weights_param(task: dict) -> str:
+    """The SHA-256 of the task's fine-tuned tensors (in every step's key: a checkpoint that
+    rebuilds differently makes exactly its own steps missing)."""
+    if not task.get("weights"):
+        from .suites import weights_digest
+        task["weights"] = weights_digest(task["finetuned"])
+    return task["weights"]
+
+
 def _task_params(task: dict) -> dict:
-    return {"task": task["name"], "key": task.get("key", ""), "finetuned": task["finetuned"],
+    return {"task": task["name"], "key": task.get("key", ""), "weights": weights_param(task),
             **stats_params(task)}
 
 

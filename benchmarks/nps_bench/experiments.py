@@ -18,8 +18,8 @@ before the split importable from here):
 """
 from __future__ import annotations
 
-from .cache import (ResultCache, _brief, _hash, _jsonable, _logger, _set_threads,  # noqa: F401
-                    default_results_cache)
+from .cache import (DEADLINE_ENV, BudgetReached, ResultCache, _brief, _hash, _jsonable,  # noqa: F401
+                    _logger, _set_threads, default_results_cache)
 from .config import (RESULTS_VERSION, _LIN_LOWER, _LIN_SIGMA0, _LIN_UPPER, _LOG_LOWER,  # noqa: F401
                      _LOG_SIGMA0, _LOG_UPPER, BenchConfig)
 from .context import (TaskContext, _find_nps, _strip, _task_params, nps_step_params,  # noqa: F401

@@ -8,7 +8,11 @@
   2 generations of 4); everything is written into a temporary folder (or next to ``--out``);
 * ``--render-only``: re-render the report from the results JSON, nothing is run.
 
-Every step is cached (see :mod:`.cache`), so an interrupted run resumes where it stopped.
+Every step is cached (see :mod:`.cache`; the full profile's steps in ``benchmarks/results/steps``,
+committed), so an interrupted run resumes where it stopped. ``--budget MINUTES`` runs in pieces:
+no step starts that its recorded time says would end after the budget, finished steps are kept
+as they finish, and the run ends with exit 0 and a line saying what is left (the suites' results
+and BENCHMARKS.md are written once a run finds every step); the same command again continues.
 """
 from __future__ import annotations
 
@@ -93,9 +97,10 @@ class _Inline:
 
 def _suite_summary(suite) -> dict:
     return {"name": suite.name, "base": suite.base, "quick": suite.quick,
-            "tasks": [{k: getattr(t, k) for k in ("name", "kind", "num_classes", "finetuned_acc",
-                                                  "pretrained_acc", "head_only_acc", "majority_acc",
-                                                  "sizes", "key", "max_length")} for t in suite.tasks]}
+            "tasks": [{k: getattr(t, k, None) for k in ("name", "kind", "num_classes", "finetuned_acc",
+                                                        "pretrained_acc", "head_only_acc", "majority_acc",
+                                                        "sizes", "key", "max_length", "weights")}
+                      for t in suite.tasks]}
 
 
 def _pick_tasks(name: str, cfg: ex.BenchConfig) -> Optional[List[str]]:
@@ -159,7 +164,13 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
     suites: Dict[str, dict] = {}
     suite_tasks: Dict[str, List[dict]] = {}
     previous: Dict[str, dict] = {}           # each suite's results file as it was before this run
+    left: List[str] = []                     # --budget: what was not started
+    left_s: List[float] = []
+    deadline = os.environ.get(ex.DEADLINE_ENV)
     for name in cfg.suites:
+        if deadline and time.time() > float(deadline):
+            left.append(f"{name}: the whole suite (its checkpoints were not built)")
+            continue
         t0 = time.time()
         suite = build_suite(name, quick=cfg.profile == "quick", tasks=_pick_tasks(name, cfg), progress=True)
         suite_tasks[name] = [ex.task_dict(t) for t in suite.tasks]
@@ -193,7 +204,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                 submit(kind, name, "_all", fn, name, suite_tasks[name], cfg_d, str(cache_root), pruning,
                        _wins_rows(results_dir, name))
 
-    for name in cfg.suites:
+    for name in [n for n in cfg.suites if n in suites]:
         prev = results_dir / f"{name}.json"
         prev_tasks = previous.get(name, {}).get("tasks", {}) if pruning_from_results else {}
         if pruning_from_results and all(t["name"] in prev_tasks for t in suite_tasks[name]):
@@ -215,6 +226,15 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                 S = suites[sname]
                 try:
                     out = fut.result()
+                except ex.BudgetReached as e:   # not started: the budget is spent (not a failure)
+                    recorded = previous.get(sname, {}).get("timings", {}).get("jobs", {})
+                    est = (recorded.get(f"{kind}/{tname}") or {}).get("seconds")
+                    left.append(f"{sname}: {kind} {tname} from step {e.step}"
+                                + (f" (~{est / 60:.0f} min for the whole job last time)" if est else ""))
+                    left_s.append(float(est or e.estimate_s or 0.0))
+                    S["left"] = S.get("left", []) + [str(e)]
+                    log(f"[{sname}] {e}")
+                    continue
                 except Exception as e:          # noqa: BLE001 - record, continue the other jobs
                     failed = True
                     msg = f"{kind} {tname}: {type(e).__name__}: {e}"
@@ -239,9 +259,12 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                     S["merge_aware"] = out
                 else:
                     S["fusion"] = out
-                _save_suite(results_dir, sname, S)
+                if not deadline:
+                    _save_suite(results_dir, sname, S)
     finally:
         pool.shutdown(wait=True)
+    if left:      # a run in pieces: the steps it finished are cached; nothing partial is written
+        return {"left": left, "left_s": sum(left_s)}
     for sname, S in suites.items():
         spans = [j for j in S["timings"]["jobs"].values()]
         if spans:
@@ -249,7 +272,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
             S["timings"]["job_seconds_sum"] = sum(j["seconds"] for j in spans)
         _save_suite(results_dir, sname, S)
     t_speed = time.time()
-    if "speed" in skip:
+    if "speed" in skip or (deadline and time.time() > float(deadline)):
         meta["speed"], meta["speed_s"] = old_meta.get("speed"), old_meta.get("speed_s", 0)
     else:
         log("speed: bench_candidate " + ", ".join(f"{d:.0e}" for d in cfg.speed_sizes))
@@ -312,7 +335,7 @@ def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
     return out_md
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default="text,vision,vit,llm,llm-lora",
                     help="comma-separated: text,vision,vit,llm,llm-lora")
@@ -321,7 +344,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="markdown output (default: BENCHMARKS.md; --quick: a temp dir)")
     ap.add_argument("--results-dir", default=None, help="results JSON folder (default: benchmarks/results)")
     ap.add_argument("--figures-dir", default=None, help="figures folder (default: benchmarks/figures)")
-    ap.add_argument("--cache-dir", default=None, help="step result cache (default: $NPS_CACHE/bench-results)")
+    ap.add_argument("--cache-dir", default=None, help="step results (default: benchmarks/results/steps; "
+                                                      "--quick: $NPS_CACHE/bench-results-quick)")
+    ap.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                    help="start no step that would end after MINUTES from now; say what is left")
     ap.add_argument("--jobs", type=int, default=None, help="worker processes (default 2; quick: 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
     ap.add_argument("--generations", type=int, default=None, help="NPS CMA-ES generations")
@@ -362,7 +388,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         results_dir = Path(args.results_dir) if args.results_dir else root / "benchmarks" / "results"
         figures_dir = Path(args.figures_dir) if args.figures_dir else root / "benchmarks" / "figures"
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    cache_root = Path(args.cache_dir) if args.cache_dir else ex.default_results_cache()
+    cache_root = (Path(args.cache_dir) if args.cache_dir
+                  else ex.default_results_cache("quick" if args.quick else "full"))
+    if args.budget is not None:
+        if not args.budget > 0:
+            print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
+            return 2
+        os.environ[ex.DEADLINE_ENV] = str(time.time() + 60.0 * args.budget)
     command = "python -m nps_bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.render_only:
         results = load_results(results_dir)
@@ -374,6 +406,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = run_benchmark(cfg, results_dir=results_dir, cache_root=cache_root, command=command.strip(),
                                 skip=tuple(x for x in args.skip.split(",") if x),
                                 pruning_from_results=args.pruning_from_results)
+        if "left" in results:
+            for line in results["left"]:
+                print(f"  left: {line}", flush=True)
+            print(f"budget reached: {len(results['left'])} job(s) left, about "
+                  f"{results['left_s'] / 60:.0f} min by their recorded timings (0 = unknown); "
+                  f"finished steps are in {cache_root}; run the same command again to continue",
+                  flush=True)
+            return 0
     render_to(results, out_md, figures_dir)
     wins_json = results_dir / "wins.json"
     if wins_json.is_file():       # the section "NPS that wins" (make bench-wins) from its own results
@@ -381,6 +421,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_section(out_md, render_wins(json.loads(wins_json.read_text()), figures_dir))
     print(f"wrote {out_md} (results: {results_dir}, figures: {figures_dir})", flush=True)
     return 1 if results["meta"].get("failed") else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command; ``--budget`` sets the deadline for this call only (the environment is restored)."""
+    from .cache import DEADLINE_ENV as _ENV
+    before = os.environ.get(_ENV)
+    try:
+        return _main(argv)
+    finally:
+        if before is None:
+            os.environ.pop(_ENV, None)
+        else:
+            os.environ[_ENV] = before
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class TaskEntry:
     timings: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     key: str = ""
+    weights: str = ""              # SHA-256 of the fine-tuned checkpoint's tensors (weights_digest)
 
 
 @dataclass
@@ -117,13 +118,15 @@ class Suite:
         profile = {True: " (quick)", "demo": " (demo)"}.get(self.quick, "")
         rows = [f"suite {self.name}{profile}: base {self.base}",
                 f"{'task':16} {'classes':>7} {'train':>6} {'calib':>6} {'test':>6} {'fine-tuned':>10} "
-                f"{'(±se)':>7} {'pre-trained':>11} {'head-only':>9} {'majority':>8} {'build s':>8}"]
+                f"{'(±se)':>7} {'pre-trained':>11} {'head-only':>9} {'majority':>8} {'build s':>8} "
+                f"{'weights':>12}"]
         for t in self.tasks:
             n = max(1, t.sizes.get("test", 1))
             se = (t.finetuned_acc * (1 - t.finetuned_acc) / n) ** 0.5
             rows.append(f"{t.name:16} {t.num_classes:7d} {t.sizes.get('train', 0):6d} {t.sizes.get('calib', 0):6d} "
                         f"{t.sizes.get('test', 0):6d} {t.finetuned_acc:10.4f} {se:7.4f} {t.pretrained_acc:11.4f} "
-                        f"{t.head_only_acc:9.4f} {t.majority_acc:8.4f} {t.timings.get('build_s', 0):8.0f}")
+                        f"{t.head_only_acc:9.4f} {t.majority_acc:8.4f} {t.timings.get('build_s', 0):8.0f} "
+                        f"{t.weights[:12]:>12}")
         return "\n".join(rows)
 
 
@@ -156,6 +159,39 @@ def _file_hash(path: Path) -> str:
                 h.update(chunk)
         _HASH_CACHE[k] = h.hexdigest()[:16]
     return _HASH_CACHE[k]
+
+
+_DIGESTS: dict[str, str] = {}
+
+
+def weights_digest(path) -> str:
+    """SHA-256 of a checkpoint's tensors: every tensor of its ``*.safetensors`` files (a folder's,
+    or one file), in name order, as name, dtype, shape and raw bytes. Unlike a file hash it does
+    not depend on how the file was written (safetensors' metadata order varies from run to run),
+    only on the weights: two fine-tunes that rebuild bit for bit have the same digest."""
+    import torch
+    from safetensors import safe_open
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise NPSError(f"{path}: no .safetensors weights to hash")
+    stamp = ";".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    if stamp not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            with safe_open(str(f), "pt") as sf:
+                for name in sorted(sf.keys()):
+                    t = sf.get_tensor(name).contiguous()
+                    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _DIGESTS[stamp] = h.hexdigest()
+    return _DIGESTS[stamp]
+
+
+def _with_digests(suite: "Suite") -> "Suite":
+    for t in suite.tasks:
+        t.weights = weights_digest(t.finetuned)
+    return suite
 
 
 def _key(parts: dict) -> str:
@@ -334,17 +370,17 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
         base_hash = _file_hash(base / "model.safetensors")
         for t in names:
             entries.append(_text_task(t, root, base, base_hash, quick, progress))
-        return Suite("text", str(base), str(root), quick, entries)
+        return _with_digests(Suite("text", str(base), str(root), quick, entries))
     if name == "vit":
         from .vit_suite import build_vit_suite
-        return build_vit_suite(names, root, quick, progress)
+        return _with_digests(build_vit_suite(names, root, quick, progress))
     if name in ("llm", "llm-lora"):
         from .llm_suite import build_llm_suite
-        return build_llm_suite(name, names, root, quick, progress)
+        return _with_digests(build_llm_suite(name, names, root, quick, progress))
     base_file, base_key = _vision_base(root, progress)
     for t in names:
         entries.append(_vision_task(t, root, base_file, base_key, quick, progress))
-    return Suite("vision", str(base_file), str(root), quick, entries)
+    return _with_digests(Suite("vision", str(base_file), str(root), quick, entries))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,9 @@ import numpy as np
 
 from nps_pruning.apps.settings import PruneSettings, SearchSettings
 from nps_pruning.atomic import atomic_write_text
-from .cache import ResultCache, _logger, _set_threads, default_results_cache
+from .cache import DEADLINE_ENV, ResultCache, _logger, _set_threads, default_results_cache
 from .labels import SUITE_MODELS
-from .context import stats_params, task_dict
+from .context import stats_params, task_dict, weights_param
 from .paths import git_output, repo_root
 
 REPO = repo_root()
@@ -120,8 +120,18 @@ def _settings(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size,
 
 def _params(task: dict, cfg: WinsConfig, **more) -> dict:
     return {"v": WINS_VERSION, "task": task["name"], "key": task.get("key", ""),
+            "weights": weights_param(task),
             "test_rows": cfg.test_rows, "test_seed": cfg.test_seed, "seed": cfg.seed,
             **stats_params(task), **more}
+
+
+def run_task_in_budget(suite: str, task: dict, cfg_d: dict, cache_root: str):
+    """run_task, or {"left": ...} when --budget stopped it before a step (not a failure)."""
+    from .cache import BudgetReached
+    try:
+        return run_task(suite, task, cfg_d, cache_root)
+    except BudgetReached as e:
+        return {"left": str(e), "estimate_s": e.estimate_s}
 
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]:
@@ -463,7 +473,7 @@ def write_section(md: Path, section: str) -> None:
     atomic_write_text(md, text)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.wins", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default="text")
     ap.add_argument("--keeps", default=None, help="keep ratios, e.g. 0.02,0.05")
@@ -476,7 +486,14 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "wins.json"))
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                    help="start no step that would end after MINUTES from now; say what is left")
     args = ap.parse_args(argv)
+    if args.budget is not None:
+        if not args.budget > 0:
+            print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
+            return 2
+        os.environ[DEADLINE_ENV] = str(time.time() + 60.0 * args.budget)
     results_path = Path(args.results)
     figures = REPO / "benchmarks" / "figures"
     if args.render_only:
@@ -494,10 +511,15 @@ def main(argv=None) -> int:
         cfg.generations = args.generations
     from .suites import build_suite
     commit = git_output("rev-parse", "--short", "HEAD")
-    cache_root = str(Path(args.cache_dir) if args.cache_dir else default_results_cache())
+    cache_root = str(Path(args.cache_dir) if args.cache_dir else default_results_cache("full"))
     results = {"config": dataclasses.asdict(cfg), "commit": commit, "suites": {},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    left: List[str] = []
+    left_s = 0.0
     for suite_name in args.suites.split(","):
+        if args.budget is not None and time.time() > float(os.environ[DEADLINE_ENV]):
+            left.append(f"{suite_name}: the whole suite")
+            continue
         suite = build_suite(suite_name, tasks=args.tasks.split(",") if args.tasks else None)
         tasks = [task_dict(t) for t in suite.tasks]
         ctx = mp.get_context("spawn")
@@ -505,12 +527,25 @@ def main(argv=None) -> int:
         # workers end with this process (a killed run leaves no search running on)
         with ctx.Pool(max(1, min(cfg.jobs, len(tasks))), initializer=die_with_parent,
                       initargs=(os.getpid(),)) as pool:
-            outs = pool.starmap(run_task, [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
+            outs = pool.starmap(run_task_in_budget,
+                                [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
+        stopped = [(t, o) for t, o in zip(tasks, outs) if isinstance(o, dict) and "left" in o]
+        if stopped:
+            left += [f"{suite_name}/{t['name']}: {o['left']}" for t, o in stopped]
+            left_s += sum(float(o["estimate_s"] or 0.0) for _, o in stopped)
+            continue
         model = SUITE_MODELS.get(suite_name, suite_name)
         results["suites"][suite_name] = {"model": model, "commit": commit, "date": results["date"],
                                          "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)},
                                          **({"calib_cap": cfg.suite_calib_size[suite_name]}
                                             if suite_name in cfg.suite_calib_size else {})}
+    if left:      # a run in pieces: finished steps are cached; no partial results are written
+        for line in left:
+            print(f"  left: {line}", flush=True)
+        print(f"budget reached: {len(left)} task(s) left, at least {left_s / 60:.0f} min by the "
+              f"recorded timings of their next steps (0 = unknown); finished steps are in "
+              f"{cache_root}; run the same command again to continue", flush=True)
+        return 0
     if results_path.exists():      # suites not run now keep their own results (and commit)
         old = json.loads(results_path.read_text())
         for name, data in old.get("suites", {}).items():
@@ -522,6 +557,19 @@ def main(argv=None) -> int:
     results_path.write_text(json.dumps(results, indent=1, default=float))
     write_section(Path(args.out), render(results, figures))
     return 0
+
+
+def main(argv=None) -> int:
+    """The command; ``--budget`` sets the deadline for this call only (the environment is restored)."""
+    from .cache import DEADLINE_ENV as _ENV
+    before = os.environ.get(_ENV)
+    try:
+        return _main(argv)
+    finally:
+        if before is None:
+            os.environ.pop(_ENV, None)
+        else:
+            os.environ[_ENV] = before
 
 
 if __name__ == "__main__":

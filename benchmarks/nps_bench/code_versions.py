@@ -1,0 +1,146 @@
+"""Which version of the code a benchmark step measured (part of every step's cache key).
+
+The code a step runs is split into groups of source files (:data:`GROUPS`). Each group has a
+*numbers version*, recorded with the SHA-256 of its sources in ``benchmarks/code_versions.json``.
+A step's key holds the versions of the groups it depends on (:func:`groups_of`), so bumping a
+group's version makes exactly the steps that use it stale, and nothing else.
+
+The rule that keeps this honest is a test (tests/test_bench_steps.py): the recorded SHA-256 of
+every group must equal the SHA-256 of its sources today. A change to a group's code therefore
+fails ``make test`` until its author records it, saying whether the change alters numbers::
+
+    python -m nps_bench.code_versions --numbers-changed prune   # bump: its steps are recomputed
+    python -m nps_bench.code_versions --same-numbers            # a refactor: the steps stay valid
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from .paths import repo_root
+
+# group -> source files (globs relative to the repository root)
+GROUPS: Dict[str, List[str]] = {
+    # scoring a model on data: every step's numbers go through it
+    "eval": ["src/nps_pruning/evaluation/*.py", "src/nps_pruning/checkpoints/load.py",
+             "src/nps_pruning/apps/session.py"],
+    # τ, masks, bands and the search space's candidates
+    "prune": ["src/nps_pruning/task_vector.py", "src/nps_pruning/checkpoints/pair.py",
+              "src/nps_pruning/core/mask.py", "src/nps_pruning/core/sparsify.py",
+              "src/nps_pruning/core/bands.py", "src/nps_pruning/core/space.py",
+              "src/nps_pruning/core/entries.py", "src/nps_pruning/core/__init__.py"],
+    # the CMA-ES search, its settings and the prune command's search path
+    "search": ["src/nps_pruning/search/*.py", "src/nps_pruning/apps/prune.py",
+               "src/nps_pruning/apps/settings.py"],
+    # merges
+    "merge": ["src/nps_pruning/core/merge.py", "src/nps_pruning/core/merge_svd.py",
+              "src/nps_pruning/core/collide.py", "src/nps_pruning/core/joint_space.py",
+              "src/nps_pruning/apps/merge.py"],
+    # stores and value codings
+    "store": ["src/nps_pruning/apps/store_*.py", "src/nps_pruning/apps/value_coding.py",
+              "src/nps_pruning/apps/mask_coding.py", "src/nps_pruning/apps/compress.py"],
+    # what the benchmark's steps themselves compute
+    "bench": ["benchmarks/nps_bench/exp_*.py", "benchmarks/nps_bench/context.py",
+              "benchmarks/nps_bench/transfer_eval.py", "benchmarks/nps_bench/wins.py"],
+}
+
+RECORD = "benchmarks/code_versions.json"
+
+
+def groups_of(task: str, step: str) -> List[str]:
+    """The groups a step depends on (``task``: a task name, or ``_fusion`` / ``_compression`` /
+    ``_merge_aware`` for a suite's shared steps)."""
+    if step in ("finetuned", "wins-finetuned", "tau-norm"):
+        return ["eval", "prune", "bench"]
+    if task in ("_fusion", "_merge_aware"):
+        return ["eval", "prune", "search", "merge", "bench"]
+    if task == "_compression":
+        return ["eval", "prune", "search", "store", "bench"]
+    return ["eval", "prune", "search", "bench"]
+
+
+def _files(group: str, root: Path) -> List[Path]:
+    out = []
+    for pattern in GROUPS[group]:
+        out += [p for p in root.glob(pattern) if p.is_file()]
+    return sorted(set(out))
+
+
+def source_sha256(group: str, root: Path | None = None) -> str:
+    """SHA-256 over the group's files (their repository paths and contents)."""
+    root = root or repo_root()
+    h = hashlib.sha256()
+    for p in _files(group, root):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def recorded(root: Path | None = None) -> Dict[str, dict]:
+    path = (root or repo_root()) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+_VERSIONS: Dict[str, int] = {}
+
+
+def versions() -> Dict[str, int]:
+    """group -> recorded numbers version (read once per process)."""
+    if not _VERSIONS:
+        rec = recorded()
+        _VERSIONS.update({g: int(rec.get(g, {}).get("version", 1)) for g in GROUPS})
+    return dict(_VERSIONS)
+
+
+def code_key(task: str, step: str) -> Dict[str, int]:
+    """What goes into a step's key: the numbers versions of the groups it depends on."""
+    v = versions()
+    return {g: v[g] for g in groups_of(task, step)}
+
+
+def changed(root: Path | None = None) -> List[str]:
+    """Groups whose sources differ from the recorded SHA-256 (the test's rule)."""
+    rec = recorded(root)
+    return [g for g in GROUPS if rec.get(g, {}).get("sha256") != source_sha256(g, root)]
+
+
+def update(bump: List[str], root: Path | None = None) -> Dict[str, dict]:
+    """Record every group's SHA-256 today; bump the numbers version of the groups in ``bump``."""
+    root = root or repo_root()
+    rec = recorded(root)
+    unknown = sorted(set(bump) - set(GROUPS))
+    if unknown:
+        raise SystemExit(f"unknown group(s) {', '.join(unknown)} (groups: {', '.join(GROUPS)})")
+    out = {}
+    for g in GROUPS:
+        version = int(rec.get(g, {}).get("version", 1)) + (1 if g in bump else 0)
+        out[g] = {"version": version, "sha256": source_sha256(g, root), "files": GROUPS[g]}
+    (root / RECORD).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nps_bench.code_versions", description=__doc__.splitlines()[0])
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--numbers-changed", nargs="+", metavar="GROUP", default=None,
+                   help="bump these groups' versions (their benchmark steps become stale)")
+    g.add_argument("--same-numbers", action="store_true",
+                   help="record today's sources; no version changes (the cached steps stay current)")
+    args = ap.parse_args(argv)
+    if args.numbers_changed is None and not args.same_numbers:
+        diff = changed()
+        v = versions()
+        for grp in GROUPS:
+            print(f"{grp:8s} version {v[grp]}  {'CHANGED since recorded' if grp in diff else 'as recorded'}")
+        return 1 if diff else 0
+    out = update(args.numbers_changed or [])
+    print(", ".join(f"{k} v{v['version']}" for k, v in out.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

