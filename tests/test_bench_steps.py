@@ -122,7 +122,12 @@ def test_run_with_a_spent_budget_exits_zero_and_says_what_is_left(tmp_path, caps
                    "--cache-dir", str(tmp_path / "steps")])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "left: vision: the whole suite" in out and "budget reached: 1 job(s) left" in out
+    # the deadline passes before the suite is built (a fresh machine), or before its first step
+    # (the quick checkpoints already built): either way nothing is computed
+    assert ("left: vision: the whole suite" in out
+            or "left: vision: pruning mnist-5k from step finetuned" in out
+            or "left: vision: pruning digits from step finetuned" in out), out
+    assert "budget reached: 1 job(s) left" in out
     assert not (tmp_path / "B.md").exists()               # nothing partial is rendered
     assert DEADLINE_ENV not in os.environ                  # the budget was this call's only
 
