@@ -28,9 +28,18 @@ DESCRIPTIONS = {
 }
 
 EPILOG = """evaluator SPECs:
-  text-classification:FILE      CSV or JSONL with columns text,label (accuracy)
-  image-classification:FILE     NPZ with arrays images,labels (accuracy)
+  text-classification:FILE      CSV/TSV or JSONL with columns text,label (accuracy)
+  image-classification:FILE     NPZ with arrays images,labels, optional mean,std (accuracy)
+  multiple-choice:FILE          causal LM: JSONL context,choices,label (summed log-likelihoods)
+  perplexity:FILE               causal LM: text paragraphs or JSONL text; exp(-mean token NLL)
+  generation:FILE               causal LM: JSONL prompt,answer; exact match of greedy output
+  lm-eval:TASK[,TASK...]        lm-evaluation-harness tasks (pip install 'nps-pruning[lm-eval]')
   python:MODULE:FUNCTION        FUNCTION(model) -> float, higher is better
+
+model inputs: a Hugging Face model folder, a .safetensors file (with --model-factory), a GGUF file
+(*.gguf, dequantized to float32) or a PEFT LoRA adapter folder (applied to PRETRAINED, or for
+nps eval to --pretrained, else to the adapter's base_model_name_or_path); converted inputs are
+cached under $NPS_INPUT_CACHE (default ~/.cache/nps-pruning/inputs).
 """
 
 
@@ -63,7 +72,10 @@ def _runner(command: str) -> Callable:
 
 
 def run_eval(opts) -> dict:
+    from .checkpoints.external import CONVERSIONS
     from .evaluation import evaluate_path
+    if opts.pretrained and (CONVERSIONS.get(str(opts.model)) or {}).get("kind") != "lora":
+        raise NPSError("--pretrained names the base of a LoRA adapter: MODEL is not an adapter folder")
     result = evaluate_path(opts.model, opts.eval, model_factory=opts.model_factory,
                            calib_size=opts.calib_size, seed=opts.seed, batch_size=opts.batch_size,
                            max_length=opts.max_length)

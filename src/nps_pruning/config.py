@@ -236,7 +236,10 @@ class InfoOptions:
 
 @dataclass
 class EvalOptions:
-    model: str = opt(None, "model folder or .safetensors file", positional=True)
+    model: str = opt(None, "model folder, .safetensors file, GGUF file or LoRA adapter folder",
+                     positional=True)
+    pretrained: Optional[str] = opt(None, "the base model (folder or GGUF file) a LoRA adapter MODEL "
+                                          "applies to (default: its base_model_name_or_path)")
     eval: str = opt(None, "evaluator SPEC", required=True)
     json: bool = opt(False, "print one JSON object with at least `score`")
     calib_size: Optional[int] = opt(None, "score a seeded random subsample of N rows", lo=1)

@@ -122,11 +122,19 @@ def make_temp_dir(parent: Path, name: str, tag: str = "tmp") -> Path:
     clean_stale_temps(parent, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{tag}-", dir=parent))
     try:
+        # mkdtemp makes it 0700; it becomes the output: give it a folder's ordinary mode
+        os.chmod(tmp, 0o777 & ~_umask())
         write_owner(tmp, "temp")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def unmark(folder: Path) -> None:

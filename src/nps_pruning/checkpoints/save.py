@@ -170,7 +170,7 @@ def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | Non
         raise NPSError(f"{p}: is a folder; expected a .safetensors file path")
     ts = _prepare(tensors)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p, mode=0o600, report_errors=True) as tmp:   # 0o600: as mkstemp made it
+    with atomic_path(p, report_errors=True) as tmp:     # 0o666 less the umask, as any file
         _write_safetensors(tmp, ts, metadata)
     return p
 

@@ -88,6 +88,6 @@ def plot_search(result_or_candidates: Any, path, title: Optional[str] = None) ->
     fig.tight_layout()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, mode=0o600) as tmp:          # 0o600: as mkstemp made it
+    with atomic_path(path) as tmp:                      # 0o666 less the umask, as any file
         fig.savefig(tmp, format="png")
     return path

@@ -1,0 +1,110 @@
+"""Issue 38 (LLM-sized inputs), the parts built so far:
+
+* item 3: outputs get a folder's and a file's ordinary modes (0777 / 0666 less the umask), not
+  the 0700 / 0600 of ``mkdtemp`` / ``mkstemp``;
+* item 4: ``--help`` lists every evaluator kind and says GGUF files and LoRA folders are
+  accepted; ``nps eval ADAPTER --pretrained BASE`` names an adapter's base, and a ``.gguf`` file
+  works as that base.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_bert
+from nps_pruning.cli import main
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def test_outputs_have_ordinary_modes(tmp_path):
+    base, ft = make_tiny_bert(tmp_path)
+    um = _umask()
+    outs = {"prune": ["prune", base, ft, "-o", tmp_path / "p", "--method", "magnitude", "--keep", "0.1"],
+            "merge": ["merge", base, ft, ft, "-o", tmp_path / "m", "--method", "task-arithmetic",
+                      "--lambda", "0.3", "--names", "a", "b"],
+            "compress": ["compress", base, ft, ft, "-o", tmp_path / "s", "--method", "magnitude",
+                         "--keep", "0.1", "--names", "a", "b"]}
+    for name, argv in outs.items():
+        assert main([str(a) for a in argv] + ["--quiet"]) == 0, name
+        out = Path(argv[argv.index("-o") + 1])
+        for p in [out, *out.rglob("*")]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            want = (0o777 if p.is_dir() else 0o666) & ~um
+            assert mode == want, (name, p, oct(mode), oct(want))
+
+
+def test_help_lists_every_evaluator_and_the_model_inputs(capsys):
+    from nps_pruning.evaluation import SPEC_KINDS
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    for kind in SPEC_KINDS:
+        assert f"  {kind}:" in text, kind
+    assert "GGUF file" in text and "LoRA adapter folder" in text and "--pretrained" in text
+
+
+LM_EVAL = '''
+import torch
+_IDS = torch.tensor([[1, 5, 7, 9, 3], [2, 6, 8, 4, 3]])
+
+def score(model):
+    return float(model(input_ids=_IDS).logits[:, -1, :4].sum())
+'''
+
+
+def test_eval_of_an_adapter_takes_its_base_from_pretrained_and_a_gguf_base_works(tmp_path, monkeypatch, capsys):
+    from test_lm_eval import _llm_tokenizer
+    from test_reliability_round3 import _write_gguf
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    tok, vocab = _llm_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    _write_gguf(model, tmp_path / "base.gguf")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.data = 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    pm.save_pretrained(tmp_path / "adapter")
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    conf["base_model_name_or_path"] = "some-org/not-here"        # a hub name: never fetched
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(conf))
+    ev = tmp_path / "ev.py"
+    ev.write_text(LM_EVAL)
+    spec = f"python:{ev}:score"
+    reference = float(pm.merge_and_unload()(input_ids=torch.tensor([[1, 5, 7, 9, 3], [2, 6, 8, 4, 3]]))
+                      .logits[:, -1, :4].sum())
+
+    assert main(["eval", str(tmp_path / "adapter"), "--eval", spec]) == 2
+    assert "needs its base model" in capsys.readouterr().err
+    scores = {}
+    for base in ("base", "base.gguf"):
+        assert main(["eval", str(tmp_path / "adapter"), "--pretrained", str(tmp_path / base),
+                     "--eval", spec, "--json"]) == 0
+        scores[base] = json.loads(capsys.readouterr().out)["score"]
+    assert scores["base"] == scores["base.gguf"]          # the F32 GGUF holds the same weights
+    assert scores["base"] == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    # --pretrained with a model that is not an adapter: one error line
+    assert main(["eval", str(tmp_path / "base"), "--pretrained", str(tmp_path / "base"), "--eval", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an adapter folder" in err[0]
