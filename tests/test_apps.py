@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_bert, write_text_csv
+from nps_pruning.checkpoints.sparse import read_task_vector
 from nps_pruning.cli import main
 
 NPS = [sys.executable, "-m", "nps_pruning.cli"]
@@ -185,7 +186,7 @@ def test_prune_magnitude_writes_base_plus_topk(fam, tmp_path):
     for name, t in got.items():
         assert torch.equal(sd[name], t), name
     # the pruned task vector: exactly k nonzeros, equal to the reference
-    tvec = load_file(out / "task_vector.safetensors")
+    tvec = read_task_vector(out / "task_vector.safetensors")
     assert set(tvec) == body
     assert sum(int(torch.count_nonzero(t)) for t in tvec.values()) == k
     assert_equal_tensors(tvec, unflat(pairs, pruned, ft_sd))
@@ -239,7 +240,7 @@ def test_prune_nps_report_model_and_repeatability(fam, tmp_path):
     ref = torch.where(mask, w32[bands.band_of.long()] * tau, torch.zeros_like(tau))
     k = round(0.1 * tau.numel())
     ft_sd = read_sd(fam["ft"])
-    tvec = load_file(a / "task_vector.safetensors")
+    tvec = read_task_vector(a / "task_vector.safetensors")
     got_tau = torch.cat([tvec[name].reshape(-1) for name, _ in pairs])
     assert int(torch.count_nonzero(got_tau)) == k
     assert torch.equal(got_tau != 0, mask)
@@ -261,7 +262,7 @@ def test_prune_dare_is_seeded(fam, tmp_path):
     one, again, other = (dare(tmp_path / "d1", 5), dare(tmp_path / "d2", 5), dare(tmp_path / "d3", 6))
     assert one == again and one != other
     pairs, _, tau = flat_tau(fam["base"], fam["ft"])
-    tvec = load_file(tmp_path / "d1" / "task_vector.safetensors")
+    tvec = read_task_vector(tmp_path / "d1" / "task_vector.safetensors")
     got = torch.cat([tvec[name].reshape(-1) for name, _ in pairs])
     k = round(0.2 * tau.numel())
     kept = got != 0

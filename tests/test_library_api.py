@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_bert, write_text_csv
+from nps_pruning.checkpoints.sparse import read_task_vector
 from nps_pruning.apps.prune import PruneOutcome, Session, prune
 from nps_pruning.apps.settings import MergeSettings, PruneSettings, SearchSettings
 from nps_pruning.cli import main
@@ -34,7 +35,7 @@ def pair(tmp_path_factory):
 
 def _cli_tau(out, session) -> torch.Tensor:
     """The written task vector, flat in the session's layout order."""
-    tv = load_file(out / "task_vector.safetensors")
+    tv = read_task_vector(out / "task_vector.safetensors")
     return torch.cat([tv[name].reshape(-1) for name in session.task_vector.layout.names])
 
 

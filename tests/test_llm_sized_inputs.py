@@ -108,3 +108,60 @@ def test_eval_of_an_adapter_takes_its_base_from_pretrained_and_a_gguf_base_works
     assert main(["eval", str(tmp_path / "base"), "--pretrained", str(tmp_path / "base"), "--eval", spec]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not an adapter folder" in err[0]
+
+
+# -- item 3: the slim τ̂ is written sparse -------------------------------------------------------------
+def test_sparse_task_vector_round_trips_bit_for_bit(tmp_path):
+    from safetensors.torch import save_file
+    from nps_pruning.checkpoints import read_task_vector, save_sparse_tensors
+    from nps_pruning.errors import NPSError
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g)
+    a[a.abs() < 1.0] = 0.0
+    a[0, 0], a[0, 1], a[0, 2] = -0.0, float("nan"), float("-inf")
+    tensors = {"a.weight": a, "b.bias": torch.zeros(3), "c": torch.randn(9, generator=g).to(torch.bfloat16),
+               "d.scalar": torch.tensor(2.5), "e.mask": torch.ones(2, 2)}     # a name ending in .mask
+    save_sparse_tensors(tmp_path / "tv.safetensors", tensors, metadata={"method": "m"})
+    back = read_task_vector(tmp_path / "tv.safetensors")
+    assert set(back) == set(tensors)
+    def bits(t):      # zeros of either sign are pruned entries and read back as +0.0
+        t = t.reshape(-1).clone()
+        t[t == 0] = 0.0
+        return t.view(torch.uint8).tolist()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape, k
+        assert back[k].reshape(-1).view(torch.uint8).tolist() == bits(t), k
+    assert not torch.signbit(back["a.weight"][0, 0]) and torch.isnan(back["a.weight"][0, 1])
+    # the docstring's snippet, without nps, reads the same
+    import nps_pruning.checkpoints.sparse as sp
+    snippet = sp.__doc__.split("::", 1)[1].split("\n\"\"\"")[0]
+    snippet = "\n".join(l[4:] for l in snippet.splitlines()).replace("OUT/task_vector.safetensors",
+                                                                     str(tmp_path / "tv.safetensors"))
+    ns: dict = {}
+    exec(snippet, ns)
+    for k, t in tensors.items():
+        assert ns["tau"][k].reshape(-1).view(torch.uint8).tolist() == bits(t), k
+    # an older, dense file reads as it is; a corrupt sparse one is one NPSError
+    save_file({"x": torch.ones(3)}, str(tmp_path / "dense.safetensors"))
+    assert torch.equal(read_task_vector(tmp_path / "dense.safetensors")["x"], torch.ones(3))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "tv.safetensors").read_bytes()[:100])
+    with pytest.raises(NPSError, match="not a readable task vector"):
+        read_task_vector(tmp_path / "cut.safetensors")
+
+
+def test_a_five_percent_prune_writes_tau_under_a_tenth_of_dense(tmp_path):
+    from nps_pruning.checkpoints import read_task_vector
+    from nps_pruning.checkpoints.save import save_tensors
+    base, ft = make_tiny_bert(tmp_path, finetune_noise=0.05)
+    out = tmp_path / "p"
+    assert main(["prune", str(base), str(ft), "-o", str(out), "--method", "magnitude", "--keep", "0.05",
+                 "--quiet"]) == 0
+    tau = read_task_vector(out / "task_vector.safetensors")
+    save_tensors(tmp_path / "dense.safetensors", tau)                       # what was written before
+    def payload(path):       # the tensor bytes (a tiny model's file is mostly its JSON header)
+        data = path.read_bytes()
+        return len(data) - 8 - int.from_bytes(data[:8], "little")
+    sparse, dense = payload(out / "task_vector.safetensors"), payload(tmp_path / "dense.safetensors")
+    assert sparse < 0.10 * dense, (sparse, dense)          # 1/32 + 0.05 of it, plus padding
+    report = json.loads((out / "report.json").read_text())
+    assert sum(int(torch.count_nonzero(t)) for t in tau.values()) == report["model"]["kept"]

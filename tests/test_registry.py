@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nps_pruning.checkpoints.sparse import read_task_vector
 from nps_pruning.cli import main
 from nps_pruning.config import (COMMANDS, MergeOptions, PruneOptions, SearchOptions, build,
                                 load_yaml_config, resolved_search_bounds)
@@ -115,7 +116,7 @@ def test_a_registered_pruner_runs_end_to_end(tiny_bert, tmp_path):
         assert main(["prune", str(base), str(ft), "-o", str(out), "--method", TOY_PRUNER,
                      "--keep", "0.5", "--quiet"]) == 0
     base_sd, ft_sd = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
-    tvec, model = load_file(out / "task_vector.safetensors"), load_file(out / "model.safetensors")
+    tvec, model = read_task_vector(out / "task_vector.safetensors"), load_file(out / "model.safetensors")
     assert len(tvec) > 5
     for key, written in tvec.items():
         tau, b = _tau(base_sd, ft_sd, key)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from nps_pruning.checkpoints.sparse import read_task_vector
 from nps_pruning.core.bands import make_bands
 from nps_pruning.core.mask import build_candidate, keep_count
 from nps_pruning.core.entries import candidate_entries
@@ -274,7 +275,7 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     assert s["examples_scored"] == sum(c["examples"] for c in s["candidates"]) > 0
     # the written τ̂ is the chosen point, exactly k entries
     from safetensors.torch import load_file
-    tv = load_file(out / "task_vector.safetensors")
+    tv = read_task_vector(out / "task_vector.safetensors")
     assert sum(int(torch.count_nonzero(t)) for t in tv.values()) <= rep["model"]["kept"]
     # label-free: agreement on a file with only a text column
     nolab = tmp_path / "nolab.csv"

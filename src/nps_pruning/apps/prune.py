@@ -312,7 +312,7 @@ def search_report(result, outcome=None) -> Dict[str, Any]:
 
 
 def run_prune(opts) -> Dict[str, Any]:
-    from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
+    from ..checkpoints import open_checkpoint, save_model_folder, save_sparse_tensors
     from ..checkpoints.save import atomic_output_dir
     t_start = time.perf_counter()
     inputs = [opts.pretrained, opts.finetuned]
@@ -363,9 +363,9 @@ def run_prune(opts) -> Dict[str, Any]:
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
         save_model_folder(tmp, pruned_tv.state_dict(base_cpu), like=open_checkpoint(opts.finetuned),
                           inputs=inputs)
-        save_tensors(tmp / "task_vector.safetensors",
-                     {k: v.contiguous() for k, v in pruned_tv.items()},
-                     metadata={"method": opts.method, "keep_ratio": str(opts.keep)})
+        # τ̂ sparse: a non-zero mask (1 bit an entry) and the kept values (checkpoints/sparse.py)
+        save_sparse_tensors(tmp / "task_vector.safetensors", dict(pruned_tv.items()),
+                            metadata={"method": opts.method, "keep_ratio": str(opts.keep)})
         write_json(tmp / "report.json", report)
         if outcome.search is not None:
             from ..report.plots import plot_search
