@@ -165,3 +165,37 @@ def test_a_five_percent_prune_writes_tau_under_a_tenth_of_dense(tmp_path):
     assert sparse < 0.10 * dense, (sparse, dense)          # 1/32 + 0.05 of it, plus padding
     report = json.loads((out / "report.json").read_text())
     assert sum(int(torch.count_nonzero(t)) for t in tau.values()) == report["model"]["kept"]
+
+
+def test_a_store_keeps_identical_side_files_once(tmp_path):
+    from nps_pruning.apps.compress import _manifest_sha256, read_store
+    from nps_pruning.errors import NPSError
+    base, ft = make_tiny_bert(tmp_path)
+    store = tmp_path / "s"
+    assert main(["compress", str(base), str(ft), str(ft), str(ft), "-o", str(store), "--method",
+                 "magnitude", "--keep", "0.1", "--names", "a", "b", "c", "--quiet"]) == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    sides = [t["side_files"] for t in manifest["tasks"]]
+    assert sides[0] and sides[0] == sides[1] == sides[2]           # the same parts, referenced thrice
+    on_disk = sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
+    assert len([p for p in on_disk if p.startswith("side/")]) == len(sides[0])
+    assert not [p for p in on_disk if "/side/" in p]
+    for name in ("a", "c"):
+        out = tmp_path / f"r-{name}"
+        assert main(["restore", str(store), name, "-o", str(out)]) == 0
+        for fname in sides[0]:
+            assert (out / fname).read_bytes() == (ft / fname).read_bytes(), fname
+    # sharing is for side files with one size and checksum only
+    bad = json.loads(json.dumps(manifest))
+    fname = next(iter(bad["tasks"][1]["side_files"]))
+    bad["tasks"][1]["side_files"][fname]["sha256"] = "0" * 64
+    bad["manifest_sha256"] = _manifest_sha256(bad)
+    (store / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(NPSError, match="two parts name the same file"):
+        read_store(store)
+    bad = json.loads(json.dumps(manifest))
+    bad["tasks"][1]["parts"]["buffers"] = dict(bad["tasks"][0]["parts"]["buffers"])
+    bad["manifest_sha256"] = _manifest_sha256(bad)
+    (store / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(NPSError, match="two parts name the same file"):
+        read_store(store)

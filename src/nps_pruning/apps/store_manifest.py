@@ -177,8 +177,16 @@ def check_manifest(store: Path, manifest: Any, where: str, *, value_dtypes, codi
     if len(set(task_names)) != len(task_names):
         _malformed(where, "task names are not unique")
     files = [part["file"] for part, _ in all_parts(manifest)]
-    if len(set(files)) != len(files) or "manifest.json" in files:
+    if "manifest.json" in files:
         _malformed(where, "two parts name the same file")
+    side_parts = [p for e in tasks for p in e["side_files"].values()]
+    for f in {f for f in files if files.count(f) > 1}:
+        # only a side file may be shared (content-addressed, kept once), and only when every
+        # reference records the same size and checksum
+        refs = [p for p, _ in all_parts(manifest) if p["file"] == f]
+        if (not all(any(r is s for s in side_parts) for r in refs)
+                or len({(r["bytes"], r["sha256"]) for r in refs}) != 1):
+            _malformed(where, "two parts name the same file")
 
 
 def all_parts(manifest: dict) -> Iterator[Tuple[dict, str]]:

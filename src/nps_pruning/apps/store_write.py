@@ -148,7 +148,7 @@ def _values_part(values: torch.Tensor, mask: torch.Tensor, layout: Layout, codin
 
 
 def _write_task(root: Path, index: int, task: StoreTask, layout: Layout, values_dtype: str,
-                mask_coding: str) -> dict:
+                mask_coding: str, shared: Optional[Dict[str, dict]] = None) -> dict:
     folder = f"tasks/{index:03d}"
     num = layout.numel
     values = task.pruned_values.detach().cpu()
@@ -170,8 +170,14 @@ def _write_task(root: Path, index: int, task: StoreTask, layout: Layout, values_
         "buffers": _write_part(root, f"{folder}/buffers.safetensors", _tensor_bytes(task.buffers)),
     }
     side = {}
-    for j, (fname, data) in enumerate(sorted(task.side_files.items())):
-        side[fname] = _write_part(root, f"{folder}/side/{j:03d}", bytes(data))
+    shared = {} if shared is None else shared
+    for fname, data in sorted(task.side_files.items()):
+        # side files are content-addressed and kept once per store (every task of one model
+        # family carries the same tokenizer: tens of MB once, not once per task)
+        digest = _sha256(bytes(data))
+        if digest not in shared:
+            shared[digest] = _write_part(root, f"side/{digest[:32]}", bytes(data))
+        side[fname] = dict(shared[digest])
     return {"name": task.name, "kept": kept, "keep_ratio": kept / num,
             "mask_sha256": _mask_sha256(mask.numpy()), **values_fields,
             "value_dtype": values_dtype, "mask_coding": mask_coding, "parts": parts,
@@ -196,6 +202,7 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
     _validate(base_flat, layout, tasks, values_dtype, mask_coding)
     _check_destination(store_dir)
     num = layout.numel
+    shared_side: Dict[str, dict] = {}          # side files kept once: sha256 -> part
     with staging_dir(store_dir) as tmp:
         pretrained = {"embedded": bool(embed_pretrained), "sha256": flat_sha256(base_flat),
                       "ref": pretrained_ref, "part": None}
@@ -209,7 +216,7 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
                        "dtypes": [torch_name(d) for d in layout.dtypes]},
             "base_names": dict(base_names or {}),
             "pretrained": pretrained,
-            "tasks": [_write_task(tmp, i, task, layout, values_dtype, mask_coding)
+            "tasks": [_write_task(tmp, i, task, layout, values_dtype, mask_coding, shared_side)
                       for i, task in enumerate(tasks)],
         }
         manifest["manifest_sha256"] = _manifest_sha256(manifest)
