@@ -124,9 +124,8 @@ def test_run_with_a_spent_budget_exits_zero_and_says_what_is_left(tmp_path, caps
     assert rc == 0
     # the deadline passes before the suite is built (a fresh machine), or before its first step
     # (the quick checkpoints already built): either way nothing is computed
-    assert ("left: vision: the whole suite" in out
-            or "left: vision: pruning mnist-5k from step finetuned" in out
-            or "left: vision: pruning digits from step finetuned" in out), out
+    import re
+    assert re.search(r"left: vision: (the whole suite|pruning [a-z0-9-]+ from step finetuned)", out), out
     assert "budget reached: 1 job(s) left" in out
     assert not (tmp_path / "B.md").exists()               # nothing partial is rendered
     assert DEADLINE_ENV not in os.environ                  # the budget was this call's only

@@ -199,3 +199,40 @@ def test_a_store_keeps_identical_side_files_once(tmp_path):
     (store / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(NPSError, match="two parts name the same file"):
         read_store(store)
+
+
+# -- issue 34 item 4: every model folder nps writes has a model card --------------------------------
+def test_every_written_model_folder_has_a_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+    base, ft = make_tiny_bert(tmp_path)
+    (ft / "README.md").write_text("---\nbase_model: someone/else\n---\n# the fine-tuned model's card\n")
+    csv = tmp_path / "calib.csv"
+    from conftest import write_text_csv
+    write_text_csv(csv, rows=16)
+    runs = [
+        ("pruned", ["prune", base, ft, "-o", tmp_path / "p", "--method", "magnitude", "--keep", "0.1",
+                    "--test", f"text-classification:{csv}"], [tmp_path / "p"]),
+        ("merged", ["merge", base, ft, ft, "-o", tmp_path / "m", "--method", "ties", "--lambda", "0.5",
+                    "--names", "a", "b"], [tmp_path / "m" / "a", tmp_path / "m" / "b"]),
+        ("transferred", ["transfer", base, ft, "-o", tmp_path / "t", "--method", "magnitude", "--keep", "0.1",
+                         "--eval-source", f"text-classification:{csv}",
+                         "--eval-target", f"text-classification:{csv}", "--lambdas", "0.5", "1.0"],
+         [tmp_path / "t"]),
+        ("restored", None, [tmp_path / "r"]),
+    ]
+    assert main([str(a) for a in ["compress", base, ft, ft, "-o", tmp_path / "s", "--method", "magnitude",
+                                  "--keep", "0.1", "--names", "a", "b", "--quiet"]]) == 0
+    for kind, argv, folders in runs:
+        if argv is None:
+            assert main(["restore", str(tmp_path / "s"), "a", "-o", str(tmp_path / "r")]) == 0
+        else:
+            assert main([str(a) for a in argv] + ["--quiet"]) == 0, kind
+        for folder in folders:
+            card = ModelCard.load(folder / "README.md")
+            assert card.data.library_name == "transformers", folder
+            assert "nps-pruning" in card.data.tags and kind in card.data.tags, (folder, card.data.tags)
+            assert card.data.base_model == "base", (folder, card.data.base_model)   # not the copied card's
+            assert "the fine-tuned model's card" not in card.text
+            assert type(transformers.AutoModel.from_pretrained(folder)).__name__.startswith("Bert")
+    pruned = ModelCard.load(tmp_path / "p" / "README.md")
+    assert "| finetuned |" in pruned.text and "| magnitude |" in pruned.text      # the test scores

@@ -308,11 +308,19 @@ def run_merge(opts) -> Dict[str, Any]:
         first = sessions[0].task_vector.with_values(merged)
         save_tensors(tmp / "merged_task_vector.safetensors", {k: v.contiguous() for k, v in first.items()},
                      metadata={"method": opts.method})
+        from ..report.model_card import write_model_card
+        from .prune import _given
         for s, name in zip(sessions, names):
             tv = s.task_vector.with_values(merged)
-            save_model_folder(safe_child(tmp, name, what="--names", reserved=MERGE_OUTPUT_FILES),
-                              tv.state_dict(base_cpu), like=open_checkpoint(s.finetuned),
+            folder = safe_child(tmp, name, what="--names", reserved=MERGE_OUTPUT_FILES)
+            save_model_folder(folder, tv.state_dict(base_cpu), like=open_checkpoint(s.finetuned),
                               inputs=inputs)
+            write_model_card(folder, kind="merged", name=name, pretrained=_given(opts, "pretrained"),
+                             method=opts.method, keep=opts.keep if opts.method != "average" else None,
+                             settings={"lambdas": report.get("lambdas"), "seed": opts.seed},
+                             calibration={k: v for k, v in (report.get("calibration") or {}).items()},
+                             test={k: v for k, v in (report.get("test") or {}).items()},
+                             extra_tags=["merge"], note=f"Merged tasks: {', '.join(names)}.")
         write_json(tmp / "report.json", report)
     from ..workdirs import release_work_dir
     release_work_dir(wd)

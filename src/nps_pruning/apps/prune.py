@@ -311,6 +311,14 @@ def search_report(result, outcome=None) -> Dict[str, Any]:
             "seconds": result.seconds}
 
 
+def _given(opts, field: str) -> str:
+    """The input as the user gave it (a GGUF file or LoRA adapter, not its converted folder)."""
+    from ..checkpoints.external import CONVERSIONS
+    value = str(getattr(opts, field))
+    conv = CONVERSIONS.get(value) or {}
+    return conv.get("file") or conv.get("adapter") or value
+
+
 def run_prune(opts) -> Dict[str, Any]:
     from ..checkpoints import open_checkpoint, save_model_folder, save_sparse_tensors
     from ..checkpoints.save import atomic_output_dir
@@ -367,6 +375,12 @@ def run_prune(opts) -> Dict[str, Any]:
         save_sparse_tensors(tmp / "task_vector.safetensors", dict(pruned_tv.items()),
                             metadata={"method": opts.method, "keep_ratio": str(opts.keep)})
         write_json(tmp / "report.json", report)
+        from ..report.model_card import write_model_card
+        write_model_card(tmp, kind="pruned", name=Path(opts.output).name, pretrained=_given(opts, "pretrained"),
+                         method=opts.method, keep=opts.keep,
+                         settings={"bands": opts.bands, "space": opts.space, "fitness": opts.fitness,
+                                   "seed": opts.seed} if opts.method == "nps" else {"seed": opts.seed},
+                         calibration=report["calibration"], test=report["test"])
         if outcome.search is not None:
             from ..report.plots import plot_search
             plot_search(outcome.search, tmp / "search.png",

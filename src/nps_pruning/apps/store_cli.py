@@ -152,6 +152,13 @@ def run_restore(opts) -> Dict[str, Any]:
                                "replace a file of the restored model")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+        from ..report.model_card import write_model_card
+        entry = next(t for t in store.manifest["tasks"] if t["name"] == opts.task)
+        write_model_card(tmp, kind="restored", name=opts.task,
+                         pretrained=opts.pretrained or store.pretrained.get("ref"),
+                         method=str((entry.get("meta") or {}).get("method", "nps store")),
+                         keep=entry.get("keep_ratio"),
+                         note=f"Restored from the store {Path(opts.store).name} (task {opts.task!r}).")
     print(f"restored task {opts.task!r} to {opts.output}")
     return {"task": opts.task, "output": opts.output}
 

@@ -7,6 +7,7 @@ source score a and the target score b on calibration data.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -116,6 +117,14 @@ def run_transfer(opts) -> Dict[str, Any]:
         save_model_folder(tmp, final.state_dict(session.base_flat.cpu()),
                           like=open_checkpoint(opts.finetuned), inputs=inputs)
         write_json(tmp / "report.json", report)
+        from ..report.model_card import write_model_card
+        from .prune import _given
+        write_model_card(tmp, kind="transferred", name=Path(opts.output).name,
+                         pretrained=_given(opts, "pretrained"), method=opts.method,
+                         keep=opts.keep if opts.method != "none" else None,
+                         settings={"lam": res["lambda"], "seed": opts.seed},
+                         calibration={f"{k}": v for k, v in (res.get("calibration") or {}).items()
+                                      if isinstance(v, (int, float))})
         if outcome is not None and outcome.search is not None:
             from ..report.plots import plot_search
             plot_search(outcome.search, tmp / "search.png", title=f"NPS search for transfer: {tv.name}")
