@@ -236,3 +236,46 @@ def test_every_written_model_folder_has_a_model_card(tmp_path):
             assert type(transformers.AutoModel.from_pretrained(folder)).__name__.startswith("Bert")
     pruned = ModelCard.load(tmp_path / "p" / "README.md")
     assert "| finetuned |" in pruned.text and "| magnitude |" in pruned.text      # the test scores
+
+
+# -- issue 34 item 3: Hugging Face Hub ids as inputs ------------------------------------------------
+def _hub_cache(root: Path, repo: str, folder: Path, commit: str = "a" * 40) -> Path:
+    """The layout huggingface_hub keeps: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    d = root / ("models--" + repo.replace("/", "--"))
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, d / "snapshots" / commit)
+    return d / "snapshots" / commit
+
+
+def test_hub_ids_resolve_from_the_cache_offline(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hc
+    base, ft = make_tiny_bert(tmp_path / "local")
+    hub = tmp_path / "hub"
+    _hub_cache(hub, "tiny-org/tiny-base", base)
+    _hub_cache(hub, "tiny-org/tiny-ft", ft, commit="b" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "p"
+    assert main(["prune", "tiny-org/tiny-base", "tiny-org/tiny-ft@" + "b" * 40, "-o", str(out),
+                 "--method", "magnitude", "--keep", "0.1", "--quiet"]) == 0
+    ref = tmp_path / "ref"
+    assert main(["prune", str(base), str(ft), "-o", str(ref), "--method", "magnitude", "--keep", "0.1",
+                 "--quiet"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert {v.get("hub_id") for v in report["inputs"].values()} == {"tiny-org/tiny-base",
+                                                                     "tiny-org/tiny-ft@" + "b" * 40}
+    from huggingface_hub import ModelCard
+    assert ModelCard.load(out / "README.md").data.base_model == "tiny-org/tiny-base"
+    # a local folder of the same name wins over the Hub
+    (tmp_path / "tiny-org").mkdir()
+    shutil.copytree(ft, tmp_path / "tiny-org" / "tiny-ft")
+    from nps_pruning.checkpoints.external import resolve_input
+    assert resolve_input("tiny-org/tiny-ft") == "tiny-org/tiny-ft"
+    # an id that cannot be resolved offline: one line
+    capsys.readouterr()
+    assert main(["eval", "tiny-org/nowhere", "--eval", "python:x.py:f"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tiny-org/nowhere: not a local path, and the Hub id cannot be resolved" in err[0]

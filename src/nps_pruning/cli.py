@@ -36,10 +36,12 @@ EPILOG = """evaluator SPECs:
   lm-eval:TASK[,TASK...]        lm-evaluation-harness tasks (pip install 'nps-pruning[lm-eval]')
   python:MODULE:FUNCTION        FUNCTION(model) -> float, higher is better
 
-model inputs: a Hugging Face model folder, a .safetensors file (with --model-factory), a GGUF file
-(*.gguf, dequantized to float32) or a PEFT LoRA adapter folder (applied to PRETRAINED, or for
-nps eval to --pretrained, else to the adapter's base_model_name_or_path); converted inputs are
-cached under $NPS_INPUT_CACHE (default ~/.cache/nps-pruning/inputs).
+model inputs: a Hugging Face model folder, a Hub id org/name[@revision] (through huggingface_hub's
+cache; HF_HUB_OFFLINE=1 uses the cache only; a local path of that name wins), a .safetensors file
+(with --model-factory), a GGUF file (*.gguf, dequantized to float32) or a PEFT LoRA adapter
+folder (applied to PRETRAINED, or for nps eval to --pretrained, else to the adapter's
+base_model_name_or_path); converted inputs are cached under $NPS_INPUT_CACHE (default
+~/.cache/nps-pruning/inputs).
 """
 
 

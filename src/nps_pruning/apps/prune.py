@@ -316,7 +316,7 @@ def _given(opts, field: str) -> str:
     from ..checkpoints.external import CONVERSIONS
     value = str(getattr(opts, field))
     conv = CONVERSIONS.get(value) or {}
-    return conv.get("file") or conv.get("adapter") or value
+    return conv.get("hub_id") or conv.get("file") or conv.get("adapter") or value
 
 
 def run_prune(opts) -> Dict[str, Any]:

@@ -70,10 +70,38 @@ def is_lora_folder(path: Path) -> bool:
 CONVERSIONS: Dict[str, dict] = {}
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,100})?$")
+
+
+def hub_snapshot(spec: str) -> Path:
+    """The local snapshot folder of a Hugging Face Hub id ``org/name`` or ``org/name@revision``,
+    through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE`` and token as the ecosystem does);
+    anything it cannot resolve is one NPSError line."""
+    repo, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise NPSError(f"{spec}: a Hub model id needs the huggingface_hub package") from None
+    try:
+        with _quiet_transformers():
+            return Path(snapshot_download(repo, revision=revision or None))
+    except Exception as exc:      # offline and not cached, unknown repo, no network, ...
+        msg = " ".join(str(exc).split())[:200]
+        raise NPSError(f"{spec}: not a local path, and the Hub id cannot be resolved "
+                       f"({type(exc).__name__}: {msg})") from None
+
+
 def resolve_input(path, *, base=None, cache_dir=None) -> str:
     """``path`` itself, or for a GGUF file / LoRA adapter folder the model folder it converts to
-    (``base``: the pre-trained model a LoRA adapter applies to)."""
+    (``base``: the pre-trained model a LoRA adapter applies to), or for a Hugging Face Hub id
+    (``org/name[@revision]``, when no local path of that name exists) its snapshot folder."""
     p = Path(path).expanduser()
+    if not p.exists() and HUB_ID.match(str(path)):
+        snap = hub_snapshot(str(path))
+        out = resolve_input(snap, base=base, cache_dir=cache_dir)
+        CONVERSIONS[out] = {**CONVERSIONS.get(out, {}), "hub_id": str(path), "snapshot": str(snap)}
+        CONVERSIONS[out].setdefault("kind", "hub")
+        return out
     if p.is_file() and p.suffix.lower() == ".gguf":
         out = str(gguf_to_folder(p, cache_dir=cache_dir))
         CONVERSIONS[out] = {"kind": "gguf", "file": str(p.absolute())}
