@@ -279,3 +279,24 @@ def test_hub_ids_resolve_from_the_cache_offline(tmp_path, monkeypatch, capsys):
     assert main(["eval", "tiny-org/nowhere", "--eval", "python:x.py:f"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tiny-org/nowhere: not a local path, and the Hub id cannot be resolved" in err[0]
+
+
+# -- issue 38 item 2 (part): a merge holds θ_pre once and reports its peak memory -------------------
+def test_merge_sessions_share_one_pretrained_copy(tmp_path):
+    from nps_pruning.apps.merge import share_base
+    from nps_pruning.apps.prune import Session
+    base, ft = make_tiny_bert(tmp_path / "a")
+    _, ft2 = make_tiny_bert(tmp_path / "b", seed=0, finetune_noise=0.03)       # same base (seed 0)
+    other_base, other_ft = make_tiny_bert(tmp_path / "c", seed=5)
+    s = [Session.load(str(base), str(ft), need_model=False)]
+    s.append(Session.load(str(base), str(ft2), need_model=False))
+    share_base(s)
+    assert s[1].base_flat is s[0].base_flat
+    s.append(Session.load(str(other_base), str(other_ft), need_model=False))
+    share_base(s)                                                  # another base: never shared
+    assert s[2].base_flat is not s[0].base_flat
+    out = tmp_path / "m"
+    assert main(["merge", str(base), str(ft), str(ft2), "-o", str(out), "--method", "task-arithmetic",
+                 "--lambda", "0.4", "--names", "x", "y", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["memory"]["peak_rss_bytes"] > 0

@@ -21,7 +21,7 @@ import torch
 from ..checkpoints.external import input_sources
 from ..errors import NPSError
 from ..paths import check_name, safe_child
-from ..report.report import now_iso, versions, write_json
+from ..report.report import now_iso, peak_rss_bytes, versions, write_json
 from ..search.grid import grid_search
 from ..task_vector import stack_values
 from .prune import Session, prepare_work_dir, prune_task, search_report
@@ -199,6 +199,20 @@ def _check_merge_options(opts) -> None:
         raise NPSError("--joint-generations searches the λ_i: do not fix --lambda")
 
 
+def share_base(sessions: Sequence[Session]) -> None:
+    """Let the last session use the first one's θ_pre when both read the same pre-trained model
+    in the same layout (a merge's tasks always do): the copy it loaded is freed, so a merge of N
+    tasks holds θ_pre once. Compared value for value, so a different base is never shared."""
+    first, last = sessions[0], sessions[-1]
+    if last is first or first.base_flat is None or last.base_flat is None:
+        return
+    if (last.pretrained == first.pretrained and last.task_vector.layout == first.task_vector.layout
+            and last.base_flat.dtype == first.base_flat.dtype
+            and last.base_flat.device == first.base_flat.device
+            and torch.equal(last.base_flat, first.base_flat)):
+        last.base_flat = first.base_flat
+
+
 def check_finite_model(base: torch.Tensor, tau: torch.Tensor, what: str,
                        chunk: int = 1 << 24) -> None:
     """Refuse to write θ_pre + τ when an entry is NaN or infinite (an overflowing λ, say): such a
@@ -239,11 +253,13 @@ def run_merge(opts) -> Dict[str, Any]:
     inputs = [opts.pretrained, *opts.finetuned]
     wd = prepare_work_dir(opts.output, opts.resume, inputs, searches=opts.method == "nps")
     need_model = bool(opts.eval or opts.test)
-    sessions = [Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
-                             allow_shape_mismatch=opts.allow_shape_mismatch,
-                           running_stats=opts.running_stats, need_model=need_model,
-                             device=opts.device)
-                for ft, name in zip(opts.finetuned, names)]
+    sessions = []
+    for ft, name in zip(opts.finetuned, names):
+        sessions.append(Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
+                                     allow_shape_mismatch=opts.allow_shape_mismatch,
+                                     running_stats=opts.running_stats, need_model=need_model,
+                                     device=opts.device))
+        share_base(sessions)          # one θ_pre for all tasks, not one copy per task
     taus = stack_values([s.task_vector for s in sessions])
     merge_settings = MergeSettings.from_options(opts)
     ev_kw = {"seed": opts.seed, "batch_size": opts.batch_size, "max_length": opts.max_length}
@@ -301,6 +317,7 @@ def run_merge(opts) -> Dict[str, Any]:
         report["test_finetuned"] = {n: s.score(ev, s.task_vector.values)
                                     for n, s, ev in zip(names, sessions, tests)}
     report["timings"] = {"total_s": time.perf_counter() - t0}
+    report["memory"] = {"peak_rss_bytes": peak_rss_bytes()}     # the whole merge, before writing
     merged = merged.cpu()
     base_cpu = sessions[0].base_flat.cpu()
     check_finite_model(base_cpu, merged, f"the merged model (λ = {report.get('lambdas')})")
