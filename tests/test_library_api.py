@@ -182,3 +182,18 @@ def test_no_library_function_takes_an_options_object():
     for fn in (prune, Session.evaluator, Session.search_evaluators):
         assert all(p.kind is not p.POSITIONAL_OR_KEYWORD for n, p in inspect.signature(fn).parameters.items()
                    if n not in ("self", "session", "method", "spec"))
+
+
+def test_the_main_api_is_importable_from_the_package():
+    """Issue 33: the public face — the main API from ``nps_pruning`` itself (loaded lazily),
+    the very objects the submodules define."""
+    import nps_pruning
+    from nps_pruning.apps.prune import prune
+    from nps_pruning.apps.session import Session
+    from nps_pruning.apps.compress import write_store
+    assert nps_pruning.prune is prune and nps_pruning.Session is Session
+    assert nps_pruning.write_store is write_store
+    for name in nps_pruning.__all__:
+        assert getattr(nps_pruning, name) is not None, name
+    with pytest.raises(AttributeError):
+        nps_pruning.not_a_name
