@@ -556,6 +556,9 @@ def _main(argv=None) -> int:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, default=float))
     write_section(Path(args.out), render(results, figures))
+    if results_path == REPO / "benchmarks" / "results" / "wins.json":
+        from .readme_table import update
+        update(REPO / "README.md", results)       # the README's results table, from these results
     return 0
 
 
