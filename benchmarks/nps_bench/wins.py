@@ -267,6 +267,16 @@ def summarize(rows_by_task: Dict[str, List[dict]]) -> Dict[str, Dict[float, Tupl
     return res
 
 
+def _checkpoint_line(data: dict) -> str:
+    """The fine-tuned checkpoints these rows ran on (their tensors' SHA-256, first 12 hex digits,
+    as the run recorded them)."""
+    digests = data.get("checkpoints") or {}
+    if not any(digests.values()):
+        return " Checkpoint digests: not recorded by this run (older than the step keys)."
+    return (" Fine-tuned checkpoints (tensor SHA-256, first 12): "
+            + ", ".join(f"{t} `{(d or '?')[:12]}`" for t, d in digests.items()) + ".")
+
+
 def render(results: dict, figures: Path) -> str:
     lines = [START, "## NPS that wins: the shipped default against magnitude and DARE", "",
              f"Written by `make bench-wins` (`python -m nps_bench.wins`) at commit "
@@ -293,7 +303,8 @@ def render(results: dict, figures: Path) -> str:
                   + (f" Calibration: every method here sees the same seeded {data['calib_cap']} of "
                      f"the task's calibration rows (`--calib-size {data['calib_cap']}`: the default "
                      "search's 25% hold-out comes out of them), not all of them: a SmolLM2 forward "
-                     "pass costs ~40× MiniLM's." if data.get("calib_cap") else ""), ""]
+                     "pass costs ~40× MiniLM's." if data.get("calib_cap") else "")
+                  + _checkpoint_line(data), ""]
         keeps = sorted({k for m in summ.values() for k in m if k < 1.0})
         head = "| method | " + " | ".join(f"r = {k:g}" for k in keeps) + " |"
         lines += [head, "|---" * (len(keeps) + 1) + "|"]
@@ -536,6 +547,7 @@ def _main(argv=None) -> int:
             continue
         model = SUITE_MODELS.get(suite_name, suite_name)
         results["suites"][suite_name] = {"model": model, "commit": commit, "date": results["date"],
+                                         "checkpoints": {t["name"]: t.get("weights") for t in tasks},
                                          "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)},
                                          **({"calib_cap": cfg.suite_calib_size[suite_name]}
                                             if suite_name in cfg.suite_calib_size else {})}
