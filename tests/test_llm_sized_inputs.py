@@ -55,7 +55,9 @@ def test_help_lists_every_evaluator_and_the_model_inputs(capsys):
     text = capsys.readouterr().out
     for kind in SPEC_KINDS:
         assert f"  {kind}:" in text, kind
-    assert "GGUF file" in text and "LoRA adapter folder" in text and "--pretrained" in text
+    flat = " ".join(text.split())                     # argparse wraps the help text
+    assert "GGUF file" in flat and "LoRA adapter folder" in flat and "--pretrained" in flat
+    assert "Hub id org/name[@revision]" in flat
 
 
 LM_EVAL = '''

@@ -215,7 +215,7 @@ def test_bad_lora_adapters_are_one_error_line(lora, tmp_path, monkeypatch, capsy
 
 
 def test_a_pathological_pattern_is_refused_in_bounded_time(monkeypatch):
-    import nps_pruning.checkpoints.external as ext
+    import nps_pruning.checkpoints.lora as ext
     monkeypatch.setattr(ext, "PATTERN_TIMEOUT_S", 0.2)
     t0 = time.monotonic()
     with pytest.raises(NPSError, match="pathological"):
