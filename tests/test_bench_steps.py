@@ -166,3 +166,29 @@ def test_quick_fine_tunes_rebuild_bit_for_bit(tmp_path, suite, task):
     assert a.tasks[0].weights == b.tasks[0].weights and len(a.tasks[0].weights) == 64
     assert a.tasks[0].key == b.tasks[0].key
     assert a.tasks[0].weights[:12] in a.table()
+
+
+def test_bench_status_tells_current_stale_and_missing(tmp_path, monkeypatch):
+    from nps_bench import status
+    steps, results = tmp_path / "steps", tmp_path / "results"
+    results.mkdir()
+    (results / "text.json").write_text(json.dumps({
+        "run": {"commit": "abc1234"},
+        "suite": {"tasks": [{"name": "rt-plot", "weights": "w" * 64}, {"name": "news-outlet", "weights": "n" * 64}]},
+        "timings": {"jobs": {"pruning/news-outlet": {"seconds": 600.0}, "fusion/_all": {"seconds": 60.0}}}}))
+    cache = ResultCache(steps)
+    cache.step("text", "rt-plot", "prune-dare-r0.05", {"weights": "w" * 64}, lambda: {"test": 0.5})
+    cache.step("text", "rt-plot", "prune-magnitude-r0.05", {"weights": "x" * 64}, lambda: {"test": 0.4})
+    v = cv.versions()
+    monkeypatch.setattr(cv, "_VERSIONS", {**v, "search": v["search"] + 1})
+    cache.step("text", "rt-plot", "prune-nps-focused-r0.05", {"weights": "w" * 64}, lambda: {"test": 0.6})
+    monkeypatch.setattr(cv, "_VERSIONS", v)                 # today's code: search went back one
+    st = status.suite_status("text", steps, results)
+    rt = st["tasks"]["rt-plot"]["steps"]
+    assert rt["prune-dare-r0.05"]["state"] == "current"
+    assert rt["prune-magnitude-r0.05"]["state"].startswith("stale: checkpoint xxxxxxxx")
+    assert "search v" in rt["prune-nps-focused-r0.05"]["state"]
+    assert st["tasks"]["news-outlet"]["steps"] == {} and st["tasks"]["news-outlet"]["minutes_needed"] == 10.0
+    assert "_all" not in st["tasks"]
+    text = status.render([st])
+    assert "news-outlet" in text and "missing: no step files" in text and "1 current" in text

@@ -47,7 +47,10 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path) -> Dict:
     for p in sorted(sdir.glob("*/*.json")) if sdir.is_dir() else ():
         files[p.parent.name].append(p)
     out = {"suite": suite, "commit": (res.get("run") or {}).get("commit"), "tasks": {}}
-    for task in sorted(set(tasks) | set(files) | {j.split("/", 1)[1] for j in jobs if "/" in j}):
+    # job timings are keyed kind/task; a suite's shared jobs ("fusion/_all", ...) keep their steps
+    # in the _fusion / _compression / _merge_aware folders, listed from the files themselves
+    job_tasks = {j.split("/", 1)[1] for j in jobs if "/" in j} - {"_all"}
+    for task in sorted(set(tasks) | set(files) | job_tasks):
         newest: Dict[str, dict] = {}
         for p in files.get(task, []):
             try:
