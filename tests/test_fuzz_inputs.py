@@ -139,21 +139,7 @@ def test_fuzz_csv_files(world, tmp_path_factory, capsys, header, rows, suffix):
 
 
 # -- image data -------------------------------------------------------------------------------------
-NET_PY = '''
-import torch
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
-        self.head = torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-def build(state_dict):
-    return Net()
-'''
+from test_reliability_inputs import NET_PY  # noqa: E402  (the tiny conv net and its factory)
 
 
 @pytest.fixture(scope="module")

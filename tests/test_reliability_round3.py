@@ -248,7 +248,7 @@ def _text(tmp_path: Path) -> Path:
 gguf = pytest.importorskip("gguf")
 
 
-def _write_gguf(model, path, rename=None):
+def _write_gguf(model, path, rename=None, extra=None):
     from test_external_inputs import gguf_tensors
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -260,6 +260,8 @@ def _write_gguf(model, path, rename=None):
     w.add_vocab_size(c.vocab_size)
     for _, name, arr, _ in gguf_tensors(model):
         w.add_tensor(rename.get(name, name) if rename else name, arr)
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return path
 
@@ -286,20 +288,8 @@ def test_a_gguf_file_with_tensors_missing_is_refused_and_not_cached(lora, tmp_pa
         bad.write_bytes(bytes(data))
         expect = "not in the file"
     else:                                              # a tensor transformers has no name for
-        from test_external_inputs import gguf_tensors
-        bad = tmp_path / "bad.gguf"
-        c = model.config
-        w = gguf.GGUFWriter(str(bad), "llama")
-        w.add_context_length(c.max_position_embeddings); w.add_embedding_length(c.hidden_size)
-        w.add_block_count(c.num_hidden_layers); w.add_feed_forward_length(c.intermediate_size)
-        w.add_head_count(c.num_attention_heads); w.add_head_count_kv(c.num_key_value_heads)
-        w.add_layer_norm_rms_eps(c.rms_norm_eps)
-        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-        w.add_vocab_size(c.vocab_size)
-        for _, name, arr, _ in gguf_tensors(model):
-            w.add_tensor(name, arr)
-        w.add_tensor("blk.0.attn_Zed.weight", torch.ones(4, 4).numpy())
-        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        bad = _write_gguf(model, tmp_path / "bad.gguf",
+                          extra={"blk.0.attn_Zed.weight": torch.ones(4, 4).numpy()})
         expect = "unrecognised tensor"
     assert main(["eval", str(bad), "--eval", "perplexity:" + str(_text(tmp_path))]) == 2
     one_error_line(capsys, "bad.gguf", expect)
@@ -454,21 +444,7 @@ def test_a_marker_of_a_dead_or_recycled_process_is_not_live():
 
 
 # -- MEDIUM 6: non-finite data and results ----------------------------------------------------------
-NET_PY = '''
-import torch
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
-        self.head = torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-def build(state_dict):
-    return Net()
-'''
+from test_reliability_inputs import NET_PY  # noqa: E402  (the tiny conv net and its factory)
 
 
 @pytest.mark.parametrize("what", ["pixels", "mean", "std"])

@@ -63,6 +63,35 @@ class BudgetReached(Exception):
         return f"budget reached before {self.suite}/{self.task}/{self.step} ({est})"
 
 
+def set_budget(minutes: Optional[float]) -> bool:
+    """``--budget MINUTES``: set the deadline steps check (:meth:`ResultCache.check_budget`);
+    False (nothing set) for a budget that is not a positive number of minutes."""
+    if minutes is None:
+        return True
+    if not minutes > 0:
+        return False
+    os.environ[DEADLINE_ENV] = str(time.time() + 60.0 * minutes)
+    return True
+
+
+def restores_deadline(command: Callable) -> Callable:
+    """A command whose ``--budget`` deadline holds for its call only (the environment is
+    restored after it, so an in-process caller keeps no deadline)."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):
+        before = os.environ.get(DEADLINE_ENV)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop(DEADLINE_ENV, None)
+            else:
+                os.environ[DEADLINE_ENV] = before
+    return wrapped
+
+
 _COMMIT: list = []
 
 

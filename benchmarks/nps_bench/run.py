@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional
 
 from nps_pruning.atomic import atomic_write_text
 from . import experiments as ex
+from .cache import restores_deadline, set_budget
 from .paths import git_output, repo_root
 
 REPO = repo_root()
@@ -335,7 +336,8 @@ def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
     return out_md
 
 
-def _main(argv: Optional[List[str]] = None) -> int:
+@restores_deadline
+def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default="text,vision,vit,llm,llm-lora",
                     help="comma-separated: text,vision,vit,llm,llm-lora")
@@ -390,11 +392,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     cache_root = (Path(args.cache_dir) if args.cache_dir
                   else ex.default_results_cache("quick" if args.quick else "full"))
-    if args.budget is not None:
-        if not args.budget > 0:
-            print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
-            return 2
-        os.environ[ex.DEADLINE_ENV] = str(time.time() + 60.0 * args.budget)
+    if not set_budget(args.budget):
+        print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
+        return 2
     command = "python -m nps_bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.render_only:
         results = load_results(results_dir)
@@ -421,19 +421,6 @@ def _main(argv: Optional[List[str]] = None) -> int:
         write_section(out_md, render_wins(json.loads(wins_json.read_text()), figures_dir))
     print(f"wrote {out_md} (results: {results_dir}, figures: {figures_dir})", flush=True)
     return 1 if results["meta"].get("failed") else 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """The command; ``--budget`` sets the deadline for this call only (the environment is restored)."""
-    from .cache import DEADLINE_ENV as _ENV
-    before = os.environ.get(_ENV)
-    try:
-        return _main(argv)
-    finally:
-        if before is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = before
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import numpy as np
 
 from nps_pruning.apps.settings import PruneSettings, SearchSettings
 from nps_pruning.atomic import atomic_write_text
-from .cache import DEADLINE_ENV, ResultCache, _logger, _set_threads, default_results_cache
+from .cache import (DEADLINE_ENV, ResultCache, _logger, _set_threads, default_results_cache,
+                    restores_deadline, set_budget)
 from .labels import SUITE_MODELS
 from .context import stats_params, task_dict, weights_param
 from .paths import git_output, repo_root
@@ -484,7 +485,8 @@ def write_section(md: Path, section: str) -> None:
     atomic_write_text(md, text)
 
 
-def _main(argv=None) -> int:
+@restores_deadline
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.wins", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default="text")
     ap.add_argument("--keeps", default=None, help="keep ratios, e.g. 0.02,0.05")
@@ -500,11 +502,9 @@ def _main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, metavar="MINUTES",
                     help="start no step that would end after MINUTES from now; say what is left")
     args = ap.parse_args(argv)
-    if args.budget is not None:
-        if not args.budget > 0:
-            print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
-            return 2
-        os.environ[DEADLINE_ENV] = str(time.time() + 60.0 * args.budget)
+    if not set_budget(args.budget):
+        print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
+        return 2
     results_path = Path(args.results)
     figures = REPO / "benchmarks" / "figures"
     if args.render_only:
@@ -572,19 +572,6 @@ def _main(argv=None) -> int:
         from .readme_table import update
         update(REPO / "README.md", results)       # the README's results table, from these results
     return 0
-
-
-def main(argv=None) -> int:
-    """The command; ``--budget`` sets the deadline for this call only (the environment is restored)."""
-    from .cache import DEADLINE_ENV as _ENV
-    before = os.environ.get(_ENV)
-    try:
-        return _main(argv)
-    finally:
-        if before is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = before
 
 
 if __name__ == "__main__":
