@@ -27,7 +27,7 @@ from .session import Session
 from .settings import PruneSettings, SearchSettings, search_settings_from_options
 
 __all__ = ["Session", "PruneSettings", "SearchSettings", "PruneOutcome", "prune",
-           "rescore_on_holdout", "prune_task", "search_settings", "run_prune"]
+           "rescore_on_holdout", "holdout_finalists", "prune_task", "search_settings", "run_prune"]
 
 
 @dataclass
@@ -84,13 +84,10 @@ def _identity_fields(session: Session, settings: PruneSettings) -> SimpleNamespa
         fitness=settings.fitness, holdout=settings.holdout, rescore_top=settings.rescore_top)
 
 
-def rescore_on_holdout(session: Session, space, bands, index, result, holdout, keep: float,
-                       top: int, kept_values: str = "weighted"):
-    """Against the winner's curse: re-score the generation-0 start points and the ``top`` best
-    distinct candidates of the search on held-out calibration rows; return (chosen record,
-    rows). The chosen one has the best held-out score (ties: the better search score, then the
-    earlier candidate)."""
-    ok = [c for c in result.candidates if c.get("status") == "ok" and c.get("score") is not None]
+def holdout_finalists(candidates, top: int) -> List[dict]:
+    """The candidates :func:`rescore_on_holdout` re-scores: every scored generation-0 point, then
+    the ``top`` best distinct ones of the later generations (by search score, the earlier on ties)."""
+    ok = [c for c in candidates if c.get("status") == "ok" and c.get("score") is not None]
     pool, seen = [], set()
     starts = [c for c in ok if int(c["gen"]) == 0]
     ranked = sorted((c for c in ok if int(c["gen"]) > 0), key=lambda c: -c["score"])
@@ -102,6 +99,16 @@ def rescore_on_holdout(session: Session, space, bands, index, result, holdout, k
         pool.append(c)
         if len(pool) >= len(starts) + top:
             break
+    return pool
+
+
+def rescore_on_holdout(session: Session, space, bands, index, result, holdout, keep: float,
+                       top: int, kept_values: str = "weighted"):
+    """Against the winner's curse: re-score the generation-0 start points and the ``top`` best
+    distinct candidates of the search on held-out calibration rows; return (chosen record,
+    rows). The chosen one has the best held-out score (ties: the better search score, then the
+    earlier candidate)."""
+    pool = holdout_finalists(result.candidates, top)
     rows = []
     session.ensure_model()
     from ..search.scorer import CandidateScorer

@@ -1,0 +1,502 @@
+"""`make bench-ablation`: what each part of the NPS search is worth (issue 32).
+
+For every task and keep ratio, one search with the CLI default of before 2026-12-05 (30 CMA-ES
+generations of the library's population, 25% held-out re-scoring: "old CLI default") is run
+with the shipped code, and its candidates are cut into the searches it contains: CMA-ES never
+looks at how many generations are to come and ``patience`` only stops a run early, so the first
+G generations of the 30-generation run *are* the G-generation run, and a patience-P run is the
+run cut where P generations brought nothing better. For each cut:
+
+* ``starts``: generation 0's start points alone (magnitude, DARE, half-and-half, magnitude ×2/×4/×8);
+* ``gen0``: + the refinement of the magnitude rescale (g* ± 0.5, ± 0.25);
+* ``g3`` / ``g6`` / ``g12`` / ``g30``: + 3 / 6 / 12 / 30 CMA-ES generations;
+* ``patience3``: + CMA-ES generations until 3 in a row found nothing better;
+
+the pick is made twice: with the held-out re-scoring (the shipped rule:
+:func:`nps_pruning.apps.prune.holdout_finalists`, best held-out score) and without it (the best
+search score); both picks are test-scored, and the kind of point each is (a start point, a
+refinement, a CMA-ES candidate) is recorded. Racing changes the candidates themselves, so the
+raced searches (``VARIANTS``) are run on their own. Examples scored count every calibration row
+forward-passed, the held-out re-scoring included.
+
+    python -m nps_bench.exp_search_ablation --suites text,vision --keeps 0.02,0.05 --budget 60
+    python -m nps_bench.exp_search_ablation --render-only
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from nps_pruning.apps.settings import PruneSettings, SearchSettings
+from nps_pruning.atomic import atomic_write_text
+from .cache import (DEADLINE_ENV, BudgetReached, ResultCache, _logger, _set_threads,
+                    default_results_cache, restores_deadline, set_budget)
+from .context import stats_params, task_dict, weights_param
+from .labels import SUITE_MODELS
+from .paths import git_output, repo_root
+
+REPO = repo_root()
+START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
+ABLATION_VERSION = 1
+# the CLI default before 2026-12-05: 30 generations of 4 + 3 ln M, no racing, no patience
+OLD_CLI = {"generations": 30, "popsize": None, "race": None, "patience": None}
+CUTS = ("starts", "gen0", "g3", "g6", "g12", "g30", "patience3")
+CUT_LABELS = {"starts": "generation 0: the start points alone",
+              "gen0": "generation 0 with the rescale refinement",
+              "g3": "+ CMA-ES, 3 generations", "g6": "+ CMA-ES, 6 generations",
+              "g12": "+ CMA-ES, 12 generations", "g30": "+ CMA-ES, 30 generations (old CLI default)",
+              "patience3": "+ CMA-ES until 3 generations bring nothing better (≤ 30)"}
+PICKS = ("holdout", "search")
+# searches run on their own (racing changes the candidates): SearchSettings overrides of OLD_CLI;
+# "shipped" is PruneSettings() as `nps prune` runs it with no flags, whatever that is today
+VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
+    "race3": ("racing (successive halving, η = 3, z = 2), 3 generations",
+              {"generations": 3, "race": "halving"}),
+    "race6": ("racing, 6 generations, patience 3", {"generations": 6, "race": "halving", "patience": 3}),
+    "race12": ("racing, 12 generations, patience 3", {"generations": 12, "race": "halving", "patience": 3}),
+    "shipped": ("`nps prune` with no flags (today's default)", None),
+}
+
+
+@dataclasses.dataclass
+class AblationConfig:
+    keeps: Tuple[float, ...] = (0.02, 0.05)
+    variants: Tuple[str, ...] = ("race3", "race6", "race12")
+    seed: int = 0
+    test_rows: Optional[int] = 1000
+    test_seed: int = 0
+    threads: int = 1
+    jobs: int = 2
+    # as in bench-wins: the LLM suites' every method sees a seeded 64 calibration rows, batches of 16
+    suite_calib_size: Dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"llm": 64, "llm-lora": 64})
+    suite_batch_size: Dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"llm": 16, "llm-lora": 16})
+
+
+def cut_generation(candidates: List[dict], cut: str, patience: int = 3) -> Optional[int]:
+    """The last generation a cut keeps (None: generation 0's start points alone)."""
+    if cut == "starts":
+        return None
+    if cut == "gen0":
+        return 0
+    if cut.startswith("g"):
+        return int(cut[1:])
+    if cut.startswith("patience"):
+        p = int(cut[len("patience"):])
+        last = max(int(c["gen"]) for c in candidates)
+        best, best_gen = None, None
+        for gen in range(0, last + 1):
+            for c in candidates:
+                if int(c["gen"]) == gen and c.get("status", "ok") == "ok" and c.get("score") is not None:
+                    if best is None or c["score"] > best:
+                        best, best_gen = c["score"], gen
+            if gen >= 1 and best_gen is not None and gen - best_gen >= p:
+                return gen
+        return last
+    raise ValueError(f"unknown cut {cut!r}")
+
+
+def cut_candidates(candidates: List[dict], cut: str, start_labels) -> List[dict]:
+    """The candidates the search of ``cut`` would have scored (the log's order)."""
+    g = cut_generation(candidates, cut)
+    if g is None:
+        return [c for c in candidates if int(c["gen"]) == 0 and c.get("start") in set(start_labels)]
+    return [c for c in candidates if int(c["gen"]) <= g]
+
+
+def kind_of(rec: dict, start_labels) -> str:
+    """start:<label> | refinement | cma-es"""
+    if int(rec["gen"]) > 0:
+        return "cma-es"
+    label = rec.get("start")
+    return f"start:{label}" if label in set(start_labels) else "refinement"
+
+
+def search_pick(cands: List[dict]) -> dict:
+    """The best search score, the earliest on ties (what the search returns without re-scoring)."""
+    ok = [c for c in cands if c.get("status", "ok") == "ok" and c.get("score") is not None]
+    return max(ok, key=lambda c: (c["score"], -ok.index(c)))
+
+
+def holdout_pick(cands: List[dict], top: int, holdout_score) -> Tuple[dict, int]:
+    """(the shipped rule's pick among ``cands``, how many finalists it re-scored);
+    ``holdout_score(rec)`` is the record's score on the held-out rows."""
+    from nps_pruning.apps.prune import holdout_finalists
+    pool = holdout_finalists(cands, top)
+    rows = [(holdout_score(c), c["score"]) for c in pool]
+    best = max(range(len(pool)), key=lambda i: (rows[i][0], rows[i][1], -i))
+    return pool[best], len(pool)
+
+
+def _wkey(rec) -> tuple:
+    return tuple(round(float(v), 12) for v in rec["weights"])
+
+
+def _settings(task: dict, cfg: AblationConfig, suite: str, keep: float, search: Optional[dict]) -> PruneSettings:
+    """PruneSettings() but for the keep ratio, the suite's calibration cap and batch size and the
+    task's max length; ``search``: SearchSettings fields replacing the plain SearchSettings()'s
+    (None: the shipped default search, exactly)."""
+    base = dict(keep_ratio=keep, seed=cfg.seed, calib_size=cfg.suite_calib_size.get(suite),
+                max_length=task.get("max_length") or 128)
+    if suite in cfg.suite_batch_size:
+        base["batch_size"] = cfg.suite_batch_size[suite]
+    if search is None:
+        return PruneSettings(**base)
+    return PruneSettings(**base, search=SearchSettings(**search))
+
+
+def settings_params(st: PruneSettings) -> dict:
+    """Everything the search's numbers depend on, resolved (a default that changes changes the key)."""
+    return {"search": st.search.to_dict(), "keep": st.keep_ratio, "bands": st.bands,
+            "scheme": st.scheme, "focus": st.focus, "space": st.space, "fitness": st.fitness,
+            "holdout": st.holdout, "rescore_top": st.rescore_top, "calib_size": st.calib_size,
+            "batch_size": st.batch_size, "max_length": st.max_length, "seed": st.seed}
+
+
+def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
+    from nps_pruning.apps.prune import Session, prune
+    from nps_pruning.core.space import build_point, make_hybrid_index, make_space
+    from nps_pruning.evaluation import make_evaluator
+    from nps_pruning.search.scorer import CandidateScorer
+    cfg = AblationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
+    _set_threads(cfg.threads)
+    cache = ResultCache(Path(cache_root))
+    log = _logger(f"ablation/{suite}/{task['name']}")
+    state: dict = {}
+
+    def session():
+        if "s" not in state:
+            state["s"] = Session.load(task["base"], task["finetuned"],
+                                      model_factory=task.get("model_factory"), name=task["name"])
+            state["test"] = make_evaluator(task["eval_test"], model_path=task["finetuned"],
+                                           calib_size=cfg.test_rows, seed=cfg.test_seed,
+                                           batch_size=cfg.suite_batch_size.get(suite, 64),
+                                           max_length=task.get("max_length") or 128)
+        return state["s"]
+
+    def params(st: PruneSettings, **more) -> dict:
+        return {"v": ABLATION_VERSION, "task": task["name"], "key": task.get("key", ""),
+                "weights": weights_param(task), "test_rows": cfg.test_rows,
+                "test_seed": cfg.test_seed, **stats_params(task), **settings_params(st), **more}
+
+    def run(st: PruneSettings):
+        s = session()
+        t0 = time.perf_counter()
+        out = prune(s, "nps", settings=st, eval_spec=task["eval_calib"], progress=False)
+        wall = time.perf_counter() - t0
+        space = make_space(st.space, st.bands, st.search.lower, st.search.upper, st.search.param,
+                           keep_ratio=st.keep_ratio)
+        labels = space.start_labels()
+        res = out.search
+        chosen = next(c for c in res.candidates if _wkey(c) == tuple(round(float(v), 12) for v in res.best_weights))
+        examples = int(sum(int(c.get("examples") or 0) for c in res.candidates))
+        return s, out, space, labels, chosen, examples, wall, len(out.rescored)
+
+    rows: List[dict] = []
+    for r in cfg.keeps:
+        def full(r=r):
+            st = _settings(task, cfg, suite, r, OLD_CLI)
+            s, out, space, labels, chosen, examples, wall, n_final = run(st)
+            res = out.search
+            _, hold_ev = s.search_evaluators(task["eval_calib"], fitness=st.fitness, holdout=st.holdout,
+                                             calib_size=st.calib_size, **st.evaluator_kwargs())
+            n_hold = hold_ev.num_rows
+            index = make_hybrid_index(s.task_vector.values, st.seed) if st.space == "hybrid" else None
+            # the finalists the search itself re-scored (the same rows, model and code)
+            held: Dict[tuple, float] = {_wkey(x): x["holdout_score"] for x in out.rescored}
+            tests: Dict[tuple, float] = {_wkey(chosen): s.score(state["test"], out.pruned)}
+            hold_s: List[float] = []
+            s.ensure_model()
+            s.park_base()
+            writer = CandidateScorer.from_state(s.base_flat, s.task_vector, out.bands, s.model, s.flat,
+                                                hold_ev, r, st.kept_values, space=space.name, index=index)
+
+            def holdout_score(rec):
+                k = _wkey(rec)
+                if k not in held:
+                    t1 = time.perf_counter()
+                    held[k] = float(writer(np.asarray(rec["weights"], dtype=np.float64))[0])
+                    hold_s.append(time.perf_counter() - t1)
+                return held[k]
+            cuts = {}
+            try:
+                for cut in CUTS:
+                    cands = cut_candidates(res.candidates, cut, labels)
+                    hp, n_fin = holdout_pick(cands, st.rescore_top, holdout_score)
+                    cuts[cut] = {"generations": cut_generation(res.candidates, cut),
+                                 "candidates": len(cands),
+                                 "examples": int(sum(int(c.get("examples") or 0) for c in cands)),
+                                 "seconds": float(sum(float(c.get("build_s") or 0) + float(c.get("eval_s") or 0)
+                                                      for c in cands)),
+                                 "finalists": n_fin, "picks": {"holdout": hp, "search": search_pick(cands)}}
+            finally:
+                writer.restore()
+                s.unpark_base()
+            per_hold = float(np.mean(hold_s)) if hold_s else (out.timings.get("rescore_s", 0.0) / max(1, n_final))
+            for cut, c in cuts.items():
+                picks = c.pop("picks")
+                c["examples_holdout"] = c["examples"] + n_hold * c["finalists"]
+                c["seconds_holdout"] = c["seconds"] + per_hold * c["finalists"]
+                for how, rec in picks.items():
+                    k = _wkey(rec)
+                    if k not in tests:
+                        tau = build_point(space, s.task_vector.values, out.bands, index,
+                                          np.asarray(rec["weights"], dtype=np.float64), r)
+                        tests[k] = s.score(state["test"], tau)
+                    c[how] = {"test": tests[k], "kind": kind_of(rec, labels), "gen": int(rec["gen"]),
+                              "calib": float(rec["score"])}
+            return {"test": tests[_wkey(chosen)], "cuts": cuts, "n_hold": n_hold,
+                    "examples_scored": examples + n_hold * n_final, "search_s": wall,
+                    "kind": kind_of(chosen, labels),
+                    "candidates": [[int(c["gen"]), c.get("start"), c.get("score"), int(c.get("examples") or 0)]
+                                   for c in res.candidates]}
+        st = _settings(task, cfg, suite, r, OLD_CLI)
+        rows.append({"variant": "old-cli", "keep": r,
+                     **cache.step(suite, task["name"], f"abl-old-cli-r{r:g}", params(st), full, log)})
+        for v in cfg.variants:
+            st = _settings(task, cfg, suite, r, None if VARIANTS[v][1] is None else {**OLD_CLI, **VARIANTS[v][1]})
+
+            def one(st=st):
+                s, out, space, labels, chosen, examples, wall, n_final = run(st)
+                _, hold_ev = s.search_evaluators(task["eval_calib"], fitness=st.fitness, holdout=st.holdout,
+                                                 calib_size=st.calib_size, **st.evaluator_kwargs())
+                n_hold = hold_ev.num_rows if hold_ev is not None else 0
+                return {"test": s.score(state["test"], out.pruned), "kind": kind_of(chosen, labels),
+                        "gen": int(chosen["gen"]), "examples_scored": examples + n_hold * n_final,
+                        "search_s": wall, "num_candidates": len(out.search.candidates),
+                        "stopped_at": out.search.stopped_at}
+            rows.append({"variant": v, "keep": r,
+                         **cache.step(suite, task["name"], f"abl-{v}-r{r:g}", params(st), one, log)})
+    return rows
+
+
+def run_task_in_budget(suite: str, task: dict, cfg_d: dict, cache_root: str):
+    try:
+        return run_task(suite, task, cfg_d, cache_root)
+    except BudgetReached as e:
+        return {"left": str(e), "estimate_s": e.estimate_s}
+
+
+# -- the section ------------------------------------------------------------------------------
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / max(1, n))
+
+
+def _mean_se(vals: List[Tuple[float, int]]) -> Tuple[float, float]:
+    ps = [p for p, _ in vals]
+    return float(np.mean(ps)), math.sqrt(sum(_se(p, n) ** 2 for p, n in vals)) / len(vals)
+
+
+def table_rows(data: dict) -> List[dict]:
+    """One dict per search (cut × pick, and each variant run): label, {keep: (mean, se)},
+    mean examples, mean seconds, kinds returned."""
+    tasks = data["tasks"]
+    n = data["test_rows"]
+    keeps = sorted({float(r["keep"]) for rows in tasks.values() for r in rows})
+    out = []
+
+    def collect(get) -> Optional[dict]:
+        by_k, ex, sec, kinds = {}, [], [], {}
+        for t, rows in tasks.items():
+            for r in rows:
+                got = get(r)
+                if got is None:
+                    continue
+                test, e, s_, kind = got
+                by_k.setdefault(float(r["keep"]), []).append((test, n[t]))
+                ex.append(e)
+                sec.append(s_)
+                kinds[kind.split(":")[0]] = kinds.get(kind.split(":")[0], 0) + 1
+        if not by_k:
+            return None
+        return {"by_keep": {k: _mean_se(v) for k, v in by_k.items() if len(v) == len(tasks)},
+                "examples": float(np.mean(ex)), "seconds": float(np.mean(sec)), "kinds": kinds}
+    for cut in CUTS:
+        for how in PICKS:
+            row = collect(lambda r: None if r["variant"] != "old-cli" else (
+                r["cuts"][cut][how]["test"],
+                r["cuts"][cut]["examples_holdout" if how == "holdout" else "examples"],
+                r["cuts"][cut]["seconds_holdout" if how == "holdout" else "seconds"],
+                r["cuts"][cut][how]["kind"]))
+            if row:
+                pick = "held-out re-scoring" if how == "holdout" else "best search score, no re-scoring"
+                out.append({"id": f"{cut}/{how}", "label": f"{CUT_LABELS[cut]}; {pick}", **row})
+    variants = sorted({r["variant"] for rows in tasks.values() for r in rows} - {"old-cli"},
+                      key=lambda v: list(VARIANTS).index(v) if v in VARIANTS else 99)
+    for v in variants:
+        row = collect(lambda r, v=v: None if r["variant"] != v else
+                      (r["test"], r["examples_scored"], r["search_s"], r["kind"]))
+        if row:
+            out.append({"id": v, "label": VARIANTS.get(v, (v,))[0] + "; held-out re-scoring", **row})
+    return [dict(r, keeps=keeps) for r in out]
+
+
+def render(results: dict) -> str:
+    lines = [START, "## What the search is worth: an ablation of the NPS search", "",
+             "Written by `make bench-ablation` (`python -m nps_bench.exp_search_ablation`) from its "
+             "cached steps (`--render-only` re-renders it). One search per task and r with the CLI "
+             "default of before 2026-12-05 (30 CMA-ES generations of the library's population, 11 "
+             "for the hybrid space; 25% of the calibration rows held out to re-score the finalists), "
+             "cut into the searches it contains: CMA-ES never looks at the generations to come, so "
+             "its first G generations are the G-generation search. Each cut picks twice: with the "
+             "held-out re-scoring (the shipped rule) and by the best search score alone. The raced "
+             "searches are separate runs (racing changes the candidates). Examples scored = "
+             "calibration rows forward-passed, held-out re-scoring included; seconds = the "
+             "candidates' build + evaluation time (cuts) or the search's wall time (runs), one "
+             "thread per search, two searches at a time on the 2 shared cores. Mean test accuracy "
+             "over the tasks ± standard error (sqrt(Σ se_i²)/T, not paired: a difference between "
+             "two rows on the same tasks is known better than this). Kinds: which kind of point "
+             "each search returned (start point / refinement / CMA-ES candidate), counted over "
+             "its searches.", ""]
+    order = ("text", "vision", "vit", "llm", "llm-lora")
+    for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
+        rows = table_rows(data)
+        if not rows:
+            continue
+        keeps = rows[0]["keeps"]
+        ref = next((r for r in rows if r["id"] == "g30/holdout"), None)
+        lines += [f"### {suite} ({data['model']}, {len(data['tasks'])} tasks: {', '.join(data['tasks'])})", "",
+                  f"Measured at commit {data['commit']} on {data['date']}. Checkpoints (tensor SHA-256, "
+                  "first 12): " + ", ".join(f"{t} `{(d or '?')[:12]}`" for t, d in data["checkpoints"].items())
+                  + "." + (f" Calibration capped at {data['calib_cap']} rows (as in bench-wins)."
+                           if data.get("calib_cap") else ""), "",
+                  "| search | " + " | ".join(f"r = {k:g}" for k in keeps)
+                  + " | examples scored | × old CLI | s | returned (start / refine / CMA-ES) |",
+                  "|---" * (len(keeps) + 5) + "|"]
+        for r in rows:
+            cells = [(f"{r['by_keep'][k][0]:.4f} ± {r['by_keep'][k][1]:.4f}" if k in r["by_keep"] else "")
+                     for k in keeps]
+            ratio = f"{r['examples'] / ref['examples']:.3f}×" if ref else ""
+            kinds = r["kinds"]
+            label = r["label"] + (" **(old CLI default)**" if r["id"] == "g30/holdout" else "") \
+                + (" **(default)**" if r["id"] == "shipped" else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['examples']:,.0f} | {ratio} | "
+                         f"{r['seconds']:.0f} | {kinds.get('start', 0)} / {kinds.get('refinement', 0)} / "
+                         f"{kinds.get('cma-es', 0)} |")
+        lines += [""] + verdict(rows, keeps) + [""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def verdict(rows: List[dict], keeps) -> List[str]:
+    """What the CMA-ES generations add: the 30-generation search against generation 0, both with
+    the held-out choice, per r, in standard errors of the difference (unpaired)."""
+    by = {r["id"]: r for r in rows}
+    g0, g30 = by.get("gen0/holdout"), by.get("g30/holdout")
+    if not (g0 and g30):
+        return []
+    parts = []
+    for k in keeps:
+        if k in g0["by_keep"] and k in g30["by_keep"]:
+            (m0, s0), (m1, s1) = g0["by_keep"][k], g30["by_keep"][k]
+            se = math.sqrt(s0 ** 2 + s1 ** 2)
+            parts.append(f"r = {k:g}: {m1 - m0:+.4f} ({(m1 - m0) / se if se else 0:+.2f} SE)")
+    return [f"What the 30 CMA-ES generations add over generation 0 (both with the held-out choice), "
+            f"in mean test accuracy: {'; '.join(parts)}; at {g30['examples'] / g0['examples']:.1f}× "
+            "the examples scored."]
+
+
+def write_section(md: Path, section: str) -> None:
+    text = md.read_text() if md.exists() else ""
+    if START in text and END in text:
+        pre, rest = text.split(START, 1)
+        _, post = rest.split(END, 1)
+        text = pre + section + post
+    elif "<!-- wins:end -->" in text:
+        pre, post = text.split("<!-- wins:end -->", 1)
+        text = pre + "<!-- wins:end -->\n\n" + section + post
+    else:
+        text = text + "\n\n" + section + "\n"
+    atomic_write_text(md, text)
+
+
+@restores_deadline
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nps_bench.exp_search_ablation",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suites", default="text,vision")
+    ap.add_argument("--keeps", default=None, help="keep ratios, e.g. 0.02,0.05")
+    ap.add_argument("--variants", default=None, help=f"searches run on their own ({', '.join(VARIANTS)})")
+    ap.add_argument("--tasks", default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "ablation.json"))
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--budget", type=float, default=None, metavar="MINUTES")
+    args = ap.parse_args(argv)
+    if not set_budget(args.budget):
+        print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
+        return 2
+    results_path = Path(args.results)
+    if args.render_only:
+        write_section(Path(args.out), render(json.loads(results_path.read_text())))
+        return 0
+    cfg = AblationConfig(jobs=args.jobs)
+    if args.keeps:
+        cfg.keeps = tuple(float(x) for x in args.keeps.split(","))
+    if args.variants is not None:
+        cfg.variants = tuple(x for x in args.variants.split(",") if x)
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        print(f"nps-bench: error: unknown variant(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    from .suites import build_suite
+    commit = git_output("rev-parse", "--short", "HEAD")
+    cache_root = str(Path(args.cache_dir) if args.cache_dir else default_results_cache("full"))
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"suites": {}}
+    left: List[str] = []
+    for suite_name in args.suites.split(","):
+        if args.budget is not None and time.time() > float(os.environ[DEADLINE_ENV]):
+            left.append(f"{suite_name}: the whole suite")
+            continue
+        suite = build_suite(suite_name, tasks=args.tasks.split(",") if args.tasks else None)
+        tasks = [task_dict(t) for t in suite.tasks]
+        from nps_pruning.search.executors import die_with_parent
+        with mp.get_context("spawn").Pool(max(1, min(cfg.jobs, len(tasks))), initializer=die_with_parent,
+                                          initargs=(os.getpid(),)) as pool:
+            outs = pool.starmap(run_task_in_budget,
+                                [(suite_name, t, dataclasses.asdict(cfg), cache_root) for t in tasks])
+        stopped = [(t, o) for t, o in zip(tasks, outs) if isinstance(o, dict) and "left" in o]
+        if stopped:
+            left += [f"{suite_name}/{t['name']}: {o['left']}" for t, o in stopped]
+            continue
+        results["suites"][suite_name] = {
+            "model": SUITE_MODELS.get(suite_name, suite_name), "commit": commit, "date": date,
+            "checkpoints": {t["name"]: t.get("weights") for t in tasks},
+            "test_rows": {t["name"]: _test_rows(t, cfg) for t in tasks},
+            "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)},
+            **({"calib_cap": cfg.suite_calib_size[suite_name]} if suite_name in cfg.suite_calib_size else {})}
+    if left:
+        for line in left:
+            print(f"  left: {line}", flush=True)
+        print(f"budget reached: {len(left)} task(s) left; finished steps are in {cache_root}; run the "
+              "same command again to continue", flush=True)
+        return 0
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results_path, json.dumps(results, indent=1, default=float))
+    write_section(Path(args.out), render(results))
+    return 0
+
+
+def _test_rows(task: dict, cfg: AblationConfig) -> int:
+    from nps_pruning.evaluation import count_rows
+    n = count_rows(task["eval_test"])
+    return n if cfg.test_rows is None else min(n, int(cfg.test_rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
