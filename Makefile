@@ -8,12 +8,13 @@ TORCH  ?= torch==2.13.0
 # packages that must go in --no-deps are listed in benchmarks/requirements-nodeps.txt.
 STAMP  := $(VENV)/.nps-installed
 
-.PHONY: install demo test bench bench-wins bench-status clean help
+.PHONY: install demo test bench bench-wins bench-ablation bench-status clean help
 help:
 	@echo "make demo   - install into $(VENV) and run the embedded default on the real benchmark"
 	@echo "make test   - install the dev dependencies and run the test suite"
 	@echo "make bench  - regenerate BENCHMARKS.md and its figures (hours on 2 cores: the measured pieces are in README, plus bench-wins)"
 	@echo "make bench-wins - only the section 'NPS that wins' (the shipped default vs magnitude and DARE)"
+	@echo "make bench-ablation - only the section 'What the search is worth' (the search ablation, issue 32)"
 	@echo "make bench-status - which benchmark steps are computed for the current code (runs nothing)"
 	@echo "  in pieces: BUDGET=40 make bench-wins, or python -m nps_bench.run --suites text --budget 40"
 
@@ -40,10 +41,15 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench_scale.py --json benchmarks/results/scale.json
 	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.run $(if $(BUDGET),--budget $(BUDGET))
 	$(MAKE) bench-wins
+	$(MAKE) bench-ablation
 
 bench-wins: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.wins --suites text,vision,vit $(if $(BUDGET),--budget $(BUDGET)) $(WINS_ARGS)
+
+bench-ablation: $(STAMP)
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.exp_search_ablation --suites text,vision $(if $(BUDGET),--budget $(BUDGET)) $(ABLATION_ARGS)
 
 bench-status: $(STAMP)
 	$(VPY) -m nps_bench.status

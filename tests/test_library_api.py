@@ -20,6 +20,7 @@ from conftest import make_tiny_bert, write_text_csv
 from nps_pruning.checkpoints.sparse import read_task_vector
 from nps_pruning.apps.prune import PruneOutcome, Session, prune
 from nps_pruning.apps.settings import MergeSettings, PruneSettings, SearchSettings
+from nps_pruning.search import shipped_search
 from nps_pruning.cli import main
 from nps_pruning.config import MergeOptions, PruneOptions, TransferOptions, build
 from nps_pruning.errors import NPSError
@@ -67,8 +68,7 @@ def test_prune_with_settings_equals_the_cli(pair, tmp_path, case):
                  "--quiet", *flags]) == 0
     rep = json.loads((out / "report.json").read_text())
     session = Session.load(pair["base"], pair["ft"])
-    settings = PruneSettings(keep_ratio=0.1, bands=4, seed=3,
-                             search=SearchSettings(generations=2, popsize=4)).replace(**over)
+    settings = PruneSettings(keep_ratio=0.1, bands=4, seed=3).replace(generations=2, popsize=4, **over)
     got = prune(session, "nps", settings=settings, eval_spec=spec, progress=False)
     assert isinstance(got, PruneOutcome)
     assert torch.equal(got.pruned, _cli_tau(out, session))
@@ -115,7 +115,9 @@ def test_the_settings_defaults_are_the_clis():
     assert MergeSettings.from_options(merge) == MergeSettings()
     s = PruneSettings.from_options(build(PruneOptions, {**BASE, "param": "log", "seed": 4,
                                                         "space": "magnitude", "keep": 0.2}))
-    assert s.search == SearchSettings.for_param("log", seed=4, space="magnitude")
+    log = SearchSettings.for_param("log")
+    assert s.search == shipped_search(param="log", lower=log.lower, upper=log.upper, sigma0=log.sigma0,
+                                      seed=4, space="magnitude")
     assert (s.seed, s.space, s.keep_ratio) == (4, "magnitude", 0.2)
 
 
@@ -126,7 +128,7 @@ def test_settings_replace_and_the_one_seed():
     r = s.replace(keep_ratio=0.1, generations=9, upper=2.0, seed=5, space="magnitude")
     assert (r.keep_ratio, r.search.generations, r.search.upper) == (0.1, 9, 2.0)
     assert r.seed == r.search.seed == 5 and r.space == r.search.space == "magnitude"
-    assert s.search.generations == SearchSettings().generations        # s is unchanged
+    assert s.search == shipped_search(seed=3)        # s is unchanged: the shipped search
     with pytest.raises(NPSError, match="unknown setting"):
         s.replace(keep=0.1)
     for bad in ({"keep_ratio": 0.0}, {"holdout": 0.95}, {"kept_values": "other"}):

@@ -2,7 +2,7 @@
 
 Adding a pruner is one function and one registry entry: a toy pruner registered here (after
 ``nps_pruning.config`` was imported) is listed by ``nps prune --help``, accepted by YAML and flag
-validation, and runs end to end. The CLI/YAML search defaults are ``SearchSettings()``'s.
+validation, and runs end to end. The CLI/YAML search defaults are ``shipped_search()``'s.
 """
 from __future__ import annotations
 
@@ -199,7 +199,8 @@ def test_cli_and_yaml_search_defaults_are_search_settings(tmp_path):
                       "upper"]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("command: prune\npretrained: p\nfinetuned: f\noutput: o\n")
-    library = dataclasses.asdict(SearchSettings())
+    from nps_pruning.search import shipped_search
+    library = dataclasses.asdict(shipped_search())      # what `nps prune` runs with no flags
     for opts in (build(PruneOptions, BASE), load_yaml_config(cfg)[1],
                  build(MergeOptions, {**BASE, "finetuned": ["a", "b"]})):
         from_cli = dataclasses.asdict(search_settings(opts))
@@ -211,7 +212,8 @@ def test_cli_and_yaml_search_defaults_are_search_settings(tmp_path):
     assert resolved_search_bounds(build(PruneOptions, BASE)) == PARAM_DEFAULTS["linear"]
     log_opts = build(PruneOptions, {**BASE, "param": "log"})
     assert resolved_search_bounds(log_opts) == PARAM_DEFAULTS["log"]
-    assert search_settings(log_opts) == SearchSettings.for_param("log")
+    assert search_settings(log_opts) == shipped_search(**{k: v for k, v in dataclasses.asdict(
+        SearchSettings.for_param("log")).items() if k in ("param", "lower", "upper", "sigma0")})
     # the CLI searched [0, 4] with σ0 0.3 in the hybrid space before this table existed
     assert (library["lower"], library["upper"], library["sigma0"], library["space"]) == (0.0, 4.0, 0.3, "hybrid")
 

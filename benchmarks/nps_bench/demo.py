@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from nps_pruning.apps.settings import MergeSettings, PruneSettings, SearchSettings
+from nps_pruning.apps.settings import MergeSettings, PruneSettings
 from nps_pruning.report.report import now_iso, versions, write_json
 
 DEMO_TASKS = ("rt-sentiment", "tweet-sentiment")
@@ -35,10 +35,11 @@ def run_demo(opts) -> Dict:
     print(f"nps demo ({profile}): building or reusing the fine-tuned MiniLM models ...", flush=True)
     suite = build_suite("text", tasks=list(DEMO_TASKS), profile=profile, progress=True)
     keep = 0.05
-    settings = PruneSettings(keep_ratio=keep, seed=0, max_length=64,
-                             calib_size=None,   # the default: every calibration row (25% held out)
-                             search=SearchSettings(generations=2 if opts.quick else 6,
-                                                   popsize=4 if opts.quick else 8))
+    # `nps prune` with no flags (every calibration row, 25% held out; the shipped search), but
+    # for the models' max length; the quick (CI) profile cuts the search to 2 generations of 4
+    settings = PruneSettings(keep_ratio=keep, seed=0, max_length=64)
+    if opts.quick:
+        settings = settings.replace(generations=2, popsize=4)
     sessions, calib_evals, test_evals = [], [], []
     rows: List[Dict] = []
     pruned = []

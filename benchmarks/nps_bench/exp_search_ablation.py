@@ -64,6 +64,12 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
               {"generations": 3, "race": "halving"}),
     "race6": ("racing, 6 generations, patience 3", {"generations": 6, "race": "halving", "patience": 3}),
     "race12": ("racing, 12 generations, patience 3", {"generations": 12, "race": "halving", "patience": 3}),
+    # z = 0: each stage keeps exactly the top 1/η (no candidate carried on by the error bound)
+    "race3z0": ("racing with z = 0, 3 generations", {"generations": 3, "race": "halving", "race_z": 0.0}),
+    "race6z0": ("racing with z = 0, 6 generations, patience 3",
+                {"generations": 6, "race": "halving", "race_z": 0.0, "patience": 3}),
+    "race12z0": ("racing with z = 0, 12 generations, patience 3",
+                 {"generations": 12, "race": "halving", "race_z": 0.0, "patience": 3}),
     "shipped": ("`nps prune` with no flags (today's default)", None),
 }
 

@@ -38,12 +38,15 @@ NPS_VERSION = 4        # bump when the default search changes (v2: rescaled star
                        # v4: generation 0 refines the magnitude rescale g* ± 0.5, ± 0.25)
 
 # (label, what it is, PruneSettings overrides, calibration rows)
-VARIANTS: Dict[str, Tuple[str, dict, Optional[int]]] = {
-    "default": ("NPS (default): hybrid space, loglik fitness, 25% held-out re-scoring, all calibration rows",
-                {}, None),
+# ``over`` None: PruneSettings() exactly, as `nps prune` runs with no flags (but for the keep
+# ratio, the task's max length and the LLM suites' calibration cap and batch, which the section
+# states); the others start from a plain search of WinsConfig's generations × population
+VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
+    "default": ("NPS (default): `nps prune` with no flags (hybrid space, loglik fitness, 25% held-out "
+                "re-scoring, the shipped search), all calibration rows", None, None),
     "paper": ("NPS (paper): magnitude space, accuracy fitness, no hold-out, 128 rows",
               {"space": "magnitude", "fitness": "accuracy", "holdout": 0.0}, 128),
-    "default-128": ("NPS default on 128 calibration rows (calibration-size study)", {}, 128),
+    "default-128": ("NPS default on 128 calibration rows (calibration-size study)", None, 128),
     "hybrid-accuracy": ("NPS hybrid space, accuracy fitness, no hold-out, all rows (ablation)",
                         {"fitness": "accuracy", "holdout": 0.0}, None),
     # the search-cost study (issue "Search cost"): a plain 30-generation full-calibration CMA-ES
@@ -108,10 +111,16 @@ class WinsConfig:
     selection_study: bool = True      # test-score the other SELECTION_RULES' picks of each default search
 
 
-def _settings(task: dict, cfg: WinsConfig, keep: float, over: dict, calib_size,
+def _settings(task: dict, cfg: WinsConfig, keep: float, over: Optional[dict], calib_size,
               batch_size: Optional[int] = None) -> PruneSettings:
-    """The library's defaults but for the grid's keep ratio, bands, budget and seed, and the
-    variant's ``over`` (the model factory is the session's)."""
+    """``over`` None: PruneSettings() as `nps prune` runs it with no flags, but for the keep
+    ratio, the seed, the task's max length and the suite's calibration cap and batch size.
+    Otherwise the library's defaults but for the grid's keep ratio, bands, budget (a plain
+    search of cfg.generations × cfg.popsize) and seed, and the variant's ``over``."""
+    if over is None:
+        return PruneSettings(keep_ratio=keep, seed=cfg.seed, calib_size=calib_size,
+                             max_length=task.get("max_length") or 128,
+                             **({"batch_size": batch_size} if batch_size else {}))
     over = dict(over)
     search = {"generations": cfg.generations, "popsize": cfg.popsize, **over.pop("search", {})}
     return PruneSettings(keep_ratio=keep, bands=cfg.bands, seed=cfg.seed, calib_size=calib_size,
@@ -194,9 +203,11 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
         if cap is not None:
             calib_size = cap if calib_size is None else min(cap, calib_size)
 
-        def search(variant=variant, r=r, over=over, calib_size=calib_size):
+        exact = cfg.suite_batch_size.get(suite) if over is None else batch
+
+        def search(variant=variant, r=r, over=over, calib_size=calib_size, exact=exact):
             s = session()
-            settings = _settings(task, cfg, r, over, calib_size, batch)
+            settings = _settings(task, cfg, r, over, calib_size, exact)
             t0 = time.perf_counter()
             out = prune(s, "nps", settings=settings, eval_spec=task["eval_calib"], progress=False)
             res = out.search
@@ -206,18 +217,23 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                     "rescored": out.rescored,
                     "examples_scored": int(sum(int(c.get("examples") or 0) for c in res.candidates)),
                     "num_candidates": len(res.candidates), "search_s": time.perf_counter() - t0}
-        params = _params(task, cfg, keep=r, variant=variant, over=over, calib_size=calib_size,
-                         nps_v=NPS_VERSION,
-                         generations=cfg.generations, popsize=cfg.popsize, bands=cfg.bands)
+        if over is None:       # the shipped default: its resolved settings are the key
+            from .exp_search_ablation import settings_params
+            params = _params(task, cfg, keep=r, variant=variant, nps_v=NPS_VERSION,
+                             shipped=settings_params(_settings(task, cfg, r, None, calib_size, exact)))
+        else:
+            params = _params(task, cfg, keep=r, variant=variant, over=over, calib_size=calib_size,
+                             nps_v=NPS_VERSION,
+                             generations=cfg.generations, popsize=cfg.popsize, bands=cfg.bands)
         res = cache.step(suite, task["name"], f"wins-nps-{variant}-r{r:g}", params, search, log)
         rows.append({"method": f"nps-{variant}", "keep": r, **{k: v for k, v in res.items() if k != "rescored"}})
         if variant == "default" and cfg.selection_study and res.get("rescored"):
-            def select(res=res, r=r, over=over, calib_size=calib_size):
+            def select(res=res, r=r, over=over, calib_size=calib_size, exact=exact):
                 from nps_pruning.core import make_bands
                 from nps_pruning.core.space import build_point, make_hybrid_index, make_space
                 from nps_pruning.evaluation import count_rows
                 s = session()
-                st = _settings(task, cfg, r, over, calib_size, batch)
+                st = _settings(task, cfg, r, over, calib_size, exact)
                 n_s, n_h = holdout_split(count_rows(task["eval_calib"]), calib_size, st.holdout)
                 v = s.task_vector.values
                 built = {}
@@ -268,6 +284,38 @@ def summarize(rows_by_task: Dict[str, List[dict]]) -> Dict[str, Dict[float, Tupl
     return res
 
 
+def describe_search(search: dict) -> str:
+    """A resolved SearchSettings dict in words."""
+    pop = search.get("popsize") or "the library's 4 + 3 ln(dim)"
+    words = f"{search['generations']} CMA-ES generations of population {pop}"
+    if search.get("race"):
+        words += f", racing {search['race']} (first stage {search.get('race_min_rows')} rows, η = " \
+                 f"{search.get('race_eta'):g}, z = {search.get('race_z'):g})"
+    if search.get("patience"):
+        words += f", patience {search['patience']}"
+    return words
+
+
+def _search_line(data: dict, cfg: dict) -> str:
+    """What the NPS rows searched: the default row exactly `nps prune` with no flags (runs that
+    recorded its settings), the other NPS rows WinsConfig's plain budget."""
+    other = (f"{cfg['generations']} generations × population {cfg['popsize']}, {cfg['bands']} "
+             f"focused bands, seed {cfg['seed']}")
+    shipped = data.get("default_settings")
+    if not shipped:
+        return (f"NPS searches: {other} (the default row too: this run is older than the rule "
+                "that the default row is exactly `nps prune` with no flags).")
+    suite_specific = [f"max length {shipped['max_length']}"]
+    if shipped.get("calib_size"):
+        suite_specific.append(f"calibration cap {shipped['calib_size']}")
+    if shipped.get("batch_size") != PruneSettings().batch_size:
+        suite_specific.append(f"batch size {shipped['batch_size']}")
+    return (f"The default row is `nps prune` with no flags ({describe_search(shipped['search'])}, "
+            f"{shipped['bands']} {shipped['scheme']} bands, hold-out {shipped['holdout']:g}, seed "
+            f"{shipped['seed']}; suite-specific: {', '.join(suite_specific)}); the other NPS rows "
+            f"search {other}.")
+
+
 def _checkpoint_line(data: dict) -> str:
     """The fine-tuned checkpoints these rows ran on (their tensors' SHA-256, first 12 hex digits,
     as the run recorded them)."""
@@ -297,9 +345,8 @@ def render(results: dict, figures: Path) -> str:
         lines += [f"### {suite} suite ({data['model']}, {len(data['tasks'])} tasks: "
                   f"{', '.join(data['tasks'])})", "",
                   f"Mean test accuracy over the tasks ± standard error (sqrt(Σ se_i²)/T; "
-                  f"up to {cfg['test_rows']} test rows a task). NPS searches: {cfg['generations']} "
-                  f"generations × population {cfg['popsize']}, {cfg['bands']} focused bands, seed "
-                  f"{cfg['seed']}; measured at commit {data.get('commit', results.get('commit', '?'))} "
+                  f"up to {cfg['test_rows']} test rows a task). " + _search_line(data, cfg)
+                  + f" Measured at commit {data.get('commit', results.get('commit', '?'))} "
                   f"on {data.get('date', results.get('date', '?'))}."
                   + (f" Calibration: every method here sees the same seeded {data['calib_cap']} of "
                      f"the task's calibration rows (`--calib-size {data['calib_cap']}`: the default "
@@ -546,7 +593,12 @@ def main(argv=None) -> int:
             left_s += sum(float(o["estimate_s"] or 0.0) for _, o in stopped)
             continue
         model = SUITE_MODELS.get(suite_name, suite_name)
+        from .exp_search_ablation import settings_params
+        cap = cfg.suite_calib_size.get(suite_name)
+        shipped = settings_params(_settings(tasks[0], cfg, cfg.keeps[0], None, cap,
+                                            cfg.suite_batch_size.get(suite_name)))
         results["suites"][suite_name] = {"model": model, "commit": commit, "date": results["date"],
+                                         "default_settings": shipped,
                                          "checkpoints": {t["name"]: t.get("weights") for t in tasks},
                                          "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)},
                                          **({"calib_cap": cfg.suite_calib_size[suite_name]}

@@ -18,8 +18,8 @@ from .errors import NPSError
 from .registries import (Choices, executors, fitnesses, mask_codings, mergers, normalizations,
                          pruners, schemes, spaces, tau_dtypes, value_dtypes)
 from .apps.settings import PruneSettings
-from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, SearchSettings
-from .search.race import RACES
+from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, SearchSettings, shipped_search
+from .search.race import RACE_OFF, RACES
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
@@ -43,9 +43,9 @@ SEED_MAX = 2**32 - 1
 # Every integer option fits a C long (torch, numpy and argparse's consumers need no more).
 INT_MAX = 2**63 - 1
 
-# The search's defaults are SearchSettings' (search/cmaes_search.py), the only place they are
+# The search's defaults are shipped_search()'s (search/cmaes_search.py), the only place they are
 # written: PARAM_DEFAULTS (bounds and step size by parametrisation) is re-exported from there.
-_SEARCH = SearchSettings()
+_SEARCH = shipped_search()   # what `nps prune` runs with no flags
 _PRUNE = PruneSettings()     # and the pruning settings' (apps/settings.py): keep, bands, hold-out, ...
 _LIN, _LOG = PARAM_DEFAULTS["linear"], PARAM_DEFAULTS["log"]
 
@@ -109,6 +109,9 @@ class SearchOptions:
                                     lo=1)
     batch_size: int = opt(_PRUNE.batch_size, "evaluation batch size", lo=1)
     max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
+    autocast: str = opt("off", "bf16: the search's forward passes under bf16 autocast (about 2x "
+                               "faster on CPUs with AVX512-BF16/AMX and on GPUs; the output is "
+                               "built in the task vector's own dtype)", choices=("off", "bf16"))
     lm_eval_include: Optional[str] = opt(None, "lm-eval: evaluators: folder of local lm-evaluation-harness "
                                                "task YAMLs (also NPS_LM_EVAL_INCLUDE)")
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
@@ -137,7 +140,7 @@ class SearchOptions:
                                             "rows (successive halving): score all candidates on "
                                             "a few seeded rows, carry only those that can still "
                                             "win to more rows; the winners get every row",
-                              choices=RACES)
+                              choices=RACES + (RACE_OFF,))
     race_min_rows: int = opt(_SEARCH.race_min_rows, "--race: rows of the first stage", lo=2)
     race_eta: float = opt(_SEARCH.race_eta, "--race: each stage keeps the top 1/ETA of the "
                                             "candidates, and the next has ETA times the rows",

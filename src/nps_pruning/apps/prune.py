@@ -57,7 +57,8 @@ def _scorer(session: Session, evaluator, bands, settings: PruneSettings, eval_sp
     if settings.executor == "serial":
         return CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
                                           session.flat, evaluator, settings.keep_ratio,
-                                          settings.kept_values, space=settings.space, index=index)
+                                          settings.kept_values, space=settings.space, index=index,
+                                          autocast=settings.autocast)
     # worker processes load the pair from its paths, the way the session was loaded
     return CandidateScorer(pretrained_path=session.pretrained, finetuned_path=session.finetuned,
                            eval_spec=eval_spec, keep_ratio=settings.keep_ratio,
@@ -69,7 +70,8 @@ def _scorer(session: Session, evaluator, bands, settings: PruneSettings, eval_sp
                            tau_dtype=session.tau_dtype, space=settings.space,
                            fitness=session.search_fitness(eval_spec, settings.fitness),
                            max_length=settings.max_length, running_stats=session.running_stats,
-                           allow_shape_mismatch=session.allow_shape_mismatch)
+                           allow_shape_mismatch=session.allow_shape_mismatch,
+                           autocast=settings.autocast)
 
 
 def _identity_fields(session: Session, settings: PruneSettings) -> SimpleNamespace:
@@ -81,7 +83,8 @@ def _identity_fields(session: Session, settings: PruneSettings) -> SimpleNamespa
         batch_size=settings.batch_size, max_length=settings.max_length, device=session.device,
         tau_dtype=session.tau_dtype, model_factory=session.model_factory,
         allow_shape_mismatch=session.allow_shape_mismatch, running_stats=session.running_stats,
-        fitness=settings.fitness, holdout=settings.holdout, rescore_top=settings.rescore_top)
+        fitness=settings.fitness, holdout=settings.holdout, rescore_top=settings.rescore_top,
+        autocast=settings.autocast)
 
 
 def holdout_finalists(candidates, top: int) -> List[dict]:
@@ -103,7 +106,7 @@ def holdout_finalists(candidates, top: int) -> List[dict]:
 
 
 def rescore_on_holdout(session: Session, space, bands, index, result, holdout, keep: float,
-                       top: int, kept_values: str = "weighted"):
+                       top: int, kept_values: str = "weighted", autocast: Optional[str] = None):
     """Against the winner's curse: re-score the generation-0 start points and the ``top`` best
     distinct candidates of the search on held-out calibration rows; return (chosen record,
     rows). The chosen one has the best held-out score (ties: the better search score, then the
@@ -115,7 +118,7 @@ def rescore_on_holdout(session: Session, space, bands, index, result, holdout, k
     # the session's θ_pre (or, parked, the model itself) under each finalist in turn
     writer = CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
                                         session.flat, holdout, keep, kept_values, space=space.name,
-                                        index=index)
+                                        index=index, autocast=autocast)
     for c in pool:
         w = np.asarray(c["weights"], dtype=np.float64)
         hs, _ = writer(w)
@@ -198,7 +201,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                 t_r = time.perf_counter()
                 chosen, rescored = rescore_on_holdout(session, space, bands, index, result, holdout,
                                                       keep, int(settings.rescore_top),
-                                                      settings.kept_values)
+                                                      settings.kept_values, settings.autocast)
                 result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
                 result.best_score = float(chosen["score"])
                 rescore_s = time.perf_counter() - t_r

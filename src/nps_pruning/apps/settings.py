@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from ..errors import NPSError
-from ..search.cmaes_search import SearchSettings
+from ..search.cmaes_search import SearchSettings, shipped_search
 
 __all__ = ["PruneSettings", "MergeSettings", "SearchSettings"]
 
+AUTOCASTS = (None, "bf16")         # PruneSettings.autocast's values (the CLI's --autocast off|bf16)
 _SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchSettings))
 
 
@@ -42,7 +43,7 @@ class PruneSettings:
     scheme: str = "focused"           # where the band cuts go (core.bands SCHEMES)
     focus: float = 3.0                # focused scheme: the first M-1 bands split the top focus*keep
     kept_values: str = "weighted"     # kept entries carry their band weight, or "original" value
-    search: SearchSettings = field(default_factory=SearchSettings)   # the CMA-ES part
+    search: SearchSettings = field(default_factory=shipped_search)   # the CMA-ES part
     seed: Optional[int] = None        # None: search.seed
     space: Optional[str] = None       # None: search.space ("hybrid" or "magnitude")
     fitness: Optional[str] = None     # accuracy | loglik | agreement; None: the evaluator's default
@@ -51,6 +52,7 @@ class PruneSettings:
     calib_size: Optional[int] = None  # score a seeded subsample of this many calibration rows
     batch_size: int = 64
     max_length: int = 128             # text evaluators: maximum tokens per row
+    autocast: Optional[str] = None    # "bf16": the search's forward passes under bf16 autocast
     executor: str = "serial"          # where candidates are scored: serial | processes | ray
     workers: Optional[int] = None     # processes/ray: how many workers
     ray_address: Optional[str] = None
@@ -76,6 +78,9 @@ class PruneSettings:
             raise NPSError(f"settings: holdout must be in [0, 0.9], got {self.holdout}")
         if int(self.rescore_top) < 1:
             raise NPSError(f"settings: rescore_top must be >= 1, got {self.rescore_top}")
+        if self.autocast not in AUTOCASTS:
+            raise NPSError(f"settings: autocast must be one of {', '.join(map(str, AUTOCASTS))}, got "
+                           f"{self.autocast!r}")
         if self.calib_size is not None and int(self.calib_size) < 1:
             raise NPSError(f"settings: calib_size must be >= 1 (or None), got {self.calib_size}")
 
@@ -107,12 +112,14 @@ class PruneSettings:
         their parametrisation's defaults (errors name the CLI flags: this is the CLI's side)."""
         # a baseline does not search: its (unused) bounds are not checked, as they never were
         search = (search_settings_from_options(opts) if getattr(opts, "method", "nps") == "nps"
-                  else SearchSettings())
+                  else shipped_search())
         return cls(keep_ratio=opts.keep, bands=opts.bands, scheme=opts.scheme, focus=opts.focus,
                    kept_values=opts.kept_values, search=search,
                    seed=opts.seed, space=opts.space, fitness=opts.fitness, holdout=opts.holdout,
                    rescore_top=opts.rescore_top, calib_size=opts.calib_size,
-                   batch_size=opts.batch_size, max_length=opts.max_length, executor=opts.executor,
+                   batch_size=opts.batch_size, max_length=opts.max_length,
+                   autocast=None if getattr(opts, "autocast", "off") == "off" else opts.autocast,
+                   executor=opts.executor,
                    workers=opts.workers, ray_address=opts.ray_address)
 
 
@@ -122,6 +129,9 @@ def search_settings_from_options(opts) -> SearchSettings:
     from ..config import resolved_search_bounds
     lower, upper, sigma0 = resolved_search_bounds(opts)
     same = {name: getattr(opts, name) for name in _SEARCH_FIELDS if hasattr(opts, name)}
+    from ..search.race import RACE_OFF
+    if same.get("race") == RACE_OFF:      # --race off: no racing
+        same["race"] = None
     return SearchSettings(**{**same, "lower": lower, "upper": upper, "sigma0": sigma0})
 
 

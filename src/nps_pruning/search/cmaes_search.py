@@ -27,7 +27,7 @@ from ..errors import NPSError
 from .search_log import LOG_FORMAT, SearchLog, log_header, previous_records
 from .state import SearchAborted, SearchResult, SearchState, best_up_to, scores_of
 
-__all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SearchSettings", "SearchResult", "SearchAborted",
+__all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SHIPPED_SEARCH", "SearchSettings", "shipped_search", "SearchResult", "SearchAborted",
            "best_up_to", "run_search", "LOG_FORMAT"]
 
 
@@ -47,9 +47,11 @@ POPSIZE_MIN = 4                  # the smallest CMA-ES population accepted (its 
 
 @dataclass
 class SearchSettings:
-    """How the band weights are searched. Its defaults are the CLI's (``nps prune`` with no search
-    flags searches exactly ``SearchSettings()``); for ``param="log"`` pass the bounds and step
-    size of :data:`PARAM_DEFAULTS` ``["log"]`` (or use :meth:`for_param`)."""
+    """How the band weights are searched. ``SearchSettings()`` is the plain CMA-ES of the paper
+    (30 generations, every candidate scored on every calibration row); what ``nps prune`` runs
+    with no flags is :func:`shipped_search` (:data:`SHIPPED_SEARCH` on top of these). For
+    ``param="log"`` pass the bounds and step size of :data:`PARAM_DEFAULTS` ``["log"]`` (or use
+    :meth:`for_param`)."""
 
     generations: int = 30
     sigma0: float = PARAM_DEFAULTS["linear"][2]
@@ -115,6 +117,19 @@ class SearchSettings:
             raise NPSError(f"search: race_eta must be > 1, got {self.race_eta}")
         if not (math.isfinite(self.race_z) and self.race_z >= 0):
             raise NPSError(f"search: race_z must be >= 0, got {self.race_z}")
+
+
+# What `nps prune` runs with no flags, on top of SearchSettings() (issue 32; BENCHMARKS.md "What
+# the search is worth"): the ablation of the 30-generation search found that its CMA-ES
+# generations add little over generation 0 on every suite measured, so the default stops early
+# and races the generations it runs, at a small fraction of the old default's forward passes.
+SHIPPED_SEARCH: Dict[str, Any] = {"generations": 6, "race": "auto", "patience": 3}
+
+
+def shipped_search(**changes) -> SearchSettings:
+    """The search ``nps prune`` runs with no flags (the CLI's, YAML's and ``PruneSettings()``'s),
+    with ``changes``."""
+    return SearchSettings(**{**SHIPPED_SEARCH, **changes})
 
 
 def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
@@ -212,6 +227,8 @@ def _race_rows(scorer, settings: SearchSettings, calib_rows: Optional[int]) -> O
         return None
     if not (callable(getattr(scorer, "score_rows", None))
             and getattr(scorer, "supports_rows", True)):
+        if settings.race == "auto":          # racing where it can be done, a plain search elsewhere
+            return None
         raise NPSError("search: racing (race='halving') needs a scorer that scores rows "
                        "(score_rows): a text- or image-classification evaluator")
     n = calib_rows if calib_rows is not None else getattr(scorer, "num_rows", None)

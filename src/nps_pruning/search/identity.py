@@ -103,6 +103,8 @@ def run_identity(*, pretrained, finetuned, eval_spec, opts, method: str = "nps")
         "running_stats": g("running_stats"),
         # the fitness and the search/held-out split of the calibration rows change every score
         "fitness": g("fitness"), "holdout": g("holdout"), "rescore_top": g("rescore_top"),
+        # bf16 autocast changes every score (absent when off: older logs still resume)
+        **({"autocast": g("autocast")} if g("autocast") else {}),
     }
 
 

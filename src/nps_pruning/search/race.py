@@ -1,5 +1,7 @@
 """Racing (successive halving) over calibration rows: a generation scored for a fraction of the
-forward passes, its winner still scored on every row (``--race halving``).
+forward passes, its winner still scored on every row (``--race halving``; ``--race auto`` races
+where the evaluator can score some of its rows, the classification and language-model ones, and
+runs unraced elsewhere, a ``python:`` evaluator).
 
 Within one CMA-ES generation (generation 0, the start points, is never raced):
 
@@ -35,7 +37,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-RACES = ("halving",)
+RACES = ("halving", "auto")   # "auto": halving where the evaluator scores rows, else no racing
+RACE_OFF = "off"              # the CLI's way to say "no racing" (None in SearchSettings)
 
 
 def race_schedule(num_rows: int, min_rows: int, eta: float) -> List[int]:

@@ -43,7 +43,7 @@ class CandidateScorer:
                  model_factory: Optional[str] = None, device: str = "cpu", batch_size: int = 64,
                  tau_dtype: str = "float32", space: str = "magnitude", fitness: str = "accuracy",
                  max_length: int = 128, running_stats: str = "finetuned",
-                 allow_shape_mismatch: bool = False):
+                 allow_shape_mismatch: bool = False, autocast: Optional[str] = None):
         self.pretrained_path = str(pretrained_path) if pretrained_path is not None else None
         self.finetuned_path = str(finetuned_path) if finetuned_path is not None else None
         self.eval_spec = eval_spec
@@ -63,6 +63,7 @@ class CandidateScorer:
         self.max_length = int(max_length)
         self.running_stats = running_stats
         self.allow_shape_mismatch = bool(allow_shape_mismatch)
+        self.autocast = autocast        # "bf16": candidates' forward passes under bf16 autocast
         self._state: Optional[_State] = None
         self._written = None           # (positions, θ_pre there) of the candidate in the model
         self._picklable = True
@@ -70,10 +71,11 @@ class CandidateScorer:
     @classmethod
     def from_state(cls, base_flat, tv, bands, model, flat, evaluator, keep_ratio: float,
                    kept_values: str = "weighted", space: str = "magnitude",
-                   index=None) -> "CandidateScorer":
+                   index=None, autocast: Optional[str] = None) -> "CandidateScorer":
         """In-process scorer over already loaded objects (not picklable: serial executor only)."""
         self = cls(None, None, getattr(evaluator, "name", "<evaluator>"), keep_ratio,
-                   num_bands=getattr(bands, "num_bands", 0), kept_values=kept_values, space=space)
+                   num_bands=getattr(bands, "num_bands", 0), kept_values=kept_values, space=space,
+                   autocast=autocast)
         self._state = _State(base_flat, tv, bands, model, flat, evaluator, index)
         self._picklable = False
         return self
@@ -186,11 +188,20 @@ class CandidateScorer:
         sync(dev)
         return st, (lambda: sync(dev)), time.perf_counter() - t0
 
-    def __call__(self, weights) -> Tuple[float, dict]:
+    def _forward_mode(self, st):
+        """No gradients; with ``autocast="bf16"`` also bf16 autocast on the model's device."""
+        import contextlib
         import torch
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        if getattr(self, "autocast", None) == "bf16":
+            stack.enter_context(torch.autocast(device_type=st.flat.device.type, dtype=torch.bfloat16))
+        return stack
+
+    def __call__(self, weights) -> Tuple[float, dict]:
         st, sync, build_s = self._put_candidate(weights)
         t1 = time.perf_counter()
-        with torch.no_grad():
+        with self._forward_mode(st):
             score = float(st.evaluator(st.model))
         sync()
         t2 = time.perf_counter()
@@ -201,14 +212,13 @@ class CandidateScorer:
         """Per-row values of the candidate on the calibration rows at positions ``rows`` (for
         racing; see ``FitnessScored.score_rows``); info as ``__call__``'s, with ``examples`` =
         the rows forwarded and ``fitness`` (how the values make a score)."""
-        import torch
         st = self.state
         if not callable(getattr(st.evaluator, "score_rows", None)):
             raise NPSError(f"{getattr(st.evaluator, 'name', 'this evaluator')}: racing (--race) "
                            "needs a text- or image-classification evaluator (it scores rows)")
         st, sync, build_s = self._put_candidate(weights)
         t1 = time.perf_counter()
-        with torch.no_grad():
+        with self._forward_mode(st):
             _, values = st.evaluator.score_rows(st.model, rows)
         sync()
         t2 = time.perf_counter()

@@ -1,0 +1,193 @@
+"""The search ablation (issue 32): a long search's candidates cut into the searches it contains
+are those searches exactly (CMA-ES prefix, patience), the picks with and without the held-out
+re-scoring, the kind of point returned; and the shipped default (`--race auto`, patience)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from nps_bench.exp_search_ablation import (CUTS, VARIANTS, cut_candidates, cut_generation,
+                                           holdout_pick, kind_of, render, search_pick,
+                                           settings_params, _settings, AblationConfig, OLD_CLI)
+from nps_pruning.apps.settings import PruneSettings
+from nps_pruning.core.space import make_space
+from nps_pruning.errors import NPSError
+from nps_pruning.search import SHIPPED_SEARCH, SearchSettings, run_search, shipped_search
+
+from test_search_cost import PerRow, _key
+
+
+def _hybrid(**kw):
+    return SearchSettings(**{"generations": 12, "seed": 1, "space": "hybrid", **kw})
+
+
+def _space(keep=0.05):
+    return make_space("hybrid", 4, 0.0, 4.0, keep_ratio=keep)
+
+
+class Hybrid(PerRow):
+    """PerRow over the hybrid space's 7 parameters (4 band weights + g, α, h)."""
+
+    def values(self, w):
+        w = np.asarray(w, dtype=np.float64)
+        target = np.array([1.6, 0.3, 1.2, 0.7, 1.3, 0.2, 0.1])
+        import hashlib
+        seed = int.from_bytes(hashlib.sha256(w.tobytes()).digest()[:8], "little")
+        h = np.random.default_rng(seed).normal(0.0, 1.0, self.rows)
+        return -float(np.sum((w - target) ** 2)) + self.offsets + self.noise * h
+
+
+def test_a_cut_of_the_long_search_is_the_short_search():
+    """The first G generations of a 12-generation search are the G-generation search, and the
+    patience-3 cut is where a patience-3 search stops; generation 0 holds the start points and
+    the refinement."""
+    space = _space()
+    full = run_search(Hybrid(noise=0.0), 4, _hybrid(), space=space, progress=False)
+    labels = space.start_labels()
+    for g in (0, 3, 6):
+        short = run_search(Hybrid(noise=0.0), 4, _hybrid(generations=g), space=_space(), progress=False)
+        assert _key(cut_candidates(full.candidates, f"g{g}" if g else "gen0", labels)) == _key(short.candidates)
+    pat = run_search(Hybrid(noise=0.0), 4, _hybrid(patience=3), space=_space(), progress=False)
+    stop = cut_generation(full.candidates, "patience3")
+    assert pat.stopped_at == stop and _key(cut_candidates(full.candidates, "patience3", labels)) == _key(pat.candidates)
+    starts = cut_candidates(full.candidates, "starts", labels)
+    assert [c["start"] for c in starts] == labels
+    gen0 = cut_candidates(full.candidates, "gen0", labels)
+    assert len(gen0) > len(starts) and {kind_of(c, labels) for c in gen0[len(starts):]} == {"refinement"}
+    assert kind_of(full.candidates[-1], labels) == "cma-es" and kind_of(starts[1], labels) == "start:dare"
+    assert cut_generation(full.candidates, "starts") is None and set(CUTS) >= {"starts", "gen0", "g30"}
+    with pytest.raises(ValueError):
+        cut_generation(full.candidates, "bogus")
+
+
+def test_picks_with_and_without_the_held_out_rows():
+    """The search pick is the best search score (earliest on ties); the held-out pick is the
+    shipped rule over the shipped finalists (every generation-0 point, then the top distinct)."""
+    c = [{"gen": 0, "idx": 0, "weights": [1.0], "score": 0.5, "status": "ok", "start": "magnitude"},
+         {"gen": 0, "idx": 1, "weights": [2.0], "score": 0.7, "status": "ok", "start": "dare"},
+         {"gen": 1, "idx": 0, "weights": [3.0], "score": 0.9, "status": "ok"},
+         {"gen": 1, "idx": 1, "weights": [3.0], "score": 0.9, "status": "ok"},      # same point
+         {"gen": 1, "idx": 2, "weights": [4.0], "score": 0.8, "status": "ok"},
+         {"gen": 1, "idx": 3, "weights": [5.0], "score": 0.95, "status": "failed"}]
+    assert search_pick(c) is c[2]
+    held = {1.0: 0.6, 2.0: 0.9, 3.0: 0.4, 4.0: 0.9}
+    seen = []
+
+    def hs(rec):
+        seen.append(rec["weights"][0])
+        return held[rec["weights"][0]]
+    pick, n = holdout_pick(c, 2, hs)
+    assert n == 4 and seen == [1.0, 2.0, 3.0, 4.0]      # the duplicate is re-scored once
+    assert pick is c[4]          # held-out tie at 0.9 with DARE: the better search score wins
+    pick1, n1 = holdout_pick(c, 1, hs)
+    assert n1 == 3 and pick1 is c[1]
+
+
+def test_render_says_what_the_generations_add(tmp_path):
+    cut = lambda t, e: {"generations": 0, "candidates": 1, "examples": e, "seconds": 1.0, "finalists": 2,
+                        "examples_holdout": e + 10, "seconds_holdout": 2.0,
+                        "holdout": {"test": t, "kind": "start:dare", "gen": 0, "calib": 0.0},
+                        "search": {"test": t, "kind": "cma-es", "gen": 3, "calib": 0.0}}
+    row = {"variant": "old-cli", "keep": 0.05, "test": 0.8,
+           "cuts": {**{k: cut(0.7, 100) for k in CUTS}, "g30": cut(0.8, 1000)}}
+    data = {"model": "m", "commit": "c", "date": "d", "checkpoints": {"a": "0" * 64},
+            "test_rows": {"a": 1000}, "tasks": {"a": [row, {"variant": "race6", "keep": 0.05, "test": 0.79,
+                                                             "kind": "cma-es", "examples_scored": 55,
+                                                             "search_s": 3.0}]}}
+    md = render({"suites": {"text": data}})
+    assert "**(old CLI default)**" in md and "| 1,010 | 1.000× |" in md and "| 55 | 0.054× |" in md
+    assert "r = 0.05: +0.1000" in md and "0 / 0 / 1 |" in md and "1 / 0 / 0 |" in md
+
+
+def test_ablation_settings_pin_the_old_default_and_the_shipped_one_is_exact():
+    t = {"name": "a", "max_length": 64}
+    old = _settings(t, AblationConfig(), "text", 0.02, OLD_CLI)
+    assert (old.search.generations, old.search.popsize, old.search.race, old.search.patience) == (30, None, None, None)
+    assert old.holdout == PruneSettings().holdout and old.max_length == 64
+    shipped = _settings(t, AblationConfig(), "text", 0.02, VARIANTS["shipped"][1])
+    assert shipped == PruneSettings(keep_ratio=0.02, max_length=64)
+    assert settings_params(shipped)["search"] == shipped_search().to_dict()
+    llm = _settings(t, AblationConfig(), "llm", 0.05, None)
+    assert (llm.calib_size, llm.batch_size) == (64, 16)
+
+
+def test_the_shipped_default_is_what_nps_prune_runs():
+    """PruneSettings(), the CLI's and the benchmark's default rows search shipped_search()."""
+    from nps_bench.wins import VARIANTS as WV, WinsConfig, _settings as wins_settings
+    from nps_pruning.config import PruneOptions, build
+    assert PruneSettings().search == shipped_search() == SearchSettings(**SHIPPED_SEARCH)
+    opts = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o"})
+    assert PruneSettings.from_options(opts) == PruneSettings()
+    st = wins_settings({"name": "a", "max_length": 64}, WinsConfig(), 0.05, WV["default"][1], None)
+    assert st == PruneSettings(keep_ratio=0.05, max_length=64)
+    assert wins_settings({"name": "a"}, WinsConfig(), 0.1, WV["default-128"][1], 128) == \
+        PruneSettings(keep_ratio=0.1, calib_size=128)
+
+
+def test_race_auto_races_where_rows_are_scored_and_is_plain_elsewhere():
+    raced = run_search(PerRow(rows=96), 4, SearchSettings(generations=3, seed=3, popsize=8, upper=2.0,
+                                                         space="magnitude", race="auto"), progress=False)
+    halving = run_search(PerRow(rows=96), 4, SearchSettings(generations=3, seed=3, popsize=8, upper=2.0,
+                                                           space="magnitude", race="halving"), progress=False)
+    assert _key(raced.candidates) == _key(halving.candidates)
+    assert any(c["status"] == "eliminated" for c in raced.candidates)
+
+    def plain_scorer(w):          # no score_rows (a python: evaluator): auto runs unraced
+        return -float(np.sum((np.asarray(w) - 1.0) ** 2))
+    auto = run_search(plain_scorer, 4, SearchSettings(generations=3, seed=3, race="auto",
+                                                      space="magnitude"), progress=False)
+    plain = run_search(plain_scorer, 4, SearchSettings(generations=3, seed=3, space="magnitude"), progress=False)
+    assert [c["score"] for c in auto.candidates] == [c["score"] for c in plain.candidates]
+    with pytest.raises(NPSError, match="scores rows"):
+        run_search(plain_scorer, 4, SearchSettings(generations=1, race="halving", space="magnitude"),
+                   progress=False)
+
+
+def test_race_off_on_the_command_line():
+    from nps_pruning.config import PruneOptions, build
+    opts = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race": "off"})
+    assert PruneSettings.from_options(opts).search.race is None
+    with pytest.raises(NPSError):
+        SearchSettings(race="off").validate()
+
+
+# -- bf16 autocast of the search's forward passes ------------------------------------------------
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from conftest import make_tiny_bert, write_text_csv
+    root = tmp_path_factory.mktemp("autocast")
+    base, ft = make_tiny_bert(root)
+    return {"base": base, "ft": ft, "calib": write_text_csv(root / "calib.csv", rows=40, seed=0)}
+
+
+def test_autocast_bf16_scores_in_bf16_and_is_reproducible(pair, tmp_path):
+    """--autocast bf16: the candidates' scores are the bf16 forward's (close to, not equal to,
+    fp32's), the same seed gives the same result, the held-out re-scoring uses it too, and the
+    CLI records it; a bad value is refused."""
+    import torch
+    from nps_pruning.apps.prune import Session, prune
+    from nps_pruning.cli import main
+    spec = f"text-classification:{pair['calib']}"
+    st = PruneSettings(keep_ratio=0.1, bands=4, seed=2).replace(generations=1, popsize=4)
+    s = Session.load(pair["base"], pair["ft"])
+    fp32 = prune(s, "nps", settings=st, eval_spec=spec, progress=False)
+    bf = [prune(Session.load(pair["base"], pair["ft"]), "nps", settings=dataclasses.replace(st, autocast="bf16"),
+                eval_spec=spec, progress=False) for _ in range(2)]
+    a = [c["score"] for c in fp32.search.candidates[:3]]
+    b = [c["score"] for c in bf[0].search.candidates[:3]]
+    assert a != b and np.allclose(a, b, atol=0.05)
+    assert [c["score"] for c in bf[0].search.candidates] == [c["score"] for c in bf[1].search.candidates]
+    assert bf[0].rescored == bf[1].rescored and bf[0].rescored != fp32.rescored
+    assert torch.equal(bf[0].pruned, bf[1].pruned) and bf[0].pruned.dtype == fp32.pruned.dtype
+    out = tmp_path / "o"
+    assert main(["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--keep", "0.1", "--bands", "4",
+                 "--generations", "1", "--popsize", "4", "--seed", "2", "--eval", spec, "--quiet",
+                 "--autocast", "bf16"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["settings"]["autocast"] == "bf16"
+    assert [c["score"] for c in rep["search"]["candidates"]] == [c["score"] for c in bf[0].search.candidates]
+    with pytest.raises(NPSError, match="autocast"):
+        PruneSettings(autocast="fp8")
