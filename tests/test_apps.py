@@ -204,12 +204,13 @@ def test_prune_magnitude_writes_base_plus_topk(fam, tmp_path):
 
 # the paper's NPS exactly (the shipped default searches the hybrid space on a loglik fitness with a
 # held-out re-scoring; tests/test_space.py covers it)
-PAPER_NPS = ["--space", "magnitude", "--fitness", "accuracy", "--holdout", "0"]
+PAPER_NPS = ["--space", "magnitude", "--fitness", "accuracy", "--holdout", "0", "--race", "off",
+             "--patience", "0"]
 
 
 def _nps_prune(fam, out, seed=7):
     return run(["prune", fam["base"], fam["ft"], "-o", out, "--method", "nps", "--keep", "0.1",
-                PAPER_NPS[0], PAPER_NPS[1], PAPER_NPS[2], PAPER_NPS[3], PAPER_NPS[4], PAPER_NPS[5],
+                *PAPER_NPS,
                 "--bands", "4", "--generations", "2", "--popsize", "4", "--seed", seed,
                 "--eval", f"text-classification:{fam['calib']}",
                 "--test", f"text-classification:{fam['test']}", "--quiet"])

@@ -128,9 +128,9 @@ def test_the_shipped_default_is_what_nps_prune_runs():
 
 
 def test_race_auto_races_where_rows_are_scored_and_is_plain_elsewhere():
-    raced = run_search(PerRow(rows=96), 4, SearchSettings(generations=3, seed=3, popsize=8, upper=2.0,
+    raced = run_search(PerRow(rows=200), 4, SearchSettings(generations=3, seed=3, popsize=8, upper=2.0,
                                                          space="magnitude", race="auto"), progress=False)
-    halving = run_search(PerRow(rows=96), 4, SearchSettings(generations=3, seed=3, popsize=8, upper=2.0,
+    halving = run_search(PerRow(rows=200), 4, SearchSettings(generations=3, seed=3, popsize=8, upper=2.0,
                                                            space="magnitude", race="halving"), progress=False)
     assert _key(raced.candidates) == _key(halving.candidates)
     assert any(c["status"] == "eliminated" for c in raced.candidates)
@@ -144,12 +144,22 @@ def test_race_auto_races_where_rows_are_scored_and_is_plain_elsewhere():
     with pytest.raises(NPSError, match="scores rows"):
         run_search(plain_scorer, 4, SearchSettings(generations=1, race="halving", space="magnitude"),
                    progress=False)
+    # fewer rows than two partial stages need (16 · 3² = 144): auto runs unraced
+    few = dict(generations=3, seed=3, popsize=8, upper=2.0, space="magnitude")
+    auto = run_search(PerRow(rows=143), 4, SearchSettings(race="auto", **few), progress=False)
+    plain = run_search(PerRow(rows=143), 4, SearchSettings(**few), progress=False)
+    assert _key(auto.candidates) == _key(plain.candidates)
+    auto = run_search(PerRow(rows=144), 4, SearchSettings(race="auto", **few), progress=False)
+    assert any(c["status"] == "eliminated" for c in auto.candidates)
 
 
 def test_race_off_on_the_command_line():
     from nps_pruning.config import PruneOptions, build
     opts = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race": "off"})
     assert PruneSettings.from_options(opts).search.race is None
+    old = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race": "off",
+                               "patience": 0, "generations": 30})
+    assert PruneSettings.from_options(old).search == SearchSettings()      # the old CLI default
     with pytest.raises(NPSError):
         SearchSettings(race="off").validate()
 

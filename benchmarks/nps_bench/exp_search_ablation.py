@@ -287,6 +287,60 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
     return rows
 
 
+# `nps prune` as a user runs it (a subprocess, torch's own thread count, nothing else running):
+# with no flags, and with the flags that give the old CLI default
+CLI_RUNS = {"shipped": [], "old-cli": ["--generations", "30", "--race", "off", "--patience", "0"]}
+
+
+def cli_timing(suite: str, task: dict, keep: float, cache_root: str) -> Dict[str, dict]:
+    """Wall time, search time and examples scored of `nps prune` with no flags and with the old
+    default's flags, one after the other on the same machine (a step each)."""
+    import subprocess
+    import tempfile
+    cache = ResultCache(Path(cache_root))
+    log = _logger(f"cli-timing/{suite}/{task['name']}")
+    out = {}
+    for name, flags in CLI_RUNS.items():
+        st = _settings(task, AblationConfig(), suite, keep, OLD_CLI if name == "old-cli" else None)
+
+        def run(flags=flags):
+            with tempfile.TemporaryDirectory() as d:
+                argv = [sys.executable, "-m", "nps_pruning.cli", "prune", task["base"], task["finetuned"],
+                        "-o", str(Path(d) / "out"), "--keep", f"{keep:g}", "--eval", task["eval_calib"],
+                        "--max-length", str(task.get("max_length") or 128), "--quiet", *flags]
+                t0 = time.perf_counter()
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                wall = time.perf_counter() - t0
+                rep = json.loads((Path(d) / "out" / "report.json").read_text())
+            search = rep["search"]
+            from nps_pruning.evaluation import count_rows
+            from .wins import holdout_split
+            _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout)
+            n_res = len(search.get("rescored") or [])
+            return {"wall_s": wall, "search_s": float(search.get("seconds") or 0.0),
+                    "rescore_s": float((rep.get("timings") or {}).get("rescore_s") or 0.0),
+                    # forwarded calibration rows: the search's and the held-out re-scoring's
+                    "examples_scored": int(search["examples_scored"]) + n_hold * n_res,
+                    "rescored": n_res,
+                    "threads": __import__("torch").get_num_threads(), "argv_flags": flags,
+                    "cpu": _cpu_name()}
+        params = {"v": ABLATION_VERSION, "task": task["name"], "weights": weights_param(task),
+                  **settings_params(st), "cli": flags}
+        out[name] = cache.step(suite, task["name"], f"cli-time-{name}-r{keep:g}", params, run, log)
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
 def run_task_in_budget(suite: str, task: dict, cfg_d: dict, cache_root: str):
     try:
         return run_task(suite, task, cfg_d, cache_root)
@@ -368,7 +422,7 @@ def render(results: dict) -> str:
              "its searches.", ""]
     order = ("text", "vision", "vit", "llm", "llm-lora")
     for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
-        rows = table_rows(data)
+        rows = table_rows(data) if "tasks" in data else []
         if not rows:
             continue
         keeps = rows[0]["keeps"]
@@ -391,9 +445,26 @@ def render(results: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['examples']:,.0f} | {ratio} | "
                          f"{r['seconds']:.0f} | {kinds.get('start', 0)} / {kinds.get('refinement', 0)} / "
                          f"{kinds.get('cma-es', 0)} |")
-        lines += [""] + verdict(rows, keeps) + [""]
+        lines += [""] + verdict(rows, keeps) + [""] + timing_lines(data.get("cli_timing"))
     lines.append(END)
     return "\n".join(lines)
+
+
+def timing_lines(t: Optional[dict]) -> List[str]:
+    """`nps prune` with no flags against the old default's flags, as a user runs them."""
+    if not t or "shipped" not in t or "old-cli" not in t:
+        return []
+    new, old = t["shipped"], t["old-cli"]
+    ex, wall = new["examples_scored"] / old["examples_scored"], new["wall_s"] / old["wall_s"]
+    ok = new["wall_s"] <= 60.0 and ex <= 0.1
+    return [f"`nps prune` as a user runs it, one command after the other on the same machine ({t['task']}, "
+            f"r = {t['keep']:g}, every calibration row; {new['cpu']}, {new['threads']} torch threads, "
+            f"nothing else running; commit {t['commit']}, {t['date']}): with no flags "
+            f"**{new['wall_s']:.0f} s** wall (search {new['search_s']:.0f} s, re-scoring "
+            f"{new['rescore_s']:.0f} s), {new['examples_scored']:,} examples scored; with the old default's "
+            f"flags (`{' '.join(old['argv_flags'])}`) {old['wall_s']:.0f} s (search {old['search_s']:.0f} s), "
+            f"{old['examples_scored']:,} examples: {ex:.3f}× the examples, {wall:.2f}× the wall time. "
+            f"Target (≤ 60 s and ≤ 0.1× the examples): {'met' if ok else 'NOT met'}.", ""]
 
 
 def verdict(rows: List[dict], keeps) -> List[str]:
@@ -442,6 +513,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--budget", type=float, default=None, metavar="MINUTES")
+    ap.add_argument("--cli-timing", action="store_true",
+                    help="only time `nps prune` with no flags against the old default's flags on each "
+                         "suite's first task at r = 0.05 (run with nothing else on the machine)")
     args = ap.parse_args(argv)
     if not set_budget(args.budget):
         print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
@@ -464,6 +538,17 @@ def main(argv=None) -> int:
     cache_root = str(Path(args.cache_dir) if args.cache_dir else default_results_cache("full"))
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results = json.loads(results_path.read_text()) if results_path.exists() else {"suites": {}}
+    if args.cli_timing:
+        for suite_name in args.suites.split(","):
+            suite = build_suite(suite_name, tasks=args.tasks.split(",") if args.tasks else None)
+            task = task_dict(suite.tasks[0])
+            timing = cli_timing(suite_name, task, 0.05, cache_root)
+            results["suites"].setdefault(suite_name, {})["cli_timing"] = {
+                "task": task["name"], "keep": 0.05, "commit": commit, "date": date, **timing}
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(results_path, json.dumps(results, indent=1, default=float))
+        write_section(Path(args.out), render(results))
+        return 0
     left: List[str] = []
     for suite_name in args.suites.split(","):
         if args.budget is not None and time.time() > float(os.environ[DEADLINE_ENV]):
@@ -481,6 +566,8 @@ def main(argv=None) -> int:
             left += [f"{suite_name}/{t['name']}: {o['left']}" for t, o in stopped]
             continue
         results["suites"][suite_name] = {
+            **({"cli_timing": results["suites"][suite_name]["cli_timing"]}
+               if "cli_timing" in results["suites"].get(suite_name, {}) else {}),
             "model": SUITE_MODELS.get(suite_name, suite_name), "commit": commit, "date": date,
             "checkpoints": {t["name"]: t.get("weights") for t in tasks},
             "test_rows": {t["name"]: _test_rows(t, cfg) for t in tasks},

@@ -27,22 +27,37 @@ def _mean(tasks: dict, method: str, keep: Optional[float]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+def _cost(tasks: dict) -> str:
+    """Mean seconds and examples scored of the default's searches at KEEP."""
+    rows = [r for rs in tasks.values() for r in rs if r.get("method") == "nps-default"
+            and abs(float(r.get("keep", -1)) - KEEP) < 1e-12 and "examples_scored" in r]
+    if not rows:
+        return "–"
+    sec = sum(float(r.get("search_s") or 0) for r in rows) / len(rows)
+    ex = sum(int(r["examples_scored"]) for r in rows) / len(rows)
+    return f"{sec:.0f} s, {ex:,.0f}"
+
+
 def render(wins: dict) -> str:
     cfg = wins.get("config", {})
     budget = f"{cfg.get('generations', '?')} generations of {cfg.get('popsize', '?')}"
     lines = [BEGIN, "",
              f"Mean test accuracy over each suite's tasks at keep ratio r = {KEEP:g} (`make bench-wins`; "
-             f"NPS with the benchmark's search budget, {budget}, not yet the CLI's default: see "
-             "BENCHMARKS.md):", "",
-             "| suite | model | fine-tuned | magnitude | DARE | NPS | commit |", "|---|---|---|---|---|---|---|"]
+             "NPS is `nps prune` with no flags where the suite's run is marked *default*, and the "
+             f"benchmark's older search budget, {budget}, where it is marked *older*; its search "
+             "cost is seconds per search on one of 2 shared cores and calibration rows forwarded, "
+             "held-out re-scoring not included: see BENCHMARKS.md):", "",
+             "| suite | model | fine-tuned | magnitude | DARE | NPS | NPS search cost | commit |",
+             "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "–" if x is None else f"{x:.3f}"
     suites = wins.get("suites", {})
     for name in [n for n in ORDER if n in suites] + [n for n in suites if n not in ORDER]:
         s = suites[name]
         t = s.get("tasks", {})
+        which = "default" if s.get("default_settings") else "older"
         lines.append(f"| {name} | {s.get('model', name)} | {fmt(_mean(t, 'fine-tuned', None))} | "
                      f"{fmt(_mean(t, 'magnitude', KEEP))} | {fmt(_mean(t, 'dare', KEEP))} | "
-                     f"{fmt(_mean(t, 'nps-default', KEEP))} | {s.get('commit', '?')} |")
+                     f"{fmt(_mean(t, 'nps-default', KEEP))} *{which}* | {_cost(t)} | {s.get('commit', '?')} |")
     lines += ["", END]
     return "\n".join(lines)
 

@@ -132,14 +132,17 @@ class SearchOptions:
                          choices=tau_dtypes)
     max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search "
                                                   "stops", lo=1)
-    # cheaper searches (issue 16; README "Search cost"), off by default
+    # cheaper searches (issue 16, issue 32): the shipped default races and stops early (shipped_search)
     patience: Optional[int] = opt(_SEARCH.patience, "stop the search once the best calibration "
-                                                    "score has not improved for N generations",
-                                  lo=1)
+                                                    "score has not improved for N generations "
+                                                    "(0: never stop early)",
+                                  lo=0)
     race: Optional[str] = opt(_SEARCH.race, "race each CMA-ES generation over the calibration "
                                             "rows (successive halving): score all candidates on "
                                             "a few seeded rows, carry only those that can still "
-                                            "win to more rows; the winners get every row",
+                                            "win to more rows; the winners get every row "
+                                            "(auto: halving where the evaluator scores rows and "
+                                            "there are race-min-rows x race-eta^2 rows or more)",
                               choices=RACES + (RACE_OFF,))
     race_min_rows: int = opt(_SEARCH.race_min_rows, "--race: rows of the first stage", lo=2)
     race_eta: float = opt(_SEARCH.race_eta, "--race: each stage keeps the top 1/ETA of the "

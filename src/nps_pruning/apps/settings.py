@@ -132,6 +132,8 @@ def search_settings_from_options(opts) -> SearchSettings:
     from ..search.race import RACE_OFF
     if same.get("race") == RACE_OFF:      # --race off: no racing
         same["race"] = None
+    if same.get("patience") == 0:         # --patience 0: no early stop
+        same["patience"] = None
     return SearchSettings(**{**same, "lower": lower, "upper": upper, "sigma0": sigma0})
 
 

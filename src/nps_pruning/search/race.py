@@ -1,7 +1,9 @@
 """Racing (successive halving) over calibration rows: a generation scored for a fraction of the
 forward passes, its winner still scored on every row (``--race halving``; ``--race auto`` races
 where the evaluator can score some of its rows, the classification and language-model ones, and
-runs unraced elsewhere, a ``python:`` evaluator).
+runs unraced elsewhere: a ``python:`` evaluator, or fewer than ``race_min_rows · race_eta²``
+calibration rows (144 with the defaults), where two partial stages do not fit and racing saves
+little).
 
 Within one CMA-ES generation (generation 0, the start points, is never raced):
 
