@@ -329,8 +329,11 @@ def test_cli_options_parse_and_validate():
     st = search_settings(o)
     assert (st.race, st.patience, st.race_eta) == ("halving", 4, 2.0)
     assert "race" in st.to_dict()
-    plain = search_settings(build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o"}))
+    shipped = search_settings(build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o"}))
+    assert shipped.to_dict()["race"] == "auto" and shipped.to_dict()["patience"] == 3
+    plain = search_settings(build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o",
+                                                 "race": "off", "patience": 0}))
     assert "race" not in plain.to_dict() and "patience" not in plain.to_dict()
-    for bad in ({"race": "fast"}, {"patience": 0}, {"race_eta": 1}):
+    for bad in ({"race": "fast"}, {"patience": -1}, {"race_eta": 1}):
         with pytest.raises(NPSError):
             build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o", **bad})

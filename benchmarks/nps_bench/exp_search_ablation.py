@@ -480,9 +480,22 @@ def verdict(rows: List[dict], keeps) -> List[str]:
             (m0, s0), (m1, s1) = g0["by_keep"][k], g30["by_keep"][k]
             se = math.sqrt(s0 ** 2 + s1 ** 2)
             parts.append(f"r = {k:g}: {m1 - m0:+.4f} ({(m1 - m0) / se if se else 0:+.2f} SE)")
-    return [f"What the 30 CMA-ES generations add over generation 0 (both with the held-out choice), "
-            f"in mean test accuracy: {'; '.join(parts)}; at {g30['examples'] / g0['examples']:.1f}× "
-            "the examples scored."]
+    out = [f"What the 30 CMA-ES generations add over generation 0 (both with the held-out choice), "
+           f"in mean test accuracy: {'; '.join(parts)}; at {g30['examples'] / g0['examples']:.1f}× "
+           "the examples scored."]
+    new = by.get("shipped")
+    if new:
+        parts, within = [], True
+        for k in keeps:
+            if k in new["by_keep"] and k in g30["by_keep"]:
+                (m0, s0), (m1, s1) = g30["by_keep"][k], new["by_keep"][k]
+                parts.append(f"r = {k:g}: {m1 - m0:+.4f} ({(m1 - m0) / s1 if s1 else 0:+.2f} SE of its mean)")
+                within = within and m1 >= m0 - s1
+        out += ["", f"The shipped default (`nps prune` with no flags) against the old CLI default: "
+                    f"{'; '.join(parts)}, at {new['examples'] / g30['examples']:.3f}× the examples scored. "
+                    f"Target (within one standard error at ≤ 0.1× the examples): "
+                    f"{'met' if within and new['examples'] <= 0.1 * g30['examples'] else 'NOT met'}."]
+    return out
 
 
 def write_section(md: Path, section: str) -> None:

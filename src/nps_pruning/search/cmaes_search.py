@@ -212,6 +212,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                             refresh=False)
             bar.update(1)
             if (settings.patience is not None and state.best_gen is not None
+                    and gen < settings.generations        # the last generation stops nothing
                     and gen - state.best_gen >= int(settings.patience)):
                 state.stop(f"patience: no better score in the {int(settings.patience)} "
                            f"generations after generation {state.best_gen}", gen)
