@@ -9,6 +9,7 @@ import pytest
 from nps_pruning.cli import build_parser, main
 from nps_pruning.config import COMMANDS, PruneOptions, build, load_yaml_config
 from nps_pruning.errors import NPSError
+from nps_pruning.search import shipped_search
 
 
 @pytest.mark.parametrize("command", list(COMMANDS) + ["run"])
@@ -38,7 +39,7 @@ def test_flags_and_yaml_give_the_same_options(tmp_path):
     assert command == "prune"
     assert from_yaml == from_flags
     assert from_flags.keep == 0.02 and from_flags.bands == 4 and from_flags.calib_size == 64
-    assert from_flags.generations == 30  # default kept
+    assert from_flags.generations == shipped_search().generations  # default kept
 
 
 def test_repeated_list_options():

@@ -65,9 +65,9 @@ def test_the_readme_results_table_is_the_one_the_results_give():
     """The README's numbers come from benchmarks/results/wins.json alone (nps_bench.readme_table;
     `python -m nps_bench.readme_table` rewrites the block, as `make bench-wins` does)."""
     import json
-    from nps_bench.readme_table import BEGIN, END, render
+    from nps_bench.readme_table import BEGIN, END, load_ablation, render
     wins = json.loads((ROOT / "benchmarks" / "results" / "wins.json").read_text())
     text = (ROOT / "README.md").read_text()
     block = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
-    assert block == render(wins), "run `python -m nps_bench.readme_table`"
+    assert block == render(wins, load_ablation(ROOT)), "run `python -m nps_bench.readme_table`"
     assert "| text | all-MiniLM-L6-v2 |" in block

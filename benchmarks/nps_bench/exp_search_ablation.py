@@ -1,6 +1,6 @@
 """`make bench-ablation`: what each part of the NPS search is worth (issue 32).
 
-For every task and keep ratio, one search with the CLI default of before 2026-12-05 (30 CMA-ES
+For every task and keep ratio, one search with the CLI default of before 2026-12-06 (30 CMA-ES
 generations of the library's population, 25% held-out re-scoring: "old CLI default") is run
 with the shipped code, and its candidates are cut into the searches it contains: CMA-ES never
 looks at how many generations are to come and ``patience`` only stops a run early, so the first
@@ -48,7 +48,7 @@ from .paths import git_output, repo_root
 REPO = repo_root()
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 ABLATION_VERSION = 1
-# the CLI default before 2026-12-05: 30 generations of 4 + 3 ln M, no racing, no patience
+# the CLI default before 2026-12-06: 30 generations of 4 + 3 ln M, no racing, no patience
 OLD_CLI = {"generations": 30, "popsize": None, "race": None, "patience": None}
 CUTS = ("starts", "gen0", "g3", "g6", "g12", "g30", "patience3")
 CUT_LABELS = {"starts": "generation 0: the start points alone",
@@ -407,7 +407,7 @@ def render(results: dict) -> str:
     lines = [START, "## What the search is worth: an ablation of the NPS search", "",
              "Written by `make bench-ablation` (`python -m nps_bench.exp_search_ablation`) from its "
              "cached steps (`--render-only` re-renders it). One search per task and r with the CLI "
-             "default of before 2026-12-05 (30 CMA-ES generations of the library's population, 11 "
+             "default of before 2026-12-06 (30 CMA-ES generations of the library's population, 11 "
              "for the hybrid space; 25% of the calibration rows held out to re-score the finalists), "
              "cut into the searches it contains: CMA-ES never looks at the generations to come, so "
              "its first G generations are the G-generation search. Each cut picks twice: with the "
@@ -428,7 +428,8 @@ def render(results: dict) -> str:
         keeps = rows[0]["keeps"]
         ref = next((r for r in rows if r["id"] == "g30/holdout"), None)
         lines += [f"### {suite} ({data['model']}, {len(data['tasks'])} tasks: {', '.join(data['tasks'])})", "",
-                  f"Measured at commit {data['commit']} on {data['date']}. Checkpoints (tensor SHA-256, "
+                  f"Gathered at commit {data['commit']} on {data['date']} (each step file records the "
+                  "commit that computed it). Checkpoints (tensor SHA-256, "
                   "first 12): " + ", ".join(f"{t} `{(d or '?')[:12]}`" for t, d in data["checkpoints"].items())
                   + "." + (f" Calibration capped at {data['calib_cap']} rows (as in bench-wins)."
                            if data.get("calib_cap") else ""), "",
@@ -584,7 +585,9 @@ def main(argv=None) -> int:
             "model": SUITE_MODELS.get(suite_name, suite_name), "commit": commit, "date": date,
             "checkpoints": {t["name"]: t.get("weights") for t in tasks},
             "test_rows": {t["name"]: _test_rows(t, cfg) for t in tasks},
-            "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)},
+            # (each search's candidate list stays in its step file)
+            "tasks": {t["name"]: [{k: v for k, v in row.items() if k != "candidates"} for row in rows]
+                      for t, rows in zip(tasks, outs)},
             **({"calib_cap": cfg.suite_calib_size[suite_name]} if suite_name in cfg.suite_calib_size else {})}
     if left:
         for line in left:
@@ -595,7 +598,17 @@ def main(argv=None) -> int:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results_path, json.dumps(results, indent=1, default=float))
     write_section(Path(args.out), render(results))
+    _update_readme(results_path)
     return 0
+
+
+def _update_readme(results_path: Path) -> None:
+    """The README's results block quotes the shipped search's cost from these results."""
+    if results_path == REPO / "benchmarks" / "results" / "ablation.json":
+        from .readme_table import load_ablation, update
+        wins = REPO / "benchmarks" / "results" / "wins.json"
+        if wins.is_file():
+            update(REPO / "README.md", json.loads(wins.read_text()), load_ablation(REPO))
 
 
 def _test_rows(task: dict, cfg: AblationConfig) -> int:

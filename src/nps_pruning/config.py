@@ -109,9 +109,8 @@ class SearchOptions:
                                     lo=1)
     batch_size: int = opt(_PRUNE.batch_size, "evaluation batch size", lo=1)
     max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
-    autocast: str = opt("off", "bf16: the search's forward passes under bf16 autocast (about 2x "
-                               "faster on CPUs with AVX512-BF16/AMX and on GPUs; the output is "
-                               "built in the task vector's own dtype)", choices=("off", "bf16"))
+    autocast: str = opt("off", "bf16: the search's forward passes under bf16 autocast (faster on "
+                               "CPUs with AMX/AVX512-BF16 and GPUs)", choices=("off", "bf16"))
     lm_eval_include: Optional[str] = opt(None, "lm-eval: evaluators: folder of local lm-evaluation-harness "
                                                "task YAMLs (also NPS_LM_EVAL_INCLUDE)")
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
@@ -132,7 +131,6 @@ class SearchOptions:
                          choices=tau_dtypes)
     max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search "
                                                   "stops", lo=1)
-    # cheaper searches (issue 16, issue 32): the shipped default races and stops early (shipped_search)
     patience: Optional[int] = opt(_SEARCH.patience, "stop the search once the best calibration "
                                                     "score has not improved for N generations "
                                                     "(0: never stop early)",
@@ -140,9 +138,8 @@ class SearchOptions:
     race: Optional[str] = opt(_SEARCH.race, "race each CMA-ES generation over the calibration "
                                             "rows (successive halving): score all candidates on "
                                             "a few seeded rows, carry only those that can still "
-                                            "win to more rows; the winners get every row "
-                                            "(auto: halving where the evaluator scores rows and "
-                                            "there are race-min-rows x race-eta^2 rows or more)",
+                                            "win to more rows; the winners get every row (auto: "
+                                            "where rows are scored, >= min-rows x eta^2 of them)",
                               choices=RACES + (RACE_OFF,))
     race_min_rows: int = opt(_SEARCH.race_min_rows, "--race: rows of the first stage", lo=2)
     race_eta: float = opt(_SEARCH.race_eta, "--race: each stage keeps the top 1/ETA of the "
