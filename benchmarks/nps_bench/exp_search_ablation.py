@@ -44,6 +44,7 @@ from .cache import (DEADLINE_ENV, BudgetReached, ResultCache, _logger, _set_thre
 from .context import stats_params, task_dict, weights_param
 from .labels import SUITE_MODELS
 from .paths import git_output, repo_root
+from .wins import SUITE_BATCH_SIZE, SUITE_CALIB_SIZE, _se, holdout_split
 
 REPO = repo_root()
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
@@ -83,11 +84,9 @@ class AblationConfig:
     test_seed: int = 0
     threads: int = 1
     jobs: int = 2
-    # as in bench-wins: the LLM suites' every method sees a seeded 64 calibration rows, batches of 16
-    suite_calib_size: Dict[str, int] = dataclasses.field(
-        default_factory=lambda: {"llm": 64, "llm-lora": 64})
-    suite_batch_size: Dict[str, int] = dataclasses.field(
-        default_factory=lambda: {"llm": 16, "llm-lora": 16})
+    # as in bench-wins: the LLM suites' calibration cap and batch size
+    suite_calib_size: Dict[str, int] = dataclasses.field(default_factory=lambda: dict(SUITE_CALIB_SIZE))
+    suite_batch_size: Dict[str, int] = dataclasses.field(default_factory=lambda: dict(SUITE_BATCH_SIZE))
 
 
 def cut_generation(candidates: List[dict], cut: str, patience: int = 3) -> Optional[int]:
@@ -173,7 +172,7 @@ def settings_params(st: PruneSettings) -> dict:
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
     from nps_pruning.apps.prune import Session, prune
     from nps_pruning.core.space import build_point, make_hybrid_index, make_space
-    from nps_pruning.evaluation import make_evaluator
+    from nps_pruning.evaluation import count_rows, make_evaluator
     from nps_pruning.search.scorer import CandidateScorer
     cfg = AblationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
     _set_threads(cfg.threads)
@@ -275,9 +274,8 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
 
             def one(st=st):
                 s, out, space, labels, chosen, examples, wall, n_final = run(st)
-                _, hold_ev = s.search_evaluators(task["eval_calib"], fitness=st.fitness, holdout=st.holdout,
-                                                 calib_size=st.calib_size, **st.evaluator_kwargs())
-                n_hold = hold_ev.num_rows if hold_ev is not None else 0
+                # held-out rows counted, not built again (n_final is 0 without a hold-out)
+                _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout)
                 return {"test": s.score(state["test"], out.pruned), "kind": kind_of(chosen, labels),
                         "gen": int(chosen["gen"]), "examples_scored": examples + n_hold * n_final,
                         "search_s": wall, "num_candidates": len(out.search.candidates),
@@ -315,7 +313,6 @@ def cli_timing(suite: str, task: dict, keep: float, cache_root: str) -> Dict[str
                 rep = json.loads((Path(d) / "out" / "report.json").read_text())
             search = rep["search"]
             from nps_pruning.evaluation import count_rows
-            from .wins import holdout_split
             _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout)
             n_res = len(search.get("rescored") or [])
             return {"wall_s": wall, "search_s": float(search.get("seconds") or 0.0),
@@ -349,10 +346,6 @@ def run_task_in_budget(suite: str, task: dict, cfg_d: dict, cache_root: str):
 
 
 # -- the section ------------------------------------------------------------------------------
-
-def _se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / max(1, n))
-
 
 def _mean_se(vals: List[Tuple[float, int]]) -> Tuple[float, float]:
     ps = [p for p, _ in vals]

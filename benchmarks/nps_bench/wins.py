@@ -83,6 +83,11 @@ def holdout_split(total: int, calib_size: Optional[int], holdout: float) -> Tupl
     n = total if calib_size is None else min(int(calib_size), total)
     n_search = max(1, int(round((1.0 - holdout) * n)))
     return n_search, n - n_search
+# suites whose forward passes are too dear for every calibration row (the LLM suites: a SmolLM2
+# forward is ~40x MiniLM's): every method there sees a seeded subsample of this many calibration
+# rows (as `nps prune --calib-size N`), and batches of SUITE_BATCH_SIZE (bench-wins and the ablation)
+SUITE_CALIB_SIZE = {"llm": 64, "llm-lora": 64}
+SUITE_BATCH_SIZE = {"llm": 16, "llm-lora": 16}
 RESCALES = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)   # DAREx-q-style grid (and 1/r)
 
 
@@ -101,13 +106,8 @@ class WinsConfig:
     batch_size: int = 64
     threads: int = 1
     jobs: int = 2
-    # suites whose forward passes are too dear for every calibration row (the LLM suites: a
-    # SmolLM2 forward is ~40x MiniLM's): every method there sees a seeded subsample of this many
-    # calibration rows (as `nps prune --calib-size N`), and batches of suite_batch_size
-    suite_calib_size: Dict[str, int] = dataclasses.field(
-        default_factory=lambda: {"llm": 64, "llm-lora": 64})
-    suite_batch_size: Dict[str, int] = dataclasses.field(
-        default_factory=lambda: {"llm": 16, "llm-lora": 16})
+    suite_calib_size: Dict[str, int] = dataclasses.field(default_factory=lambda: dict(SUITE_CALIB_SIZE))
+    suite_batch_size: Dict[str, int] = dataclasses.field(default_factory=lambda: dict(SUITE_BATCH_SIZE))
     selection_study: bool = True      # test-score the other SELECTION_RULES' picks of each default search
 
 
