@@ -110,11 +110,60 @@ def test_patience_on_a_flat_score_stops_after_n_generations():
     assert max(c["gen"] for c in r.candidates) == 2
 
 
+def _expected_gain_stop(cands, generations, patience, min_gain, min_generations):
+    """Where a run with --min-gain/--min-generations stops, read from an uninterrupted run: the
+    counted gains are the generations after which the best exceeds the last counted best by
+    more than min_gain (generation 0's best counted first)."""
+    best = max(c["score"] for c in cands if c["gen"] == 0 and c["status"] == "ok")
+    ref, last = best, 0
+    for g in range(1, generations + 1):
+        best = max([best] + [c["score"] for c in cands if c["gen"] == g and c["status"] == "ok"])
+        if best > ref + min_gain:
+            ref, last = best, g
+        if min_generations <= g < generations and g - last >= patience:
+            return g, last
+    return None, last
+
+
+@pytest.mark.parametrize("min_gain,min_generations", [(0.05, 0), (0.5, 0), (0.05, 9), (0.0, 0)])
+def test_patience_with_min_gain_and_floor_stops_where_the_full_run_says(tmp_path, min_gain,
+                                                                         min_generations):
+    full = run_search(PerRow(noise=0.0), 4, _settings(generations=40), progress=False)
+    stop, last = _expected_gain_stop(full.candidates, 40, 3, min_gain, min_generations)
+    assert stop is not None and stop >= min_generations
+    st = _settings(generations=40, patience=3, min_gain=min_gain, min_generations=min_generations)
+    r = run_search(PerRow(noise=0.0), 4, st, log_path=tmp_path / "g.jsonl", progress=False)
+    assert r.stopped_at == stop and f"generation {last}" in r.stopped_early
+    assert _key(r.candidates) == _key([c for c in full.candidates if c["gen"] <= stop])
+    assert r.settings["min_gain"] == min_gain
+    # min_gain = 0 counts every strict gain: the plain --patience stop
+    if min_gain == 0.0 and min_generations == 0:
+        assert stop == _expected_stop(full.candidates, 40, 3)[0]
+    # resume-safe: a log cut in the middle stops at the same place
+    lines = (tmp_path / "g.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "g.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    r2 = run_search(PerRow(noise=0.0), 4, st, log_path=tmp_path / "g.jsonl", resume=True,
+                    progress=False)
+    assert r2.stopped_at == stop and _key(r2.candidates) == _key(r.candidates)
+
+
+def test_min_gain_runs_longer_than_plain_patience_only_while_gains_are_large():
+    # a larger threshold counts fewer gains: the run stops no later than with a smaller one
+    full = run_search(PerRow(noise=0.0), 4, _settings(generations=40), progress=False)
+    stops = [_expected_gain_stop(full.candidates, 40, 3, g, 0)[0] for g in (0.0, 0.05, 0.5, 5.0)]
+    assert stops == sorted(stops, reverse=True) and stops[-1] == 3 and stops[0] > stops[-1]
+    # the floor: a flat score runs min_generations, not patience, generations
+    r = run_search(lambda w: 0.25, 3, _settings(generations=20, patience=2, min_gain=0.01,
+                                                 min_generations=7), progress=False)
+    assert r.stopped_at == 7 and max(c["gen"] for c in r.candidates) == 7
+
+
 def test_off_settings_leave_header_and_result_as_before(tmp_path):
     r = run_search(PerRow(), 4, _settings(generations=3), log_path=tmp_path / "a.jsonl",
                    progress=False)
     header = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
-    for key in ("patience", "race", "race_min_rows", "race_eta", "race_z"):
+    for key in ("patience", "race", "race_min_rows", "race_eta", "race_z", "min_gain",
+                "min_generations"):
         assert key not in header["settings"] and key not in r.settings
     assert "stopped_at" not in r.to_dict() and r.stopped_early is None
     assert all(set(c) <= {"gen", "idx", "weights", "score", "status", "error", "build_s",
@@ -123,7 +172,8 @@ def test_off_settings_leave_header_and_result_as_before(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(patience=0), dict(race="quarters"), dict(race_eta=1.0),
-                                 dict(race_min_rows=1), dict(race_z=-1.0)])
+                                 dict(race_min_rows=1), dict(race_z=-1.0), dict(min_gain=-0.1),
+                                 dict(min_gain=float("nan")), dict(min_generations=-1)])
 def test_bad_cost_settings_are_refused(bad):
     with pytest.raises(NPSError):
         _settings(**bad).validate()

@@ -71,8 +71,23 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
                 {"generations": 6, "race": "halving", "race_z": 0.0, "patience": 3}),
     "race12z0": ("racing with z = 0, 12 generations, patience 3",
                  {"generations": 12, "race": "halving", "race_z": 0.0, "patience": 3}),
+    # --patience counting only gains of more than 0.01 after a floor of 6 generations, up to 30
+    "gain6": ("racing with z = 0, ≤ 30 generations: stop after 3 without a gain > 0.01 (not before 6)",
+              {"generations": 30, "race": "auto", "race_z": 0.0, "patience": 3, "min_gain": 0.01,
+               "min_generations": 6}),
+    "gain6-s15": ("as gain6, σ0 = 0.15 (all steps halved)",
+                  {"generations": 30, "race": "auto", "race_z": 0.0, "patience": 3, "min_gain": 0.01,
+                   "min_generations": 6, "sigma0": 0.15}),
+    "gain6-norace": ("≤ 30 generations, not raced: stop after 3 without a gain > 0.01 (not before 6)",
+                     {"generations": 30, "patience": 3, "min_gain": 0.01, "min_generations": 6}),
     "shipped": ("`nps prune` with no flags (today's default)", None),
 }
+# searches that differ from another only in PruneSettings fields (the search itself as VARIANTS)
+PRUNE_VARIANTS: Dict[str, Tuple[str, str, dict]] = {
+    "shipped-bf16": ("`nps prune --autocast bf16` (the default, forward passes under bf16 autocast)",
+                     "shipped", {"autocast": "bf16"}),
+}
+ALL_VARIANTS = {**VARIANTS, **PRUNE_VARIANTS}
 
 
 @dataclasses.dataclass
@@ -148,12 +163,13 @@ def _wkey(rec) -> tuple:
     return tuple(round(float(v), 12) for v in rec["weights"])
 
 
-def _settings(task: dict, cfg: AblationConfig, suite: str, keep: float, search: Optional[dict]) -> PruneSettings:
+def _settings(task: dict, cfg: AblationConfig, suite: str, keep: float, search: Optional[dict],
+              **prune) -> PruneSettings:
     """PruneSettings() but for the keep ratio, the suite's calibration cap and batch size and the
-    task's max length; ``search``: SearchSettings fields replacing the plain SearchSettings()'s
-    (None: the shipped default search, exactly)."""
+    task's max length (and ``prune``'s fields); ``search``: SearchSettings fields replacing the
+    plain SearchSettings()'s (None: the shipped default search, exactly)."""
     base = dict(keep_ratio=keep, seed=cfg.seed, calib_size=cfg.suite_calib_size.get(suite),
-                max_length=task.get("max_length") or 128)
+                max_length=task.get("max_length") or 128, **prune)
     if suite in cfg.suite_batch_size:
         base["batch_size"] = cfg.suite_batch_size[suite]
     if search is None:
@@ -161,12 +177,22 @@ def _settings(task: dict, cfg: AblationConfig, suite: str, keep: float, search: 
     return PruneSettings(**base, search=SearchSettings(**search))
 
 
+def variant_settings(v: str, task: dict, cfg: AblationConfig, suite: str, keep: float) -> PruneSettings:
+    """The PruneSettings variant ``v`` (of VARIANTS or PRUNE_VARIANTS) runs."""
+    prune: dict = {}
+    if v in PRUNE_VARIANTS:
+        _, v, prune = PRUNE_VARIANTS[v]
+    over = VARIANTS[v][1]
+    return _settings(task, cfg, suite, keep, None if over is None else {**OLD_CLI, **over}, **prune)
+
+
 def settings_params(st: PruneSettings) -> dict:
     """Everything the search's numbers depend on, resolved (a default that changes changes the key)."""
     return {"search": st.search.to_dict(), "keep": st.keep_ratio, "bands": st.bands,
             "scheme": st.scheme, "focus": st.focus, "space": st.space, "fitness": st.fitness,
             "holdout": st.holdout, "rescore_top": st.rescore_top, "calib_size": st.calib_size,
-            "batch_size": st.batch_size, "max_length": st.max_length, "seed": st.seed}
+            "batch_size": st.batch_size, "max_length": st.max_length, "seed": st.seed,
+            **({"autocast": st.autocast} if st.autocast else {})}
 
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
@@ -270,7 +296,7 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
         rows.append({"variant": "old-cli", "keep": r,
                      **cache.step(suite, task["name"], f"abl-old-cli-r{r:g}", params(st), full, log)})
         for v in cfg.variants:
-            st = _settings(task, cfg, suite, r, None if VARIANTS[v][1] is None else {**OLD_CLI, **VARIANTS[v][1]})
+            st = variant_settings(v, task, cfg, suite, r)
 
             def one(st=st):
                 s, out, space, labels, chosen, examples, wall, n_final = run(st)
@@ -387,12 +413,12 @@ def table_rows(data: dict) -> List[dict]:
                 pick = "held-out re-scoring" if how == "holdout" else "best search score, no re-scoring"
                 out.append({"id": f"{cut}/{how}", "label": f"{CUT_LABELS[cut]}; {pick}", **row})
     variants = sorted({r["variant"] for rows in tasks.values() for r in rows} - {"old-cli"},
-                      key=lambda v: list(VARIANTS).index(v) if v in VARIANTS else 99)
+                      key=lambda v: list(ALL_VARIANTS).index(v) if v in ALL_VARIANTS else 99)
     for v in variants:
         row = collect(lambda r, v=v: None if r["variant"] != v else
                       (r["test"], r["examples_scored"], r["search_s"], r["kind"]))
         if row:
-            out.append({"id": v, "label": VARIANTS.get(v, (v,))[0] + "; held-out re-scoring", **row})
+            out.append({"id": v, "label": ALL_VARIANTS.get(v, (v,))[0] + "; held-out re-scoring", **row})
     return [dict(r, keeps=keeps) for r in out]
 
 
@@ -512,7 +538,7 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default="text,vision")
     ap.add_argument("--keeps", default=None, help="keep ratios, e.g. 0.02,0.05")
-    ap.add_argument("--variants", default=None, help=f"searches run on their own ({', '.join(VARIANTS)})")
+    ap.add_argument("--variants", default=None, help=f"searches run on their own ({', '.join(ALL_VARIANTS)})")
     ap.add_argument("--tasks", default=None)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--render-only", action="store_true")
@@ -536,7 +562,7 @@ def main(argv=None) -> int:
         cfg.keeps = tuple(float(x) for x in args.keeps.split(","))
     if args.variants is not None:
         cfg.variants = tuple(x for x in args.variants.split(",") if x)
-    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    unknown = [v for v in cfg.variants if v not in ALL_VARIANTS]
     if unknown:
         print(f"nps-bench: error: unknown variant(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -598,10 +624,8 @@ def main(argv=None) -> int:
 def _update_readme(results_path: Path) -> None:
     """The README's results block quotes the shipped search's cost from these results."""
     if results_path == REPO / "benchmarks" / "results" / "ablation.json":
-        from .readme_table import load_ablation, update
-        wins = REPO / "benchmarks" / "results" / "wins.json"
-        if wins.is_file():
-            update(REPO / "README.md", json.loads(wins.read_text()), load_ablation(REPO))
+        from .readme_table import refresh
+        refresh(REPO)
 
 
 def _test_rows(task: dict, cfg: AblationConfig) -> int:

@@ -1,5 +1,6 @@
 """The README's "Results at a glance" table, rendered from ``benchmarks/results/wins.json`` alone
-(the `make bench-wins` results), so it cannot drift from the benchmark: mean test accuracy over
+(the `make bench-wins` results; fusion and compression from `make bench`'s
+``benchmarks/results/<suite>.json``), so it cannot drift from the benchmark: mean test accuracy over
 each suite's tasks at keep ratio 0.05 of the fine-tuned model, magnitude top-k, DARE and NPS with
 the benchmark's search budget, and the commit that computed each suite. ``nps_bench.wins`` rewrites
 the block whenever it writes its results; a test checks that the README holds exactly this."""
@@ -67,7 +68,56 @@ def _shipped_cost(ablation: Optional[dict]) -> List[str]:
     return out
 
 
-def render(wins: dict, ablation: Optional[dict] = None) -> str:
+# fusion rows that are not merges of the task vectors (the references)
+_NOT_MERGES = ("pre-trained", "fine-tuned")
+
+
+def _fusion_lines(suites: Optional[dict]) -> List[str]:
+    """One row per suite: the best merge, the shipped NPS-merge and TIES (mean test accuracy of
+    one merged model over the tasks, λ chosen on calibration), and the NPS store's accuracy
+    normalized to the fine-tuned models and its bits per entry, from ``make bench``'s results
+    (``benchmarks/results/<suite>.json``)."""
+    if not suites:
+        return []
+    fmt = lambda x: "–" if x is None else f"{x:.3f}"
+    rows = []
+    for name in [n for n in ORDER if n in suites]:
+        fu = (suites[name] or {}).get("fusion") or {}
+        merges = {k: v["test_mean"] for k, v in (fu.get("fusion") or {}).items()
+                  if k not in _NOT_MERGES and isinstance(v, dict) and "test_mean" in v}
+        if not merges:
+            continue
+        shipped = (((suites[name] or {}).get("merge_aware") or {}).get("rows") or {}).get("nps-default")
+        if isinstance(shipped, dict) and "test_mean" in shipped:
+            merges["NPS-merge (default)"] = shipped["test_mean"]
+            nps = f"{shipped['test_mean']:.3f} *default*"
+        else:                     # a suite whose run left the shipped merge out: the paper's
+            key = "NPS-merge" if "NPS-merge" in merges else next(
+                (k for k in merges if k.startswith("NPS-merge")), None)
+            nps = "–" if key is None else (f"{merges[key]:.3f} *paper*" if key == "NPS-merge"
+                                           else f"{merges[key]:.3f} *single λ*")
+        best = max(merges, key=lambda k: merges[k])
+        store = [r for r in (fu.get("compression") or {}).get("rows", [])
+                 if str(r.get("method", "")).startswith("NPS fp16")]
+        st = (f"{store[0]['normalized_mean']:.1%} at {store[0]['bits_per_entry']:.2f} bits/entry"
+              if store else "–")
+        ft = (fu.get("fusion") or {}).get("fine-tuned", {}).get("test_mean")
+        rows.append(f"| {name} | {fmt(ft)} | {best} {merges[best]:.3f} | {nps} | "
+                    f"{fmt(merges.get('ties'))} | {st} |")
+    if not rows:
+        return []
+    return ["", "Fusion and compression (`make bench`; BENCHMARKS.md's suite sections say which run "
+                "wrote each): one merged model's mean test accuracy over the tasks (λ chosen on "
+                "calibration; NPS-merge is `nps merge --method nps` as shipped (*default*) where the suite's "
+                "run measured it, else the paper's (*paper*: per-task λ search) or its single-λ form), and the compressed store of all the tasks' NPS vectors (r = 0.05, "
+                "fp16 values, entropy-coded mask) as a share of the fine-tuned models' accuracy:", "",
+            "| suite | fine-tuned (each its own) | best merge | NPS-merge | TIES | NPS store: accuracy kept, size |",
+            "|---|---|---|---|---|---|"] + rows
+
+
+def render(wins: dict, ablation: Optional[dict] = None, bench: Optional[dict] = None) -> str:
+    """The block; ``ablation``: the search ablation's results, ``bench``: suite name -> `make
+    bench`'s results of that suite (:func:`load_suites`)."""
     cfg = wins.get("config", {})
     budget = f"{cfg.get('generations', '?')} generations of {cfg.get('popsize', '?')}"
     lines = [BEGIN, "",
@@ -87,6 +137,7 @@ def render(wins: dict, ablation: Optional[dict] = None) -> str:
         lines.append(f"| {name} | {s.get('model', name)} | {fmt(_mean(t, 'fine-tuned', None))} | "
                      f"{fmt(_mean(t, 'magnitude', KEEP))} | {fmt(_mean(t, 'dare', KEEP))} | "
                      f"{fmt(_mean(t, 'nps-default', KEEP))} *{which}* | {_cost(t)} | {s.get('commit', '?')} |")
+    lines += _fusion_lines(bench)
     lines += _shipped_cost(ablation)
     lines += ["", END]
     return "\n".join(lines)
@@ -97,24 +148,44 @@ def load_ablation(root: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def update(readme: Path, wins: dict, ablation: Optional[dict] = None) -> bool:
+def load_suites(root: Path) -> dict:
+    """``make bench``'s per-suite results (``benchmarks/results/<suite>.json``) that exist."""
+    out = {}
+    for name in ORDER:
+        path = root / "benchmarks" / "results" / f"{name}.json"
+        if path.is_file():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def update(readme: Path, wins: dict, ablation: Optional[dict] = None,
+           suites: Optional[dict] = None) -> bool:
     """Replace the README's generated block (if it has one); True when it changed."""
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         return False
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    new = head + render(wins, ablation) + tail
+    new = head + render(wins, ablation, suites) + tail
     if new != text:
         readme.write_text(new)
     return new != text
 
 
-def main(argv=None) -> int:
+def refresh(root: Optional[Path] = None) -> bool:
+    """Re-render the README's block from the committed results files (what every benchmark
+    entry point calls after writing its results); True when it changed."""
     from .paths import repo_root
-    root = repo_root()
-    wins = json.loads((root / "benchmarks" / "results" / "wins.json").read_text())
-    changed = update(root / "README.md", wins, load_ablation(root))
+    root = root or repo_root()
+    wins = root / "benchmarks" / "results" / "wins.json"
+    if not wins.is_file():
+        return False
+    return update(root / "README.md", json.loads(wins.read_text()), load_ablation(root),
+                  load_suites(root))
+
+
+def main(argv=None) -> int:
+    changed = refresh()
     print("README.md results table " + ("updated" if changed else "unchanged"))
     return 0
 

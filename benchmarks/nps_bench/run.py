@@ -419,6 +419,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if wins_json.is_file():       # the section "NPS that wins" (make bench-wins) from its own results
         from .wins import render as render_wins, write_section
         write_section(out_md, render_wins(json.loads(wins_json.read_text()), figures_dir))
+    if Path(results_dir).resolve() == (_repo_root() / "benchmarks" / "results").resolve():
+        from .readme_table import refresh
+        refresh()                 # the README's results block, from the committed results
     print(f"wrote {out_md} (results: {results_dir}, figures: {figures_dir})", flush=True)
     return 1 if results["meta"].get("failed") else 0
 

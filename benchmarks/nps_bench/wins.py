@@ -621,8 +621,8 @@ def main(argv=None) -> int:
     results_path.write_text(json.dumps(results, indent=1, default=float))
     write_section(Path(args.out), render(results, figures))
     if results_path == REPO / "benchmarks" / "results" / "wins.json":
-        from .readme_table import load_ablation, update
-        update(REPO / "README.md", results, load_ablation(REPO))   # the README's table, from the results
+        from .readme_table import refresh
+        refresh(REPO)   # the README's table, from the results
     return 0
 
 

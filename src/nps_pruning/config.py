@@ -135,6 +135,11 @@ class SearchOptions:
                                                     "score has not improved for N generations "
                                                     "(0: never stop early)",
                                   lo=0)
+    min_gain: Optional[float] = opt(_SEARCH.min_gain, "--patience: count only gains of the best "
+                                                      "calibration score of more than this "
+                                                      "(score units; 0: any gain)", lo=0.0)
+    min_generations: int = opt(_SEARCH.min_generations, "--patience stops the search no earlier "
+                                                        "than this generation", lo=0)
     race: Optional[str] = opt(_SEARCH.race, "race each CMA-ES generation over the calibration "
                                             "rows (successive halving): score all candidates on "
                                             "a few seeded rows, carry only those that can still "

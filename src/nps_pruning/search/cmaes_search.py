@@ -64,6 +64,8 @@ class SearchSettings:
     space: str = "hybrid"           # core.space.SPACES: "hybrid" or "magnitude" (the paper's)
     # Cheaper searches (issue 16), off by default: an unset one leaves the run as it was.
     patience: Optional[int] = None  # stop once the best score has not improved for N generations
+    min_gain: Optional[float] = None  # --patience counts only gains of more than this (score units)
+    min_generations: int = 0        # --patience stops nothing before this generation
     race: Optional[str] = None      # "halving": race each generation over the calibration rows
     race_min_rows: int = 16         # rows of the first racing stage
     race_eta: float = 3.0           # each stage keeps the top 1/eta (and rows grow eta-fold)
@@ -108,6 +110,10 @@ class SearchSettings:
             raise NPSError(f"search: max_failures must be >= 1, got {self.max_failures}")
         if self.patience is not None and int(self.patience) < 1:
             raise NPSError(f"search: patience must be >= 1 generation, got {self.patience}")
+        if self.min_gain is not None and not (math.isfinite(self.min_gain) and self.min_gain >= 0):
+            raise NPSError(f"search: min_gain must be a number >= 0, got {self.min_gain}")
+        if int(self.min_generations) < 0:
+            raise NPSError(f"search: min_generations must be >= 0, got {self.min_generations}")
         from .race import RACES
         if self.race is not None and self.race not in RACES:
             raise NPSError(f"search: unknown race {self.race!r} (choose from {', '.join(RACES)})")
@@ -198,6 +204,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         cov = None if np.all(scales == 1.0) else np.diag(scales ** 2)
         opt = CMA(mean=mean0, sigma=float(settings.sigma0), bounds=space.bounds(),
                   seed=int(settings.seed), population_size=settings.popsize, cov=cov)
+        gain = _Gains(settings.min_gain, state.best_score, state.best_gen)
         bar = tqdm(total=settings.generations, disable=not progress, desc="NPS search",
                    unit="gen", dynamic_ncols=True, leave=False)
         bar.set_postfix(best=f"{state.best_score:.4f}", ex=state.examples, refresh=False)
@@ -211,11 +218,12 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
             bar.set_postfix(best=f"{state.best_score:.4f}", gen=gen, ex=state.examples,
                             refresh=False)
             bar.update(1)
-            if (settings.patience is not None and state.best_gen is not None
-                    and gen < settings.generations        # the last generation stops nothing
-                    and gen - state.best_gen >= int(settings.patience)):
-                state.stop(f"patience: no better score in the {int(settings.patience)} "
-                           f"generations after generation {state.best_gen}", gen)
+            gain.see(gen, state.best_score, state.best_gen)
+            if (settings.patience is not None and gain.gen is not None
+                    and int(settings.min_generations) <= gen < settings.generations
+                    and gen - gain.gen >= int(settings.patience)):   # the last generation stops nothing
+                state.stop(f"patience: no {gain.what} in the {int(settings.patience)} "
+                           f"generations after generation {gain.gen}", gen)
                 break
     finally:
         if bar is not None:
@@ -224,6 +232,25 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         if own_executor:
             executor.close()
     return state.result()
+
+
+class _Gains:
+    """The generation of the last gain ``--patience`` counts from: the generation that found the
+    best score (``min_gain`` None), or the last one after which the best score exceeded the
+    score of the previous counted gain by more than ``min_gain`` (generation 0's best is the
+    first). Depends only on the scores, so a resumed run stops where the uninterrupted one did."""
+
+    def __init__(self, min_gain: Optional[float], score0: Optional[float], gen0: Optional[int]):
+        self.min_gain = None if min_gain is None else float(min_gain)
+        self.ref, self.gen = score0, gen0
+        self.what = ("better score" if self.min_gain is None
+                     else f"gain of more than {self.min_gain:g}")
+
+    def see(self, gen: int, best_score: Optional[float], best_gen: Optional[int]) -> None:
+        if self.min_gain is None:
+            self.gen = best_gen
+        elif best_score is not None and (self.ref is None or best_score > self.ref + self.min_gain):
+            self.ref, self.gen = best_score, gen
 
 
 def auto_race_min(settings: SearchSettings) -> int:

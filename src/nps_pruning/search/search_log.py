@@ -91,6 +91,10 @@ def settings_dict(settings) -> dict:
     d = asdict(settings)
     if d.get("patience", 0) is None:
         d.pop("patience")
+    if d.get("min_gain", 0) is None:
+        d.pop("min_gain")
+    if d.get("min_generations") == 0:
+        d.pop("min_generations")
     if "race" in d and d["race"] is None:
         for key in ("race", "race_min_rows", "race_eta", "race_z"):
             d.pop(key, None)
