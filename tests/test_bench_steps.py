@@ -70,6 +70,35 @@ def test_update_records_sources_and_bumps(tmp_path, monkeypatch):
     assert cv.changed(tmp_path) == []
 
 
+def test_a_suite_scoped_bump_changes_exactly_that_suites_steps(tmp_path, monkeypatch):
+    (tmp_path / "benchmarks").mkdir()
+    for group in cv.GROUPS:
+        for pattern in cv.GROUPS[group]:
+            for p in repo_root().glob(pattern):
+                dst = tmp_path / p.relative_to(repo_root())
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(p.read_bytes())
+    cv.update([], tmp_path)
+    rec = cv.update(["eval"], tmp_path, suites=["llm", "llm-lora"])
+    assert rec["eval"]["version"] == 1 and rec["eval"]["suites"] == {"llm": 2, "llm-lora": 2}
+    # the keys: only the bumped suites' steps move
+    monkeypatch.setattr(cv, "_VERSIONS", {})
+    monkeypatch.setattr(cv, "_SUITE_VERSIONS", {})
+    monkeypatch.setattr(cv, "recorded", lambda root=None: rec)
+    cache = ResultCache(tmp_path / "steps")
+    assert cv.code_key("rt-plot", "wins-default-r0.05", "llm")["eval"] == 2
+    assert cv.code_key("rt-plot", "wins-default-r0.05", "text")["eval"] == 1
+    assert cv.code_key("rt-plot", "wins-default-r0.05")["eval"] == 1
+    old = {s: ResultCache.key_params("rt-plot", "x", {"k": 1}, s) for s in ("text", "llm")}
+    assert old["text"]["_code"]["eval"] == 1 and old["llm"]["_code"]["eval"] == 2
+    assert cache.path("text", "rt-plot", "x", {}) != cache.path("llm", "rt-plot", "x", {})
+    # a later bump of the whole group goes past every suite's version and clears them
+    again = cv.update(["eval"], tmp_path)
+    assert again["eval"]["version"] == 3 and "suites" not in again["eval"]
+    with pytest.raises(SystemExit):
+        cv.main(["--suites", "llm"])
+
+
 def test_a_step_file_records_code_commit_and_date(tmp_path):
     cache = ResultCache(tmp_path)
     out = cache.step("vision", "digits", "prune-magnitude-r0.05", {"keep": 0.05}, lambda: {"test": 0.5})

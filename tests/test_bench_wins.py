@@ -98,8 +98,25 @@ def test_selection_rules_pick_by_holdout_pooled_or_search_score():
         select_finalist(tie, "best", 3, 1)
     # as Session.search_evaluators splits: round((1 − h)·n) search rows, the rest held out
     assert holdout_split(500, None, 0.25) == (375, 125)
-    assert holdout_split(500, 64, 0.25) == (48, 16)
-    assert holdout_split(10, 64, 0.25) == (8, 2)
+    assert holdout_split(500, 64, 0.25, 1) == (48, 16)
+    assert holdout_split(10, 64, 0.25, 1) == (8, 2)
+    # below the minimum of held-out rows (32 by default): no hold-out, every row searched
+    assert holdout_split(500, 64, 0.25) == (64, 0) and holdout_split(10, 64, 0.25) == (10, 0)
+    assert holdout_split(128, None, 0.25) == (96, 32) and holdout_split(125, None, 0.25) == (125, 0)
+    assert holdout_split(150, None, 0.25) == (112, 38) and holdout_split(150, None, 0.0) == (150, 0)
+
+
+def test_the_holdout_minimum_enters_exactly_the_keys_it_changes(tmp_path):
+    from nps_bench.wins import WinsConfig, _settings, holdout_key
+    csv = tmp_path / "c.csv"
+    csv.write_text("text,label\n" + "".join(f"w{i},{i % 2}\n" for i in range(150)))
+    task = {"name": "a", "eval_calib": f"text-classification:{csv}"}
+    st = _settings(task, WinsConfig(), 0.05, None, None)
+    assert st.holdout == 0.25 and holdout_key(task, st) == {}          # 38 held out: as before
+    st64 = _settings(task, WinsConfig(), 0.05, None, 64)
+    assert holdout_key(task, st64) == {"holdout_min_rows": 32}          # 16 would be held out
+    paper = _settings(task, WinsConfig(), 0.05, {"holdout": 0.0}, 64)
+    assert holdout_key(task, paper) == {}                                # no hold-out asked
 
 
 def test_render_shows_the_selection_rows():

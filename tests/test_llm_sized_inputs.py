@@ -4,7 +4,9 @@
   the 0700 / 0600 of ``mkdtemp`` / ``mkstemp``;
 * item 4: ``--help`` lists every evaluator kind and says GGUF files and LoRA folders are
   accepted; ``nps eval ADAPTER --pretrained BASE`` names an adapter's base, and a ``.gguf`` file
-  works as that base.
+  works as that base;
+* item 5: a hold-out of fewer than ``--holdout-min-rows`` (32) rows is not made: the search uses
+  every calibration row and its best score decides; report.json says so.
 """
 from __future__ import annotations
 
@@ -302,3 +304,50 @@ def test_merge_sessions_share_one_pretrained_copy(tmp_path):
                  "--lambda", "0.4", "--names", "x", "y", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["memory"]["peak_rss_bytes"] > 0
+
+
+# -- item 5: choosing on too few held-out rows ------------------------------------------------------
+def _tiny_llama_and_lora(tmp_path):
+    """A tiny Llama base (folder with tokenizer) and a rank-2 LoRA adapter on it."""
+    from test_lm_eval import _llm_tokenizer
+    tok, vocab = _llm_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.data = 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    pm.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("rows,min_rows,held", [(40, None, 0), (40, 8, 10)])
+def test_too_few_held_out_rows_choose_on_every_row_and_the_report_says_so(tmp_path, monkeypatch,
+                                                                        rows, min_rows, held):
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    base, adapter = _tiny_llama_and_lora(tmp_path)
+    words = ["good", "bad", "fine", "love", "dull", "fun", "plot", "film", "day", "night"]
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(6))}) + "\n"
+                            for i in range(rows)))
+    out = tmp_path / "o"
+    argv = ["prune", str(base), str(adapter), "-o", str(out), "--keep", "0.1", "--bands", "3",
+            "--generations", "1", "--popsize", "4", "--eval", f"perplexity:{data}", "--quiet"]
+    assert main(argv + ([] if min_rows is None else ["--holdout-min-rows", str(min_rows)])) == 0
+    rep = json.loads((out / "report.json").read_text())
+    note = rep["search"]["holdout"]
+    if held == 0:     # 25% of 40 = 10 < 32: every row searched, the best search score chosen
+        assert note["chosen_by"] == "search score" and note["search_rows"] == rows
+        assert "fewer than 32" in note["why"] and note["holdout_min_rows"] == 32
+        assert rep["search"]["rescored"] == [] and "nps_holdout" not in rep["calibration"]
+        assert rep["calibration"]["nps"] == max(c["score"] for c in rep["search"]["candidates"]
+                                                if c["status"] == "ok")
+    else:
+        assert note == {"share": 0.25, "search_rows": rows - held, "held_out_rows": held,
+                        "chosen_by": "held-out score"}
+        assert len(rep["search"]["rescored"]) >= 3

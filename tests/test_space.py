@@ -244,10 +244,12 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     out = tmp_path / "o"
     assert main(["prune", str(base), str(ft), "-o", str(out), "--keep", "0.1", "--bands", "3",
                  "--generations", "2", "--popsize", "4", "--eval", f"text-classification:{text_csv}",
-                 "--quiet"]) == 0
+                 "--holdout-min-rows", "8", "--quiet"]) == 0     # 40 rows: 10 held out
     rep = json.loads((out / "report.json").read_text())
     s = rep["search"]
     assert s["space"] == "hybrid" and rep["search_settings"]["space"] == "hybrid"
+    assert s["holdout"] == {"share": 0.25, "search_rows": 30, "held_out_rows": 10,
+                            "chosen_by": "held-out score"}
     starts = [c for c in s["candidates"] if c["gen"] == 0]
     assert [c["start"] for c in starts][:6] == ["magnitude", "dare", "hybrid-0.5", "magnitude-x2",
                                                 "magnitude-x4", "magnitude-x8"]
@@ -265,6 +267,7 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     st = rep["settings"]
     sess = Session.load(str(base), str(ft))
     _, hold = sess.search_evaluators(f"text-classification:{text_csv}", holdout=0.25, seed=0,
+                                     holdout_min_rows=8,
                                      batch_size=st["batch_size"], max_length=st["max_length"])
     v = sess.task_vector.values
     bands = mb(v, 3, st["scheme"], 0.1, st["focus"], sorted_dtype=v.dtype)

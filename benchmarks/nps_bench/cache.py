@@ -111,12 +111,13 @@ class ResultCache:
         self.misses = 0
 
     @staticmethod
-    def key_params(task: str, step: str, params: dict) -> dict:
+    def key_params(task: str, step: str, params: dict, suite: Optional[str] = None) -> dict:
         from .code_versions import code_key
-        return {**params, "_code": code_key(task, step)}
+        return {**params, "_code": code_key(task, step, suite)}
 
     def path(self, suite: str, task: str, step: str, params: dict) -> Path:
-        return self.root / suite / task / f"{safe_step(step)}-{_hash(self.key_params(task, step, params))}.json"
+        key = _hash(self.key_params(task, step, params, suite))
+        return self.root / suite / task / f"{safe_step(step)}-{key}.json"
 
     def get(self, suite, task, step, params) -> Optional[dict]:
         p = self.path(suite, task, step, params)
@@ -134,7 +135,7 @@ class ResultCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         from .code_versions import code_key
         atomic_write_text(p, json.dumps({**value, "_step": step, "_params": params,
-                                         "_code": code_key(task, step), "_commit": _commit(),
+                                         "_code": code_key(task, step, suite), "_commit": _commit(),
                                          "_date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
                                         indent=1, default=_jsonable))
         self.misses += 1

@@ -11,6 +11,13 @@ fails ``make test`` until its author records it, saying whether the change alter
 
     python -m nps_bench.code_versions --numbers-changed prune   # bump: its steps are recomputed
     python -m nps_bench.code_versions --same-numbers            # a refactor: the steps stay valid
+    python -m nps_bench.code_versions --numbers-changed eval --suites llm,llm-lora
+
+The last form is for a change that provably alters numbers only on some suites (e.g. a rule that
+applies below 128 calibration rows, which only the LLM suites' calibration cap reaches): those
+suites' steps get the next version of the group (recorded under ``"suites"``), every other
+suite's keys stay as they were. A later bump of the whole group goes past every suite's version
+and clears them.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .paths import repo_root
 
@@ -86,19 +93,28 @@ def recorded(root: Path | None = None) -> Dict[str, dict]:
 
 
 _VERSIONS: Dict[str, int] = {}
+_SUITE_VERSIONS: Dict[str, Dict[str, int]] = {}
 
 
-def versions() -> Dict[str, int]:
-    """group -> recorded numbers version (read once per process)."""
+def versions(suite: Optional[str] = None) -> Dict[str, int]:
+    """group -> recorded numbers version (read once per process); ``suite``: with the versions
+    bumped for that suite alone."""
     if not _VERSIONS:
         rec = recorded()
         _VERSIONS.update({g: int(rec.get(g, {}).get("version", 1)) for g in GROUPS})
-    return dict(_VERSIONS)
+        _SUITE_VERSIONS.update({g: {s: int(v) for s, v in (rec.get(g, {}).get("suites") or {}).items()}
+                                for g in GROUPS})
+    out = dict(_VERSIONS)
+    if suite is not None:
+        for g in out:
+            out[g] = _SUITE_VERSIONS.get(g, {}).get(suite, out[g])
+    return out
 
 
-def code_key(task: str, step: str) -> Dict[str, int]:
-    """What goes into a step's key: the numbers versions of the groups it depends on."""
-    v = versions()
+def code_key(task: str, step: str, suite: Optional[str] = None) -> Dict[str, int]:
+    """What goes into a step's key: the numbers versions of the groups it depends on (of
+    ``suite``'s steps: with that suite's own bumps)."""
+    v = versions(suite)
     return {g: v[g] for g in groups_of(task, step)}
 
 
@@ -108,8 +124,10 @@ def changed(root: Path | None = None) -> List[str]:
     return [g for g in GROUPS if rec.get(g, {}).get("sha256") != source_sha256(g, root)]
 
 
-def update(bump: List[str], root: Path | None = None) -> Dict[str, dict]:
-    """Record every group's SHA-256 today; bump the numbers version of the groups in ``bump``."""
+def update(bump: List[str], root: Path | None = None,
+           suites: Optional[List[str]] = None) -> Dict[str, dict]:
+    """Record every group's SHA-256 today; bump the numbers version of the groups in ``bump``
+    (for ``suites`` alone when given)."""
     root = root or repo_root()
     rec = recorded(root)
     unknown = sorted(set(bump) - set(GROUPS))
@@ -117,8 +135,15 @@ def update(bump: List[str], root: Path | None = None) -> Dict[str, dict]:
         raise SystemExit(f"unknown group(s) {', '.join(unknown)} (groups: {', '.join(GROUPS)})")
     out = {}
     for g in GROUPS:
-        version = int(rec.get(g, {}).get("version", 1)) + (1 if g in bump else 0)
-        out[g] = {"version": version, "sha256": source_sha256(g, root), "files": GROUPS[g]}
+        version = int(rec.get(g, {}).get("version", 1))
+        own = {s: int(v) for s, v in (rec.get(g, {}).get("suites") or {}).items()}
+        if g in bump and suites:
+            for s in suites:
+                own[s] = own.get(s, version) + 1
+        elif g in bump:              # past every suite's own version, which it replaces
+            version, own = max([version, *own.values()]) + 1, {}
+        out[g] = {"version": version, **({"suites": dict(sorted(own.items()))} if own else {}),
+                  "sha256": source_sha256(g, root), "files": GROUPS[g]}
     (root / RECORD).write_text(json.dumps(out, indent=1) + "\n")
     return out
 
@@ -130,15 +155,21 @@ def main(argv=None) -> int:
                    help="bump these groups' versions (their benchmark steps become stale)")
     g.add_argument("--same-numbers", action="store_true",
                    help="record today's sources; no version changes (the cached steps stay current)")
+    ap.add_argument("--suites", default=None, metavar="S1,S2",
+                    help="with --numbers-changed: only these suites' steps change numbers")
     args = ap.parse_args(argv)
+    if args.suites and args.numbers_changed is None:
+        ap.error("--suites goes with --numbers-changed")
     if args.numbers_changed is None and not args.same_numbers:
         diff = changed()
         v = versions()
         for grp in GROUPS:
             print(f"{grp:8s} version {v[grp]}  {'CHANGED since recorded' if grp in diff else 'as recorded'}")
         return 1 if diff else 0
-    out = update(args.numbers_changed or [])
-    print(", ".join(f"{k} v{v['version']}" for k, v in out.items()))
+    out = update(args.numbers_changed or [],
+                 suites=[x for x in (args.suites or "").split(",") if x] or None)
+    print(", ".join(f"{k} v{v['version']}" + "".join(f" ({s} v{n})" for s, n in v.get("suites", {}).items())
+                    for k, v in out.items()))
     return 0
 
 

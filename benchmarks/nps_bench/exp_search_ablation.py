@@ -44,7 +44,7 @@ from .cache import (DEADLINE_ENV, BudgetReached, ResultCache, _logger, _set_thre
 from .context import stats_params, task_dict, weights_param
 from .labels import SUITE_MODELS
 from .paths import git_output, repo_root
-from .wins import SUITE_BATCH_SIZE, SUITE_CALIB_SIZE, _se, holdout_split
+from .wins import SUITE_BATCH_SIZE, SUITE_CALIB_SIZE, _se, holdout_key, holdout_split
 
 REPO = repo_root()
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
@@ -219,7 +219,8 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
     def params(st: PruneSettings, **more) -> dict:
         return {"v": ABLATION_VERSION, "task": task["name"], "key": task.get("key", ""),
                 "weights": weights_param(task), "test_rows": cfg.test_rows,
-                "test_seed": cfg.test_seed, **stats_params(task), **settings_params(st), **more}
+                "test_seed": cfg.test_seed, **stats_params(task), **settings_params(st),
+                **holdout_key(task, st), **more}
 
     def run(st: PruneSettings):
         s = session()
@@ -241,8 +242,9 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
             s, out, space, labels, chosen, examples, wall, n_final = run(st)
             res = out.search
             _, hold_ev = s.search_evaluators(task["eval_calib"], fitness=st.fitness, holdout=st.holdout,
+                                             holdout_min_rows=st.holdout_min_rows,
                                              calib_size=st.calib_size, **st.evaluator_kwargs())
-            n_hold = hold_ev.num_rows
+            n_hold = hold_ev.num_rows if hold_ev is not None else 0   # none: too few rows to hold out
             index = make_hybrid_index(s.task_vector.values, st.seed) if st.space == "hybrid" else None
             # the finalists the search itself re-scored (the same rows, model and code)
             held: Dict[tuple, float] = {_wkey(x): x["holdout_score"] for x in out.rescored}
@@ -250,10 +252,13 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
             hold_s: List[float] = []
             s.ensure_model()
             s.park_base()
-            writer = CandidateScorer.from_state(s.base_flat, s.task_vector, out.bands, s.model, s.flat,
-                                                hold_ev, r, st.kept_values, space=space.name, index=index)
+            writer = (CandidateScorer.from_state(s.base_flat, s.task_vector, out.bands, s.model, s.flat,
+                                                 hold_ev, r, st.kept_values, space=space.name, index=index)
+                      if hold_ev is not None else None)
 
             def holdout_score(rec):
+                if writer is None:       # no hold-out: the search score decides, as in prune()
+                    return float(rec["score"])
                 k = _wkey(rec)
                 if k not in held:
                     t1 = time.perf_counter()
@@ -272,7 +277,8 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
                                                       for c in cands)),
                                  "finalists": n_fin, "picks": {"holdout": hp, "search": search_pick(cands)}}
             finally:
-                writer.restore()
+                if writer is not None:
+                    writer.restore()
                 s.unpark_base()
             per_hold = float(np.mean(hold_s)) if hold_s else (out.timings.get("rescore_s", 0.0) / max(1, n_final))
             for cut, c in cuts.items():
@@ -301,7 +307,8 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
             def one(st=st):
                 s, out, space, labels, chosen, examples, wall, n_final = run(st)
                 # held-out rows counted, not built again (n_final is 0 without a hold-out)
-                _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout)
+                _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout,
+                                        st.holdout_min_rows)
                 return {"test": s.score(state["test"], out.pruned), "kind": kind_of(chosen, labels),
                         "gen": int(chosen["gen"]), "examples_scored": examples + n_hold * n_final,
                         "search_s": wall, "num_candidates": len(out.search.candidates),
@@ -339,7 +346,8 @@ def cli_timing(suite: str, task: dict, keep: float, cache_root: str) -> Dict[str
                 rep = json.loads((Path(d) / "out" / "report.json").read_text())
             search = rep["search"]
             from nps_pruning.evaluation import count_rows
-            _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout)
+            _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout,
+                                        st.holdout_min_rows)
             n_res = len(search.get("rescored") or [])
             return {"wall_s": wall, "search_s": float(search.get("seconds") or 0.0),
                     "rescore_s": float((rep.get("timings") or {}).get("rescore_s") or 0.0),

@@ -25,10 +25,10 @@ from .paths import repo_root
 SUITES = ("text", "vision", "vit", "llm", "llm-lora")
 
 
-def step_state(rec: dict, task: str, weights: Optional[str]) -> str:
-    """"current", or "stale: why" for one step file's record."""
+def step_state(rec: dict, task: str, weights: Optional[str], suite: Optional[str] = None) -> str:
+    """"current", or "stale: why" for one step file's record (of ``suite``)."""
     step = rec.get("_step", "?")
-    want = code_key(task, step)
+    want = code_key(task, step, suite)
     have = rec.get("_code") or {}
     why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
     got_w = (rec.get("_params") or {}).get("weights")
@@ -61,7 +61,7 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path) -> Dict:
             if step not in newest or p.stat().st_mtime > newest[step]["mtime"]:
                 newest[step] = {"mtime": p.stat().st_mtime, "rec": rec}
         weights = (tasks.get(task) or {}).get("weights")
-        steps = {s: {"state": step_state(v["rec"], task, weights), "commit": v["rec"].get("_commit", "?"),
+        steps = {s: {"state": step_state(v["rec"], task, weights, suite), "commit": v["rec"].get("_commit", "?"),
                      "seconds": float(v["rec"].get("seconds") or 0.0)} for s, v in newest.items()}
         job_s = sum(float(j.get("seconds") or 0.0) for k, j in jobs.items() if k.split("/", 1)[-1] == task)
         current = [s for s, v in steps.items() if v["state"] == "current"]

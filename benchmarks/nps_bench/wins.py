@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from nps_pruning.apps.session import holdout_split
 from nps_pruning.apps.settings import PruneSettings, SearchSettings
 from nps_pruning.atomic import atomic_write_text
 from .cache import (DEADLINE_ENV, ResultCache, _logger, _set_threads, default_results_cache,
@@ -78,11 +79,6 @@ def select_finalist(rescored: List[dict], rule: str, n_search: int, n_hold: int)
     raise ValueError(f"unknown selection rule {rule!r}")
 
 
-def holdout_split(total: int, calib_size: Optional[int], holdout: float) -> Tuple[int, int]:
-    """(search rows, held-out rows) as :meth:`Session.search_evaluators` splits them."""
-    n = total if calib_size is None else min(int(calib_size), total)
-    n_search = max(1, int(round((1.0 - holdout) * n)))
-    return n_search, n - n_search
 # suites whose forward passes are too dear for every calibration row (the LLM suites: a SmolLM2
 # forward is ~40x MiniLM's): every method there sees a seeded subsample of this many calibration
 # rows (as `nps prune --calib-size N`), and batches of SUITE_BATCH_SIZE (bench-wins and the ablation)
@@ -109,6 +105,17 @@ class WinsConfig:
     suite_calib_size: Dict[str, int] = dataclasses.field(default_factory=lambda: dict(SUITE_CALIB_SIZE))
     suite_batch_size: Dict[str, int] = dataclasses.field(default_factory=lambda: dict(SUITE_BATCH_SIZE))
     selection_study: bool = True      # test-score the other SELECTION_RULES' picks of each default search
+
+
+def holdout_key(task: dict, st: PruneSettings) -> dict:
+    """``holdout_min_rows`` for a step's key where it changes the split (the hold-out share of the
+    task's calibration rows is fewer rows than it: no hold-out); nothing elsewhere, so those
+    steps keep the keys and numbers they had before the minimum existed."""
+    if not st.holdout:
+        return {}
+    from nps_pruning.evaluation import count_rows
+    _, n_hold = holdout_split(count_rows(task["eval_calib"]), st.calib_size, st.holdout, 1)
+    return {"holdout_min_rows": int(st.holdout_min_rows)} if n_hold < st.holdout_min_rows else {}
 
 
 def _settings(task: dict, cfg: WinsConfig, keep: float, over: Optional[dict], calib_size,
@@ -217,14 +224,15 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                     "rescored": out.rescored,
                     "examples_scored": int(sum(int(c.get("examples") or 0) for c in res.candidates)),
                     "num_candidates": len(res.candidates), "search_s": time.perf_counter() - t0}
+        st = _settings(task, cfg, r, over, calib_size, exact)
         if over is None:       # the shipped default: its resolved settings are the key
             from .exp_search_ablation import settings_params
             params = _params(task, cfg, keep=r, variant=variant, nps_v=NPS_VERSION,
-                             shipped=settings_params(_settings(task, cfg, r, None, calib_size, exact)))
+                             shipped=settings_params(st), **holdout_key(task, st))
         else:
             params = _params(task, cfg, keep=r, variant=variant, over=over, calib_size=calib_size,
-                             nps_v=NPS_VERSION,
-                             generations=cfg.generations, popsize=cfg.popsize, bands=cfg.bands)
+                             nps_v=NPS_VERSION, generations=cfg.generations, popsize=cfg.popsize,
+                             bands=cfg.bands, **holdout_key(task, st))
         res = cache.step(suite, task["name"], f"wins-nps-{variant}-r{r:g}", params, search, log)
         rows.append({"method": f"nps-{variant}", "keep": r, **{k: v for k, v in res.items() if k != "rescored"}})
         if variant == "default" and cfg.selection_study and res.get("rescored"):
@@ -234,7 +242,8 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                 from nps_pruning.evaluation import count_rows
                 s = session()
                 st = _settings(task, cfg, r, over, calib_size, exact)
-                n_s, n_h = holdout_split(count_rows(task["eval_calib"]), calib_size, st.holdout)
+                n_s, n_h = holdout_split(count_rows(task["eval_calib"]), calib_size, st.holdout,
+                                         st.holdout_min_rows)
                 v = s.task_vector.values
                 built = {}
                 tests, picks = {}, {}

@@ -103,6 +103,9 @@ class SearchOptions:
                          lo=0.0, hi=0.9)
     rescore_top: int = opt(_PRUNE.rescore_top, "how many of the search's best candidates are re-scored on the "
                               "held-out rows", lo=1)
+    holdout_min_rows: int = opt(_PRUNE.holdout_min_rows, "hold out no rows when --holdout would hold "
+                                                         "out fewer than N (too few to overrule the "
+                                                         "search score)", lo=1)
     seed: int = opt(_SEARCH.seed, "random seed: same inputs and seed give the same result", lo=0,
                     hi=SEED_MAX)
     calib_size: Optional[int] = opt(None, "score on a seeded random subsample of N calibration rows",

@@ -43,6 +43,7 @@ class PruneOutcome:
     rescored: List[Dict[str, Any]] = field(default_factory=list)   # held-out re-scoring
     space: str = "magnitude"
     memory: Dict[str, Optional[int]] = field(default_factory=dict)   # peak resident bytes
+    holdout: Dict[str, Any] = field(default_factory=dict)   # how the final candidate was chosen
 
 
 def search_settings(opts):
@@ -85,6 +86,25 @@ def _identity_fields(session: Session, settings: PruneSettings) -> SimpleNamespa
         allow_shape_mismatch=session.allow_shape_mismatch, running_stats=session.running_stats,
         fitness=settings.fitness, holdout=settings.holdout, rescore_top=settings.rescore_top,
         autocast=settings.autocast)
+
+
+def _holdout_note(share: float, evaluator, holdout, eval_spec: str, min_rows: int) -> Dict[str, Any]:
+    """report.json's word on how the search's result was chosen: on held-out rows, or (why not)
+    by the best search score on every calibration row."""
+    from .session import _is_python_spec
+    if holdout is not None:
+        return {"share": float(share), "search_rows": int(evaluator.num_rows),
+                "held_out_rows": int(holdout.num_rows), "chosen_by": "held-out score"}
+    note: Dict[str, Any] = {"share": float(share or 0.0), "chosen_by": "search score"}
+    if share and _is_python_spec(eval_spec):
+        note["why"] = "the evaluator returns its own score: it has no rows to hold out"
+    elif share:
+        note["search_rows"] = int(evaluator.num_rows)
+        note["why"] = (f"a {share:g} hold-out of {evaluator.num_rows} calibration rows would hold "
+                       f"out fewer than {min_rows} (--holdout-min-rows): too few to overrule the "
+                       "search score, so the search used every row")
+        note["holdout_min_rows"] = int(min_rows)
+    return note
 
 
 def holdout_finalists(candidates, top: int) -> List[dict]:
@@ -153,7 +173,10 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         session.ensure_model()
         evaluator, holdout = session.search_evaluators(
             eval_spec, fitness=settings.fitness, holdout=settings.holdout,
-            calib_size=settings.calib_size, **settings.evaluator_kwargs())
+            calib_size=settings.calib_size, holdout_min_rows=settings.holdout_min_rows,
+            **settings.evaluator_kwargs())
+        choice = _holdout_note(settings.holdout, evaluator, holdout, eval_spec,
+                               settings.holdout_min_rows)
         bands = make_bands(tv.values, settings.bands, settings.scheme, keep, settings.focus,
                            sorted_dtype=tv.values.dtype if tv.values.dtype != torch.float64 else torch.float32)
         index = make_hybrid_index(tv.values, settings.seed) if space_name == "hybrid" else None
@@ -181,6 +204,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                     run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
                                           eval_spec=eval_spec, opts=_identity_fields(session, settings),
                                           method=method)
+                    if "holdout_min_rows" in choice:    # the split the hold-out share alone implies is off
+                        run_id["holdout_min_rows"] = choice["holdout_min_rows"]
                 result = run_search(scorer, settings.bands, search, log_path=log_path, resume=resume,
                                     executor=executor, progress=progress, space=space, run_id=run_id,
                                     calib_rows=evaluator.num_rows)   # what a race races over
@@ -219,7 +244,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         outcome = PruneOutcome("nps", pruned, keep, result, bands, calib,
                                {"bands_s": bands_s, "search_s": result.seconds}, aborted,
                                rescored=rescored, space=space_name,
-                               memory={"search_peak_rss_bytes": search_peak})
+                               memory={"search_peak_rss_bytes": search_peak}, holdout=choice)
         if rescored:
             outcome.timings["rescore_s"] = rescore_s
             outcome.calibration["nps_holdout"] = max(r["holdout_score"] for r in rescored)
@@ -310,7 +335,8 @@ def search_report(result, outcome=None) -> Dict[str, Any]:
         return {}
     extra = {}
     if outcome is not None:
-        extra = {"space": outcome.space, "rescored": outcome.rescored}
+        extra = {"space": outcome.space, "rescored": outcome.rescored,
+                 **({"holdout": outcome.holdout} if outcome.holdout else {})}
     return {**extra, "best_weights": result.best_weights, "best_score": result.best_score,
             "examples_scored": sum(int(c.get("examples") or 0) for c in result.candidates),
             "baseline_score": result.baseline_score, "stopped_early": result.stopped_early,

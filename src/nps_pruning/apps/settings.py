@@ -49,6 +49,7 @@ class PruneSettings:
     fitness: Optional[str] = None     # accuracy | loglik | agreement; None: the evaluator's default
     holdout: float = 0.25             # share of calibration rows held out to re-score the best
     rescore_top: int = 5              # how many best candidates are re-scored on the held-out rows
+    holdout_min_rows: int = 32        # fewer rows would be held out: no hold-out (session.HOLDOUT_MIN_ROWS)
     calib_size: Optional[int] = None  # score a seeded subsample of this many calibration rows
     batch_size: int = 64
     max_length: int = 128             # text evaluators: maximum tokens per row
@@ -76,6 +77,8 @@ class PruneSettings:
                            f"{self.kept_values!r}")
         if not 0.0 <= float(self.holdout) <= 0.9:
             raise NPSError(f"settings: holdout must be in [0, 0.9], got {self.holdout}")
+        if int(self.holdout_min_rows) < 1:
+            raise NPSError(f"settings: holdout_min_rows must be >= 1, got {self.holdout_min_rows}")
         if int(self.rescore_top) < 1:
             raise NPSError(f"settings: rescore_top must be >= 1, got {self.rescore_top}")
         if self.autocast not in AUTOCASTS:
@@ -116,7 +119,9 @@ class PruneSettings:
         return cls(keep_ratio=opts.keep, bands=opts.bands, scheme=opts.scheme, focus=opts.focus,
                    kept_values=opts.kept_values, search=search,
                    seed=opts.seed, space=opts.space, fitness=opts.fitness, holdout=opts.holdout,
-                   rescore_top=opts.rescore_top, calib_size=opts.calib_size,
+                   rescore_top=opts.rescore_top,
+                   holdout_min_rows=getattr(opts, "holdout_min_rows", cls.holdout_min_rows),
+                   calib_size=opts.calib_size,
                    batch_size=opts.batch_size, max_length=opts.max_length,
                    autocast=None if getattr(opts, "autocast", "off") == "off" else opts.autocast,
                    executor=opts.executor,
