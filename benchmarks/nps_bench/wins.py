@@ -296,12 +296,17 @@ def summarize(rows_by_task: Dict[str, List[dict]]) -> Dict[str, Dict[float, Tupl
 def describe_search(search: dict) -> str:
     """A resolved SearchSettings dict in words."""
     pop = search.get("popsize") or "the library's 4 + 3 ln(dim)"
-    words = f"{search['generations']} CMA-ES generations of population {pop}"
+    most = "at most " if search.get("patience") else ""
+    words = f"{most}{search['generations']} CMA-ES generations of population {pop}"
     if search.get("race"):
         words += f", racing {search['race']} (first stage {search.get('race_min_rows')} rows, η = " \
                  f"{search.get('race_eta'):g}, z = {search.get('race_z'):g})"
     if search.get("patience"):
         words += f", patience {search['patience']}"
+        if search.get("min_gain") is not None:
+            words += f" counting gains > {search['min_gain']:g}"
+        if search.get("min_generations"):
+            words += f", not before generation {search['min_generations']}"
     return words
 
 
