@@ -89,8 +89,9 @@ def settings_dict(settings) -> dict:
     so the log header and report of a run that uses neither are what they were before those
     settings existed (and such older logs still resume)."""
     d = asdict(settings)
-    if d.get("patience", 0) is None:
-        d.pop("patience")
+    if d.get("patience", 0) is None:       # no early stop: its refinements are unused too
+        for key in ("patience", "min_gain", "min_generations"):
+            d.pop(key, None)
     if d.get("min_gain", 0) is None:
         d.pop("min_gain")
     if d.get("min_generations") == 0:
