@@ -221,3 +221,54 @@ def test_bench_status_tells_current_stale_and_missing(tmp_path, monkeypatch):
     assert "_all" not in st["tasks"]
     text = status.render([st])
     assert "news-outlet" in text and "missing: no step files" in text and "1 current" in text
+
+
+def test_rows_of_bumped_code_or_an_old_default_are_marked_stale(tmp_path, monkeypatch):
+    """Issue 31 item 4: a results row carries its step's code versions (cache.step returns them on
+    a hit and on a fresh computation alike); a table cell whose rows were computed by code whose
+    numbers version has since been bumped, or a default row of a default no longer shipped, is
+    marked stale and the footnote says why."""
+    from nps_bench import status
+    from nps_bench.wins import _stale_cell
+    cache = ResultCache(tmp_path)
+    fresh = cache.step("text", "rt-plot", "wins-dare-r0.05", {"keep": 0.05}, lambda: {"test": 0.5})
+    hit = cache.step("text", "rt-plot", "wins-dare-r0.05", {"keep": 0.05}, lambda: {"test": 0.0})
+    assert {k: fresh[k] for k in ("_step", "_code", "_params")} == {k: hit[k] for k in ("_step", "_code", "_params")}
+    assert status.row_stale(hit, "text", "rt-plot") is None
+    data = {"tasks": {"rt-plot": [{"method": "dare", "keep": 0.05, **hit}]}}
+    assert _stale_cell("text", data, "dare", 0.05) is None
+    v = cv.versions()
+    monkeypatch.setattr(cv, "_VERSIONS", {**v, "search": v["search"] + 1})
+    why = _stale_cell("text", data, "dare", 0.05)
+    assert why == f"search v{v['search']} -> v{v['search'] + 1}"
+    assert status.row_stale({"test": 0.5}, "text", "rt-plot") is None      # no record: not judged
+    note = status.stale_note({"DARE at r = 0.05": why})
+    assert note[1].startswith(status.STALE_MARK + " stale") and why in note[1]
+    # a default row of another default than today's
+    monkeypatch.setattr(cv, "_VERSIONS", v)
+    from nps_bench.exp_search_ablation import default_changed, settings_params
+    from nps_pruning.apps.settings import PruneSettings
+    now = settings_params(PruneSettings())
+    row = {"variant": "shipped", "_params": {"search": {**now["search"], "generations": 6}}}
+    assert default_changed(row) == "the shipped default changed since (generations)"
+    assert default_changed({"variant": "shipped", "_params": {"search": now["search"]}}) is None
+    assert default_changed({"variant": "race3", "_params": {"search": {}}}) is None
+    old = {"tasks": {"rt-plot": [{"method": "nps-default", "keep": 0.05, **hit}]},
+           "default_settings": {**now, "search": {**now["search"], "generations": 6}}}
+    assert "the shipped default changed since (search)" in _stale_cell("text", old, "nps-default", 0.05)
+
+
+def test_render_only_keeps_every_section_and_says_how_fresh_each_suite_is(tmp_path):
+    """`python -m nps_bench.run --render-only` renders BENCHMARKS.md from the committed results
+    alone (no checkpoints): the bench-wins and ablation sections are there, each suite says how
+    many of its step files are current; the README's results block is left alone for another
+    output file."""
+    from nps_bench import run
+    out = tmp_path / "B.md"
+    readme = (repo_root() / "README.md").read_text()
+    assert run.main(["--render-only", "--out", str(out), "--figures-dir", str(tmp_path / "fig")]) == 0
+    md = out.read_text()
+    assert "<!-- wins:start -->" in md and "<!-- ablation:start -->" in md
+    assert md.index("<!-- wins:start -->") < md.index("<!-- ablation:start -->") < md.index("## Settings")
+    assert "- suite text: " in md and "step files are current for today's code" in md
+    assert (repo_root() / "README.md").read_text() == readme

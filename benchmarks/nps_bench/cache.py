@@ -131,15 +131,18 @@ class ResultCache:
         return None
 
     def put(self, suite, task, step, params, value: dict) -> dict:
+        """Write the step's file; return ``value`` with what the file records of the step (its
+        name, parameters, code versions, commit and date), as :meth:`get` returns it, so results rows
+        carry the versions they were computed with (a renderer marks stale ones)."""
         p = self.path(suite, task, step, params)
         p.parent.mkdir(parents=True, exist_ok=True)
         from .code_versions import code_key
-        atomic_write_text(p, json.dumps({**value, "_step": step, "_params": params,
-                                         "_code": code_key(task, step, suite), "_commit": _commit(),
-                                         "_date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+        meta = {"_step": step, "_code": code_key(task, step, suite), "_commit": _commit(),
+                "_date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        atomic_write_text(p, json.dumps({**value, "_step": step, "_params": params, **meta},
                                         indent=1, default=_jsonable))
         self.misses += 1
-        return value
+        return {**value, "_params": params, **meta}
 
     def estimate(self, suite: str, task: str, step: str) -> Optional[float]:
         """The seconds an earlier run of this step took (its newest file of any key), or None."""

@@ -386,21 +386,36 @@ def _mean_se(vals: List[Tuple[float, int]]) -> Tuple[float, float]:
     return float(np.mean(ps)), math.sqrt(sum(_se(p, n) ** 2 for p, n in vals)) / len(vals)
 
 
-def table_rows(data: dict) -> List[dict]:
+def default_changed(row: dict) -> Optional[str]:
+    """For a row of the shipped default (variant shipped*): what of its search settings is not
+    today's default, or None."""
+    if not str(row.get("variant", "")).startswith("shipped"):
+        return None
+    had = (row.get("_params") or {}).get("search")
+    now = settings_params(PruneSettings())["search"]
+    if had is None or had == now:
+        return None
+    return "the shipped default changed since (" + ", ".join(
+        sorted(k for k in set(had) | set(now) if had.get(k) != now.get(k))) + ")"
+
+
+def table_rows(data: dict, suite: Optional[str] = None) -> List[dict]:
     """One dict per search (cut × pick, and each variant run): label, {keep: (mean, se)},
-    mean examples, mean seconds, kinds returned."""
+    mean examples, mean seconds, kinds returned, and (``suite`` given) why its steps are stale."""
+    from .status import row_stale
     tasks = data["tasks"]
     n = data["test_rows"]
     keeps = sorted({float(r["keep"]) for rows in tasks.values() for r in rows})
     out = []
 
     def collect(get) -> Optional[dict]:
-        by_k, ex, sec, kinds = {}, [], [], {}
+        by_k, ex, sec, kinds, stale = {}, [], [], {}, set()
         for t, rows in tasks.items():
             for r in rows:
                 got = get(r)
                 if got is None:
                     continue
+                stale |= {w for w in (row_stale(r, suite, t) if suite else None, default_changed(r)) if w}
                 test, e, s_, kind = got
                 by_k.setdefault(float(r["keep"]), []).append((test, n[t]))
                 ex.append(e)
@@ -409,7 +424,8 @@ def table_rows(data: dict) -> List[dict]:
         if not by_k:
             return None
         return {"by_keep": {k: _mean_se(v) for k, v in by_k.items() if len(v) == len(tasks)},
-                "examples": float(np.mean(ex)), "seconds": float(np.mean(sec)), "kinds": kinds}
+                "examples": float(np.mean(ex)), "seconds": float(np.mean(sec)), "kinds": kinds,
+                "stale": "; ".join(sorted(stale)) or None}
     for cut in CUTS:
         for how in PICKS:
             row = collect(lambda r: None if r["variant"] != "old-cli" else (
@@ -431,6 +447,7 @@ def table_rows(data: dict) -> List[dict]:
 
 
 def render(results: dict) -> str:
+    from .status import STALE_MARK, stale_note
     lines = [START, "## What the search is worth: an ablation of the NPS search", "",
              "Written by `make bench-ablation` (`python -m nps_bench.exp_search_ablation`) from its "
              "cached steps (`--render-only` re-renders it). One search per task and r with the CLI "
@@ -449,7 +466,7 @@ def render(results: dict) -> str:
              "its searches.", ""]
     order = ("text", "vision", "vit", "llm", "llm-lora")
     for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
-        rows = table_rows(data) if "tasks" in data else []
+        rows = table_rows(data, suite) if "tasks" in data else []
         if not rows:
             continue
         keeps = rows[0]["keeps"]
@@ -463,8 +480,10 @@ def render(results: dict) -> str:
                   "| search | " + " | ".join(f"r = {k:g}" for k in keeps)
                   + " | examples scored | × old CLI | s | returned (start / refine / CMA-ES) |",
                   "|---" * (len(keeps) + 5) + "|"]
+        stale = {r["label"].split(";")[0]: r["stale"] for r in rows if r.get("stale")}
         for r in rows:
-            cells = [(f"{r['by_keep'][k][0]:.4f} ± {r['by_keep'][k][1]:.4f}" if k in r["by_keep"] else "")
+            mark = f" {STALE_MARK}" if r.get("stale") else ""
+            cells = [(f"{r['by_keep'][k][0]:.4f} ± {r['by_keep'][k][1]:.4f}{mark}" if k in r["by_keep"] else "")
                      for k in keeps]
             ratio = f"{r['examples'] / ref['examples']:.3f}×" if ref else ""
             kinds = r["kinds"]
@@ -473,6 +492,7 @@ def render(results: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['examples']:,.0f} | {ratio} | "
                          f"{r['seconds']:.0f} | {kinds.get('start', 0)} / {kinds.get('refinement', 0)} / "
                          f"{kinds.get('cma-es', 0)} |")
+        lines += stale_note(stale)
         lines += [""] + verdict(rows, keeps) + [""] + timing_lines(data.get("cli_timing"))
     lines.append(END)
     return "\n".join(lines)

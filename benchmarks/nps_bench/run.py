@@ -419,7 +419,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if wins_json.is_file():       # the section "NPS that wins" (make bench-wins) from its own results
         from .wins import render as render_wins, write_section
         write_section(out_md, render_wins(json.loads(wins_json.read_text()), figures_dir))
-    if Path(results_dir).resolve() == (_repo_root() / "benchmarks" / "results").resolve():
+    ablation_json = results_dir / "ablation.json"
+    if ablation_json.is_file():   # the section "What the search is worth" (make bench-ablation)
+        from .exp_search_ablation import render as render_ablation, write_section as write_ablation
+        write_ablation(out_md, render_ablation(json.loads(ablation_json.read_text())))
+    if (Path(results_dir).resolve() == (_repo_root() / "benchmarks" / "results").resolve()
+            and Path(out_md).resolve() == (_repo_root() / "BENCHMARKS.md").resolve()):
         from .readme_table import refresh
         refresh()                 # the README's results block, from the committed results
     print(f"wrote {out_md} (results: {results_dir}, figures: {figures_dir})", flush=True)

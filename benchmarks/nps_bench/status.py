@@ -25,6 +25,30 @@ from .paths import repo_root
 SUITES = ("text", "vision", "vit", "llm", "llm-lora")
 
 
+STALE_MARK = "‡"
+
+
+def row_stale(row: dict, suite: str, task: str) -> Optional[str]:
+    """Why a results row (a step's value as the cache returned it: ``_step``, ``_code``) is no
+    longer what the current code computes ("search v1 -> v2"), or None when it is current or
+    carries no code record (rows older than the step keys: their sections say so)."""
+    step, have = row.get("_step"), row.get("_code")
+    if not step or not isinstance(have, dict):
+        return None
+    want = code_key(task, step, suite)
+    why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
+    return ", ".join(why) or None
+
+
+def stale_note(stale: Dict[str, str]) -> List[str]:
+    """The footnote under a table with cells marked :data:`STALE_MARK` (``stale``: what -> why)."""
+    if not stale:
+        return []
+    return ["", f"{STALE_MARK} stale: no longer what the current code computes (run the benchmark "
+                "again to refresh): " + "; ".join(f"{k}: {v}" for k, v in sorted(stale.items()))
+                + "."]
+
+
 def step_state(rec: dict, task: str, weights: Optional[str], suite: Optional[str] = None) -> str:
     """"current", or "stale: why" for one step file's record (of ``suite``)."""
     step = rec.get("_step", "?")

@@ -340,7 +340,35 @@ def _checkpoint_line(data: dict) -> str:
             + ", ".join(f"{t} `{(d or '?')[:12]}`" for t, d in digests.items()) + ".")
 
 
+def _default_changed(data: dict) -> Optional[str]:
+    """What of the shipped default's settings (suite-specific ones aside) differs today from those
+    the suite's default rows ran with, or None."""
+    rec = data.get("default_settings")
+    if not rec:
+        return None
+    from .exp_search_ablation import settings_params
+    now = settings_params(PruneSettings())
+    keys = [k for k in now if k not in ("keep", "calib_size", "batch_size", "max_length")]
+    diff = [k for k in keys if rec.get(k) != now[k]]
+    return ("the shipped default changed since (" + ", ".join(diff) + ")") if diff else None
+
+
+def _stale_cell(suite: str, data: dict, method: str, keep: float) -> Optional[str]:
+    """Why the rows behind one table cell are stale (code versions, or a default row of a default
+    that is no longer shipped), or None."""
+    from .status import row_stale
+    whys = {row_stale(r, suite, t) for t, rows in data["tasks"].items() for r in rows
+            if r.get("method") == method and float(r.get("keep", -1)) == keep}
+    whys.discard(None)
+    if method.startswith("nps-default"):
+        changed = _default_changed(data)
+        if changed:
+            whys.add(changed)
+    return "; ".join(sorted(whys)) or None
+
+
 def render(results: dict, figures: Path) -> str:
+    from .status import STALE_MARK, stale_note
     lines = [START, "## NPS that wins: the shipped default against magnitude and DARE", "",
              f"Written by `make bench-wins` (`python -m nps_bench.wins`) at commit "
              f"{results.get('commit', '?')} on {results.get('date', '?')}, from its own cached steps "
@@ -382,14 +410,20 @@ def render(results: dict, figures: Path) -> str:
                                               "rows (search + held-out, pooled)",
                  "nps-default-select-search": "NPS default's search, finalist chosen on the search rows "
                                               "alone (no re-scoring)"}
+        stale: Dict[str, str] = {}
         for m in order:
             if m not in summ:
                 continue
             cells = []
             for k in keeps:
                 v = summ[m].get(k)
-                cells.append("" if v is None else f"{v[0]:.4f} ± {v[1]:.4f}" + ("" if v[2] == len(data["tasks"]) else f" ({v[2]} tasks)"))
+                why = _stale_cell(suite, data, m, k)
+                if why:
+                    stale[f"{names[m]} at r = {k:g}"] = why
+                cells.append("" if v is None else f"{v[0]:.4f} ± {v[1]:.4f}" + ("" if v[2] == len(data["tasks"]) else f" ({v[2]} tasks)")
+                             + (f" {STALE_MARK}" if why and v is not None else ""))
             lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+        lines += stale_note(stale)
         ft = summ.get("fine-tuned", {}).get(1.0)
         if ft:
             lines += ["", f"Fine-tuned: {ft[0]:.4f} ± {ft[1]:.4f}."]
