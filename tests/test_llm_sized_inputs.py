@@ -5,6 +5,8 @@
 * item 4: ``--help`` lists every evaluator kind and says GGUF files and LoRA folders are
   accepted; ``nps eval ADAPTER --pretrained BASE`` names an adapter's base, and a ``.gguf`` file
   works as that base;
+* item 4 (the rest): the LM evaluators score a batch whose logits exceed 1 GiB in slices of rows,
+  with the same scores, and report.json records the largest logits a forward returned;
 * item 5: a hold-out of fewer than ``--holdout-min-rows`` (32) rows is not made: the search uses
   every calibration row and its best score decides; report.json says so.
 """
@@ -351,3 +353,42 @@ def test_too_few_held_out_rows_choose_on_every_row_and_the_report_says_so(tmp_pa
         assert note == {"share": 0.25, "search_rows": rows - held, "held_out_rows": held,
                         "chosen_by": "held-out score"}
         assert len(rep["search"]["rescored"]) >= 3
+
+
+# -- item 4: the LM evaluators' logits memory is bounded ---------------------------------------------
+def test_lm_logits_are_scored_in_slices_within_the_budget_with_the_same_scores(tmp_path, monkeypatch):
+    """A batch whose full logits exceed LOGITS_BUDGET_BYTES goes through the model in slices of
+    rows that fit: the same scores (to float rounding) as one forward pass, a peak that the
+    evaluator records and prune's report.json carries."""
+    from nps_pruning.evaluation import lm
+    from nps_pruning.evaluation.lm import MultipleChoiceEvaluator, PerplexityEvaluator, rows_per_forward
+    base, adapter = _tiny_llama_and_lora(tmp_path)
+    model = transformers.LlamaForCausalLM.from_pretrained(base).eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    words = ["good", "bad", "fine", "love", "dull", "fun", "plot", "film", "day", "night"]
+    ppl = tmp_path / "p.jsonl"
+    ppl.write_text("".join(json.dumps({"text": " ".join(words[(i * 3 + j) % 10] for j in range(5 + i % 4))}) + "\n"
+                           for i in range(12)))
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"context": " ".join(words[(i + j) % 10] for j in range(4)),
+                                      "choices": ["good film", "bad day night"], "label": i % 2}) + "\n"
+                          for i in range(12)))
+    evs = {"ppl": lambda: PerplexityEvaluator(ppl, model_path=base, batch_size=12, fitness="loglik"),
+           "mc": lambda: MultipleChoiceEvaluator(mc, model_path=base, batch_size=12, fitness="loglik")}
+    whole = {k: make() for k, make in evs.items()}
+    ref = {k: ev(model) for k, ev in whole.items()}
+    one_row = 16 * vocab * 4                        # a row of <= 16 positions
+    assert rows_per_forward(model, 12, 16) == 12    # fits the default budget: one forward
+    monkeypatch.setattr(lm, "LOGITS_BUDGET_BYTES", 3 * one_row)
+    assert rows_per_forward(model, 12, 16) == 3 and rows_per_forward(model, 12, 64) == 1
+    for k, make in evs.items():
+        ev = make()
+        assert ev(model) == pytest.approx(ref[k], abs=1e-5), k
+        assert 0 < ev.memory["peak_logits_bytes"] <= 3 * one_row < whole[k].memory["peak_logits_bytes"], k
+    # prune's report.json records the evaluator's peak
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    assert main(["prune", str(base), str(adapter), "-o", str(out), "--keep", "0.1", "--bands", "3",
+                 "--generations", "1", "--popsize", "4", "--eval", f"perplexity:{ppl}", "--quiet"]) == 0
+    mem = json.loads((out / "report.json").read_text())["memory"]
+    assert 0 < mem["eval_peak_logits_bytes"] <= 3 * one_row

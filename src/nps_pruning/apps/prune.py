@@ -88,6 +88,14 @@ def _identity_fields(session: Session, settings: PruneSettings) -> SimpleNamespa
         autocast=settings.autocast)
 
 
+def _logits_peak(*evaluators) -> Dict[str, int]:
+    """The largest logits tensor a language-model evaluator's forward pass returned in this
+    process (bounded by evaluation.lm.LOGITS_BUDGET_BYTES; none for other evaluators)."""
+    peak = max([int((getattr(e, "memory", None) or {}).get("peak_logits_bytes", 0))
+                for e in evaluators if e is not None] + [0])
+    return {"eval_peak_logits_bytes": peak} if peak else {}
+
+
 def _holdout_note(share: float, evaluator, holdout, eval_spec: str, min_rows: int) -> Dict[str, Any]:
     """report.json's word on how the search's result was chosen: on held-out rows, or (why not)
     by the best search score on every calibration row."""
@@ -244,7 +252,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         outcome = PruneOutcome("nps", pruned, keep, result, bands, calib,
                                {"bands_s": bands_s, "search_s": result.seconds}, aborted,
                                rescored=rescored, space=space_name,
-                               memory={"search_peak_rss_bytes": search_peak}, holdout=choice)
+                               memory={"search_peak_rss_bytes": search_peak,
+                                       **_logits_peak(evaluator, holdout)}, holdout=choice)
         if rescored:
             outcome.timings["rescore_s"] = rescore_s
             outcome.calibration["nps_holdout"] = max(r["holdout_score"] for r in rescored)

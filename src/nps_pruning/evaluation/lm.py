@@ -103,16 +103,60 @@ def _pad_right(seqs: List[List[int]], pad: int) -> Tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def _token_logp(model, ids, mask, source) -> torch.Tensor:
-    """log p(token t | tokens < t) for t ≥ 1: a (batch, width − 1) float tensor. The
-    log-softmax runs one row at a time, so besides the model's logits it holds one row's
-    (width × vocabulary), not the whole batch's twice over."""
-    logits = logits_of(forward_or_explain(model, source, input_ids=ids, attention_mask=mask))
+# The most logits one forward pass of an LM evaluator may return (rows × width × vocabulary × 4
+# bytes): a batch that would need more is scored in as many slices of rows as it takes (a row
+# alone may exceed it). At 1 GiB the benchmark's SmolLM2 batches (49k vocabulary, 16 rows of
+# <= 128 tokens: 0.4 GB) are one slice; a 262k vocabulary at 64 × 128 tokens (8.6 GB) is 8 slices.
+LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def _vocab_size(model) -> int | None:
+    """The number of logits a position gets: the output embedding's rows, else the config's."""
+    try:
+        out = model.get_output_embeddings()
+        if out is not None and getattr(out, "weight", None) is not None:
+            return int(out.weight.shape[0])
+    except Exception:
+        pass
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(v) if isinstance(v, int) and v > 0 else None
+
+
+def rows_per_forward(model, rows: int, positions: int, budget: int | None = None) -> int:
+    """How many rows of ``positions`` logits each go into one forward pass so that its logits stay
+    within ``budget`` bytes (default :data:`LOGITS_BUDGET_BYTES`, float32 counted): all ``rows``
+    when they fit or the vocabulary is unknown, at least 1."""
+    vocab = _vocab_size(model)
+    budget = LOGITS_BUDGET_BYTES if budget is None else int(budget)
+    if vocab is None or rows * positions * vocab * 4 <= budget:
+        return max(1, rows)
+    return max(1, budget // (positions * vocab * 4))
+
+
+def _note_peak(stats, logits: torch.Tensor) -> None:
+    if stats is not None:
+        n = logits.numel() * logits.element_size()
+        stats["peak_logits_bytes"] = max(int(stats.get("peak_logits_bytes", 0)), n)
+
+
+def _token_logp(model, ids, mask, source, stats=None) -> torch.Tensor:
+    """log p(token t | tokens < t) for t ≥ 1: a (batch, width − 1) float tensor. The rows go
+    through the model in slices whose logits fit :data:`LOGITS_BUDGET_BYTES` (the whole batch
+    at once when it fits), and the log-softmax runs one row at a time, so besides one slice's
+    logits it holds one row's (width × vocabulary). ``stats["peak_logits_bytes"]``: the largest
+    logits tensor a forward returned."""
     got = torch.empty(ids.shape[0], ids.shape[1] - 1, dtype=torch.float32, device=ids.device)
-    for i in range(ids.shape[0]):
-        logp = torch.log_softmax(logits[i, :-1].float(), dim=-1)
-        got[i] = logp.gather(1, ids[i, 1:].unsqueeze(-1)).squeeze(-1)
-    del logits
+    step = rows_per_forward(model, ids.shape[0], ids.shape[1])
+    for s in range(0, ids.shape[0], step):
+        e = min(ids.shape[0], s + step)
+        part = ids if (s, e) == (0, ids.shape[0]) else ids[s:e]
+        logits = logits_of(forward_or_explain(model, source, input_ids=part,
+                                              attention_mask=mask if part is ids else mask[s:e]))
+        _note_peak(stats, logits)
+        for i in range(e - s):
+            logp = torch.log_softmax(logits[i, :-1].float(), dim=-1)
+            got[s + i] = logp.gather(1, part[i, 1:].unsqueeze(-1)).squeeze(-1)
+        del logits
     return torch.nan_to_num(got, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
 
 
@@ -124,7 +168,7 @@ def _takes_logits_to_keep(model) -> bool:
         return False
 
 
-def _last_logits(model, ids, mask, source) -> torch.Tensor:
+def _last_logits(model, ids, mask, source, stats=None) -> torch.Tensor:
     """(batch, vocabulary) logits at each row's last real token (right-padded ``ids``).
 
     A ``transformers`` causal LM is asked for those positions alone (``logits_to_keep`` as a
@@ -147,9 +191,19 @@ def _last_logits(model, ids, mask, source) -> torch.Tensor:
     except Exception:
         pass
     if keep:
+        _note_peak(stats, out)
         return out[:, 0].float()
-    logits = logits_of(forward_or_explain(model, source, input_ids=ids, attention_mask=mask))
-    return logits[torch.arange(ids.shape[0], device=ids.device), last].float()
+    rows = []                      # the full logits: in slices that fit the budget
+    step = rows_per_forward(model, ids.shape[0], ids.shape[1])
+    for s in range(0, ids.shape[0], step):
+        e = min(ids.shape[0], s + step)
+        whole = (s, e) == (0, ids.shape[0])
+        logits = logits_of(forward_or_explain(model, source, input_ids=ids if whole else ids[s:e],
+                                              attention_mask=mask if whole else mask[s:e]))
+        _note_peak(stats, logits)
+        rows.append(logits[torch.arange(e - s, device=ids.device), last[s:e]].float())
+        del logits
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def _check_vocab(model, max_id: int, source) -> None:
@@ -163,6 +217,8 @@ def _check_vocab(model, max_id: int, source) -> None:
 
 class _LMBase:
     def _tokenize(self, model_path, tokenizer):
+        # the largest logits tensor a forward pass returned ("peak_logits_bytes"), for report.json
+        self.memory: dict = {}
         tok = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         pad = getattr(tok, "pad_token_id", None)
         if pad is None:
@@ -225,7 +281,7 @@ class MultipleChoiceEvaluator(_LMBase, FitnessScored):
         if self.single_token:
             ids, mask = _pad_right([self.ctx_ids[i] for i in rows], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            logp = torch.log_softmax(_last_logits(model, ids, mask, self.path), dim=-1)
+            logp = torch.log_softmax(_last_logits(model, ids, mask, self.path, self.memory), dim=-1)
             tokens = torch.tensor([[c[0] for c in self.choice_ids[i]] for i in rows], device=self.device)
             out = logp.gather(1, tokens)
             return torch.nan_to_num(out, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
@@ -236,7 +292,7 @@ class MultipleChoiceEvaluator(_LMBase, FitnessScored):
                 seqs.append(self.ctx_ids[i] + c)
                 spans.append((len(self.ctx_ids[i]), len(c)))
         ids, mask = _pad_right(seqs, self.pad_id)
-        lp = _token_logp(model, ids.to(self.device), mask.to(self.device), self.path)
+        lp = _token_logp(model, ids.to(self.device), mask.to(self.device), self.path, self.memory)
         sums = torch.stack([lp[j, start - 1:start - 1 + n].sum() for j, (start, n) in enumerate(spans)])
         return sums.view(len(rows), C)
 
@@ -298,7 +354,7 @@ class PerplexityEvaluator(_LMBase):
             for part in self.batches:
                 ids, mask = _pad_right([self.rows[i] for i in part], self.pad_id)
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                lp = _token_logp(model, ids, mask, self.path)
+                lp = _token_logp(model, ids, mask, self.path, self.memory)
                 total += float((lp * mask[:, 1:].to(lp.dtype)).sum())
         return total / self.num_tokens
 
