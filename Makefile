@@ -8,13 +8,14 @@ TORCH  ?= torch==2.13.0
 # packages that must go in --no-deps are listed in benchmarks/requirements-nodeps.txt.
 STAMP  := $(VENV)/.nps-installed
 
-.PHONY: install demo test bench bench-wins bench-ablation bench-status clean help
+.PHONY: install demo test bench bench-wins bench-ablation bench-frontier bench-status clean help
 help:
 	@echo "make demo   - install into $(VENV) and run the embedded default on the real benchmark"
 	@echo "make test   - install the dev dependencies and run the test suite"
 	@echo "make bench  - regenerate BENCHMARKS.md and its figures (hours on 2 cores: the measured pieces are in README, plus bench-wins)"
 	@echo "make bench-wins - only the section 'NPS that wins' (the shipped default vs magnitude and DARE)"
 	@echo "make bench-ablation - only the section 'What the search is worth' (the search ablation, issue 32)"
+	@echo "make bench-frontier - only the section 'The lossless frontier' (bench-wins on a keep-ratio grid down to 0.0005)"
 	@echo "make bench-status - which benchmark steps are computed for the current code (runs nothing)"
 	@echo "  in pieces: BUDGET=40 make bench-wins, or python -m nps_bench.run --suites text --budget 40"
 
@@ -42,6 +43,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.run $(if $(BUDGET),--budget $(BUDGET))
 	$(MAKE) bench-wins
 	$(MAKE) bench-ablation
+	$(MAKE) bench-frontier
 
 bench-wins: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
@@ -50,6 +52,10 @@ bench-wins: $(STAMP)
 bench-ablation: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.exp_search_ablation --suites text,vision $(if $(BUDGET),--budget $(BUDGET)) $(ABLATION_ARGS)
+
+bench-frontier: $(STAMP)
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.frontier --suites text,vision $(if $(BUDGET),--budget $(BUDGET))
 
 bench-status: $(STAMP)
 	$(VPY) -m nps_bench.status

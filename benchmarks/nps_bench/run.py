@@ -419,6 +419,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if wins_json.is_file():       # the section "NPS that wins" (make bench-wins) from its own results
         from .wins import render as render_wins, write_section
         write_section(out_md, render_wins(json.loads(wins_json.read_text()), figures_dir))
+        from .frontier import render as render_frontier, write_section as write_frontier
+        write_frontier(out_md, render_frontier(json.loads(wins_json.read_text()), figures_dir))
     ablation_json = results_dir / "ablation.json"
     if ablation_json.is_file():   # the section "What the search is worth" (make bench-ablation)
         from .exp_search_ablation import render as render_ablation, write_section as write_ablation

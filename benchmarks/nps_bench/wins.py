@@ -89,7 +89,8 @@ RESCALES = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)   # DAREx-q-style grid (and
 
 @dataclasses.dataclass
 class WinsConfig:
-    keeps: Tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3)
+    # down to where every method has broken (the lossless frontier, nps_bench.frontier), and 0.3
+    keeps: Tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
     variants: Tuple[str, ...] = ("default", "paper")
     study_keeps: Tuple[float, ...] = (0.05,)            # default-128 and ablations run here
     study_variants: Tuple[str, ...] = ("default-128", "plain30", "race")   # + the search-cost study
@@ -151,6 +152,16 @@ def run_task_in_budget(suite: str, task: dict, cfg_d: dict, cache_root: str):
         return {"left": str(e), "estimate_s": e.estimate_s}
 
 
+def _baseline(method: str, values, keep: float, seed: int):
+    """A baseline pruner's τ̂: ``core.PRUNERS``' magnitude and DARE, and DELLA's MAGPRUNE (the
+    magnitude-aware random drop of DELLA-Merging, ε = 0.1, kept entries rescaled by 1/(1 − p_j))."""
+    if method == "della":
+        from nps_pruning.core.merge import magprune
+        return magprune(values.unsqueeze(0), keep, seed)[0]
+    from nps_pruning.core import PRUNERS
+    return PRUNERS[method](values, keep, seed=seed)
+
+
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]:
     from nps_pruning.apps.prune import Session, prune
     from nps_pruning.core import PRUNERS
@@ -185,10 +196,10 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
     base = cache.step(suite, task["name"], "wins-finetuned", _params(task, cfg), ft, log)
     rows.append({"method": "fine-tuned", "keep": 1.0, **base})
     for r in cfg.keeps:
-        for method in ("magnitude", "dare"):
+        for method in ("magnitude", "dare", "della"):
             def one(method=method, r=r):
                 s = session()
-                return {"test": s.score(state["test"], PRUNERS[method](s.task_vector.values, r, seed=cfg.seed))}
+                return {"test": s.score(state["test"], _baseline(method, s.task_vector.values, r, cfg.seed))}
             res = cache.step(suite, task["name"], f"wins-{method}-r{r:g}", _params(task, cfg, keep=r), one, log)
             rows.append({"method": method, "keep": r, **res})
 
@@ -398,11 +409,11 @@ def render(results: dict, figures: Path) -> str:
         keeps = sorted({k for m in summ.values() for k in m if k < 1.0})
         head = "| method | " + " | ".join(f"r = {k:g}" for k in keeps) + " |"
         lines += [head, "|---" * (len(keeps) + 1) + "|"]
-        order = ["nps-default", "nps-paper", "magnitude", "dare", "magnitude-rescaled",
+        order = ["nps-default", "nps-paper", "magnitude", "dare", "della", "magnitude-rescaled",
                  "nps-default-128", "nps-hybrid-accuracy", "nps-default-select-pooled",
                  "nps-default-select-search"]
         names = {"nps-default": "**NPS (default)**", "nps-paper": "NPS paper (magnitude space, accuracy, 128 rows)",
-                 "magnitude": "magnitude top-k", "dare": "DARE",
+                 "magnitude": "magnitude top-k", "dare": "DARE", "della": "DELLA's MAGPRUNE",
                  "magnitude-rescaled": "magnitude + tuned rescale (DAREx-q style)",
                  "nps-default-128": "NPS default, 128 calibration rows",
                  "nps-hybrid-accuracy": "NPS hybrid, accuracy fitness, no hold-out",
@@ -605,6 +616,8 @@ def main(argv=None) -> int:
     if args.render_only:
         results = json.loads(results_path.read_text())
         write_section(Path(args.out), render(results, figures))
+        from .frontier import render as render_frontier, write_section as write_frontier
+        write_frontier(Path(args.out), render_frontier(results, figures))
         return 0
     cfg = WinsConfig(jobs=args.jobs)
     if args.keeps:
@@ -668,6 +681,8 @@ def main(argv=None) -> int:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, default=float))
     write_section(Path(args.out), render(results, figures))
+    from .frontier import render as render_frontier, write_section as write_frontier
+    write_frontier(Path(args.out), render_frontier(results, figures))   # from the same results
     if results_path == REPO / "benchmarks" / "results" / "wins.json":
         from .readme_table import refresh
         refresh(REPO)   # the README's table, from the results
