@@ -150,7 +150,7 @@ def test_library_errors_name_settings_not_flags(pair):
 
 # the commands themselves and the CLI's mapping onto settings take the options object
 CLI_SIDE = {"run_prune", "run_transfer", "run_merge", "run_compress", "run_restore", "run_info",
-            "from_options", "search_settings_from_options", "check_prune_options",
+            "from_options", "search_settings_from_options", "resolved_search_bounds", "check_prune_options",
             "prune_task", "search_settings"}     # the last two: the CLI's forms, kept for old callers
 APPS = ("session", "settings", "prune", "merge", "transfer", "store_cli", "compress",
         "store_manifest", "mask_coding")

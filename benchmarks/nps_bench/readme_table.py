@@ -59,12 +59,13 @@ def _shipped_cost(ablation: Optional[dict]) -> List[str]:
                          for k in new["by_keep"] if k in old["by_keep"])
             acc = ("mean test accuracy within one standard error of the former default's at every r"
                    if within else "mean test accuracy NOT within one standard error of the former default's")
-            out.append(f"- {name}: {acc}; {new['examples']:,.0f} calibration rows forwarded per search, "
+            ks = ", ".join(f"{k:g}" for k in new.get("keeps", []))
+            out.append(f"- {name} (r = {ks}): {acc}; {new['examples']:,.0f} calibration rows forwarded per search, "
                        f"{new['examples'] / old['examples']:.3f}× the former default's {old['examples']:,.0f}"
                        f"{wall} (commit {data.get('commit', '?')})")
     if out:
         out = ["", "What `nps prune`'s default search costs (`make bench-ablation`, mean over each suite's "
-                   "tasks at r = 0.02 and 0.05, held-out re-scoring included):", ""] + out
+                   "tasks and the keep ratios r measured, held-out re-scoring included):", ""] + out
     return out
 
 

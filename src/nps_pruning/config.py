@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type
 from .errors import NPSError
 from .registries import (Choices, executors, fitnesses, mask_codings, mergers, normalizations,
                          pruners, schemes, spaces, tau_dtypes, value_dtypes)
-from .apps.settings import PruneSettings
+from .apps.settings import PruneSettings, resolved_search_bounds  # noqa: F401 (re-exported)
 from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, SearchSettings, shipped_search
 from .search.race import RACE_OFF, RACES
 
@@ -48,19 +48,6 @@ INT_MAX = 2**63 - 1
 _SEARCH = shipped_search()   # what `nps prune` runs with no flags
 _PRUNE = PruneSettings()     # and the pruning settings' (apps/settings.py): keep, bands, hold-out, ...
 _LIN, _LOG = PARAM_DEFAULTS["linear"], PARAM_DEFAULTS["log"]
-
-
-def resolved_search_bounds(opts) -> tuple:
-    """(lower, upper, sigma0) of ``opts``, each default filled in from its parametrisation."""
-    lo, hi, sigma = PARAM_DEFAULTS[opts.param]
-    lower = lo if opts.lower is None else opts.lower
-    upper = hi if opts.upper is None else opts.upper
-    sigma0 = sigma if opts.sigma0 is None else opts.sigma0
-    if opts.param == "log" and lower <= 0:
-        raise NPSError("--param log needs --lower > 0 (the search runs over log2 of the weights)")
-    if upper <= lower:
-        raise NPSError(f"--upper {upper:g} must be above --lower {lower:g}")
-    return lower, upper, sigma0
 
 
 # -- shared option groups (inherited) -----------------------------------------------------------

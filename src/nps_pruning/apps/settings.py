@@ -128,10 +128,20 @@ class PruneSettings:
                    workers=opts.workers, ray_address=opts.ray_address)
 
 
+def resolved_search_bounds(opts) -> tuple:
+    """(lower, upper, sigma0) of an options object, each one not given taken from its
+    parametrisation (:meth:`SearchSettings.for_param`); errors name the CLI flags."""
+    st = SearchSettings.for_param(opts.param, lower=opts.lower, upper=opts.upper, sigma0=opts.sigma0)
+    if st.param == "log" and st.lower <= 0:
+        raise NPSError("--param log needs --lower > 0 (the search runs over log2 of the weights)")
+    if st.upper <= st.lower:
+        raise NPSError(f"--upper {st.upper:g} must be above --lower {st.lower:g}")
+    return st.lower, st.upper, st.sigma0
+
+
 def search_settings_from_options(opts) -> SearchSettings:
     """The CMA-ES settings of an options object: every :class:`SearchSettings` field the options
     have, with ``lower``/``upper``/``sigma0`` filled in by parametrisation."""
-    from ..config import resolved_search_bounds
     lower, upper, sigma0 = resolved_search_bounds(opts)
     same = {name: getattr(opts, name) for name in _SEARCH_FIELDS if hasattr(opts, name)}
     from ..search.race import RACE_OFF
