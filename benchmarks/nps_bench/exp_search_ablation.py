@@ -547,17 +547,9 @@ def verdict(rows: List[dict], keeps) -> List[str]:
 
 
 def write_section(md: Path, section: str) -> None:
-    text = md.read_text() if md.exists() else ""
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        _, post = rest.split(END, 1)
-        text = pre + section + post
-    elif "<!-- wins:end -->" in text:
-        pre, post = text.split("<!-- wins:end -->", 1)
-        text = pre + "<!-- wins:end -->\n\n" + section + post
-    else:
-        text = text + "\n\n" + section + "\n"
-    atomic_write_text(md, text)
+    """The section between its markers (first written after the bench-wins section)."""
+    from .report_common import write_marked
+    write_marked(md, START, END, section, after="<!-- wins:end -->")
 
 
 @restores_deadline

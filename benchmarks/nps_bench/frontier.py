@@ -104,7 +104,7 @@ def render(results: dict, figures: Optional[Path]) -> str:
     lines = [START, "## The lossless frontier: how small a slim vector keeps the fine-tuned accuracy", "",
              "From `make bench-wins` on the keep-ratio grid "
              f"{', '.join(f'{k:g}' for k in FRONTIER_KEEPS)} (`python -m nps_bench.frontier`; "
-             "each suite's commit and settings are in the section above). The paper's claim (its Fig. 4): "
+             "each suite's commit and settings are in the section \"NPS that wins\"). The paper's claim (its Fig. 4): "
              "NPS keeps ≥ 99% of the fine-tuned accuracy down to a smaller r than magnitude top-k "
              "and DARE.", ""]
     order = ("text", "vision", "vit", "llm", "llm-lora")
@@ -147,18 +147,9 @@ def _plot(suite: str, ft, curves, path: Path) -> None:
 
 
 def write_section(md: Path, section: str) -> None:
-    """Between the frontier markers, or after the bench-wins section, or at the end."""
-    from nps_pruning.atomic import atomic_write_text
-    text = md.read_text() if md.exists() else ""
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        text = pre + section + rest.split(END, 1)[1]
-    elif "<!-- wins:end -->" in text:
-        pre, post = text.split("<!-- wins:end -->", 1)
-        text = pre + "<!-- wins:end -->\n\n" + section + post
-    else:
-        text = text + "\n\n" + section + "\n"
-    atomic_write_text(md, text)
+    """The section between its markers (first written after the bench-wins section)."""
+    from .report_common import write_marked
+    write_marked(md, START, END, section, after="<!-- wins:end -->")
 
 
 def main(argv=None) -> int:

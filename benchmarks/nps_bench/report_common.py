@@ -102,3 +102,25 @@ def _lam(v) -> str:
     if isinstance(v, list):
         return ", ".join(f"{x:.2f}" for x in v)
     return f"{v:g}"
+
+
+def write_marked(md, start: str, end: str, section: str, after: Optional[str] = None) -> None:
+    """Put ``section`` (which begins with ``start`` and ends with ``end``) into the markdown file
+    ``md``: in place of the text between the markers, else right after the ``after`` marker,
+    else (no ``after``) before the file's first ``## `` heading, else at the end."""
+    from pathlib import Path
+    from nps_pruning.atomic import atomic_write_text
+    md = Path(md)
+    text = md.read_text() if md.exists() else ""
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        text = pre + section + rest.split(end, 1)[1]
+    elif after is not None and after in text:
+        pre, post = text.split(after, 1)
+        text = pre + after + "\n\n" + section + post
+    elif after is None and text.find("\n## ", text.find("\n") + 1) > 0:
+        i = text.find("\n## ", text.find("\n") + 1)
+        text = text[:i] + "\n\n" + section + "\n" + text[i:]
+    else:
+        text = text + "\n\n" + section + "\n"
+    atomic_write_text(md, text)

@@ -579,16 +579,9 @@ def _plot(summ, keeps, path: Path, names, suite) -> None:
 
 
 def write_section(md: Path, section: str) -> None:
-    text = md.read_text() if md.exists() else ""
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        _, post = rest.split(END, 1)
-        text = pre + section + post
-    else:
-        marker = "\n## "
-        i = text.find(marker, text.find("\n") + 1)
-        text = (text[:i] + "\n\n" + section + "\n" + text[i:]) if i > 0 else text + "\n\n" + section + "\n"
-    atomic_write_text(md, text)
+    """The section between its markers (first written before the report's first heading)."""
+    from .report_common import write_marked
+    write_marked(md, START, END, section)
 
 
 @restores_deadline
