@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 
 from nps_bench import labels
-from nps_bench.experiments import BenchConfig, ResultCache, nps_variants
+from nps_bench.cache import ResultCache
+from nps_bench.config import BenchConfig
+from nps_bench.exp_pruning import nps_variants
 
 
 def test_variant_labels_of_the_default_grid():

@@ -238,7 +238,7 @@ def test_popsize_minimum_is_one_rule():
 def test_benchmark_search_settings_are_unchanged():
     """BenchConfig's values key the benchmark's result cache: its search bounds are the library's
     defaults, and those are the numbers every cached result was measured with."""
-    from nps_bench.experiments import BenchConfig
+    from nps_bench.config import BenchConfig
     cfg = BenchConfig()
     assert (cfg.lower, cfg.upper, cfg.sigma0) == PARAM_DEFAULTS["linear"] == (0.0, 4.0, 0.3)
     assert (cfg.log_lower, cfg.log_upper, cfg.log_sigma0) == PARAM_DEFAULTS["log"] == (0.25, 8.0, 1.0)

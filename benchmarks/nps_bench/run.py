@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from nps_pruning.atomic import atomic_write_text
-from . import experiments as ex
-from .cache import restores_deadline, set_budget
+from .cache import (DEADLINE_ENV, BudgetReached, ResultCache, _jsonable, default_results_cache,
+                    restores_deadline, set_budget)
+from .config import BenchConfig
+from .context import task_dict
 from .paths import git_output, repo_root
 
 REPO = repo_root()
@@ -73,10 +75,21 @@ def machine_info() -> dict:
     return info
 
 
+def _job(fn_name: str):
+    """The job function a worker runs, by name (names travel to the worker processes)."""
+    from .exp_fusion import run_fusion_job
+    from .exp_merge_aware import run_merge_aware_job
+    from .exp_pruning import run_pruning_job
+    from .exp_transfer import run_transfer_job
+    return {"run_pruning_job": run_pruning_job, "run_fusion_job": run_fusion_job,
+            "run_merge_aware_job": run_merge_aware_job, "run_transfer_job": run_transfer_job}[fn_name]
+
+
 def _timed(fn_name: str, *args):
-    """Runs experiments.<fn_name>(*args) and stamps wall-clock start/end (epoch seconds)."""
+    """Runs the job ``fn_name`` (:func:`_job`) on ``args`` and stamps wall-clock start/end (epoch
+    seconds)."""
     t0 = time.time()
-    out = getattr(ex, fn_name)(*args)
+    out = _job(fn_name)(*args)
     out["t_start"], out["t_end"] = t0, time.time()
     return out
 
@@ -104,7 +117,7 @@ def _suite_summary(suite) -> dict:
                       for t in suite.tasks]}
 
 
-def _pick_tasks(name: str, cfg: ex.BenchConfig) -> Optional[List[str]]:
+def _pick_tasks(name: str, cfg: BenchConfig) -> Optional[List[str]]:
     from . import data as bdata
     from .suites import SUITES
     names = list(SUITES[name])
@@ -138,7 +151,7 @@ def _committed_in(path: Path) -> str:
     return git_output("log", "-1", "--format=%h", "--", str(path)) or "?"
 
 
-def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, command: str,
+def run_benchmark(cfg: BenchConfig, *, results_dir: Path, cache_root: Path, command: str,
                   log=print, skip: tuple = (), pruning_from_results: bool = False) -> dict:
     """Run the suites of ``cfg`` (every step cached) and write their results. A run of some
     suites keeps the other suites' results (and, with ``speed`` skipped, the last speed
@@ -167,14 +180,14 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
     previous: Dict[str, dict] = {}           # each suite's results file as it was before this run
     left: List[str] = []                     # --budget: what was not started
     left_s: List[float] = []
-    deadline = os.environ.get(ex.DEADLINE_ENV)
+    deadline = os.environ.get(DEADLINE_ENV)
     for name in cfg.suites:
         if deadline and time.time() > float(deadline):
             left.append(f"{name}: the whole suite (its checkpoints were not built)")
             continue
         t0 = time.time()
         suite = build_suite(name, quick=cfg.profile == "quick", tasks=_pick_tasks(name, cfg), progress=True)
-        suite_tasks[name] = [ex.task_dict(t) for t in suite.tasks]
+        suite_tasks[name] = [task_dict(t) for t in suite.tasks]
         suites[name] = {"suite": _suite_summary(suite), "tasks": {}, "transfer": {}, "fusion": None, "merge_aware": None,
                         "errors": [], "timings": {"suite_build_s": time.time() - t0, "jobs": {}},
                         "run": stamp}
@@ -227,7 +240,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
                 S = suites[sname]
                 try:
                     out = fut.result()
-                except ex.BudgetReached as e:   # not started: the budget is spent (not a failure)
+                except BudgetReached as e:   # not started: the budget is spent (not a failure)
                     recorded = previous.get(sname, {}).get("timings", {}).get("jobs", {})
                     est = (recorded.get(f"{kind}/{tname}") or {}).get("seconds")
                     left.append(f"{sname}: {kind} {tname} from step {e.step}"
@@ -278,7 +291,8 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
     else:
         log("speed: bench_candidate " + ", ".join(f"{d:.0e}" for d in cfg.speed_sizes))
         try:
-            meta["speed"] = ex.run_speed(cfg, _repo_root() / "benchmarks")
+            from .exp_speed import run_speed
+            meta["speed"] = run_speed(cfg, _repo_root() / "benchmarks")
         except Exception as e:  # noqa: BLE001
             failed = True
             meta["speed"] = {"error": f"{type(e).__name__}: {e}"}
@@ -300,7 +314,7 @@ def run_benchmark(cfg: ex.BenchConfig, *, results_dir: Path, cache_root: Path, c
 
 
 def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=ex._jsonable))
+    atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable))
 
 
 def _save_suite(results_dir: Path, name: str, S: dict) -> None:
@@ -328,7 +342,7 @@ def load_results(results_dir: Path) -> dict:
 
 
 def render_to(results: dict, out_md: Path, figures_dir: Path) -> Path:
-    from .report_md import render
+    from .report_doc import render
     figures_dir.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(figures_dir, out_md.parent)
     md = render(results, figures_dir=figures_dir, figures_rel=rel)
@@ -378,7 +392,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         over["uniform_keep_ratios"] = tuple(float(x) for x in args.uniform_keeps.split(","))
     if args.ablation_keeps:
         over["ablation_keep_ratios"] = tuple(float(x) for x in args.ablation_keeps.split(","))
-    cfg = ex.BenchConfig.quick(**over) if args.quick else ex.BenchConfig(**over)
+    cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
     root = _repo_root()
     if args.quick:
         out_md = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nps-bench-quick-")) / "BENCHMARKS.md"
@@ -391,7 +405,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         figures_dir = Path(args.figures_dir) if args.figures_dir else root / "benchmarks" / "figures"
     out_md.parent.mkdir(parents=True, exist_ok=True)
     cache_root = (Path(args.cache_dir) if args.cache_dir
-                  else ex.default_results_cache("quick" if args.quick else "full"))
+                  else default_results_cache("quick" if args.quick else "full"))
     if not set_budget(args.budget):
         print("nps-bench: error: --budget must be a positive number of minutes", file=sys.stderr)
         return 2
@@ -402,7 +416,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"nps-bench: error: {results_dir / 'run.json'}: no results to render", file=sys.stderr)
             return 2
     else:
-        ex.ResultCache(cache_root)
+        ResultCache(cache_root)
         results = run_benchmark(cfg, results_dir=results_dir, cache_root=cache_root, command=command.strip(),
                                 skip=tuple(x for x in args.skip.split(",") if x),
                                 pruning_from_results=args.pruning_from_results)
