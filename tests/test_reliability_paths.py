@@ -249,7 +249,7 @@ def store(fam, tmp_path_factory):
 
 def rewrite(store: Path, edit) -> Path:
     """A copy of ``store`` whose manifest ``edit`` changed, with its self-checksum recomputed."""
-    from nps_pruning.apps.compress import _manifest_sha256
+    from nps_pruning.apps.store_types import _manifest_sha256
     copy = store.parent / f"edited-{os.urandom(4).hex()}" / "store"
     shutil.copytree(store, copy)
     manifest = json.loads((copy / "manifest.json").read_text())

@@ -8,7 +8,8 @@ import pytest
 import safetensors.numpy
 import torch
 
-from nps_pruning.apps.compress import _manifest_sha256, read_store, restore_task, store_info, write_store
+from nps_pruning.apps.compress import read_store, restore_task, store_info, write_store
+from nps_pruning.apps.store_types import _manifest_sha256
 from nps_pruning.apps.value_coding import (QUANT_BITS, SIGN_LEVELS, decode_values, encode_values,
                                            group_sizes_of, lloyd, tune_level_scale)
 from nps_pruning.errors import NPSError

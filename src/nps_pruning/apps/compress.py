@@ -40,10 +40,8 @@ from __future__ import annotations
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, decode_mask, encode_mask
 from .store_read import Store, read_store, restore_task, store_info
 from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask, StoreTask,
-                          _manifest_sha256, _mask_sha256, _sha256, flat_sha256)
-from .store_write import (_check_destination, _check_tensor_dict, _is_our_store,
-                          _pretrained_tensors, _safe_side_name, _tensor_bytes, _validate,
-                          _write_part, _write_task, write_store)
+                          flat_sha256)
+from .store_write import write_store
 
 __all__ = ["StoreTask", "Store", "RestoredTask", "write_store", "read_store", "restore_task",
            "store_info", "encode_mask", "decode_mask", "flat_sha256", "VALUE_DTYPES", "VALUE_CODINGS",

@@ -102,7 +102,7 @@ def check_store_destination(output, inputs) -> None:
     """What write_store checks at the end, checked at the start: the store is not an input, and
     an existing folder there is empty or an nps store."""
     from ..checkpoints.save import _check_not_input
-    from .compress import _check_destination
+    from .store_write import _check_destination
     out = Path(output).expanduser().absolute()
     _check_not_input(out, inputs)
     _check_destination(out)
