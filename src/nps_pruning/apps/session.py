@@ -38,7 +38,8 @@ def holdout_split(total: int, calib_size: Optional[int], holdout: float,
 def _is_python_spec(spec: str) -> bool:
     """Evaluators that return their own score (no fitness choice, no held-out split of rows):
     ``python:`` and ``lm-eval:``."""
-    return str(spec).split(":", 1)[0].strip().lower() in ("python", "lm-eval")
+    from ..evaluation import spec_kind
+    return spec_kind(spec)[0] in ("python", "lm-eval")
 
 
 @dataclass
@@ -162,7 +163,8 @@ class Session:
                                "language-model evaluators; python: and lm-eval: evaluators return "
                                "their own score")
             return "accuracy"
-        if spec.partition(":")[0].strip().lower() == "generation":
+        from ..evaluation import spec_kind
+        if spec_kind(spec)[0] == "generation":
             return fitness or "accuracy"       # exact match is its only score
         return fitness or "loglik"
 

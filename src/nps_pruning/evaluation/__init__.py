@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -31,7 +31,7 @@ from .python_eval import PythonEvaluator, resolve_python
 from .text import TextClassificationEvaluator
 
 __all__ = [
-    "Evaluator", "make_evaluator", "evaluate_path", "count_rows", "load_model", "bind_flat", "logits_of",
+    "Evaluator", "make_evaluator", "evaluate_path", "count_rows", "spec_kind", "load_model", "bind_flat", "logits_of",
     "load_state_dict_any", "resolve_python", "TextClassificationEvaluator",
     "ImageClassificationEvaluator", "PythonEvaluator", "SPEC_KINDS",
 ]
@@ -62,8 +62,7 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise NPSError(f"{spec}: expected KIND:ARGUMENT with KIND one of {', '.join(SPEC_KINDS)}")
-    kind, arg = spec.split(":", 1)
-    kind = kind.strip().lower()
+    kind, arg = spec_kind(spec)
     if kind == "python":
         if fitness != "accuracy":
             raise NPSError(f"{spec}: --fitness {fitness} applies to the classification evaluators; "
@@ -71,12 +70,12 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
         return PythonEvaluator(spec)
     if not arg:
         raise NPSError(f"{spec}: missing FILE after {kind}:")
-    if kind in ("text-classification", "text"):
+    if kind == "text-classification":
         return TextClassificationEvaluator(arg, model_path=model_path, calib_size=calib_size,
                                            seed=seed, batch_size=batch_size, device=device,
                                            max_length=max_length, subset=subset, fitness=fitness,
                                            rest_size=rest_size)
-    if kind in ("image-classification", "image"):
+    if kind == "image-classification":
         return ImageClassificationEvaluator(arg, calib_size=calib_size, seed=seed,
                                             batch_size=batch_size, device=device, subset=subset,
                                             fitness=fitness, rest_size=rest_size)
@@ -94,14 +93,27 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
     raise NPSError(f"{spec}: unknown evaluation kind {kind!r} (expected one of {', '.join(SPEC_KINDS)})")
 
 
+_ALIASES = {"text": "text-classification", "image": "image-classification"}
+
+
+def spec_kind(spec) -> Tuple[str, str]:
+    """(kind, argument) of an evaluator SPEC ``KIND:ARGUMENT``: the kind lower-cased, its short
+    aliases (``text``, ``image``) resolved; ("", spec) without a colon. The one place a SPEC is
+    parsed (the evaluator factory, row counting, the session's fitness rules, the run identity)."""
+    kind, sep, arg = str(spec).partition(":")
+    if not sep:
+        return "", str(spec)
+    kind = kind.strip().lower()
+    return _ALIASES.get(kind, kind), arg
+
+
 def count_rows(spec: str) -> int:
     """How many rows the classification evaluator ``spec`` would read (no tokenizing)."""
-    kind, _, arg = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind in ("text-classification", "text"):
+    kind, arg = spec_kind(spec)
+    if kind == "text-classification":
         from .text import read_text_rows
         return len(read_text_rows(Path(arg), need_labels=False)[0])
-    if kind in ("image-classification", "image"):
+    if kind == "image-classification":
         import numpy as np
         try:
             with np.load(arg, allow_pickle=False) as data:

@@ -65,9 +65,8 @@ def eval_fingerprint(spec: Optional[str]) -> Optional[Dict[str, Any]]:
     """What the calibration evaluator reads: its kind and its file's fingerprint."""
     if not spec:
         return None
-    kind, _, arg = str(spec).partition(":")
-    kind = kind.strip().lower()
-    kind = {"text": "text-classification", "image": "image-classification"}.get(kind, kind)
+    from ..evaluation import spec_kind
+    kind, arg = spec_kind(spec)
     if kind == "python":
         from ..evaluation.python_eval import parse_python_spec
         module, func = parse_python_spec(str(spec).strip())

@@ -104,7 +104,8 @@ class CandidateScorer:
         """Whether the evaluator can score some of the rows (racing): the classification ones."""
         if self._state is not None:
             return callable(getattr(self._state.evaluator, "score_rows", None))
-        return str(self.eval_spec).split(":", 1)[0].strip().lower() != "python"
+        from ..evaluation import spec_kind
+        return spec_kind(self.eval_spec)[0] != "python"
 
     @property
     def state(self) -> _State:
