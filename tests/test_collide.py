@@ -94,8 +94,13 @@ def test_ties_layer_and_sequential_trims():
 def test_merge_refuses_options_a_merger_does_not_take():
     with pytest.raises(ValueError, match="keeps every entry"):
         merge("task-arithmetic", T, collide="magnitude")
-    with pytest.raises(ValueError, match="ties merger only"):
+    with pytest.raises(ValueError, match="trim layer applies to method ties only"):
         merge("dare-ties", T, trim="layer")
+    # one rule for the library and the CLI, which names its flags
+    from nps_pruning.core.merge import option_problem
+    assert option_problem("ties", "order", "layer") is None and option_problem("nps", "magnitude") is None
+    assert option_problem("average", "order", flag=lambda n: f"--{n}").startswith(
+        "--collide order: --method average keeps every entry")
     for method in ("dare-linear", "dare-ties", "della"):   # they take collide
         out = merge(method, T, keep_ratio=0.5, seed=1, collide="order")
         assert out.shape == (6,)

@@ -185,14 +185,10 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
 
 def _check_merge_options(opts) -> None:
     """The options that only some methods take, refused clearly for the others."""
-    from ..core.merge import MERGERS
-    sparse = opts.method == "nps" or getattr(MERGERS.get(opts.method), "sparsifies", False)
-    if opts.collide != "allow" and not sparse:
-        raise NPSError(f"--collide {opts.collide}: --method {opts.method} keeps every entry of every "
-                       "task; masks that do not collide apply to nps, ties, dare-linear, dare-ties "
-                       "and della")
-    if opts.trim != "global" and opts.method != "ties":
-        raise NPSError(f"--trim {opts.trim} applies to --method ties only")
+    from ..core.merge import option_problem
+    problem = option_problem(opts.method, opts.collide, opts.trim, flag=lambda name: f"--{name}")
+    if problem:
+        raise NPSError(problem)
     if opts.joint_generations and opts.method != "nps":
         raise NPSError("--joint-generations is the merge-aware search of --method nps")
     if opts.joint_generations and opts.lam is not None:

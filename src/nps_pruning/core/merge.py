@@ -28,7 +28,7 @@ NPS-merge itself prunes each τ_i with NPS first and combines the pruned vectors
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Literal, Sequence
+from typing import Callable, Dict, Literal, Optional, Sequence
 
 import torch
 
@@ -227,17 +227,29 @@ def merge(method: str, taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: floa
     ``collide`` (masks that do not collide, :mod:`.collide`) applies to the mergers that sparsify
     each τ_i (ties, dare-linear, dare-ties, della), ``trim`` to TIES only."""
     fn = MERGERS[method]
+    problem = option_problem(method, collide, trim)
+    if problem:
+        raise ValueError(problem)
     extra = {"shapes": shapes} if needs_shapes(method) else {}
     if collide != "allow":
-        if not getattr(fn, "sparsifies", False):
-            raise ValueError(f"collide={collide!r}: merger {method!r} keeps every entry of every "
-                             "task (it applies to ties, dare-linear, dare-ties, della and nps)")
         extra["collide"] = collide
     if trim != "global":
-        if method != "ties":
-            raise ValueError(f"trim={trim!r} applies to the ties merger only, not {method!r}")
         extra.update(trim=trim, shapes=shapes)
     return fn(taus, lam=lam, keep_ratio=keep_ratio, seed=seed, **extra)
+
+
+def option_problem(method: str, collide: str = "allow", trim: str = "global",
+                   flag=lambda name: name) -> Optional[str]:
+    """Why ``collide`` / ``trim`` do not apply to merge ``method`` (None when they do): masks
+    that do not collide need a merger that sparsifies each τ_i (or "nps"), a trim other than
+    TIES' global one needs "ties". ``flag`` names an option in the message (the CLI: its flag)."""
+    sparse = method == "nps" or getattr(MERGERS.get(method), "sparsifies", False)
+    if collide != "allow" and not sparse:
+        return (f"{flag('collide')} {collide}: {flag('method')} {method} keeps every entry of every "
+                "task; masks that do not collide apply to nps, ties, dare-linear, dare-ties and della")
+    if trim != "global" and method != "ties":
+        return f"{flag('trim')} {trim} applies to {flag('method')} ties only"
+    return None
 
 
 def needs_shapes(method: str) -> bool:
