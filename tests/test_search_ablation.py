@@ -218,3 +218,7 @@ def test_cli_timing_line_and_its_target():
     t["shipped"]["wall_s"] = 61.0
     assert "NOT met" in timing_lines(t)[0]
     assert timing_lines(None) == [] and timing_lines({"shipped": {}}) == []
+    assert "one command after the other; commit c" in timing_lines(t)[0]
+    # two timings from different runs say so (the target wants them side by side)
+    t["shipped"]["_commit"], t["old-cli"]["_commit"] = "new1234", "old5678"
+    assert "measured in two runs: with no flags at commit new1234" in timing_lines(t)[0]

@@ -323,9 +323,10 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
 CLI_RUNS = {"shipped": [], "old-cli": ["--generations", "30", "--race", "off", "--patience", "0"]}
 
 
-def cli_timing(suite: str, task: dict, keep: float, cache_root: str) -> Dict[str, dict]:
+def cli_timing(suite: str, task: dict, keep: float, cache_root: str, fresh: bool = False) -> Dict[str, dict]:
     """Wall time, search time and examples scored of `nps prune` with no flags and with the old
-    default's flags, one after the other on the same machine (a step each)."""
+    default's flags, one after the other on the same machine (a step each; ``fresh``: both run
+    now, whatever the cache holds, so the two are measured side by side)."""
     import subprocess
     import tempfile
     cache = ResultCache(Path(cache_root))
@@ -358,7 +359,15 @@ def cli_timing(suite: str, task: dict, keep: float, cache_root: str) -> Dict[str
                     "cpu": _cpu_name()}
         params = {"v": ABLATION_VERSION, "task": task["name"], "weights": weights_param(task),
                   **settings_params(st), "cli": flags}
-        out[name] = cache.step(suite, task["name"], f"cli-time-{name}-r{keep:g}", params, run, log)
+        step = f"cli-time-{name}-r{keep:g}"
+        if fresh:
+            t0 = time.perf_counter()
+            value = run()
+            value["seconds"] = time.perf_counter() - t0
+            log(f"{step}: ({value['seconds']:.1f}s)")
+            out[name] = cache.put(suite, task["name"], step, params, value)
+        else:
+            out[name] = cache.step(suite, task["name"], step, params, run, log)
     return out
 
 
@@ -505,9 +514,13 @@ def timing_lines(t: Optional[dict]) -> List[str]:
     new, old = t["shipped"], t["old-cli"]
     ex, wall = new["examples_scored"] / old["examples_scored"], new["wall_s"] / old["wall_s"]
     ok = new["wall_s"] <= 60.0 and ex <= 0.1
-    return [f"`nps prune` as a user runs it, one command after the other on the same machine ({t['task']}, "
+    apart = new.get("_commit") != old.get("_commit") and None not in (new.get("_commit"), old.get("_commit"))
+    when = (f"measured in two runs: with no flags at commit {new['_commit']} ({new.get('_date')}), with the "
+            f"old flags at commit {old['_commit']} ({old.get('_date')}); `--cli-timing --fresh` runs both"
+            if apart else f"one command after the other; commit {t['commit']}, {t['date']}")
+    return [f"`nps prune` as a user runs it on the same machine ({t['task']}, "
             f"r = {t['keep']:g}, every calibration row; {new['cpu']}, {new['threads']} torch threads, "
-            f"nothing else running; commit {t['commit']}, {t['date']}): with no flags "
+            f"nothing else running; {when}): with no flags "
             f"**{new['wall_s']:.0f} s** wall (search {new['search_s']:.0f} s, re-scoring "
             f"{new['rescore_s']:.0f} s), {new['examples_scored']:,} examples scored; with the old default's "
             f"flags (`{' '.join(old['argv_flags'])}`) {old['wall_s']:.0f} s (search {old['search_s']:.0f} s), "
@@ -566,6 +579,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--budget", type=float, default=None, metavar="MINUTES")
+    ap.add_argument("--fresh", action="store_true", help="with --cli-timing: time both commands now, "
+                                                          "side by side, whatever the cache holds")
     ap.add_argument("--cli-timing", action="store_true",
                     help="only time `nps prune` with no flags against the old default's flags on each "
                          "suite's first task at r = 0.05 (run with nothing else on the machine)")
@@ -595,7 +610,7 @@ def main(argv=None) -> int:
         for suite_name in args.suites.split(","):
             suite = build_suite(suite_name, tasks=args.tasks.split(",") if args.tasks else None)
             task = task_dict(suite.tasks[0])
-            timing = cli_timing(suite_name, task, 0.05, cache_root)
+            timing = cli_timing(suite_name, task, 0.05, cache_root, fresh=args.fresh)
             results["suites"].setdefault(suite_name, {})["cli_timing"] = {
                 "task": task["name"], "keep": 0.05, "commit": commit, "date": date, **timing}
         results_path.parent.mkdir(parents=True, exist_ok=True)
