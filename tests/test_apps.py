@@ -512,6 +512,48 @@ def test_merge_ties_trims_match_the_core(fam, tmp_path, trim):
     assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tvs[0].layout.unflatten(want).items()})
 
 
+@pytest.mark.parametrize("pruner,method", [("magnitude", "task-arithmetic"), ("dare", "tsv-m"),
+                                           ("magnitude", "ties")])
+def test_merge_of_pruned_vectors_is_the_merge_of_each_pruner_output(fam, tmp_path, pruner, method):
+    """--prune P --keep R: each task vector is slimmed by P at R first, then merged by --method;
+    the merged τ equals the core merge of the pruners' outputs (closed form for task arithmetic)."""
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.core import PRUNERS
+    from nps_pruning.core.merge import merge
+    out = tmp_path / f"{pruner}-{method}"
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", method, "--lambda", "0.9",
+                "--prune", pruner, "--keep", "0.1", "--seed", "3", "--quiet"]) == 0
+    tvs = [load_task_vector(fam["base"], t)[1] for t in fam["tasks"]]
+    slim = torch.stack([PRUNERS[pruner](tv.values, 0.1, seed=3) for tv in tvs])
+    want = merge(method, slim, lam=0.9, keep_ratio=0.1, seed=3, shapes=tvs[0].layout.shapes)
+    if method == "task-arithmetic":
+        torch.testing.assert_close(want, 0.9 * slim.sum(dim=0), rtol=0, atol=1e-6)
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tvs[0].layout.unflatten(want).items()})
+    rep = report_of(out)
+    D = tvs[0].values.numel()
+    assert {n: (p["method"], p["kept"]) for n, p in rep["pruning"].items()} == {
+        t.name: (pruner, round(0.1 * D)) for t in fam["tasks"]}
+
+
+def test_merge_of_nps_pruned_vectors_searches_each_task_and_refuses_misuse(fam, tmp_path, capsys):
+    evals = [x for t in ("calib", "calib", "calib") for x in ("--eval", f"text-classification:{fam[t]}")]
+    out = tmp_path / "nps-tsvm"
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "tsv-m", "--prune", "nps",
+                "--keep", "0.1", "--generations", "1", "--popsize", "4", "--bands", "3", *evals,
+                "--lambda-grid", "0.5", "1.0", "--quiet"]) == 0
+    rep = report_of(out)
+    assert all(p["method"] == "nps" and p["candidates"] for p in rep["pruning"].values())
+    assert rep["lambdas"][0] in (0.5, 1.0) and not (tmp_path / "nps-tsvm.nps-run").exists()
+    capsys.readouterr()
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", tmp_path / "x", "--method", "nps", "--prune",
+                "dare", *evals, "--quiet"]) == 2
+    assert "--method nps prunes each task with NPS itself" in capsys.readouterr().err
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", tmp_path / "y", "--method", "ties", "--prune",
+                "nps", "--lambda", "1.0", "--quiet"]) == 2
+    assert "--prune nps searches each task" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["one-model", "eval-count", "no-lambda-no-eval"])
 def test_merge_usage_errors(fam, tmp_path, capsys, case):
     out = tmp_path / "m"

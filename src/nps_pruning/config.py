@@ -197,6 +197,10 @@ class MergeOptions(SearchOptions):
                               "balanced across layers), or CABS' conflict-free sequential top-k",
                     choices=("global", "layer", "sequential"))
     names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)
+    prune: Optional[str] = opt(None, "slim each task vector with this pruner at --keep first (nps: "
+                                     "its own search on the task's --eval), then merge the slim "
+                                     "vectors with --method (not nps, which prunes with NPS itself)",
+                               choices=lambda: ("nps",) + pruners())
 
 
 @dataclass

@@ -237,6 +237,13 @@ def run_merge(opts) -> Dict[str, Any]:
                        "(one per task, in the same order)")
     if opts.test and len(opts.test) != len(opts.finetuned):
         raise NPSError(f"--test gives {len(opts.test)} evaluators for {len(opts.finetuned)} models")
+    prune_first = getattr(opts, "prune", None)
+    if prune_first and opts.method == "nps":
+        raise NPSError("--prune: --method nps prunes each task with NPS itself; --prune is for the "
+                       "other merge methods")
+    if prune_first == "nps" and not opts.eval:
+        raise NPSError("--prune nps searches each task on its calibration data: pass one --eval SPEC "
+                       "per task")
     searching = opts.lam is None and opts.method != "average"
     if (searching or opts.method == "nps") and not opts.eval:
         raise NPSError(f"--method {opts.method} without --lambda searches on calibration data: "
@@ -247,7 +254,8 @@ def run_merge(opts) -> Dict[str, Any]:
         raise NPSError("lambda_grid: give at least one λ to try, or a fixed --lambda")
     _check_merge_options(opts)
     inputs = [opts.pretrained, *opts.finetuned]
-    wd = prepare_work_dir(opts.output, opts.resume, inputs, searches=opts.method == "nps")
+    wd = prepare_work_dir(opts.output, opts.resume, inputs,
+                          searches=opts.method == "nps" or prune_first == "nps")
     need_model = bool(opts.eval or opts.test)
     sessions = []
     for ft, name in zip(opts.finetuned, names):
@@ -256,7 +264,6 @@ def run_merge(opts) -> Dict[str, Any]:
                                      running_stats=opts.running_stats, need_model=need_model,
                                      device=opts.device))
         share_base(sessions)          # one θ_pre for all tasks, not one copy per task
-    taus = stack_values([s.task_vector for s in sessions])
     merge_settings = MergeSettings.from_options(opts)
     ev_kw = {"seed": opts.seed, "batch_size": opts.batch_size, "max_length": opts.max_length}
     evaluators = ([s.evaluator(spec, calib_size=opts.calib_size, **ev_kw)
@@ -264,6 +271,21 @@ def run_merge(opts) -> Dict[str, Any]:
     report: Dict[str, Any] = {"command": "merge", "created": now_iso(), "settings": dataclasses.asdict(opts),
                               "inputs": input_sources(opts),
                               "seed": opts.seed, "versions": versions(), "tasks": names}
+    if prune_first:           # each τ_i slimmed first, then merged by --method
+        rows, searches = [], {}
+        for s, name, spec in zip(sessions, names, opts.eval or [None] * len(sessions)):
+            out = prune_task(s, prune_first, opts, eval_spec=spec if prune_first == "nps" else None,
+                             log_path=safe_child(wd, f"search-{name}.jsonl") if prune_first == "nps" else None,
+                             progress=not opts.quiet)
+            rows.append(out.pruned.to(s.task_vector.values.dtype))
+            searches[name] = {"method": prune_first, "keep_ratio": opts.keep,
+                              "kept": int(torch.count_nonzero(out.pruned)),
+                              **({"calibration": out.calibration, **search_report(out.search)}
+                                 if prune_first == "nps" else {})}
+        taus = torch.stack(rows)
+        report["pruning"] = searches
+    else:
+        taus = stack_values([s.task_vector for s in sessions])
     if opts.method == "nps":
         pruned_rows, searches, outcomes = [], {}, []
         for s, spec, name in zip(sessions, opts.eval, names):
