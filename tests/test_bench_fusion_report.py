@@ -22,4 +22,4 @@ def test_study_keep_rows_are_labelled_sorted_and_counted_in_the_verdict():
     verdict = _fusion_verdict(F, MA, [1000, 1000])
     # the shipped default (r = 0.05) is what the verdict compares; the best row is named beside it
     assert "scores 0.4500 on test" in verdict and "TIES 0.5500): -0.1000" in verdict
-    assert verdict.rstrip().endswith("Best NPS-merge row here: NPS-merge (default) at r = 0.2 0.7500.")
+    assert verdict.rstrip().endswith("Best row merging NPS vectors here: NPS-merge (default) at r = 0.2 0.7500.")

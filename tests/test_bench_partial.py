@@ -32,16 +32,18 @@ def test_a_one_suite_run_keeps_the_others_and_skipped_experiments(tmp_path, monk
     import nps_bench.suites as suites
     monkeypatch.setattr(suites, "build_suite", _fake_suite)
     calls = []
-    monkeypatch.setattr(brun.ex, "run_pruning_job", lambda s, t, c, r: calls.append(("pruning", s)) or {"x": 1})
-    monkeypatch.setattr(brun.ex, "run_fusion_job", lambda *a: calls.append(("fusion", a[0])) or {"fused": 2})
-    monkeypatch.setattr(brun.ex, "run_speed", lambda *a: calls.append(("speed",)) or {"rows": [], "table": ""})
+    fakes = {"run_pruning_job": lambda s, t, c, r: calls.append(("pruning", s)) or {"x": 1},
+             "run_fusion_job": lambda *a: calls.append(("fusion", a[0])) or {"fused": 2}}
+    monkeypatch.setattr(brun, "_job", lambda name: fakes[name])
+    import nps_bench.exp_speed as exp_speed
+    monkeypatch.setattr(exp_speed, "run_speed", lambda *a: calls.append(("speed",)) or {"rows": [], "table": ""})
     res = tmp_path / "results"
     res.mkdir()
     (res / "run.json").write_text(json.dumps({"command": "old", "date": "d0", "commit": "c0",
                                               "suites": ["text", "vision"], "speed": {"old": 1}, "speed_s": 5}))
     (res / "vision.json").write_text(json.dumps({"tasks": {"v": 1}}))
     (res / "text.json").write_text(json.dumps({"tasks": {}, "fusion": {"kept": 3}, "transfer": {"t": 4}}))
-    cfg = brun.ex.BenchConfig.quick(suites=("text",), jobs=1)
+    cfg = brun.BenchConfig.quick(suites=("text",), jobs=1)
     out = brun.run_benchmark(cfg, results_dir=res, cache_root=tmp_path / "c", command="new",
                              log=lambda *_: None, skip=("fusion", "speed", "transfer"))
     assert calls == [("pruning", "text")]

@@ -16,7 +16,10 @@ Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test
   fairer match for TIES, which keeps 20% of each task vector; skipped where bench-wins has no
   such rows);
 * ``ties-sequential`` / ``ties-layer`` / ``ties-collide``: TIES with CABS' conflict-free
-  sequential trim, the layer-balanced trim, and allotment by magnitude (on the fusion grid).
+  sequential trim, the layer-balanced trim, and allotment by magnitude (on the fusion grid);
+* ``nps-into-<m>`` for m in :data:`INTO`: the shipped default's τ̂ (r = 0.05, as ``nps-default``)
+  merged by m instead of Eq. 7 (``nps merge --method m --prune nps``), λ on m's fusion grid and
+  below it (a rescaled τ̂ wants a smaller λ); ``dare-into-<m>``: DARE's τ̂ at r = 0.05 the same way.
 
 ``NPS_BENCH_MERGE_AWARE_NPS=0`` runs the TIES rows only (a partial pass when CPU time is short).
 """
@@ -34,6 +37,8 @@ from .config import BenchConfig
 from .context import TaskContext, _strip, _task_params
 
 MERGE_KEEP = 0.05        # the shipped default's --keep
+INTO = ("task-arithmetic", "ties", "tsv-m", "iso-c")   # merges fed the default's slim τ̂ (nps merge --prune)
+INTO_LOW = (0.1, 0.2, 0.3)                            # λ below the fusion grids, for the rescaled τ̂
 STUDY_KEEPS = (0.1, 0.2)  # the default's τ̂ at these r, merged the same way (rows nps-default-r<k>)
 JOINT_GENERATIONS = 3
 
@@ -155,4 +160,34 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
     out["nps-joint"] = _strip(cache.step(suite, "_merge_aware", "nps-joint",
                                          {**base_params, **points_src, "from": out["nps-default"]["lambda"],
                                           "gens": JOINT_GENERATIONS}, joint, log))
+    out.update(_into_rows(suite, cfg, cache, log, base_params, points_src, sessions, calibs, scored,
+                          taus, pruned))
     return {"suite": suite, "rows": out, "job_s": time.perf_counter() - t_job}
+
+
+def _into_rows(suite, cfg, cache, log, base_params, points_src, sessions, calibs, scored, taus,
+               pruned) -> Dict[str, dict]:
+    """``nps-into-<m>`` / ``dare-into-<m>``: a slim τ̂ per task (the default NPS's, or DARE's at
+    the same r) merged by the merge m with its λ chosen on the calibration rows."""
+    import torch
+    from nps_pruning.apps.merge import merge_with_lambda_grid
+    from nps_pruning.apps.settings import MergeSettings
+    from nps_pruning.core import PRUNERS
+    grids = {"task-arithmetic": cfg.ta_grid, "ties": cfg.ties_grid, "tsv-m": cfg.svd_grid, "iso-c": cfg.svd_grid}
+    out: Dict[str, dict] = {}
+    for source in ("nps", "dare"):
+        for m in INTO:
+            grid = tuple(sorted(set(grids[m]) | set(INTO_LOW)))
+            settings = MergeSettings(seed=cfg.seed, keep_ratio=cfg.ties_keep, lambda_grid=grid)
+
+            def row(m=m, source=source, settings=settings):
+                slim = (pruned() if source == "nps" else
+                        torch.stack([PRUNERS["dare"](t, MERGE_KEEP, seed=cfg.seed) for t in taus]))
+                merged, lam, g = merge_with_lambda_grid(m, slim, sessions, calibs, settings=settings)
+                return scored(merged, {"lambda": lam, "grid": g, "keep": MERGE_KEEP, "pruner": source})
+            src = points_src if source == "nps" else {"keep": MERGE_KEEP, "pruner": "dare"}
+            key = f"{source}-into-{m}"
+            out[key] = _strip(cache.step(suite, "_merge_aware", key,
+                                         {**base_params, **src, "method": m, "grid": list(grid),
+                                          "ties_keep": cfg.ties_keep, "seed": cfg.seed}, row, log))
+    return out

@@ -183,6 +183,10 @@ MERGE_AWARE_LABELS = {
     "ties-sequential": "TIES, CABS-style conflict-free sequential trim (`--trim sequential`)",
     "ties-layer": "TIES, layer-balanced trim (`--trim layer`)",
     "ties-collide": "TIES + `--collide magnitude`",
+    **{f"{src}-into-{m}": f"{name} τ̂ at r = 0.05 merged by {label} (`nps merge --method {m} --prune {src}`)"
+       for src, name in (("nps", "the default NPS"), ("dare", "DARE's"))
+       for m, label in (("task-arithmetic", "task arithmetic"), ("ties", "TIES"), ("tsv-m", "TSV-M"),
+                        ("iso-c", "Iso-C"))},
 }
 
 
@@ -207,7 +211,12 @@ MA_SHORT = {"nps-default": "NPS-merge (default)", "nps-default-collide": "NPS-me
 
 
 def _ma_short(key: str) -> str:
-    return f"NPS-merge (default) at r = {_study_keep(key):g}" if _study_keep(key) else MA_SHORT[key]
+    if _study_keep(key):
+        return f"NPS-merge (default) at r = {_study_keep(key):g}"
+    if "-into-" in key:
+        src, m = key.split("-into-", 1)
+        return f"{'the default NPS' if src == 'nps' else src.upper()} τ̂ merged by {m}"
+    return MA_SHORT[key]
 
 
 def _ma_label(key: str, row: dict) -> str:
@@ -241,7 +250,7 @@ def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
                    f"({(d - m) / se if se > 0 else float('nan'):+.1f} SE)")
     best = max(((k, v) for k, v in rows.items() if k.startswith("nps")), key=lambda kv: kv[1]["test_mean"])
     return ("\n\nThe shipped NPS-merge (default) scores {:.4f} on test; against ".format(d) + "; against ".join(out)
-            + " (SE of the difference from the two rows' standard errors). Best NPS-merge row here: "
+            + " (SE of the difference from the two rows' standard errors). Best row merging NPS vectors here: "
             + f"{_ma_short(best[0])} {best[1]['test_mean']:.4f}.")
 
 
