@@ -49,3 +49,15 @@ def test_render_gives_r99_r95_and_the_no_regret_verdict():
     coarse = {t: _rows(0.80, {"dare": {0.05: 0.80}}) for t in ("a",)}
     assert "No suite has been run" in render({"suites": {"vision": {"tasks": coarse}}}, None)
     assert min(FRONTIER_KEEPS) == 0.0005 and max(FRONTIER_KEEPS) == 0.2
+
+
+def test_llm_memory_section_judges_each_run_against_its_target():
+    from nps_bench.exp_llm_memory import END, START, render
+    gib = 2 ** 30
+    runs = {"prune-nps": {"peak_rss_bytes": 3 * gib, "model_bytes": gib, "ratio": 3.0},
+            "merge-ties": {"peak_rss_bytes": 4 * gib, "model_bytes": gib, "ratio": 4.0}}
+    md = render({"suites": {"llm": {"tasks": ["a", "b", "c"], "runs": runs, "commit": "c1", "date": "d"}}})
+    assert md.startswith(START) and md.endswith(END)
+    rows = [l for l in md.splitlines() if l.startswith("| `nps")]
+    assert rows[0].startswith("| `nps prune --method nps` | 3.00 GiB | 1.00 GiB | 3.0× | ≤ 4× | met |")
+    assert rows[1].startswith("| `nps merge --method ties` | 4.00 GiB | 1.00 GiB | 4.0× | ≤ 3× | NOT met |")

@@ -439,6 +439,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ablation_json.is_file():   # the section "What the search is worth" (make bench-ablation)
         from .exp_search_ablation import render as render_ablation, write_section as write_ablation
         write_ablation(out_md, render_ablation(json.loads(ablation_json.read_text())))
+    memory_json = results_dir / "llm_memory.json"
+    if memory_json.is_file():     # "Memory on LLM-sized inputs" (nps_bench.exp_llm_memory)
+        from .exp_llm_memory import END as M_END, START as M_START, render as render_memory
+        from .report_common import write_marked
+        write_marked(out_md, M_START, M_END, render_memory(json.loads(memory_json.read_text())),
+                     after="<!-- frontier:end -->")
     if (Path(results_dir).resolve() == (_repo_root() / "benchmarks" / "results").resolve()
             and Path(out_md).resolve() == (_repo_root() / "BENCHMARKS.md").resolve()):
         from .readme_table import refresh
