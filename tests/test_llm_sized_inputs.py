@@ -307,6 +307,14 @@ def test_merge_sessions_share_one_pretrained_copy(tmp_path):
                  "--lambda", "0.4", "--names", "x", "y", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["memory"]["peak_rss_bytes"] > 0
+    # the merge's (N, D) matrix of τ is filled row by row and each session's τ becomes its row
+    from nps_pruning.apps.merge import stack_task_vectors
+    pair = [Session.load(str(base), str(ft), need_model=False), Session.load(str(base), str(ft2), need_model=False)]
+    before = [p.task_vector.values.clone() for p in pair]
+    taus = stack_task_vectors(pair)
+    assert all(torch.equal(taus[i], before[i]) and torch.equal(p.task_vector.values, before[i])
+               for i, p in enumerate(pair))
+    assert all(p.task_vector.values.data_ptr() == taus[i].data_ptr() for i, p in enumerate(pair))
 
 
 # -- item 5: choosing on too few held-out rows ------------------------------------------------------

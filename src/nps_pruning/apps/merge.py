@@ -209,6 +209,21 @@ def share_base(sessions: Sequence[Session]) -> None:
         last.base_flat = first.base_flat
 
 
+def stack_task_vectors(sessions: Sequence[Session]) -> torch.Tensor:
+    """The (N, D) matrix of the sessions' τ, filled row by row; each session's τ then becomes a view
+    of its row, so the merge holds the N task vectors once (not once in the sessions and again in
+    the matrix) and the copy's peak is one task vector, not N."""
+    tvs = [s.task_vector for s in sessions]
+    for tv in tvs[1:]:
+        tvs[0]._check_same_layout(tv)
+    first = tvs[0].values
+    taus = torch.empty((len(tvs), first.numel()), dtype=first.dtype, device=first.device)
+    for i, (s, tv) in enumerate(zip(sessions, tvs)):
+        taus[i].copy_(tv.values)
+        s.task_vector = tv.with_values(taus[i])      # the session's τ is the row: the original is freed
+    return taus
+
+
 def check_finite_model(base: torch.Tensor, tau: torch.Tensor, what: str,
                        chunk: int = 1 << 24) -> None:
     """Refuse to write θ_pre + τ when an entry is NaN or infinite (an overflowing λ, say): such a
@@ -285,7 +300,7 @@ def run_merge(opts) -> Dict[str, Any]:
         taus = torch.stack(rows)
         report["pruning"] = searches
     else:
-        taus = stack_values([s.task_vector for s in sessions])
+        taus = stack_task_vectors(sessions)
     if opts.method == "nps":
         pruned_rows, searches, outcomes = [], {}, []
         for s, spec, name in zip(sessions, opts.eval, names):
