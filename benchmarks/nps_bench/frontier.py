@@ -103,7 +103,7 @@ def render_suite(suite: str, data: dict, figures: Optional[Path]) -> List[str]:
 def render(results: dict, figures: Optional[Path]) -> str:
     lines = [START, "## The lossless frontier: how small a slim vector keeps the fine-tuned accuracy", "",
              "From `make bench-wins` on the keep-ratio grid "
-             f"{', '.join(f'{k:g}' for k in FRONTIER_KEEPS)} (`python -m nps_bench.frontier`; "
+             f"{', '.join(f'{k:g}' for k in FRONTIER_KEEPS)} and 0.3 (`python -m nps_bench.frontier`; "
              "each suite's commit and settings are in the section \"NPS that wins\"). The paper's claim (its Fig. 4): "
              "NPS keeps ≥ 99% of the fine-tuned accuracy down to a smaller r than magnitude top-k "
              "and DARE.", ""]
