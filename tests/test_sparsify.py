@@ -92,3 +92,12 @@ def test_register_pruner():
             register_pruner(name)(halve)
     finally:
         PRUNERS.pop(name, None)
+
+
+@pytest.mark.parametrize("D,seed", [(1, 0), (7, 3), (1000, 0), (100_003, 11)])
+def test_dare_positions_are_int64_randperms_drawn_in_int32(D, seed):
+    """The int32 draw is the very permutation int64 randperm gives (DARE's numbers unchanged)."""
+    from nps_pruning.core.sparsify import _random_positions
+    ref = torch.randperm(D, generator=torch.Generator().manual_seed(seed))
+    got = _random_positions(D, max(1, D // 3), seed, "cpu")
+    assert got.dtype == torch.int32 and torch.equal(got.long(), ref[: max(1, D // 3)])

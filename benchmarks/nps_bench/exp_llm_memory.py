@@ -49,7 +49,10 @@ def _run(argv: List[str], out: Path) -> dict:
             "report_memory": report.get("memory"), "report": report}
 
 
-def measure(suite_name: str, cache_root: str) -> Dict[str, dict]:
+RUNS = ("prune-nps", "prune-dare", "merge-ties", "merge-nps")
+
+
+def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:
     from .cache import ResultCache, _logger
     from .context import task_dict, weights_param
     from .suites import build_suite
@@ -69,6 +72,9 @@ def measure(suite_name: str, cache_root: str) -> Dict[str, dict]:
                       "--lambda-grid", "1.0", "--lambda-generations", "0"],
     }
     for name, argv in runs.items():
+        if name not in only:
+            continue
+
         def one(argv=argv, name=name):
             with tempfile.TemporaryDirectory() as d:
                 o = Path(d) / "out"
@@ -116,6 +122,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nps_bench.exp_llm_memory", description=__doc__.splitlines()[0])
     ap.add_argument("--suites", default=",".join(SUITES))
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"which of {', '.join(RUNS)}")
     ap.add_argument("--results", default=str(repo_root() / "benchmarks" / "results" / "llm_memory.json"))
     ap.add_argument("--out", default=str(repo_root() / "BENCHMARKS.md"))
     args = ap.parse_args(argv)
@@ -127,7 +134,7 @@ def main(argv=None) -> int:
     results = json.loads(path.read_text()) if path.is_file() else {"suites": {}}
     if not args.render_only:
         for s in args.suites.split(","):
-            got = measure(s, str(default_results_cache("full")))
+            got = measure(s, str(default_results_cache("full")), tuple(args.runs.split(",")))
             results["suites"][s] = {**got, "commit": git_output("rev-parse", "--short", "HEAD"),
                                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             atomic_write_text(path, json.dumps(results, indent=1, default=str))

@@ -30,8 +30,12 @@ def _flat(values: torch.Tensor) -> torch.Tensor:
 
 
 def _random_positions(num_entries: int, k: int, seed: int, device) -> torch.Tensor:
+    """The first k of the seeded random permutation of 0 .. num_entries − 1, drawn in int32 where
+    it fits (the same permutation as int64 ``randperm``, at half its memory: for an LLM's D the
+    permutation is the largest thing a DARE prune holds), the rest of it freed."""
     gen = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(num_entries, generator=gen)[:k].to(device)
+    dtype = torch.int32 if num_entries < 2 ** 31 - 1 else torch.int64
+    return torch.randperm(num_entries, generator=gen, dtype=dtype)[:k].clone().to(device)
 
 
 @register_pruner("magnitude")
