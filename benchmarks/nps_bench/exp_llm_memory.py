@@ -66,10 +66,10 @@ def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:
         "prune-nps": ["prune", suite.base, tasks[0]["finetuned"], "--eval", tasks[0]["eval_calib"], *SEARCH],
         "prune-dare": ["prune", suite.base, tasks[0]["finetuned"], "--method", "dare", "--keep", "0.05"],
         "merge-ties": ["merge", suite.base, *[t["finetuned"] for t in tasks], "--method", "ties",
-                       "--lambda", "1.0", "--keep", "0.2"],
+                       "--lambda", "1.0", "--keep", "0.2", "--names", *[t["name"] for t in tasks]],
         "merge-nps": ["merge", suite.base, *[t["finetuned"] for t in tasks], "--method", "nps",
                       *[x for t in tasks for x in ("--eval", t["eval_calib"])], *SEARCH,
-                      "--lambda-grid", "1.0", "--lambda-generations", "0"],
+                      "--lambda-grid", "1.0", "--lambda-generations", "0", "--names", *[t["name"] for t in tasks]],
     }
     for name, argv in runs.items():
         if name not in only:
