@@ -153,3 +153,21 @@ def test_bad_inputs_raise_value_error(call):
 def test_register_merger_refuses_duplicates():
     with pytest.raises(ValueError):
         register_merger("ties")(lambda taus, **kw: taus.sum(0))
+
+
+def test_entrywise_merge_steps_in_column_slices_are_bit_identical(monkeypatch):
+    """disjoint_mean (and the finiteness check) run in column slices: the same result, bit for bit,
+    whatever the slice size."""
+    import nps_pruning.core.merge as cm
+    g = torch.Generator().manual_seed(0)
+    taus = torch.randn(3, 1001, generator=g) * (torch.rand(3, 1001, generator=g) > 0.5)
+    whole = cm.merge("ties", taus, lam=1.3, keep_ratio=0.3)
+    sign = cm.elect_sign(taus)
+    ref = cm.disjoint_mean(taus, sign)
+    monkeypatch.setattr(cm, "COLUMN_CHUNK", 7)
+    assert torch.equal(cm.disjoint_mean(taus, sign), ref)
+    assert torch.equal(cm.merge("ties", taus, lam=1.3, keep_ratio=0.3), whole)
+    bad = taus.clone()
+    bad[2, 1000] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cm.merge("ties", bad)

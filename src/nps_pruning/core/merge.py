@@ -48,6 +48,11 @@ register_merger = registrar(MERGERS, "merger", "Decorator adding a merger to :da
                                                 "under ``name`` (names are unique).")
 
 
+# Column slices for the entry-wise steps of the merges (each entry is merged on its own, so a
+# slice at a time gives the same result with the temporaries of a slice: N x 4M, not N x D)
+COLUMN_CHUNK = 1 << 22
+
+
 # -- validation ---------------------------------------------------------------------------------
 def _check_taus(taus: torch.Tensor) -> None:
     if not isinstance(taus, torch.Tensor) or taus.dim() != 2:
@@ -56,8 +61,9 @@ def _check_taus(taus: torch.Tensor) -> None:
         raise ValueError(f"need at least one task and one entry, got shape {tuple(taus.shape)}")
     if not taus.is_floating_point():
         raise ValueError(f"task vectors must be floating point, got {taus.dtype}")
-    if not bool(torch.isfinite(taus).all()):
-        raise ValueError("task vectors hold NaN or infinite entries")
+    for s in range(0, taus.shape[1], COLUMN_CHUNK):      # in column slices: no (N, D) bool at once
+        if not bool(torch.isfinite(taus[:, s:s + COLUMN_CHUNK]).all()):
+            raise ValueError("task vectors hold NaN or infinite entries")
 
 
 def _check_scalar(name: str, value: float) -> float:
@@ -106,11 +112,15 @@ def elect_sign(taus: torch.Tensor) -> torch.Tensor:
 
 def disjoint_mean(taus: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Per entry, the mean over the tasks whose value is nonzero and has the elected sign
-    (0 where no task agrees)."""
-    agree = (torch.sign(taus) == sign) & (taus != 0)
-    total = torch.where(agree, taus, torch.zeros_like(taus)).sum(dim=0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return total / count
+    (0 where no task agrees). Computed in slices of :data:`COLUMN_CHUNK` entries (each entry is
+    its own column, so the result is the same), so its temporaries are a slice's, not (N, D)'s."""
+    out = torch.empty(taus.shape[1], dtype=taus.dtype, device=taus.device)
+    for s in range(0, taus.shape[1], COLUMN_CHUNK):
+        t, g = taus[:, s:s + COLUMN_CHUNK], sign[s:s + COLUMN_CHUNK]
+        agree = (torch.sign(t) == g) & (t != 0)
+        total = torch.where(agree, t, torch.zeros_like(t)).sum(dim=0)
+        out[s:s + COLUMN_CHUNK] = total / agree.sum(dim=0).clamp(min=1)
+    return out
 
 
 # -- the registered mergers -------------------------------------------------------------------------
