@@ -369,8 +369,9 @@ def test_lm_logits_are_scored_in_slices_within_the_budget_with_the_same_scores(t
     """A batch whose full logits exceed LOGITS_BUDGET_BYTES goes through the model in slices of
     rows that fit: the same scores (to float rounding) as one forward pass, a peak that the
     evaluator records and prune's report.json carries."""
-    from nps_pruning.evaluation import lm
-    from nps_pruning.evaluation.lm import MultipleChoiceEvaluator, PerplexityEvaluator, rows_per_forward
+    from nps_pruning.evaluation import lm_logits
+    from nps_pruning.evaluation.lm import MultipleChoiceEvaluator, PerplexityEvaluator
+    from nps_pruning.evaluation.lm_logits import rows_per_forward
     base, adapter = _tiny_llama_and_lora(tmp_path)
     model = transformers.LlamaForCausalLM.from_pretrained(base).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -388,7 +389,7 @@ def test_lm_logits_are_scored_in_slices_within_the_budget_with_the_same_scores(t
     ref = {k: ev(model) for k, ev in whole.items()}
     one_row = 16 * vocab * 4                        # a row of <= 16 positions
     assert rows_per_forward(model, 12, 16) == 12    # fits the default budget: one forward
-    monkeypatch.setattr(lm, "LOGITS_BUDGET_BYTES", 3 * one_row)
+    monkeypatch.setattr(lm_logits, "LOGITS_BUDGET_BYTES", 3 * one_row)
     assert rows_per_forward(model, 12, 16) == 3 and rows_per_forward(model, 12, 64) == 1
     for k, make in evs.items():
         ev = make()

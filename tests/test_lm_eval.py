@@ -103,7 +103,7 @@ def test_single_token_choices_project_only_the_last_position(llm):
     """The single-token path asks the LM head for each row's last real token alone (the logits
     of a 50k vocabulary at every position are most of an LLM search's memory); its choice
     scores equal those of the full logits, and a model without ``logits_to_keep`` still works."""
-    from nps_pruning.evaluation.lm import _last_logits
+    from nps_pruning.evaluation.lm_logits import last_logits as _last_logits
     root, tok = llm
     model = _model(root / "ft")
     ev = make_evaluator(f"multiple-choice:{root / 'mc1.jsonl'}", model_path=root / "ft", batch_size=5,

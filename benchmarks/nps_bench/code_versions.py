@@ -42,7 +42,7 @@ GROUPS: Dict[str, List[str]] = {
               "src/nps_pruning/core/entries.py", "src/nps_pruning/core/__init__.py"],
     # the CMA-ES search, its settings and the prune command's search path
     "search": ["src/nps_pruning/search/*.py", "src/nps_pruning/apps/prune.py",
-               "src/nps_pruning/apps/settings.py"],
+               "src/nps_pruning/apps/holdout.py", "src/nps_pruning/apps/settings.py"],
     # merges
     "merge": ["src/nps_pruning/core/merge.py", "src/nps_pruning/core/merge_svd.py",
               "src/nps_pruning/core/collide.py", "src/nps_pruning/core/joint_space.py",

@@ -30,8 +30,8 @@ import torch
 
 from ..errors import NPSError
 from .fitness import LOG_FLOOR, FitnessScored, check_fitness
-from .model import logits_of
-from .text import JSONL_SUFFIXES, forward_or_explain, iter_jsonl, load_tokenizer, select_rows
+from .lm_logits import last_logits, token_logp
+from .text import JSONL_SUFFIXES, iter_jsonl, load_tokenizer, select_rows
 
 
 def _jsonl_rows(path: Path, columns: Sequence[str]) -> List[dict]:
@@ -101,109 +101,6 @@ def _pad_right(seqs: List[List[int]], pad: int) -> Tuple[torch.Tensor, torch.Ten
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, :len(s)] = 1
     return ids, mask
-
-
-# The most logits one forward pass of an LM evaluator may return (rows × width × vocabulary × 4
-# bytes): a batch that would need more is scored in as many slices of rows as it takes (a row
-# alone may exceed it). At 1 GiB the benchmark's SmolLM2 batches (49k vocabulary, 16 rows of
-# <= 128 tokens: 0.4 GB) are one slice; a 262k vocabulary at 64 × 128 tokens (8.6 GB) is 8 slices.
-LOGITS_BUDGET_BYTES = 1 << 30
-
-
-def _vocab_size(model) -> int | None:
-    """The number of logits a position gets: the output embedding's rows, else the config's."""
-    try:
-        out = model.get_output_embeddings()
-        if out is not None and getattr(out, "weight", None) is not None:
-            return int(out.weight.shape[0])
-    except Exception:
-        pass
-    v = getattr(getattr(model, "config", None), "vocab_size", None)
-    return int(v) if isinstance(v, int) and v > 0 else None
-
-
-def rows_per_forward(model, rows: int, positions: int, budget: int | None = None) -> int:
-    """How many rows of ``positions`` logits each go into one forward pass so that its logits stay
-    within ``budget`` bytes (default :data:`LOGITS_BUDGET_BYTES`, float32 counted): all ``rows``
-    when they fit or the vocabulary is unknown, at least 1."""
-    vocab = _vocab_size(model)
-    budget = LOGITS_BUDGET_BYTES if budget is None else int(budget)
-    if vocab is None or rows * positions * vocab * 4 <= budget:
-        return max(1, rows)
-    return max(1, budget // (positions * vocab * 4))
-
-
-def _note_peak(stats, logits: torch.Tensor) -> None:
-    if stats is not None:
-        n = logits.numel() * logits.element_size()
-        stats["peak_logits_bytes"] = max(int(stats.get("peak_logits_bytes", 0)), n)
-
-
-def _token_logp(model, ids, mask, source, stats=None) -> torch.Tensor:
-    """log p(token t | tokens < t) for t ≥ 1: a (batch, width − 1) float tensor. The rows go
-    through the model in slices whose logits fit :data:`LOGITS_BUDGET_BYTES` (the whole batch
-    at once when it fits), and the log-softmax runs one row at a time, so besides one slice's
-    logits it holds one row's (width × vocabulary). ``stats["peak_logits_bytes"]``: the largest
-    logits tensor a forward returned."""
-    got = torch.empty(ids.shape[0], ids.shape[1] - 1, dtype=torch.float32, device=ids.device)
-    step = rows_per_forward(model, ids.shape[0], ids.shape[1])
-    for s in range(0, ids.shape[0], step):
-        e = min(ids.shape[0], s + step)
-        part = ids if (s, e) == (0, ids.shape[0]) else ids[s:e]
-        logits = logits_of(forward_or_explain(model, source, input_ids=part,
-                                              attention_mask=mask if part is ids else mask[s:e]))
-        _note_peak(stats, logits)
-        for i in range(e - s):
-            logp = torch.log_softmax(logits[i, :-1].float(), dim=-1)
-            got[s + i] = logp.gather(1, part[i, 1:].unsqueeze(-1)).squeeze(-1)
-        del logits
-    return torch.nan_to_num(got, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
-
-
-def _takes_logits_to_keep(model) -> bool:
-    import inspect
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _last_logits(model, ids, mask, source, stats=None) -> torch.Tensor:
-    """(batch, vocabulary) logits at each row's last real token (right-padded ``ids``).
-
-    A ``transformers`` causal LM is asked for those positions alone (``logits_to_keep`` as a
-    (batch, 1) tensor of positions, transformers ≥ 5), so the LM head projects one position a row
-    instead of every position: for a 50k-word vocabulary at batch 16 × 128 tokens that is 3 MB of
-    logits instead of 400 MB. A model that does not take it, or answers in another shape (an
-    older transformers), is scored with its full logits, as before."""
-    last = mask.sum(dim=1) - 1
-    keep = getattr(model, "_nps_logits_to_keep", None)     # None: not asked yet
-    if keep is None:
-        keep = _takes_logits_to_keep(model)
-    if keep:
-        try:
-            out = logits_of(model(input_ids=ids, attention_mask=mask, logits_to_keep=last.unsqueeze(1)))
-        except (TypeError, ValueError, RuntimeError, IndexError):
-            out = None
-        keep = out is not None and out.dim() == 3 and out.shape[:2] == (ids.shape[0], 1)
-    try:
-        object.__setattr__(model, "_nps_logits_to_keep", keep)   # ask (or not) the same next time
-    except Exception:
-        pass
-    if keep:
-        _note_peak(stats, out)
-        return out[:, 0].float()
-    rows = []                      # the full logits: in slices that fit the budget
-    step = rows_per_forward(model, ids.shape[0], ids.shape[1])
-    for s in range(0, ids.shape[0], step):
-        e = min(ids.shape[0], s + step)
-        whole = (s, e) == (0, ids.shape[0])
-        logits = logits_of(forward_or_explain(model, source, input_ids=ids if whole else ids[s:e],
-                                              attention_mask=mask if whole else mask[s:e]))
-        _note_peak(stats, logits)
-        rows.append(logits[torch.arange(e - s, device=ids.device), last[s:e]].float())
-        del logits
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def _check_vocab(model, max_id: int, source) -> None:
@@ -281,7 +178,7 @@ class MultipleChoiceEvaluator(_LMBase, FitnessScored):
         if self.single_token:
             ids, mask = _pad_right([self.ctx_ids[i] for i in rows], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            logp = torch.log_softmax(_last_logits(model, ids, mask, self.path, self.memory), dim=-1)
+            logp = torch.log_softmax(last_logits(model, ids, mask, self.path, self.memory), dim=-1)
             tokens = torch.tensor([[c[0] for c in self.choice_ids[i]] for i in rows], device=self.device)
             out = logp.gather(1, tokens)
             return torch.nan_to_num(out, nan=LOG_FLOOR, neginf=LOG_FLOOR).clamp_min(LOG_FLOOR)
@@ -292,7 +189,7 @@ class MultipleChoiceEvaluator(_LMBase, FitnessScored):
                 seqs.append(self.ctx_ids[i] + c)
                 spans.append((len(self.ctx_ids[i]), len(c)))
         ids, mask = _pad_right(seqs, self.pad_id)
-        lp = _token_logp(model, ids.to(self.device), mask.to(self.device), self.path, self.memory)
+        lp = token_logp(model, ids.to(self.device), mask.to(self.device), self.path, self.memory)
         sums = torch.stack([lp[j, start - 1:start - 1 + n].sum() for j, (start, n) in enumerate(spans)])
         return sums.view(len(rows), C)
 
@@ -354,7 +251,7 @@ class PerplexityEvaluator(_LMBase):
             for part in self.batches:
                 ids, mask = _pad_right([self.rows[i] for i in part], self.pad_id)
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                lp = _token_logp(model, ids, mask, self.path, self.memory)
+                lp = token_logp(model, ids, mask, self.path, self.memory)
                 total += float((lp * mask[:, 1:].to(lp.dtype)).sum())
         return total / self.num_tokens
 
