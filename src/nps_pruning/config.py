@@ -342,8 +342,11 @@ def build(cls: Type, values: Mapping[str, Any], source: str = "config"):
         name = key.replace("-", "_")
         name = name if name in fields else aliases.get(name, name)
         if name not in fields:
-            known = ", ".join(sorted(fields))
-            raise NPSError(f"{source}: unknown option {short(key)} (known: {known})")
+            import difflib
+            close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
+            hint = (f"did you mean {', '.join(close)}?" if close else
+                    f"{len(fields)} options: `nps COMMAND --help` lists them")
+            raise NPSError(f"{source}: unknown option {short(key)} ({hint})")
         kwargs[name] = _coerce(fields[name], value, source)
     for f in fields.values():
         if (f.metadata.get("positional") or f.metadata.get("required")) and kwargs.get(f.name) in (None, []):
