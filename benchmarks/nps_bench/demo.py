@@ -51,7 +51,10 @@ def run_demo(opts) -> Dict:
         test = s.evaluator(task.eval_test, **settings.evaluator_kwargs())
         calib_evals.append(calib)
         test_evals.append(test)
-        print(f"[{task.name}] NPS search: {settings.search.generations} generations on "
+        st = settings.search
+        stop = (f", stopped after {st.patience} without a gain > {st.min_gain:g} (not before "
+                f"{st.min_generations})" if st.patience and st.min_gain is not None and st.generations > st.min_generations else "")
+        print(f"[{task.name}] NPS search: up to {st.generations} generations{stop} on "
               f"{calib.num_rows} calibration rows", flush=True)
         out = prune(s, "nps", settings=settings, eval_spec=task.eval_calib)
         pruned.append(out.pruned)
