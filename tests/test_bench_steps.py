@@ -52,14 +52,19 @@ def test_a_bumped_group_changes_exactly_its_steps(tmp_path, monkeypatch):
     assert all(cache.path("text", t, s, {"keep": 0.05}) != p for (t, s), p in before.items())
 
 
-def test_update_records_sources_and_bumps(tmp_path, monkeypatch):
-    (tmp_path / "benchmarks").mkdir()
+def _copy_group_sources(root):
+    """Every code group's source files under ``root`` (and its benchmarks/ folder), as in the repo."""
+    (root / "benchmarks").mkdir()
     for group in cv.GROUPS:
         for pattern in cv.GROUPS[group]:
             for p in repo_root().glob(pattern):
-                dst = tmp_path / p.relative_to(repo_root())
+                dst = root / p.relative_to(repo_root())
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(p.read_bytes())
+
+
+def test_update_records_sources_and_bumps(tmp_path, monkeypatch):
+    _copy_group_sources(tmp_path)
     first = cv.update([], tmp_path)
     assert cv.changed(tmp_path) == [] and all(g["version"] == 1 for g in first.values())
     f = tmp_path / "src/nps_pruning/core/merge.py"
@@ -71,13 +76,7 @@ def test_update_records_sources_and_bumps(tmp_path, monkeypatch):
 
 
 def test_a_suite_scoped_bump_changes_exactly_that_suites_steps(tmp_path, monkeypatch):
-    (tmp_path / "benchmarks").mkdir()
-    for group in cv.GROUPS:
-        for pattern in cv.GROUPS[group]:
-            for p in repo_root().glob(pattern):
-                dst = tmp_path / p.relative_to(repo_root())
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(p.read_bytes())
+    _copy_group_sources(tmp_path)
     cv.update([], tmp_path)
     rec = cv.update(["eval"], tmp_path, suites=["llm", "llm-lora"])
     assert rec["eval"]["version"] == 1 and rec["eval"]["suites"] == {"llm": 2, "llm-lora": 2}

@@ -73,25 +73,31 @@ def score(model):
 '''
 
 
-def test_eval_of_an_adapter_takes_its_base_from_pretrained_and_a_gguf_base_works(tmp_path, monkeypatch, capsys):
+def _tiny_llama_and_lora(tmp_path):
+    """A tiny Llama base (folder with tokenizer), a rank-2 LoRA adapter on it (folders), and
+    the PEFT model they were written from."""
     from test_lm_eval import _llm_tokenizer
-    from test_reliability_round3 import _write_gguf
-    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
     tok, vocab = _llm_tokenizer()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                    max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "base")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    _write_gguf(model, tmp_path / "base.gguf")
     pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
                              peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             p.data = 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
     pm.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter", pm
+
+
+def test_eval_of_an_adapter_takes_its_base_from_pretrained_and_a_gguf_base_works(tmp_path, monkeypatch, capsys):
+    from test_reliability_round3 import _write_gguf
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    _, _, pm = _tiny_llama_and_lora(tmp_path)
+    _write_gguf(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "base.gguf")
     conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     conf["base_model_name_or_path"] = "some-org/not-here"        # a hub name: never fetched
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(conf))
@@ -318,30 +324,11 @@ def test_merge_sessions_share_one_pretrained_copy(tmp_path):
 
 
 # -- item 5: choosing on too few held-out rows ------------------------------------------------------
-def _tiny_llama_and_lora(tmp_path):
-    """A tiny Llama base (folder with tokenizer) and a rank-2 LoRA adapter on it."""
-    from test_lm_eval import _llm_tokenizer
-    tok, vocab = _llm_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
-                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    for n, p in pm.named_parameters():
-        if "lora_B" in n:
-            p.data = 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
-    pm.save_pretrained(tmp_path / "adapter")
-    return tmp_path / "base", tmp_path / "adapter"
-
-
 @pytest.mark.parametrize("rows,min_rows,held", [(40, None, 0), (40, 8, 10)])
 def test_too_few_held_out_rows_choose_on_every_row_and_the_report_says_so(tmp_path, monkeypatch,
                                                                         rows, min_rows, held):
     monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
-    base, adapter = _tiny_llama_and_lora(tmp_path)
+    base, adapter, _ = _tiny_llama_and_lora(tmp_path)
     words = ["good", "bad", "fine", "love", "dull", "fun", "plot", "film", "day", "night"]
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(6))}) + "\n"
@@ -372,7 +359,7 @@ def test_lm_logits_are_scored_in_slices_within_the_budget_with_the_same_scores(t
     from nps_pruning.evaluation import lm_logits
     from nps_pruning.evaluation.lm import MultipleChoiceEvaluator, PerplexityEvaluator
     from nps_pruning.evaluation.lm_logits import rows_per_forward
-    base, adapter = _tiny_llama_and_lora(tmp_path)
+    base, adapter, _ = _tiny_llama_and_lora(tmp_path)
     model = transformers.LlamaForCausalLM.from_pretrained(base).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
     words = ["good", "bad", "fine", "love", "dull", "fun", "plot", "film", "day", "night"]

@@ -123,10 +123,8 @@ def render(results: dict, figures: Optional[Path]) -> str:
 
 
 def _plot(suite: str, ft, curves, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    from .report_figures import _plt, save_figure
+    fig, ax = _plt().subplots(figsize=(6.4, 4.2))
     for m, label in METHODS:
         if m not in curves:
             continue
@@ -140,10 +138,7 @@ def _plot(suite: str, ft, curves, path: Path) -> None:
     ax.set_ylabel("mean test accuracy / fine-tuned")
     ax.set_title(f"{suite}: the lossless frontier (± SE)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_section(md: Path, section: str) -> None:

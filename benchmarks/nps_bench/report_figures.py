@@ -19,6 +19,14 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Every report figure's last step: laid out, written at 110 dpi (its folder made), closed."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     """Labels, grid and legend shared by every figure; written at 110 dpi and closed."""
     ax.set_xlabel(xlabel)
@@ -26,9 +34,7 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    save_figure(fig, path)
 
 
 def fig_pruning(sname: str, S: dict, cfg: dict, path: Path) -> None:

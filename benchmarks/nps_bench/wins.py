@@ -532,10 +532,8 @@ def _cost_section(suite: str, data: dict, figures: Path) -> List[str]:
 
 
 def _plot_cost(stats, path: Path, suite: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    from .report_figures import _plt, save_figure
+    fig, ax = _plt().subplots(figsize=(6.0, 4.0))
     for v, (m, se, ex, _) in stats.items():
         ax.errorbar([ex], [m], yerr=[se], marker="o", capsize=3, ms=8 if v == "default" else 5,
                     label=v + (" (default)" if v == "default" else ""))
@@ -544,17 +542,12 @@ def _plot_cost(stats, path: Path, suite: str) -> None:
     ax.set_ylabel("mean test accuracy")
     ax.set_title(f"{suite}: search cost (± SE)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot(summ, keeps, path: Path, names, suite) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    from .report_figures import _plt, save_figure
+    fig, ax = _plt().subplots(figsize=(6.4, 4.2))
     for m in ("nps-default", "nps-paper", "magnitude", "dare", "magnitude-rescaled"):
         if m not in summ:
             continue
@@ -572,10 +565,7 @@ def _plot(summ, keeps, path: Path, names, suite) -> None:
     ax.set_ylabel("mean test accuracy")
     ax.set_title(f"{suite}: NPS default vs magnitude and DARE (± SE)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_section(md: Path, section: str) -> None:
