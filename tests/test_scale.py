@@ -144,12 +144,12 @@ def test_scorer_compact_tau_and_device(tiny_bert, text_csv, device):
     w = np.array([1.0, 1.5, 0.5, 2.0])
     score, info = s(w)
     st = s.state
-    assert st.tv.values.dtype == torch.bfloat16 and st.tv.values.device.type == device
+    assert st.prep.values.dtype == torch.bfloat16 and st.prep.values.device.type == device
     assert st.bands.band_of.device.type == device and st.bands.sorted_abs.device.type == "cpu"
     assert set(info) == {"build_s", "eval_s", "examples"} and 0.0 <= score <= 1.0
     # the candidate in the model is the float32 path's candidate for the bf16-rounded τ
     ref(w)
-    v16 = ref.state.tv.values.to(torch.bfloat16)
+    v16 = ref.state.prep.values.to(torch.bfloat16)
     b = make_bands(v16, 4, "focused", keep_ratio=0.1)
     # the scorer keeps no θ_pre of its own (the model holds it): take it from the checkpoints
     from nps_pruning.checkpoints import load_task_vector

@@ -306,7 +306,7 @@ def test_candidate_scorer_pickles_only_its_recipe():
     t = pickle.loads(pickle.dumps(s))
     assert (t.pretrained_path, t.finetuned_path, t.keep_ratio, t.num_bands, t._state) == \
         ("base", "ft", 0.05, 4, None)
-    live = CandidateScorer.from_state(None, None, None, None, None, lambda m: 1.0, 0.05)
+    live = CandidateScorer.from_state(None, None, None, None, lambda m: 1.0)
     with pytest.raises(NPSError, match="serial executor"):
         pickle.dumps(live)
 

@@ -355,7 +355,6 @@ def test_scorer_with_theta_pre_in_the_model_writes_each_dense_candidate_and_rest
     """A scorer with no separate θ_pre (the search's case: Session.park_base) writes each
     candidate at its kept entries only; the model sees the dense candidate bit for bit, the
     previous one is undone first, and restore() leaves θ_pre exactly."""
-    from types import SimpleNamespace
     from nps_pruning.search.scorer import CandidateScorer
     gen = torch.Generator().manual_seed(5)
     D, M, r = 3000, 4, 0.05
@@ -365,8 +364,10 @@ def test_scorer_with_theta_pre_in_the_model_writes_each_dense_candidate_and_rest
     index = make_hybrid_index(v, seed=1)
     flat, seen = base.clone(), []
     evaluator = lambda model: (seen.append(flat.clone()), 0.5)[1]   # noqa: E731
-    scorer = CandidateScorer.from_state(None, SimpleNamespace(values=v), bands, object(), flat,
-                                        evaluator, r, space="hybrid", index=index)
+    from nps_pruning.core.prepared import prepare
+    prep = prepare(v, None, keep=r, num_bands=M, scheme="focused", space="hybrid", seed=1)
+    assert torch.equal(prep.bands.band_of, bands.band_of) and torch.equal(prep.index.perm, index.perm)
+    scorer = CandidateScorer.from_state(None, prep, object(), flat, evaluator)
     space = make_space("hybrid", M, 0.0, 4.0, keep_ratio=r)
     points = [np.r_[np.ones(M), 0.0, 0.0, 0.0], np.r_[np.linspace(0.5, 2, M), 1.0, 0.5, -0.5],
               np.r_[np.zeros(M), 0.0, 1.0, 0.0]]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict
 
-import numpy as np
-
 from nps_pruning.apps.settings import PruneSettings, SearchSettings
 from .config import BenchConfig
 
@@ -93,11 +91,10 @@ class TaskContext:
         return self._test
 
     def nps_pruned(self, keep: float, scheme: str, upper: float, weights) -> "torch.Tensor":
-        from nps_pruning.core import build_candidate, make_bands
-        values = self.session.task_vector.values
-        bands = make_bands(values, self.cfg.bands, scheme, keep, self.cfg.focus)
-        return build_candidate(values, bands, np.asarray(weights, dtype=np.float64), keep,
-                               kept_values="weighted")
+        from nps_pruning.core.prepared import prepare
+        prep = prepare(self.session.task_vector.values, self.session.domain, keep=keep,
+                       num_bands=self.cfg.bands, scheme=scheme, focus=self.cfg.focus, space="magnitude")
+        return prep.build(weights)
 
 
 def nps_step_params(ctx_or_suite, task: dict, cfg: BenchConfig, scheme: str, upper: float, keep: float) -> dict:

@@ -62,8 +62,9 @@ def run_demo(opts) -> Dict:
         row = {"task": task.name, "test_rows": test.num_rows,
                "finetuned": s.score(test, tv.values)}
         from nps_pruning.core import PRUNERS
+        from nps_pruning.core.prepared import prune_in_domain
         for method in ("magnitude", "dare"):
-            row[method] = s.score(test, PRUNERS[method](tv.values, keep, seed=0))
+            row[method] = s.score(test, prune_in_domain(PRUNERS[method], tv.values, keep, s.domain, seed=0))
         row["nps"] = s.score(test, out.pruned)
         row["nps_weights"] = [round(float(w), 3) for w in out.search.best_weights]
         row["calibration"] = out.calibration

@@ -23,29 +23,23 @@ TALL_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)        # TALL-masks' λ grid (its paper
 
 def default_point(ctx, row: dict, keep: float):
     """The shipped default (hybrid space) at the space point ``row["params"]`` that the "NPS that
-    wins" search found, as a :class:`~nps_pruning.apps.merge.TaskPoint`: its space, bands and
-    index, all deterministic from τ and the search's bands and seed."""
-    import torch
+    wins" search found, as a :class:`~nps_pruning.apps.merge.TaskPoint`: its space and prepared τ
+    (domain, bands, index), all deterministic from τ and the search's bands and seed."""
     from nps_pruning.apps.merge import TaskPoint
     from nps_pruning.apps.settings import PruneSettings
-    from nps_pruning.core import make_bands
-    from nps_pruning.core.space import make_hybrid_index, make_space
+    from nps_pruning.core.space import make_space
     st = PruneSettings()
-    values = ctx.session.task_vector.values
     p = row.get("_params") or {}      # the cache's step parameters; results files may omit them
-    num_bands = int(p.get("bands", st.bands))
-    bands = make_bands(values, num_bands, st.scheme, keep, st.focus,
-                       sorted_dtype=values.dtype if values.dtype != torch.float64 else torch.float32)
-    space = make_space("hybrid", num_bands, st.search.lower, st.search.upper, st.search.param,
+    st = st.replace(keep_ratio=keep, bands=int(p.get("bands", st.bands)), seed=int(p.get("seed", st.seed)),
+                    space="hybrid")
+    space = make_space("hybrid", st.bands, st.search.lower, st.search.upper, st.search.param,
                        keep_ratio=keep)
-    index = make_hybrid_index(values, int(p.get("seed", st.seed)))
-    return TaskPoint(space, bands, index, np.asarray(row["params"], dtype=np.float64), keep)
+    return TaskPoint(space, ctx.session.prepared(st), np.asarray(row["params"], dtype=np.float64))
 
 
 def point_pruned(ctx, point):
     """τ̂ of a :func:`default_point`."""
-    from nps_pruning.core.space import build_hybrid
-    return build_hybrid(ctx.session.task_vector.values, point.bands, point.index, point.params, point.keep)
+    return point.prepared.build(point.params)
 
 
 def default_pruned(ctx, row: dict, keep: float):
@@ -113,6 +107,7 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
                 base_params: dict, wins_rows: Optional[Dict[str, list]], log) -> List[dict]:
     """Rows (method, coding, keep, test, normalized, bits) of this experiment, every step cached."""
     from nps_pruning.core import PRUNERS
+    from nps_pruning.core.prepared import prune_in_domain
     names = [c.task["name"] for c in ctxs]
     ft = [pruning[n]["finetuned"]["test"] for n in names]
     rows: List[dict] = []
@@ -133,7 +128,7 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
         return out
 
     for keep in cfg.coding_keeps:
-        sources = {"DARE": (lambda keep=keep: [PRUNERS["dare"](c.session.task_vector.values, keep, seed=cfg.seed)
+        sources = {"DARE": (lambda keep=keep: [prune_in_domain(PRUNERS["dare"], c.session.task_vector.values, keep, c.session.domain, seed=cfg.seed)
                                                for c in ctxs]),
                    }
         wr = default_rows(keep)

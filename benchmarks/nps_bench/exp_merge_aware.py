@@ -173,6 +173,7 @@ def _into_rows(suite, cfg, cache, log, base_params, points_src, sessions, calibs
     from nps_pruning.apps.merge import merge_with_lambda_grid
     from nps_pruning.apps.settings import MergeSettings
     from nps_pruning.core import PRUNERS
+    from nps_pruning.core.prepared import prune_in_domain
     grids = {"task-arithmetic": cfg.ta_grid, "ties": cfg.ties_grid, "tsv-m": cfg.svd_grid, "iso-c": cfg.svd_grid}
     out: Dict[str, dict] = {}
     for source in ("nps", "dare"):
@@ -182,7 +183,8 @@ def _into_rows(suite, cfg, cache, log, base_params, points_src, sessions, calibs
 
             def row(m=m, source=source, settings=settings):
                 slim = (pruned() if source == "nps" else
-                        torch.stack([PRUNERS["dare"](t, MERGE_KEEP, seed=cfg.seed) for t in taus]))
+                        torch.stack([prune_in_domain(PRUNERS["dare"], t, MERGE_KEEP, s.domain, seed=cfg.seed)
+                                     for t, s in zip(taus, sessions)]))
                 merged, lam, g = merge_with_lambda_grid(m, slim, sessions, calibs, settings=settings)
                 return scored(merged, {"lambda": lam, "grid": g, "keep": MERGE_KEEP, "pruner": source})
             src = points_src if source == "nps" else {"keep": MERGE_KEEP, "pruner": "dare"}

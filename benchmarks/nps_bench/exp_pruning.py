@@ -66,11 +66,12 @@ def run_pruning_job(suite: str, task: dict, cfg_dict: dict, cache_root: str) -> 
         for r in cfg.keep_ratios:
             def baseline(method=method, r=r):
                 from nps_pruning.core import PRUNERS
+                from nps_pruning.core.prepared import prune_in_domain
                 s = ctx.session
-                pruned = PRUNERS[method](s.task_vector.values, r, seed=cfg.seed)
+                pruned = prune_in_domain(PRUNERS[method], s.task_vector.values, r, s.domain, seed=cfg.seed)
                 out = {"test": s.score(ctx.test, pruned)}
                 if method == "magnitude":
-                    tt = PRUNERS["ties-trim"](s.task_vector.values, r, seed=cfg.seed)
+                    tt = prune_in_domain(PRUNERS["ties-trim"], s.task_vector.values, r, s.domain, seed=cfg.seed)
                     out["ties_trim_identical"] = bool(torch_equal(tt, pruned))
                 return out
             res = cache.step(suite, task["name"], f"prune-{method}-r{r:g}", {**ep, "method": method, "keep": r},

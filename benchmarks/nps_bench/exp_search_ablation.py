@@ -197,7 +197,7 @@ def settings_params(st: PruneSettings) -> dict:
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
     from nps_pruning.apps.prune import Session, prune
-    from nps_pruning.core.space import build_point, make_hybrid_index, make_space
+    from nps_pruning.core.space import make_space
     from nps_pruning.evaluation import count_rows, make_evaluator
     from nps_pruning.search.scorer import CandidateScorer
     cfg = AblationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
@@ -245,15 +245,14 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
                                              holdout_min_rows=st.holdout_min_rows,
                                              calib_size=st.calib_size, **st.evaluator_kwargs())
             n_hold = hold_ev.num_rows if hold_ev is not None else 0   # none: too few rows to hold out
-            index = make_hybrid_index(s.task_vector.values, st.seed) if st.space == "hybrid" else None
+            prep = out.prepared
             # the finalists the search itself re-scored (the same rows, model and code)
             held: Dict[tuple, float] = {_wkey(x): x["holdout_score"] for x in out.rescored}
             tests: Dict[tuple, float] = {_wkey(chosen): s.score(state["test"], out.pruned)}
             hold_s: List[float] = []
             s.ensure_model()
             s.park_base()
-            writer = (CandidateScorer.from_state(s.base_flat, s.task_vector, out.bands, s.model, s.flat,
-                                                 hold_ev, r, st.kept_values, space=space.name, index=index)
+            writer = (CandidateScorer.from_state(s.base_flat, prep, s.model, s.flat, hold_ev)
                       if hold_ev is not None else None)
 
             def holdout_score(rec):
@@ -288,8 +287,7 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
                 for how, rec in picks.items():
                     k = _wkey(rec)
                     if k not in tests:
-                        tau = build_point(space, s.task_vector.values, out.bands, index,
-                                          np.asarray(rec["weights"], dtype=np.float64), r)
+                        tau = prep.build(rec["weights"])
                         tests[k] = s.score(state["test"], tau)
                     c[how] = {"test": tests[k], "kind": kind_of(rec, labels), "gen": int(rec["gen"]),
                               "calib": float(rec["score"])}

@@ -60,6 +60,7 @@ def run_transfer_job(task: dict, suite_tasks: List[dict], cfg_dict: dict, cache_
     import torch
     from nps_pruning.apps.transfer import choose_lambda, scores_at
     from nps_pruning.core import PRUNERS
+    from nps_pruning.core.prepared import prune_in_domain
     from .transfer_eval import KnnSourceEvaluator
 
     cfg = BenchConfig.from_dict(cfg_dict).for_suite(suite)
@@ -108,7 +109,7 @@ def run_transfer_job(task: dict, suite_tasks: List[dict], cfg_dict: dict, cache_
         if method == "nps":
             row = _find_nps(pruning, FOCUSED, cfg.transfer_keep)
             return ctx.nps_pruned(cfg.transfer_keep, cfg.scheme, cfg.upper, row["weights"])
-        return PRUNERS[method](s.task_vector.values, cfg.transfer_keep, seed=cfg.seed)
+        return prune_in_domain(PRUNERS[method], s.task_vector.values, cfg.transfer_keep, s.domain, seed=cfg.seed)
 
     rows = []
     for method in ("pre-trained", "fine-tuned", "dare", "magnitude", "nps"):

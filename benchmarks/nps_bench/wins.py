@@ -152,19 +152,21 @@ def run_task_in_budget(suite: str, task: dict, cfg_d: dict, cache_root: str):
         return {"left": str(e), "estimate_s": e.estimate_s}
 
 
-def _baseline(method: str, values, keep: float, seed: int):
-    """A baseline pruner's τ̂: ``core.PRUNERS``' magnitude and DARE, and DELLA's MAGPRUNE (the
-    magnitude-aware random drop of DELLA-Merging, ε = 0.1, kept entries rescaled by 1/(1 − p_j))."""
+def _baseline(method: str, values, keep: float, seed: int, domain=None):
+    """A baseline pruner's τ̂ over ``domain`` (the tensors the fine-tune changed, as ``nps prune``
+    prunes): ``core.PRUNERS``' magnitude and DARE, and DELLA's MAGPRUNE (the magnitude-aware
+    random drop of DELLA-Merging, ε = 0.1, kept entries rescaled by 1/(1 − p_j))."""
+    from nps_pruning.core import PRUNERS
+    from nps_pruning.core.prepared import prune_in_domain
     if method == "della":
         from nps_pruning.core.merge import magprune
-        return magprune(values.unsqueeze(0), keep, seed)[0]
-    from nps_pruning.core import PRUNERS
-    return PRUNERS[method](values, keep, seed=seed)
+        return prune_in_domain(lambda v, r, seed: magprune(v.unsqueeze(0), r, seed)[0], values, keep,
+                               domain, seed=seed)
+    return prune_in_domain(PRUNERS[method], values, keep, domain, seed=seed)
 
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]:
     from nps_pruning.apps.prune import Session, prune
-    from nps_pruning.core import PRUNERS
     from nps_pruning.evaluation import make_evaluator
     cfg = WinsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
     _set_threads(cfg.threads)
@@ -199,13 +201,14 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
         for method in ("magnitude", "dare", "della"):
             def one(method=method, r=r):
                 s = session()
-                return {"test": s.score(state["test"], _baseline(method, s.task_vector.values, r, cfg.seed))}
+                return {"test": s.score(state["test"], _baseline(method, s.task_vector.values, r, cfg.seed,
+                                                                  s.domain))}
             res = cache.step(suite, task["name"], f"wins-{method}-r{r:g}", _params(task, cfg, keep=r), one, log)
             rows.append({"method": method, "keep": r, **res})
 
         def rescaled(r=r):   # magnitude top-k with a global rescale chosen on all calibration rows
             s = session()
-            pruned = PRUNERS["magnitude"](s.task_vector.values, r)
+            pruned = _baseline("magnitude", s.task_vector.values, r, cfg.seed, s.domain)
             grid = sorted(set(RESCALES) | {round(1.0 / r, 6)})
             scores = [s.score(state["calib"], pruned, c) for c in grid]
             best = grid[int(np.argmax(scores))]
@@ -248,14 +251,11 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
         rows.append({"method": f"nps-{variant}", "keep": r, **{k: v for k, v in res.items() if k != "rescored"}})
         if variant == "default" and cfg.selection_study and res.get("rescored"):
             def select(res=res, r=r, over=over, calib_size=calib_size, exact=exact):
-                from nps_pruning.core import make_bands
-                from nps_pruning.core.space import build_point, make_hybrid_index, make_space
                 from nps_pruning.evaluation import count_rows
                 s = session()
                 st = _settings(task, cfg, r, over, calib_size, exact)
                 n_s, n_h = holdout_split(count_rows(task["eval_calib"]), calib_size, st.holdout,
                                          st.holdout_min_rows)
-                v = s.task_vector.values
                 built = {}
                 tests, picks = {}, {}
                 for rule in SELECTION_RULES:
@@ -267,13 +267,9 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                     elif i in built:
                         tests[rule] = built[i]
                     else:
-                        if "bands" not in state or state["bands_r"] != r:
-                            state["bands"] = make_bands(v, st.bands, st.scheme, r, st.focus)
-                            state["index"] = make_hybrid_index(v, st.seed)
-                            state["bands_r"] = r
-                        space = make_space(st.space, st.bands, 0.0, 1.0, keep_ratio=r)
-                        w = np.asarray(res["rescored"][i]["weights"], dtype=np.float64)
-                        tau = build_point(space, v, state["bands"], state["index"], w, r)
+                        if "prep" not in state or state["prep_r"] != r:
+                            state["prep"], state["prep_r"] = s.prepared(st), r
+                        tau = state["prep"].build(res["rescored"][i]["weights"])
                         tests[rule] = built[i] = s.score(state["test"], tau)
                 return {"tests": tests, "picks": picks, "n_search": n_s, "n_hold": n_h}
             sel = cache.step(suite, task["name"], f"wins-select-r{r:g}",

@@ -57,8 +57,8 @@ def holdout_finalists(candidates, top: int) -> List[dict]:
     return pool
 
 
-def rescore_on_holdout(session: Session, space, bands, index, result, holdout, keep: float,
-                       top: int, kept_values: str = "weighted", autocast: Optional[str] = None):
+def rescore_on_holdout(session: Session, prepared, result, holdout, top: int,
+                       autocast: Optional[str] = None):
     """Against the winner's curse: re-score the generation-0 start points and the ``top`` best
     distinct candidates of the search on held-out calibration rows; return (chosen record,
     rows). The chosen one has the best held-out score (ties: the better search score, then the
@@ -68,9 +68,8 @@ def rescore_on_holdout(session: Session, space, bands, index, result, holdout, k
     session.ensure_model()
     from ..search.scorer import CandidateScorer
     # the session's θ_pre (or, parked, the model itself) under each finalist in turn
-    writer = CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
-                                        session.flat, holdout, keep, kept_values, space=space.name,
-                                        index=index, autocast=autocast)
+    writer = CandidateScorer.from_state(session.base_flat, prepared, session.model, session.flat,
+                                        holdout, autocast=autocast)
     for c in pool:
         w = np.asarray(c["weights"], dtype=np.float64)
         hs, _ = writer(w)

@@ -95,29 +95,26 @@ def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, *,
 
 @dataclass
 class TaskPoint:
-    """One task's NPS result as the merge-aware search needs it: its space, bands, hybrid
-    index (None in the paper's space), chosen point (parameter units) and keep ratio."""
+    """One task's NPS result as the merge-aware search needs it: its search space (with the
+    bounds the joint search moves in), the prepared τ it decodes in
+    (:class:`~nps_pruning.core.prepared.Prepared`: domain, bands, hybrid index, keep ratio) and
+    the chosen point (parameter units)."""
 
     space: Any
-    bands: Any
-    index: Any
+    prepared: Any
     params: np.ndarray
-    keep: float
-    kept_values: str = "weighted"
 
 
 def task_point(session: Session, outcome, settings) -> TaskPoint:
-    """The :class:`TaskPoint` of a per-task NPS outcome (``settings``: its PruneSettings); the
-    hybrid index is rebuilt from the seed (deterministic, as the search built it)."""
-    from ..core.space import make_hybrid_index, make_space
+    """The :class:`TaskPoint` of a per-task NPS outcome (``settings``: its PruneSettings): the
+    outcome's own prepared τ (what its search decoded), or one rebuilt from the settings
+    (deterministic: the same bands and seeded order)."""
+    from ..core.space import make_space
     search = settings.search
     space = make_space(outcome.space, settings.bands, search.lower, search.upper, search.param,
                        keep_ratio=outcome.keep_ratio)
-    index = (make_hybrid_index(session.task_vector.values, settings.seed)
-             if outcome.space == "hybrid" else None)
-    return TaskPoint(space, outcome.bands, index,
-                     np.asarray(outcome.search.best_weights, dtype=np.float64), outcome.keep_ratio,
-                     settings.kept_values)
+    prep = outcome.prepared if outcome.prepared is not None else session.prepared(settings)
+    return TaskPoint(space, prep, np.asarray(outcome.search.best_weights, dtype=np.float64))
 
 
 def joint_nps_merge(sessions, evaluators, points: Sequence[TaskPoint], lambdas0: Sequence[float], *,
@@ -132,15 +129,12 @@ def joint_nps_merge(sessions, evaluators, points: Sequence[TaskPoint], lambdas0:
     (pruned (N, D), λ_i, the SearchResult)."""
     from ..core.merge import nps_combine
     from ..core.joint_space import JointSpace
-    from ..core.space import build_point
     from ..search import SearchSettings, run_search
     space = JointSpace([p.space for p in points], [p.params for p in points], lambdas0)
 
     def build(params):
         per_task, lambdas = space.unpack(params)
-        pruned = torch.stack([build_point(p.space, s.task_vector.values, p.bands, p.index, w, p.keep,
-                                          kept_values=p.kept_values)
-                              for s, p, w in zip(sessions, points, per_task)])
+        pruned = torch.stack([p.prepared.build(w) for p, w in zip(points, per_task)])
         return pruned, [float(v) for v in lambdas]
 
     def scorer(params):

@@ -45,6 +45,7 @@ class PruneOutcome:
     space: str = "magnitude"
     memory: Dict[str, Optional[int]] = field(default_factory=dict)   # peak resident bytes
     holdout: Dict[str, Any] = field(default_factory=dict)   # how the final candidate was chosen
+    prepared: Any = None                        # core.prepared.Prepared the search decoded (nps)
 
 
 def search_settings(opts):
@@ -53,14 +54,12 @@ def search_settings(opts):
     return search_settings_from_options(opts)
 
 
-def _scorer(session: Session, evaluator, bands, settings: PruneSettings, eval_spec: str,
-            index=None, calib_size=None):
+def _scorer(session: Session, evaluator, prep, settings: PruneSettings, eval_spec: str,
+            calib_size=None):
     from ..search.scorer import CandidateScorer
     if settings.executor == "serial":
-        return CandidateScorer.from_state(session.base_flat, session.task_vector, bands, session.model,
-                                          session.flat, evaluator, settings.keep_ratio,
-                                          settings.kept_values, space=settings.space, index=index,
-                                          autocast=settings.autocast)
+        return CandidateScorer.from_state(session.base_flat, prep, session.model, session.flat,
+                                          evaluator, autocast=settings.autocast)
     # worker processes load the pair from its paths, the way the session was loaded
     return CandidateScorer(pretrained_path=session.pretrained, finetuned_path=session.finetuned,
                            eval_spec=eval_spec, keep_ratio=settings.keep_ratio,
@@ -100,8 +99,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
     keep = settings.keep_ratio
     t0 = time.perf_counter()
     if method == "nps":
-        from ..core import make_bands
-        from ..core.space import build_point, make_hybrid_index, make_space
+        from ..core.space import make_space
         from ..search import run_search
         from ..search.executors import make_executor
         if not eval_spec:
@@ -117,9 +115,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             **settings.evaluator_kwargs())
         choice = holdout_note(settings.holdout, evaluator, holdout, eval_spec,
                                settings.holdout_min_rows)
-        bands = make_bands(tv.values, settings.bands, settings.scheme, keep, settings.focus,
-                           sorted_dtype=tv.values.dtype if tv.values.dtype != torch.float64 else torch.float32)
-        index = make_hybrid_index(tv.values, settings.seed) if space_name == "hybrid" else None
+        prep = session.prepared(settings)
         search = settings.search
         space = make_space(space_name, settings.bands, search.lower, search.upper, search.param,
                            keep_ratio=keep)
@@ -131,7 +127,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         # the search holds the model (with θ_pre in it), τ and the band structures: each candidate
         # is written at its k kept entries and restored (no second model-sized copy of θ_pre)
         session.park_base()
-        scorer = _scorer(session, evaluator, bands, settings, eval_spec, index,
+        scorer = _scorer(session, evaluator, prep, settings, eval_spec,
                          calib_size=evaluator.num_rows if holdout is not None else None)
         try:
             executor = make_executor(settings.executor, workers=settings.workers,
@@ -164,9 +160,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             chosen, rescored = None, []
             if holdout is not None and not aborted:
                 t_r = time.perf_counter()
-                chosen, rescored = rescore_on_holdout(session, space, bands, index, result, holdout,
-                                                      keep, int(settings.rescore_top),
-                                                      settings.kept_values, settings.autocast)
+                chosen, rescored = rescore_on_holdout(session, prep, result, holdout,
+                                                      int(settings.rescore_top), settings.autocast)
                 result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
                 result.best_score = float(chosen["score"])
                 rescore_s = time.perf_counter() - t_r
@@ -174,18 +169,18 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         finally:
             scorer.restore()
             session.unpark_base()
-        pruned = build_point(space, tv.values, bands, index, np.asarray(result.best_weights),
-                             keep, kept_values=settings.kept_values)
+        pruned = prep.build(result.best_weights)
         calib = {"magnitude": result.baseline_score}
         for c in result.candidates:
             if int(c["gen"]) == 0 and c.get("start") not in (None, "magnitude") and c.get("status") == "ok":
                 calib[c["start"]] = c["score"]
         calib["nps"] = result.best_score
-        outcome = PruneOutcome("nps", pruned, keep, result, bands, calib,
+        outcome = PruneOutcome("nps", pruned, keep, result, prep.bands, calib,
                                {"bands_s": bands_s, "search_s": result.seconds}, aborted,
                                rescored=rescored, space=space_name,
                                memory={"search_peak_rss_bytes": search_peak,
-                                       **logits_peak(evaluator, holdout)}, holdout=choice)
+                                       **logits_peak(evaluator, holdout)}, holdout=choice,
+                               prepared=prep)
         if rescored:
             outcome.timings["rescore_s"] = rescore_s
             outcome.calibration["nps_holdout"] = max(r["holdout_score"] for r in rescored)
@@ -196,7 +191,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
     from ..core import PRUNERS
     if method not in PRUNERS:
         raise NPSError(f"unknown pruning method {method!r} (known: nps, {', '.join(PRUNERS)})")
-    pruned = PRUNERS[method](tv.values, keep, seed=settings.seed)
+    from ..core.prepared import prune_in_domain
+    pruned = prune_in_domain(PRUNERS[method], tv.values, keep, session.domain, seed=settings.seed)
     outcome = PruneOutcome(method, pruned, keep, timings={"prune_s": time.perf_counter() - t0})
     if eval_spec:
         fitness = (session.search_fitness(eval_spec, settings.fitness) if settings.fitness
@@ -318,17 +314,18 @@ def run_prune(opts) -> Dict[str, Any]:
         test_scores["finetuned"] = session.score(test_eval, tv.values)
         if opts.method == "nps":
             from ..core import PRUNERS
-            test_scores["magnitude"] = session.score(test_eval, PRUNERS["magnitude"](tv.values, opts.keep))
-            if settings.space == "hybrid":
-                test_scores["dare"] = session.score(test_eval, PRUNERS["dare"](tv.values, opts.keep,
-                                                                              seed=opts.seed))
+            from ..core.prepared import prune_in_domain
+            for m in ("magnitude", "dare") if settings.space == "hybrid" else ("magnitude",):
+                test_scores[m] = session.score(test_eval, prune_in_domain(
+                    PRUNERS[m], tv.values, opts.keep, session.domain, seed=opts.seed))
         test_scores[opts.method] = session.score(test_eval, outcome.pruned)
     report = {
         "command": "prune", "created": now_iso(), "settings": dataclasses.asdict(opts),
         "inputs": input_sources(opts),
         "seed": opts.seed, "versions": versions(),
-        "model": {"num_entries": tv.num_entries, "kept": int(torch.count_nonzero(outcome.pruned)),
-                  "keep_ratio": opts.keep, "task_specific": sorted(tv.task_specific),
+        "model": {"num_entries": session.domain.count, "kept": int(torch.count_nonzero(outcome.pruned)),
+                  "keep_ratio": opts.keep, **_unchanged_report(session),
+                  "task_specific": sorted(tv.task_specific),
                   "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
         "bands": band_summary(outcome.bands), "search": search_report(outcome.search, outcome),
         "search_settings": settings.search.to_dict() if opts.method == "nps" else None,
@@ -341,7 +338,7 @@ def run_prune(opts) -> Dict[str, Any]:
     }
     # the scoring model and the search's bands are done with: free them before the written model
     # is computed, so that writing does not raise the command's peak memory
-    outcome.bands = None
+    outcome.bands = outcome.prepared = None
     session.release_model()
     pruned_tv = tv.with_values(outcome.pruned.cpu())
     base_cpu = session.base_flat.cpu().float()   # the written model is computed in float32
@@ -374,10 +371,24 @@ def run_prune(opts) -> Dict[str, Any]:
     return report
 
 
+def _unchanged_report(session: Session) -> Dict[str, Any]:
+    """report.json's word on the tensors the fine-tune left unchanged (τ identically zero): they
+    are not in D (``num_entries``), never pruned, and written as they are (θ_pre = θ_ft there)."""
+    names = session.unchanged_tensors()
+    if not names:
+        return {}
+    return {"unchanged_tensors": names,
+            "unchanged_entries": session.task_vector.num_entries - session.domain.count}
+
+
 def _print_summary(report: Dict[str, Any]) -> None:
     m = report["model"]
+    share = m["kept"] / m["num_entries"] if m["num_entries"] else 0.0
     print(f"kept {m['kept']:,} of {m['num_entries']:,} prunable entries "
-          f"({m['keep_ratio']:.2%}); task-specific tensors kept whole: {len(m['task_specific'])}")
+          f"({share:.2%}); task-specific tensors kept whole: {len(m['task_specific'])}")
+    if m.get("unchanged_tensors"):
+        print(f"unchanged by the fine-tune, left as they are (not in D): "
+              f"{len(m['unchanged_tensors'])} tensors, {m['unchanged_entries']:,} entries")
     for split in ("calibration", "test"):
         if report[split]:
             row = "  ".join(f"{k} {v:.4f}" for k, v in report[split].items())

@@ -123,6 +123,35 @@ class Session:
         if self.base_flat is None:
             self.base_flat = self.flat.to(getattr(self, "_base_dtype", self.flat.dtype), copy=True)
 
+    @property
+    def domain(self):
+        """The entries pruning may keep (:mod:`~nps_pruning.core.prepared`): every tensor whose τ
+        is not identically zero (a tensor the fine-tune left unchanged is left out of D)."""
+        from ..core.prepared import changed_domain, layout_spans
+        values = self.task_vector.values
+        cached = getattr(self, "_domain", None)
+        if cached is None or cached[0] is not values:
+            self._domain = (values, changed_domain(values, layout_spans(self.task_vector.layout)))
+        return self._domain[1]
+
+    def unchanged_tensors(self) -> list:
+        """Names of the prunable tensors the fine-tune left unchanged (τ identically zero)."""
+        dom = self.domain
+        if dom.is_whole:
+            return []
+        inside = [False] * len(self.task_vector.layout.names)
+        for i, (_, s, e, _) in enumerate(self.task_vector.layout.spans()):
+            inside[i] = e == s or any(a <= s and e <= b for a, b in dom.spans)
+        return [n for n, k in zip(self.task_vector.layout.names, inside) if not k]
+
+    def prepared(self, settings):
+        """The :class:`~nps_pruning.core.prepared.Prepared` τ of a
+        :class:`~.settings.PruneSettings` (its keep ratio, bands, space, seed, kept values)."""
+        from ..core.prepared import prepare
+        return prepare(self.task_vector.values, self.domain, keep=settings.keep_ratio,
+                       num_bands=settings.bands, scheme=settings.scheme, focus=settings.focus,
+                       space=settings.space, seed=settings.seed, kept_values=settings.kept_values)
+
     def set_task_values(self, tau: torch.Tensor, scale: float = 1.0) -> None:
         """Put θ_pre + scale·τ into the model (in place).
 

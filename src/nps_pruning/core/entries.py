@@ -20,7 +20,7 @@ def candidate_entries(space, values, bands, index, params, keep_ratio, *, kept_v
     of that candidate is ``base``. What a scorer needs to write a candidate into a model that holds
     θ_pre and to restore it afterwards (O(k) memory, not a second D-long vector)."""
     M = bands.num_bands
-    if space.name == "magnitude":
+    if getattr(space, "name", space) == "magnitude":       # a space or its name
         if kept_values not in KEPT_VALUES:
             raise ValueError(f"kept_values must be one of {KEPT_VALUES}, got {kept_values!r}")
         idx = torch.nonzero(candidate_mask(values, bands, params, keep_ratio)).squeeze(1)

@@ -379,8 +379,9 @@ def make_space(name: str, num_bands: int, lower: float, upper: float, param: str
 
 def build_point(space, values, bands, index, params, keep_ratio, *, base=None, out=None,
                 kept_values="weighted"):
-    """The candidate of ``params`` (already in parameter units) in ``space``."""
-    if space.name == "magnitude":
+    """The candidate of ``params`` (already in parameter units) in ``space`` (a space or its
+    name: decoding needs no bounds)."""
+    if getattr(space, "name", space) == "magnitude":
         return build_candidate(values, bands, params, keep_ratio, base=base, out=out,
                                kept_values=kept_values)
     if kept_values != "weighted":

@@ -28,12 +28,18 @@ from ..errors import NPSError
 @dataclass
 class _State:
     base_flat: Any
-    tv: Any
-    bands: Any
+    prep: Any                  # core.prepared.Prepared: τ, its domain, bands and hybrid index
     model: Any
     flat: Any
     evaluator: Any
-    index: Any = None          # core.space.HybridIndex for the hybrid space
+
+    @property
+    def tv_values(self):
+        return self.prep.values
+
+    @property
+    def bands(self):
+        return self.prep.bands
 
 
 class CandidateScorer:
@@ -69,14 +75,15 @@ class CandidateScorer:
         self._picklable = True
 
     @classmethod
-    def from_state(cls, base_flat, tv, bands, model, flat, evaluator, keep_ratio: float,
-                   kept_values: str = "weighted", space: str = "magnitude",
-                   index=None, autocast: Optional[str] = None) -> "CandidateScorer":
-        """In-process scorer over already loaded objects (not picklable: serial executor only)."""
-        self = cls(None, None, getattr(evaluator, "name", "<evaluator>"), keep_ratio,
-                   num_bands=getattr(bands, "num_bands", 0), kept_values=kept_values, space=space,
-                   autocast=autocast)
-        self._state = _State(base_flat, tv, bands, model, flat, evaluator, index)
+    def from_state(cls, base_flat, prepared, model, flat, evaluator,
+                   autocast: Optional[str] = None) -> "CandidateScorer":
+        """In-process scorer over already loaded objects (``prepared``: the
+        :class:`~nps_pruning.core.prepared.Prepared` τ; not picklable: serial executor only)."""
+        self = cls(None, None, getattr(evaluator, "name", "<evaluator>"),
+                   getattr(prepared, "keep", 0.0), num_bands=getattr(prepared, "num_bands", 0),
+                   kept_values=getattr(prepared, "kept_values", "weighted"),
+                   space=getattr(prepared, "space", "magnitude"), autocast=autocast)
+        self._state = _State(base_flat, prepared, model, flat, evaluator)
         self._picklable = False
         return self
 
@@ -116,7 +123,7 @@ class CandidateScorer:
     def _build(self) -> _State:
         import torch
         from ..checkpoints import load_task_vector
-        from ..core import make_bands
+        from ..core.prepared import layout_spans, prepare
         from ..evaluation import bind_flat, load_model, make_evaluator
 
         compact = getattr(self, "tau_dtype", "float32") != "float32"
@@ -126,8 +133,10 @@ class CandidateScorer:
                                          device=self.device,
                                          running_stats=getattr(self, "running_stats", "finetuned"),
                                          allow_shape_mismatch=getattr(self, "allow_shape_mismatch", False))
-        bands = make_bands(tv.values, self.num_bands, self.scheme, self.keep_ratio, self.focus,
-                           sorted_dtype=tv.values.dtype)
+        prep = prepare(tv.values, layout_spans(tv.layout), keep=self.keep_ratio,
+                       num_bands=self.num_bands, scheme=self.scheme, focus=self.focus,
+                       space=getattr(self, "space", "magnitude"), seed=self.seed,
+                       kept_values=self.kept_values)
         model = load_model(self.finetuned_path, model_factory=self.model_factory, device=self.device)
         flat = bind_flat(model, tv.layout)
         if flat.device != tv.values.device:
@@ -142,12 +151,7 @@ class CandidateScorer:
             with torch.no_grad():
                 evaluator.set_reference(model)
         flat.copy_(base_flat)       # the model holds θ_pre from here on: no second copy of it
-        base_flat = None
-        index = None
-        if getattr(self, "space", "magnitude") == "hybrid":
-            from ..core.space import make_hybrid_index
-            index = make_hybrid_index(tv.values, self.seed)
-        return _State(base_flat, tv, bands, model, flat, evaluator, index)
+        return _State(None, prep, model, flat, evaluator)
 
     def restore(self) -> None:
         """Give the model θ_pre back at the entries the last candidate wrote (a model that holds
@@ -164,8 +168,6 @@ class CandidateScorer:
         written, and restored before the next candidate (:meth:`restore`); bit for bit the same
         weights as the dense build."""
         import torch
-        from ..core.entries import candidate_entries
-        from ..core.space import make_space, build_point
 
         st = self.state
         dev = getattr(st.flat, "device", None)
@@ -174,18 +176,14 @@ class CandidateScorer:
         sync(dev)
         t0 = time.perf_counter()
         w = np.asarray(weights, dtype=np.float64)
-        space = make_space(getattr(self, "space", "magnitude"), st.bands.num_bands, 0.0, 1.0,
-                           keep_ratio=self.keep_ratio)
         if st.base_flat is None:
             self.restore()
-            idx, vals = candidate_entries(space, st.tv.values, st.bands, st.index, w, self.keep_ratio,
-                                          kept_values=self.kept_values)
+            idx, vals = st.prep.entries(w)
             saved = st.flat[idx]
             st.flat[idx] = saved + vals
             self._written = (idx, saved)
         else:
-            build_point(space, st.tv.values, st.bands, st.index, w, self.keep_ratio, base=st.base_flat,
-                        out=st.flat, kept_values=self.kept_values)
+            st.prep.build(w, base=st.base_flat, out=st.flat)
         sync(dev)
         return st, (lambda: sync(dev)), time.perf_counter() - t0
 
