@@ -64,7 +64,7 @@ def groups_of(task: str, step: str) -> List[str]:
     ``_merge_aware`` for a suite's shared steps)."""
     if step in ("finetuned", "wins-finetuned", "tau-norm"):
         return ["eval", "prune", "bench"]
-    if task in ("_fusion", "_merge_aware"):
+    if task in ("_fusion", "_merge_aware", "_memory"):     # _memory: prune and merge commands
         return ["eval", "prune", "search", "merge", "bench"]
     if task == "_compression":
         return ["eval", "prune", "search", "store", "bench"]

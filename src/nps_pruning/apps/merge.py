@@ -190,17 +190,31 @@ def _check_merge_options(opts) -> None:
 
 
 def share_base(sessions: Sequence[Session]) -> None:
-    """Let the last session use the first one's θ_pre when both read the same pre-trained model
-    in the same layout (a merge's tasks always do): the copy it loaded is freed, so a merge of N
-    tasks holds θ_pre once. Compared value for value, so a different base is never shared."""
-    first, last = sessions[0], sessions[-1]
-    if last is first or first.base_flat is None or last.base_flat is None:
-        return
-    if (last.pretrained == first.pretrained and last.task_vector.layout == first.task_vector.layout
-            and last.base_flat.dtype == first.base_flat.dtype
-            and last.base_flat.device == first.base_flat.device
-            and torch.equal(last.base_flat, first.base_flat)):
-        last.base_flat = first.base_flat
+    """Let every session use the first one's θ_pre when both read the same pre-trained model in
+    the same layout (a merge's tasks always do): the copies they loaded (or took back after a
+    search, :meth:`Session.unpark_base`) are freed, so a merge of N tasks holds θ_pre once.
+    Compared value for value, so a different base is never shared."""
+    first = sessions[0]
+    for s in sessions[1:]:
+        if (first.base_flat is None or s.base_flat is None or s.base_flat is first.base_flat):
+            continue
+        if (s.pretrained == first.pretrained and s.task_vector.layout == first.task_vector.layout
+                and s.base_flat.dtype == first.base_flat.dtype
+                and s.base_flat.device == first.base_flat.device
+                and torch.equal(s.base_flat, first.base_flat)):
+            s.base_flat = first.base_flat
+
+
+def share_models(sessions: Sequence[Session]) -> None:
+    """Load the scoring model once for all sessions whose models differ only in their prunable
+    weights (:meth:`Session.can_share_model`: the causal LMs a merge of LoRA adapters or full
+    fine-tunes gives); a session with a head of its own loads its own model."""
+    for i, s in enumerate(sessions):
+        donor = next((d for d in sessions[:i] if d.model is not None and s.can_share_model(d)), None)
+        if donor is not None:
+            s.use_model_of(donor)
+        else:
+            s.ensure_model()
 
 
 def stack_task_vectors(sessions: Sequence[Session]) -> torch.Tensor:
@@ -270,9 +284,11 @@ def run_merge(opts) -> Dict[str, Any]:
     for ft, name in zip(opts.finetuned, names):
         sessions.append(Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
                                      allow_shape_mismatch=opts.allow_shape_mismatch,
-                                     running_stats=opts.running_stats, need_model=need_model,
+                                     running_stats=opts.running_stats, need_model=False,
                                      device=opts.device))
         share_base(sessions)          # one θ_pre for all tasks, not one copy per task
+    if need_model:
+        share_models(sessions)        # one scoring model where the tasks' models differ only in τ
     merge_settings = MergeSettings.from_options(opts)
     ev_kw = {"seed": opts.seed, "batch_size": opts.batch_size, "max_length": opts.max_length}
     evaluators = ([s.evaluator(spec, calib_size=opts.calib_size, **ev_kw)
@@ -287,6 +303,7 @@ def run_merge(opts) -> Dict[str, Any]:
                              log_path=safe_child(wd, f"search-{name}.jsonl") if prune_first == "nps" else None,
                              progress=not opts.quiet)
             rows.append(out.pruned.to(s.task_vector.values.dtype))
+            share_base(sessions)
             searches[name] = {"method": prune_first, "keep_ratio": opts.keep,
                               "kept": int(torch.count_nonzero(out.pruned)),
                               **({"calibration": out.calibration, **search_report(out.search)}
@@ -301,6 +318,9 @@ def run_merge(opts) -> Dict[str, Any]:
             out = prune_task(s, "nps", opts, eval_spec=spec,
                              log_path=safe_child(wd, f"search-{name}.jsonl"), progress=not opts.quiet)
             pruned_rows.append(out.pruned)
+            share_base(sessions)      # the search took θ_pre back as a copy of its own: share it again
+            if merge_settings.joint_generations == 0:   # no joint search: its bands / index are done with
+                out.prepared = out.bands = None
             outcomes.append(out)
             searches[name] = {"calibration": out.calibration, **search_report(out.search)}
         pruned = torch.stack(pruned_rows)

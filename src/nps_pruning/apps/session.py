@@ -42,6 +42,17 @@ def _is_python_spec(spec: str) -> bool:
     return spec_kind(spec)[0] in ("python", "lm-eval")
 
 
+def _config(folder: str) -> Optional[dict]:
+    """A model folder's config.json without its path fields (None where there is none)."""
+    import json
+    from pathlib import Path
+    p = Path(folder) / "config.json"
+    if not p.is_file():
+        return None
+    conf = json.loads(p.read_text())
+    return {k: v for k, v in conf.items() if k not in ("_name_or_path", "transformers_version")}
+
+
 @dataclass
 class Session:
     """A fine-tuned model loaded once for scoring: θ_pre, τ, and a model whose prunable weights are
@@ -95,6 +106,26 @@ class Session:
                 self.base_flat = self.base_flat.to(self.device)
                 self.task_vector = self.task_vector.with_values(self.task_vector.values.to(self.device))
         return self.model
+
+    def can_share_model(self, other: "Session") -> bool:
+        """Whether this session can score on ``other``'s model: the same model factory, device,
+        layout and model config, and the same tensors outside the layout (task-specific ones,
+        buffers) value for value — the models then differ only in the weights every score writes."""
+        a, b = self.task_vector, other.task_vector
+        if (self.model_factory != other.model_factory or self.device != other.device
+                or a.layout != b.layout or set(a.task_specific) != set(b.task_specific)
+                or set(a.buffers) != set(b.buffers) or _config(self.finetuned) != _config(other.finetuned)):
+            return False
+        return all(torch.equal(a.task_specific[k], b.task_specific[k]) for k in a.task_specific) and \
+            all(torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
+
+    def use_model_of(self, other: "Session") -> None:
+        """Score on ``other``'s model (see :meth:`can_share_model`) instead of loading one."""
+        other.ensure_model()
+        self.model, self.flat = other.model, other.flat
+        if self.device != "cpu":
+            self.base_flat = self.base_flat.to(self.device)
+            self.task_vector = self.task_vector.with_values(self.task_vector.values.to(self.device))
 
     def release_model(self) -> None:
         """Drop the scoring model and its flat buffer (θ_pre and τ stay): what a command does

@@ -1,0 +1,80 @@
+"""Issue 38 item 2 (a merge holds a full model per task): the tasks of a merge whose models differ
+only in their prunable weights (causal LMs from LoRA adapters or full fine-tunes) score on one
+model and share one θ_pre, with the very same outputs as one model per task; a task with a head of
+its own keeps its own model."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from conftest import make_tiny_bert  # noqa: E402
+from nps_pruning.apps.merge import share_base, share_models  # noqa: E402
+from nps_pruning.apps.session import Session  # noqa: E402
+from nps_pruning.cli import main  # noqa: E402
+
+
+def _second_adapter(adapter, out):
+    """A copy of ``adapter`` with its B matrices scaled by −0.5 (another task's update)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(adapter, out)
+    w = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: (-0.5 * v if "lora_B" in k else v) for k, v in w.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_sessions_share_one_model_only_where_the_models_differ_in_tau_alone(tmp_path, monkeypatch):
+    from test_llm_sized_inputs import _tiny_llama_and_lora
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    base, adapter, _ = _tiny_llama_and_lora(tmp_path)
+    a2 = _second_adapter(adapter, tmp_path / "adapter2")
+    llm = [Session.load(str(base), str(a), need_model=False) for a in (adapter, a2, adapter)]
+    share_base(llm)
+    share_models(llm)
+    assert llm[1].model is llm[0].model and llm[2].model is llm[0].model
+    assert llm[1].base_flat is llm[0].base_flat and llm[2].base_flat is llm[0].base_flat
+    # classification fine-tunes whose heads differ: each keeps its own model
+    b, ft = make_tiny_bert(tmp_path / "bert")
+    ft2 = tmp_path / "bert" / "ft2"
+    shutil.copytree(ft, ft2)
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(ft2 / "model.safetensors"))
+    w["classifier.weight"] = w["classifier.weight"] + 1.0
+    save_file(w, str(ft2 / "model.safetensors"), metadata={"format": "pt"})
+    bert = [Session.load(str(b), str(f), need_model=False) for f in (ft, ft2, ft)]
+    share_models(bert)
+    assert bert[1].model is not bert[0].model and bert[2].model is bert[0].model
+
+
+@pytest.mark.parametrize("method", ["ties", "nps"])
+def test_a_merge_on_one_shared_model_writes_what_one_model_per_task_writes(tmp_path, monkeypatch, method):
+    from test_llm_sized_inputs import _tiny_llama_and_lora
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    base, adapter, _ = _tiny_llama_and_lora(tmp_path)
+    a2 = _second_adapter(adapter, tmp_path / "adapter2")
+    data = tmp_path / "calib.jsonl"
+    words = ["good", "bad", "fine", "love", "dull", "fun", "plot", "film"]
+    data.write_text("".join(json.dumps({"text": " ".join(words[(i * 5 + j) % 8] for j in range(6))}) + "\n"
+                            for i in range(16)))
+    spec = f"perplexity:{data}"
+    argv = ["merge", str(base), str(adapter), str(a2), "--method", method, "--eval", spec, spec,
+            "--names", "a", "b", "--quiet"]
+    if method == "nps":
+        argv += ["--keep", "0.2", "--bands", "3", "--generations", "1", "--popsize", "4"]
+    assert main(argv + ["-o", str(tmp_path / "shared")]) == 0
+    monkeypatch.setattr(Session, "can_share_model", lambda self, other: False)
+    assert main(argv + ["-o", str(tmp_path / "own")]) == 0
+    from safetensors.torch import load_file
+    files = sorted(p.relative_to(tmp_path / "own") for p in (tmp_path / "own").rglob("*.safetensors"))
+    assert len(files) >= 3      # the merged τ and one model per task
+    for f in files:
+        x, y = load_file(str(tmp_path / "shared" / f)), load_file(str(tmp_path / "own" / f))
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), f
+    rx, ry = (json.loads((tmp_path / o / "report.json").read_text()) for o in ("shared", "own"))
+    for key in ("calibration", "lambdas", "lambda_grid"):
+        assert key in rx and rx[key] == ry[key], key
