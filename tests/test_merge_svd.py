@@ -51,15 +51,43 @@ def test_tsv_m_decorrelates_overlapping_subspaces_like_a_polar_reference():
     assert torch.equal(got[20:], torch.zeros(5, dtype=torch.float64))
 
 
-def test_conv_kernels_are_matrices_and_one_wide_tensors_are_averaged():
+def test_flatten_rule_conv_kernels_are_matrices_and_one_wide_tensors_are_averaged():
     g = torch.Generator().manual_seed(0)
     shapes = [(4, 2, 3, 3), (1, 6), (6, 1)]
     taus = torch.randn(3, 72 + 6 + 6, generator=g, dtype=torch.float64)
-    got = MERGERS["iso-c"](taus, lam=1.0, shapes=shapes)
+    got = MERGERS["iso-c"](taus, lam=1.0, shapes=shapes, matrices="flatten")
     total = taus[:, :72].sum(0).reshape(4, 18)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     torch.testing.assert_close(got[:72], (s.mean() * u @ vh).reshape(-1))
     torch.testing.assert_close(got[72:], taus[:, 72:].mean(0))
+    # TSV-M under this rule keeps at least one triplet of each task: 3 tasks, a 4x18 kernel
+    tsv = MERGERS["tsv-m"](taus, lam=1.0, shapes=shapes, matrices="flatten")
+    assert tsv[:72].abs().sum() > 0 and torch.equal(tsv[72:], taus[:, 72:].mean(0))
+
+
+def test_published_rule_svd_merges_only_2d_tensors_with_each_methods_own_formula():
+    """The default (both methods' published code): the 2-D tensors are the matrices, whatever
+    their width; conv kernels and biases are averaged; a 1-wide matrix gets Iso-C's σ̄ U Vᵀ of the
+    sum (the sum itself: one singular value) and TSV-M's ⌊1/N⌋ = 0 triplets (zero); a 3x2 matrix
+    of 3 tasks keeps ⌊2/3⌋ = 0 triplets in TSV-M (zero), not one."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 2, 3, 3), (1, 6), (6, 1), (3, 2), (5,)]
+    n = 72 + 6 + 6 + 6 + 5
+    taus = torch.randn(3, n, generator=g, dtype=torch.float64)
+    iso = MERGERS["iso-c"](taus, lam=1.0, shapes=shapes)
+    assert torch.equal(iso, merge("iso-c", taus, lam=1.0, shapes=shapes, matrices="2d"))
+    torch.testing.assert_close(iso[:72], taus[:, :72].mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(iso[72:84], taus[:, 72:84].sum(0), rtol=0, atol=1e-12)
+    total = taus[:, 84:90].sum(0).reshape(3, 2)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    torch.testing.assert_close(iso[84:90], (s.mean() * u @ vh).reshape(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(iso[90:], taus[:, 90:].mean(0), rtol=0, atol=1e-12)
+    tsv = MERGERS["tsv-m"](taus, lam=1.0, shapes=shapes)
+    torch.testing.assert_close(tsv[:72], taus[:, :72].mean(0), rtol=0, atol=1e-12)
+    assert torch.equal(tsv[72:90], torch.zeros(18, dtype=torch.float64))
+    torch.testing.assert_close(tsv[90:], taus[:, 90:].mean(0), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="matrices must be one of 2d, flatten"):
+        MERGERS["tsv-m"](taus, shapes=shapes, matrices="3d")
 
 
 def test_svd_mergers_need_shapes_that_cover_the_vector():

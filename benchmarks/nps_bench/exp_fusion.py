@@ -82,13 +82,20 @@ def run_fusion_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: st
                                ("tsv-m", 1.0, cfg.svd_grid), ("iso-c", 1.0, cfg.svd_grid)):
         if method not in cfg.fusion_methods:
             continue
-        def grid_merge(method=method, keep=keep, grid=grid):
-            merged, lam, g = merge_with_lambda_grid(method, taus(), sessions(), calibs(),
-                                                    settings=msettings(keep_ratio=keep, lambda_grid=grid))
-            return scored(merged, {"lambda": lam, "grid": g, "keep": keep})
-        fusion[method] = cache.step(suite, "_fusion", method,
-                                    {**base_params, "grid": list(grid), "keep": keep, "seed": cfg.seed},
-                                    grid_merge, log)
+        # the SVD merges under both tensor rules (merge_svd.MATRIX_RULES): the published "2d" (the
+        # shipped default, its rule in the key) and "flatten" (the rule before it; keyed as then)
+        rules = ("2d", "flatten") if method in ("tsv-m", "iso-c") else (None,)
+        for rule in rules:
+            def grid_merge(method=method, keep=keep, grid=grid, rule=rule):
+                over = {"matrices": rule} if rule else {}
+                merged, lam, g = merge_with_lambda_grid(method, taus(), sessions(), calibs(),
+                                                        settings=msettings(keep_ratio=keep, lambda_grid=grid,
+                                                                           **over))
+                return scored(merged, {"lambda": lam, "grid": g, "keep": keep})
+            key = {**base_params, "grid": list(grid), "keep": keep, "seed": cfg.seed,
+                   **({"matrices": rule} if rule not in (None, "flatten") else {})}
+            fusion[method if rule in (None, "2d") else f"{method}-{rule}"] = cache.step(
+                suite, "_fusion", method, key, grid_merge, log)
 
     nps_params = {**base_params, "pruned": [nps_step_params(suite, t, cfg, cfg.scheme, cfg.upper, cfg.fusion_keep)
                                             for t in tasks]}

@@ -191,5 +191,7 @@ def _into_rows(suite, cfg, cache, log, base_params, points_src, sessions, calibs
             key = f"{source}-into-{m}"
             out[key] = _strip(cache.step(suite, "_merge_aware", key,
                                          {**base_params, **src, "method": m, "grid": list(grid),
-                                          "ties_keep": cfg.ties_keep, "seed": cfg.seed}, row, log))
+                                          "ties_keep": cfg.ties_keep, "seed": cfg.seed,
+                                          **({"matrices": settings.matrices} if m in ("tsv-m", "iso-c")
+                                             else {})}, row, log))
     return out

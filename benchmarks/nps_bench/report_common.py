@@ -13,12 +13,14 @@ from .labels import FOCUSED, UNIFORM, grid_key
 
 METHOD_LABELS = {"magnitude": "magnitude", "dare": "DARE", "random": "random"}
 FUSION_ORDER = ["pre-trained", "fine-tuned", "average", "task-arithmetic", "ties", "dare-ties", "della",
-                "tsv-m", "iso-c"]
+                "tsv-m", "iso-c", "tsv-m-flatten", "iso-c-flatten"]
 FUSION_LABELS = {"pre-trained": "pre-trained (τ = 0, each task's head)", "fine-tuned": "fine-tuned (one model per task)",
                  "average": "weight averaging", "task-arithmetic": "task arithmetic", "ties": "TIES",
                  "dare-ties": "DARE-TIES", "della": "DELLA (MAGPRUNE + TIES' sign election)",
                  "tsv-m": "TSV-M (task singular vectors, CVPR 2025)",
-                 "iso-c": "Iso-C (isotropic spectrum, ICML 2025)"}
+                 "iso-c": "Iso-C (isotropic spectrum, ICML 2025)",
+                 "tsv-m-flatten": "TSV-M, every ≥ 2-D tensor flattened to a matrix (--svd-matrices flatten)",
+                 "iso-c-flatten": "Iso-C, every ≥ 2-D tensor flattened to a matrix (--svd-matrices flatten)"}
 
 
 # ------------------------------------------------------------------ small helpers

@@ -196,6 +196,10 @@ class MergeOptions(SearchOptions):
     trim: str = opt("global", "ties: keep each task's global top-k, each tensor's top-k (layer: "
                               "balanced across layers), or CABS' conflict-free sequential top-k",
                     choices=("global", "layer", "sequential"))
+    svd_matrices: str = opt("2d", "tsv-m, iso-c: which tensors are SVD-merged as matrices: the 2-D "
+                                  "ones (the methods' published code; the rest averaged) or every "
+                                  "tensor of 2+ dimensions flattened to (rows, rest), 1-wide ones "
+                                  "averaged (flatten)", choices=("2d", "flatten"))
     names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)
     prune: Optional[str] = opt(None, "slim each task vector with this pruner at --keep first (nps: "
                                      "its own search on the task's --eval), then merge the slim "

@@ -168,7 +168,8 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
 
     def score(lam):           # the best λ's merged τ is kept, not built again
         merged = merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,
-                       shapes=shapes, collide=settings.collide, trim=settings.trim)
+                       shapes=shapes, collide=settings.collide, trim=settings.trim,
+                       matrices=settings.matrices)
         return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
 
     lambda_grid = list(settings.lambda_grid)
@@ -183,6 +184,8 @@ def _check_merge_options(opts) -> None:
     problem = option_problem(opts.method, opts.collide, opts.trim, flag=lambda name: f"--{name}")
     if problem:
         raise NPSError(problem)
+    if getattr(opts, "svd_matrices", "2d") != "2d" and opts.method not in ("tsv-m", "iso-c"):
+        raise NPSError(f"--svd-matrices applies to --method tsv-m and iso-c, not {opts.method}")
     if opts.joint_generations and opts.method != "nps":
         raise NPSError("--joint-generations is the merge-aware search of --method nps")
     if opts.joint_generations and opts.lam is not None:
@@ -348,7 +351,7 @@ def run_merge(opts) -> Dict[str, Any]:
         merged = merge(opts.method, taus, lam=opts.lam if opts.lam is not None else 1.0,
                        keep_ratio=opts.keep, seed=opts.seed,
                        shapes=sessions[0].task_vector.layout.shapes, collide=opts.collide,
-                       trim=opts.trim)
+                       trim=opts.trim, matrices=opts.svd_matrices)
         # weight averaging has no λ (it ignores --lambda): do not report one as if it were used
         report.update(lambdas=[opts.lam] * len(sessions)
                       if opts.lam is not None and opts.method != "average" else None)

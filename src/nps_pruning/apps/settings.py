@@ -166,6 +166,7 @@ class MergeSettings:
     collide: str = "allow"            # core.collide.allot rule on the sparse vectors before merging
     trim: str = "global"              # TIES' trim: global | layer | sequential
     joint_generations: int = 0        # NPS-merge: merge-aware joint search after the two stages
+    matrices: str = "2d"              # tsv-m / iso-c: which tensors are matrices (merge_svd.MATRIX_RULES)
 
     def __post_init__(self):
         object.__setattr__(self, "lambda_grid", tuple(self.lambda_grid))   # as given: the report lists them
@@ -179,6 +180,10 @@ class MergeSettings:
             raise NPSError(f"settings: collide must be one of {', '.join(COLLIDE_RULES)}, got {self.collide!r}")
         if self.trim not in TRIMS:
             raise NPSError(f"settings: trim must be one of {', '.join(TRIMS)}, got {self.trim!r}")
+        from ..core.merge_svd import MATRIX_RULES
+        if self.matrices not in MATRIX_RULES:
+            raise NPSError(f"settings: matrices must be one of {', '.join(MATRIX_RULES)}, "
+                           f"got {self.matrices!r}")
 
     def replace(self, **changes) -> "MergeSettings":
         return dataclasses.replace(self, **changes)
@@ -189,4 +194,5 @@ class MergeSettings:
         return cls(lambda_grid=tuple(opts.lambda_grid), keep_ratio=opts.keep,
                    normalize=opts.normalize, lambda_generations=opts.lambda_generations,
                    seed=opts.seed, max_failures=opts.max_failures, collide=opts.collide,
-                   trim=opts.trim, joint_generations=opts.joint_generations)
+                   trim=opts.trim, joint_generations=opts.joint_generations,
+                   matrices=opts.svd_matrices)

@@ -231,16 +231,20 @@ def della(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
 
 
 def merge(method: str, taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
-          seed: int = 0, shapes=None, collide: str = "allow", trim: str = "global") -> torch.Tensor:
+          seed: int = 0, shapes=None, collide: str = "allow", trim: str = "global",
+          matrices: str = "2d") -> torch.Tensor:
     """``MERGERS[method]`` on ``taus``; ``shapes`` (the layout's tensor shapes) goes to the mergers
     that need them (``needs_shapes``: the per-matrix SVD merges; TIES with ``trim="layer"``).
     ``collide`` (masks that do not collide, :mod:`.collide`) applies to the mergers that sparsify
-    each τ_i (ties, dare-linear, dare-ties, della), ``trim`` to TIES only."""
+    each τ_i (ties, dare-linear, dare-ties, della), ``trim`` to TIES only, ``matrices`` (which
+    tensors are matrices: :data:`.merge_svd.MATRIX_RULES`) to the SVD merges only."""
     fn = MERGERS[method]
     problem = option_problem(method, collide, trim)
     if problem:
         raise ValueError(problem)
     extra = {"shapes": shapes} if needs_shapes(method) else {}
+    if getattr(fn, "matrix_rule", False):
+        extra["matrices"] = matrices
     if collide != "allow":
         extra["collide"] = collide
     if trim != "global":

@@ -2,13 +2,20 @@
 
 They need the shapes of the tensors in the flat vector (``shapes``, in layout order: the
 ``Layout.shapes`` of the task vectors); :func:`.merge.merge` passes them to every merger marked
-``needs_shapes``. A tensor with at least two dimensions, both sides > 1, is a matrix
-``(shape[0], prod(shape[1:]))`` (a convolution kernel flattens its input side); every other tensor
-(biases, norms, 1-wide matrices) is averaged over the tasks, the published rule of both methods;
+``needs_shapes``. Which tensors are matrices is ``matrices`` (:data:`MATRIX_RULES`):
+
+* ``"2d"`` (the default: both methods' published code, which FusionBench follows) — exactly the
+  2-D tensors, whatever their width; every other tensor (biases, norms, convolution kernels) is
+  averaged over the tasks. A 1-wide matrix then follows each method's formula: TSV-M keeps
+  ⌊1/N⌋ = 0 triplets of it (a zero update), Iso-C gives the task-arithmetic sum itself;
+* ``"flatten"`` — a tensor with at least two dimensions, both sides > 1, is the matrix
+  ``(shape[0], prod(shape[1:]))`` (a convolution kernel flattens its input side) and TSV-M keeps
+  at least one triplet of each; every other tensor (1-wide matrices too) is averaged.
+
 λ then scales the whole merged vector.
 
 * ``tsv-m`` — Task Singular Vectors merge (Gargiulo et al., CVPR 2025): per matrix, each task's
-  update Δ_i = U_i Σ_i V_iᵀ keeps its top ⌊rank/N⌋ (at least 1) singular triplets; the kept
+  update Δ_i = U_i Σ_i V_iᵀ keeps its top ⌊rank/N⌋ singular triplets; the kept
   U = [U_1 … U_N] and V = [V_1 … V_N] are decorrelated by their orthogonal polar factors
   (U = P S Qᵀ → P Qᵀ, likewise V), and the merged update is λ · U⊥ diag(Σ_1 … Σ_N) V⊥ᵀ.
 * ``iso-c`` — Isotropic merging (Marczak et al., ICML 2025): per matrix, the task-arithmetic sum
@@ -27,17 +34,26 @@ from .merge import _check_scalar, _check_taus, register_merger
 Shape = Tuple[int, ...]
 
 
-def _segments(shapes: Optional[Sequence[Shape]], num_entries: int) -> Iterator[Tuple[int, int, Optional[Tuple[int, int]]]]:
+MATRIX_RULES = ("2d", "flatten")      # which tensors the SVD merges treat as matrices
+
+
+def _segments(shapes: Optional[Sequence[Shape]], num_entries: int,
+              matrices: str = "2d") -> Iterator[Tuple[int, int, Optional[Tuple[int, int]]]]:
     """(start, stop, matrix shape or None) of every tensor of ``shapes`` in the flat vector."""
     if shapes is None:
         raise ValueError("this merger needs the tensors' shapes (shapes=Layout.shapes)")
+    if matrices not in MATRIX_RULES:
+        raise ValueError(f"matrices must be one of {', '.join(MATRIX_RULES)}, got {matrices!r}")
     pos = 0
     for shape in shapes:
         size = 1
         for s in shape:
             size *= int(s)
         rows = int(shape[0]) if len(shape) >= 2 else 0
-        matrix = (rows, size // rows) if rows > 1 and size // max(rows, 1) > 1 else None
+        if matrices == "2d":
+            matrix = (rows, int(shape[1])) if len(shape) == 2 and size > 0 else None
+        else:
+            matrix = (rows, size // rows) if rows > 1 and size // max(rows, 1) > 1 else None
         yield pos, pos + size, matrix
         pos += size
     if pos != num_entries:
@@ -50,10 +66,13 @@ def _polar(a: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def tsv_matrix(deltas: torch.Tensor) -> torch.Tensor:
-    """TSV-M of one matrix: ``deltas`` (N, m, n) -> the merged (m, n) update (λ not applied)."""
+def tsv_matrix(deltas: torch.Tensor, min_keep: int = 0) -> torch.Tensor:
+    """TSV-M of one matrix: ``deltas`` (N, m, n) -> the merged (m, n) update (λ not applied); each
+    task keeps max(``min_keep``, ⌊min(m, n)/N⌋) triplets (none: a zero update)."""
     n_tasks, m, n = deltas.shape
-    k = max(1, min(m, n) // n_tasks)
+    k = max(int(min_keep), min(m, n) // n_tasks)
+    if k == 0:
+        return torch.zeros((m, n), dtype=torch.float64, device=deltas.device)
     us, ss, vs = [], [], []
     for d in deltas.double():
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
@@ -71,10 +90,10 @@ def iso_c_matrix(deltas: torch.Tensor) -> torch.Tensor:
     return s.mean() * (u @ vh)
 
 
-def _by_matrix(taus: torch.Tensor, shapes, matrix_fn) -> torch.Tensor:
+def _by_matrix(taus: torch.Tensor, shapes, matrix_fn, matrices: str = "2d") -> torch.Tensor:
     _check_taus(taus)
     out = torch.empty(taus.shape[1], dtype=taus.dtype, device=taus.device)
-    for start, stop, matrix in _segments(shapes, taus.shape[1]):
+    for start, stop, matrix in _segments(shapes, taus.shape[1], matrices):
         part = taus[:, start:stop]
         if matrix is None:
             out[start:stop] = part.mean(dim=0)
@@ -84,26 +103,27 @@ def _by_matrix(taus: torch.Tensor, shapes, matrix_fn) -> torch.Tensor:
     return out
 
 
-def _scaled(taus, shapes, lam, matrix_fn) -> torch.Tensor:
+def _scaled(taus, shapes, lam, matrix_fn, matrices) -> torch.Tensor:
     """θ_pre + λ · (merged matrices, averaged rest): λ scales the whole merged vector, as in both
     methods' code."""
     lam = _check_scalar("lam", lam)
-    return lam * _by_matrix(taus, shapes, matrix_fn)
+    return lam * _by_matrix(taus, shapes, matrix_fn, matrices)
 
 
 @register_merger("tsv-m")
 def tsv_m(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2, seed: int = 0,
-          shapes: Optional[Sequence[Shape]] = None) -> torch.Tensor:
+          shapes: Optional[Sequence[Shape]] = None, matrices: str = "2d") -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025): see the module docstring."""
-    return _scaled(taus, shapes, lam, tsv_matrix)
+    fn = (lambda d: tsv_matrix(d, min_keep=1)) if matrices == "flatten" else tsv_matrix
+    return _scaled(taus, shapes, lam, fn, matrices)
 
 
 @register_merger("iso-c")
 def iso_c(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2, seed: int = 0,
-          shapes: Optional[Sequence[Shape]] = None) -> torch.Tensor:
+          shapes: Optional[Sequence[Shape]] = None, matrices: str = "2d") -> torch.Tensor:
     """Iso-C (Marczak et al., ICML 2025): see the module docstring."""
-    return _scaled(taus, shapes, lam, iso_c_matrix)
+    return _scaled(taus, shapes, lam, iso_c_matrix, matrices)
 
 
-tsv_m.needs_shapes = True
-iso_c.needs_shapes = True
+tsv_m.needs_shapes = iso_c.needs_shapes = True
+tsv_m.matrix_rule = iso_c.matrix_rule = True       # they take ``matrices`` (MATRIX_RULES)
