@@ -78,3 +78,24 @@ def test_a_merge_on_one_shared_model_writes_what_one_model_per_task_writes(tmp_p
     rx, ry = (json.loads((tmp_path / o / "report.json").read_text()) for o in ("shared", "own"))
     for key in ("calibration", "lambdas", "lambda_grid"):
         assert key in rx and rx[key] == ry[key], key
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_ties_holds_its_trim_as_masks_with_the_same_result_bit_for_bit(monkeypatch, chunk):
+    """TIES' global trim kept as one byte an entry per task (no (N, D) float copy), summed column
+    slice by column slice: bit for bit the trimmed-matrix formula, ties in |τ| and zeros included."""
+    from nps_pruning.core import merge as M
+    monkeypatch.setattr(M, "COLUMN_CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    for n, d, dtype in ((3, 101, torch.float32), (5, 64, torch.float64), (2, 40, torch.float32)):
+        taus = torch.randn(n, d, generator=g, dtype=dtype)
+        taus[:, ::5] = taus[0, ::5].abs()                 # equal magnitudes across tasks
+        taus[1, ::7] = -taus[1, ::7].round()              # exact ties and zeros, both signs
+        taus[0, 3] = -0.0
+        for keep in (0.05, 0.2, 0.5, 1.0):
+            trimmed = M.trim_top_k(taus, keep)
+            want = 0.7 * M.disjoint_mean(trimmed, M.elect_sign(trimmed))
+            got = M.MERGERS["ties"](taus, lam=0.7, keep_ratio=keep)
+            bits = torch.int64 if dtype == torch.float64 else torch.int32
+            assert got.dtype == want.dtype and torch.equal(got.view(bits), want.view(bits)), (n, d, keep)
+            assert torch.equal(M.ties_global(taus, keep).mul_(0.7), want)

@@ -26,7 +26,7 @@ from typing import Dict, List
 from .paths import repo_root
 
 START, END = "<!-- llm-memory:start -->", "<!-- llm-memory:end -->"
-VERSION = 2           # v2: a merge's tasks score on one shared model where their models differ in τ alone
+VERSION = 3           # v2: a merge's tasks score on one shared model (τ alone differs); v3: TIES trim as masks
 SUITES = ("llm", "llm-lora")
 CALIB = 32            # calibration rows the searches use (memory does not grow with them)
 TARGETS = {"prune": 4.0, "merge": 3.0}

@@ -162,11 +162,33 @@ def ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
     lam = _check_scalar("lam", lam)
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {', '.join(TRIMS)}, got {trim!r}")
+    if trim == "global" and collide == "allow":
+        return ties_global(taus, keep_ratio).mul_(lam)
     trimmed = (trim_top_k(taus, keep_ratio) if trim == "global" else
                layer_trim(taus, keep_ratio, shapes) if trim == "layer" else
                sequential_trim(taus, keep_ratio))
     trimmed = allot(trimmed, collide)
     return lam * disjoint_mean(trimmed, elect_sign(trimmed))
+
+
+def ties_global(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """TIES (global trim, no λ) with the trimmed rows held as masks, one byte an entry per task,
+    not as an (N, D) float copy: :func:`trim_top_k`, :func:`elect_sign` and :func:`disjoint_mean`
+    computed column slice by column slice (each entry is its own column), bit for bit."""
+    _check_taus(taus)
+    n, d = taus.shape
+    k = keep_count(d, keep_ratio)
+    masks = torch.empty((n, d), dtype=torch.bool, device=taus.device)
+    for i, row in enumerate(taus):
+        masks[i] = topk_mask(row.abs(), k)
+    out = torch.empty(d, dtype=taus.dtype, device=taus.device)
+    for s in range(0, d, COLUMN_CHUNK):
+        t = torch.where(masks[:, s:s + COLUMN_CHUNK], taus[:, s:s + COLUMN_CHUNK], 0.0)
+        g = torch.sign(t.sum(dim=0))
+        agree = (torch.sign(t) == g) & (t != 0)
+        total = torch.where(agree, t, torch.zeros_like(t)).sum(dim=0)
+        out[s:s + COLUMN_CHUNK] = total / agree.sum(dim=0).clamp(min=1)
+    return out
 
 
 @register_merger("dare-linear")
