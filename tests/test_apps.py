@@ -894,11 +894,13 @@ def test_prune_with_16bit_tau_equals_reference_on_rounded_tau(tmp_path):
         assert torch.equal(written[name], expected[name]), name
 
 
-def test_tau_dtype_is_refused_by_merge(tmp_path, capsys):
+def test_tau_dtype_is_refused_by_merge_methods_that_need_float32(tmp_path, capsys):
+    """(16-bit τ is taken by ties / task-arithmetic / average: tests/test_merge_memory.py.)"""
     from nps_pruning.cli import main
     assert main(["merge", "p", "a", "b", "-o", str(tmp_path / "o"), "--lambda", "1",
-                 "--tau-dtype", "float16"]) == 2
-    assert "--tau-dtype is supported by nps prune only" in capsys.readouterr().err
+                 "--tau-dtype", "float16"]) == 2       # the default method, nps
+    assert "merges hold 16-bit task vectors for --method average, task-arithmetic, ties" in \
+        capsys.readouterr().err
 
 
 def test_repeated_failures_keep_the_best_model_so_far(tmp_path):

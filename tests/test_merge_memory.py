@@ -99,3 +99,38 @@ def test_ties_holds_its_trim_as_masks_with_the_same_result_bit_for_bit(monkeypat
             bits = torch.int64 if dtype == torch.float64 else torch.int32
             assert got.dtype == want.dtype and torch.equal(got.view(bits), want.view(bits)), (n, d, keep)
             assert torch.equal(M.ties_global(taus, keep).mul_(0.7), want)
+
+
+@pytest.mark.parametrize("method", ["ties", "task-arithmetic", "average"])
+def test_16_bit_task_vectors_merge_as_their_float32_values_do(method):
+    """The mergers that take 16-bit τ compute in float32 slice by slice: bit for bit the merge of
+    the same values held in float32, with a float32 result."""
+    from nps_pruning.core import merge as M
+    g = torch.Generator().manual_seed(4)
+    taus = torch.randn(3, 1000, generator=g).to(torch.bfloat16)
+    got = M.merge(method, taus, lam=0.8, keep_ratio=0.2)
+    want = M.merge(method, taus.float(), lam=0.8, keep_ratio=0.2)
+    assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    if method == "ties":
+        with pytest.raises(ValueError, match="global trim"):
+            M.merge("ties", taus, lam=0.8, keep_ratio=0.2, trim="layer", shapes=[(1000,)])
+
+
+def test_a_merge_with_a_16_bit_tau_dtype_is_the_merge_of_the_rounded_task_vectors(tmp_path, monkeypatch, capsys):
+    from test_llm_sized_inputs import _tiny_llama_and_lora
+    from safetensors.torch import load_file
+    monkeypatch.setenv("NPS_INPUT_CACHE", str(tmp_path / "cache"))
+    base, adapter, _ = _tiny_llama_and_lora(tmp_path)
+    a2 = _second_adapter(adapter, tmp_path / "adapter2")
+    argv = ["merge", str(base), str(adapter), str(a2), "--method", "ties", "--lambda", "1.0",
+            "--names", "a", "b", "--quiet"]
+    assert main(argv + ["-o", str(tmp_path / "f32")]) == 0
+    assert main(argv + ["-o", str(tmp_path / "b16"), "--tau-dtype", "bfloat16"]) == 0
+    x = load_file(str(tmp_path / "f32" / "merged_task_vector.safetensors"))
+    y = load_file(str(tmp_path / "b16" / "merged_task_vector.safetensors"))
+    assert set(x) == set(y)
+    for k in x:     # the same merge of τ rounded once to bfloat16 (8 significant bits)
+        torch.testing.assert_close(y[k], x[k], rtol=2 ** -7, atol=1e-6)
+    assert main(["merge", str(base), str(adapter), str(a2), "--method", "tsv-m", "--lambda", "1.0",
+                 "--tau-dtype", "bfloat16", "-o", str(tmp_path / "t")]) == 2
+    assert "merges hold 16-bit task vectors for --method average, task-arithmetic, ties" in capsys.readouterr().err

@@ -117,8 +117,9 @@ class SearchOptions:
                                            "local one on loopback)")
     device: str = opt("cpu", "device for the candidate build and evaluation (cpu, cuda)")
     tau_dtype: str = opt("float32", "precision τ is held in during the search (16-bit halves the "
-                                    "memory of large models; keys are ranked in float32)",
-                         choices=tau_dtypes)
+                                    "memory of large models; keys are ranked in float32); merge: "
+                                    "ties, task-arithmetic and average hold the task vectors in it "
+                                    "and compute in float32", choices=tau_dtypes)
     max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search "
                                                   "stops", lo=1)
     patience: Optional[int] = opt(_SEARCH.patience, "stop the search once the best calibration "

@@ -249,11 +249,14 @@ def check_finite_model(base: torch.Tensor, tau: torch.Tensor, what: str,
 
 
 def run_merge(opts) -> Dict[str, Any]:
-    if opts.tau_dtype != "float32":
-        raise NPSError("--tau-dtype is supported by nps prune only (merges and stores use float32 τ)")
     from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
     from ..checkpoints.save import atomic_output_dir
-    from ..core.merge import merge, nps_combine
+    from ..core.merge import HALF_MERGERS, merge, nps_combine
+    if opts.tau_dtype != "float32" and (opts.method not in HALF_MERGERS or getattr(opts, "prune", None)
+                                        or opts.collide != "allow" or opts.trim != "global"):
+        raise NPSError(f"--tau-dtype {opts.tau_dtype}: merges hold 16-bit task vectors for --method "
+                       f"{', '.join(HALF_MERGERS)} (TIES with its global trim, no --collide, no "
+                       "--prune); the others use float32 τ")
     t0 = time.perf_counter()
     if len(opts.finetuned) < 2:
         raise NPSError("merge needs at least two fine-tuned models")
@@ -288,7 +291,7 @@ def run_merge(opts) -> Dict[str, Any]:
         sessions.append(Session.load(opts.pretrained, ft, model_factory=opts.model_factory, name=name,
                                      allow_shape_mismatch=opts.allow_shape_mismatch,
                                      running_stats=opts.running_stats, need_model=False,
-                                     device=opts.device))
+                                     device=opts.device, tau_dtype=opts.tau_dtype))
         share_base(sessions)          # one θ_pre for all tasks, not one copy per task
     if need_model:
         share_models(sessions)        # one scoring model where the tasks' models differ only in τ

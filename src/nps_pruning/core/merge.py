@@ -129,6 +129,8 @@ def average(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
             seed: int = 0) -> torch.Tensor:
     """Weight averaging: θ_pre + mean_i τ_i is the mean of the fine-tuned models (``lam`` ignored)."""
     _check_taus(taus)
+    if _half(taus):
+        return _by_columns(taus, lambda t: t.mean(dim=0))
     return taus.mean(dim=0)
 
 
@@ -137,7 +139,27 @@ def task_arithmetic(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float =
                     seed: int = 0) -> torch.Tensor:
     """Task Arithmetic (Ilharco et al. 2023): λ · Σ_i τ_i."""
     _check_taus(taus)
-    return _check_scalar("lam", lam) * taus.sum(dim=0)
+    lam = _check_scalar("lam", lam)
+    if _half(taus):
+        return _by_columns(taus, lambda t: t.sum(dim=0)).mul_(lam)
+    return lam * taus.sum(dim=0)
+
+
+def _half(taus: torch.Tensor) -> bool:
+    return taus.dtype in (torch.float16, torch.bfloat16)
+
+
+def _by_columns(taus: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` of each column slice of 16-bit ``taus`` computed in float32: a float32 result with
+    no float32 copy of the (N, D) matrix."""
+    out = torch.empty(taus.shape[1], dtype=torch.float32, device=taus.device)
+    for s in range(0, taus.shape[1], COLUMN_CHUNK):
+        out[s:s + COLUMN_CHUNK] = fn(taus[:, s:s + COLUMN_CHUNK].float())
+    return out
+
+
+# the mergers that take 16-bit task vectors (computed in float32 slice by slice, float32 out)
+HALF_MERGERS = ("average", "task-arithmetic", "ties")
 
 
 TRIMS = ("global", "layer", "sequential")   # TIES' trim: one top-k per task / per tensor / CABS
@@ -164,6 +186,9 @@ def ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
         raise ValueError(f"trim must be one of {', '.join(TRIMS)}, got {trim!r}")
     if trim == "global" and collide == "allow":
         return ties_global(taus, keep_ratio).mul_(lam)
+    if _half(taus):
+        raise ValueError("16-bit task vectors: ties takes them with the global trim and collide "
+                         "'allow' only")
     trimmed = (trim_top_k(taus, keep_ratio) if trim == "global" else
                layer_trim(taus, keep_ratio, shapes) if trim == "layer" else
                sequential_trim(taus, keep_ratio))
@@ -180,10 +205,11 @@ def ties_global(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     k = keep_count(d, keep_ratio)
     masks = torch.empty((n, d), dtype=torch.bool, device=taus.device)
     for i, row in enumerate(taus):
-        masks[i] = topk_mask(row.abs(), k)
-    out = torch.empty(d, dtype=taus.dtype, device=taus.device)
-    for s in range(0, d, COLUMN_CHUNK):
-        t = torch.where(masks[:, s:s + COLUMN_CHUNK], taus[:, s:s + COLUMN_CHUNK], 0.0)
+        masks[i] = topk_mask(row.float().abs(), k)
+    out = torch.empty(d, dtype=torch.float32 if _half(taus) else taus.dtype, device=taus.device)
+    for s in range(0, d, COLUMN_CHUNK):       # 16-bit τ: each slice in float32 (.float(): else a no-op)
+        t = torch.where(masks[:, s:s + COLUMN_CHUNK], taus[:, s:s + COLUMN_CHUNK].float()
+                        if _half(taus) else taus[:, s:s + COLUMN_CHUNK], 0.0)
         g = torch.sign(t.sum(dim=0))
         agree = (torch.sign(t) == g) & (t != 0)
         total = torch.where(agree, t, torch.zeros_like(t)).sum(dim=0)
