@@ -134,3 +134,21 @@ def test_a_merge_with_a_16_bit_tau_dtype_is_the_merge_of_the_rounded_task_vector
     assert main(["merge", str(base), str(adapter), str(a2), "--method", "tsv-m", "--lambda", "1.0",
                  "--tau-dtype", "bfloat16", "-o", str(tmp_path / "t")]) == 2
     assert "merges hold 16-bit task vectors for --method average, task-arithmetic, ties" in capsys.readouterr().err
+
+
+def test_state_dict_in_place_is_the_state_dict_bit_for_bit():
+    from nps_pruning.task_vector import Layout, TaskVector
+    g = torch.Generator().manual_seed(6)
+    layout = Layout(("a", "b"), ((3, 4), (5,)), (torch.float32, torch.bfloat16))
+    tv = TaskVector(layout, torch.randn(17, generator=g), task_specific={"head": torch.ones(2)},
+                    buffers={"ids": torch.arange(3)})
+    base = torch.randn(17, generator=g)
+    for scale in (1.0, 0.37):
+        want = tv.state_dict(base, scale)
+        b = base.clone()
+        got = tv.state_dict(b, scale, in_place=True)
+        assert set(got) == set(want) == {"a", "b", "head", "ids"}
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+        assert torch.equal(b, tv.apply_to(base, scale))        # θ was computed into the base
+    with pytest.raises(ValueError, match="layout"):
+        tv.state_dict(torch.zeros(3), in_place=True)

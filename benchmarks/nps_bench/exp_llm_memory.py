@@ -26,7 +26,7 @@ from typing import Dict, List
 from .paths import repo_root
 
 START, END = "<!-- llm-memory:start -->", "<!-- llm-memory:end -->"
-VERSION = 3           # v2: a merge's tasks score on one shared model (τ alone differs); v3: TIES trim as masks
+VERSION = 4           # v2: one shared scoring model; v3: TIES trim as masks; v4: θ written in place
 SUITES = ("llm", "llm-lora")
 CALIB = 32            # calibration rows the searches use (memory does not grow with them)
 TARGETS = {"prune": 4.0, "merge": 3.0}

@@ -167,10 +167,26 @@ class TaskVector:
         """(name, τ tensor view) for each prunable tensor."""
         yield from self.layout.unflatten(self.values).items()
 
-    def state_dict(self, base_flat: torch.Tensor, scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    def state_dict(self, base_flat: torch.Tensor, scale: float = 1.0, *,
+                   in_place: bool = False) -> Dict[str, torch.Tensor]:
         """The full fine-tuned-style state dict of θ_pre + scale·τ (each tensor in its own dtype),
-        with the task-specific tensors and integer buffers added verbatim."""
-        out = self.layout.unflatten(self.apply_to(base_flat, scale), cast=True)
+        with the task-specific tensors and integer buffers added verbatim. ``in_place``: θ is
+        computed into ``base_flat`` itself (its caller's last use of θ_pre), with no model-sized
+        temporary; the same values bit for bit."""
+        if in_place:
+            if base_flat.numel() != self.num_entries:
+                raise ValueError("base vector does not match the task vector's layout")
+            theta = base_flat.add_(self.values.to(base_flat.dtype) if scale == 1.0
+                                   else scale * self.values.to(base_flat.dtype))
+        else:
+            theta = self.apply_to(base_flat, scale)
+        return self.model_state(theta)
+
+    def model_state(self, theta_flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The state dict of a model whose prunable weights are ``theta_flat`` (views where each
+        tensor's dtype is the flat vector's, copies in the tensor's own dtype otherwise), with the
+        task-specific tensors and integer buffers added verbatim."""
+        out = self.layout.unflatten(theta_flat, cast=True)
         out = {k: v.contiguous() for k, v in out.items()}
         out.update(self.task_specific)
         out.update(self.buffers)

@@ -372,8 +372,10 @@ def run_merge(opts) -> Dict[str, Any]:
     report["timings"] = {"total_s": time.perf_counter() - t0}
     report["memory"] = {"peak_rss_bytes": peak_rss_bytes()}     # the whole merge, before writing
     merged = merged.cpu()
-    base_cpu = sessions[0].base_flat.cpu()
+    base_cpu = sessions[0].base_flat.cpu().float()     # the written model is computed in float32
     check_finite_model(base_cpu, merged, f"the merged model (λ = {report.get('lambdas')})")
+    # θ of the merged model, once for every task's folder (each adds its own head and buffers)
+    theta = sessions[0].task_vector.with_values(merged).apply_to(base_cpu)
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
         first = sessions[0].task_vector.with_values(merged)
         save_tensors(tmp / "merged_task_vector.safetensors", {k: v.contiguous() for k, v in first.items()},
@@ -383,7 +385,7 @@ def run_merge(opts) -> Dict[str, Any]:
         for s, name in zip(sessions, names):
             tv = s.task_vector.with_values(merged)
             folder = safe_child(tmp, name, what="--names", reserved=MERGE_OUTPUT_FILES)
-            save_model_folder(folder, tv.state_dict(base_cpu), like=open_checkpoint(s.finetuned),
+            save_model_folder(folder, tv.model_state(theta), like=open_checkpoint(s.finetuned),
                               inputs=inputs)
             write_model_card(folder, kind="merged", name=name, pretrained=_given(opts, "pretrained"),
                              method=opts.method, keep=opts.keep if opts.method != "average" else None,

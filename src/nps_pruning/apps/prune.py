@@ -342,9 +342,10 @@ def run_prune(opts) -> Dict[str, Any]:
     session.release_model()
     pruned_tv = tv.with_values(outcome.pruned.cpu())
     base_cpu = session.base_flat.cpu().float()   # the written model is computed in float32
+    session.base_flat = None                     # θ is computed into it: its last use
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
-        save_model_folder(tmp, pruned_tv.state_dict(base_cpu), like=open_checkpoint(opts.finetuned),
-                          inputs=inputs)
+        save_model_folder(tmp, pruned_tv.state_dict(base_cpu, in_place=True),
+                          like=open_checkpoint(opts.finetuned), inputs=inputs)
         # τ̂ sparse: a non-zero mask (1 bit an entry) and the kept values (checkpoints/sparse.py)
         save_sparse_tensors(tmp / "task_vector.safetensors", dict(pruned_tv.items()),
                             metadata={"method": opts.method, "keep_ratio": str(opts.keep)})
