@@ -51,6 +51,7 @@ def _run(argv: List[str], out: Path) -> dict:
 
 RUNS = ("prune-nps", "prune-dare", "merge-ties", "merge-ties-bf16", "merge-nps")
 LABELS = {"merge-ties-bf16": "merge --method ties --tau-dtype bfloat16"}
+RUN_VERSIONS = {"prune-nps": 5}   # v5: the search's bands and index freed before θ_pre is taken back
 
 
 def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:
@@ -90,7 +91,7 @@ def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:
                 D = load_task_vector(suite.base, tasks[0]["finetuned"])[1].num_entries
             return {**got, "num_entries": D, "model_bytes": 4 * D,
                     "ratio": got["peak_rss_bytes"] / (4 * D)}
-        params = {"v": VERSION, "run": name, "argv": [a if not a.startswith("/") else Path(a).name for a in argv],
+        params = {"v": RUN_VERSIONS.get(name, VERSION), "run": name, "argv": [a if not a.startswith("/") else Path(a).name for a in argv],
                   "checkpoints": ckpts}
         out[name] = cache.step(suite_name, "_memory", name, params, one, log)
     return {"tasks": [t["name"] for t in tasks], "checkpoints": ckpts, "runs": out}

@@ -245,7 +245,7 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
                                              holdout_min_rows=st.holdout_min_rows,
                                              calib_size=st.calib_size, **st.evaluator_kwargs())
             n_hold = hold_ev.num_rows if hold_ev is not None else 0   # none: too few rows to hold out
-            prep = out.prepared
+            prep = s.prepared(st)            # the bands and index the search decoded with
             # the finalists the search itself re-scored (the same rows, model and code)
             held: Dict[tuple, float] = {_wkey(x): x["holdout_score"] for x in out.rescored}
             tests: Dict[tuple, float] = {_wkey(chosen): s.score(state["test"], out.pruned)}

@@ -107,14 +107,14 @@ class TaskPoint:
 
 def task_point(session: Session, outcome, settings) -> TaskPoint:
     """The :class:`TaskPoint` of a per-task NPS outcome (``settings``: its PruneSettings): the
-    outcome's own prepared τ (what its search decoded), or one rebuilt from the settings
-    (deterministic: the same bands and seeded order)."""
+    prepared τ rebuilt from the settings (deterministic: the very bands and seeded order the
+    search decoded with; a prune frees them once its τ̂ is built)."""
     from ..core.space import make_space
     search = settings.search
     space = make_space(outcome.space, settings.bands, search.lower, search.upper, search.param,
                        keep_ratio=outcome.keep_ratio)
-    prep = outcome.prepared if outcome.prepared is not None else session.prepared(settings)
-    return TaskPoint(space, prep, np.asarray(outcome.search.best_weights, dtype=np.float64))
+    return TaskPoint(space, session.prepared(settings.replace(keep_ratio=outcome.keep_ratio)),
+                     np.asarray(outcome.search.best_weights, dtype=np.float64))
 
 
 def joint_nps_merge(sessions, evaluators, points: Sequence[TaskPoint], lambdas0: Sequence[float], *,
@@ -325,8 +325,6 @@ def run_merge(opts) -> Dict[str, Any]:
                              log_path=safe_child(wd, f"search-{name}.jsonl"), progress=not opts.quiet)
             pruned_rows.append(out.pruned)
             share_base(sessions)      # the search took θ_pre back as a copy of its own: share it again
-            if merge_settings.joint_generations == 0:   # no joint search: its bands / index are done with
-                out.prepared = out.bands = None
             outcomes.append(out)
             searches[name] = {"calibration": out.calibration, **search_report(out.search)}
         pruned = torch.stack(pruned_rows)

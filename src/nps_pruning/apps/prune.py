@@ -37,7 +37,7 @@ class PruneOutcome:
     pruned: torch.Tensor                       # τ̂, flat
     keep_ratio: float
     search: Any = None                          # SearchResult for nps
-    bands: Any = None
+    bands: Any = None                           # the search's band layout (starts; no D-long arrays)
     calibration: Dict[str, float] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     aborted: Optional[str] = None               # the search stopped on repeated failures
@@ -45,7 +45,6 @@ class PruneOutcome:
     space: str = "magnitude"
     memory: Dict[str, Optional[int]] = field(default_factory=dict)   # peak resident bytes
     holdout: Dict[str, Any] = field(default_factory=dict)   # how the final candidate was chosen
-    prepared: Any = None                        # core.prepared.Prepared the search decoded (nps)
 
 
 def search_settings(opts):
@@ -166,21 +165,25 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                 result.best_score = float(chosen["score"])
                 rescore_s = time.perf_counter() - t_r
             search_peak = peak_rss_bytes()      # the search (and re-scoring) alone, before τ̂ is built
+            pruned = prep.build(result.best_weights)    # while the model holds θ_pre: no copy of it yet
         finally:
             scorer.restore()
+            # the bands' sorted |τ| and band of each entry, and the hybrid index, are done with:
+            # freed before θ_pre is taken back (the outcome keeps the bands' layout only)
+            bands = dataclasses.replace(prep.bands, band_of=torch.empty(0, dtype=torch.uint8),
+                                        sorted_abs=torch.empty(0))
+            scorer = prep = None
             session.unpark_base()
-        pruned = prep.build(result.best_weights)
         calib = {"magnitude": result.baseline_score}
         for c in result.candidates:
             if int(c["gen"]) == 0 and c.get("start") not in (None, "magnitude") and c.get("status") == "ok":
                 calib[c["start"]] = c["score"]
         calib["nps"] = result.best_score
-        outcome = PruneOutcome("nps", pruned, keep, result, prep.bands, calib,
+        outcome = PruneOutcome("nps", pruned, keep, result, bands, calib,
                                {"bands_s": bands_s, "search_s": result.seconds}, aborted,
                                rescored=rescored, space=space_name,
                                memory={"search_peak_rss_bytes": search_peak,
-                                       **logits_peak(evaluator, holdout)}, holdout=choice,
-                               prepared=prep)
+                                       **logits_peak(evaluator, holdout)}, holdout=choice)
         if rescored:
             outcome.timings["rescore_s"] = rescore_s
             outcome.calibration["nps_holdout"] = max(r["holdout_score"] for r in rescored)
@@ -338,7 +341,7 @@ def run_prune(opts) -> Dict[str, Any]:
     }
     # the scoring model and the search's bands are done with: free them before the written model
     # is computed, so that writing does not raise the command's peak memory
-    outcome.bands = outcome.prepared = None
+    outcome.bands = None
     session.release_model()
     pruned_tv = tv.with_values(outcome.pruned.cpu())
     base_cpu = session.base_flat.cpu().float()   # the written model is computed in float32
