@@ -51,7 +51,7 @@ def _run(argv: List[str], out: Path) -> dict:
 
 RUNS = ("prune-nps", "prune-dare", "merge-ties", "merge-ties-bf16", "merge-nps")
 LABELS = {"merge-ties-bf16": "merge --method ties --tau-dtype bfloat16"}
-RUN_VERSIONS = {"prune-nps": 5}   # v5: the search's bands and index freed before θ_pre is taken back
+RUN_VERSIONS = {"prune-nps": 5, "merge-ties": 5, "merge-ties-bf16": 5}   # v5: prune frees the bands/index before taking θ_pre back; merge stacks τ without holding the originals
 
 
 def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:

@@ -224,14 +224,14 @@ def stack_task_vectors(sessions: Sequence[Session]) -> torch.Tensor:
     """The (N, D) matrix of the sessions' τ, filled row by row; each session's τ then becomes a view
     of its row, so the merge holds the N task vectors once (not once in the sessions and again in
     the matrix) and the copy's peak is one task vector, not N."""
-    tvs = [s.task_vector for s in sessions]
-    for tv in tvs[1:]:
-        tvs[0]._check_same_layout(tv)
-    first = tvs[0].values
-    taus = torch.empty((len(tvs), first.numel()), dtype=first.dtype, device=first.device)
-    for i, (s, tv) in enumerate(zip(sessions, tvs)):
-        taus[i].copy_(tv.values)
-        s.task_vector = tv.with_values(taus[i])      # the session's τ is the row: the original is freed
+    for s in sessions[1:]:
+        sessions[0].task_vector._check_same_layout(s.task_vector)
+    v0 = sessions[0].task_vector.values
+    taus = torch.empty((len(sessions), v0.numel()), dtype=v0.dtype, device=v0.device)
+    del v0
+    for i, s in enumerate(sessions):     # no list of the original τ: each is freed once copied
+        taus[i].copy_(s.task_vector.values)
+        s.task_vector = s.task_vector.with_values(taus[i])   # the session's τ is the row
     return taus
 
 
