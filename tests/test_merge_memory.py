@@ -152,3 +152,24 @@ def test_state_dict_in_place_is_the_state_dict_bit_for_bit():
         assert torch.equal(b, tv.apply_to(base, scale))        # θ was computed into the base
     with pytest.raises(ValueError, match="layout"):
         tv.state_dict(torch.zeros(3), in_place=True)
+
+
+def test_topk_mask_selects_as_kthvalue_did_without_its_index_tensor():
+    """The k-th largest by numpy's in-place partition (one copy of the scores, no int64 index per
+    entry): the very mask torch.kthvalue's threshold gives, ties by flat index, float32 and 64."""
+    from nps_pruning.core.mask import _kth_smallest, topk_mask
+    g = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(5000, generator=g, dtype=dtype).abs()
+        x[::3] = x[1]                                  # many ties at one value
+        x[::11] = 0.0
+        for k in (1, 17, 1666, 1667, 2500, 4999):
+            j = x.numel() - k + 1
+            v = torch.kthvalue(x, j).values
+            assert _kth_smallest(x, j).item() == v.item()
+            want = x > v
+            need = k - int(want.sum())
+            if need > 0:
+                want[torch.nonzero(x == v).squeeze(1)[:need]] = True
+            got = topk_mask(x, k)
+            assert torch.equal(got, want) and int(got.sum()) == k

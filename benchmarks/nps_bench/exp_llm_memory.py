@@ -51,7 +51,7 @@ def _run(argv: List[str], out: Path) -> dict:
 
 RUNS = ("prune-nps", "prune-dare", "merge-ties", "merge-ties-bf16", "merge-nps")
 LABELS = {"merge-ties-bf16": "merge --method ties --tau-dtype bfloat16"}
-RUN_VERSIONS = {"prune-nps": 5, "merge-ties": 5, "merge-ties-bf16": 5}   # v5: prune frees the bands/index before taking θ_pre back; merge stacks τ without holding the originals
+RUN_VERSIONS = {"prune-nps": 5, "prune-dare": 4, "merge-ties": 6, "merge-ties-bf16": 6}   # v5: prune frees the bands/index before taking θ_pre back; v6: top-k threshold without kthvalue's index tensor
 
 
 def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:

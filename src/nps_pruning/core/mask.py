@@ -357,6 +357,17 @@ def build_candidate(values: torch.Tensor, bands: Bands, weights, keep_ratio: flo
 
 
 # -- the definitions (slow, plain) --------------------------------------------------------------
+def _kth_smallest(scores: torch.Tensor, j: int) -> torch.Tensor:
+    """The j-th smallest of a 1-D tensor (1-based), as a 0-dim tensor of its dtype. On the CPU for
+    float32/float64 by numpy's in-place introselect on one copy (``torch.kthvalue`` also holds an
+    int64 index per entry: 3× the memory of the scores); the same value exactly."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        a = scores.detach().numpy().copy()
+        a.partition(j - 1)
+        return torch.tensor(a[j - 1], dtype=scores.dtype)
+    return torch.kthvalue(scores, j).values
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k largest ``scores`` (1-D), ties broken by flat index ascending.
     O(D) (a kthvalue, not a full sort)."""
@@ -368,7 +379,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(D, dtype=torch.bool, device=scores.device)
     if k == D:
         return torch.ones(D, dtype=torch.bool, device=scores.device)
-    v = torch.kthvalue(scores, D - k + 1).values   # the k-th largest
+    v = _kth_smallest(scores, D - k + 1)            # the k-th largest
     mask = scores > v
     need = k - int(mask.sum())
     if need > 0:
