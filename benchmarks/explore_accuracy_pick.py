@@ -1,7 +1,8 @@
 """Exploration (not a benchmark step; run as `python benchmarks/explore_accuracy_pick.py` from the repository root): would choosing the default search's finalist by calibration
 accuracy (instead of the held-out log-likelihood) close the MobileNetV2 regret? Uses the committed
 wins step files' finalists; scores each on all calibration rows (accuracy) and tests the pick."""
-import glob, json, sys
+import glob
+import json
 import numpy as np
 from nps_bench.suites import build_suite
 from nps_bench.context import task_dict
