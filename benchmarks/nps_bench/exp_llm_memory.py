@@ -85,10 +85,15 @@ def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:
                 o = Path(d) / "out"
                 got = _run([*argv, "-o", str(o)], o)
             rep = got.pop("report")
-            D = int((rep.get("model") or {}).get("num_entries") or 0) or None
+            m = rep.get("model") or {}
+            # D: every prunable entry of the model (a LoRA prune's num_entries counts the changed
+            # ones only: its unchanged tensors are reported apart)
+            D = int(m.get("num_entries") or 0) + int(m.get("unchanged_entries") or 0) or None
             if D is None:          # merge reports carry no model block: D from the layout of τ
                 from nps_pruning.checkpoints import load_task_vector
-                D = load_task_vector(suite.base, tasks[0]["finetuned"])[1].num_entries
+                from nps_pruning.checkpoints.external import resolve_input
+                base = resolve_input(suite.base)
+                D = load_task_vector(base, resolve_input(tasks[0]["finetuned"], base=base))[1].num_entries
             return {**got, "num_entries": D, "model_bytes": 4 * D,
                     "ratio": got["peak_rss_bytes"] / (4 * D)}
         params = {"v": RUN_VERSIONS.get(name, VERSION), "run": name, "argv": [a if not a.startswith("/") else Path(a).name for a in argv],
