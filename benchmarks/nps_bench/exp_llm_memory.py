@@ -102,6 +102,18 @@ def measure(suite_name: str, cache_root: str, only=RUNS) -> Dict[str, dict]:
     return {"tasks": [t["name"] for t in tasks], "checkpoints": ckpts, "runs": out}
 
 
+def _first_measured(suite: str, name: str, checkpoints) -> dict:
+    """The committed step of the earliest version of run ``name`` on these checkpoints (where the
+    memory work started from), or {}."""
+    found = []
+    for p in (repo_root() / "benchmarks" / "results" / "steps" / suite / "_memory").glob(f"{name}-*.json"):
+        d = json.loads(p.read_text())
+        par = d.get("_params") or {}
+        if par.get("run") == name and par.get("checkpoints") == checkpoints:
+            found.append((int(par.get("v", 0)), d.get("_date", ""), d))
+    return min(found, key=lambda t: t[:2])[2] if found else {}
+
+
 def render(results: dict) -> str:
     lines = [START, "## Memory on LLM-sized inputs (SmolLM2-135M)", "",
              "Peak resident memory of one `nps` process (ru_maxrss of the child alone) against one "
@@ -116,14 +128,17 @@ def render(results: dict) -> str:
             continue
         lines += [f"### {suite} (commit {data.get('commit', '?')}, {data.get('date', '?')}; "
                   f"tasks {', '.join(data['tasks'])})", "",
-                  "| command | peak RSS | one fp32 model | × | target | |", "|---|---|---|---|---|---|"]
+                  "| command | peak RSS | one fp32 model | × | target | | first measured |",
+                  "|---|---|---|---|---|---|---|"]
         for name, r in data["runs"].items():
             kind = name.split("-")[0]
             target = TARGETS[kind]
             label = LABELS.get(name, name.replace('-', ' --method ', 1))
+            first = _first_measured(suite, name, data.get("checkpoints"))
+            was = f"{first['ratio']:.1f}× (commit {first.get('_commit', '?')})" if first else ""
             lines.append(f"| `nps {label}` | {r['peak_rss_bytes'] / 2**30:.2f} GiB | "
                          f"{r['model_bytes'] / 2**30:.2f} GiB | {r['ratio']:.1f}× | ≤ {target:g}× | "
-                         f"{'met' if r['ratio'] <= target else 'NOT met'} |")
+                         f"{'met' if r['ratio'] <= target else 'NOT met'} | {was} |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
