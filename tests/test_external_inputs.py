@@ -101,8 +101,12 @@ def test_nps_prune_takes_a_lora_adapter_as_finetuned(lora, tmp_path, monkeypatch
                 "magnitude", "--keep", "0.1", "--quiet"]) == 0
     got = load_file(str(out / "model.safetensors"))
     base = load_file(str(root / "base" / "model.safetensors"))
-    tau = torch.cat([(ref[k] - base[k]).reshape(-1) for k in base])
-    kept = torch.cat([(got[k] - base[k]).reshape(-1) for k in base])
+    # the tensors the adapter leaves untouched are not in D (issue 38): k = round(0.1 · D_changed)
+    changed = [k for k in base if bool((ref[k] - base[k]).any())]
+    assert 0 < len(changed) < len(base)
+    assert all(torch.equal(got[k], base[k]) for k in base if k not in changed)
+    tau = torch.cat([(ref[k] - base[k]).reshape(-1) for k in changed])
+    kept = torch.cat([(got[k] - base[k]).reshape(-1) for k in changed])
     k = round(0.1 * tau.numel())
     assert int((kept != 0).sum()) <= k
     top = tau.abs().topk(k).indices

@@ -116,10 +116,9 @@ class SearchOptions:
     ray_address: Optional[str] = opt(None, "address of an existing Ray cluster (default: start a "
                                            "local one on loopback)")
     device: str = opt("cpu", "device for the candidate build and evaluation (cpu, cuda)")
-    tau_dtype: str = opt("float32", "precision τ is held in during the search (16-bit halves the "
-                                    "memory of large models; keys are ranked in float32); merge: "
-                                    "ties, task-arithmetic and average hold the task vectors in it "
-                                    "and compute in float32", choices=tau_dtypes)
+    tau_dtype: str = opt("float32", "precision τ is held in (16-bit halves the memory of large models; "
+                                    "merge: ties, task-arithmetic, average; computed in float32)",
+                         choices=tau_dtypes)
     max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search "
                                                   "stops", lo=1)
     patience: Optional[int] = opt(_SEARCH.patience, "stop the search once the best calibration "
@@ -186,21 +185,17 @@ class MergeOptions(SearchOptions):
     lambda_grid: List[float] = opt([0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.5],
                                    "grid of single λ tried before the per-task search", many=True)
     lambda_generations: int = opt(10, "CMA-ES generations of the per-task λ search", lo=0)
-    joint_generations: int = opt(0, "nps: then CMA-ES generations of the merge-aware search (every "
-                                    "task's search-space point and λ_i searched together on the "
-                                    "merged model's mean calibration score, started from the "
-                                    "two-stage result; 0: the paper's two-stage NPS-merge)", lo=0)
-    collide: str = opt("allow", "masks that do not collide: leave each entry to one task only, the "
-                                "one of largest |value| (magnitude) or the first in order (nps, "
-                                "ties, dare-linear, dare-ties, della)",
-                       choices=("allow", "magnitude", "order"))
+    joint_generations: int = opt(0, "nps: then CMA-ES generations of the merge-aware search (every task's "
+                                    "point and λ_i together on the merged model's mean calibration "
+                                    "score, from the two-stage result; 0: the paper's two stages)", lo=0)
+    collide: str = opt("allow", "masks that do not collide: leave each entry to one task only, the one of "
+                                "largest |value| (magnitude) or the first in order (nps, ties, "
+                                "dare-linear, dare-ties, della)", choices=("allow", "magnitude", "order"))
     trim: str = opt("global", "ties: keep each task's global top-k, each tensor's top-k (layer: "
                               "balanced across layers), or CABS' conflict-free sequential top-k",
                     choices=("global", "layer", "sequential"))
-    svd_matrices: str = opt("2d", "tsv-m, iso-c: which tensors are SVD-merged as matrices: the 2-D "
-                                  "ones (the methods' published code; the rest averaged) or every "
-                                  "tensor of 2+ dimensions flattened to (rows, rest), 1-wide ones "
-                                  "averaged (flatten)", choices=("2d", "flatten"))
+    svd_matrices: str = opt("2d", "tsv-m, iso-c: SVD-merge the 2-D tensors (published; the rest averaged) "
+                                  "or every 2+-D tensor as (rows, rest)", choices=("2d", "flatten"))
     names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)
     prune: Optional[str] = opt(None, "slim each task vector with this pruner at --keep first (nps: "
                                      "its own search on the task's --eval), then merge the slim "
