@@ -158,11 +158,12 @@ class Session:
     def domain(self):
         """The entries pruning may keep (:mod:`~nps_pruning.core.prepared`): every tensor whose τ
         is not identically zero (a tensor the fine-tune left unchanged is left out of D)."""
+        import weakref
         from ..core.prepared import changed_domain, layout_spans
         values = self.task_vector.values
-        cached = getattr(self, "_domain", None)
-        if cached is None or cached[0] is not values:
-            self._domain = (values, changed_domain(values, layout_spans(self.task_vector.layout)))
+        cached = getattr(self, "_domain", None)      # (weak reference to τ, its domain): the cache
+        if cached is None or cached[0]() is not values:    # never keeps a replaced τ alive
+            self._domain = (weakref.ref(values), changed_domain(values, layout_spans(self.task_vector.layout)))
         return self._domain[1]
 
     def unchanged_tensors(self) -> list:
