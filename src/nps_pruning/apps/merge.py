@@ -372,10 +372,9 @@ def run_merge(opts) -> Dict[str, Any]:
     merged = merged.cpu()
     base_cpu = sessions[0].base_flat.cpu().float()     # the written model is computed in float32
     check_finite_model(base_cpu, merged, f"the merged model (λ = {report.get('lambdas')})")
-    # θ of the merged model, once for every task's folder (each adds its own head and buffers)
-    theta = sessions[0].task_vector.with_values(merged).apply_to(base_cpu)
+    first = sessions[0].task_vector.with_values(merged)
+    theta = first.apply_to(base_cpu)   # θ of the merged model, once for every task's folder
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
-        first = sessions[0].task_vector.with_values(merged)
         save_tensors(tmp / "merged_task_vector.safetensors", {k: v.contiguous() for k, v in first.items()},
                      metadata={"method": opts.method})
         from ..report.model_card import write_model_card

@@ -171,10 +171,8 @@ class Session:
         dom = self.domain
         if dom.is_whole:
             return []
-        inside = [False] * len(self.task_vector.layout.names)
-        for i, (_, s, e, _) in enumerate(self.task_vector.layout.spans()):
-            inside[i] = e == s or any(a <= s and e <= b for a, b in dom.spans)
-        return [n for n, k in zip(self.task_vector.layout.names, inside) if not k]
+        return [n for n, s, e, _ in self.task_vector.layout.spans()
+                if e > s and not any(a <= s < b for a, b in dom.spans)]
 
     def prepared(self, settings):
         """The :class:`~nps_pruning.core.prepared.Prepared` τ of a

@@ -203,17 +203,14 @@ def ties_global(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     _check_taus(taus)
     n, d = taus.shape
     k = keep_count(d, keep_ratio)
+    up = (lambda t: t.float()) if _half(taus) else (lambda t: t)     # 16-bit τ: computed in float32
     masks = torch.empty((n, d), dtype=torch.bool, device=taus.device)
     for i, row in enumerate(taus):
-        masks[i] = topk_mask(row.float().abs(), k)
+        masks[i] = topk_mask(up(row).abs(), k)
     out = torch.empty(d, dtype=torch.float32 if _half(taus) else taus.dtype, device=taus.device)
-    for s in range(0, d, COLUMN_CHUNK):       # 16-bit τ: each slice in float32 (.float(): else a no-op)
-        t = torch.where(masks[:, s:s + COLUMN_CHUNK], taus[:, s:s + COLUMN_CHUNK].float()
-                        if _half(taus) else taus[:, s:s + COLUMN_CHUNK], 0.0)
-        g = torch.sign(t.sum(dim=0))
-        agree = (torch.sign(t) == g) & (t != 0)
-        total = torch.where(agree, t, torch.zeros_like(t)).sum(dim=0)
-        out[s:s + COLUMN_CHUNK] = total / agree.sum(dim=0).clamp(min=1)
+    for s in range(0, d, COLUMN_CHUNK):       # one slice of the trimmed rows at a time
+        t = torch.where(masks[:, s:s + COLUMN_CHUNK], up(taus[:, s:s + COLUMN_CHUNK]), 0.0)
+        out[s:s + COLUMN_CHUNK] = disjoint_mean(t, elect_sign(t))
     return out
 
 

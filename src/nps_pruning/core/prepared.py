@@ -151,10 +151,8 @@ class Prepared:
                                base=base, out=out, kept_values=self.kept_values)
         idx, vals = self.entries(p)
         if base is None:
-            res = torch.zeros(self.domain.total, dtype=torch.float32, device=self.values.device)
-            if out is not None:
-                out.zero_()
-                res = out
+            res = (out.zero_() if out is not None else
+                   torch.zeros(self.domain.total, dtype=torch.float32, device=self.values.device))
             res[idx] = vals.to(res.dtype)
             return res
         res = out if out is not None else torch.empty(self.domain.total, dtype=base.dtype,

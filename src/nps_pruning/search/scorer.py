@@ -34,10 +34,6 @@ class _State:
     evaluator: Any
 
     @property
-    def tv_values(self):
-        return self.prep.values
-
-    @property
     def bands(self):
         return self.prep.bands
 
