@@ -621,7 +621,7 @@ def test_compress_q3_values_restore_what_the_store_describes(fam, tmp_path, caps
     """`nps compress --values q3 --mask entropy`: restore = θ_pre + the 3-bit codebook's τ̂, and
     `nps info` counts its values at under 3 bits per kept entry plus the codebooks."""
     import numpy as np
-    from nps_pruning.apps.value_coding import encode_values, group_sizes_of
+    from nps_pruning.store.value_coding import encode_values, group_sizes_of
     store = tmp_path / "q3"
     assert run(["compress", fam["base"], *fam["tasks"], "-o", store, "--values", "q3", "--mask", "entropy",
                 "--method", "magnitude", "--keep", "0.1", "--quiet"]) == 0
@@ -657,9 +657,9 @@ def test_compress_tune_levels(fam, tmp_path, capsys):
             "--values", "q2", "--tune-levels", "2", "--popsize", "4", "--quiet"]
     for _ in fam["tasks"]:
         args += ["--eval", spec]
-    from nps_pruning.apps.store_cli import run_compress
+    from nps_pruning.cli.store import run_compress
     from nps_pruning.cli import build_parser
-    from nps_pruning.config import COMMANDS, from_namespace
+    from nps_pruning.cli.options import COMMANDS, from_namespace
     ns = build_parser().parse_args([str(a) for a in args])
     report = run_compress(from_namespace(COMMANDS["compress"], ns))
     manifest = json.loads((store / "manifest.json").read_text())
@@ -725,7 +725,7 @@ def test_referenced_pretrained(fam, stores, tmp_path, capsys):
     assert not out.exists()
     assert run(["restore", stores / "ref", name, "-o", out, "--pretrained", fam["base"]]) == 0
     assert_equal_tensors(read_sd(out), read_sd(stores / "pruned" / name))
-    from nps_pruning.apps.compress import store_info
+    from nps_pruning.store import store_info
     info = store_info(stores / "ref")
     assert info["pretrained"]["embedded"] is False and info["pretrained"]["bytes"] == 0
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nps_pruning.cli import build_parser, main
-from nps_pruning.config import COMMANDS, PruneOptions, build, load_yaml_config
+from nps_pruning.cli.options import COMMANDS, PruneOptions, build, load_yaml_config
 from nps_pruning.errors import NPSError
 from nps_pruning.search import shipped_search
 
@@ -30,7 +30,7 @@ def test_top_level_help_lists_all_subcommands():
 def test_flags_and_yaml_give_the_same_options(tmp_path):
     args = build_parser().parse_args(["prune", "pre", "ft", "-o", "out", "--eval", "text-classification:c.csv",
                                       "--keep", "0.02", "--bands", "4", "--seed", "7", "--calib-size", "64"])
-    from nps_pruning.config import from_namespace
+    from nps_pruning.cli.options import from_namespace
     from_flags = from_namespace(PruneOptions, args)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("command: prune\npretrained: pre\nfinetuned: ft\noutput: out\n"
@@ -43,7 +43,7 @@ def test_flags_and_yaml_give_the_same_options(tmp_path):
 
 
 def test_repeated_list_options():
-    from nps_pruning.config import MergeOptions, from_namespace
+    from nps_pruning.cli.options import MergeOptions, from_namespace
     args = build_parser().parse_args(["merge", "pre", "a", "b", "-o", "out", "--eval", "x", "--eval", "y",
                                       "--lambda", "0.5", "--method", "ties"])
     opts = from_namespace(MergeOptions, args)
@@ -93,7 +93,7 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
 
 
 def test_search_bounds_default_per_parametrisation():
-    from nps_pruning.apps.prune import search_settings
+    from nps_pruning.cli.settings import search_settings
     base = {"pretrained": "p", "finetuned": "f", "output": "o"}
     lin = search_settings(build(PruneOptions, {**base, "param": "linear"}))
     assert (lin.lower, lin.upper, lin.sigma0, lin.param) == (0.0, 4.0, 0.3, "linear")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nps_pruning.apps.compress import (StoreTask, read_store, restore_task, store_info,
+from nps_pruning.store import (StoreTask, read_store, restore_task, store_info,
                                        write_store)
 from nps_pruning.errors import NPSError
 from nps_pruning.task_vector import Layout
@@ -252,7 +252,7 @@ def test_mask_is_checked_end_to_end_after_decoding(good_store):
     import numpy as np
     import safetensors.numpy
 
-    from nps_pruning.apps.store_types import _manifest_sha256
+    from nps_pruning.store.types import _manifest_sha256
     path = _part(good_store, 0, "mask")
     arrays = safetensors.numpy.load(path.read_bytes())
     arrays["chunk_counts"] = arrays["chunk_counts"].copy()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nps_pruning.checkpoints.external import lora_deltas, lora_to_folder, resolve_input
+from nps_pruning.checkpoints.external import resolve_input
+from nps_pruning.checkpoints.lora import lora_deltas, lora_to_folder
 from nps_pruning.cli import main as nps
 from nps_pruning.errors import NPSError
 

@@ -22,7 +22,8 @@ from nps_pruning.apps.prune import PruneOutcome, Session, prune
 from nps_pruning.apps.settings import MergeSettings, PruneSettings, SearchSettings
 from nps_pruning.search import shipped_search
 from nps_pruning.cli import main
-from nps_pruning.config import MergeOptions, PruneOptions, TransferOptions, build
+from nps_pruning.cli.options import MergeOptions, PruneOptions, TransferOptions, build
+from nps_pruning.cli.settings import merge_settings, prune_settings
 from nps_pruning.errors import NPSError
 
 
@@ -107,13 +108,13 @@ BASE = {"pretrained": "p", "finetuned": "f", "output": "o"}
 
 
 def test_the_settings_defaults_are_the_clis():
-    assert PruneSettings.from_options(build(PruneOptions, BASE)) == PruneSettings()
-    assert PruneSettings.from_options(build(TransferOptions, {**BASE, "eval_source": "a",
+    assert prune_settings(build(PruneOptions, BASE)) == PruneSettings()
+    assert prune_settings(build(TransferOptions, {**BASE, "eval_source": "a",
                                                               "eval_target": "b"})) == PruneSettings()
     merge = build(MergeOptions, {**BASE, "finetuned": ["a", "b"]})
-    assert PruneSettings.from_options(merge) == PruneSettings()
-    assert MergeSettings.from_options(merge) == MergeSettings()
-    s = PruneSettings.from_options(build(PruneOptions, {**BASE, "param": "log", "seed": 4,
+    assert prune_settings(merge) == PruneSettings()
+    assert merge_settings(merge) == MergeSettings()
+    s = prune_settings(build(PruneOptions, {**BASE, "param": "log", "seed": 4,
                                                         "space": "magnitude", "keep": 0.2}))
     log = SearchSettings.for_param("log")
     assert s.search == shipped_search(param="log", lower=log.lower, upper=log.upper, sigma0=log.sigma0,
@@ -148,42 +149,95 @@ def test_library_errors_name_settings_not_flags(pair):
     assert "--" not in str(e.value)
 
 
-# the commands themselves and the CLI's mapping onto settings take the options object
-CLI_SIDE = {"run_prune", "run_transfer", "run_merge", "run_compress", "run_restore", "run_info",
-            "from_options", "search_settings_from_options", "resolved_search_bounds", "check_prune_options",
-            "prune_task", "search_settings"}     # the last two: the CLI's forms, kept for old callers
-APPS = ("session", "settings", "prune", "merge", "transfer", "store_cli", "compress",
-        "store_manifest", "mask_coding")
+def _library_modules():
+    """Every module of ``nps_pruning`` outside ``nps_pruning.cli`` (the optional extras included:
+    importing a module does not import its extra)."""
+    import pkgutil
+    import nps_pruning
+    for info in pkgutil.walk_packages(nps_pruning.__path__, "nps_pruning."):
+        if not (info.name == "nps_pruning.cli" or info.name.startswith("nps_pruning.cli.")):
+            yield importlib.import_module(info.name)
 
 
 def _public_callables():
-    for name in APPS:
-        mod = importlib.import_module(f"nps_pruning.apps.{name}")
+    for mod in _library_modules():
         for attr, obj in vars(mod).items():
             if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
                 continue
             if inspect.isfunction(obj):
-                yield f"{name}.{attr}", attr, obj
+                yield f"{mod.__name__}.{attr}", attr, obj
             elif inspect.isclass(obj):
                 for m, fn in vars(obj).items():
                     fn = getattr(fn, "__func__", fn)
                     if not m.startswith("_") and inspect.isfunction(fn):
-                        yield f"{name}.{attr}.{m}", m, fn
+                        yield f"{mod.__name__}.{attr}.{m}", m, fn
 
 
 def test_no_library_function_takes_an_options_object():
+    """Issue 33: the options objects live in ``nps_pruning.cli``; no function or method below it
+    takes one (its commands and the one mapping onto settings, ``cli/settings.py``, are the CLI)."""
     seen = 0
     for where, name, fn in _public_callables():
         params = inspect.signature(fn).parameters
-        takes_opts = any(p in ("opts", "options") for p in params)
-        if name in CLI_SIDE:
-            continue
         seen += 1
-        assert not takes_opts, f"{where}{inspect.signature(fn)} takes a CLI options object"
-    assert seen > 20
+        assert not any(p in ("opts", "options") for p in params), \
+            f"{where}{inspect.signature(fn)} takes a CLI options object"
+    assert seen > 200
+    import nps_pruning.cli.options as options
+    option_types = tuple(options.COMMANDS.values()) + (options.SearchOptions,)
+    for mod in _library_modules():         # nor does the library import the option types
+        assert not any(isinstance(v, type) and issubclass(v, option_types) for v in vars(mod).values()), mod
     for fn in (prune, Session.evaluator, Session.search_evaluators):
         assert all(p.kind is not p.POSITIONAL_OR_KEYWORD for n, p in inspect.signature(fn).parameters.items()
                    if n not in ("self", "session", "method", "spec"))
+
+
+def _imports_of(path, module: str, is_package: bool):
+    """The ``nps_pruning`` modules ``path`` imports (module level and inside functions alike)."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: len(module.split(".")) + is_package - node.level]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out |= {name} | {f"{name}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_the_import_graph_of_src_has_no_cycle():
+    """Issue 33: no two modules of ``src/`` import each other, directly or through others —
+    counting imports inside functions too (a lazy import is still a dependency)."""
+    from pathlib import Path
+    import nps_pruning
+    root = Path(nps_pruning.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = ["nps_pruning", *path.relative_to(root).with_suffix("").parts]
+        is_package = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    graph = {m: sorted(t for t in _imports_of(p, m, pk) if t in files and t != m)
+             for m, (p, pk) in files.items()}
+    # a package's __init__ that only names its submodules lazily is not an import of them
+    done, on_path = set(), []
+
+    def visit(m):
+        if m in on_path:
+            raise AssertionError("import cycle: " + " -> ".join(on_path[on_path.index(m):] + [m]))
+        if m in done:
+            return
+        on_path.append(m)
+        for t in graph[m]:
+            visit(t)
+        on_path.pop()
+        done.add(m)
+    for m in sorted(graph):
+        visit(m)
+    assert len(graph) > 60 and graph["nps_pruning.cli"]
 
 
 def test_the_main_api_is_importable_from_the_package():
@@ -192,7 +246,7 @@ def test_the_main_api_is_importable_from_the_package():
     import nps_pruning
     from nps_pruning.apps.prune import prune
     from nps_pruning.apps.session import Session
-    from nps_pruning.apps.compress import write_store
+    from nps_pruning.store import write_store
     assert nps_pruning.prune is prune and nps_pruning.Session is Session
     assert nps_pruning.write_store is write_store
     for name in nps_pruning.__all__:

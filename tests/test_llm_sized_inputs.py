@@ -180,8 +180,8 @@ def test_a_five_percent_prune_writes_tau_under_a_tenth_of_dense(tmp_path):
 
 
 def test_a_store_keeps_identical_side_files_once(tmp_path):
-    from nps_pruning.apps.compress import read_store
-    from nps_pruning.apps.store_types import _manifest_sha256
+    from nps_pruning.store import read_store
+    from nps_pruning.store.types import _manifest_sha256
     from nps_pruning.errors import NPSError
     base, ft = make_tiny_bert(tmp_path)
     store = tmp_path / "s"

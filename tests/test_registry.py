@@ -1,7 +1,7 @@
 """Seams of the library: CLI choices come from the registries, and the search has one set of defaults.
 
 Adding a pruner is one function and one registry entry: a toy pruner registered here (after
-``nps_pruning.config`` was imported) is listed by ``nps prune --help``, accepted by YAML and flag
+``nps_pruning.cli.options`` was imported) is listed by ``nps prune --help``, accepted by YAML and flag
 validation, and runs end to end. The CLI/YAML search defaults are ``shipped_search()``'s.
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from nps_pruning.checkpoints.sparse import read_task_vector
 from nps_pruning.cli import main
-from nps_pruning.config import (COMMANDS, MergeOptions, PruneOptions, SearchOptions, build,
-                                load_yaml_config, resolved_search_bounds)
+from nps_pruning.cli.options import (COMMANDS, MergeOptions, PruneOptions, SearchOptions, build,
+                                     load_yaml_config)
+from nps_pruning.cli.settings import search_settings
 from nps_pruning.core.merge import MERGERS, NORMALIZATIONS, nps_combine, register_merger, register_normalization
 from nps_pruning.core.sparsify import PRUNERS, register_pruner
 from nps_pruning.errors import NPSError
@@ -157,8 +158,8 @@ def test_a_registered_normalization_is_a_choice():
 
 
 def test_every_registry_backed_option_lists_its_registry():
-    from nps_pruning.apps.compress import VALUE_CODINGS
-    from nps_pruning.apps.mask_coding import MASK_CODINGS
+    from nps_pruning.store import VALUE_CODINGS
+    from nps_pruning.store.mask_coding import MASK_CODINGS
     from nps_pruning.checkpoints.pair import TAU_DTYPES
     from nps_pruning.core.bands import SCHEMES
     from nps_pruning.core.space import SPACES
@@ -193,7 +194,6 @@ SHARED = sorted({f.name for f in dataclasses.fields(SearchSettings)}
 
 
 def test_cli_and_yaml_search_defaults_are_search_settings(tmp_path):
-    from nps_pruning.apps.prune import search_settings
     assert SHARED == ["generations", "lower", "max_failures", "min_gain", "min_generations", "param",
                       "patience", "popsize", "race", "race_eta", "race_min_rows", "race_z", "seed",
                       "sigma0", "space", "upper"]
@@ -209,6 +209,9 @@ def test_cli_and_yaml_search_defaults_are_search_settings(tmp_path):
     defaults = {f.name: f.default for f in dataclasses.fields(SearchOptions)}
     for name in SHARED:
         assert defaults[name] in (library[name], None), name
+    def resolved_search_bounds(opts):          # (lower, upper, sigma0) the CLI resolves
+        st = search_settings(opts)
+        return st.lower, st.upper, st.sigma0
     assert resolved_search_bounds(build(PruneOptions, BASE)) == PARAM_DEFAULTS["linear"]
     log_opts = build(PruneOptions, {**BASE, "param": "log"})
     assert resolved_search_bounds(log_opts) == PARAM_DEFAULTS["log"]

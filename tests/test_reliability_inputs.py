@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from conftest import make_tiny_bert, write_text_csv
 from nps_pruning.cli import build_parser, main
-from nps_pruning.config import COMMANDS, PruneOptions, build, from_namespace, load_yaml_config
+from nps_pruning.cli.options import COMMANDS, PruneOptions, build, from_namespace, load_yaml_config
 from nps_pruning.errors import NPSError
 
 NPS = [sys.executable, "-m", "nps_pruning.cli"]

@@ -249,7 +249,7 @@ def store(fam, tmp_path_factory):
 
 def rewrite(store: Path, edit) -> Path:
     """A copy of ``store`` whose manifest ``edit`` changed, with its self-checksum recomputed."""
-    from nps_pruning.apps.store_types import _manifest_sha256
+    from nps_pruning.store.types import _manifest_sha256
     copy = store.parent / f"edited-{os.urandom(4).hex()}" / "store"
     shutil.copytree(store, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -376,7 +376,7 @@ def _enospc(*args, **kwargs):
 
 @pytest.mark.parametrize("command", ["prune", "compress", "merge"])
 def test_disk_full_is_one_line_and_leaves_nothing(fam, tmp_path, capsys, monkeypatch, command):
-    import nps_pruning.apps.store_write as store_write
+    import nps_pruning.store.write as store_write
     import nps_pruning.checkpoints.save as save
     before = snapshot(fam)
     if command == "compress":

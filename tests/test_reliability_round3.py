@@ -153,7 +153,7 @@ def test_a_linked_tokenizer_file_of_an_adapter_is_not_copied(lora, tmp_path, mon
 
 
 def test_a_relative_base_path_is_taken_from_the_adapter_folder(lora, tmp_path, monkeypatch):
-    from nps_pruning.checkpoints.external import lora_to_folder
+    from nps_pruning.checkpoints.lora import lora_to_folder
     root, _ = lora
     home = tmp_path / "project"
     shutil.copytree(root / "base", home / "base")

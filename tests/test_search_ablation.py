@@ -13,6 +13,7 @@ from nps_bench.exp_search_ablation import (CUTS, VARIANTS, cut_candidates, cut_g
                                            holdout_pick, kind_of, render, search_pick,
                                            settings_params, _settings, AblationConfig, OLD_CLI)
 from nps_pruning.apps.settings import PruneSettings
+from nps_pruning.cli.settings import prune_settings
 from nps_pruning.core.space import make_space
 from nps_pruning.errors import NPSError
 from nps_pruning.search import SHIPPED_SEARCH, SearchSettings, run_search, shipped_search
@@ -117,10 +118,10 @@ def test_ablation_settings_pin_the_old_default_and_the_shipped_one_is_exact():
 def test_the_shipped_default_is_what_nps_prune_runs():
     """PruneSettings(), the CLI's and the benchmark's default rows search shipped_search()."""
     from nps_bench.wins import VARIANTS as WV, WinsConfig, _settings as wins_settings
-    from nps_pruning.config import PruneOptions, build
+    from nps_pruning.cli.options import PruneOptions, build
     assert PruneSettings().search == shipped_search() == SearchSettings(**SHIPPED_SEARCH)
     opts = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o"})
-    assert PruneSettings.from_options(opts) == PruneSettings()
+    assert prune_settings(opts) == PruneSettings()
     st = wins_settings({"name": "a", "max_length": 64}, WinsConfig(), 0.05, WV["default"][1], None)
     assert st == PruneSettings(keep_ratio=0.05, max_length=64)
     assert wins_settings({"name": "a"}, WinsConfig(), 0.1, WV["default-128"][1], 128) == \
@@ -154,13 +155,13 @@ def test_race_auto_races_where_rows_are_scored_and_is_plain_elsewhere():
 
 
 def test_race_off_on_the_command_line():
-    from nps_pruning.config import PruneOptions, build
+    from nps_pruning.cli.options import PruneOptions, build
     opts = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race": "off"})
-    assert PruneSettings.from_options(opts).search.race is None
+    assert prune_settings(opts).search.race is None
     old = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race": "off",
                                "patience": 0, "generations": 30})
     # the old CLI default (racing's settings are unused, and absent from the log and report, without racing)
-    assert PruneSettings.from_options(old).search.to_dict() == SearchSettings().to_dict()
+    assert prune_settings(old).search.to_dict() == SearchSettings().to_dict()
     with pytest.raises(NPSError):
         SearchSettings(race="off").validate()
 

@@ -371,11 +371,11 @@ def test_candidate_scorer_races_on_tiny_bert(tiny_bert, tmp_path):
 
 
 def test_cli_options_parse_and_validate():
-    from nps_pruning.config import PruneOptions, build
+    from nps_pruning.cli.options import PruneOptions, build
     o = build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o", "race": "halving",
                              "patience": "4", "race_eta": "2"})
     assert (o.race, o.patience, o.race_eta, o.race_min_rows) == ("halving", 4, 2.0, 16)
-    from nps_pruning.apps.prune import search_settings
+    from nps_pruning.cli.settings import search_settings
     st = search_settings(o)
     assert (st.race, st.patience, st.race_eta) == ("halving", 4, 2.0)
     assert "race" in st.to_dict()

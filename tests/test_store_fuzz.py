@@ -21,8 +21,8 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from nps_pruning.apps.compress import StoreTask, read_store, restore_task, write_store  # noqa: E402
-from nps_pruning.apps.store_types import _manifest_sha256  # noqa: E402
+from nps_pruning.store import StoreTask, read_store, restore_task, write_store  # noqa: E402
+from nps_pruning.store.types import _manifest_sha256  # noqa: E402
 from nps_pruning.errors import NPSError  # noqa: E402
 from nps_pruning.task_vector import Layout  # noqa: E402
 

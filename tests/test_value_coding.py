@@ -8,9 +8,9 @@ import pytest
 import safetensors.numpy
 import torch
 
-from nps_pruning.apps.compress import read_store, restore_task, store_info, write_store
-from nps_pruning.apps.store_types import _manifest_sha256
-from nps_pruning.apps.value_coding import (QUANT_BITS, SIGN_LEVELS, decode_values, encode_values,
+from nps_pruning.store import read_store, restore_task, store_info, write_store
+from nps_pruning.store.types import _manifest_sha256
+from nps_pruning.store.value_coding import (QUANT_BITS, SIGN_LEVELS, decode_values, encode_values,
                                            group_sizes_of, lloyd, tune_level_scale)
 from nps_pruning.errors import NPSError
 
@@ -174,7 +174,7 @@ def test_tuned_level_factors_find_a_known_optimum_and_never_lose_to_the_fit():
 
 
 def test_store_with_tuned_levels_restores_them_and_checks_them(tmp_path):
-    from nps_pruning.apps.compress import StoreTask
+    from nps_pruning.store import StoreTask
     layout = make_layout()
     base, tasks = base_for(layout), make_tasks(layout.numel)
     tasks[0] = StoreTask(tasks[0].name, tasks[0].pruned_values, level_scale=[0.5, 1.0, 1.0, 2.0])

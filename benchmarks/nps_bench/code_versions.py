@@ -43,14 +43,15 @@ GROUPS: Dict[str, List[str]] = {
               "src/nps_pruning/core/prepared.py"],
     # the CMA-ES search, its settings and the prune command's search path
     "search": ["src/nps_pruning/search/*.py", "src/nps_pruning/apps/prune.py",
-               "src/nps_pruning/apps/holdout.py", "src/nps_pruning/apps/settings.py"],
+               "src/nps_pruning/apps/holdout.py", "src/nps_pruning/apps/settings.py",
+               "src/nps_pruning/cli/prune.py", "src/nps_pruning/cli/settings.py"],
     # merges
     "merge": ["src/nps_pruning/core/merge.py", "src/nps_pruning/core/merge_svd.py",
               "src/nps_pruning/core/collide.py", "src/nps_pruning/core/joint_space.py",
-              "src/nps_pruning/apps/merge.py"],
+              "src/nps_pruning/core/merge_registry.py", "src/nps_pruning/apps/merge.py",
+              "src/nps_pruning/cli/merge.py"],
     # stores and value codings
-    "store": ["src/nps_pruning/apps/store_*.py", "src/nps_pruning/apps/value_coding.py",
-              "src/nps_pruning/apps/mask_coding.py", "src/nps_pruning/apps/compress.py"],
+    "store": ["src/nps_pruning/store/*.py", "src/nps_pruning/cli/store.py"],
     # what the benchmark's steps themselves compute
     "bench": ["benchmarks/nps_bench/exp_*.py", "benchmarks/nps_bench/context.py",
               "benchmarks/nps_bench/transfer_eval.py", "benchmarks/nps_bench/wins.py"],

@@ -1,7 +1,7 @@
 """Experiment: stores below half a bit per entry (issue 15; part of the compression experiment).
 
 Real stores (``write_store`` / ``restore_task``) of each suite's tasks with every value coding of
-:mod:`nps_pruning.apps.value_coding`, on the slim task vectors of DARE and of the shipped default
+:mod:`nps_pruning.store.value_coding`, on the slim task vectors of DARE and of the shipped default
 NPS (the "NPS that wins" results: its band weights / space point, rebuilt exactly) at each
 ``cfg.coding_keeps``, and the anchors: TALL-masks on TIES (one merged vector + one mask per task,
 the paper's comparison) and BitDelta-style sign + one scale per tensor of the dense τ (without
@@ -50,7 +50,7 @@ def default_pruned(ctx, row: dict, keep: float):
 def _store_scores(ctxs, pruned: List, coding: str) -> dict:
     """Write one real store of ``pruned`` (one τ̂ per task) with ``coding``, restore every task,
     and test it; bits per entry from the written files."""
-    from nps_pruning.apps.compress import StoreTask, restore_task, store_info, write_store
+    from nps_pruning.store import StoreTask, restore_task, store_info, write_store
     s0 = ctxs[0].session
     with tempfile.TemporaryDirectory(prefix="nps-bench-coding-") as tmp:
         store = Path(tmp) / "store"
@@ -77,7 +77,7 @@ def _tall_masks(ctxs, fusion: dict, cfg, taus) -> dict:
     """TALL-masks on TIES: m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| with τ_MTL the suite's TIES merge (at its
     chosen λ); task t is θ_pre + m_t ⊙ τ_MTL; λ_t from TALL_LAMBDAS on t's calibration rows. Storage:
     τ_MTL in fp32 once (32/N bits per entry per task) + each mask, range-coded."""
-    from nps_pruning.apps.mask_coding import encode_mask
+    from nps_pruning.store.mask_coding import encode_mask
     from nps_pruning.core.merge import merge
     T = taus()
     mtl = merge("ties", T, lam=float(fusion["ties"]["lambda"]), keep_ratio=cfg.ties_keep, seed=cfg.seed)

@@ -18,7 +18,7 @@ from .labels import FOCUSED
 def run_compression(suite, tasks, cfg, cache, ctxs, pruning, fusion, taus, nps_pruned, nps_params, log,
                     base_params=None, wins_rows=None) -> dict:
     import torch
-    from nps_pruning.apps.compress import StoreTask, restore_task, store_info, write_store
+    from nps_pruning.store import StoreTask, restore_task, store_info, write_store
 
     names = [t["name"] for t in tasks]
     n = len(tasks)

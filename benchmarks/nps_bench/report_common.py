@@ -80,10 +80,10 @@ def _grid(S: dict) -> Dict[Tuple[str, float], Dict[str, dict]]:
 
 
 def _defaults():
-    from nps_pruning.config import MergeOptions, SearchOptions
+    from nps_pruning.cli.options import MergeOptions, SearchOptions
     d = {f.name: f.default for f in dataclasses.fields(SearchOptions)}
     m = {f.name: f.default for f in dataclasses.fields(MergeOptions)}
-    from nps_pruning.config import PARAM_DEFAULTS
+    from nps_pruning.cli.options import PARAM_DEFAULTS
     lower, upper, sigma0 = PARAM_DEFAULTS[d["param"]]
     # "upper" is judged for the linear parametrisation (the ablation's subject)
     return {"scheme": d["scheme"], "upper": PARAM_DEFAULTS["linear"][1], "sigma0": sigma0,

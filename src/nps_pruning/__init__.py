@@ -18,9 +18,9 @@ _API = {
     "merge": "core.merge", "nps_combine": "core.merge", "MERGERS": "core.merge", "PRUNERS": "core",
     "make_bands": "core", "build_candidate": "core", "load_task_vector": "checkpoints",
     "open_checkpoint": "checkpoints", "save_model_folder": "checkpoints",
-    "read_task_vector": "checkpoints", "make_evaluator": "evaluation", "StoreTask": "apps.compress",
-    "write_store": "apps.compress", "read_store": "apps.compress", "restore_task": "apps.compress",
-    "store_info": "apps.compress", "resolve_input": "checkpoints.external",
+    "read_task_vector": "checkpoints", "make_evaluator": "evaluation", "StoreTask": "store",
+    "write_store": "store", "read_store": "store", "restore_task": "store",
+    "store_info": "store", "resolve_input": "checkpoints.external",
 }
 
 __all__ = ["NPSError", "Layout", "TaskVector", "__version__", *_API]

@@ -1,7 +1,7 @@
 """Where every registry-backed option of the CLI and YAML configs reads its names.
 
 Each function returns one registry's names, importing its module only when called, so
-:mod:`nps_pruning.config` stays cheap to import and an entry registered later (a new pruner,
+:mod:`nps_pruning.cli.options` stays cheap to import and an entry registered later (a new pruner,
 say: ``@register_pruner("mine")`` in ``core/sparsify.py``, or from user code) is a valid
 ``--method`` at once, listed in ``--help`` and accepted in YAML, with no list to edit here.
 """
@@ -11,7 +11,7 @@ import importlib
 from typing import Callable, Iterable, Iterator, Optional
 
 __all__ = ["Choices", "pruners", "mergers", "normalizations", "schemes", "spaces", "fitnesses",
-           "executors", "tau_dtypes", "value_dtypes", "mask_codings"]
+           "executors", "tau_dtypes", "value_dtypes", "mask_codings", "merge_option"]
 
 
 class Choices:
@@ -61,5 +61,13 @@ spaces = _names_of(".core.space", "SPACES")
 fitnesses = _names_of(".evaluation.fitness", "FITNESSES")
 executors = _names_of(".search.executors", "EXECUTORS")
 tau_dtypes = _names_of(".checkpoints.pair", "TAU_DTYPES")
-value_dtypes = _names_of(".apps.compress", "VALUE_CODINGS")
-mask_codings = _names_of(".apps.mask_coding", "MASK_CODINGS")
+value_dtypes = _names_of(".store", "VALUE_CODINGS")
+mask_codings = _names_of(".store.mask_coding", "MASK_CODINGS")
+
+
+def merge_option(name: str) -> Callable[[], tuple]:
+    """A loader of the values of merge option ``name`` (``core.merge.MERGE_OPTIONS``)."""
+    def load() -> tuple:
+        return tuple(importlib.import_module(".core.merge", __package__).MERGE_OPTIONS[name])
+    load.__name__ = name
+    return load

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from .errors import NPSError
+from .errors import NPSError, short   # short: the bounded repr of every config error message
 
 # A config is a handful of settings: anything near these limits is not one (and an alias bomb,
 # ``a: &a [x, x]``, ``b: &b [*a, *a]``, ..., expands exponentially while being built).
@@ -83,7 +83,6 @@ def read_yaml(path):
     :func:`bounded_loader`."""
     import yaml
 
-    from .config import short          # the bounded repr of every config error message
     p = Path(path)
     if not p.is_file():
         raise NPSError(f"{p}: config file not found")

@@ -4,31 +4,28 @@ The per-task step (:func:`prune`, the library's entry point) is shared by transf
 compress and the benchmark: on a :class:`~.session.Session` (the pair loaded once, the model's
 weights bound to one flat buffer) it either searches band weights with CMA-ES (NPS) or applies a
 baseline pruner, and scores what is asked for; what it does is a :class:`~.settings.PruneSettings`.
-:func:`run_prune` is the command: it maps the options to settings (``PruneSettings.from_options``),
+The command ``nps prune`` (:mod:`nps_pruning.cli.prune`) maps its options to these settings,
 calls :func:`prune` and writes the output folder.
 """
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ..checkpoints.external import input_sources
 from ..errors import NPSError
-from ..report.report import now_iso, peak_rss_bytes, versions, write_json
+from ..report.report import peak_rss_bytes
 from .holdout import holdout_finalists, holdout_note, logits_peak, rescore_on_holdout
 from .session import Session
-from .settings import PruneSettings, SearchSettings, search_settings_from_options
+from .settings import PruneSettings, SearchSettings
 
 __all__ = ["Session", "PruneSettings", "SearchSettings", "PruneOutcome", "prune",
-           "rescore_on_holdout", "holdout_finalists", "prune_task", "search_settings", "run_prune"]
+           "rescore_on_holdout", "holdout_finalists", "band_summary", "search_report"]
 
 
 @dataclass
@@ -45,12 +42,6 @@ class PruneOutcome:
     space: str = "magnitude"
     memory: Dict[str, Optional[int]] = field(default_factory=dict)   # peak resident bytes
     holdout: Dict[str, Any] = field(default_factory=dict)   # how the final candidate was chosen
-
-
-def search_settings(opts):
-    """The CMA-ES settings of a CLI options object (the CLI's mapping: see
-    :meth:`PruneSettings.from_options`)."""
-    return search_settings_from_options(opts)
 
 
 def _scorer(session: Session, evaluator, prep, settings: PruneSettings, eval_spec: str,
@@ -74,10 +65,10 @@ def _scorer(session: Session, evaluator, prep, settings: PruneSettings, eval_spe
                            autocast=settings.autocast)
 
 
-def _identity_fields(session: Session, settings: PruneSettings) -> SimpleNamespace:
+def _identity_fields(session: Session, settings: PruneSettings) -> Dict[str, Any]:
     """What :func:`~nps_pruning.search.identity.run_identity` reads, under the names the search
     logs' headers have always used (so a log written before resumes)."""
-    return SimpleNamespace(
+    return dict(
         calib_size=settings.calib_size, keep=settings.keep_ratio, bands=settings.bands,
         scheme=settings.scheme, focus=settings.focus, kept_values=settings.kept_values,
         batch_size=settings.batch_size, max_length=settings.max_length, device=session.device,
@@ -137,7 +128,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                 if log_path is not None:    # what resume checks: the log must be of this very run
                     from ..search.identity import run_identity
                     run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
-                                          eval_spec=eval_spec, opts=_identity_fields(session, settings),
+                                          eval_spec=eval_spec, fields=_identity_fields(session, settings),
                                           method=method)
                     if "holdout_min_rows" in choice:    # the split the hold-out share alone implies is off
                         run_id["holdout_min_rows"] = choice["holdout_min_rows"]
@@ -207,62 +198,6 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
     return outcome
 
 
-def check_prune_options(method: str, opts, eval_spec: Optional[str]) -> None:
-    """What :func:`prune` refuses, said in the CLI's flags (checked before it runs)."""
-    if method == "nps" and not eval_spec:
-        raise NPSError("--method nps needs a calibration evaluator (--eval SPEC)")
-    if method == "nps" and opts.space == "hybrid" and opts.kept_values != "weighted":
-        raise NPSError("--kept-values original needs --space magnitude (the hybrid space "
-                       "carries its own scales)")
-
-
-def prune_task(session: Session, method: str, opts, *, eval_spec: Optional[str] = None,
-               log_path: Optional[Path] = None, progress: bool = True) -> PruneOutcome:
-    """The CLI's form of :func:`prune` (kept for callers of earlier versions): the settings of the
-    options object ``opts``, its ``resume``; the errors name the CLI's flags."""
-    check_prune_options(method, opts, eval_spec)
-    return prune(session, method, settings=PruneSettings.from_options(opts), eval_spec=eval_spec,
-                 log_path=log_path, resume=bool(opts.resume), progress=progress)
-
-
-def work_dir(output: str | Path) -> Path:
-    """Where a search keeps its log until the output appears (what --resume reads)."""
-    out = Path(output)
-    return out.with_name(out.name + ".nps-run")
-
-
-def prepare_work_dir(output, resume: bool, inputs, *, check_output: bool = True,
-                     searches: bool = True) -> Path:
-    """Check the output against the inputs (and, with ``check_output``, that an existing output
-    may be replaced) before any work, and return the work folder. The folder is created, with its
-    ownership marker, just before a search writes its log (:func:`prune_task`), so a run that
-    fails before any search leaves nothing behind; a folder of that name that nps did not make
-    is refused, never removed (:mod:`nps_pruning.workdirs`)."""
-    from ..checkpoints.save import check_output_dir
-    from ..workdirs import check_work_dir, release_work_dir
-    wd = work_dir(output)
-    o = Path(output).resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if o == p or p in o.parents:
-            raise NPSError(f"{output}: refusing to write inside an input ({p})")
-        if o in p.parents:
-            raise NPSError(f"{output}: refusing to write over a folder that holds an input ({p})")
-    if check_output:
-        check_output_dir(output, inputs=inputs)
-    check_work_dir(wd, resume=resume, inputs=inputs)
-    if resume and not searches:
-        raise NPSError("--resume continues an NPS search from its log, and this method runs no "
-                       "search: rerun without --resume (another run's log is never taken over)")
-    # prune/transfer log to search.jsonl, merge/compress to one search-<task>.jsonl per task
-    if resume and not any(wd.glob("search*.jsonl")):
-        raise NPSError(f"{wd / 'search.jsonl'}: no search log to resume from")
-    if wd.exists() and not resume:
-        release_work_dir(wd)
-        check_work_dir(wd, resume=resume, inputs=inputs)   # it held files nps did not write
-    return wd
-
-
 def band_summary(bands) -> Dict[str, Any]:
     if bands is None:
         return {}
@@ -285,116 +220,3 @@ def search_report(result, outcome=None) -> Dict[str, Any]:
             "build_s_total": sum(c.get("build_s") or 0.0 for c in result.candidates),
             "eval_s_total": sum(c.get("eval_s") or 0.0 for c in result.candidates),
             "seconds": result.seconds}
-
-
-def _given(opts, field: str) -> str:
-    """The input as the user gave it (a GGUF file or LoRA adapter, not its converted folder)."""
-    from ..checkpoints.external import CONVERSIONS
-    value = str(getattr(opts, field))
-    conv = CONVERSIONS.get(value) or {}
-    return conv.get("hub_id") or conv.get("file") or conv.get("adapter") or value
-
-
-def run_prune(opts) -> Dict[str, Any]:
-    from ..checkpoints import open_checkpoint, save_model_folder, save_sparse_tensors
-    from ..checkpoints.save import atomic_output_dir
-    t_start = time.perf_counter()
-    inputs = [opts.pretrained, opts.finetuned]
-    wd = prepare_work_dir(opts.output, opts.resume, inputs, searches=opts.method == "nps")
-    session = Session.load(opts.pretrained, opts.finetuned, model_factory=opts.model_factory,
-                           allow_shape_mismatch=opts.allow_shape_mismatch,
-                           running_stats=opts.running_stats,
-                           need_model=bool(opts.eval or opts.test or opts.method == "nps"),
-                           device=opts.device, tau_dtype=opts.tau_dtype)
-    tv = session.task_vector
-    settings = PruneSettings.from_options(opts)
-    outcome = prune_task(session, opts.method, opts, eval_spec=opts.eval, log_path=wd / "search.jsonl",
-                         progress=not opts.quiet)
-    test_scores: Dict[str, float] = {}
-    if opts.test:
-        test_eval = session.evaluator(opts.test, seed=opts.seed, batch_size=opts.batch_size,
-                                      max_length=opts.max_length)
-        test_scores["finetuned"] = session.score(test_eval, tv.values)
-        if opts.method == "nps":
-            from ..core import PRUNERS
-            from ..core.prepared import prune_in_domain
-            for m in ("magnitude", "dare") if settings.space == "hybrid" else ("magnitude",):
-                test_scores[m] = session.score(test_eval, prune_in_domain(
-                    PRUNERS[m], tv.values, opts.keep, session.domain, seed=opts.seed))
-        test_scores[opts.method] = session.score(test_eval, outcome.pruned)
-    report = {
-        "command": "prune", "created": now_iso(), "settings": dataclasses.asdict(opts),
-        "inputs": input_sources(opts),
-        "seed": opts.seed, "versions": versions(),
-        "model": {"num_entries": session.domain.count, "kept": int(torch.count_nonzero(outcome.pruned)),
-                  "keep_ratio": opts.keep, **_unchanged_report(session),
-                  "task_specific": sorted(tv.task_specific),
-                  "buffers": sorted(tv.buffers), "num_tensors": len(tv.layout.names)},
-        "bands": band_summary(outcome.bands), "search": search_report(outcome.search, outcome),
-        "search_settings": settings.search.to_dict() if opts.method == "nps" else None,
-        "calibration": outcome.calibration, "test": test_scores,
-        "timings": {"load_s": session.load_s, **outcome.timings,
-                    "total_s": time.perf_counter() - t_start},
-        # peak resident memory: of the search (θ_pre, τ, the model, the bands, the space's index),
-        # and of the command before it writes (+ the pruned τ̂); writing frees the model first
-        "memory": {**outcome.memory, "peak_rss_bytes": peak_rss_bytes()},
-    }
-    # the scoring model and the search's bands are done with: free them before the written model
-    # is computed, so that writing does not raise the command's peak memory
-    outcome.bands = None
-    session.release_model()
-    pruned_tv = tv.with_values(outcome.pruned.cpu())
-    base_cpu = session.base_flat.cpu().float()   # the written model is computed in float32
-    session.base_flat = None                     # θ is computed into it: its last use
-    with atomic_output_dir(opts.output, inputs=inputs) as tmp:
-        save_model_folder(tmp, pruned_tv.state_dict(base_cpu, in_place=True),
-                          like=open_checkpoint(opts.finetuned), inputs=inputs)
-        # τ̂ sparse: a non-zero mask (1 bit an entry) and the kept values (checkpoints/sparse.py)
-        save_sparse_tensors(tmp / "task_vector.safetensors", dict(pruned_tv.items()),
-                            metadata={"method": opts.method, "keep_ratio": str(opts.keep)})
-        write_json(tmp / "report.json", report)
-        from ..report.model_card import write_model_card
-        write_model_card(tmp, kind="pruned", name=Path(opts.output).name, pretrained=_given(opts, "pretrained"),
-                         method=opts.method, keep=opts.keep,
-                         settings={"bands": opts.bands, "space": opts.space, "fitness": opts.fitness,
-                                   "seed": opts.seed} if opts.method == "nps" else {"seed": opts.seed},
-                         calibration=report["calibration"], test=report["test"])
-        if outcome.search is not None:
-            from ..report.plots import plot_search
-            plot_search(outcome.search, tmp / "search.png",
-                        title=f"NPS search: {tv.name}, keep {opts.keep:g}, {opts.bands} bands")
-            shutil.copy2(wd / "search.jsonl", tmp / "search.jsonl")
-    if outcome.aborted:
-        # the log stays next to the output so that --resume can go on from it
-        raise NPSError(f"{outcome.aborted}; the best candidate so far was written to {opts.output} "
-                       "(report.json: search.stopped_early); fix the cause and rerun with --resume")
-    from ..workdirs import release_work_dir
-    release_work_dir(wd)
-    if not opts.quiet:
-        _print_summary(report)
-    return report
-
-
-def _unchanged_report(session: Session) -> Dict[str, Any]:
-    """report.json's word on the tensors the fine-tune left unchanged (τ identically zero): they
-    are not in D (``num_entries``), never pruned, and written as they are (θ_pre = θ_ft there)."""
-    names = session.unchanged_tensors()
-    if not names:
-        return {}
-    return {"unchanged_tensors": names,
-            "unchanged_entries": session.task_vector.num_entries - session.domain.count}
-
-
-def _print_summary(report: Dict[str, Any]) -> None:
-    m = report["model"]
-    share = m["kept"] / m["num_entries"] if m["num_entries"] else 0.0
-    print(f"kept {m['kept']:,} of {m['num_entries']:,} prunable entries "
-          f"({share:.2%}); task-specific tensors kept whole: {len(m['task_specific'])}")
-    if m.get("unchanged_tensors"):
-        print(f"unchanged by the fine-tune, left as they are (not in D): "
-              f"{len(m['unchanged_tensors'])} tensors, {m['unchanged_entries']:,} entries")
-    for split in ("calibration", "test"):
-        if report[split]:
-            row = "  ".join(f"{k} {v:.4f}" for k, v in report[split].items())
-            print(f"{split:12s} {row}")
-    print(f"wrote {report['settings']['output']}")

@@ -3,8 +3,8 @@
 and :func:`~nps_pruning.apps.transfer.transfer` take instead of the CLI's option objects.
 
 Their defaults are the CLI's (``nps prune`` with no flags prunes with exactly ``PruneSettings()``;
-a test holds the two together). The CLI and YAML map their options onto them in one place, the
-``from_options`` class methods below; everything else (the benchmark, the demo, a library caller)
+a test holds the two together). The CLI and YAML map their options onto them in one place,
+:mod:`nps_pruning.cli.settings`; everything else (the benchmark, the demo, a library caller)
 builds them directly::
 
     settings = PruneSettings(keep_ratio=0.05, search=SearchSettings(generations=10, popsize=8))
@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from ..core.merge import MERGE_OPTIONS
 from ..errors import NPSError
 from ..search.cmaes_search import SearchSettings, shipped_search
 
@@ -106,51 +107,6 @@ class PruneSettings:
         """The keywords of :meth:`Session.evaluator` these settings fix (besides the fitness)."""
         return {"seed": self.seed, "batch_size": self.batch_size, "max_length": self.max_length}
 
-    # -- the CLI's mapping (the only place option names meet settings) ---------------------------
-
-    @classmethod
-    def from_options(cls, opts) -> "PruneSettings":
-        """The settings of a ``nps prune/transfer/merge/compress`` options object
-        (:class:`~nps_pruning.config.SearchOptions`); the bounds and step size left unset take
-        their parametrisation's defaults (errors name the CLI flags: this is the CLI's side)."""
-        # a baseline does not search: its (unused) bounds are not checked, as they never were
-        search = (search_settings_from_options(opts) if getattr(opts, "method", "nps") == "nps"
-                  else shipped_search())
-        return cls(keep_ratio=opts.keep, bands=opts.bands, scheme=opts.scheme, focus=opts.focus,
-                   kept_values=opts.kept_values, search=search,
-                   seed=opts.seed, space=opts.space, fitness=opts.fitness, holdout=opts.holdout,
-                   rescore_top=opts.rescore_top,
-                   holdout_min_rows=getattr(opts, "holdout_min_rows", cls.holdout_min_rows),
-                   calib_size=opts.calib_size,
-                   batch_size=opts.batch_size, max_length=opts.max_length,
-                   autocast=None if getattr(opts, "autocast", "off") == "off" else opts.autocast,
-                   executor=opts.executor,
-                   workers=opts.workers, ray_address=opts.ray_address)
-
-
-def resolved_search_bounds(opts) -> tuple:
-    """(lower, upper, sigma0) of an options object, each one not given taken from its
-    parametrisation (:meth:`SearchSettings.for_param`); errors name the CLI flags."""
-    st = SearchSettings.for_param(opts.param, lower=opts.lower, upper=opts.upper, sigma0=opts.sigma0)
-    if st.param == "log" and st.lower <= 0:
-        raise NPSError("--param log needs --lower > 0 (the search runs over log2 of the weights)")
-    if st.upper <= st.lower:
-        raise NPSError(f"--upper {st.upper:g} must be above --lower {st.lower:g}")
-    return st.lower, st.upper, st.sigma0
-
-
-def search_settings_from_options(opts) -> SearchSettings:
-    """The CMA-ES settings of an options object: every :class:`SearchSettings` field the options
-    have, with ``lower``/``upper``/``sigma0`` filled in by parametrisation."""
-    lower, upper, sigma0 = resolved_search_bounds(opts)
-    same = {name: getattr(opts, name) for name in _SEARCH_FIELDS if hasattr(opts, name)}
-    from ..search.race import RACE_OFF
-    if same.get("race") == RACE_OFF:      # --race off: no racing
-        same["race"] = None
-    if same.get("patience") == 0:         # --patience 0: no early stop
-        same["patience"] = None
-    return SearchSettings(**{**same, "lower": lower, "upper": upper, "sigma0": sigma0})
-
 
 @dataclass(frozen=True)
 class MergeSettings:
@@ -163,10 +119,11 @@ class MergeSettings:
     lambda_generations: int = 10      # CMA-ES generations of the per-task λ search (0: grid only)
     seed: int = 0
     max_failures: int = 5
-    collide: str = "allow"            # core.collide.allot rule on the sparse vectors before merging
-    trim: str = "global"              # TIES' trim: global | layer | sequential
+    # the merge options (core.merge.MERGE_OPTIONS: their values, the first the default)
+    collide: str = MERGE_OPTIONS["collide"][0]   # core.collide.allot rule on the sparse vectors
+    trim: str = MERGE_OPTIONS["trim"][0]         # TIES' trim: global | layer | sequential
     joint_generations: int = 0        # NPS-merge: merge-aware joint search after the two stages
-    matrices: str = "2d"              # tsv-m / iso-c: which tensors are matrices (merge_svd.MATRIX_RULES)
+    matrices: str = MERGE_OPTIONS["matrices"][0]   # tsv-m / iso-c: which tensors are matrices
 
     def __post_init__(self):
         object.__setattr__(self, "lambda_grid", tuple(self.lambda_grid))   # as given: the report lists them
@@ -174,25 +131,10 @@ class MergeSettings:
             raise NPSError(f"settings: lambda_generations must be >= 0, got {self.lambda_generations}")
         if int(self.joint_generations) < 0:
             raise NPSError(f"settings: joint_generations must be >= 0, got {self.joint_generations}")
-        from ..core.collide import COLLIDE_RULES
-        from ..core.merge import TRIMS
-        if self.collide not in COLLIDE_RULES:
-            raise NPSError(f"settings: collide must be one of {', '.join(COLLIDE_RULES)}, got {self.collide!r}")
-        if self.trim not in TRIMS:
-            raise NPSError(f"settings: trim must be one of {', '.join(TRIMS)}, got {self.trim!r}")
-        from ..core.merge_svd import MATRIX_RULES
-        if self.matrices not in MATRIX_RULES:
-            raise NPSError(f"settings: matrices must be one of {', '.join(MATRIX_RULES)}, "
-                           f"got {self.matrices!r}")
+        for name, values in MERGE_OPTIONS.items():     # collide, trim, matrices: declared in core.merge
+            if getattr(self, name) not in values:
+                raise NPSError(f"settings: {name} must be one of {', '.join(values)}, got "
+                               f"{getattr(self, name)!r}")
 
     def replace(self, **changes) -> "MergeSettings":
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_options(cls, opts) -> "MergeSettings":
-        """The settings of a ``nps merge`` options object (:class:`~nps_pruning.config.MergeOptions`)."""
-        return cls(lambda_grid=tuple(opts.lambda_grid), keep_ratio=opts.keep,
-                   normalize=opts.normalize, lambda_generations=opts.lambda_generations,
-                   seed=opts.seed, max_failures=opts.max_failures, collide=opts.collide,
-                   trim=opts.trim, joint_generations=opts.joint_generations,
-                   matrices=opts.svd_matrices)

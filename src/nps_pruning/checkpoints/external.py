@@ -17,16 +17,14 @@ command then reads that folder like any other, so the outputs are ordinary folde
   (``lora_embedding_A/B``); other adapter tensors (``modules_to_save``, trained biases) replace the
   base's. The base is PRETRAINED when given, else ``base_model_name_or_path`` if that is a local
   folder. DoRA and convolution LoRA are refused with a clear error. (The LoRA code is in
-  :mod:`.lora`, re-exported here.)
+  :mod:`.lora`.)
 * **Hub ids** (``org/name[@revision]`` with no local path of that name): the snapshot folder
   ``huggingface_hub`` resolves (its cache, ``HF_HUB_OFFLINE``, tokens).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import os
 import re
 from pathlib import Path
 from typing import Dict
@@ -34,33 +32,8 @@ from typing import Dict
 import torch
 
 from ..errors import NPSError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
-                   "chat_template.json")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-
-
-def input_cache_dir() -> Path:
-    env = os.environ.get("NPS_INPUT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "nps-pruning" / "inputs"
-
-
-def _sha256(paths, extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in paths:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:24]
-
+from .input_cache import ADAPTER_CONFIG, converted, content_sha256, input_cache_dir
+from .lora import lora_to_folder
 
 def is_lora_folder(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
@@ -114,30 +87,11 @@ def resolve_input(path, *, base=None, cache_dir=None) -> str:
     return str(path)
 
 
-def input_sources(opts) -> Dict[str, dict]:
-    """For the report: each input of ``opts`` that is a converted GGUF file or LoRA adapter,
-    with what it was converted from (a LoRA adapter: the base model folder that was used)."""
-    import dataclasses
-    out = {}
-    for f in dataclasses.fields(opts):
-        if f.name not in ("pretrained", "finetuned", "model"):
-            continue
-        values = getattr(opts, f.name)
-        for v in values if isinstance(values, (list, tuple)) else [values]:
-            if v is not None and str(v) in CONVERSIONS:
-                out[str(v)] = CONVERSIONS[str(v)]
-    return out
-
-
-def _done(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
 # -- GGUF -----------------------------------------------------------------------------------------
 def gguf_to_folder(path: Path, *, cache_dir=None) -> Path:
     path = Path(path).absolute()
-    out = Path(cache_dir or input_cache_dir()) / f"gguf-{_sha256([path])}"
-    if _done(out):
+    out = Path(cache_dir or input_cache_dir()) / f"gguf-{content_sha256([path])}"
+    if converted(out):
         return out
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
@@ -223,31 +177,3 @@ def _check_gguf_complete(path: Path, model, info: dict) -> None:
     if problems:
         raise NPSError(f"{path}: not a complete {type(model).__name__} ({'; '.join(problems)}); "
                        "nothing was converted")
-
-
-# -- LoRA: checkpoints/lora.py (re-exported here) ---------------------------------------------------
-from .lora import (PATTERN_MAX_CHARS, PATTERN_TIMEOUT_S, check_lora_config,  # noqa: E402,F401
-                   lora_deltas, lora_to_folder)
-
-
-def resolve_options(opts):
-    """``opts`` (a command's options) with its PRETRAINED / FINETUNED / MODEL inputs resolved
-    (:func:`resolve_input`; a LoRA adapter's base is PRETRAINED when the command has one)."""
-    import dataclasses
-    names = {f.name for f in dataclasses.fields(opts)}
-    changes = {}
-    base = getattr(opts, "pretrained", None) if "pretrained" in names else None
-    if base:
-        base = changes["pretrained"] = resolve_input(base)
-    for field in ("finetuned", "model"):
-        value = getattr(opts, field, None) if field in names else None
-        if isinstance(value, (list, tuple)):
-            changes[field] = type(value)(resolve_input(v, base=base) for v in value)
-            if "names" in names and not opts.names and list(changes[field]) != list(value):
-                # tasks keep the names of the inputs given (an adapter folder, a .gguf file), not
-                # of the converted folders in the input cache
-                changes["names"] = [Path(v).stem if Path(v).is_file() else Path(v).resolve().name for v in value]
-        elif value:
-            changes[field] = resolve_input(value, base=base)
-    changes = {k: v for k, v in changes.items() if v != getattr(opts, k)}
-    return dataclasses.replace(opts, **changes) if changes else opts

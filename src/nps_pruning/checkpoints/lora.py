@@ -17,8 +17,8 @@ import torch
 
 from ..errors import NPSError
 from ..paths import regular_files
-from .external import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TOKENIZER_FILES, _done,
-                       _one_line, _sha256, input_cache_dir)
+from .input_cache import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TOKENIZER_FILES, content_sha256,
+                          converted, input_cache_dir, one_line)
 
 PATTERN_MAX_CHARS = 200        # a rank_pattern / alpha_pattern key longer than this is refused
 PATTERN_TIMEOUT_S = 1.0        # ... and one whose match takes longer (catastrophic backtracking)
@@ -171,7 +171,7 @@ def lora_to_folder(path: Path, *, base=None, cache_dir=None, used_base: Optional
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError, RecursionError) as exc:
-        raise NPSError(f"{path / ADAPTER_CONFIG}: not readable JSON ({_one_line(exc)})") from None
+        raise NPSError(f"{path / ADAPTER_CONFIG}: not readable JSON ({one_line(exc)})") from None
     try:
         check_lora_config(config)
     except NPSError as exc:
@@ -185,14 +185,14 @@ def lora_to_folder(path: Path, *, base=None, cache_dir=None, used_base: Optional
     # folder: a symbolic link could point anywhere, and its target would be copied into the cache
     # and into every output (skipped with a warning).
     tokenizer = [p for _, p in regular_files(path, skip=lambda n: n not in TOKENIZER_FILES)]
-    key = _sha256([path / ADAPTER_CONFIG, weights, *base_ckpt.files, *tokenizer])
+    key = content_sha256([path / ADAPTER_CONFIG, weights, *base_ckpt.files, *tokenizer])
     out = Path(cache_dir or input_cache_dir()) / f"lora-{key}"
-    if _done(out):
+    if converted(out):
         return out
     try:
         adapter = load_file(str(weights))
     except Exception as exc:                  # a truncated or corrupt file
-        raise NPSError(f"{weights}: not a readable safetensors file ({_one_line(exc)})") from None
+        raise NPSError(f"{weights}: not a readable safetensors file ({one_line(exc)})") from None
     deltas = lora_deltas(adapter, config)
     missing = _missing_targets(config, base_ckpt, deltas)
     if missing:

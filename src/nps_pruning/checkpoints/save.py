@@ -58,7 +58,7 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _check_not_input(out: Path, inputs) -> None:
+def check_not_input(out: Path, inputs) -> None:
     out_r = out.resolve()
     for inp in _input_paths(inputs):
         if _is_within(out_r, inp) or _is_within(inp, out_r):
@@ -83,7 +83,7 @@ def check_output_dir(out_dir, *, inputs=()) -> Path:
     """The checks :func:`atomic_output_dir` makes, run early (before a long search): the output
     is not an input and, if it exists, may be replaced."""
     out = Path(out_dir).expanduser().absolute()
-    _check_not_input(out, inputs)
+    check_not_input(out, inputs)
     _check_replaceable(out)
     return out
 
@@ -98,7 +98,7 @@ def atomic_output_dir(out_dir, *, inputs=()):
     if owner is not None and owner.get("pid") == os.getpid():
         # a temporary folder of an enclosing atomic_output_dir of this process: that one makes
         # the result appear atomically (and removes it on error)
-        _check_not_input(out, inputs)
+        check_not_input(out, inputs)
         yield out
         return
     check_output_dir(out, inputs=inputs)
@@ -165,7 +165,7 @@ def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | Non
                  inputs=()) -> Path:
     """Write one ``.safetensors`` file atomically (temporary file, fsync, ``os.replace``)."""
     p = Path(path).expanduser().absolute()
-    _check_not_input(p, inputs)
+    check_not_input(p, inputs)
     if p.is_dir():
         raise NPSError(f"{p}: is a folder; expected a .safetensors file path")
     ts = _prepare(tensors)
@@ -176,7 +176,7 @@ def save_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | Non
 
 
 # -- model folders ------------------------------------------------------------------------------
-def _is_weight_file(name: str) -> bool:
+def is_weight_file(name: str) -> bool:
     if name in _WEIGHT_INDEXES or name.endswith(_WEIGHT_SUFFIXES):
         return True
     return name.endswith(".index.json") and name.startswith(
@@ -188,7 +188,7 @@ def side_files(folder) -> Dict[str, bytes]:
     compression store keeps per task so that a restored folder loads like the original. Only
     regular files are read: links and special files are skipped with a warning."""
     return {name: path.read_bytes()
-            for name, path in regular_files(folder, skip=_is_weight_file) if "/" not in name}
+            for name, path in regular_files(folder, skip=is_weight_file) if "/" not in name}
 
 
 def _copy_side_files(src: Path, dst: Path) -> List[str]:
@@ -197,7 +197,7 @@ def _copy_side_files(src: Path, dst: Path) -> List[str]:
     entries are skipped; symbolic links and special files are skipped with a warning (a link
     could point anywhere: its target is not part of the model)."""
     copied = []
-    for rel, path in regular_files(src, recursive=True, skip=_is_weight_file):
+    for rel, path in regular_files(src, recursive=True, skip=is_weight_file):
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)

@@ -28,56 +28,28 @@ NPS-merge itself prunes each τ_i with NPS first and combines the pruned vectors
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Literal, Optional, Sequence
 
 import torch
 
+from .collide import COLLIDE_RULES, allot, layer_trim, sequential_trim
 from .mask import keep_count, topk_mask
+from .merge_registry import COLUMN_CHUNK, MERGERS, check_scalar, check_taus, register_merger
+from .merge_svd import MATRIX_RULES, iso_c, tsv_m
 from .registry import registrar
 
-__all__ = ["MERGERS", "register_merger", "merge", "magprune", "NORMALIZATIONS", "register_normalization", "nps_combine",
+__all__ = ["MERGERS", "MERGE_OPTIONS", "merger_options", "option_problem", "register_merger", "merge", "magprune", "NORMALIZATIONS", "register_normalization", "nps_combine",
            "trim_top_k", "dare_drop", "elect_sign", "disjoint_mean", "Normalize"]
 
-Merger = Callable[..., torch.Tensor]
 Normalize = Literal["mask-count", "lambda-sum", "none"]   # the built-in NORMALIZATIONS (below)
-
-MERGERS: Dict[str, Merger] = {}
-
-
-register_merger = registrar(MERGERS, "merger", "Decorator adding a merger to :data:`MERGERS` "
-                                                "under ``name`` (names are unique).")
-
-
-# Column slices for the entry-wise steps of the merges (each entry is merged on its own, so a
-# slice at a time gives the same result with the temporaries of a slice: N x 4M, not N x D)
-COLUMN_CHUNK = 1 << 22
-
-
-# -- validation ---------------------------------------------------------------------------------
-def _check_taus(taus: torch.Tensor) -> None:
-    if not isinstance(taus, torch.Tensor) or taus.dim() != 2:
-        raise ValueError("task vectors must be an (N, D) tensor, one row per task")
-    if taus.shape[0] < 1 or taus.shape[1] < 1:
-        raise ValueError(f"need at least one task and one entry, got shape {tuple(taus.shape)}")
-    if not taus.is_floating_point():
-        raise ValueError(f"task vectors must be floating point, got {taus.dtype}")
-    for s in range(0, taus.shape[1], COLUMN_CHUNK):      # in column slices: no (N, D) bool at once
-        if not bool(torch.isfinite(taus[:, s:s + COLUMN_CHUNK]).all()):
-            raise ValueError("task vectors hold NaN or infinite entries")
-
-
-def _check_scalar(name: str, value: float) -> float:
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 # -- building blocks (PEFT merge_utils style) -----------------------------------------------------
 def trim_top_k(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """TIES' trim: each row keeps its k = round(r·D) largest magnitudes (over the whole row, not
     per tensor), the rest become 0."""
-    _check_taus(taus)
+    check_taus(taus)
     k = keep_count(taus.shape[1], keep_ratio)
     out = torch.zeros_like(taus)
     for i, row in enumerate(taus):
@@ -89,7 +61,7 @@ def trim_top_k(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
 def dare_drop(taus: torch.Tensor, keep_ratio: float, seed: int = 0) -> torch.Tensor:
     """DARE (Yu et al. 2024): row i keeps exactly k = round(r·D) entries drawn uniformly at random
     (generator seeded with ``seed + i``) and rescales them by D/k, i.e. 1/(1−p) for drop rate p."""
-    _check_taus(taus)
+    check_taus(taus)
     num_entries = taus.shape[1]
     k = keep_count(num_entries, keep_ratio)
     scale = num_entries / k
@@ -128,7 +100,7 @@ def disjoint_mean(taus: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 def average(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
             seed: int = 0) -> torch.Tensor:
     """Weight averaging: θ_pre + mean_i τ_i is the mean of the fine-tuned models (``lam`` ignored)."""
-    _check_taus(taus)
+    check_taus(taus)
     if _half(taus):
         return _by_columns(taus, lambda t: t.mean(dim=0))
     return taus.mean(dim=0)
@@ -138,8 +110,8 @@ def average(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
 def task_arithmetic(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
                     seed: int = 0) -> torch.Tensor:
     """Task Arithmetic (Ilharco et al. 2023): λ · Σ_i τ_i."""
-    _check_taus(taus)
-    lam = _check_scalar("lam", lam)
+    check_taus(taus)
+    lam = check_scalar("lam", lam)
     if _half(taus):
         return _by_columns(taus, lambda t: t.sum(dim=0)).mul_(lam)
     return lam * taus.sum(dim=0)
@@ -165,14 +137,7 @@ HALF_MERGERS = ("average", "task-arithmetic", "ties")
 TRIMS = ("global", "layer", "sequential")   # TIES' trim: one top-k per task / per tensor / CABS
 
 
-def _sparse(fn: Merger) -> Merger:
-    """Mark a merger that sparsifies each τ_i first: it takes ``collide`` (:mod:`.collide`)."""
-    fn.sparsifies = True
-    return fn
-
-
 @register_merger("ties")
-@_sparse
 def ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
          seed: int = 0, collide: str = "allow", trim: str = "global", shapes=None) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023): trim (global top-k per task), elect sign, disjoint mean; × λ.
@@ -180,8 +145,7 @@ def ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
     ``trim="layer"``: the top-k of each tensor instead (:func:`.collide.layer_trim`, needs
     ``shapes``); ``trim="sequential"``: CABS' conflict-free trim (:func:`.collide.sequential_trim`).
     ``collide``: :func:`.collide.allot` on the trimmed vectors."""
-    from .collide import allot, layer_trim, sequential_trim
-    lam = _check_scalar("lam", lam)
+    lam = check_scalar("lam", lam)
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {', '.join(TRIMS)}, got {trim!r}")
     if trim == "global" and collide == "allow":
@@ -200,7 +164,7 @@ def ties_global(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """TIES (global trim, no λ) with the trimmed rows held as masks, one byte an entry per task,
     not as an (N, D) float copy: :func:`trim_top_k`, :func:`elect_sign` and :func:`disjoint_mean`
     computed column slice by column slice (each entry is its own column), bit for bit."""
-    _check_taus(taus)
+    check_taus(taus)
     n, d = taus.shape
     k = keep_count(d, keep_ratio)
     up = (lambda t: t.float()) if _half(taus) else (lambda t: t)     # 16-bit τ: computed in float32
@@ -215,22 +179,18 @@ def ties_global(taus: torch.Tensor, keep_ratio: float) -> torch.Tensor:
 
 
 @register_merger("dare-linear")
-@_sparse
 def dare_linear(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
                 seed: int = 0, collide: str = "allow") -> torch.Tensor:
     """DARE then Task Arithmetic: λ · Σ_i DARE(τ_i) (``collide``: on the dropped vectors)."""
-    from .collide import allot
-    lam = _check_scalar("lam", lam)
+    lam = check_scalar("lam", lam)
     return lam * allot(dare_drop(taus, keep_ratio, seed), collide).sum(dim=0)
 
 
 @register_merger("dare-ties")
-@_sparse
 def dare_ties(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
               seed: int = 0, collide: str = "allow") -> torch.Tensor:
     """DARE then TIES' sign election and disjoint mean (DARE replaces the trim); × λ."""
-    from .collide import allot
-    lam = _check_scalar("lam", lam)
+    lam = check_scalar("lam", lam)
     dropped = allot(dare_drop(taus, keep_ratio, seed), collide)
     return lam * disjoint_mean(dropped, elect_sign(dropped))
 
@@ -244,7 +204,7 @@ def magprune(taus: torch.Tensor, keep_ratio: float, seed: int = 0,
     the smallest magnitude (p = 1 − keep_ratio; ε shrunk to 2·min(p, 1 − p) so every p_j lies in
     [0, 1]); entry j kept independently (generator seeded with ``seed + i``) and rescaled by
     1/(1 − p_j). The expected kept count is r·D (not exact, unlike :func:`dare_drop`)."""
-    _check_taus(taus)
+    check_taus(taus)
     p = 1.0 - float(keep_ratio)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
@@ -265,14 +225,29 @@ def magprune(taus: torch.Tensor, keep_ratio: float, seed: int = 0,
 
 
 @register_merger("della")
-@_sparse
 def della(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
           seed: int = 0, collide: str = "allow") -> torch.Tensor:
     """DELLA-Merging (Deep et al. 2024): MAGPRUNE, elect sign, disjoint mean; × λ."""
-    from .collide import allot
-    lam = _check_scalar("lam", lam)
+    lam = check_scalar("lam", lam)
     dropped = allot(magprune(taus, keep_ratio, seed), collide)
     return lam * disjoint_mean(dropped, elect_sign(dropped))
+
+
+# the per-matrix SVD merges (:mod:`.merge_svd`), which need the tensors' shapes
+register_merger("tsv-m")(tsv_m)
+register_merger("iso-c")(iso_c)
+tsv_m.needs_shapes = iso_c.needs_shapes = True
+
+
+# The options a merger may take beyond (taus, lam, keep_ratio, seed), declared once: each one's
+# values, the first its default (under which every merger behaves as if it did not exist). A
+# merger takes an option when its signature names it (:func:`merger_options`); :func:`merge`,
+# ``MergeSettings`` and the CLI's flags and checks all read this table.
+MERGE_OPTIONS = {
+    "collide": COLLIDE_RULES,    # masks that do not collide (.collide.allot): mergers that sparsify
+    "trim": TRIMS,               # TIES' trim: one top-k per task / per tensor / CABS' sequential
+    "matrices": MATRIX_RULES,    # the SVD merges: which tensors are matrices (.merge_svd)
+}
 
 
 def merge(method: str, taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
@@ -287,27 +262,39 @@ def merge(method: str, taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: floa
     problem = option_problem(method, collide, trim)
     if problem:
         raise ValueError(problem)
-    extra = {"shapes": shapes} if needs_shapes(method) else {}
-    if getattr(fn, "matrix_rule", False):
-        extra["matrices"] = matrices
-    if collide != "allow":
-        extra["collide"] = collide
-    if trim != "global":
-        extra.update(trim=trim, shapes=shapes)
+    given = {"collide": collide, "trim": trim, "matrices": matrices}
+    extra = {name: given[name] for name in merger_options(method) if given[name] != MERGE_OPTIONS[name][0]
+             or name == "matrices"}
+    if needs_shapes(method) or trim != "global":      # TIES' per-tensor trim reads them too
+        extra["shapes"] = shapes
     return fn(taus, lam=lam, keep_ratio=keep_ratio, seed=seed, **extra)
 
 
+def merger_options(method: str) -> tuple:
+    """The :data:`MERGE_OPTIONS` merge ``method`` takes: those its function's signature names (as
+    mergekit reads a merge method's parameters from its signature); "nps" (NPS-merge,
+    :func:`nps_combine`) takes ``collide``."""
+    if method == "nps":
+        return ("collide",)
+    params = inspect.signature(MERGERS[method]).parameters
+    return tuple(name for name in MERGE_OPTIONS if name in params)
+
+
 def option_problem(method: str, collide: str = "allow", trim: str = "global",
-                   flag=lambda name: name) -> Optional[str]:
-    """Why ``collide`` / ``trim`` do not apply to merge ``method`` (None when they do): masks
-    that do not collide need a merger that sparsifies each τ_i (or "nps"), a trim other than
-    TIES' global one needs "ties". ``flag`` names an option in the message (the CLI: its flag)."""
-    sparse = method == "nps" or getattr(MERGERS.get(method), "sparsifies", False)
-    if collide != "allow" and not sparse:
-        return (f"{flag('collide')} {collide}: {flag('method')} {method} keeps every entry of every "
-                "task; masks that do not collide apply to nps, ties, dare-linear, dare-ties and della")
-    if trim != "global" and method != "ties":
-        return f"{flag('trim')} {trim} applies to {flag('method')} ties only"
+                   flag=lambda name: name, matrices: str = "2d") -> Optional[str]:
+    """Why an option given a value other than its default does not apply to merge ``method``
+    (None when every one does: :func:`merger_options`). ``flag`` names an option in the message
+    (the CLI: its flag)."""
+    given = {"collide": collide, "trim": trim, "matrices": matrices}
+    for name, value in given.items():
+        if value == MERGE_OPTIONS[name][0] or name in merger_options(method):
+            continue
+        takers = [m for m in ("nps", *MERGERS) if name in merger_options(m)]
+        if name == "collide":
+            return (f"{flag('collide')} {collide}: {flag('method')} {method} keeps every entry of every "
+                    f"task; masks that do not collide apply to {', '.join(takers[:-1])} and {takers[-1]}")
+        return (f"{flag(name)} {value} applies to {flag('method')} {' and '.join(takers)} only"
+                if len(takers) < 3 else f"{flag(name)} {value} applies to {', '.join(takers)}, not {method}")
     return None
 
 
@@ -330,10 +317,9 @@ def nps_combine(pruned: torch.Tensor, lambdas: Sequence[float],
 
     ``collide`` ≠ "allow": each entry is first left to one task only (:func:`.collide.allot`).
     """
-    from .collide import allot
-    _check_taus(pruned)
+    check_taus(pruned)
     pruned = allot(pruned, collide)
-    lambdas = [_check_scalar("lambda", lam) for lam in lambdas]
+    lambdas = [check_scalar("lambda", lam) for lam in lambdas]
     if len(lambdas) != pruned.shape[0]:
         raise ValueError(f"got {len(lambdas)} lambdas for {pruned.shape[0]} task vectors")
     weights = torch.tensor(lambdas, dtype=pruned.dtype, device=pruned.device)
@@ -373,5 +359,3 @@ def _by_lambda_sum(total: torch.Tensor, pruned: torch.Tensor, lambdas) -> torch.
 def _unnormalized(total: torch.Tensor, pruned: torch.Tensor, lambdas) -> torch.Tensor:
     return total
 
-
-from . import merge_svd  # noqa: E402,F401  (registers tsv-m and iso-c)

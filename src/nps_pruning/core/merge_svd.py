@@ -1,4 +1,5 @@
-"""Mergers that use each tensor's matrix structure (registered in :data:`.merge.MERGERS`).
+"""Mergers that use each tensor's matrix structure (registered in :data:`.merge.MERGERS` as
+``tsv-m`` and ``iso-c``).
 
 They need the shapes of the tensors in the flat vector (``shapes``, in layout order: the
 ``Layout.shapes`` of the task vectors); :func:`.merge.merge` passes them to every merger marked
@@ -29,7 +30,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from .merge import _check_scalar, _check_taus, register_merger
+from .merge_registry import check_scalar, check_taus
 
 Shape = Tuple[int, ...]
 
@@ -91,7 +92,7 @@ def iso_c_matrix(deltas: torch.Tensor) -> torch.Tensor:
 
 
 def _by_matrix(taus: torch.Tensor, shapes, matrix_fn, matrices: str = "2d") -> torch.Tensor:
-    _check_taus(taus)
+    check_taus(taus)
     out = torch.empty(taus.shape[1], dtype=taus.dtype, device=taus.device)
     for start, stop, matrix in _segments(shapes, taus.shape[1], matrices):
         part = taus[:, start:stop]
@@ -106,11 +107,10 @@ def _by_matrix(taus: torch.Tensor, shapes, matrix_fn, matrices: str = "2d") -> t
 def _scaled(taus, shapes, lam, matrix_fn, matrices) -> torch.Tensor:
     """θ_pre + λ · (merged matrices, averaged rest): λ scales the whole merged vector, as in both
     methods' code."""
-    lam = _check_scalar("lam", lam)
+    lam = check_scalar("lam", lam)
     return lam * _by_matrix(taus, shapes, matrix_fn, matrices)
 
 
-@register_merger("tsv-m")
 def tsv_m(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2, seed: int = 0,
           shapes: Optional[Sequence[Shape]] = None, matrices: str = "2d") -> torch.Tensor:
     """TSV-M (Gargiulo et al., CVPR 2025): see the module docstring."""
@@ -118,12 +118,7 @@ def tsv_m(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2, seed
     return _scaled(taus, shapes, lam, fn, matrices)
 
 
-@register_merger("iso-c")
 def iso_c(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2, seed: int = 0,
           shapes: Optional[Sequence[Shape]] = None, matrices: str = "2d") -> torch.Tensor:
     """Iso-C (Marczak et al., ICML 2025): see the module docstring."""
     return _scaled(taus, shapes, lam, iso_c_matrix, matrices)
-
-
-tsv_m.needs_shapes = iso_c.needs_shapes = True
-tsv_m.matrix_rule = iso_c.matrix_rule = True       # they take ``matrices`` (MATRIX_RULES)

@@ -85,9 +85,10 @@ def eval_fingerprint(spec: Optional[str]) -> Optional[Dict[str, Any]]:
     return {"kind": kind, "file": file_fingerprint(f) if f.is_file() else None}
 
 
-def run_identity(*, pretrained, finetuned, eval_spec, opts, method: str = "nps") -> Dict[str, Any]:
-    """The identity of one search (see the module docstring); JSON-ready."""
-    g = lambda name, default=None: getattr(opts, name, default)   # noqa: E731
+def run_identity(*, pretrained, finetuned, eval_spec, fields: Dict[str, Any], method: str = "nps") -> Dict[str, Any]:
+    """The identity of one search (see the module docstring); JSON-ready. ``fields``: the run's
+    settings under the names the log headers use (:func:`nps_pruning.apps.prune.prune` gives them)."""
+    g = fields.get
     return {
         "method": method,
         "pretrained": path_fingerprint(pretrained),

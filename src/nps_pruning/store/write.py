@@ -1,4 +1,4 @@
-"""Writing a compression store (format: :mod:`nps_pruning.apps.compress`): the inputs checked,
+"""Writing a compression store (format: :mod:`nps_pruning.store`): the inputs checked,
 one part writer (each part fsynced, its size and sha256 recorded), the per-task parts, and the
 manifest last, all in a staging folder next to the destination that is renamed into place."""
 from __future__ import annotations
@@ -20,8 +20,8 @@ from ..paths import safe_relpath
 from ..task_vector import Layout
 from ..workdirs import unmark
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask
-from .store_manifest import side_file_reserved
-from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, StoreTask,
+from .manifest import side_file_reserved
+from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, StoreTask,
                           _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
 from .value_coding import encode_values, group_sizes_of, is_float_coding, levels_of
 
@@ -35,7 +35,7 @@ def _is_our_store(path: Path) -> bool:
         return False
 
 
-def _check_destination(store_dir: Path) -> None:
+def check_destination(store_dir: Path) -> None:
     if not store_dir.exists() and not store_dir.is_symlink():
         return
     if store_dir.is_dir() and not store_dir.is_symlink():
@@ -200,7 +200,7 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
     error."""
     store_dir = Path(store_dir)
     _validate(base_flat, layout, tasks, values_dtype, mask_coding)
-    _check_destination(store_dir)
+    check_destination(store_dir)
     num = layout.numel
     shared_side: Dict[str, dict] = {}          # side files kept once: sha256 -> part
     with staging_dir(store_dir) as tmp:
@@ -222,6 +222,6 @@ def write_store(store_dir, base_flat: torch.Tensor, layout: Layout, tasks: List[
         manifest["manifest_sha256"] = _manifest_sha256(manifest)
         _write_part(tmp, MANIFEST, json.dumps(manifest, indent=1).encode())
         unmark(tmp)
-        _check_destination(store_dir)
+        check_destination(store_dir)
         swap_in_dir(tmp, store_dir)       # an old store is put back if this fails
     return manifest

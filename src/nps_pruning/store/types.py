@@ -1,4 +1,4 @@
-"""What the store's writer and reader share (:mod:`nps_pruning.apps.compress` describes the
+"""What the store's writer and reader share (:mod:`nps_pruning.store` describes the
 format): its name and version, the value dtypes, the task records and the checksums."""
 from __future__ import annotations
 

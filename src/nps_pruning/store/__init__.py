@@ -30,18 +30,18 @@ that chunk's keep frequency. At r = 0.05 this costs about H(0.05) ≈ 0.29 bits 
 where the kept entries cluster (some layers keep far more than others), against 1 bit packed.
 
 **Where the code is.** This module is the store's public face; every name below is importable
-from here. :mod:`.store_types` holds what writer and reader share (format constants, StoreTask,
-RestoredTask, checksums), :mod:`.store_write` writes a store, :mod:`.store_read` opens, verifies
-and restores one, :mod:`.store_manifest` checks a manifest field by field before it is used, and
+from here. :mod:`.types` holds what writer and reader share (format constants, StoreTask,
+RestoredTask, checksums), :mod:`.write` writes a store, :mod:`.read` opens, verifies
+and restores one, :mod:`.manifest` checks a manifest field by field before it is used, and
 :mod:`.mask_coding` packs or range-codes the mask.
 """
 from __future__ import annotations
 
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, decode_mask, encode_mask
-from .store_read import Store, read_store, restore_task, store_info
-from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask, StoreTask,
+from .read import Store, read_store, restore_task, store_info
+from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask, StoreTask,
                           flat_sha256)
-from .store_write import write_store
+from .write import write_store
 
 __all__ = ["StoreTask", "Store", "RestoredTask", "write_store", "read_store", "restore_task",
            "store_info", "encode_mask", "decode_mask", "flat_sha256", "VALUE_DTYPES", "VALUE_CODINGS",

@@ -1,5 +1,5 @@
 """Checking a store's manifest before anything is read on its word (used by
-:class:`nps_pruning.apps.store_read.Store`).
+:class:`nps_pruning.store.read.Store`).
 
 A manifest is data from a file: every field the reader uses is checked for its type and range,
 every part path is confined to the store folder (:func:`nps_pruning.paths.safe_relpath`), and
@@ -77,9 +77,9 @@ def check_part(store: Path, part, field: str, where: str) -> None:
 
 def side_file_reserved(name: str) -> bool:
     """Names a restored folder's own files have (weights, weight indexes, nps's markers)."""
-    from ..checkpoints.save import MARKER, _is_weight_file
+    from ..checkpoints.save import MARKER, is_weight_file
     base = name.rsplit("/", 1)[-1]
-    return _is_weight_file(base) or base.casefold() == MARKER
+    return is_weight_file(base) or base.casefold() == MARKER
 
 
 def check_side_name(store: Path, name, where: str, owner: str) -> None:

@@ -1,6 +1,6 @@
 """The ``nps`` command: thin argument handling around the library (SPEC §3).
 
-Every subcommand's flags come from its options dataclass in :mod:`nps_pruning.config`, so
+Every subcommand's flags come from its options dataclass in :mod:`nps_pruning.cli.options`, so
 ``nps run CONFIG.yaml`` accepts exactly the same settings. Errors are one line on stderr and a
 non-zero exit.
 """
@@ -10,11 +10,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
-from . import __version__
-from .config import COMMANDS, add_arguments, from_namespace, load_yaml_config
-from .errors import NPSError
+from .. import __version__
+from ..errors import NPSError
+from .options import COMMANDS, add_arguments, from_namespace, load_yaml_config
 
 DESCRIPTIONS = {
     "prune": "Prune a fine-tuned model's task vector with NPS (or a baseline) and write the slim model.",
@@ -48,18 +48,19 @@ base_model_name_or_path); converted inputs are cached under $NPS_INPUT_CACHE (de
 def _runner(command: str) -> Callable:
     """Import lazily: `nps --help` must not pay for torch/transformers."""
     if command == "prune":
-        from .apps.prune import run_prune
+        from .prune import run_prune
         return run_prune
     if command == "transfer":
-        from .apps.transfer import run_transfer
+        from .transfer import run_transfer
         return run_transfer
     if command == "merge":
-        from .apps.merge import run_merge
+        from .merge import run_merge
         return run_merge
     if command in ("compress", "restore", "info"):
-        from .apps import store_cli
-        return getattr(store_cli, f"run_{command}")
+        from . import store
+        return getattr(store, f"run_{command}")
     if command == "eval":
+        from .eval import run_eval
         return run_eval
     if command == "demo":
         try:                      # the benchmark is its own package (benchmarks/, make demo installs it)
@@ -71,23 +72,6 @@ def _runner(command: str) -> Callable:
                            "run `make demo` in a checkout (or `pip install -e benchmarks`)") from None
         return run_demo
     raise NPSError(f"command {command!r} is not built yet")
-
-
-def run_eval(opts) -> dict:
-    from .checkpoints.external import CONVERSIONS
-    from .evaluation import evaluate_path
-    if opts.pretrained and (CONVERSIONS.get(str(opts.model)) or {}).get("kind") != "lora":
-        raise NPSError("--pretrained names the base of a LoRA adapter: MODEL is not an adapter folder")
-    result = evaluate_path(opts.model, opts.eval, model_factory=opts.model_factory,
-                           calib_size=opts.calib_size, seed=opts.seed, batch_size=opts.batch_size,
-                           max_length=opts.max_length)
-    if opts.json:
-        from .report.report import json_text
-        print(json_text(result))     # valid JSON always: a non-finite score is null
-    else:
-        print(f"score {result['score']:.4f} on {result['num_rows']} rows "
-              f"({result['seconds']:.1f} s)")
-    return result
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,11 +133,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             opts = from_namespace(COMMANDS[command], args)
         include = getattr(opts, "lm_eval_include", None)
         if include:                                  # read by lm-eval: evaluators (and workers)
-            from .evaluation.lm_harness import INCLUDE_ENV
+            from ..evaluation.lm_harness import INCLUDE_ENV
             if not Path(include).is_dir():
                 raise NPSError(f"--lm-eval-include {include}: not a folder")
             os.environ[INCLUDE_ENV] = str(Path(include).resolve())
-        from .checkpoints.external import resolve_options
+        from .common import resolve_options
         _runner(command)(resolve_options(opts))     # GGUF files and LoRA adapters -> model folders
     except NPSError as e:
         print(f"nps: error: {e}", file=sys.stderr)
@@ -167,5 +151,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Reading a compression store (format: :mod:`nps_pruning.apps.compress`): :class:`Store` opens
+"""Reading a compression store (format: :mod:`nps_pruning.store`): :class:`Store` opens
 and checks the manifest and every part's size, reads a task's mask and values (checksums verified,
 the mask checked after decoding), its carried tensors and files, θ_pre, and the bits-per-entry
 report; :func:`restore_task` is θ_pre + τ̂ bit for bit."""
@@ -19,8 +19,8 @@ from ..errors import NPSError
 from ..paths import safe_relpath
 from ..task_vector import Layout
 from .mask_coding import MASK_CODINGS, decode_mask
-from .store_manifest import MAX_MANIFEST_BYTES, all_parts, check_manifest
-from .store_types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask,
+from .manifest import MAX_MANIFEST_BYTES, all_parts, check_manifest
+from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask,
                           _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
 from .value_coding import decode_values, group_sizes_of, is_float_coding
 

@@ -1,29 +1,33 @@
 """`nps compress`, `nps restore`, `nps info`: the command-line side of the compression store
-(Eq. 8, App. C.3). The store format itself lives in :mod:`nps_pruning.apps.compress`."""
+(Eq. 8, App. C.3). The store format itself lives in :mod:`nps_pruning.store`."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
+from ..apps.merge import task_names
+from ..apps.prune import prune
+from ..apps.session import Session
+from ..checkpoints import open_checkpoint, save_model_folder
+from ..checkpoints.save import atomic_output_dir, check_not_input, check_output_dir, side_files
 from ..errors import NPSError
 from ..paths import safe_child, safe_relpath
+from ..report.model_card import write_model_card
+from ..report.report import json_text
+from ..store import StoreTask, read_store, restore_task, store_info, write_store
+from ..store.value_coding import group_sizes_of, is_float_coding, tune_level_scale
+from ..store.write import check_destination
 from ..workdirs import release_work_dir
-from .compress import StoreTask, read_store, restore_task, store_info, write_store
-from .merge import task_names
-from .prune import Session, prepare_work_dir, prune_task, search_report
-from .settings import PruneSettings
-from .value_coding import is_float_coding
+from .common import prepare_work_dir
+from .settings import check_prune_options, prune_settings
 
 
 def run_compress(opts) -> Dict[str, Any]:
     if opts.tau_dtype != "float32":
         raise NPSError("--tau-dtype is supported by nps prune only (merges and stores use float32 τ)")
-    from ..checkpoints import open_checkpoint
-    from ..checkpoints.save import side_files
     t0 = time.perf_counter()
     names = task_names(opts.finetuned, opts.names)
     if opts.method == "nps" and len(opts.eval) != len(opts.finetuned):
@@ -52,8 +56,10 @@ def run_compress(opts) -> Dict[str, Any]:
             raise NPSError(f"{ft}: its prunable tensors differ from {opts.finetuned[0]}'s; "
                            "a store holds models of one architecture")
         spec = opts.eval[i] if opts.eval else None
-        outcome = prune_task(session, opts.method, opts, eval_spec=spec,
-                             log_path=safe_child(wd, f"search-{name}.jsonl"), progress=not opts.quiet)
+        check_prune_options(opts.method, opts, spec)
+        outcome = prune(session, opts.method, settings=prune_settings(opts), eval_spec=spec,
+                        log_path=safe_child(wd, f"search-{name}.jsonl"), resume=opts.resume,
+                        progress=not opts.quiet)
         pruning[name] = {"calibration": outcome.calibration,
                          "best_weights": getattr(outcome.search, "best_weights", None)}
         level_scale = None
@@ -66,7 +72,7 @@ def run_compress(opts) -> Dict[str, Any]:
                                side_files(ckpt.folder) if ckpt.folder else {},
                                {"method": opts.method, "source": str(ft)}, level_scale=level_scale))
         del session
-    manifest = write_store(opts.output, base_flat, layout, tasks, values_dtype=opts.values,
+    write_store(opts.output, base_flat, layout, tasks, values_dtype=opts.values,
                            mask_coding=opts.mask, embed_pretrained=not opts.reference_pretrained,
                            pretrained_ref=str(Path(opts.pretrained).resolve()), base_names=base_names)
     release_work_dir(wd)
@@ -81,8 +87,7 @@ def run_compress(opts) -> Dict[str, Any]:
 def _tune_task_levels(session: Session, spec: str, pruned: torch.Tensor, layout, opts):
     """(factors, calibration score of the least-squares levels, of the tuned ones) of one task's
     quantized values (``opts.values``), tuned for ``opts.tune_levels`` generations on ``spec``."""
-    from .value_coding import group_sizes_of, tune_level_scale
-    settings = PruneSettings.from_options(opts)
+    settings = prune_settings(opts)
     evaluator = session.evaluator(spec, calib_size=settings.calib_size,
                                   fitness=session.search_fitness(spec, settings.fitness),
                                   **settings.evaluator_kwargs())
@@ -101,16 +106,13 @@ def _tune_task_levels(session: Session, spec: str, pruned: torch.Tensor, layout,
 def check_store_destination(output, inputs) -> None:
     """What write_store checks at the end, checked at the start: the store is not an input, and
     an existing folder there is empty or an nps store."""
-    from ..checkpoints.save import _check_not_input
-    from .store_write import _check_destination
     out = Path(output).expanduser().absolute()
-    _check_not_input(out, inputs)
-    _check_destination(out)
+    check_not_input(out, inputs)
+    check_destination(out)
 
 
 def load_base_flat(pretrained: str, layout, base_names: Dict[str, str]) -> torch.Tensor:
     """θ_pre in a store's layout, read tensor by tensor from the pre-trained checkpoint."""
-    from ..checkpoints import open_checkpoint
     ckpt = open_checkpoint(pretrained)
     keys = set(ckpt.keys())
     out = torch.empty(layout.numel, dtype=torch.float32)
@@ -128,8 +130,6 @@ def load_base_flat(pretrained: str, layout, base_names: Dict[str, str]) -> torch
 
 
 def run_restore(opts) -> Dict[str, Any]:
-    from ..checkpoints import save_model_folder
-    from ..checkpoints.save import atomic_output_dir, check_output_dir
     check_output_dir(opts.output, inputs=[opts.store] + ([opts.pretrained] if opts.pretrained else []))
     store = read_store(opts.store)
     if opts.task not in store.tasks:
@@ -152,7 +152,6 @@ def run_restore(opts) -> Dict[str, Any]:
                                "replace a file of the restored model")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        from ..report.model_card import write_model_card
         entry = next(t for t in store.manifest["tasks"] if t["name"] == opts.task)
         write_model_card(tmp, kind="restored", name=opts.task,
                          pretrained=opts.pretrained or store.pretrained.get("ref"),
@@ -170,7 +169,6 @@ def run_info(opts) -> Dict[str, Any]:
     info = store.info()
     info["verified"] = bool(getattr(opts, "verify", False))
     if opts.json:
-        from ..report.report import json_text
         print(json_text(info))
     else:
         _print_info(info)

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
-import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type
 
-from .errors import NPSError
-from .registries import (Choices, executors, fitnesses, mask_codings, mergers, normalizations,
-                         pruners, schemes, spaces, tau_dtypes, value_dtypes)
-from .apps.settings import PruneSettings, resolved_search_bounds  # noqa: F401 (re-exported)
-from .search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, SearchSettings, shipped_search
-from .search.race import RACE_OFF, RACES
+from ..errors import NPSError, short
+from ..registries import (Choices, executors, fitnesses, mask_codings, merge_option, mergers,
+                          normalizations, pruners, schemes, spaces, tau_dtypes, value_dtypes)
+from ..apps.settings import MergeSettings, PruneSettings
+from ..search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, shipped_search
+from ..search.race import RACE_OFF, RACES
+from ..yaml_safe import read_yaml
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
@@ -47,6 +48,7 @@ INT_MAX = 2**63 - 1
 # written: PARAM_DEFAULTS (bounds and step size by parametrisation) is re-exported from there.
 _SEARCH = shipped_search()   # what `nps prune` runs with no flags
 _PRUNE = PruneSettings()     # and the pruning settings' (apps/settings.py): keep, bands, hold-out, ...
+_MERGE = MergeSettings()     # and the merge settings' (their merge options: core.merge.MERGE_OPTIONS)
 _LIN, _LOG = PARAM_DEFAULTS["linear"], PARAM_DEFAULTS["log"]
 
 
@@ -188,14 +190,17 @@ class MergeOptions(SearchOptions):
     joint_generations: int = opt(0, "nps: then CMA-ES generations of the merge-aware search (every task's "
                                     "point and λ_i together on the merged model's mean calibration "
                                     "score, from the two-stage result; 0: the paper's two stages)", lo=0)
-    collide: str = opt("allow", "masks that do not collide: leave each entry to one task only, the one of "
-                                "largest |value| (magnitude) or the first in order (nps, ties, "
-                                "dare-linear, dare-ties, della)", choices=("allow", "magnitude", "order"))
-    trim: str = opt("global", "ties: keep each task's global top-k, each tensor's top-k (layer: "
-                              "balanced across layers), or CABS' conflict-free sequential top-k",
-                    choices=("global", "layer", "sequential"))
-    svd_matrices: str = opt("2d", "tsv-m, iso-c: SVD-merge the 2-D tensors (published; the rest averaged) "
-                                  "or every 2+-D tensor as (rows, rest)", choices=("2d", "flatten"))
+    # the merge options (core.merge.MERGE_OPTIONS: values and default; the mergers' signatures
+    # say which method takes which); --svd-matrices is the option `matrices`
+    collide: str = opt(_MERGE.collide, "masks that do not collide: leave each entry to one task only, the one of "
+                                       "largest |value| (magnitude) or the first in order (nps, ties, "
+                                       "dare-linear, dare-ties, della)", choices=merge_option("collide"))
+    trim: str = opt(_MERGE.trim, "ties: keep each task's global top-k, each tensor's top-k (layer: "
+                                 "balanced across layers), or CABS' conflict-free sequential top-k",
+                    choices=merge_option("trim"))
+    svd_matrices: str = opt(_MERGE.matrices, "tsv-m, iso-c: SVD-merge the 2-D tensors (published; the rest "
+                                             "averaged) or every 2+-D tensor as (rows, rest)",
+                            choices=merge_option("matrices"))
     names: List[str] = opt([], "task names (default: each fine-tuned folder's name)", many=True)
     prune: Optional[str] = opt(None, "slim each task vector with this pruner at --keep first (nps: "
                                      "its own search on the task's --eval), then merge the slim "
@@ -316,21 +321,6 @@ def from_namespace(cls: Type, ns: argparse.Namespace):
     return build(cls, values, source="command line")
 
 
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
-
-
-def short(value: Any) -> str:
-    """A bounded one-line repr for error messages: never the whole of a huge (or aliased,
-    or recursive) value from a config file."""
-    try:
-        text = _REPR.repr(value)
-    except Exception:  # noqa: BLE001 - a value whose repr fails still gets a message
-        text = f"<{type(value).__name__}>"
-    return " ".join(text.split())[:120]
-
-
 def build(cls: Type, values: Mapping[str, Any], source: str = "config"):
     """Validate ``values`` (from YAML or the CLI) into ``cls``: unknown keys, types, ranges, choices."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -342,7 +332,6 @@ def build(cls: Type, values: Mapping[str, Any], source: str = "config"):
         name = key.replace("-", "_")
         name = name if name in fields else aliases.get(name, name)
         if name not in fields:
-            import difflib
             close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
             hint = (f"did you mean {', '.join(close)}?" if close else
                     f"{len(fields)} options: `nps COMMAND --help` lists them")
@@ -408,7 +397,6 @@ def _coerce_one(f: dataclasses.Field, value: Any, source: str):
 
 def load_yaml_config(path: str | Path):
     """Read ``nps run CONFIG.yaml``: returns (command, options)."""
-    from .yaml_safe import read_yaml
     p = Path(path)
     data = read_yaml(p)
     if not isinstance(data, dict):
