@@ -8,6 +8,8 @@ The main API is importable from here (loaded on first use, so ``import nps_pruni
 """
 __version__ = "0.1.0"
 
+import importlib
+
 from .errors import NPSError
 from .task_vector import Layout, TaskVector
 
@@ -28,7 +30,6 @@ __all__ = ["NPSError", "Layout", "TaskVector", "__version__", *_API]
 
 def __getattr__(name):
     if name in _API:
-        import importlib
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
         globals()[name] = value
         return value

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict
 
 from .errors import NPSError, short   # short: the bounded repr of every config error message
+import yaml
 
 # A config is a handful of settings: anything near these limits is not one (and an alias bomb,
 # ``a: &a [x, x]``, ``b: &b [*a, *a]``, ..., expands exponentially while being built).
@@ -23,7 +24,6 @@ YAML_MAX_NODES = 100_000
 def _expanded_size(root, source: str) -> int:
     """Number of nodes ``root`` stands for once every alias is expanded (memoised, so linear in
     the distinct nodes); recursive aliases are refused."""
-    import yaml
     sizes: Dict[int, int] = {}
     busy: set = set()
 
@@ -55,7 +55,6 @@ def _expanded_size(root, source: str) -> int:
 
 def _no_duplicate_keys(node, source: str) -> None:
     """PyYAML lets the last of two equal keys win silently (``pretrained:`` given twice): refuse."""
-    import yaml
     seen = set()
     for key, _ in node.value:
         if isinstance(key, yaml.ScalarNode) and key.value != "<<":
@@ -68,7 +67,6 @@ def _no_duplicate_keys(node, source: str) -> None:
 
 def bounded_loader(source: str):
     """A SafeLoader class that refuses documents expanding past YAML_MAX_NODES values."""
-    import yaml
 
     class BoundedLoader(yaml.SafeLoader):
         def construct_document(self, node):
@@ -81,7 +79,6 @@ def bounded_loader(source: str):
 def read_yaml(path):
     """The document of the YAML file ``path`` (UTF-8, a BOM allowed), read with
     :func:`bounded_loader`."""
-    import yaml
 
     p = Path(path)
     if not p.is_file():

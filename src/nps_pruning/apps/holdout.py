@@ -7,7 +7,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from ..evaluation import eval_kind
 from .session import Session
+from ..search.scorer import CandidateScorer
 
 __all__ = ["holdout_finalists", "rescore_on_holdout", "holdout_note", "logits_peak"]
 
@@ -23,12 +25,11 @@ def logits_peak(*evaluators) -> Dict[str, int]:
 def holdout_note(share: float, evaluator, holdout, eval_spec: str, min_rows: int) -> Dict[str, Any]:
     """report.json's word on how the search's result was chosen: on held-out rows, or (why not)
     by the best search score on every calibration row."""
-    from .session import _is_python_spec
     if holdout is not None:
         return {"share": float(share), "search_rows": int(evaluator.num_rows),
                 "held_out_rows": int(holdout.num_rows), "chosen_by": "held-out score"}
     note: Dict[str, Any] = {"share": float(share or 0.0), "chosen_by": "search score"}
-    if share and _is_python_spec(eval_spec):
+    if share and eval_kind(eval_spec).own_score:
         note["why"] = "the evaluator returns its own score: it has no rows to hold out"
     elif share:
         note["search_rows"] = int(evaluator.num_rows)
@@ -66,7 +67,6 @@ def rescore_on_holdout(session: Session, prepared, result, holdout, top: int,
     pool = holdout_finalists(result.candidates, top)
     rows = []
     session.ensure_model()
-    from ..search.scorer import CandidateScorer
     # the session's θ_pre (or, parked, the model itself) under each finalist in turn
     writer = CandidateScorer.from_state(session.base_flat, prepared, session.model, session.flat,
                                         holdout, autocast=autocast)

@@ -22,6 +22,10 @@ from ..paths import check_name
 from ..search.grid import grid_search
 from .prune import Session
 from .settings import MergeSettings
+from ..core.merge import merge, needs_shapes, nps_combine
+from ..search import SearchSettings, run_search
+from ..core.space import make_space
+from ..core.joint_space import JointSpace
 
 
 # files `nps merge` writes next to the task folders (a task may not be named like one)
@@ -59,8 +63,6 @@ def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, *,
     """λ for Eq. 7: the best single λ of ``settings.lambda_grid``, then CMA-ES over per-task λ_i
     started from it (parametrised as λ_i = λ*·w_i so that w = 1 is the grid's best and is always
     scored). Returns (λ_i, grid rows, the CMA-ES SearchResult or None)."""
-    from ..core.merge import nps_combine
-    from ..search import SearchSettings, run_search
     n = len(sessions)
     lambda_grid = list(settings.lambda_grid)
 
@@ -105,7 +107,6 @@ def task_point(session: Session, outcome, settings) -> TaskPoint:
     """The :class:`TaskPoint` of a per-task NPS outcome (``settings``: its PruneSettings): the
     prepared τ rebuilt from the settings (deterministic: the very bands and seeded order the
     search decoded with; a prune frees them once its τ̂ is built)."""
-    from ..core.space import make_space
     search = settings.search
     space = make_space(outcome.space, settings.bands, search.lower, search.upper, search.param,
                        keep_ratio=outcome.keep_ratio)
@@ -123,9 +124,6 @@ def joint_nps_merge(sessions, evaluators, points: Sequence[TaskPoint], lambdas0:
     ``lambdas0``), which generation 0 scores: the result is never worse than it on this score.
     ``sigma0``: the initial step in search coordinates (a local refinement). Returns
     (pruned (N, D), λ_i, the SearchResult)."""
-    from ..core.merge import nps_combine
-    from ..core.joint_space import JointSpace
-    from ..search import SearchSettings, run_search
     space = JointSpace([p.space for p in points], [p.params for p in points], lambdas0)
 
     def build(params):
@@ -155,7 +153,6 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
                            settings: MergeSettings = MergeSettings()):
     """Merge ``taus`` with ``core.merge.MERGERS[method]`` at the λ of ``settings.lambda_grid``
     whose merged model scores best (weight averaging has no λ). Returns (merged τ, λ, grid rows)."""
-    from ..core.merge import merge, needs_shapes
     wants_shapes = needs_shapes(method) or settings.trim == "layer"     # TIES' per-tensor trim
     shapes = sessions[0].task_vector.layout.shapes if wants_shapes and sessions else None
     if method == "average":

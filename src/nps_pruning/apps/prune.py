@@ -23,6 +23,16 @@ from ..report.report import peak_rss_bytes
 from .holdout import holdout_finalists, holdout_note, logits_peak, rescore_on_holdout
 from .session import Session
 from .settings import PruneSettings, SearchSettings
+from ..search.scorer import CandidateScorer
+from ..core.space import make_space
+from ..search import run_search
+from ..search.executors import make_executor
+from ..search.cmaes_search import SearchAborted
+from ..workdirs import claim_work_dir     # our work folder: made with its marker
+from ..search.identity import run_identity
+from ..paths import write_error
+from ..core import PRUNERS
+from ..core.prepared import prune_in_domain
 
 __all__ = ["Session", "PruneSettings", "SearchSettings", "PruneOutcome", "prune",
            "rescore_on_holdout", "holdout_finalists", "band_summary", "search_report"]
@@ -46,7 +56,6 @@ class PruneOutcome:
 
 def _scorer(session: Session, evaluator, prep, settings: PruneSettings, eval_spec: str,
             calib_size=None):
-    from ..search.scorer import CandidateScorer
     if settings.executor == "serial":
         return CandidateScorer.from_state(session.base_flat, prep, session.model, session.flat,
                                           evaluator, autocast=settings.autocast)
@@ -89,9 +98,6 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
     keep = settings.keep_ratio
     t0 = time.perf_counter()
     if method == "nps":
-        from ..core.space import make_space
-        from ..search import run_search
-        from ..search.executors import make_executor
         if not eval_spec:
             raise NPSError("method 'nps' needs a calibration evaluator (eval_spec)")
         space_name = settings.space
@@ -110,9 +116,7 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         space = make_space(space_name, settings.bands, search.lower, search.upper, search.param,
                            keep_ratio=keep)
         bands_s = time.perf_counter() - t0
-        from ..search.cmaes_search import SearchAborted
         if log_path is not None and Path(log_path).parent.name.endswith(".nps-run"):
-            from ..workdirs import claim_work_dir     # our work folder: made with its marker
             claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
         # the search holds the model (with θ_pre in it), τ and the band structures: each candidate
         # is written at its k kept entries and restored (no second model-sized copy of θ_pre)
@@ -126,7 +130,6 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             try:
                 run_id = None
                 if log_path is not None:    # what resume checks: the log must be of this very run
-                    from ..search.identity import run_identity
                     run_id = run_identity(pretrained=session.pretrained, finetuned=session.finetuned,
                                           eval_spec=eval_spec, fields=_identity_fields(session, settings),
                                           method=method)
@@ -136,7 +139,6 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                                     executor=executor, progress=progress, space=space, run_id=run_id,
                                     calib_rows=evaluator.num_rows)   # what a race races over
             except OSError as e:
-                from ..paths import write_error
                 raise write_error(e, log_path, "the search log so far is kept for resuming "
                                   "once there is room") from None
             except SearchAborted as e:
@@ -182,10 +184,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             return outcome
         outcome.calibration["finetuned"] = session.score(evaluator, tv.values)
         return outcome
-    from ..core import PRUNERS
     if method not in PRUNERS:
         raise NPSError(f"unknown pruning method {method!r} (known: nps, {', '.join(PRUNERS)})")
-    from ..core.prepared import prune_in_domain
     pruned = prune_in_domain(PRUNERS[method], tv.values, keep, session.domain, seed=settings.seed)
     outcome = PruneOutcome(method, pruned, keep, timings={"prune_s": time.perf_counter() - t0})
     if eval_spec:

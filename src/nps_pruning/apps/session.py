@@ -13,7 +13,15 @@ from typing import Any, Optional, Tuple
 import torch
 
 from ..errors import NPSError
+from ..evaluation import bind_flat, count_rows, eval_kind, load_model, make_evaluator
 from ..task_vector import TaskVector
+import json
+from pathlib import Path
+from ..checkpoints import load_task_vector
+from ..checkpoints.external import resolve_input
+import gc
+import weakref
+from ..core.prepared import changed_domain, layout_spans, prepare
 
 
 # Below this many held-out rows the re-scoring is noisier than the search score it overrides (on
@@ -35,17 +43,8 @@ def holdout_split(total: int, calib_size: Optional[int], holdout: float,
     return n_search, n - n_search
 
 
-def _is_python_spec(spec: str) -> bool:
-    """Evaluators that return their own score (no fitness choice, no held-out split of rows):
-    ``python:`` and ``lm-eval:``."""
-    from ..evaluation import spec_kind
-    return spec_kind(spec)[0] in ("python", "lm-eval")
-
-
 def _config(folder: str) -> Optional[dict]:
     """A model folder's config.json without its path fields (None where there is none)."""
-    import json
-    from pathlib import Path
     p = Path(folder) / "config.json"
     if not p.is_file():
         return None
@@ -79,8 +78,6 @@ class Session:
              running_stats="finetuned") -> "Session":
         """Load θ_pre and τ (τ in ``tau_dtype``; θ_pre then kept in the checkpoint's own 16-bit
         dtype, which is lossless) on ``device``, and the model once if it will be scored."""
-        from ..checkpoints import load_task_vector
-        from ..checkpoints.external import resolve_input
         t0 = time.perf_counter()
         pretrained = resolve_input(pretrained)          # GGUF / LoRA adapter -> a model folder
         finetuned = resolve_input(finetuned, base=pretrained)
@@ -99,7 +96,6 @@ class Session:
 
     def ensure_model(self):
         if self.model is None:
-            from ..evaluation import bind_flat, load_model
             self.model = load_model(self.finetuned, model_factory=self.model_factory, device=self.device)
             self.flat = bind_flat(self.model, self.task_vector.layout)
             if self.device != "cpu":
@@ -131,7 +127,6 @@ class Session:
         """Drop the scoring model and its flat buffer (θ_pre and τ stay): what a command does
         before it writes its outputs, so that writing never holds a second copy of the weights
         next to the model. :meth:`ensure_model` loads it again if it is needed."""
-        import gc
         self.model, self.flat = None, None
         gc.collect()
 
@@ -141,7 +136,6 @@ class Session:
         (:func:`~nps_pruning.core.entries.candidate_entries`), so that it holds the model, τ and
         the band structures and no second model-sized vector. :meth:`unpark_base` takes the copy
         back (the model must hold θ_pre again then)."""
-        import gc
         self.ensure_model()
         if self.base_flat is None:
             return
@@ -158,8 +152,6 @@ class Session:
     def domain(self):
         """The entries pruning may keep (:mod:`~nps_pruning.core.prepared`): every tensor whose τ
         is not identically zero (a tensor the fine-tune left unchanged is left out of D)."""
-        import weakref
-        from ..core.prepared import changed_domain, layout_spans
         values = self.task_vector.values
         cached = getattr(self, "_domain", None)      # (weak reference to τ, its domain): the cache
         if cached is None or cached[0]() is not values:    # never keeps a replaced τ alive
@@ -177,7 +169,6 @@ class Session:
     def prepared(self, settings):
         """The :class:`~nps_pruning.core.prepared.Prepared` τ of a
         :class:`~.settings.PruneSettings` (its keep ratio, bands, space, seed, kept values)."""
-        from ..core.prepared import prepare
         return prepare(self.task_vector.values, self.domain, keep=settings.keep_ratio,
                        num_bands=settings.bands, scheme=settings.scheme, focus=settings.focus,
                        space=settings.space, seed=settings.seed, kept_values=settings.kept_values)
@@ -202,7 +193,6 @@ class Session:
         """The evaluator ``spec`` for this model: every row, or a seeded subsample of
         ``calib_size`` rows (``subset="rest"``: ``rest_size`` of the rows that subsample left
         out). ``fitness="agreement"`` scores against this fine-tuned model's own predictions."""
-        from ..evaluation import make_evaluator
         ev = make_evaluator(spec, model_path=self.finetuned, calib_size=calib_size,
                             seed=seed, batch_size=batch_size,
                             device=self.device, max_length=max_length, fitness=fitness,
@@ -216,16 +206,12 @@ class Session:
     def search_fitness(spec: str, fitness: Optional[str] = None) -> str:
         """The fitness a search uses on ``spec``: ``fitness``, by default loglik for the
         classification evaluators; a python: evaluator's own score ("accuracy" here)."""
-        if _is_python_spec(spec):
-            if fitness not in (None, "accuracy"):
-                raise NPSError(f"{spec}: fitness {fitness!r} applies to the classification and "
-                               "language-model evaluators; python: and lm-eval: evaluators return "
-                               "their own score")
-            return "accuracy"
-        from ..evaluation import spec_kind
-        if spec_kind(spec)[0] == "generation":
-            return fitness or "accuracy"       # exact match is its only score
-        return fitness or "loglik"
+        kind = eval_kind(spec)
+        if kind.own_score and fitness not in (None, kind.fitness):
+            raise NPSError(f"{spec}: fitness {fitness!r} applies to the classification and "
+                           "language-model evaluators; python: and lm-eval: evaluators return "
+                           "their own score")
+        return fitness or kind.fitness
 
     def search_evaluators(self, spec: str, *, fitness: Optional[str] = None, holdout: float = 0.0,
                           calib_size: Optional[int] = None, seed: int = 0, batch_size: int = 64,
@@ -234,11 +220,10 @@ class Session:
         ``holdout`` = h > 0, the first (1−h) of the seeded calibration rows drive the search
         and the other h re-score its best candidates (against the winner's curse); none when
         that would hold out fewer than ``holdout_min_rows`` rows (:func:`holdout_split`)."""
-        from ..evaluation import count_rows
         kw = {"seed": seed, "batch_size": batch_size, "max_length": max_length,
               "fitness": self.search_fitness(spec, fitness)}
         h = float(holdout or 0.0)
-        if h <= 0 or _is_python_spec(spec):
+        if h <= 0 or eval_kind(spec).own_score:
             return self.evaluator(spec, calib_size=calib_size, **kw), None
         n_search, n_hold = holdout_split(count_rows(spec), calib_size, h, holdout_min_rows)
         if n_hold < 1:

@@ -34,6 +34,8 @@ import torch
 from ..errors import NPSError
 from .input_cache import ADAPTER_CONFIG, converted, content_sha256, input_cache_dir
 from .lora import lora_to_folder
+from .save import save_tensors
+from ..atomic import staging_dir, swap_in_dir
 
 def is_lora_folder(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
@@ -98,8 +100,6 @@ def gguf_to_folder(path: Path, *, cache_dir=None) -> Path:
     except ImportError:
         raise NPSError(f"{path}: reading GGUF files needs the gguf package (pip install gguf)") from None
     import transformers
-    from .save import save_tensors
-    from ..atomic import staging_dir, swap_in_dir
     kw = {"gguf_file": path.name}
     try:
         with _quiet_transformers():   # its load report and progress bars: our check says it in one line

@@ -22,6 +22,7 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import NPSError
+from safetensors import safe_open
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -119,7 +120,6 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: Path, folder: Path | None, config: dict | None,
                  files: List[Path], weight_map: Dict[str, Path] | None = None) -> None:
         super().__init__(path, folder, config)
-        from safetensors import safe_open
         self.files = list(files)
         self._handles = {}
         self._where: Dict[str, Path] = {}

@@ -19,6 +19,10 @@ from ..errors import NPSError
 from ..paths import regular_files
 from .input_cache import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TOKENIZER_FILES, content_sha256,
                           converted, input_cache_dir, one_line)
+import regex
+from safetensors.torch import load_file
+from .load import open_checkpoint
+from .save import save_model_folder
 
 PATTERN_MAX_CHARS = 200        # a rank_pattern / alpha_pattern key longer than this is refused
 PATTERN_TIMEOUT_S = 1.0        # ... and one whose match takes longer (catastrophic backtracking)
@@ -28,7 +32,6 @@ def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rule: the first key that matches the end of the module name. Keys are regular
     expressions from the adapter file: an invalid, overlong or pathologically slow one is an
     NPSError, never a hang (``regex`` with a timeout)."""
-    import regex
     for key, value in (patterns or {}).items():
         if len(key) > PATTERN_MAX_CHARS:
             raise NPSError(f"adapter pattern {key[:40]!r}...: longer than {PATTERN_MAX_CHARS} characters")
@@ -161,9 +164,6 @@ def _missing_targets(config: dict, base_ckpt, adapted) -> list:
 
 
 def lora_to_folder(path: Path, *, base=None, cache_dir=None, used_base: Optional[list] = None) -> Path:
-    from safetensors.torch import load_file
-    from .load import open_checkpoint
-    from .save import save_model_folder
     path = Path(path).absolute()
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():

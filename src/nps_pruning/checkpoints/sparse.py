@@ -36,6 +36,9 @@ import numpy as np
 import torch
 
 from ..errors import NPSError
+from .save import save_tensors
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 SPARSE_FORMAT = "nps-sparse-tau/1"
 
@@ -56,7 +59,6 @@ def sparse_parts(tensors: Mapping[str, torch.Tensor]):
 def save_sparse_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None, *,
                         inputs=()) -> Path:
     """Write τ̂ sparse (atomically, as :func:`.save.save_tensors`)."""
-    from .save import save_tensors
     parts, shapes = sparse_parts(tensors)
     meta = {**(metadata or {}), "format": SPARSE_FORMAT, "shapes": json.dumps(shapes)}
     return save_tensors(path, parts, metadata=meta, inputs=inputs)
@@ -65,8 +67,6 @@ def save_sparse_tensors(path, tensors: Mapping[str, torch.Tensor], metadata: dic
 def read_task_vector(path) -> Dict[str, torch.Tensor]:
     """A ``task_vector.safetensors`` as dense tensors, whether written sparse (this module) or
     dense (older outputs, or any safetensors file of τ)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     path = Path(path)
     try:
         with safe_open(str(path), "pt") as f:

@@ -7,14 +7,8 @@ from .bands import Bands, band_starts, make_bands
 from .mask import (band_counts, build_candidate, candidate_mask, keep_count, reference_mask,
                    topk_mask)
 from .sparsify import PRUNERS, register_pruner
+from .merge import MERGERS, nps_combine
 
 __all__ = ["Bands", "make_bands", "band_starts", "keep_count", "band_counts", "candidate_mask",
            "build_candidate", "reference_mask", "topk_mask", "PRUNERS", "register_pruner",
            "MERGERS", "nps_combine"]
-
-
-def __getattr__(name):  # core.merge is written separately; expose it lazily when present
-    if name in ("MERGERS", "nps_combine"):
-        from . import merge
-        return getattr(merge, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ import torch
 
 from .bands import Bands, make_bands
 from .entries import candidate_entries
-from .space import HybridIndex, build_point, make_hybrid_index
+from .space import build_point, HybridIndex, make_hybrid_index, SPACES
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,6 @@ def prepare(values: torch.Tensor, spans, *, keep: float, num_bands: int, scheme:
     """Build the :class:`Prepared` of τ = ``values`` for ``space`` at ``keep``; ``spans``: the
     tensors' flat (start, stop) ranges (the domain leaves out the all-zero ones), a
     :class:`Domain` already found, or None (all of τ)."""
-    from .space import SPACES
     if space not in SPACES:
         raise ValueError(f"unknown search space {space!r} (choose from {', '.join(SPACES)})")
     if space == "hybrid" and kept_values != "weighted":

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from .bands import Bands
-from .mask import _pass as _mask_pass, _plan as _mask_plan, _weights32, build_candidate, keep_count
+from .mask import (_pass as _mask_pass, _plan as _mask_plan, _weights32, build_candidate, keep_count,
+                   reference_mask)
 
 CHUNK = 1 << 20
 
@@ -197,7 +198,6 @@ def build_hybrid(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
 def hybrid_reference(values: torch.Tensor, bands: Bands, params, keep_ratio: float,
                      seed: int = 0) -> torch.Tensor:
     """The hybrid candidate's definition, plainly (sorts; for tests)."""
-    from .mask import reference_mask
     D = values.numel()
     M = bands.num_bands
     w, g, alpha, h = split_params(params, M)

@@ -19,8 +19,9 @@ model whose weights live in one flat buffer it can overwrite per candidate.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -28,10 +29,14 @@ from ..errors import NPSError
 from .image import ImageClassificationEvaluator
 from .model import bind_flat, load_model, load_state_dict_any, logits_of
 from .python_eval import PythonEvaluator, resolve_python
-from .text import TextClassificationEvaluator
+from .text import read_text_rows, TextClassificationEvaluator
+from .lm_harness import LMEvalEvaluator
+from .lm import count_lm_rows, GenerationEvaluator, MultipleChoiceEvaluator, PerplexityEvaluator
+import numpy as np
 
 __all__ = [
-    "Evaluator", "make_evaluator", "evaluate_path", "count_rows", "spec_kind", "load_model", "bind_flat", "logits_of",
+    "Evaluator", "make_evaluator", "evaluate_path", "count_rows", "spec_kind", "eval_kind", "EvalKind", "KINDS",
+    "load_model", "bind_flat", "logits_of",
     "load_state_dict_any", "resolve_python", "TextClassificationEvaluator",
     "ImageClassificationEvaluator", "PythonEvaluator", "SPEC_KINDS",
 ]
@@ -80,11 +85,9 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
                                             batch_size=batch_size, device=device, subset=subset,
                                             fitness=fitness, rest_size=rest_size)
     if kind == "lm-eval":
-        from .lm_harness import LMEvalEvaluator
         return LMEvalEvaluator(arg, model_path=model_path, calib_size=calib_size, seed=seed,
                                batch_size=batch_size, device=device, fitness=fitness)
     if kind in ("multiple-choice", "perplexity", "generation"):
-        from .lm import GenerationEvaluator, MultipleChoiceEvaluator, PerplexityEvaluator
         cls = {"multiple-choice": MultipleChoiceEvaluator, "perplexity": PerplexityEvaluator,
                "generation": GenerationEvaluator}[kind]
         return cls(arg, model_path=model_path, calib_size=calib_size, seed=seed,
@@ -94,6 +97,30 @@ def make_evaluator(spec: str, *, model_path=None, calib_size: Optional[int] = No
 
 
 _ALIASES = {"text": "text-classification", "image": "image-classification"}
+
+
+@dataclass(frozen=True)
+class EvalKind:
+    """What the rest of the library needs to know about an evaluator kind, declared once
+    (:data:`KINDS`) instead of asked of the kind's name where it is used."""
+    own_score: bool = False          # returns its own score: no fitness choice, no held-out split
+    fitness: str = "loglik"          # the search's fitness on it when none is given
+    scores_rows: bool = True         # can score some of its rows (racing), before it is built
+
+
+KINDS: Dict[str, EvalKind] = {
+    "text-classification": EvalKind(), "image-classification": EvalKind(),
+    "multiple-choice": EvalKind(), "perplexity": EvalKind(),
+    "generation": EvalKind(fitness="accuracy"),          # exact match is its only score
+    "lm-eval": EvalKind(own_score=True, fitness="accuracy"),
+    "python": EvalKind(own_score=True, fitness="accuracy", scores_rows=False),
+}
+
+
+def eval_kind(spec) -> EvalKind:
+    """The :class:`EvalKind` of an evaluator SPEC (an unknown kind: the defaults; building its
+    evaluator is what refuses it)."""
+    return KINDS.get(spec_kind(spec)[0], EvalKind())
 
 
 def spec_kind(spec) -> Tuple[str, str]:
@@ -111,17 +138,14 @@ def count_rows(spec: str) -> int:
     """How many rows the classification evaluator ``spec`` would read (no tokenizing)."""
     kind, arg = spec_kind(spec)
     if kind == "text-classification":
-        from .text import read_text_rows
         return len(read_text_rows(Path(arg), need_labels=False)[0])
     if kind == "image-classification":
-        import numpy as np
         try:
             with np.load(arg, allow_pickle=False) as data:
                 return int(len(data["images"]))
         except Exception as exc:
             raise NPSError(f"{arg}: not a readable NPZ file with 'images' ({type(exc).__name__})") from exc
     if kind in ("multiple-choice", "perplexity", "generation"):
-        from .lm import count_lm_rows
         return count_lm_rows(kind, arg)
     raise NPSError(f"{spec}: held-out re-scoring (--holdout) needs a text- or image-classification "
                    "evaluator; use --holdout 0 with python: evaluators")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import NPSError
-from .fitness import FitnessScored
+from .fitness import check_fitness, FitnessScored
 from .model import logits_of
 from .text import check_num_outputs, forward_or_explain, select_rows
 
@@ -69,7 +69,6 @@ class ImageClassificationEvaluator(FitnessScored):
 
     def __init__(self, path, *, calib_size=None, seed=0, batch_size=64, device="cpu",
                  subset="all", fitness="accuracy", rest_size=None, **_ignored) -> None:
-        from .fitness import check_fitness
         self.path = Path(path)
         self.name = f"image-classification:{path}"
         self.fitness = check_fitness(fitness, str(path))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import NPSError
+from .text import load_tokenizer
 
 INCLUDE_ENV = "NPS_LM_EVAL_INCLUDE"
 PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "mcc", "bleu", "word_perplexity")
@@ -91,7 +92,6 @@ class LMEvalEvaluator:
         if missing:
             raise NPSError(f"lm-eval: unknown task(s) {', '.join(missing)}"
                            + ("" if self.include else " (local task YAMLs: --lm-eval-include DIR)"))
-        from .text import load_tokenizer
         self.tokenizer = load_tokenizer(model_path)
         self.limit = int(calib_size) if calib_size else None
         self.num_rows = self.limit or 0

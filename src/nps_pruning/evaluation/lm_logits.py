@@ -9,6 +9,7 @@ import torch
 from .fitness import LOG_FLOOR
 from .model import logits_of
 from .text import forward_or_explain
+import inspect
 
 __all__ = ["LOGITS_BUDGET_BYTES", "rows_per_forward", "token_logp", "last_logits"]
 
@@ -71,7 +72,6 @@ def token_logp(model, ids, mask, source, stats=None) -> torch.Tensor:
 
 
 def _takes_logits_to_keep(model) -> bool:
-    import inspect
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

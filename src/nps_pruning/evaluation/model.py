@@ -14,7 +14,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..checkpoints.load import read_model_config
+from ..checkpoints import open_checkpoint
 from ..errors import NPSError
+from .python_eval import resolve_python
 from ..task_vector import Layout
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -38,55 +40,15 @@ def logits_of(output) -> torch.Tensor:
 
 
 # -- loading -----------------------------------------------------------------------------------
-def _weight_files(folder: Path) -> List[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        files = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    if not files:
-        raise NPSError(f"{folder}: no weights found (*.safetensors, *.bin, *.pt)")
-    return files
-
-
-def _load_file(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise NPSError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise NPSError(f"{path}: not a state dict (a mapping of names to tensors)")
-    return dict(sd)
-
-
 def load_state_dict_any(path) -> Dict[str, torch.Tensor]:
     """The full state dict of a checkpoint (file or folder, sharded or not).
 
-    Goes through ``nps_pruning.checkpoints.open_checkpoint`` when that module is present, else
-    reads safetensors / ``torch.load(weights_only=True)`` files directly.
+    Read through :func:`nps_pruning.checkpoints.open_checkpoint`.
     """
     path = Path(path)
     if not path.exists():
         raise NPSError(f"{path}: no such file or folder")
-    open_checkpoint = None
-    try:
-        from ..checkpoints import open_checkpoint  # type: ignore[attr-defined,no-redef]
-    except ImportError:
-        try:
-            from ..checkpoints.load import open_checkpoint  # type: ignore[no-redef]
-        except ImportError:
-            open_checkpoint = None
-    if open_checkpoint is not None:
-        return dict(open_checkpoint(path).state_dict())
-    files = _weight_files(path) if path.is_dir() else [path]
-    out: Dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(_load_file(f))
-    return out
+    return dict(open_checkpoint(path).state_dict())
 
 
 def _transformers_model(folder: Path, config: dict) -> torch.nn.Module:
@@ -103,7 +65,6 @@ def _transformers_model(folder: Path, config: dict) -> torch.nn.Module:
 
 
 def _factory_model(path: Path, model_factory: str) -> torch.nn.Module:
-    from .python_eval import resolve_python
     fn = resolve_python(model_factory)
     state_dict = load_state_dict_any(path)
     try:

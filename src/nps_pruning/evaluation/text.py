@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import NPSError
-from .fitness import FitnessScored
+from .fitness import check_fitness, FitnessScored
 from .model import logits_of
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -243,7 +243,6 @@ class TextClassificationEvaluator(FitnessScored):
     def __init__(self, path, *, model_path=None, calib_size=None, seed=0, batch_size=64,
                  device="cpu", max_length=128, subset="all", tokenizer=None,
                  fitness="accuracy", rest_size=None) -> None:
-        from .fitness import check_fitness
         self.path = Path(path)
         self.name = f"text-classification:{path}"
         self.fitness = check_fitness(fitness, str(path))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
+from .. import __version__
+from ..atomic import atomic_write_text
 
 CARD = "README.md"
 
@@ -42,7 +44,6 @@ def model_card_text(*, kind: str, name: str, pretrained: Optional[str], method: 
                     keep: Optional[float] = None, settings: Optional[Dict[str, Any]] = None,
                     calibration: Optional[Dict[str, Any]] = None, test: Optional[Dict[str, Any]] = None,
                     extra_tags: Iterable[str] = (), note: str = "") -> str:
-    from .. import __version__
     tags = ["nps-pruning", kind, *(t for t in [method, *extra_tags] if t)]
     base = _base_model(pretrained)
     front = ["---"]
@@ -74,7 +75,6 @@ def model_card_text(*, kind: str, name: str, pretrained: Optional[str], method: 
 
 def write_model_card(folder, **kwargs) -> Path:
     """Write ``folder/README.md`` (atomically), replacing one copied from another model."""
-    from ..atomic import atomic_write_text
     path = Path(folder) / CARD
     atomic_write_text(path, model_card_text(**kwargs))
     return path

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_text
+from .. import __version__
+import resource
 
 
 def versions() -> Dict[str, str]:
-    from .. import __version__
     out = {"nps_pruning": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
            "numpy": np.__version__, "platform": platform.platform()}
     for mod in ("transformers", "cmaes", "safetensors"):
@@ -62,7 +63,6 @@ def peak_rss_bytes() -> Optional[int]:
     """This process's peak resident memory so far (``getrusage`` ru_maxrss), or None where the
     platform does not report it."""
     try:
-        import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     except (ImportError, OSError, AttributeError):
         return None

@@ -24,8 +24,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import NPSError
-from .search_log import LOG_FORMAT, SearchLog, log_header, previous_records
+from .search_log import LOG_FORMAT, log_header, previous_records, SearchLog, settings_dict
 from .state import SearchAborted, SearchResult, SearchState, best_up_to, scores_of
+from ..core.space import make_space, SEARCH_SPACES
+from .race import RACES
+from tqdm.auto import tqdm
+from .executors import make_executor
 
 __all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SHIPPED_SEARCH", "SearchSettings", "shipped_search", "SearchResult", "SearchAborted",
            "best_up_to", "run_search", "LOG_FORMAT"]
@@ -74,7 +78,6 @@ class SearchSettings:
     def to_dict(self) -> dict:
         """JSON-ready form, without the settings of the features that are off (the log header's
         and report.json's ``settings``)."""
-        from .search_log import settings_dict
         return settings_dict(self)
 
     @classmethod
@@ -103,7 +106,6 @@ class SearchSettings:
             raise NPSError(f"search: param must be 'linear' or 'log', got {self.param!r}")
         if self.param == "log" and self.lower <= 0:
             raise NPSError(f"search: param='log' needs lower > 0, got lower={self.lower}")
-        from ..core.space import SEARCH_SPACES
         if self.space not in SEARCH_SPACES:
             raise NPSError(f"search: unknown space {self.space!r} (choose from {', '.join(SEARCH_SPACES)})")
         if self.max_failures < 1:
@@ -114,7 +116,6 @@ class SearchSettings:
             raise NPSError(f"search: min_gain must be a number >= 0, got {self.min_gain}")
         if int(self.min_generations) < 0:
             raise NPSError(f"search: min_generations must be >= 0, got {self.min_generations}")
-        from .race import RACES
         if self.race is not None and self.race not in RACES:
             raise NPSError(f"search: unknown race {self.race!r} (choose from {', '.join(RACES)})")
         if int(self.race_min_rows) < 2:
@@ -176,9 +177,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     (:mod:`.race`); the scorer must have ``score_rows(weights, rows)``, and the number of
     calibration rows is ``calib_rows`` (default: ``scorer.num_rows``)."""
     from cmaes import CMA
-    from tqdm.auto import tqdm
 
-    from .executors import make_executor
 
     settings = settings or SearchSettings()
     settings.validate()
@@ -283,7 +282,6 @@ def _race_rows(scorer, settings: SearchSettings, calib_rows: Optional[int]) -> O
 def _resolve_space(space, settings: SearchSettings, num_bands: int):
     """The search space: the one passed (checked against ``settings.space``) or the settings'."""
     if space is None:
-        from ..core.space import make_space
         space = make_space(settings.space, num_bands, settings.lower, settings.upper, settings.param)
     if space.name != settings.space:
         raise NPSError(f"search: settings.space is {settings.space!r} but the space passed is "

@@ -20,6 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import NPSError
+import ctypes
+import signal
+import threading
+import torch
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 Outcome = Tuple[Any, Any]
 
@@ -107,15 +114,12 @@ def die_with_parent(parent_pid: int, interval: float = WATCHDOG_INTERVAL_S, *,
     is only asked for workers started from the parent's main thread.)"""
     if pdeathsig and sys.platform.startswith("linux"):
         try:
-            import ctypes
-            import signal
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)       # PR_SET_PDEATHSIG = 1
         except Exception:  # noqa: BLE001 - no libc/prctl: the watchdog below still works
             pass
     if os.getppid() != parent_pid:
         os._exit(1)
-    import threading
 
     def watch() -> None:
         while True:
@@ -147,7 +151,6 @@ def _limit_threads(threads: int) -> None:
     for var in _THREAD_VARS:          # read by the BLAS/OpenMP runtimes torch starts later
         os.environ[var] = str(threads)
     try:
-        import torch
         torch.set_num_threads(int(threads))
     except ImportError:  # a scorer without torch: the variables are all there is to set
         pass
@@ -192,9 +195,6 @@ class ProcessExecutor(SerialExecutor):
         if self._pool is not None and data == self._scorer_bytes:
             return
         self.close()
-        import multiprocessing
-        import threading
-        from concurrent.futures import ProcessPoolExecutor
         main_thread = threading.current_thread() is threading.main_thread()
         self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                          mp_context=multiprocessing.get_context("spawn"),
@@ -203,7 +203,6 @@ class ProcessExecutor(SerialExecutor):
         self._scorer_bytes = data
 
     def map(self, scorer: Callable, weights: Sequence[np.ndarray], rows=None) -> List[Outcome]:
-        from concurrent.futures.process import BrokenProcessPool
         self._ensure_pool(scorer)
         futures = [self._pool.submit(_score_in_worker, np.asarray(w, dtype=np.float64), r)
                    for w, r in zip(weights, _rows_for(weights, rows))]

@@ -23,6 +23,8 @@ import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+from ..evaluation import spec_kind
+from ..evaluation.python_eval import parse_python_spec
 
 FULL_HASH_BYTES = 512 << 20
 SAMPLE_BLOCKS = 64
@@ -65,10 +67,8 @@ def eval_fingerprint(spec: Optional[str]) -> Optional[Dict[str, Any]]:
     """What the calibration evaluator reads: its kind and its file's fingerprint."""
     if not spec:
         return None
-    from ..evaluation import spec_kind
     kind, arg = spec_kind(spec)
     if kind == "python":
-        from ..evaluation.python_eval import parse_python_spec
         module, func = parse_python_spec(str(spec).strip())
         out: Dict[str, Any] = {"kind": kind, "function": func}
         if module.endswith(".py") or os.sep in module or "/" in module:

@@ -23,6 +23,11 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..errors import NPSError
+from ..evaluation import bind_flat, eval_kind, load_model, make_evaluator
+import torch
+from ..checkpoints import load_task_vector
+from ..core.prepared import layout_spans, prepare
+import contextlib
 
 
 @dataclass
@@ -107,8 +112,7 @@ class CandidateScorer:
         """Whether the evaluator can score some of the rows (racing): the classification ones."""
         if self._state is not None:
             return callable(getattr(self._state.evaluator, "score_rows", None))
-        from ..evaluation import spec_kind
-        return spec_kind(self.eval_spec)[0] != "python"
+        return eval_kind(self.eval_spec).scores_rows
 
     @property
     def state(self) -> _State:
@@ -117,10 +121,6 @@ class CandidateScorer:
         return self._state
 
     def _build(self) -> _State:
-        import torch
-        from ..checkpoints import load_task_vector
-        from ..core.prepared import layout_spans, prepare
-        from ..evaluation import bind_flat, load_model, make_evaluator
 
         compact = getattr(self, "tau_dtype", "float32") != "float32"
         base_flat, tv = load_task_vector(self.pretrained_path, self.finetuned_path,
@@ -163,7 +163,6 @@ class CandidateScorer:
         separate θ_pre (``base_flat`` None: the model holds θ_pre) only the k kept entries are
         written, and restored before the next candidate (:meth:`restore`); bit for bit the same
         weights as the dense build."""
-        import torch
 
         st = self.state
         dev = getattr(st.flat, "device", None)
@@ -185,8 +184,6 @@ class CandidateScorer:
 
     def _forward_mode(self, st):
         """No gradients; with ``autocast="bf16"`` also bf16 autocast on the model's device."""
-        import contextlib
-        import torch
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
         if getattr(self, "autocast", None) == "bf16":

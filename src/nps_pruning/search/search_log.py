@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from ..errors import NPSError
+from .identity import identity_diff
 
 LOG_FORMAT = "nps-search-log/1"
 
@@ -113,7 +114,6 @@ def log_header(num_bands: int, settings, run_id: Optional[dict] = None) -> dict:
 
 def check_same_run(log_path: Path, old: dict, new: dict) -> None:
     """Refuse to resume from the log of another run, saying what differs."""
-    from .identity import identity_diff
     if "run" in new and "run" not in old:
         raise NPSError(f"{log_path}: cannot resume: the log carries no run identity (written by an "
                        "older nps), so it cannot be checked against this run; rerun without --resume")

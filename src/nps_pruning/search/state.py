@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import NPSError
 from .search_log import Records, SearchLog, settings_dict
+from ..evaluation.fitness import score_from_rows
+from .race import race_order, race_schedule, survivors, told_scores
 
 _FAILED_TOLD_MARGIN = 1.0  # a failed candidate is told "worst score seen minus this"
 _RECORD_KEYS = ("gen", "idx", "weights", "score", "status", "error", "build_s", "eval_s", "examples")
@@ -135,7 +137,6 @@ def _add_times(o: dict, info, rows: int) -> None:
 def _race_record(gen: int, idx: int, weights: np.ndarray, o: dict) -> dict:
     """The record of one raced candidate (race.py): failed, eliminated, or a finalist with its
     full score; times and ``examples`` summed over every stage it was scored in."""
-    from ..evaluation.fitness import score_from_rows
     rows = int(len(o["values"]))
     if o["full"] is not None:
         rec = _new_record(gen, idx, weights, o["full"])
@@ -259,7 +260,6 @@ class SearchState:
         the same values. An eliminated candidate of a raced generation: see race.told_scores."""
         worst = self.worst if math.isfinite(self.worst) else 0.0
         if any(r["status"] == "eliminated" for r in recs):
-            from .race import told_scores
             return [(x, -t) for x, t in zip(xs, told_scores(recs, worst - _FAILED_TOLD_MARGIN))]
         return [(x, -float(r["score"] if r["status"] == "ok" else worst - _FAILED_TOLD_MARGIN))
                 for x, r in zip(xs, recs)]
@@ -269,7 +269,6 @@ class SearchState:
         """Score one generation by racing over the calibration rows (race.py's rule); records
         in ask order, logged once the race is decided. A generation found whole in the log is
         replayed; one logged in part (killed while its records were written) is raced again."""
-        from .race import race_order, race_schedule
         st = self.settings
         stages = race_schedule(num_rows, st.race_min_rows, st.race_eta)
         if not stages:                    # too few rows to race: the ordinary path
@@ -285,7 +284,6 @@ class SearchState:
     def _race(self, weights, order: np.ndarray, stages: Sequence[int], num_rows: int) -> List[dict]:
         """Run the stages; per candidate {"values", "info", "fitness", "eliminated_at",
         "error", "full"} (see race.py)."""
-        from .race import survivors
         st, ex = self.settings, self.executor
         n = len(weights)
         out = [{"values": np.empty(0), "build_s": 0.0, "eval_s": 0.0, "examples": 0,

@@ -45,4 +45,4 @@ from .write import write_store
 
 __all__ = ["StoreTask", "Store", "RestoredTask", "write_store", "read_store", "restore_task",
            "store_info", "encode_mask", "decode_mask", "flat_sha256", "VALUE_DTYPES", "VALUE_CODINGS",
-           "MASK_CODINGS"]
+           "MASK_CODINGS", "ENTROPY_CHUNK", "FORMAT", "FORMAT_VERSION", "MANIFEST"]

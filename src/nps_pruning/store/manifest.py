@@ -17,6 +17,7 @@ from ..dtypes import FLOAT_NAMES
 from ..errors import NPSError
 from ..paths import safe_relpath
 from .value_coding import FLOAT_CODINGS
+from ..checkpoints.save import MARKER, is_weight_file
 
 PART_KINDS = ("mask", "values", "task_specific", "buffers")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -77,7 +78,6 @@ def check_part(store: Path, part, field: str, where: str) -> None:
 
 def side_file_reserved(name: str) -> bool:
     """Names a restored folder's own files have (weights, weight indexes, nps's markers)."""
-    from ..checkpoints.save import MARKER, is_weight_file
     base = name.rsplit("/", 1)[-1]
     return is_weight_file(base) or base.casefold() == MARKER
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Dict, Mapping
 
 import numpy as np
+import constriction
 
 MASK_CODINGS = ("packed", "entropy")
 ENTROPY_CHUNK = 1 << 16
 
 
 def _bernoulli(count: int, size: int):
-    import constriction
     return constriction.stream.model.Bernoulli(count / size, perfect=False)
 
 
@@ -27,7 +27,6 @@ def encode_mask(mask: np.ndarray, coding: str) -> Dict[str, np.ndarray]:
         return {"bits": np.packbits(mask, bitorder="little")}
     if coding != "entropy":
         raise ValueError(f"mask coding must be one of {MASK_CODINGS}, got {coding!r}")
-    import constriction
     encoder = constriction.stream.queue.RangeEncoder()
     counts = []
     for start in range(0, mask.size, ENTROPY_CHUNK):
@@ -49,7 +48,6 @@ def decode_mask(arrays: Mapping[str, np.ndarray], coding: str, num_entries: int)
         return np.unpackbits(bits, count=num_entries, bitorder="little").astype(bool)
     if coding != "entropy":
         raise ValueError(f"unknown mask coding {coding!r}")
-    import constriction
     counts, code = arrays["chunk_counts"], arrays["code"]
     if counts.size != -(-num_entries // ENTROPY_CHUNK):
         raise ValueError("entropy-coded mask has the wrong number of chunks")

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import constriction
 
 FLOAT_CODINGS = ("fp32", "fp16", "bf16")
 QUANT_BITS = {"q2": 2, "q3": 3, "q4": 4, "q8": 8}
@@ -78,7 +79,6 @@ def _nearest(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
 
 
 def _categorical(counts: np.ndarray):
-    import constriction
     return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
 
 
@@ -94,7 +94,6 @@ def encode_values(values: np.ndarray, group_sizes: Sequence[int], coding: str,
     ``level_scale``: one factor per level index (levels_of(coding) of them), multiplied into every
     tensor's fitted levels after the values are assigned to them (what :func:`tune_level_scale`
     searches); None = the least-squares levels."""
-    import constriction
     values = np.ascontiguousarray(values, dtype=np.float32)
     spans = _groups(group_sizes)
     if (spans[-1][1] if spans else 0) != values.size:
@@ -132,7 +131,6 @@ def encode_values(values: np.ndarray, group_sizes: Sequence[int], coding: str,
 def decode_values(arrays: Mapping[str, np.ndarray], coding: str, group_sizes: Sequence[int]) -> np.ndarray:
     """Inverse of :func:`encode_values`: the float32 kept values. ``ValueError`` when the arrays
     cannot be this coding's values for these group sizes."""
-    import constriction
     L = levels_of(coding)
     signed = coding in SIGN_LEVELS
     spans = _groups(group_sizes)
