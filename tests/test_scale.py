@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from nps_pruning.apps.settings import PruneSettings
 from nps_pruning.checkpoints import load_task_vector
 from nps_pruning.core import build_candidate, candidate_mask, keep_count, make_bands, reference_mask
 from nps_pruning.core.bands import _make_bands_reference
@@ -139,8 +140,9 @@ def test_scorer_compact_tau_and_device(tiny_bert, text_csv, device):
     from nps_pruning.search import CandidateScorer
     base, ft = tiny_bert
     spec = f"text-classification:{text_csv}"
-    ref = CandidateScorer(base, ft, spec, 0.1, num_bands=4)
-    s = CandidateScorer(base, ft, spec, 0.1, num_bands=4, device=device, tau_dtype="bfloat16")
+    run = PruneSettings(keep_ratio=0.1, bands=4, space="magnitude")
+    ref = CandidateScorer(base, ft, spec, run)
+    s = CandidateScorer(base, ft, spec, run, device=device, tau_dtype="bfloat16")
     w = np.array([1.0, 1.5, 0.5, 2.0])
     score, info = s(w)
     st = s.state

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nps_pruning.apps.settings import PruneSettings
 from nps_pruning.errors import NPSError
 from nps_pruning.report import plot_search
 from nps_pruning.search import (CandidateScorer, SearchAborted, SearchSettings, best_up_to,
@@ -302,9 +303,10 @@ def test_plot_is_a_png(tmp_path):
 
 
 def test_candidate_scorer_pickles_only_its_recipe():
-    s = CandidateScorer("base", "ft", "python:mod:fn", 0.05, num_bands=4, scheme="uniform")
+    s = CandidateScorer("base", "ft", "python:mod:fn",
+                        PruneSettings(keep_ratio=0.05, bands=4, scheme="uniform", space="magnitude"))
     t = pickle.loads(pickle.dumps(s))
-    assert (t.pretrained_path, t.finetuned_path, t.keep_ratio, t.num_bands, t._state) == \
+    assert (t.pretrained_path, t.finetuned_path, t.settings.keep_ratio, t.settings.bands, t._state) == \
         ("base", "ft", 0.05, 4, None)
     live = CandidateScorer.from_state(None, None, None, None, lambda m: 1.0)
     with pytest.raises(NPSError, match="serial executor"):
@@ -321,7 +323,8 @@ def test_candidate_scorer_end_to_end_on_tiny_bert(tiny_bert, text_csv):
     except ImportError as exc:
         pytest.skip(f"pipeline modules not available yet: {exc}")
     base, ft = tiny_bert
-    scorer = CandidateScorer(base, ft, f"text-classification:{text_csv}", 0.1, num_bands=4)
+    scorer = CandidateScorer(base, ft, f"text-classification:{text_csv}",
+                             PruneSettings(keep_ratio=0.1, bands=4, space="magnitude"))
     score, info = scorer(np.ones(4))
     assert 0.0 <= score <= 1.0 and set(info) == {"build_s", "eval_s", "examples"}
     assert info["examples"] == scorer.state.evaluator.num_rows > 0

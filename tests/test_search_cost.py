@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from nps_pruning.apps.settings import PruneSettings
 from nps_pruning.errors import NPSError
 from nps_pruning.search import SearchSettings, make_executor, run_search
 from nps_pruning.search.executors import threads_per_worker
@@ -355,8 +356,9 @@ def test_candidate_scorer_races_on_tiny_bert(tiny_bert, tmp_path):
     from nps_pruning.search import CandidateScorer
     base, ft = tiny_bert
     data = write_text_csv(tmp_path / "calib.csv", rows=48)
-    scorer = CandidateScorer(base, ft, f"text-classification:{data}", 0.1, num_bands=4,
-                             fitness="loglik", batch_size=16)
+    scorer = CandidateScorer(base, ft, f"text-classification:{data}",
+                             PruneSettings(keep_ratio=0.1, bands=4, space="magnitude", fitness="loglik",
+                                           batch_size=16))
     s = _settings(generations=3, popsize=6, race="halving", race_min_rows=8)
     raced = run_search(scorer, 4, s, progress=False, calib_rows=48)
     assert scorer.num_rows == 48                                  # known once built
@@ -365,7 +367,7 @@ def test_candidate_scorer_races_on_tiny_bert(tiny_bert, tmp_path):
     assert any(c["status"] == "eliminated" for c in raced.candidates)
     assert raced.best_score == scorer(raced.best_weights)[0]      # a full-calibration score
     assert plain.candidates[0]["score"] == raced.candidates[0]["score"]
-    py = CandidateScorer(base, ft, "python:mod:fn", 0.1, num_bands=4)
+    py = CandidateScorer(base, ft, "python:mod:fn", PruneSettings(keep_ratio=0.1, bands=4, space="magnitude"))
     with pytest.raises(NPSError, match="scores rows"):
         run_search(py, 4, s, progress=False, calib_rows=10)
 

@@ -60,18 +60,12 @@ def _scorer(session: Session, evaluator, prep, settings: PruneSettings, eval_spe
         return CandidateScorer.from_state(session.base_flat, prep, session.model, session.flat,
                                           evaluator, autocast=settings.autocast)
     # worker processes load the pair from its paths, the way the session was loaded
-    return CandidateScorer(pretrained_path=session.pretrained, finetuned_path=session.finetuned,
-                           eval_spec=eval_spec, keep_ratio=settings.keep_ratio,
-                           num_bands=settings.bands, scheme=settings.scheme, focus=settings.focus,
-                           kept_values=settings.kept_values,
-                           calib_size=calib_size if calib_size is not None else settings.calib_size,
-                           seed=settings.seed, model_factory=session.model_factory,
-                           device=session.device, batch_size=settings.batch_size,
-                           tau_dtype=session.tau_dtype, space=settings.space,
-                           fitness=session.search_fitness(eval_spec, settings.fitness),
-                           max_length=settings.max_length, running_stats=session.running_stats,
-                           allow_shape_mismatch=session.allow_shape_mismatch,
-                           autocast=settings.autocast)
+    run = settings.replace(calib_size=calib_size if calib_size is not None else settings.calib_size,
+                           fitness=session.search_fitness(eval_spec, settings.fitness))
+    return CandidateScorer(session.pretrained, session.finetuned, eval_spec, run,
+                           model_factory=session.model_factory, device=session.device,
+                           tau_dtype=session.tau_dtype, running_stats=session.running_stats,
+                           allow_shape_mismatch=session.allow_shape_mismatch)
 
 
 def _identity_fields(session: Session, settings: PruneSettings) -> Dict[str, Any]:

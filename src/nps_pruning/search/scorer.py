@@ -44,33 +44,27 @@ class _State:
 
 
 class CandidateScorer:
-    def __init__(self, pretrained_path, finetuned_path, eval_spec: str, keep_ratio: float,
-                 num_bands: int = 8, scheme: str = "focused", focus: float = 3.0,
-                 kept_values: str = "weighted", calib_size: Optional[int] = None, seed: int = 0,
-                 model_factory: Optional[str] = None, device: str = "cpu", batch_size: int = 64,
-                 tau_dtype: str = "float32", space: str = "magnitude", fitness: str = "accuracy",
-                 max_length: int = 128, running_stats: str = "finetuned",
-                 allow_shape_mismatch: bool = False, autocast: Optional[str] = None):
+    """Scores a candidate (a point of the search space): writes θ_pre + τ̂(point) into the model
+    and runs the evaluator. Built from paths (the recipe, picklable: what worker processes
+    receive; each loads the pair once and prepares τ) or over in-memory objects
+    (:meth:`from_state`, the serial executor). ``settings`` is the run's
+    :class:`~nps_pruning.apps.settings.PruneSettings` (keep ratio, bands, space, seed, calibration
+    rows, batch size, ...; its ``fitness`` the one resolved for ``eval_spec``); the keywords are
+    how the pair is loaded, as the run's :class:`~nps_pruning.apps.session.Session` was."""
+
+    def __init__(self, pretrained_path, finetuned_path, eval_spec: str, settings, *,
+                 model_factory: Optional[str] = None, device: str = "cpu", tau_dtype: str = "float32",
+                 running_stats: str = "finetuned", allow_shape_mismatch: bool = False):
         self.pretrained_path = str(pretrained_path) if pretrained_path is not None else None
         self.finetuned_path = str(finetuned_path) if finetuned_path is not None else None
         self.eval_spec = eval_spec
-        self.keep_ratio = float(keep_ratio)
-        self.num_bands = int(num_bands)
-        self.scheme = scheme
-        self.focus = float(focus)
-        self.kept_values = kept_values
-        self.calib_size = calib_size
-        self.seed = int(seed)
+        self.settings = settings
+        self.autocast = settings.autocast if settings is not None else None   # "bf16": autocast forwards
         self.model_factory = model_factory
         self.device = device
-        self.batch_size = int(batch_size)
         self.tau_dtype = str(tau_dtype).replace("torch.", "")
-        self.space = space
-        self.fitness = fitness
-        self.max_length = int(max_length)
         self.running_stats = running_stats
         self.allow_shape_mismatch = bool(allow_shape_mismatch)
-        self.autocast = autocast        # "bf16": candidates' forward passes under bf16 autocast
         self._state: Optional[_State] = None
         self._written = None           # (positions, θ_pre there) of the candidate in the model
         self._picklable = True
@@ -80,10 +74,8 @@ class CandidateScorer:
                    autocast: Optional[str] = None) -> "CandidateScorer":
         """In-process scorer over already loaded objects (``prepared``: the
         :class:`~nps_pruning.core.prepared.Prepared` τ; not picklable: serial executor only)."""
-        self = cls(None, None, getattr(evaluator, "name", "<evaluator>"),
-                   getattr(prepared, "keep", 0.0), num_bands=getattr(prepared, "num_bands", 0),
-                   kept_values=getattr(prepared, "kept_values", "weighted"),
-                   space=getattr(prepared, "space", "magnitude"), autocast=autocast)
+        self = cls(None, None, getattr(evaluator, "name", "<evaluator>"), None)
+        self.autocast = autocast
         self._state = _State(base_flat, prepared, model, flat, evaluator)
         self._picklable = False
         return self
@@ -122,27 +114,24 @@ class CandidateScorer:
 
     def _build(self) -> _State:
 
-        compact = getattr(self, "tau_dtype", "float32") != "float32"
-        base_flat, tv = load_task_vector(self.pretrained_path, self.finetuned_path,
-                                         dtype=getattr(self, "tau_dtype", "float32"),
+        st = self.settings
+        compact = self.tau_dtype != "float32"
+        base_flat, tv = load_task_vector(self.pretrained_path, self.finetuned_path, dtype=self.tau_dtype,
                                          base_dtype="checkpoint" if compact else "float32",
-                                         device=self.device,
-                                         running_stats=getattr(self, "running_stats", "finetuned"),
-                                         allow_shape_mismatch=getattr(self, "allow_shape_mismatch", False))
-        prep = prepare(tv.values, layout_spans(tv.layout), keep=self.keep_ratio,
-                       num_bands=self.num_bands, scheme=self.scheme, focus=self.focus,
-                       space=getattr(self, "space", "magnitude"), seed=self.seed,
-                       kept_values=self.kept_values)
+                                         device=self.device, running_stats=self.running_stats,
+                                         allow_shape_mismatch=self.allow_shape_mismatch)
+        prep = prepare(tv.values, layout_spans(tv.layout), keep=st.keep_ratio, num_bands=st.bands,
+                       scheme=st.scheme, focus=st.focus, space=st.space, seed=st.seed,
+                       kept_values=st.kept_values)
         model = load_model(self.finetuned_path, model_factory=self.model_factory, device=self.device)
         flat = bind_flat(model, tv.layout)
         if flat.device != tv.values.device:
             raise NPSError(f"{self.finetuned_path}: the model was loaded on {flat.device} but the "
                            f"task vector on {tv.values.device}")
         evaluator = make_evaluator(self.eval_spec, model_path=self.finetuned_path,
-                                   calib_size=self.calib_size, seed=self.seed,
-                                   batch_size=self.batch_size, device=self.device,
-                                   max_length=getattr(self, "max_length", 128),
-                                   fitness=getattr(self, "fitness", "accuracy"))
+                                   calib_size=st.calib_size, seed=st.seed, batch_size=st.batch_size,
+                                   device=self.device, max_length=st.max_length,
+                                   fitness=st.fitness or "accuracy")
         if hasattr(evaluator, "set_reference"):     # the model holds θ_ft now: its predictions
             with torch.no_grad():
                 evaluator.set_reference(model)
@@ -152,7 +141,7 @@ class CandidateScorer:
     def restore(self) -> None:
         """Give the model θ_pre back at the entries the last candidate wrote (a model that holds
         θ_pre itself: ``base_flat`` None)."""
-        written = getattr(self, "_written", None)
+        written = self._written
         if written is not None and self._state is not None:
             idx, saved = written
             self._state.flat[idx] = saved
@@ -186,7 +175,7 @@ class CandidateScorer:
         """No gradients; with ``autocast="bf16"`` also bf16 autocast on the model's device."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
-        if getattr(self, "autocast", None) == "bf16":
+        if self.autocast == "bf16":
             stack.enter_context(torch.autocast(device_type=st.flat.device.type, dtype=torch.bfloat16))
         return stack
 
