@@ -17,7 +17,8 @@ from .task_vector import Layout, TaskVector
 _API = {
     "Session": "apps.session", "PruneSettings": "apps.settings", "SearchSettings": "apps.settings",
     "MergeSettings": "apps.settings", "prune": "apps.prune", "transfer": "apps.transfer",
-    "merge": "core.merge", "nps_combine": "core.merge", "MERGERS": "core.merge", "PRUNERS": "core",
+    "merge": "core.merge", "nps_combine": "core.merge", "merge_with_lambda_grid": "apps.merge",
+    "nps_merge_lambdas": "apps.merge", "joint_nps_merge": "apps.merge", "MERGERS": "core.merge", "PRUNERS": "core",
     "make_bands": "core", "build_candidate": "core", "load_task_vector": "checkpoints",
     "open_checkpoint": "checkpoints", "save_model_folder": "checkpoints",
     "read_task_vector": "checkpoints", "make_evaluator": "evaluation", "StoreTask": "store",
