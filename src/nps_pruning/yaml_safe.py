@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from .errors import NPSError, short   # short: the bounded repr of every config error message
 import yaml
+
+from .errors import NPSError, short  # short: the bounded repr of every config error message
 
 # A config is a handful of settings: anything near these limits is not one (and an alias bomb,
 # ``a: &a [x, x]``, ``b: &b [*a, *a]``, ..., expands exponentially while being built).

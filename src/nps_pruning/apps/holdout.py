@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..evaluation import eval_kind
-from .session import Session
 from ..search.scorer import CandidateScorer
+from .session import Session
 
 __all__ = ["holdout_finalists", "rescore_on_holdout", "holdout_note", "logits_peak"]
 

@@ -17,16 +17,15 @@ from typing import Any, Callable, List, Sequence
 import numpy as np
 import torch
 
+from ..core.joint_space import JointSpace
+from ..core.merge import merge, needs_shapes, nps_combine
+from ..core.space import make_space
 from ..errors import NPSError
 from ..paths import check_name
+from ..search import SearchSettings, run_search
 from ..search.grid import grid_search
 from .prune import Session
 from .settings import MergeSettings
-from ..core.merge import merge, needs_shapes, nps_combine
-from ..search import SearchSettings, run_search
-from ..core.space import make_space
-from ..core.joint_space import JointSpace
-
 
 # files `nps merge` writes next to the task folders (a task may not be named like one)
 MERGE_OUTPUT_FILES = ("report.json", "merged_task_vector.safetensors", ".nps-output")

@@ -18,21 +18,21 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..core import PRUNERS
+from ..core.prepared import prune_in_domain
+from ..core.space import make_space
 from ..errors import NPSError
+from ..paths import write_error
 from ..report.report import peak_rss_bytes
+from ..search import run_search
+from ..search.cmaes_search import SearchAborted
+from ..search.executors import make_executor
+from ..search.identity import run_identity
+from ..search.scorer import CandidateScorer
+from ..workdirs import claim_work_dir
 from .holdout import holdout_finalists, holdout_note, logits_peak, rescore_on_holdout
 from .session import Session
 from .settings import PruneSettings, SearchSettings
-from ..search.scorer import CandidateScorer
-from ..core.space import make_space
-from ..search import run_search
-from ..search.executors import make_executor
-from ..search.cmaes_search import SearchAborted
-from ..workdirs import claim_work_dir     # our work folder: made with its marker
-from ..search.identity import run_identity
-from ..paths import write_error
-from ..core import PRUNERS
-from ..core.prepared import prune_in_domain
 
 __all__ = ["Session", "PruneSettings", "SearchSettings", "PruneOutcome", "prune",
            "rescore_on_holdout", "holdout_finalists", "band_summary", "search_report"]

@@ -6,23 +6,22 @@ works on sessions; nothing here reads a CLI option.
 """
 from __future__ import annotations
 
+import gc
+import json
 import time
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
 
+from ..checkpoints import load_task_vector
+from ..checkpoints.external import resolve_input
+from ..core.prepared import changed_domain, layout_spans, prepare
 from ..errors import NPSError
 from ..evaluation import bind_flat, count_rows, eval_kind, load_model, make_evaluator
 from ..task_vector import TaskVector
-import json
-from pathlib import Path
-from ..checkpoints import load_task_vector
-from ..checkpoints.external import resolve_input
-import gc
-import weakref
-from ..core.prepared import changed_domain, layout_spans, prepare
-
 
 # Below this many held-out rows the re-scoring is noisier than the search score it overrides (on
 # the LLM suites' 64 calibration rows the 16 held out chose the start point with the worst search

@@ -31,11 +31,12 @@ from typing import Dict
 
 import torch
 
+from ..atomic import staging_dir, swap_in_dir
 from ..errors import NPSError
-from .input_cache import ADAPTER_CONFIG, converted, content_sha256, input_cache_dir
+from .input_cache import ADAPTER_CONFIG, content_sha256, converted, input_cache_dir
 from .lora import lora_to_folder
 from .save import save_tensors
-from ..atomic import staging_dir, swap_in_dir
+
 
 def is_lora_folder(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()

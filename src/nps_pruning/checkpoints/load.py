@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
+from safetensors import safe_open
 
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import NPSError
-from safetensors import safe_open
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

@@ -13,14 +13,14 @@ import re
 from pathlib import Path
 from typing import Dict, Optional
 
+import regex
 import torch
+from safetensors.torch import load_file
 
 from ..errors import NPSError
 from ..paths import regular_files
 from .input_cache import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, TOKENIZER_FILES, content_sha256,
                           converted, input_cache_dir, one_line)
-import regex
-from safetensors.torch import load_file
 from .load import open_checkpoint
 from .save import save_model_folder
 

@@ -34,11 +34,11 @@ from typing import Dict, Mapping
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..errors import NPSError
 from .save import save_tensors
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 SPARSE_FORMAT = "nps-sparse-tau/1"
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type
 
-from ..errors import NPSError, short
-from ..registries import (Choices, executors, fitnesses, mask_codings, merge_option, mergers,
-                          normalizations, pruners, schemes, spaces, tau_dtypes, value_dtypes)
 from ..apps.settings import MergeSettings, PruneSettings
+from ..errors import NPSError, short
+from ..registries import (Choices, executors, fitnesses, mask_codings, merge_option, mergers, normalizations,
+                          pruners, schemes, spaces, tau_dtypes, value_dtypes)
 from ..search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, shipped_search
 from ..search.race import RACE_OFF, RACES
 from ..yaml_safe import read_yaml

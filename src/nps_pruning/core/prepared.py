@@ -23,7 +23,7 @@ import torch
 
 from .bands import Bands, make_bands
 from .entries import candidate_entries
-from .space import build_point, HybridIndex, make_hybrid_index, SPACES
+from .space import SPACES, HybridIndex, build_point, make_hybrid_index
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from .bands import Bands
-from .mask import (_pass as _mask_pass, _plan as _mask_plan, _weights32, build_candidate, keep_count,
-                   reference_mask)
+from .mask import _pass as _mask_pass
+from .mask import _plan as _mask_plan
+from .mask import _weights32, build_candidate, keep_count, reference_mask
 
 CHUNK = 1 << 20
 

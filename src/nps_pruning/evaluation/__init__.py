@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
 
+import numpy as np
 import torch
 
 from ..errors import NPSError
 from .image import ImageClassificationEvaluator
+from .lm import GenerationEvaluator, MultipleChoiceEvaluator, PerplexityEvaluator, count_lm_rows
+from .lm_harness import LMEvalEvaluator
 from .model import bind_flat, load_model, load_state_dict_any, logits_of
 from .python_eval import PythonEvaluator, resolve_python
-from .text import read_text_rows, TextClassificationEvaluator
-from .lm_harness import LMEvalEvaluator
-from .lm import count_lm_rows, GenerationEvaluator, MultipleChoiceEvaluator, PerplexityEvaluator
-import numpy as np
+from .text import TextClassificationEvaluator, read_text_rows
 
 __all__ = [
     "Evaluator", "make_evaluator", "evaluate_path", "count_rows", "spec_kind", "eval_kind", "EvalKind", "KINDS",

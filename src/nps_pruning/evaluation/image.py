@@ -12,11 +12,12 @@ construction:
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
 
 from ..errors import NPSError
-from .fitness import check_fitness, FitnessScored
+from .fitness import FitnessScored, check_fitness
 from .model import logits_of
 from .text import check_num_outputs, forward_or_explain, select_rows
 

@@ -4,12 +4,13 @@ row's last-position logits, with the logits of one forward pass bounded by a mem
 rows, with the same scores)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .fitness import LOG_FLOOR
 from .model import logits_of
 from .text import forward_or_explain
-import inspect
 
 __all__ = ["LOGITS_BUDGET_BYTES", "rows_per_forward", "token_logp", "last_logits"]
 

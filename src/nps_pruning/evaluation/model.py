@@ -13,11 +13,11 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..checkpoints.load import read_model_config
 from ..checkpoints import open_checkpoint
+from ..checkpoints.load import read_model_config
 from ..errors import NPSError
-from .python_eval import resolve_python
 from ..task_vector import Layout
+from .python_eval import resolve_python
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

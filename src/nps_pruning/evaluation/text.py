@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import NPSError
-from .fitness import check_fitness, FitnessScored
+from .fitness import FitnessScored, check_fitness
 from .model import logits_of
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
+
 from .. import __version__
 from ..atomic import atomic_write_text
 

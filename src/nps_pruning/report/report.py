@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -13,9 +14,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_text
 from .. import __version__
-import resource
+from ..atomic import atomic_write_text
 
 
 def versions() -> Dict[str, str]:

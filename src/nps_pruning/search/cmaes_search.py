@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
-
-from ..errors import NPSError
-from .search_log import LOG_FORMAT, log_header, previous_records, SearchLog, settings_dict
-from .state import SearchAborted, SearchResult, SearchState, best_up_to, scores_of
-from ..core.space import make_space, SEARCH_SPACES
-from .race import RACES
 from tqdm.auto import tqdm
+
+from ..core.space import SEARCH_SPACES, make_space
+from ..errors import NPSError
 from .executors import make_executor
+from .race import RACES
+from .search_log import LOG_FORMAT, SearchLog, log_header, previous_records, settings_dict
+from .state import SearchAborted, SearchResult, SearchState, best_up_to, scores_of
 
 __all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SHIPPED_SEARCH", "SearchSettings", "shipped_search", "SearchResult", "SearchAborted",
            "best_up_to", "run_search", "LOG_FORMAT"]

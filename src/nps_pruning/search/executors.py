@@ -11,22 +11,22 @@ its model lazily on first call in each worker); per candidate only the band weig
 """
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..errors import NPSError
-import ctypes
-import signal
-import threading
-import torch
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 Outcome = Tuple[Any, Any]
 

@@ -23,6 +23,7 @@ import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
 from ..evaluation import spec_kind
 from ..evaluation.python_eval import parse_python_spec
 

@@ -16,18 +16,18 @@ stays in host memory, read by the per-candidate threshold search); timings synch
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import numpy as np
-
-from ..errors import NPSError
-from ..evaluation import bind_flat, eval_kind, load_model, make_evaluator
 import torch
+
 from ..checkpoints import load_task_vector
 from ..core.prepared import layout_spans, prepare
-import contextlib
+from ..errors import NPSError
+from ..evaluation import bind_flat, eval_kind, load_model, make_evaluator
 
 
 @dataclass

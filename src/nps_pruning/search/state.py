@@ -14,9 +14,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import NPSError
-from .search_log import Records, SearchLog, settings_dict
 from ..evaluation.fitness import score_from_rows
 from .race import race_order, race_schedule, survivors, told_scores
+from .search_log import Records, SearchLog, settings_dict
 
 _FAILED_TOLD_MARGIN = 1.0  # a failed candidate is told "worst score seen minus this"
 _RECORD_KEYS = ("gen", "idx", "weights", "score", "status", "error", "build_s", "eval_s", "examples")

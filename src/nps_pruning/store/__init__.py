@@ -40,7 +40,7 @@ from __future__ import annotations
 from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, decode_mask, encode_mask
 from .read import Store, read_store, restore_task, store_info
 from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask, StoreTask,
-                          flat_sha256)
+                    flat_sha256)
 from .write import write_store
 
 __all__ = ["StoreTask", "Store", "RestoredTask", "write_store", "read_store", "restore_task",

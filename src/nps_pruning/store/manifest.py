@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Tuple
 
+from ..checkpoints.save import MARKER, is_weight_file
 from ..dtypes import FLOAT_NAMES
 from ..errors import NPSError
 from ..paths import safe_relpath
 from .value_coding import FLOAT_CODINGS
-from ..checkpoints.save import MARKER, is_weight_file
 
 PART_KINDS = ("mask", "values", "task_specific", "buffers")
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, Mapping
 
-import numpy as np
 import constriction
+import numpy as np
 
 MASK_CODINGS = ("packed", "entropy")
 ENTROPY_CHUNK = 1 << 16

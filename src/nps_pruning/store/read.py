@@ -18,10 +18,10 @@ from ..dtypes import from_name
 from ..errors import NPSError
 from ..paths import safe_relpath
 from ..task_vector import Layout
-from .mask_coding import MASK_CODINGS, decode_mask
 from .manifest import MAX_MANIFEST_BYTES, all_parts, check_manifest
+from .mask_coding import MASK_CODINGS, decode_mask
 from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask,
-                          _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
+                    _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
 from .value_coding import decode_values, group_sizes_of, is_float_coding
 
 __all__ = ["Store", "read_store", "restore_task", "store_info"]

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import constriction
+import numpy as np
 
 FLOAT_CODINGS = ("fp32", "fp16", "bf16")
 QUANT_BITS = {"q2": 2, "q3": 3, "q4": 4, "q8": 8}

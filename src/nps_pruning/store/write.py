@@ -19,10 +19,10 @@ from ..errors import NPSError
 from ..paths import safe_relpath
 from ..task_vector import Layout
 from ..workdirs import unmark
-from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask
 from .manifest import side_file_reserved
+from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask
 from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, StoreTask,
-                          _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
+                    _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
 from .value_coding import encode_values, group_sizes_of, is_float_coding, levels_of
 
 __all__ = ["write_store"]
