@@ -40,7 +40,7 @@ GROUPS: Dict[str, List[str]] = {
               "src/nps_pruning/core/mask.py", "src/nps_pruning/core/sparsify.py",
               "src/nps_pruning/core/bands.py", "src/nps_pruning/core/space.py",
               "src/nps_pruning/core/entries.py", "src/nps_pruning/core/__init__.py",
-              "src/nps_pruning/core/prepared.py"],
+              "src/nps_pruning/core/prepared.py", "src/nps_pruning/core/ranks.py"],
     # the CMA-ES search, its settings and the prune command's search path
     "search": ["src/nps_pruning/search/*.py", "src/nps_pruning/apps/prune.py",
                "src/nps_pruning/apps/holdout.py", "src/nps_pruning/apps/settings.py",

@@ -15,7 +15,7 @@ domain is all of τ, nothing is copied, and every result is the one the core fun
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Tuple
 
 import numpy as np
@@ -23,6 +23,8 @@ import torch
 
 from .bands import Bands, make_bands
 from .entries import candidate_entries
+from .mask import keep_count
+from .ranks import maybe_rank_positions
 from .space import SPACES, HybridIndex, build_point, make_hybrid_index
 
 
@@ -128,17 +130,28 @@ class Prepared:
     space: str                        # "magnitude" | "hybrid"
     keep: float
     kept_values: str = "weighted"
+    use_ranks: bool = True            # index the top ranks for O(k) candidates (same results)
+    _ranks: Optional[tuple] = field(default=None, init=False, repr=False)
 
     @property
     def num_bands(self) -> int:
         return self.bands.num_bands
+
+    def ranks(self) -> Optional[torch.Tensor]:
+        """The positions of the first ranks a candidate can keep (:mod:`.ranks`), found on first
+        use; None when switched off or over :data:`~.ranks.MAX_RANKS`."""
+        if self._ranks is None:
+            self._ranks = (maybe_rank_positions(self.compact, self.bands,
+                                                keep_count(self.compact.numel(), self.keep))
+                           if self.use_ranks else None,)
+        return self._ranks[0]
 
     def entries(self, params) -> Tuple[torch.Tensor, torch.Tensor]:
         """(flat positions ascending, τ̂ values in float32) of the point ``params`` (parameter
         units): see :func:`~.entries.candidate_entries`."""
         idx, vals = candidate_entries(self.space, self.compact, self.bands, self.index,
                                       np.asarray(params, dtype=np.float64), self.keep,
-                                      kept_values=self.kept_values)
+                                      kept_values=self.kept_values, ranks=self.ranks())
         return self.domain.to_full(idx), vals
 
     def build(self, params, *, base: Optional[torch.Tensor] = None,

@@ -36,6 +36,7 @@ from .bands import Bands
 from .mask import _pass as _mask_pass
 from .mask import _plan as _mask_plan
 from .mask import _weights32, build_candidate, keep_count, reference_mask
+from .ranks import rank_prefixes
 
 CHUNK = 1 << 20
 
@@ -86,6 +87,8 @@ class HybridPlan:
     mag_scale: np.ndarray      # float32 (M,): fl32(w_b · 2^g)
     rand_scale: float          # float32 value: fl32(2^h · (D − k_mag) / k_rand)
     mag: torch.Tensor          # bool (D,): the magnitude part (the paper's mask of w at k_mag)
+    mag_pos: Optional[torch.Tensor] = None   # (k_mag,) its positions, band by band in rank
+    #                                          order (only when hybrid_plan was given the ranks)
 
 
 def split_params(params: Sequence[float], num_bands: int):
@@ -100,9 +103,12 @@ def split_params(params: Sequence[float], num_bands: int):
 
 
 def hybrid_plan(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
-                keep_ratio: float) -> HybridPlan:
+                keep_ratio: float, *, ranks: Optional[torch.Tensor] = None) -> HybridPlan:
     """Which entries a hybrid point keeps: the magnitude part as the exact mask of :mod:`.mask`
-    (one chunked pass over τ), the random part as a prefix of ``index.perm``."""
+    (one chunked pass over τ), the random part as a prefix of ``index.perm``. With ``ranks`` (the
+    positions of the first ranks, :func:`~.mask.rank_positions`, at least to every band's cut) the
+    magnitude part is those rank prefixes, gathered in O(k_mag) instead of a pass over τ: the same
+    set, since each band keeps a rank prefix (:mod:`.mask`)."""
     M, D = bands.num_bands, bands.num_entries
     w, g, alpha, h = split_params(params, M)
     if not 0.0 <= alpha <= 1.0:
@@ -110,12 +116,20 @@ def hybrid_plan(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
     k = keep_count(D, keep_ratio)
     k_mag = min(k, max(0, int(round((1.0 - alpha) * k))))
     k_rand = k - k_mag
+    mag_pos = None
     if k_mag > 0:
         mplan = _mask_plan(bands, w, k_mag)
         counts = mplan.counts
-        mag = _mask_pass(values, bands, mplan, _weights32(bands, w), "mask")
+        if ranks is not None:
+            mag_pos = rank_prefixes(ranks, bands, counts)
+            mag = torch.zeros(D, dtype=torch.bool, device=values.device)
+            mag[mag_pos] = True
+        else:
+            mag = _mask_pass(values, bands, mplan, _weights32(bands, w), "mask")
     else:
         counts, mag = [0] * M, torch.zeros(D, dtype=torch.bool, device=values.device)
+        if ranks is not None:
+            mag_pos = ranks[:0]
     cuts = [int(bands.starts[b]) + int(counts[b]) for b in range(M)]
     mag_scale = (w.astype(np.float32) * np.float32(2.0 ** g)).astype(np.float32)
     if g == 0.0:
@@ -124,7 +138,7 @@ def hybrid_plan(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
     if k_rand > 0:
         last_pos = _scan_free(mag, index.perm, k_rand)
         rand_scale = float(np.float32((2.0 ** h) * (D - k_mag) / k_rand))
-    return HybridPlan(k, k_mag, k_rand, cuts, last_pos, mag_scale, rand_scale, mag)
+    return HybridPlan(k, k_mag, k_rand, cuts, last_pos, mag_scale, rand_scale, mag, mag_pos)
 
 
 def _scan_free(mag: torch.Tensor, perm: torch.Tensor, need: int) -> int:
@@ -157,9 +171,13 @@ def _hybrid_code(plan: HybridPlan, index: HybridIndex, M: int, dev):
             sel = perm[s:min(plan.last_pos + 1, s + CHUNK)]
             c = code[sel]
             code[sel] = torch.where(c == 0, 2, c).to(torch.uint8)
-    table = torch.cat([torch.zeros(M), torch.from_numpy(plan.mag_scale),
-                       torch.full((M,), plan.rand_scale)]).to(torch.float32).to(dev)
-    return code, table
+    return code, _code_table(plan, M, dev)
+
+
+def _code_table(plan: HybridPlan, M: int, dev) -> torch.Tensor:
+    """float32 (3M,): entry d's scale is ``table[band_d + M·code_d]`` (see :func:`_hybrid_code`)."""
+    return torch.cat([torch.zeros(M), torch.from_numpy(plan.mag_scale),
+                      torch.full((M,), plan.rand_scale)]).to(torch.float32).to(dev)
 
 
 def build_hybrid(values: torch.Tensor, bands: Bands, index: HybridIndex, params, keep_ratio: float, *,
