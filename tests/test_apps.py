@@ -480,7 +480,45 @@ def test_merge_nps_joint_search_is_never_worse_and_reports_its_merge(fam, tmp_pa
     assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(merged).items()})
 
 
-@pytest.mark.parametrize("case", ["collide-average", "trim-dare", "joint-ties", "joint-lambda"])
+def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score(fam, tmp_path):
+    """--combine best: Eq. 7, TSV-M and Iso-C are each tried on the slim and on the dense τ (in
+    that order), the one of highest mean calibration score is written (the first of equals), and
+    the written τ is that merge rebuilt from the report: the picked method at the reported λ."""
+    from nps_pruning.apps.merge import PICK_INPUTS, PICK_MERGES
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.core import build_candidate, make_bands
+    from nps_pruning.core.merge import merge, nps_combine
+    out = tmp_path / "best"
+    evals = []
+    for t in fam["tasks"]:
+        evals += ["--eval", f"text-classification:{fam['calib']}"]
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *PAPER_NPS, *evals,
+                "--keep", "0.2", "--bands", "2", "--generations", "1", "--popsize", "4",
+                "--lambda-grid", "1.0", "1.5", "--lambda-generations", "1", "--combine", "best",
+                "--quiet"]) == 0
+    rep = report_of(out)
+    tried = rep["combine"]["tried"]
+    assert [(t["inputs"], t["merge"]) for t in tried] == [(i, m) for i in PICK_INPUTS for m in PICK_MERGES]
+    scores = [t["score"] for t in tried]
+    picked = rep["combine"]["picked"]
+    assert picked == tried[scores.index(max(scores))]
+    assert np.mean(list(rep["calibration"].values())) == pytest.approx(picked["score"], abs=1e-12)
+    assert rep["lambdas"] == picked["lambdas"]
+    vecs, tvs = [], []
+    for t in fam["tasks"]:
+        _, tv = load_task_vector(fam["base"], t)
+        tvs.append(tv)
+        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
+        vecs.append(build_candidate(tv.values, bands, np.asarray(rep["pruning"][t.name]["best_weights"]),
+                                    0.2) if picked["inputs"] == "slim" else tv.values)
+    vecs = torch.stack(vecs)
+    want = (nps_combine(vecs, picked["lambdas"], "mask-count") if picked["merge"] == "nps" else
+            merge(picked["merge"], vecs, lam=picked["lambdas"][0], shapes=tvs[0].layout.shapes))
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tvs[0].layout.unflatten(want).items()})
+
+
+@pytest.mark.parametrize("case", ["collide-average", "trim-dare", "joint-ties", "joint-lambda", "combine-ties", "combine-lambda"])
 def test_merge_refuses_options_the_method_does_not_take(fam, tmp_path, capsys, case):
     out = tmp_path / "m"
     t = fam["tasks"]
@@ -490,11 +528,14 @@ def test_merge_refuses_options_the_method_does_not_take(fam, tmp_path, capsys, c
             "joint-ties": base + ["--method", "ties", "--joint-generations", "2"],
             "joint-lambda": base + ["--method", "nps", "--joint-generations", "2",
                                     *sum((["--eval", f"text-classification:{fam['calib']}"] for _ in t), [])],
+            "combine-ties": base + ["--method", "ties", "--combine", "best"],
+            "combine-lambda": base + ["--method", "nps", "--combine", "best",
+                                      *sum((["--eval", f"text-classification:{fam['calib']}"] for _ in t), [])],
             }[case]
     assert run(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert {"collide-average": "--collide", "trim-dare": "--trim", "joint-ties": "--joint-generations",
-            "joint-lambda": "--lambda"}[case] in line
+            "joint-lambda": "--lambda", "combine-ties": "--combine", "combine-lambda": "--lambda"}[case] in line
     assert list(tmp_path.iterdir()) == []
 
 

@@ -180,6 +180,8 @@ MERGE_AWARE_LABELS = {
                    "λ grid + per-task λ search, mask-count)",
     "nps-default-collide": "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; at the default's λ_i)",
     "nps-joint": "NPS-merge, merge-aware (`--joint-generations 3`: all tasks' points and λ_i searched on the merge)",
+    "nps-best": "NPS-merge, `--combine best`: the best on calibration of Eq. 7, TSV-M and Iso-C, each on the "
+                "default NPS τ̂ (r = 0.05) and on the dense τ",
     "ties-sequential": "TIES, CABS-style conflict-free sequential trim (`--trim sequential`)",
     "ties-layer": "TIES, layer-balanced trim (`--trim layer`)",
     "ties-collide": "TIES + `--collide magnitude`",
@@ -207,7 +209,7 @@ def _study_keep(key: str) -> float:
 
 
 MA_SHORT = {"nps-default": "NPS-merge (default)", "nps-default-collide": "NPS-merge (default) + `--collide magnitude`",
-            "nps-joint": "merge-aware joint search"}
+            "nps-joint": "merge-aware joint search", "nps-best": "NPS-merge `--combine best`"}
 
 
 def _ma_short(key: str) -> str:
@@ -217,6 +219,9 @@ def _ma_short(key: str) -> str:
         src, m = key.split("-into-", 1)
         return f"{'the default NPS' if src == 'nps' else src.upper()} τ̂ merged by {m}"
     return MA_SHORT[key]
+
+
+_PICK_NAMES = {"nps": "Eq. 7", "tsv-m": "TSV-M", "iso-c": "Iso-C"}
 
 
 def _ma_label(key: str, row: dict) -> str:
@@ -229,29 +234,38 @@ def _ma_label(key: str, row: dict) -> str:
         return "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; λ grid + per-task λ search)"
     if key == "nps-joint" and row.get("generations"):
         return MERGE_AWARE_LABELS[key].replace("--joint-generations 3", f"--joint-generations {row['generations']}")
+    if key == "nps-best" and row.get("picked"):
+        p = row["picked"]
+        return (MERGE_AWARE_LABELS[key] + f" (picked: {_PICK_NAMES.get(p['merge'], p['merge'])} on the "
+                f"{'slim τ̂' if p['inputs'] == 'slim' else 'dense τ'})")
     return MERGE_AWARE_LABELS[key]
 
 
 def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
-    """The issue's comparison: the shipped NPS-merge against TIES and the best SVD merge."""
+    """The issue's comparison: the shipped NPS-merge (and ``--combine best``) against TIES and the
+    best SVD merge."""
     rows = (MA or {}).get("rows") or {}
     if "nps-default" not in rows or "ties" not in F:
         return ""
-    d, sd = mean_se(rows["nps-default"]["test"], ns)
-    out = []
-    for label, keys in (("TIES", ["ties"]), ("the best of TSV-M / Iso-C", ["tsv-m", "iso-c"])):
-        have = [k for k in keys if k in F]
-        if not have:
+    sentences = []
+    for key, name in (("nps-default", "The shipped NPS-merge (default)"), ("nps-best", "`--combine best`")):
+        if key not in rows:
             continue
-        k = max(have, key=lambda k: F[k]["test_mean"])
-        m, sm = mean_se(F[k]["test"], ns)
-        se = (sd ** 2 + sm ** 2) ** 0.5
-        out.append(f"{label} ({FUSION_LABELS[k].split(' (')[0]} {m:.4f}): {d - m:+.4f} "
-                   f"({(d - m) / se if se > 0 else float('nan'):+.1f} SE)")
+        d, sd = mean_se(rows[key]["test"], ns)
+        out = []
+        for label, keys in (("TIES", ["ties"]), ("the best of TSV-M / Iso-C", ["tsv-m", "iso-c"])):
+            have = [k for k in keys if k in F]
+            if not have:
+                continue
+            k = max(have, key=lambda k: F[k]["test_mean"])
+            m, sm = mean_se(F[k]["test"], ns)
+            se = (sd ** 2 + sm ** 2) ** 0.5
+            out.append(f"{label} ({FUSION_LABELS[k].split(' (')[0]} {m:.4f}): {d - m:+.4f} "
+                       f"({(d - m) / se if se > 0 else float('nan'):+.1f} SE)")
+        sentences.append(f"{name} scores {d:.4f} on test; against " + "; against ".join(out) + ".")
     best = max(((k, v) for k, v in rows.items() if k.startswith("nps")), key=lambda kv: kv[1]["test_mean"])
-    return ("\n\nThe shipped NPS-merge (default) scores {:.4f} on test; against ".format(d) + "; against ".join(out)
-            + " (SE of the difference from the two rows' standard errors). Best row merging NPS vectors here: "
-            + f"{_ma_short(best[0])} {best[1]['test_mean']:.4f}.")
+    return ("\n\n" + " ".join(sentences) + " (SE of a difference from the two rows' standard errors.) "
+            + f"Best row merging NPS vectors here: {_ma_short(best[0])} {best[1]['test_mean']:.4f}.")
 
 
 def _fusion_section(sname: str, S: dict, figures_dir=None, fig_rel=None) -> str:

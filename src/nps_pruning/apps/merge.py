@@ -170,6 +170,43 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
     return choice.extra, choice.value, grid
 
 
+# --combine best: the merges tried, in order (an earlier one wins a tie), and the SVD merges' λ
+PICK_MERGES = ("nps", "tsv-m", "iso-c")
+PICK_INPUTS = ("slim", "dense")
+PICK_SVD_GRID = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
+
+
+def pick_merge(sessions, evaluators, pruned: torch.Tensor, taus: torch.Tensor, *,
+               settings: MergeSettings = MergeSettings(), progress=True):
+    """NPS-merge with ``combine="best"``: the merge whose mean calibration score over the tasks
+    is the highest of Eq. 7 (λ grid + per-task λ search, exactly ``combine="nps"``), TSV-M and
+    Iso-C (λ on :data:`PICK_SVD_GRID`, ``settings.matrices``), each fed the slim τ̂ (``pruned``)
+    and the dense τ (``taus``, r = 1: where pruning costs the merge more than it saves, the
+    search may say so). An earlier merge wins a tie. Returns (merged τ, λ_i, the merges tried as
+    dicts {merge, inputs, score, lambdas}, the index of the one picked)."""
+    n = len(sessions)
+    tried, best = [], None
+    for inputs, vecs in zip(PICK_INPUTS, (pruned, taus)):
+        for method in PICK_MERGES:
+            if method == "nps":
+                lambdas, _, _ = nps_merge_lambdas(sessions, evaluators, vecs, settings=settings,
+                                                  progress=progress)
+                merged = nps_combine(vecs, lambdas, settings.normalize, settings.collide)
+                score = float(np.mean(merged_scores(sessions, evaluators, merged)))
+            else:
+                svd = MergeSettings(lambda_grid=PICK_SVD_GRID, seed=settings.seed,
+                                    matrices=settings.matrices)
+                merged, lam, grid = merge_with_lambda_grid(method, vecs, sessions, evaluators,
+                                                           settings=svd)
+                lambdas, score = [float(lam)] * n, max(g["score"] for g in grid)
+            tried.append({"merge": method, "inputs": inputs, "score": score,
+                          "lambdas": [float(x) for x in lambdas]})
+            if best is None or score > best[0]:
+                best = (score, merged, lambdas, len(tried) - 1)
+            del merged
+    return best[1], best[2], tried, best[3]
+
+
 def share_base(sessions: Sequence[Session]) -> None:
     """Let every session use the first one's θ_pre when both read the same pre-trained model in
     the same layout (a merge's tasks always do): the copies they loaded (or took back after a

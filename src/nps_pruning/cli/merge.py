@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..apps.merge import (MERGE_OUTPUT_FILES, check_finite_model, joint_nps_merge, merge_with_lambda_grid,
-                          merged_scores, nps_merge_lambdas, share_base, share_models, stack_task_vectors,
-                          task_names, task_point)
+                          merged_scores, nps_merge_lambdas, pick_merge, share_base, share_models,
+                          stack_task_vectors, task_names, task_point)
 from ..apps.prune import prune, search_report
 from ..apps.session import Session
 from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
@@ -37,6 +37,11 @@ def check_merge_options(opts) -> None:
         raise NPSError("--joint-generations is the merge-aware search of --method nps")
     if opts.joint_generations and opts.lam is not None:
         raise NPSError("--joint-generations searches the λ_i: do not fix --lambda")
+    if opts.combine != "nps" and opts.method != "nps":
+        raise NPSError("--combine is how --method nps combines its slim vectors")
+    if opts.combine == "best" and (opts.lam is not None or opts.joint_generations):
+        raise NPSError("--combine best picks the merge and its λ on calibration: do not fix --lambda "
+                       "or add --joint-generations (a refinement of Eq. 7)")
 
 
 def run_merge(opts) -> Dict[str, Any]:
@@ -123,11 +128,16 @@ def run_merge(opts) -> Dict[str, Any]:
         report["pruning"] = searches
         if opts.lam is not None:
             lambdas, grid, lam_result = [opts.lam] * len(sessions), [], None
+        elif msettings.combine == "best":
+            merged, lambdas, tried, i = pick_merge(sessions, evaluators, pruned, taus, settings=msettings,
+                                                   progress=not opts.quiet)
+            report.update(combine={"tried": tried, "picked": tried[i]}, lambdas=lambdas)
         else:
             lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned,
                                                           settings=msettings,
                                                           progress=not opts.quiet)
-        report.update(lambda_grid=grid, lambda_search=search_report(lam_result))
+        if msettings.combine != "best":
+            report.update(lambda_grid=grid, lambda_search=search_report(lam_result))
         if msettings.joint_generations > 0:
             points = [task_point(s, o, slim) for s, o in zip(sessions, outcomes)]
             two_stage = float(np.mean(merged_scores(
@@ -136,7 +146,8 @@ def run_merge(opts) -> Dict[str, Any]:
                 sessions, evaluators, points, lambdas, settings=msettings,
                 log_path=safe_child(wd, "search-joint.jsonl"), progress=not opts.quiet)
             report["joint_search"] = {"two_stage_score": two_stage, **search_report(joint)}
-        merged = nps_combine(pruned, lambdas, opts.normalize, opts.collide)
+        if msettings.combine != "best":
+            merged = nps_combine(pruned, lambdas, opts.normalize, opts.collide)
         report["lambdas"] = lambdas
     elif opts.lam is not None or opts.method == "average":
         merged = merge(opts.method, taus, lam=opts.lam if opts.lam is not None else 1.0,

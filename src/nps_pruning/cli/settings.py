@@ -57,7 +57,7 @@ def merge_settings(opts) -> MergeSettings:
                          normalize=opts.normalize, lambda_generations=opts.lambda_generations,
                          seed=opts.seed, max_failures=opts.max_failures, collide=opts.collide,
                          trim=opts.trim, joint_generations=opts.joint_generations,
-                         matrices=opts.svd_matrices)
+                         matrices=opts.svd_matrices, combine=opts.combine)
 
 
 def check_prune_options(method: str, opts, eval_spec: Optional[str]) -> None:
