@@ -481,10 +481,10 @@ def test_merge_nps_joint_search_is_never_worse_and_reports_its_merge(fam, tmp_pa
 
 
 def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score(fam, tmp_path):
-    """--combine best: Eq. 7, TSV-M and Iso-C are each tried on the slim and on the dense τ (in
-    that order), the one of highest mean calibration score is written (the first of equals), and
-    the written τ is that merge rebuilt from the report: the picked method at the reported λ."""
-    from nps_pruning.apps.merge import PICK_INPUTS, PICK_MERGES
+    """--combine best: Eq. 7 on the slim τ̂, TSV-M and Iso-C on the slim and on the dense τ are
+    tried (in that order), the one of highest mean calibration score is written (the first of
+    equals), and the written τ is that merge rebuilt from the report: the method at its λ."""
+    from nps_pruning.apps.merge import PICKS
     from nps_pruning.checkpoints import load_task_vector
     from nps_pruning.core import build_candidate, make_bands
     from nps_pruning.core.merge import merge, nps_combine
@@ -498,7 +498,7 @@ def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score
                 "--quiet"]) == 0
     rep = report_of(out)
     tried = rep["combine"]["tried"]
-    assert [(t["inputs"], t["merge"]) for t in tried] == [(i, m) for i in PICK_INPUTS for m in PICK_MERGES]
+    assert [(t["inputs"], t["merge"]) for t in tried] == list(PICKS)
     scores = [t["score"] for t in tried]
     picked = rep["combine"]["picked"]
     assert picked == tried[scores.index(max(scores))]

@@ -113,6 +113,29 @@ def test_merge_with_lambda_grid_keeps_the_first_best_and_its_merged_tau(monkeypa
     assert lam == 1.5 and float(merged[0]) == 3.0
 
 
+def test_merge_with_lambda_grid_merges_once_when_the_merger_scales_with_lambda(monkeypatch):
+    """A merger that says it scales with λ is built once, at λ = 1; the grid's scores, the λ
+    chosen and the merged τ are those of building it at every λ."""
+    from nps_pruning.apps import merge as merge_mod
+    from nps_pruning.core import merge as core_merge
+    built = []
+
+    def toy_merger(taus, lam, keep_ratio, seed):
+        built.append(lam)
+        return lam * taus.sum(0)
+    toy_merger.scales_with_lambda = True
+
+    monkeypatch.setitem(core_merge.MERGERS, "toy", toy_merger)
+    taus = torch.tensor([[1.0], [1.0]])
+    sessions = [_Session(lambda x: -abs(x - 2.0)), _Session(lambda x: -abs(x - 2.0))]
+    settings = MergeSettings(lambda_grid=[0.5, 1.5, 0.5, 1.0], keep_ratio=1.0, seed=0)
+    merged, lam, grid = merge_mod.merge_with_lambda_grid("toy", taus, sessions, [None, None],
+                                                         settings=settings)
+    assert built == [1.0] and lam == 1.0 and float(merged[0]) == 2.0
+    assert grid == [{"lambda": 0.5, "score": -1.0}, {"lambda": 1.5, "score": -1.0},
+                    {"lambda": 0.5, "score": -1.0}, {"lambda": 1.0, "score": 0.0}]
+
+
 def test_nps_merge_lambdas_grid_picks_the_first_best_common_lambda():
     from nps_pruning.apps.merge import nps_merge_lambdas
     pruned = torch.tensor([[1.0], [1.0]])

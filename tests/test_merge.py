@@ -171,3 +171,65 @@ def test_entrywise_merge_steps_in_column_slices_are_bit_identical(monkeypatch):
     bad[2, 1000] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         cm.merge("ties", bad)
+
+
+def _lambda_cases():
+    """(method, options, τ): every merger that says it scales with λ, on matrices and vectors,
+    with its options, in float32 and (where it takes them) 16-bit task vectors."""
+    from nps_pruning.core.merge import HALF_MERGERS, MERGE_OPTIONS, merger_options, scales_with_lambda
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(6, 5), (5,), (4, 3, 2), (7, 1)]
+    D = sum(torch.Size(s).numel() for s in shapes)
+    taus = torch.randn(3, D, generator=gen) * (torch.rand(3, D, generator=gen) < 0.7)
+    for method in MERGERS:
+        if not scales_with_lambda(method):
+            continue
+        opts = merger_options(method)
+        variants = [{}] + [{name: v} for name in opts for v in MERGE_OPTIONS[name][1:]]
+        for over in variants:
+            yield method, over, taus, shapes
+            if method in HALF_MERGERS and not over:
+                yield method, over, taus.to(torch.bfloat16), shapes
+
+
+def test_a_merger_that_scales_with_lambda_is_lambda_times_its_unit_merge_bit_for_bit():
+    """What lets a λ grid merge once and scale (apps.merge.merge_with_lambda_grid): for every
+    merger but ``average``, merge(λ) is exactly λ · merge(1), whatever its options and dtype."""
+    from nps_pruning.core.merge import merge
+    seen = set()
+    for method, over, taus, shapes in _lambda_cases():
+        seen.add(method)
+        unit = merge(method, taus, lam=1.0, keep_ratio=0.3, seed=3, shapes=shapes, **over)
+        for lam in (0.3, 0.8, 1.7, 2.5):
+            got = merge(method, taus, lam=lam, keep_ratio=0.3, seed=3, shapes=shapes, **over)
+            want = float(lam) * unit
+            assert got.dtype == want.dtype
+            assert torch.equal(got.float().view(torch.int32), want.float().view(torch.int32)), (method, over, lam)
+    assert seen == set(MERGERS) - {"average"}
+
+
+def test_the_lambda_grid_merges_once_and_gives_the_merge_at_the_chosen_lambda():
+    from types import SimpleNamespace
+
+    from nps_pruning.apps.merge import merge_with_lambda_grid
+    from nps_pruning.apps.settings import MergeSettings
+    from nps_pruning.core.merge import merge
+    shapes = [(6, 5), (5,), (7, 1)]
+    D = sum(torch.Size(s).numel() for s in shapes)
+    taus = torch.randn(3, D, generator=torch.Generator().manual_seed(2))
+    target = torch.randn(D, generator=torch.Generator().manual_seed(9))
+
+    class Session:
+        task_vector = SimpleNamespace(layout=SimpleNamespace(shapes=shapes))
+
+        def score(self, ev, merged):
+            return ev(merged)
+    sessions = [Session() for _ in range(3)]
+    evaluators = [lambda m: -float(((m - target) ** 2).sum())] * 3
+    for method in ("tsv-m", "iso-c", "ties", "task-arithmetic"):
+        grid = (0.2, 0.5, 0.9, 1.4)
+        merged, lam, rows = merge_with_lambda_grid(method, taus, sessions, evaluators,
+                                                   settings=MergeSettings(lambda_grid=grid, keep_ratio=0.4))
+        each = [merge(method, taus, lam=g, keep_ratio=0.4, shapes=shapes) for g in grid]
+        assert [r["score"] for r in rows] == [evaluators[0](m) for m in each]
+        assert torch.equal(merged, each[grid.index(lam)])

@@ -21,7 +21,7 @@ Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test
   merged by m instead of Eq. 7 (``nps merge --method m --prune nps``), λ on m's fusion grid and
   below it (a rescaled τ̂ wants a smaller λ); ``dare-into-<m>``: DARE's τ̂ at r = 0.05 the same way.
 * ``nps-best``: ``nps merge --method nps --combine best`` on the default's τ̂ — the best on the
-  calibration rows of Eq. 7, TSV-M and Iso-C, each on the slim τ̂ and on the dense τ.
+  calibration rows of Eq. 7 on the slim τ̂, and TSV-M and Iso-C on the slim τ̂ and on the dense τ.
 
 ``NPS_BENCH_MERGE_AWARE_NPS=0`` runs the TIES rows only (a partial pass when CPU time is short).
 """
@@ -59,7 +59,7 @@ def _default_points(ctxs, wins_rows: Optional[Dict[str, list]], keep: float):
 def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_root: str,
                         pruning: Dict[str, dict], wins_rows: Optional[Dict[str, list]] = None) -> dict:
     import torch
-    from nps_pruning.apps.merge import (PICK_INPUTS, PICK_MERGES, PICK_SVD_GRID, joint_nps_merge,
+    from nps_pruning.apps.merge import (PICK_SVD_GRID, PICKS, joint_nps_merge,
                                         merge_with_lambda_grid, merged_scores, nps_merge_lambdas, pick_merge)
     from nps_pruning.apps.settings import MergeSettings
     from nps_pruning.core.merge import nps_combine
@@ -173,7 +173,7 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
         return scored(merged, {"lambda": [float(x) for x in lambdas], "picked": tried[i], "tried": tried})
     out["nps-best"] = _strip(cache.step(suite, "_merge_aware", "nps-best",
                                         {**base_params, **points_src, "settings": shipped_params,
-                                         "combine": {"merges": list(PICK_MERGES), "inputs": list(PICK_INPUTS),
+                                         "combine": {"picks": [list(p) for p in PICKS],
                                                      "svd_grid": list(PICK_SVD_GRID),
                                                      "matrices": shipped.matrices}}, best, log))
     return {"suite": suite, "rows": out, "job_s": time.perf_counter() - t_job}

@@ -180,8 +180,8 @@ MERGE_AWARE_LABELS = {
                    "λ grid + per-task λ search, mask-count)",
     "nps-default-collide": "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; at the default's λ_i)",
     "nps-joint": "NPS-merge, merge-aware (`--joint-generations 3`: all tasks' points and λ_i searched on the merge)",
-    "nps-best": "NPS-merge, `--combine best`: the best on calibration of Eq. 7, TSV-M and Iso-C, each on the "
-                "default NPS τ̂ (r = 0.05) and on the dense τ",
+    "nps-best": "NPS-merge, `--combine best`: the best on calibration of Eq. 7 on the default NPS τ̂ (r = 0.05), "
+                "and TSV-M and Iso-C on that τ̂ and on the dense τ",
     "ties-sequential": "TIES, CABS-style conflict-free sequential trim (`--trim sequential`)",
     "ties-layer": "TIES, layer-balanced trim (`--trim layer`)",
     "ties-collide": "TIES + `--collide magnitude`",

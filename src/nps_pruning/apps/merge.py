@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core.joint_space import JointSpace
-from ..core.merge import merge, needs_shapes, nps_combine
+from ..core.merge import merge, needs_shapes, nps_combine, scales_with_lambda
 from ..core.space import make_space
 from ..errors import NPSError
 from ..paths import check_name
@@ -158,10 +158,19 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
         merged = merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return merged, None, []
 
+    unit = []                 # the merge at λ = 1, built once when λ only scales it
+
     def score(lam):           # the best λ's merged τ is kept, not built again
-        merged = merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,
-                       shapes=shapes, collide=settings.collide, trim=settings.trim,
-                       matrices=settings.matrices)
+        if scales_with_lambda(method):
+            if not unit:
+                unit.append(merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed,
+                                  shapes=shapes, collide=settings.collide, trim=settings.trim,
+                                  matrices=settings.matrices))
+            merged = float(lam) * unit[0]       # bit for bit the merge at λ (scales_with_lambda)
+        else:
+            merged = merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,
+                           shapes=shapes, collide=settings.collide, trim=settings.trim,
+                           matrices=settings.matrices)
         return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
 
     lambda_grid = list(settings.lambda_grid)
@@ -170,40 +179,39 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
     return choice.extra, choice.value, grid
 
 
-# --combine best: the merges tried, in order (an earlier one wins a tie), and the SVD merges' λ
-PICK_MERGES = ("nps", "tsv-m", "iso-c")
-PICK_INPUTS = ("slim", "dense")
+# --combine best: the merges tried (inputs, merge), in order (an earlier one wins a tie), and
+# the SVD merges' λ
+PICKS = (("slim", "nps"), ("slim", "tsv-m"), ("slim", "iso-c"), ("dense", "tsv-m"), ("dense", "iso-c"))
 PICK_SVD_GRID = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
 
 
 def pick_merge(sessions, evaluators, pruned: torch.Tensor, taus: torch.Tensor, *,
                settings: MergeSettings = MergeSettings(), progress=True):
-    """NPS-merge with ``combine="best"``: the merge whose mean calibration score over the tasks
-    is the highest of Eq. 7 (λ grid + per-task λ search, exactly ``combine="nps"``), TSV-M and
-    Iso-C (λ on :data:`PICK_SVD_GRID`, ``settings.matrices``), each fed the slim τ̂ (``pruned``)
-    and the dense τ (``taus``, r = 1: where pruning costs the merge more than it saves, the
-    search may say so). An earlier merge wins a tie. Returns (merged τ, λ_i, the merges tried as
-    dicts {merge, inputs, score, lambdas}, the index of the one picked)."""
+    """NPS-merge with ``combine="best"``: of the merges :data:`PICKS`, the one whose mean
+    calibration score over the tasks is the highest — Eq. 7 on the slim τ̂ (``pruned``; λ grid +
+    per-task λ search, exactly ``combine="nps"``), and TSV-M and Iso-C (λ on
+    :data:`PICK_SVD_GRID`, ``settings.matrices``) on the slim τ̂ and on the dense τ (``taus``,
+    r = 1: where pruning costs the merge more than it saves, the pick says so). An earlier merge
+    wins a tie. Returns (merged τ, λ_i, the merges tried as dicts {merge, inputs, score,
+    lambdas}, the index of the one picked)."""
     n = len(sessions)
     tried, best = [], None
-    for inputs, vecs in zip(PICK_INPUTS, (pruned, taus)):
-        for method in PICK_MERGES:
-            if method == "nps":
-                lambdas, _, _ = nps_merge_lambdas(sessions, evaluators, vecs, settings=settings,
-                                                  progress=progress)
-                merged = nps_combine(vecs, lambdas, settings.normalize, settings.collide)
-                score = float(np.mean(merged_scores(sessions, evaluators, merged)))
-            else:
-                svd = MergeSettings(lambda_grid=PICK_SVD_GRID, seed=settings.seed,
-                                    matrices=settings.matrices)
-                merged, lam, grid = merge_with_lambda_grid(method, vecs, sessions, evaluators,
-                                                           settings=svd)
-                lambdas, score = [float(lam)] * n, max(g["score"] for g in grid)
-            tried.append({"merge": method, "inputs": inputs, "score": score,
-                          "lambdas": [float(x) for x in lambdas]})
-            if best is None or score > best[0]:
-                best = (score, merged, lambdas, len(tried) - 1)
-            del merged
+    for inputs, method in PICKS:
+        vecs = pruned if inputs == "slim" else taus
+        if method == "nps":
+            lambdas, _, _ = nps_merge_lambdas(sessions, evaluators, vecs, settings=settings,
+                                              progress=progress)
+            merged = nps_combine(vecs, lambdas, settings.normalize, settings.collide)
+            score = float(np.mean(merged_scores(sessions, evaluators, merged)))
+        else:
+            svd = MergeSettings(lambda_grid=PICK_SVD_GRID, seed=settings.seed, matrices=settings.matrices)
+            merged, lam, grid = merge_with_lambda_grid(method, vecs, sessions, evaluators, settings=svd)
+            lambdas, score = [float(lam)] * n, max(g["score"] for g in grid)
+        tried.append({"merge": method, "inputs": inputs, "score": score,
+                      "lambdas": [float(x) for x in lambdas]})
+        if best is None or score > best[0]:
+            best = (score, merged, lambdas, len(tried) - 1)
+        del merged
     return best[1], best[2], tried, best[3]
 
 

@@ -39,7 +39,8 @@ from .merge_registry import COLUMN_CHUNK, MERGERS, check_scalar, check_taus, reg
 from .merge_svd import MATRIX_RULES, iso_c, tsv_m
 from .registry import registrar
 
-__all__ = ["MERGERS", "MERGE_OPTIONS", "merger_options", "option_problem", "register_merger", "merge", "magprune", "NORMALIZATIONS", "register_normalization", "nps_combine",
+__all__ = ["MERGERS", "MERGE_OPTIONS", "merger_options", "option_problem", "register_merger", "merge",
+           "scales_with_lambda", "magprune", "NORMALIZATIONS", "register_normalization", "nps_combine",
            "trim_top_k", "dare_drop", "elect_sign", "disjoint_mean", "Normalize"]
 
 Normalize = Literal["mask-count", "lambda-sum", "none"]   # the built-in NORMALIZATIONS (below)
@@ -237,6 +238,8 @@ def della(taus: torch.Tensor, *, lam: float = 1.0, keep_ratio: float = 0.2,
 register_merger("tsv-m")(tsv_m)
 register_merger("iso-c")(iso_c)
 tsv_m.needs_shapes = iso_c.needs_shapes = True
+for _name in ("task-arithmetic", "ties", "dare-linear", "dare-ties", "della", "tsv-m", "iso-c"):
+    MERGERS[_name].scales_with_lambda = True       # each returns λ · (a λ-free merge)
 
 
 # The options a merger may take beyond (taus, lam, keep_ratio, seed), declared once: each one's
@@ -296,6 +299,14 @@ def option_problem(method: str, collide: str = "allow", trim: str = "global",
         return (f"{flag(name)} {value} applies to {flag('method')} {' and '.join(takers)} only"
                 if len(takers) < 3 else f"{flag(name)} {value} applies to {', '.join(takers)}, not {method}")
     return None
+
+
+def scales_with_lambda(method: str) -> bool:
+    """Whether ``MERGERS[method]`` at λ is bit for bit λ times itself at λ = 1 (it returns
+    ``λ · X`` with X free of λ), so a λ grid merges once and scales: a merger says so with
+    ``scales_with_lambda = True`` (every one here but ``average``, which ignores λ; a test holds
+    each one that says so to it); a merger registered without it is built at every λ."""
+    return bool(getattr(MERGERS[method], "scales_with_lambda", False))
 
 
 def needs_shapes(method: str) -> bool:
