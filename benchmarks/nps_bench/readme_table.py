@@ -54,7 +54,7 @@ def _shipped_cost(ablation: Optional[dict]) -> List[str]:
             t = data.get("cli_timing") or {}
             wall = (f"; `nps prune` with no flags on {t['task']} took {t['shipped']['wall_s']:.0f} s wall "
                     f"({t['shipped']['threads']} threads), the former default {t['old-cli']['wall_s']:.0f} s"
-                    if "shipped" in t and "old-cli" in t else "")
+                    f" (commit {t.get('commit', '?')})" if "shipped" in t and "old-cli" in t else "")
             within = all(new["by_keep"][k][0] >= old["by_keep"][k][0] - new["by_keep"][k][1]
                          for k in new["by_keep"] if k in old["by_keep"])
             acc = ("mean test accuracy within one standard error of the former default's at every r"
@@ -62,7 +62,7 @@ def _shipped_cost(ablation: Optional[dict]) -> List[str]:
             ks = ", ".join(f"{k:g}" for k in new.get("keeps", []))
             out.append(f"- {name} (r = {ks}): {acc}; {new['examples']:,.0f} calibration rows forwarded per search, "
                        f"{new['examples'] / old['examples']:.3f}× the former default's {old['examples']:,.0f}"
-                       f"{wall} (commit {data.get('commit', '?')})")
+                       f" (commit {data.get('commit', '?')}){wall}")
     if out:
         out = ["", "What `nps prune`'s default search costs (`make bench-ablation`, mean over each suite's "
                    "tasks and the keep ratios r measured, held-out re-scoring included):", ""] + out
