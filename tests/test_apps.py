@@ -427,8 +427,10 @@ def test_merge_nps_searches_and_reports_lambdas(fam, tmp_path):
         evals += ["--eval", f"text-classification:{fam['calib']}"]
     assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *PAPER_NPS, *evals,
                 "--keep", "0.2", "--bands", "2", "--generations", "1", "--popsize", "4",
-                "--lambda-grid", "1.0", "1.5", "--lambda-generations", "1", "--quiet"]) == 0
+                "--lambda-grid", "1.0", "1.5", "--lambda-generations", "1", "--combine", "nps",
+                "--quiet"]) == 0
     rep = report_of(out)
+    assert rep["combine"] == {"rule": "nps"}
     names = [t.name for t in fam["tasks"]]
     assert len(rep["lambdas"]) == 3 and all(isinstance(x, float) for x in rep["lambdas"])
     assert [g["lambda"] for g in rep["lambda_grid"]] == [1.0, 1.5]
@@ -481,7 +483,7 @@ def test_merge_nps_joint_search_is_never_worse_and_reports_its_merge(fam, tmp_pa
 
 
 def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score(fam, tmp_path):
-    """--combine best: Eq. 7 on the slim τ̂, TSV-M and Iso-C on the slim and on the dense τ are
+    """--combine best (the default): Eq. 7 on the slim τ̂, TSV-M and Iso-C on the slim and on the dense τ are
     tried (in that order), the one of highest mean calibration score is written (the first of
     equals), and the written τ is that merge rebuilt from the report: the method at its λ."""
     from nps_pruning.apps.merge import PICKS
@@ -494,9 +496,9 @@ def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score
         evals += ["--eval", f"text-classification:{fam['calib']}"]
     assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *PAPER_NPS, *evals,
                 "--keep", "0.2", "--bands", "2", "--generations", "1", "--popsize", "4",
-                "--lambda-grid", "1.0", "1.5", "--lambda-generations", "1", "--combine", "best",
-                "--quiet"]) == 0
-    rep = report_of(out)
+                "--lambda-grid", "1.0", "1.5", "--lambda-generations", "1", "--quiet"]) == 0
+    rep = report_of(out)                          # --combine best: the default
+    assert rep["combine"]["rule"] == "best"
     tried = rep["combine"]["tried"]
     assert [(t["inputs"], t["merge"]) for t in tried] == list(PICKS)
     scores = [t["score"] for t in tried]
@@ -518,7 +520,30 @@ def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score
     assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tvs[0].layout.unflatten(want).items()})
 
 
-@pytest.mark.parametrize("case", ["collide-average", "trim-dare", "joint-ties", "joint-lambda", "combine-ties", "combine-lambda"])
+def test_merge_nps_with_a_fixed_lambda_is_eq7_at_that_lambda(fam, tmp_path):
+    """A fixed --lambda leaves nothing to pick: --method nps writes Eq. 7 at that λ (--combine
+    best, the default, applies to a searched λ only)."""
+    from nps_pruning.checkpoints import load_task_vector
+    from nps_pruning.core import build_candidate, make_bands
+    from nps_pruning.core.merge import nps_combine
+    out = tmp_path / "fixed"
+    evals = sum((["--eval", f"text-classification:{fam['calib']}"] for _ in fam["tasks"]), [])
+    assert run(["merge", fam["base"], *fam["tasks"], "-o", out, "--method", "nps", *PAPER_NPS, *evals,
+                "--keep", "0.2", "--bands", "2", "--generations", "1", "--popsize", "4",
+                "--lambda", "0.7", "--quiet"]) == 0
+    rep = report_of(out)
+    assert rep["combine"] == {"rule": "nps"} and rep["lambdas"] == [0.7] * 3
+    pruned = []
+    for t in fam["tasks"]:
+        _, tv = load_task_vector(fam["base"], t)
+        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
+        pruned.append(build_candidate(tv.values, bands, np.asarray(rep["pruning"][t.name]["best_weights"]), 0.2))
+    want = nps_combine(torch.stack(pruned), [0.7] * 3, "mask-count")
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(want).items()})
+
+
+@pytest.mark.parametrize("case", ["collide-average", "trim-dare", "joint-ties", "joint-lambda", "combine-ties"])
 def test_merge_refuses_options_the_method_does_not_take(fam, tmp_path, capsys, case):
     out = tmp_path / "m"
     t = fam["tasks"]
@@ -528,14 +553,12 @@ def test_merge_refuses_options_the_method_does_not_take(fam, tmp_path, capsys, c
             "joint-ties": base + ["--method", "ties", "--joint-generations", "2"],
             "joint-lambda": base + ["--method", "nps", "--joint-generations", "2",
                                     *sum((["--eval", f"text-classification:{fam['calib']}"] for _ in t), [])],
-            "combine-ties": base + ["--method", "ties", "--combine", "best"],
-            "combine-lambda": base + ["--method", "nps", "--combine", "best",
-                                      *sum((["--eval", f"text-classification:{fam['calib']}"] for _ in t), [])],
+            "combine-ties": base + ["--method", "ties", "--combine", "nps"],
             }[case]
     assert run(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert {"collide-average": "--collide", "trim-dare": "--trim", "joint-ties": "--joint-generations",
-            "joint-lambda": "--lambda", "combine-ties": "--combine", "combine-lambda": "--lambda"}[case] in line
+            "joint-lambda": "--lambda", "combine-ties": "--combine"}[case] in line
     assert list(tmp_path.iterdir()) == []
 
 

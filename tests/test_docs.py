@@ -73,4 +73,4 @@ def test_the_readme_results_table_is_the_one_the_results_give():
         "run `python -m nps_bench.readme_table`"
     assert "| text | all-MiniLM-L6-v2 |" in block
     # the fusion and compression headline, one row per suite with results
-    assert "| text | 0.805 | iso-c " in block and "at 1.03 bits/entry |" in block
+    assert "| text | 0.805 | NPS-merge (default) 0.671 | 0.671 *default* |" in block and "at 1.03 bits/entry |" in block

@@ -3,10 +3,11 @@ that do not collide (one job per suite, after its pruning; every step cached).
 
 Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test):
 
-* ``nps-default``: what ``nps merge --method nps`` ships — each task's τ̂ of the shipped default
-  NPS (hybrid space, loglik, held-out re-scoring; the "NPS that wins" search at r = 0.05,
+* ``nps-default``: Eq. 7 (``nps merge --method nps --combine nps``, the shipped merge until
+  2026-12-06; the step keeps its name so its results stay keyed) — each task's τ̂ of the shipped
+  default NPS (hybrid space, loglik, held-out re-scoring; the "NPS that wins" search at r = 0.05,
   rebuilt exactly from its space point), the default λ grid, then the per-task λ search, mask-count
-  normalization (``MergeSettings()``);
+  normalization (``MergeSettings()``'s);
 * ``nps-default-collide``: its τ̂ and λ_i with ``--collide magnitude`` (each entry left to one
   task; an ablation at the default's λ_i, not searched again);
 * ``nps-joint``: ``--joint-generations`` G: every task's space point and λ_i searched together on
@@ -20,8 +21,10 @@ Rows (each: λ chosen on the calibration rows, mean over tasks; reported on test
 * ``nps-into-<m>`` for m in :data:`INTO`: the shipped default's τ̂ (r = 0.05, as ``nps-default``)
   merged by m instead of Eq. 7 (``nps merge --method m --prune nps``), λ on m's fusion grid and
   below it (a rescaled τ̂ wants a smaller λ); ``dare-into-<m>``: DARE's τ̂ at r = 0.05 the same way.
-* ``nps-best``: ``nps merge --method nps --combine best`` on the default's τ̂ — the best on the
-  calibration rows of Eq. 7 on the slim τ̂, and TSV-M and Iso-C on the slim τ̂ and on the dense τ.
+* ``nps-best``: ``nps merge --method nps`` as shipped (``--combine best``) on the default's τ̂ —
+  the best on the calibration rows of Eq. 7 on the slim τ̂ (``nps-default``'s merge, computed
+  again), and TSV-M and Iso-C on the slim τ̂ and on the dense τ. Which row the report marks as
+  the default follows ``MergeSettings().combine`` (``report_tables.default_merge_row``).
 
 ``NPS_BENCH_MERGE_AWARE_NPS=0`` runs the TIES rows only (a partial pass when CPU time is short).
 """

@@ -175,13 +175,21 @@ def _pruning_section(sname: str, S: dict, cfg: dict, fig_rel: Optional[str]) -> 
     return "\n".join(out)
 
 
+def default_merge_row() -> str:
+    """The merge-aware row that is ``nps merge --method nps`` with no flags: ``nps-best`` under
+    ``--combine best``, ``nps-default`` under ``--combine nps`` (Eq. 7; the step keeps the name
+    it had while Eq. 7 was the shipped merge, so its results stay keyed)."""
+    from nps_pruning.apps.settings import MergeSettings
+    return "nps-best" if MergeSettings().combine == "best" else "nps-default"
+
+
+EQ7 = "Eq. 7 (`--combine nps`: λ grid + per-task λ search, mask-count)"
 MERGE_AWARE_LABELS = {
-    "nps-default": "**NPS-merge (default)**: `nps merge --method nps` as shipped (default NPS τ̂ at r = 0.05, "
-                   "λ grid + per-task λ search, mask-count)",
-    "nps-default-collide": "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; at the default's λ_i)",
-    "nps-joint": "NPS-merge, merge-aware (`--joint-generations 3`: all tasks' points and λ_i searched on the merge)",
+    "nps-default": f"NPS-merge, {EQ7}, on the default NPS τ̂ at r = 0.05",
     "nps-best": "NPS-merge, `--combine best`: the best on calibration of Eq. 7 on the default NPS τ̂ (r = 0.05), "
                 "and TSV-M and Iso-C on that τ̂ and on the dense τ",
+    "nps-default-collide": "NPS-merge, Eq. 7, + `--collide magnitude` (each entry kept by one task; at Eq. 7's λ_i)",
+    "nps-joint": "NPS-merge, merge-aware (`--joint-generations 3`: all tasks' points and λ_i searched on the merge)",
     "ties-sequential": "TIES, CABS-style conflict-free sequential trim (`--trim sequential`)",
     "ties-layer": "TIES, layer-balanced trim (`--trim layer`)",
     "ties-collide": "TIES + `--collide magnitude`",
@@ -204,53 +212,58 @@ def _fusion_rows(F: dict, MA: Optional[dict] = None) -> List[Tuple[str, dict]]:
 
 
 def _study_keep(key: str) -> float:
-    """r of a merge-aware row ``nps-default-r<r>`` (the default's τ̂ at another r), else 0."""
+    """r of a merge-aware row ``nps-default-r<r>`` (Eq. 7 on the default's τ̂ at another r), else 0."""
     return float(key[len("nps-default-r"):]) if key.startswith("nps-default-r") else 0.0
 
 
-MA_SHORT = {"nps-default": "NPS-merge (default)", "nps-default-collide": "NPS-merge (default) + `--collide magnitude`",
-            "nps-joint": "merge-aware joint search", "nps-best": "NPS-merge `--combine best`"}
+MA_SHORT = {"nps-default": "NPS-merge, Eq. 7", "nps-best": "NPS-merge `--combine best`",
+            "nps-default-collide": "NPS-merge, Eq. 7, + `--collide magnitude`", "nps-joint": "merge-aware joint search"}
+_PICK_NAMES = {"nps": "Eq. 7", "tsv-m": "TSV-M", "iso-c": "Iso-C"}
 
 
 def _ma_short(key: str) -> str:
     if _study_keep(key):
-        return f"NPS-merge (default) at r = {_study_keep(key):g}"
+        return f"NPS-merge, Eq. 7, at r = {_study_keep(key):g}"
     if "-into-" in key:
         src, m = key.split("-into-", 1)
         return f"{'the default NPS' if src == 'nps' else src.upper()} τ̂ merged by {m}"
     return MA_SHORT[key]
 
 
-_PICK_NAMES = {"nps": "Eq. 7", "tsv-m": "TSV-M", "iso-c": "Iso-C"}
-
-
 def _ma_label(key: str, row: dict) -> str:
     """The merge-aware row's label, from what the row records (older runs searched λ for the
-    collide row and ran the joint search longer)."""
+    collide row and ran the joint search longer); the shipped merge's row is marked (default)."""
     if _study_keep(key):
-        return (f"NPS-merge (default) at r = {_study_keep(key):g}: the default NPS τ̂ found at that r, "
-                "merged as shipped (λ grid + per-task λ search, mask-count)")
+        return (f"NPS-merge, Eq. 7, at r = {_study_keep(key):g}: the default NPS τ̂ found at that r, "
+                "λ grid + per-task λ search, mask-count")
     if key == "nps-default-collide" and row.get("grid"):
-        return "NPS-merge (default) + `--collide magnitude` (each entry kept by one task; λ grid + per-task λ search)"
+        return "NPS-merge, Eq. 7, + `--collide magnitude` (each entry kept by one task; λ grid + per-task λ search)"
     if key == "nps-joint" and row.get("generations"):
         return MERGE_AWARE_LABELS[key].replace("--joint-generations 3", f"--joint-generations {row['generations']}")
+    label = MERGE_AWARE_LABELS[key]
     if key == "nps-best" and row.get("picked"):
         p = row["picked"]
-        return (MERGE_AWARE_LABELS[key] + f" (picked: {_PICK_NAMES.get(p['merge'], p['merge'])} on the "
-                f"{'slim τ̂' if p['inputs'] == 'slim' else 'dense τ'})")
-    return MERGE_AWARE_LABELS[key]
+        label += (f" (picked: {_PICK_NAMES.get(p['merge'], p['merge'])} on the "
+                  f"{'slim τ̂' if p['inputs'] == 'slim' else 'dense τ'})")
+    if key == default_merge_row():
+        label = "**NPS-merge (default)**: `nps merge --method nps` as shipped — " + label.split(", ", 1)[1]
+    return label
 
 
 def _fusion_verdict(F: dict, MA: Optional[dict], ns) -> str:
-    """The issue's comparison: the shipped NPS-merge (and ``--combine best``) against TIES and the
-    best SVD merge."""
+    """The issue's comparison: the shipped NPS-merge (and the other way to combine) against TIES
+    and the best SVD merge."""
     rows = (MA or {}).get("rows") or {}
-    if "nps-default" not in rows or "ties" not in F:
+    shipped = default_merge_row()
+    if "ties" not in F or not any(k in rows for k in ("nps-default", "nps-best")):
         return ""
-    sentences = []
-    for key, name in (("nps-default", "The shipped NPS-merge (default)"), ("nps-best", "`--combine best`")):
+    sentences = [] if shipped in rows else [
+        f"The shipped NPS-merge (`--combine best`, step `{shipped}`) was not measured on this suite."]
+    for key in (shipped, "nps-default" if shipped == "nps-best" else "nps-best"):
         if key not in rows:
             continue
+        name = ("The shipped NPS-merge (default)" if key == shipped else
+                "Eq. 7 (`--combine nps`)" if key == "nps-default" else "`--combine best`")
         d, sd = mean_se(rows[key]["test"], ns)
         out = []
         for label, keys in (("TIES", ["ties"]), ("the best of TSV-M / Iso-C", ["tsv-m", "iso-c"])):

@@ -108,7 +108,7 @@ class PruneSettings:
         return {"seed": self.seed, "batch_size": self.batch_size, "max_length": self.max_length}
 
 
-COMBINES = ("nps", "best")   # how NPS-merge combines the slim vectors (see apps.merge.pick_merge)
+COMBINES = ("best", "nps")   # how NPS-merge combines the slim vectors (see apps.merge.pick_merge)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ class MergeSettings:
     trim: str = MERGE_OPTIONS["trim"][0]         # TIES' trim: global | layer | sequential
     joint_generations: int = 0        # NPS-merge: merge-aware joint search after the two stages
     matrices: str = MERGE_OPTIONS["matrices"][0]   # tsv-m / iso-c: which tensors are matrices
-    combine: str = "nps"              # NPS-merge: Eq. 7 (nps) | the best merge on calibration (best)
+    combine: str = "best"             # NPS-merge: the best merge on calibration (best) | Eq. 7 (nps);
+    #                                   a joint search (joint_generations) refines Eq. 7 and implies nps
 
     def __post_init__(self):
         object.__setattr__(self, "lambda_grid", tuple(self.lambda_grid))   # as given: the report lists them
@@ -137,9 +138,6 @@ class MergeSettings:
             raise NPSError(f"settings: joint_generations must be >= 0, got {self.joint_generations}")
         if self.combine not in COMBINES:
             raise NPSError(f"settings: combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
-        if self.combine == "best" and int(self.joint_generations) > 0:
-            raise NPSError("settings: the merge-aware joint search refines Eq. 7 (combine 'nps'), "
-                           "not combine 'best'")
         for name, values in MERGE_OPTIONS.items():     # collide, trim, matrices: declared in core.merge
             if getattr(self, name) not in values:
                 raise NPSError(f"settings: {name} must be one of {', '.join(values)}, got "

@@ -37,11 +37,8 @@ def check_merge_options(opts) -> None:
         raise NPSError("--joint-generations is the merge-aware search of --method nps")
     if opts.joint_generations and opts.lam is not None:
         raise NPSError("--joint-generations searches the λ_i: do not fix --lambda")
-    if opts.combine != "nps" and opts.method != "nps":
+    if opts.combine != "best" and opts.method != "nps":
         raise NPSError("--combine is how --method nps combines its slim vectors")
-    if opts.combine == "best" and (opts.lam is not None or opts.joint_generations):
-        raise NPSError("--combine best picks the merge and its λ on calibration: do not fix --lambda "
-                       "or add --joint-generations (a refinement of Eq. 7)")
 
 
 def run_merge(opts) -> Dict[str, Any]:
@@ -131,13 +128,13 @@ def run_merge(opts) -> Dict[str, Any]:
         elif msettings.combine == "best":
             merged, lambdas, tried, i = pick_merge(sessions, evaluators, pruned, taus, settings=msettings,
                                                    progress=not opts.quiet)
-            report.update(combine={"tried": tried, "picked": tried[i]}, lambdas=lambdas)
+            report.update(combine={"rule": "best", "tried": tried, "picked": tried[i]}, lambdas=lambdas)
         else:
             lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned,
                                                           settings=msettings,
                                                           progress=not opts.quiet)
         if msettings.combine != "best":
-            report.update(lambda_grid=grid, lambda_search=search_report(lam_result))
+            report.update(combine={"rule": "nps"}, lambda_grid=grid, lambda_search=search_report(lam_result))
         if msettings.joint_generations > 0:
             points = [task_point(s, o, slim) for s, o in zip(sessions, outcomes)]
             two_stage = float(np.mean(merged_scores(

@@ -190,9 +190,10 @@ class MergeOptions(SearchOptions):
     joint_generations: int = opt(0, "nps: then CMA-ES generations of the merge-aware search (every task's "
                                     "point and λ_i together on the merged model's mean calibration "
                                     "score, from the two-stage result; 0: the paper's two stages)", lo=0)
-    combine: str = opt("nps", "nps: merge the slim vectors by Eq. 7 (λ grid, then per-task λ); best: write "
-                              "the best on calibration of that, and of TSV-M and Iso-C on the slim "
-                              "and on the dense vectors", choices=("nps", "best"))
+    combine: str = opt("best", "nps merge: write the best on calibration of Eq. 7 on the slim vectors and "
+                               "TSV-M and Iso-C on the slim and on the dense ones (best), or Eq. 7 "
+                               "(nps: λ grid, then per-task λ; what a fixed --lambda or "
+                               "--joint-generations always use)", choices=("best", "nps"))
     # the merge options (core.merge.MERGE_OPTIONS: values and default; the mergers' signatures
     # say which method takes which); --svd-matrices is the option `matrices`
     collide: str = opt(_MERGE.collide, "masks that do not collide: leave each entry to one task only, the one of "

@@ -57,7 +57,9 @@ def merge_settings(opts) -> MergeSettings:
                          normalize=opts.normalize, lambda_generations=opts.lambda_generations,
                          seed=opts.seed, max_failures=opts.max_failures, collide=opts.collide,
                          trim=opts.trim, joint_generations=opts.joint_generations,
-                         matrices=opts.svd_matrices, combine=opts.combine)
+                         matrices=opts.svd_matrices,
+                         # a fixed λ or the joint search (a refinement of Eq. 7): Eq. 7, no pick
+                         combine="nps" if opts.lam is not None or opts.joint_generations else opts.combine)
 
 
 def check_prune_options(method: str, opts, eval_spec: Optional[str]) -> None:
