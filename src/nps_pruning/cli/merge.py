@@ -17,7 +17,7 @@ from ..apps.prune import prune, search_report
 from ..apps.session import Session
 from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
 from ..checkpoints.save import atomic_output_dir
-from ..core.merge import HALF_MERGERS, merge, nps_combine, option_problem
+from ..core.merge import HALF_MERGERS, MERGE_OPTIONS, merge, nps_combine, option_problem
 from ..errors import NPSError
 from ..paths import safe_child
 from ..report.model_card import write_model_card
@@ -43,7 +43,8 @@ def check_merge_options(opts) -> None:
 
 def run_merge(opts) -> Dict[str, Any]:
     if opts.tau_dtype != "float32" and (opts.method not in HALF_MERGERS or getattr(opts, "prune", None)
-                                        or opts.collide != "allow" or opts.trim != "global"):
+                                        or opts.collide != MERGE_OPTIONS["collide"][0]
+                                        or opts.trim != MERGE_OPTIONS["trim"][0]):
         raise NPSError(f"--tau-dtype {opts.tau_dtype}: merges hold 16-bit task vectors for --method "
                        f"{', '.join(HALF_MERGERS)} (TIES with its global trim, no --collide, no "
                        "--prune); the others use float32 τ")
