@@ -158,19 +158,19 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
         merged = merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed)
         return merged, None, []
 
+    def build(lam):
+        return merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,
+                     shapes=shapes, collide=settings.collide, trim=settings.trim, matrices=settings.matrices)
+
     unit = []                 # the merge at λ = 1, built once when λ only scales it
 
     def score(lam):           # the best λ's merged τ is kept, not built again
         if scales_with_lambda(method):
             if not unit:
-                unit.append(merge(method, taus, lam=1.0, keep_ratio=settings.keep_ratio, seed=settings.seed,
-                                  shapes=shapes, collide=settings.collide, trim=settings.trim,
-                                  matrices=settings.matrices))
+                unit.append(build(1.0))
             merged = float(lam) * unit[0]       # bit for bit the merge at λ (scales_with_lambda)
         else:
-            merged = merge(method, taus, lam=lam, keep_ratio=settings.keep_ratio, seed=settings.seed,
-                           shapes=shapes, collide=settings.collide, trim=settings.trim,
-                           matrices=settings.matrices)
+            merged = build(lam)
         return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
 
     lambda_grid = list(settings.lambda_grid)

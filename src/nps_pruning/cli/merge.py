@@ -124,27 +124,26 @@ def run_merge(opts) -> Dict[str, Any]:
             searches[name] = {"calibration": out.calibration, **search_report(out.search)}
         pruned = torch.stack(pruned_rows)
         report["pruning"] = searches
-        if opts.lam is not None:
-            lambdas, grid, lam_result = [opts.lam] * len(sessions), [], None
-        elif msettings.combine == "best":
+        if msettings.combine == "best":    # (merge_settings: never with a fixed λ or a joint search)
             merged, lambdas, tried, i = pick_merge(sessions, evaluators, pruned, taus, settings=msettings,
                                                    progress=not opts.quiet)
-            report.update(combine={"rule": "best", "tried": tried, "picked": tried[i]}, lambdas=lambdas)
+            report["combine"] = {"rule": "best", "tried": tried, "picked": tried[i]}
         else:
-            lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned,
-                                                          settings=msettings,
-                                                          progress=not opts.quiet)
-        if msettings.combine != "best":
+            if opts.lam is not None:
+                lambdas, grid, lam_result = [opts.lam] * len(sessions), [], None
+            else:
+                lambdas, grid, lam_result = nps_merge_lambdas(sessions, evaluators, pruned,
+                                                              settings=msettings,
+                                                              progress=not opts.quiet)
             report.update(combine={"rule": "nps"}, lambda_grid=grid, lambda_search=search_report(lam_result))
-        if msettings.joint_generations > 0:
-            points = [task_point(s, o, slim) for s, o in zip(sessions, outcomes)]
-            two_stage = float(np.mean(merged_scores(
-                sessions, evaluators, nps_combine(pruned, lambdas, opts.normalize, opts.collide))))
-            pruned, lambdas, joint = joint_nps_merge(
-                sessions, evaluators, points, lambdas, settings=msettings,
-                log_path=safe_child(wd, "search-joint.jsonl"), progress=not opts.quiet)
-            report["joint_search"] = {"two_stage_score": two_stage, **search_report(joint)}
-        if msettings.combine != "best":
+            if msettings.joint_generations > 0:
+                points = [task_point(s, o, slim) for s, o in zip(sessions, outcomes)]
+                two_stage = float(np.mean(merged_scores(
+                    sessions, evaluators, nps_combine(pruned, lambdas, opts.normalize, opts.collide))))
+                pruned, lambdas, joint = joint_nps_merge(
+                    sessions, evaluators, points, lambdas, settings=msettings,
+                    log_path=safe_child(wd, "search-joint.jsonl"), progress=not opts.quiet)
+                report["joint_search"] = {"two_stage_score": two_stage, **search_report(joint)}
             merged = nps_combine(pruned, lambdas, opts.normalize, opts.collide)
         report["lambdas"] = lambdas
     elif opts.lam is not None or opts.method == "average":

@@ -7,7 +7,7 @@ slices, gathered in O(k) — the exact mask's set, with no D-long pass per candi
 
 L only has to reach every band's furthest possible cut, ``starts[b] + min(size_b, k)``: with the
 focused bands that is about (focus + 1)·k ranks (r = 0.05, focus 3: a fifth of τ). Finding them is
-two chunked passes over τ and one sort of L magnitudes, once per prepared τ; they are kept as int32
+one chunked pass over τ and one sort of L magnitudes, once per prepared τ; they are kept as int32
 (int64 beyond 2^31 entries). :data:`MAX_RANKS` bounds L: above it the per-candidate pass is used
 (the same result), so an LLM-sized τ never pays L·4 bytes (and ~36·L bytes while they are found)
 for speed. On MiniLM (D = 22.7M) at r = 0.05, L = 4.5M: a hybrid candidate's entries take about
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bands import Bands
+from .bands import Bands, _first_at_or_below
 
 MAX_RANKS = 1 << 23      # at most 8 Mi ranks (32 MiB of int32 positions) are indexed
 CHUNK = 1 << 20
@@ -47,7 +47,8 @@ def rank_positions(values: torch.Tensor, bands: Bands, count: int) -> torch.Tens
     if L <= 0:
         return torch.zeros(0, dtype=dtype, device=values.device)
     t = _magnitude_at(bands, L - 1)          # the magnitude of rank L − 1
-    quota = L - _count_above(values, t)      # how many entries equal to t rank before L
+    # how many entries equal to t rank before L: L less those above t (a prefix of sorted_abs)
+    quota = L - _first_at_or_below(bands.sorted_abs, t, L)
     pos, mags, seen = [], [], 0
     for s in range(0, D, CHUNK):
         a = values[s:s + CHUNK].float().abs()
@@ -65,11 +66,6 @@ def rank_positions(values: torch.Tensor, bands: Bands, count: int) -> torch.Tens
     assert sel.numel() == L
     by_rank = torch.sort(torch.cat(mags), descending=True, stable=True).indices   # ties: flat order
     return sel[by_rank].to(dtype)
-
-
-def _count_above(values: torch.Tensor, t: float) -> int:
-    return sum(int((values[s:s + CHUNK].float().abs() > t).sum())
-               for s in range(0, values.numel(), CHUNK))
 
 
 def rank_prefixes(ranks: torch.Tensor, bands: Bands, counts: Sequence[int]) -> torch.Tensor:

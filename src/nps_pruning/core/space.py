@@ -106,7 +106,7 @@ def hybrid_plan(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
                 keep_ratio: float, *, ranks: Optional[torch.Tensor] = None) -> HybridPlan:
     """Which entries a hybrid point keeps: the magnitude part as the exact mask of :mod:`.mask`
     (one chunked pass over τ), the random part as a prefix of ``index.perm``. With ``ranks`` (the
-    positions of the first ranks, :func:`~.mask.rank_positions`, at least to every band's cut) the
+    positions of the first ranks, :func:`~.ranks.rank_positions`, at least to every band's cut) the
     magnitude part is those rank prefixes, gathered in O(k_mag) instead of a pass over τ: the same
     set, since each band keeps a rank prefix (:mod:`.mask`)."""
     M, D = bands.num_bands, bands.num_entries
