@@ -417,9 +417,27 @@ def test_merge_baselines_with_fixed_lambda(fam, tmp_path, method):
     assert rep["lambdas"] == ([0.7] * 3 if method != "average" else None)   # average has no λ
 
 
-def test_merge_nps_searches_and_reports_lambdas(fam, tmp_path):
+def _paper_nps_pruned(fam, weights_of):
+    """Each task's τ and its paper-NPS τ̂ as the merge tests run it (2 focused bands, r = 0.2) at the
+    band weights ``weights_of(i, task)``: (task vectors, (N, D) pruned)."""
     from nps_pruning.checkpoints import load_task_vector
     from nps_pruning.core import build_candidate, make_bands
+    tvs, pruned = [], []
+    for i, t in enumerate(fam["tasks"]):
+        _, tv = load_task_vector(fam["base"], t)
+        tvs.append(tv)
+        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
+        pruned.append(build_candidate(tv.values, bands, np.asarray(weights_of(i, t)), 0.2))
+    return tvs, torch.stack(pruned)
+
+
+def _assert_merged_tau_written(out, tv, merged):
+    """``out``'s merged_task_vector.safetensors holds ``merged`` (flat, in ``tv``'s layout)."""
+    tvec = load_file(out / "merged_task_vector.safetensors")
+    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(merged).items()})
+
+
+def test_merge_nps_searches_and_reports_lambdas(fam, tmp_path):
     from nps_pruning.core.merge import nps_combine
     out = tmp_path / "nps"
     evals = []
@@ -436,15 +454,8 @@ def test_merge_nps_searches_and_reports_lambdas(fam, tmp_path):
     assert [g["lambda"] for g in rep["lambda_grid"]] == [1.0, 1.5]
     assert set(rep["pruning"]) == set(names) and set(rep["calibration"]) == set(names)
     # the merged τ is Eq. 7 over the per-task NPS-pruned vectors at the reported weights and λ
-    pruned = []
-    for t in fam["tasks"]:
-        _, tv = load_task_vector(fam["base"], t)
-        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
-        pruned.append(build_candidate(tv.values, bands, np.asarray(rep["pruning"][t.name]["best_weights"]),
-                                      0.2))
-    merged = nps_combine(torch.stack(pruned), rep["lambdas"], "mask-count")
-    tvec = load_file(out / "merged_task_vector.safetensors")
-    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(merged).items()})
+    tvs, pruned = _paper_nps_pruned(fam, lambda i, t: rep["pruning"][t.name]["best_weights"])
+    _assert_merged_tau_written(out, tvs[0], nps_combine(pruned, rep["lambdas"], "mask-count"))
     for t in fam["tasks"]:
         assert (out / t.name / "model.safetensors").is_file()
 
@@ -453,8 +464,6 @@ def test_merge_nps_joint_search_is_never_worse_and_reports_its_merge(fam, tmp_pa
     """--joint-generations: every task's band weights and λ_i searched on the merged model;
     generation 0 is the two-stage result, so the joint score is at least its score, and the
     written merged τ is Eq. 7 at the joint point (with --collide magnitude applied)."""
-    from nps_pruning.checkpoints import load_task_vector
-    from nps_pruning.core import build_candidate, make_bands
     from nps_pruning.core.merge import nps_combine
     out = tmp_path / "joint"
     evals = []
@@ -472,14 +481,8 @@ def test_merge_nps_joint_search_is_never_worse_and_reports_its_merge(fam, tmp_pa
     assert joint["examples_scored"] > 0 and len(joint["candidates"]) > 1
     w = np.asarray(joint["best_weights"])
     assert w.shape == (3 * 2 + 3,) and rep["lambdas"] == pytest.approx(list(w[6:]))
-    pruned = []
-    for i, t in enumerate(fam["tasks"]):
-        _, tv = load_task_vector(fam["base"], t)
-        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
-        pruned.append(build_candidate(tv.values, bands, w[2 * i:2 * i + 2], 0.2))
-    merged = nps_combine(torch.stack(pruned), rep["lambdas"], "mask-count", collide="magnitude")
-    tvec = load_file(out / "merged_task_vector.safetensors")
-    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(merged).items()})
+    tvs, pruned = _paper_nps_pruned(fam, lambda i, t: w[2 * i:2 * i + 2])
+    _assert_merged_tau_written(out, tvs[0], nps_combine(pruned, rep["lambdas"], "mask-count", collide="magnitude"))
 
 
 def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score(fam, tmp_path):
@@ -487,8 +490,6 @@ def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score
     tried (in that order), the one of highest mean calibration score is written (the first of
     equals), and the written τ is that merge rebuilt from the report: the method at its λ."""
     from nps_pruning.apps.merge import PICKS
-    from nps_pruning.checkpoints import load_task_vector
-    from nps_pruning.core import build_candidate, make_bands
     from nps_pruning.core.merge import merge, nps_combine
     out = tmp_path / "best"
     evals = []
@@ -506,25 +507,16 @@ def test_merge_nps_combine_best_writes_the_merge_with_the_best_calibration_score
     assert picked == tried[scores.index(max(scores))]
     assert np.mean(list(rep["calibration"].values())) == pytest.approx(picked["score"], abs=1e-12)
     assert rep["lambdas"] == picked["lambdas"]
-    vecs, tvs = [], []
-    for t in fam["tasks"]:
-        _, tv = load_task_vector(fam["base"], t)
-        tvs.append(tv)
-        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
-        vecs.append(build_candidate(tv.values, bands, np.asarray(rep["pruning"][t.name]["best_weights"]),
-                                    0.2) if picked["inputs"] == "slim" else tv.values)
-    vecs = torch.stack(vecs)
+    tvs, pruned = _paper_nps_pruned(fam, lambda i, t: rep["pruning"][t.name]["best_weights"])
+    vecs = pruned if picked["inputs"] == "slim" else torch.stack([tv.values for tv in tvs])
     want = (nps_combine(vecs, picked["lambdas"], "mask-count") if picked["merge"] == "nps" else
             merge(picked["merge"], vecs, lam=picked["lambdas"][0], shapes=tvs[0].layout.shapes))
-    tvec = load_file(out / "merged_task_vector.safetensors")
-    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tvs[0].layout.unflatten(want).items()})
+    _assert_merged_tau_written(out, tvs[0], want)
 
 
 def test_merge_nps_with_a_fixed_lambda_is_eq7_at_that_lambda(fam, tmp_path):
     """A fixed --lambda leaves nothing to pick: --method nps writes Eq. 7 at that λ (--combine
     best, the default, applies to a searched λ only)."""
-    from nps_pruning.checkpoints import load_task_vector
-    from nps_pruning.core import build_candidate, make_bands
     from nps_pruning.core.merge import nps_combine
     out = tmp_path / "fixed"
     evals = sum((["--eval", f"text-classification:{fam['calib']}"] for _ in fam["tasks"]), [])
@@ -533,14 +525,8 @@ def test_merge_nps_with_a_fixed_lambda_is_eq7_at_that_lambda(fam, tmp_path):
                 "--lambda", "0.7", "--quiet"]) == 0
     rep = report_of(out)
     assert rep["combine"] == {"rule": "nps"} and rep["lambdas"] == [0.7] * 3
-    pruned = []
-    for t in fam["tasks"]:
-        _, tv = load_task_vector(fam["base"], t)
-        bands = make_bands(tv.values, 2, "focused", 0.2, 3.0)
-        pruned.append(build_candidate(tv.values, bands, np.asarray(rep["pruning"][t.name]["best_weights"]), 0.2))
-    want = nps_combine(torch.stack(pruned), [0.7] * 3, "mask-count")
-    tvec = load_file(out / "merged_task_vector.safetensors")
-    assert_equal_tensors(tvec, {k: v.contiguous() for k, v in tv.layout.unflatten(want).items()})
+    tvs, pruned = _paper_nps_pruned(fam, lambda i, t: rep["pruning"][t.name]["best_weights"])
+    _assert_merged_tau_written(out, tvs[0], nps_combine(pruned, [0.7] * 3, "mask-count"))
 
 
 @pytest.mark.parametrize("case", ["collide-average", "trim-dare", "joint-ties", "joint-lambda", "combine-ties"])
