@@ -193,6 +193,15 @@ class TaskVector:
         return out
 
 
+def same_extras(a: TaskVector, b: TaskVector) -> bool:
+    """Whether ``a`` and ``b`` carry the same task-specific tensors and buffers (names, dtypes,
+    shapes, values): on one layout their :meth:`TaskVector.model_state` for one θ are then equal."""
+    def same(x: Dict[str, torch.Tensor], y: Dict[str, torch.Tensor]) -> bool:
+        return x.keys() == y.keys() and all(
+            x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and torch.equal(x[k], y[k]) for k in x)
+    return same(a.task_specific, b.task_specific) and same(a.buffers, b.buffers)
+
+
 def stack_values(vectors: Sequence[TaskVector]) -> torch.Tensor:
     """(N, D) matrix of several task vectors' flat values, checking they share one layout."""
     if not vectors:

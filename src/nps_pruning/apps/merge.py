@@ -6,6 +6,11 @@ classification head), so the output holds one loadable model folder per task::
     OUT/report.json            settings, λ, every score
     OUT/merged_task_vector.safetensors   the merged τ (prunable tensors only)
     OUT/<task>/                a `from_pretrained` folder: merged body + that task's head
+
+Where a task's folder would hold the same weights as the first task's (no head of its own: the
+causal LMs), its weight files are hard links of the first folder's, so N tasks cost one model on
+disk (``report.json["weights_shared_with_first"]`` names them; written in full where the
+filesystem has no hard links).
 """
 from __future__ import annotations
 

@@ -219,12 +219,33 @@ def _shards(tensors: Dict[str, torch.Tensor], max_shard_bytes: int) -> List[List
     return shards
 
 
+def _link_weights(src: Path, dst: Path) -> bool:
+    """Hard-link the safetensors weights (``model.safetensors``, or the shards and their index)
+    of the folder ``src`` (written by :func:`save_model_folder`) into ``dst``; False, with
+    nothing left in ``dst``, when ``src`` holds none or the filesystem refuses a link."""
+    names = ([SAFE_INDEX, *sorted(set(json.loads((src / SAFE_INDEX).read_text())["weight_map"].values()))]
+             if (src / SAFE_INDEX).is_file() else ["model.safetensors"])
+    done = []
+    try:
+        for name in names:
+            os.link(src / name, dst / name)
+            done.append(dst / name)
+    except (OSError, KeyError, ValueError):
+        for f in done:
+            f.unlink()
+        return False
+    return True
+
+
 def save_model_folder(out_dir, state_dict: Mapping[str, torch.Tensor], *, like=None,
                       inputs: Iterable = (), max_shard_bytes: int = 5 * 2**30,
-                      extra_files: Iterable = ()) -> Path:
+                      extra_files: Iterable = (), weights_of=None) -> Path:
     """Write a Hugging Face model folder atomically: weights in safetensors (sharded past
     ``max_shard_bytes``, with ``model.safetensors.index.json``), side files copied from ``like``
     (a :class:`Checkpoint` or a path), then ``extra_files`` (paths, copied by name over those).
+    ``weights_of``: a folder this function wrote from a state dict equal to ``state_dict``
+    (same names, dtypes and values: the caller's promise): its weight files are hard-linked
+    instead of written again (no second copy on disk); written as usual where linking fails.
     Returns ``out_dir``."""
     if max_shard_bytes <= 0:
         raise NPSError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -241,10 +262,11 @@ def save_model_folder(out_dir, state_dict: Mapping[str, torch.Tensor], *, like=N
             _copy_side_files(like.folder, tmp)
         for f in extra_files:
             shutil.copyfile(f, tmp / Path(f).name)
-        shards = _shards(tensors, max_shard_bytes)
+        linked = weights_of is not None and _link_weights(Path(weights_of), tmp)
+        shards = [] if linked else _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
             _write_safetensors(tmp / "model.safetensors", tensors, meta)
-        else:
+        elif shards:
             n = len(shards)
             weight_map = {}
             for i, names in enumerate(shards, 1):

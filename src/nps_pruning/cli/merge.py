@@ -4,6 +4,7 @@ chosen on calibration data), one model folder per task and the report written.""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Dict
 
@@ -16,15 +17,25 @@ from ..apps.merge import (MERGE_OUTPUT_FILES, check_finite_model, joint_nps_merg
 from ..apps.prune import prune, search_report
 from ..apps.session import Session
 from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
+from ..checkpoints.load import SAFE_INDEX
 from ..checkpoints.save import atomic_output_dir
 from ..core.merge import HALF_MERGERS, MERGE_OPTIONS, merge, nps_combine, option_problem
 from ..errors import NPSError
 from ..paths import safe_child
 from ..report.model_card import write_model_card
 from ..report.report import now_iso, peak_rss_bytes, versions, write_json
+from ..task_vector import same_extras
 from ..workdirs import release_work_dir
 from .common import given_input, input_sources, prepare_work_dir
 from .settings import check_prune_options, merge_settings, prune_settings
+
+
+def _linked(first, folder) -> bool:
+    """Whether ``folder``'s weights are hard links of ``first``'s (the same file on disk)."""
+    a, b = first / "model.safetensors", folder / "model.safetensors"
+    if not a.is_file():
+        a, b = first / SAFE_INDEX, folder / SAFE_INDEX
+    return b.is_file() and os.path.samefile(a, b)
 
 
 def check_merge_options(opts) -> None:
@@ -175,17 +186,22 @@ def run_merge(opts) -> Dict[str, Any]:
     with atomic_output_dir(opts.output, inputs=inputs) as tmp:
         save_tensors(tmp / "merged_task_vector.safetensors", {k: v.contiguous() for k, v in first.items()},
                      metadata={"method": opts.method})
+        shared = []     # tasks whose folder hard-links the first folder's weights (equal models)
         for s, name in zip(sessions, names):
             tv = s.task_vector.with_values(merged)
             folder = safe_child(tmp, name, what="--names", reserved=MERGE_OUTPUT_FILES)
+            same = s is not sessions[0] and same_extras(s.task_vector, sessions[0].task_vector)
             save_model_folder(folder, tv.model_state(theta), like=open_checkpoint(s.finetuned),
-                              inputs=inputs)
+                              inputs=inputs, weights_of=tmp / names[0] if same else None)
+            if same and _linked(tmp / names[0], folder):
+                shared.append(name)
             write_model_card(folder, kind="merged", name=name, pretrained=given_input(opts, "pretrained"),
                              method=opts.method, keep=opts.keep if opts.method != "average" else None,
                              settings={"lambdas": report.get("lambdas"), "seed": opts.seed},
                              calibration={k: v for k, v in (report.get("calibration") or {}).items()},
                              test={k: v for k, v in (report.get("test") or {}).items()},
                              extra_tags=["merge"], note=f"Merged tasks: {', '.join(names)}.")
+        report["weights_shared_with_first"] = shared
         write_json(tmp / "report.json", report)
     release_work_dir(wd)
     if not opts.quiet:
@@ -193,5 +209,7 @@ def run_merge(opts) -> Dict[str, Any]:
             if split in report:
                 row = "  ".join(f"{k} {v:.4f}" for k, v in report[split].items())
                 print(f"{split:12s} {row}  mean {np.mean(list(report[split].values())):.4f}")
-        print(f"wrote {opts.output} (one model folder per task)")
+        print(f"wrote {opts.output} (one model folder per task"
+              + (f"; {', '.join(shared)}: the same model as {names[0]}, its weight files hard-linked)"
+                 if shared else ")"))
     return report
