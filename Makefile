@@ -51,11 +51,11 @@ bench-wins: $(STAMP)
 
 bench-ablation: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.exp_search_ablation --suites text,vision $(if $(BUDGET),--budget $(BUDGET)) $(ABLATION_ARGS)
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.exp_search_ablation --suites text,vision,vit $(if $(BUDGET),--budget $(BUDGET)) $(ABLATION_ARGS)
 
 bench-frontier: $(STAMP)
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.frontier --suites text,vision $(if $(BUDGET),--budget $(BUDGET))
+	HF_HUB_OFFLINE=1 $(VPY) -m nps_bench.frontier --suites text,vision,vit,vit-long $(if $(BUDGET),--budget $(BUDGET))
 
 bench-status: $(STAMP)
 	$(VPY) -m nps_bench.status

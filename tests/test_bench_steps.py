@@ -177,10 +177,12 @@ def test_weights_digest_depends_on_the_tensors_only(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite, task", [("vision", "digits"), ("text", "rt-sentiment")])
+@pytest.mark.parametrize("suite, task", [("vision", "digits"), ("text", "rt-sentiment"), ("vit", "digits"),
+                                         ("vit-long", "digits")])
 def test_quick_fine_tunes_rebuild_bit_for_bit(tmp_path, suite, task):
     """Two builds of a quick-profile checkpoint into two empty caches: the same tensors (the
-    digest every step key holds). Measured: MobileNetV2's files differ byte-wise between builds
+    digest every step key holds). (The LLM suites' fine-tune, a quick build of which takes minutes
+    here: test_llm_suite.py::test_lm_finetunes_rebuild_bit_for_bit.) Measured: MobileNetV2's files differ byte-wise between builds
     (safetensors writes its metadata in varying order) while their tensors are identical."""
     from nps_bench import data as bdata
     from nps_bench.suites import build_suite

@@ -89,6 +89,22 @@ def test_finetune_writes_a_folder_whose_task_vector_is_the_trained_update(tmp_pa
         assert all(any(t in k for t in llm_suite.LORA_TARGETS) for k, v in got.items() if v.abs().max() > 0)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_lm_finetunes_rebuild_bit_for_bit(tmp_path, lora):
+    """The llm / llm-lora suites' fine-tune (llm_suite.finetune_lm: seeded, ordered batches, fixed
+    threads) run twice on the same inputs writes the same tensors (the digest the step keys hold)."""
+    from nps_bench.suites import weights_digest
+    base, _ = _tiny_llama(tmp_path)
+    s = llm_suite.LMSettings(steps=4, batch_size=4, lr=5e-3, lora_rank=4 if lora else 0, lora_alpha=8)
+    digests = []
+    for run in ("a", "b"):
+        llm_suite.finetune_lm(base, "mc", _mc_rows(), s, tmp_path / run, progress=False)
+        digests.append(weights_digest(tmp_path / run))
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+    pre = weights_digest(base)
+    assert digests[0] != pre
+
+
 def test_relative_source_divides_by_the_reference():
     from nps_bench.exp_transfer import RelativeSource
 

@@ -471,7 +471,7 @@ def render(results: dict) -> str:
              "two rows on the same tasks is known better than this). Kinds: which kind of point "
              "each search returned (start point / refinement / CMA-ES candidate), counted over "
              "its searches.", ""]
-    order = ("text", "vision", "vit", "llm", "llm-lora")
+    order = ("text", "vision", "vit", "vit-long", "llm", "llm-lora")
     for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
         rows = table_rows(data, suite) if "tasks" in data else []
         if not rows:

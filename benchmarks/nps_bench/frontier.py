@@ -107,7 +107,7 @@ def render(results: dict, figures: Optional[Path]) -> str:
              "each suite's commit and settings are in the section \"NPS that wins\"). The paper's claim (its Fig. 4): "
              "NPS keeps ≥ 99% of the fine-tuned accuracy down to a smaller r than magnitude top-k "
              "and DARE.", ""]
-    order = ("text", "vision", "vit", "llm", "llm-lora")
+    order = ("text", "vision", "vit", "vit-long", "llm", "llm-lora")
     shown = 0
     for suite in sorted(results.get("suites", {}), key=lambda s: order.index(s) if s in order else 9):
         data = results["suites"][suite]

