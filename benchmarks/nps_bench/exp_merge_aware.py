@@ -131,6 +131,18 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
     out["nps-default"] = _strip(cache.step(suite, "_merge_aware", "nps-default",
                                            {**base_params, **points_src, "settings": shipped_params},
                                            lambda: two_stage(pruned), log))
+
+    def best():                # `nps merge --method nps --combine best` on the default's τ̂ (the
+        # shipped merge: measured right after Eq. 7, so a run cut by its budget has it)
+        settings = shipped.replace(combine="best")
+        merged, lambdas, tried, i = pick_merge(sessions, calibs, pruned(), taus, settings=settings,
+                                               progress=False)
+        return scored(merged, {"lambda": [float(x) for x in lambdas], "picked": tried[i], "tried": tried})
+    out["nps-best"] = _strip(cache.step(suite, "_merge_aware", "nps-best",
+                                        {**base_params, **points_src, "settings": shipped_params,
+                                         "combine": {"picks": [list(p) for p in PICKS],
+                                                     "svd_grid": list(PICK_SVD_GRID),
+                                                     "matrices": shipped.matrices}}, best, log))
     for keep in STUDY_KEEPS:   # the same merge of the default's τ̂ at a larger r
         wk = _default_points(ctxs, wins_rows, keep)
         if wk is None:
@@ -169,16 +181,6 @@ def run_merge_aware_job(suite: str, tasks: List[dict], cfg_dict: dict, cache_roo
     out.update(_into_rows(suite, cfg, cache, log, base_params, points_src, sessions, calibs, scored,
                           taus, pruned))
 
-    def best():                # `nps merge --method nps --combine best` on the default's τ̂
-        settings = shipped.replace(combine="best")
-        merged, lambdas, tried, i = pick_merge(sessions, calibs, pruned(), taus, settings=settings,
-                                               progress=False)
-        return scored(merged, {"lambda": [float(x) for x in lambdas], "picked": tried[i], "tried": tried})
-    out["nps-best"] = _strip(cache.step(suite, "_merge_aware", "nps-best",
-                                        {**base_params, **points_src, "settings": shipped_params,
-                                         "combine": {"picks": [list(p) for p in PICKS],
-                                                     "svd_grid": list(PICK_SVD_GRID),
-                                                     "matrices": shipped.matrices}}, best, log))
     return {"suite": suite, "rows": out, "job_s": time.perf_counter() - t_job}
 
 
