@@ -202,12 +202,11 @@ def finetune_vit(splits: bdata.Splits, base_folder, out_dir, settings: ViTSettin
 
 # ------------------------------------------------------------------ the cached suite
 def vit_task(name: str, root: Path, base: Path, base_key: str, quick, progress,
-             settings: ViTSettings | None = None):
+             settings: ViTSettings):
     """TaskEntry of one ViT task (built, or read from the cache)."""
     import json
     from .suites import _atomic_build, _complete, _key, _log, image_entry
     splits = bdata.load_task(name, quick=quick)
-    settings = settings or VIT_SETTINGS[name]
     if quick in (True, "quick"):
         settings = ViTSettings(**{**asdict(settings), "epochs": 1})
     key = _key({"v": FORMAT_VERSION, "suite": "vit", "task": name, "data": splits.fingerprint(),

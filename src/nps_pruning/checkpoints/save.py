@@ -219,15 +219,29 @@ def _shards(tensors: Dict[str, torch.Tensor], max_shard_bytes: int) -> List[List
     return shards
 
 
+def _weight_files(folder: Path) -> List[str]:
+    """The safetensors weight files of a folder :func:`save_model_folder` wrote:
+    ``model.safetensors``, or the index and its shards."""
+    index = folder / SAFE_INDEX
+    if not index.is_file():
+        return ["model.safetensors"]
+    return [SAFE_INDEX, *sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+
+
+def same_weight_files(a, b) -> bool:
+    """Whether the folder ``b`` holds the weight files of ``a`` themselves (hard links of them,
+    as ``save_model_folder(b, ..., weights_of=a)`` makes), not copies."""
+    a, b = Path(a), Path(b)
+    return all((b / n).is_file() and os.path.samefile(a / n, b / n) for n in _weight_files(a))
+
+
 def _link_weights(src: Path, dst: Path) -> bool:
-    """Hard-link the safetensors weights (``model.safetensors``, or the shards and their index)
-    of the folder ``src`` (written by :func:`save_model_folder`) into ``dst``; False, with
-    nothing left in ``dst``, when ``src`` holds none or the filesystem refuses a link."""
-    names = ([SAFE_INDEX, *sorted(set(json.loads((src / SAFE_INDEX).read_text())["weight_map"].values()))]
-             if (src / SAFE_INDEX).is_file() else ["model.safetensors"])
+    """Hard-link the safetensors weights (:func:`_weight_files`) of the folder ``src`` (written by
+    :func:`save_model_folder`) into ``dst``; False, with nothing left in ``dst``, when ``src``
+    holds none or the filesystem refuses a link."""
     done = []
     try:
-        for name in names:
+        for name in _weight_files(src):
             os.link(src / name, dst / name)
             done.append(dst / name)
     except (OSError, KeyError, ValueError):

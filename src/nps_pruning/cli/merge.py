@@ -4,7 +4,6 @@ chosen on calibration data), one model folder per task and the report written.""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Dict
 
@@ -17,8 +16,7 @@ from ..apps.merge import (MERGE_OUTPUT_FILES, check_finite_model, joint_nps_merg
 from ..apps.prune import prune, search_report
 from ..apps.session import Session
 from ..checkpoints import open_checkpoint, save_model_folder, save_tensors
-from ..checkpoints.load import SAFE_INDEX
-from ..checkpoints.save import atomic_output_dir
+from ..checkpoints.save import atomic_output_dir, same_weight_files
 from ..core.merge import HALF_MERGERS, MERGE_OPTIONS, merge, nps_combine, option_problem
 from ..errors import NPSError
 from ..paths import safe_child
@@ -28,14 +26,6 @@ from ..task_vector import same_extras
 from ..workdirs import release_work_dir
 from .common import given_input, input_sources, prepare_work_dir
 from .settings import check_prune_options, merge_settings, prune_settings
-
-
-def _linked(first, folder) -> bool:
-    """Whether ``folder``'s weights are hard links of ``first``'s (the same file on disk)."""
-    a, b = first / "model.safetensors", folder / "model.safetensors"
-    if not a.is_file():
-        a, b = first / SAFE_INDEX, folder / SAFE_INDEX
-    return b.is_file() and os.path.samefile(a, b)
 
 
 def check_merge_options(opts) -> None:
@@ -193,7 +183,7 @@ def run_merge(opts) -> Dict[str, Any]:
             same = s is not sessions[0] and same_extras(s.task_vector, sessions[0].task_vector)
             save_model_folder(folder, tv.model_state(theta), like=open_checkpoint(s.finetuned),
                               inputs=inputs, weights_of=tmp / names[0] if same else None)
-            if same and _linked(tmp / names[0], folder):
+            if same and same_weight_files(tmp / names[0], folder):
                 shared.append(name)
             write_model_card(folder, kind="merged", name=name, pretrained=given_input(opts, "pretrained"),
                              method=opts.method, keep=opts.keep if opts.method != "average" else None,
