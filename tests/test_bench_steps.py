@@ -196,6 +196,11 @@ def test_quick_fine_tunes_rebuild_bit_for_bit(tmp_path, suite, task):
     assert a.tasks[0].weights == b.tasks[0].weights and len(a.tasks[0].weights) == 64
     assert a.tasks[0].key == b.tasks[0].key
     assert a.tasks[0].weights[:12] in a.table()
+    # the build records the CPU it ran on, and the digest lies beside it for `make bench-status`
+    from nps_bench.paths import WEIGHTS_FILE, cpu_model
+    d = Path(a.tasks[0].dir)
+    assert json.loads((d / "info.json").read_text())["built_on"] == cpu_model()
+    assert json.loads((d / WEIGHTS_FILE).read_text()) == {"weights": a.tasks[0].weights}
 
 
 def test_bench_status_tells_current_stale_and_missing(tmp_path, monkeypatch):
@@ -222,6 +227,40 @@ def test_bench_status_tells_current_stale_and_missing(tmp_path, monkeypatch):
     assert "_all" not in st["tasks"]
     text = status.render([st])
     assert "news-outlet" in text and "missing: no step files" in text and "1 current" in text
+
+
+def test_bench_status_judges_the_checkpoint_built_here(tmp_path):
+    """A new machine whose fine-tune rebuilt to another digest (another CPU model): the task's
+    steps and the shared steps that name its checkpoint are stale here, the line says why; the
+    same digest keeps them current. Step files record the CPU that computed them."""
+    from nps_bench import status
+    from nps_bench.paths import WEIGHTS_FILE, cpu_model
+    steps, results, built = tmp_path / "steps", tmp_path / "results", tmp_path / "bench"
+    results.mkdir()
+    cache = ResultCache(steps)
+    rec = {"task": "rt-plot", "key": "k" * 12, "weights": "w" * 64}
+    cache.step("text", "rt-plot", "prune-dare-r0.05", rec, lambda: {"test": 0.5})
+    cache.step("text", "_fusion", "ties", {"tasks": [rec]}, lambda: {"test": 0.4})
+    one = next((steps / "text" / "rt-plot").glob("*.json"))
+    assert json.loads(one.read_text())["_cpu"] == cpu_model()
+    st = status.suite_status("text", steps, results, built)          # nothing built here
+    assert st["tasks"]["rt-plot"]["local"] is None and st["tasks"]["rt-plot"]["current"] == 1
+    d = built / "text" / "rt-plot" / ("k" * 12)
+    d.mkdir(parents=True)
+    (d / "info.json").write_text(json.dumps({"built_on": "Other CPU"}))
+    (d / WEIGHTS_FILE).write_text(json.dumps({"weights": "v" * 64}))
+    st = status.suite_status("text", steps, results, built)
+    t = st["tasks"]["rt-plot"]
+    assert t["current"] == 0 and t["steps"]["prune-dare-r0.05"]["state"] == "stale: checkpoint wwwwwwww -> vvvvvvvv"
+    assert t["minutes_needed"] == pytest.approx(json.loads(one.read_text())["seconds"] / 60.0)
+    assert st["tasks"]["_fusion"]["steps"]["ties"]["state"] == "stale: rt-plot's checkpoint wwwwwwww -> vvvvvvvv"
+    text = status.render([st])
+    assert "built here on Other CPU: a different checkpoint (vvvvvvvvvvvv)" in text
+    assert f"steps computed on {cpu_model()}" in text
+    (d / WEIGHTS_FILE).write_text(json.dumps({"weights": "w" * 64}))
+    st = status.suite_status("text", steps, results, built)
+    assert st["tasks"]["rt-plot"]["current"] == 1 and st["tasks"]["_fusion"]["current"] == 1
+    assert "built here on Other CPU: the same checkpoint" in status.render([st])
 
 
 def test_rows_of_bumped_code_or_an_old_default_are_marked_stale(tmp_path, monkeypatch):

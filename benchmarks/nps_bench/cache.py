@@ -9,7 +9,9 @@ A step's hash covers the settings it uses, the SHA-256 of the fine-tuned checkpo
 (``weights``, see :func:`nps_bench.suites.weights_digest`) and the numbers versions of the code
 groups it runs (:mod:`.code_versions`): a checkpoint that rebuilds differently, or a code change
 recorded as changing numbers, makes exactly its steps missing; nothing stale is ever reused. Each
-file also records the commit and date that computed it.
+file also records the commit, date and CPU model that computed it (``_cpu``: fine-tunes rebuild
+bit for bit on the same CPU model, not across CPU vendors, so a new machine's checkpoints can miss
+every step; ``make bench-status`` says so).
 
 ``--budget``: with ``$NPS_BENCH_DEADLINE`` (epoch seconds) set, a step whose recorded time (the
 ``seconds`` of an earlier file of the same step, any key) would end after the deadline is not
@@ -137,8 +139,9 @@ class ResultCache:
         p = self.path(suite, task, step, params)
         p.parent.mkdir(parents=True, exist_ok=True)
         from .code_versions import code_key
+        from .paths import cpu_model
         meta = {"_step": step, "_code": code_key(task, step, suite), "_commit": _commit(),
-                "_date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                "_date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "_cpu": cpu_model()}
         atomic_write_text(p, json.dumps({**value, "_step": step, "_params": params, **meta},
                                         indent=1, default=_jsonable))
         self.misses += 1

@@ -4,8 +4,12 @@ copy outside a checkout writes into the current directory."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
+from functools import lru_cache
 from pathlib import Path
+
+WEIGHTS_FILE = "weights.json"   # beside a built checkpoint's info.json: its weights digest
 
 
 def repo_root() -> Path:
@@ -18,6 +22,14 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
+def bench_cache_dir() -> Path:
+    """Where the suites' fine-tuned checkpoints are built: ``$NPS_CACHE/bench`` or
+    ``~/.cache/nps-pruning/bench``."""
+    env = os.environ.get("NPS_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "nps-pruning"
+    return root / "bench"
+
+
 def git_output(*args: str) -> str:
     """``git -C <repo_root()> ARGS``' stripped output, "" where git is missing or fails."""
     try:
@@ -25,3 +37,18 @@ def git_output(*args: str) -> str:
                               timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``), or ``platform.processor()``. Fine-tunes
+    rebuild bit for bit on the same CPU model and software, not across CPU vendors (the float
+    kernels differ): checkpoints and step files record it so a mismatch has its reason."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -36,7 +36,7 @@ from .cache import (DEADLINE_ENV, BudgetReached, ResultCache, _jsonable, default
                     restores_deadline, set_budget)
 from .config import BenchConfig
 from .context import task_dict
-from .paths import git_output, repo_root
+from .paths import cpu_model, git_output, repo_root
 
 REPO = repo_root()
 
@@ -48,11 +48,7 @@ def _repo_root() -> Path:
 def machine_info() -> dict:
     info: Dict[str, Any] = {"hostname_hash": None, "nproc": os.cpu_count(), "platform": platform.platform(),
                             "python": platform.python_version()}
-    try:
-        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        info["cpu_model"] = cpu[0] if cpu else platform.processor()
-    except OSError:
-        info["cpu_model"] = platform.processor()
+    info["cpu_model"] = cpu_model()
     try:
         mem = {l.split(":")[0]: l.split(":")[1].strip() for l in open("/proc/meminfo")}
         info["ram_gib"] = round(int(mem["MemTotal"].split()[0]) / 2**20, 1)

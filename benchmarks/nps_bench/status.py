@@ -5,7 +5,10 @@ the tasks, their checkpoints' weight digests, each job's minutes) and, per task,
 ``benchmarks/results/steps`` (committed): a step is **current** when it was computed by code of
 the numbers versions of today (:mod:`.code_versions`) on the checkpoint the suite records, else
 **stale** (which group changed, or another checkpoint). A task with no current step file is
-**missing**; the minutes still needed are summed from the recorded timings.
+**missing**; the minutes still needed are summed from the recorded timings. Where this machine has
+built a task's checkpoint (the suites' cache), its digest decides: fine-tunes rebuild bit for bit
+on the same CPU model and software but not across CPU vendors, so a checkpoint built here on
+another CPU makes the steps of the recorded one missing here, and the line says so.
 
     python -m nps_bench.status [--suites text,vision] [--steps-dir DIR] [--verbose]
 """
@@ -20,7 +23,7 @@ from typing import Dict, List, Optional
 
 from .cache import default_results_cache
 from .code_versions import code_key, versions
-from .paths import repo_root
+from .paths import WEIGHTS_FILE, bench_cache_dir, repo_root
 
 SUITES = ("text", "vision", "vit", "vit-long", "llm", "llm-lora")
 
@@ -49,8 +52,10 @@ def stale_note(stale: Dict[str, str]) -> List[str]:
                 + "."]
 
 
-def step_state(rec: dict, task: str, weights: Optional[str], suite: Optional[str] = None) -> str:
-    """"current", or "stale: why" for one step file's record (of ``suite``)."""
+def step_state(rec: dict, task: str, weights: Optional[str], suite: Optional[str] = None,
+               task_weights: Optional[Dict[str, str]] = None) -> str:
+    """"current", or "stale: why" for one step file's record (of ``suite``). ``task_weights``
+    (task -> checkpoint digest) checks a shared step's (fusion, ...) ``_params["tasks"]``."""
     step = rec.get("_step", "?")
     want = code_key(task, step, suite)
     have = rec.get("_code") or {}
@@ -58,10 +63,42 @@ def step_state(rec: dict, task: str, weights: Optional[str], suite: Optional[str
     got_w = (rec.get("_params") or {}).get("weights")
     if weights and got_w and got_w != weights:
         why.append(f"checkpoint {got_w[:8]} -> {weights[:8]}")
+    for t in (rec.get("_params") or {}).get("tasks") or ():
+        want_w = (task_weights or {}).get(t.get("task")) if isinstance(t, dict) else None
+        if want_w and t.get("weights") and t["weights"] != want_w:
+            why.append(f"{t['task']}'s checkpoint {t['weights'][:8]} -> {want_w[:8]}")
     return "current" if not why else "stale: " + ", ".join(why)
 
 
-def suite_status(suite: str, steps_dir: Path, results_dir: Path) -> Dict:
+def _steps_weights(newest: Dict[str, dict]) -> Optional[str]:
+    """The checkpoint digest most of a task's newest step files were computed on."""
+    ws = [((v["rec"].get("_params") or {}).get("weights")) for v in newest.values()]
+    ws = [w for w in ws if w]
+    return max(set(ws), key=ws.count) if ws else None
+
+
+def local_checkpoint(task: str, newest: Dict[str, dict], cache_dir: Optional[Path]) -> Optional[dict]:
+    """This machine's build of the task's checkpoint (the key its step files name, under the suites'
+    cache ``cache_dir``): ``{"dir", "built_on", "weights"}`` (``weights`` from the digest file the
+    benchmark writes beside it when it loads the suite; None before), or None when not built here."""
+    if cache_dir is None or not Path(cache_dir).is_dir():
+        return None
+    keys = {(v["rec"].get("_params") or {}).get("key") for v in newest.values()} - {None, ""}
+    for key in sorted(keys):
+        for d in sorted(Path(cache_dir).glob(f"*/{task}/{key}")):
+            if not (d / "info.json").is_file():
+                continue
+            try:
+                info = json.loads((d / "info.json").read_text())
+                side = d / WEIGHTS_FILE
+                w = json.loads(side.read_text()).get("weights") if side.is_file() else None
+            except (OSError, ValueError):
+                continue
+            return {"dir": str(d), "built_on": info.get("built_on"), "weights": w}
+    return None
+
+
+def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Optional[Path] = None) -> Dict:
     res_path = results_dir / f"{suite}.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     tasks = {t["name"]: t for t in (res.get("suite") or {}).get("tasks", [])}
@@ -74,7 +111,9 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path) -> Dict:
     # job timings are keyed kind/task; a suite's shared jobs ("fusion/_all", ...) keep their steps
     # in the _fusion / _compression / _merge_aware folders, listed from the files themselves
     job_tasks = {j.split("/", 1)[1] for j in jobs if "/" in j} - {"_all"}
-    for task in sorted(set(tasks) | set(files) | job_tasks):
+    local_w: Dict[str, str] = {}               # task -> the digest of its checkpoint built here
+    # the tasks first, then the shared jobs' folders (their steps name every task's checkpoint)
+    for task in sorted(set(tasks) | set(files) | job_tasks, key=lambda n: (n.startswith("_"), n)):
         newest: Dict[str, dict] = {}
         for p in files.get(task, []):
             try:
@@ -85,15 +124,37 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path) -> Dict:
             if step not in newest or p.stat().st_mtime > newest[step]["mtime"]:
                 newest[step] = {"mtime": p.stat().st_mtime, "rec": rec}
         weights = (tasks.get(task) or {}).get("weights")
-        steps = {s: {"state": step_state(v["rec"], task, weights, suite), "commit": v["rec"].get("_commit", "?"),
-                     "seconds": float(v["rec"].get("seconds") or 0.0)} for s, v in newest.items()}
+        recorded = weights or _steps_weights(newest)
+        local = local_checkpoint(task, newest, cache_dir)
+        if local and local.get("weights"):     # built here: what a run on this machine would reuse
+            weights = local_w[task] = local["weights"]
+        steps = {s: {"state": step_state(v["rec"], task, weights, suite, local_w),
+                     "commit": v["rec"].get("_commit", "?"),
+                     "seconds": float(v["rec"].get("seconds") or 0.0), "cpu": v["rec"].get("_cpu")}
+                 for s, v in newest.items()}
         job_s = sum(float(j.get("seconds") or 0.0) for k, j in jobs.items() if k.split("/", 1)[-1] == task)
         current = [s for s, v in steps.items() if v["state"] == "current"]
         stale_s = sum(v["seconds"] for v in steps.values() if v["state"] != "current")
         out["tasks"][task] = {"steps": steps, "current": len(current), "stale": len(steps) - len(current),
                               "minutes_needed": (stale_s if steps else job_s) / 60.0,
-                              "weights": weights}
+                              "weights": weights, "recorded_weights": recorded, "local": local,
+                              "cpus": sorted({v["cpu"] or "a CPU not recorded" for v in steps.values()})}
     return out
+
+
+def _local_line(t: dict) -> List[str]:
+    loc = t.get("local")
+    if not loc:
+        return []
+    where = f"built here on {loc.get('built_on') or 'a CPU not recorded'}"
+    if not loc.get("weights"):
+        return [f"      {where}; its digest is not known yet (the benchmark writes it when it loads the suite)"]
+    rec = t.get("recorded_weights")
+    if not rec or rec == loc["weights"]:
+        return [f"      {where}: the same checkpoint as the step files'"]
+    return [f"      {where}: a different checkpoint ({loc['weights'][:12]}) from the step files' "
+            f"({rec[:12]}; steps computed on {', '.join(t.get('cpus') or ['?'])}); fine-tunes rebuild bit for "
+            "bit only on the same CPU model, so a run here computes these steps again"]
 
 
 def render(statuses: List[Dict], verbose: bool = False) -> str:
@@ -112,6 +173,7 @@ def render(statuses: List[Dict], verbose: bool = False) -> str:
                 state = (f"{t['current']} current (commit {', '.join(commits) or '-'}), {t['stale']} stale")
             lines.append(f"  {task:18s} {state}; about {t['minutes_needed']:.0f} min to compute"
                          + (f"; checkpoint {t['weights'][:12]}" if t.get("weights") else ""))
+            lines.extend(_local_line(t))
             if verbose:
                 for s, v in sorted(t["steps"].items()):
                     lines.append(f"      {s:40s} {v['state']} ({v['commit']}, {v['seconds']:.0f}s)")
@@ -124,11 +186,14 @@ def main(argv=None) -> int:
     ap.add_argument("--suites", default=",".join(SUITES))
     ap.add_argument("--steps-dir", default=None, help="default: benchmarks/results/steps")
     ap.add_argument("--results-dir", default=None, help="default: benchmarks/results")
+    ap.add_argument("--cache-dir", default=None, help="the suites' checkpoints built on this machine "
+                    "(default: $NPS_CACHE/bench, ~/.cache/nps-pruning/bench)")
     ap.add_argument("--verbose", action="store_true", help="list every step")
     args = ap.parse_args(argv)
     steps = Path(args.steps_dir) if args.steps_dir else default_results_cache("full")
     results = Path(args.results_dir) if args.results_dir else repo_root() / "benchmarks" / "results"
-    statuses = [suite_status(s, steps, results) for s in args.suites.split(",") if s]
+    cache = Path(args.cache_dir) if args.cache_dir else bench_cache_dir()
+    statuses = [suite_status(s, steps, results, cache) for s in args.suites.split(",") if s]
     print(render(statuses, args.verbose))
     return 0
 

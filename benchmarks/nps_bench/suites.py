@@ -42,8 +42,10 @@ from typing import Callable
 import numpy as np
 
 from nps_pruning.errors import NPSError
+from nps_pruning.atomic import atomic_write_text
 from . import data as bdata
 from .finetune import TextSettings, VisionSettings
+from .paths import WEIGHTS_FILE, bench_cache_dir, cpu_model
 
 FORMAT_VERSION = 1
 # llm / llm-lora: SmolLM2-135M full fine-tunes / LoRA adapters (:mod:`nps_bench.llm_suite`)
@@ -134,9 +136,7 @@ class Suite:
 
 # ------------------------------------------------------------------ paths and keys
 def default_cache_dir() -> Path:
-    env = os.environ.get("NPS_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "nps-pruning"
-    return root / "bench"
+    return bench_cache_dir()
 
 
 def minilm_path() -> Path:
@@ -191,8 +191,16 @@ def weights_digest(path) -> str:
 
 
 def _with_digests(suite: "Suite") -> "Suite":
+    """Each task's ``weights`` (:func:`weights_digest`), also written beside its checkpoint
+    (:data:`WEIGHTS_FILE`) so ``make bench-status`` can compare a local build with the step files'."""
     for t in suite.tasks:
         t.weights = weights_digest(t.finetuned)
+        side = Path(t.dir) / WEIGHTS_FILE
+        try:
+            if not side.is_file() or json.loads(side.read_text()).get("weights") != t.weights:
+                atomic_write_text(side, json.dumps({"weights": t.weights}))
+        except (OSError, ValueError):
+            pass                              # a read-only cache: the digest is only a convenience
     return suite
 
 
@@ -211,6 +219,7 @@ def _atomic_build(final: Path, build: Callable[[Path], dict]) -> dict:
     tmp.mkdir()
     try:
         info = build(tmp)
+        info.setdefault("built_on", cpu_model())     # fine-tunes rebuild bit for bit per CPU model
         (tmp / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
         if final.exists():
             if _complete(final):          # another process won the race: keep theirs
