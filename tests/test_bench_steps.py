@@ -312,3 +312,21 @@ def test_render_only_keeps_every_section_and_says_how_fresh_each_suite_is(tmp_pa
     assert md.index("<!-- wins:start -->") < md.index("<!-- ablation:start -->") < md.index("## Settings")
     assert "- suite text: " in md and "step files are current for today's code" in md
     assert (repo_root() / "README.md").read_text() == readme
+
+
+def test_portability_record_compares_digests_per_setting_across_cpus():
+    """The probe's record (nps_bench.portability): one line per CPU model and torch; a setting is
+    portable where every CPU got one digest; a probe's process carries exactly its pins."""
+    from nps_bench.portability import PIN_SETS, compare, merge_record, probe_env
+    a = {"cpu": "AMD EPYC", "torch": "2.13.0", "digests": {"native": {"vit/digits": "a1"}, "avx2": {"vit/digits": "p"}}}
+    b = {"cpu": "Intel Xeon", "torch": "2.13.0", "digests": {"native": {"vit/digits": "b1"}, "avx2": {"vit/digits": "p"}}}
+    rec = merge_record(merge_record([], a), b)
+    c = compare(rec)
+    assert c["native"]["vit/digits"] == {"cpus": ["AMD EPYC", "Intel Xeon"], "same": False}
+    assert c["avx2"]["vit/digits"]["same"] is True
+    again = merge_record(rec, {**a, "digests": {"native": {"vit/digits": "b1"}}})     # same CPU: replaced
+    assert len(again) == 2 and compare(again)["native"]["vit/digits"]["same"] is True
+    env = probe_env("avx2", {"PATH": "/bin", "MKL_CBWR": "AUTO", "ATEN_CPU_CAPABILITY": "avx512"})
+    assert {k: env[k] for k in PIN_SETS["avx2"]} == PIN_SETS["avx2"] and env["PATH"] == "/bin"
+    native = probe_env("native", {"MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert not set(native) & set(PIN_SETS["avx2"])
