@@ -202,8 +202,9 @@ def finetune_vit(splits: bdata.Splits, base_folder, out_dir, settings: ViTSettin
 
 # ------------------------------------------------------------------ the cached suite
 def vit_task(name: str, root: Path, base: Path, base_key: str, quick, progress,
-             settings: ViTSettings):
-    """TaskEntry of one ViT task (built, or read from the cache)."""
+             settings: ViTSettings, label: str = "vit"):
+    """TaskEntry of one ViT task (built, or read from the cache); ``label``: the suite's name in
+    the build log (the cache key knows the suites apart by their settings)."""
     import json
     from .suites import _atomic_build, _complete, _key, _log, image_entry
     splits = bdata.load_task(name, quick=quick)
@@ -215,13 +216,13 @@ def vit_task(name: str, root: Path, base: Path, base_key: str, quick, progress,
 
     def build(tmp: Path) -> dict:
         t0 = time.time()
-        _log(progress, f"[vit] building {name} ({splits.sizes}) -> {final}")
+        _log(progress, f"[{label}] building {name} ({splits.sizes}) -> {final}")
         px = {p: to_pixels(getattr(splits, p).x, settings.image_size) for p in ("train", "calib", "test")}
         metrics = finetune_vit(splits, base, tmp / "model", settings, progress=progress, pixels=px)
         for part in ("calib", "test"):
             save_split_npz(tmp / f"{part}.npz", px[part], getattr(splits, part).y)
         metrics["timings"]["build_s"] = time.time() - t0
-        _log(progress, f"[vit] {name}: fine-tuned {metrics['finetuned_acc']:.4f} vs pre-trained "
+        _log(progress, f"[{label}] {name}: fine-tuned {metrics['finetuned_acc']:.4f} vs pre-trained "
                        f"{metrics['pretrained_acc']:.4f} (untrained head), built in {metrics['timings']['build_s']:.0f}s")
         return {**metrics, "task": name, "num_classes": splits.num_classes, "class_names": splits.class_names,
                 "sizes": splits.sizes, "source": splits.source, "key": key, "quick": quick,
@@ -241,5 +242,6 @@ def build_vit_suite(names: list[str], root: Path, quick, progress, settings: dic
     if len(image_sizes) != 1:
         raise ValueError(f"the ViT suite's tasks must share one image size, got {sorted(image_sizes)}")
     base, base_key = build_base(root, image_sizes.pop(), progress)
-    entries = [vit_task(t, root, base, base_key, quick, progress, settings[t]) for t in names]
+    entries = [vit_task(t, root, base, base_key, quick, progress, settings[t], suite)
+               for t in names]
     return Suite(suite, str(base), str(root), quick, entries)
