@@ -389,3 +389,66 @@ def test_cli_options_parse_and_validate():
     for bad in ({"race": "fast"}, {"patience": -1}, {"race_eta": 1}):
         with pytest.raises(NPSError):
             build(PruneOptions, {"pretrained": "a", "finetuned": "b", "output": "o", **bad})
+
+
+# -- loglik-t: the label's log-likelihood at the fitted temperature ------------------------------
+def test_loglik_t_fits_the_temperature_and_ranks_like_accuracy_where_loglik_does_not():
+    from nps_pruning.evaluation.fitness import (FitnessAccumulator, fit_inverse_temperature,
+                                                tempered_loglik)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 5, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 5, (40,), generator=g)
+    z[torch.arange(40), y] += 2.0
+    beta = fit_inverse_temperature(z, y)
+    grid = torch.linspace(0.0, 5.0, 50001, dtype=torch.float64)
+    mean_ll = torch.stack([(torch.log_softmax(z * b, 1).gather(1, y.view(-1, 1))).mean() for b in grid])
+    assert beta == pytest.approx(float(grid[int(mean_ll.argmax())]), abs=2e-4)    # the maximum
+    v = tempered_loglik(z, y)
+    assert float(v.mean()) == pytest.approx(float(mean_ll.max()), abs=1e-9)
+    assert float(v.mean()) >= float(torch.log_softmax(z, 1).gather(1, y.view(-1, 1)).mean())
+    # invariant to the logits' scale; never below the uniform guess (β = 0 when every argmax is wrong)
+    assert float(tempered_loglik(z * 7.0, y).mean()) == pytest.approx(float(v.mean()), abs=1e-9)
+    wrong = torch.zeros(6, 3, dtype=torch.float64)
+    wrong[torch.arange(6), (torch.arange(6) + 1) % 3] = 4.0
+    assert fit_inverse_temperature(wrong, torch.arange(6) % 3) == 0.0
+    assert torch.allclose(tempered_loglik(wrong, torch.arange(6) % 3), torch.full((6,), -math.log(3), dtype=torch.float64))
+    # the case it is for: A gets 7 of 10 rows right but is confidently wrong on 3, B is timid and
+    # gets 4 right; loglik prefers B, accuracy and loglik-t prefer A
+    lab = torch.zeros(10, dtype=torch.long)
+    a = torch.zeros(10, 2, dtype=torch.float64)
+    a[:7, 0], a[7:, 1] = 6.0, 6.0
+    b = torch.zeros(10, 2, dtype=torch.float64)
+    b[:4, 0], b[4:, 1] = 0.1, 0.1
+    def score(fitness, logits):
+        acc = FitnessAccumulator(fitness)
+        acc.add(logits[:6], lab[:6], None)
+        acc.add(logits[6:], lab[6:], None)
+        return acc.value()
+    assert score("loglik", b) > score("loglik", a)
+    assert score("accuracy", a) > score("accuracy", b) and score("loglik-t", a) > score("loglik-t", b)
+    nonfinite = a.clone()
+    nonfinite[0, 1] = float("nan")
+    from nps_pruning.evaluation.fitness import LOG_FLOOR
+    assert float(tempered_loglik(nonfinite, lab)[0]) == LOG_FLOOR
+
+
+def test_loglik_t_on_an_evaluator_scores_rows_consistently(tiny_bert, text_csv, tmp_path):
+    from nps_pruning.evaluation import load_model, make_evaluator
+    from nps_pruning.evaluation.fitness import score_from_rows
+    _, ft = tiny_bert
+    model = load_model(ft)
+    ev = make_evaluator(f"text-classification:{text_csv}", model_path=ft, fitness="loglik-t", batch_size=8)
+    full = ev(model)
+    score, values = ev.score_rows(model)
+    perm = np.random.default_rng(0).permutation(ev.num_rows)
+    score_p, values_p = ev.score_rows(model, perm)
+    assert score == full and score_p == full and np.array_equal(values_p, values[perm])
+    assert score_from_rows("loglik-t", values) == pytest.approx(full, rel=1e-9, abs=1e-12)
+    plain = make_evaluator(f"text-classification:{text_csv}", model_path=ft, fitness="loglik", batch_size=8)
+    assert full >= plain(model) - 1e-6             # β = 1 is one of the temperatures it tries
+    part = perm[:13]                       # a subset is scored at its own temperature
+    score_s, values_s = ev.score_rows(model, part)
+    assert score_s == pytest.approx(float(np.mean(values_s)), rel=1e-9, abs=1e-12)
+    with pytest.raises(NPSError, match="loglik-t is not defined for perplexity"):
+        (tmp_path / "lm.txt").write_text("hello world\n")
+        make_evaluator(f"perplexity:{tmp_path / 'lm.txt'}", model_path=ft, fitness="loglik-t")

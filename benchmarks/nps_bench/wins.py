@@ -50,6 +50,11 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
     "default-128": ("NPS default on 128 calibration rows (calibration-size study)", None, 128),
     "hybrid-accuracy": ("NPS hybrid space, accuracy fitness, no hold-out, all rows (ablation)",
                         {"fitness": "accuracy", "holdout": 0.0}, None),
+    # the shipped search with another fitness ("_shipped": PruneSettings() but for the keys given)
+    "default-accuracy": ("NPS default search, accuracy fitness (fitness study)",
+                         {"_shipped": True, "fitness": "accuracy"}, None),
+    "default-loglik-t": ("NPS default search, loglik at the fitted temperature (`--fitness loglik-t`)",
+                         {"_shipped": True, "fitness": "loglik-t"}, None),
     # the search-cost study (issue "Search cost"): a plain 30-generation full-calibration CMA-ES
     # as the reference, and cheaper searches against it ("search": SearchSettings overrides)
     "plain30": ("plain CMA-ES: 30 generations, all calibration rows, no hold-out, no racing (the reference)",
@@ -125,10 +130,11 @@ def _settings(task: dict, cfg: WinsConfig, keep: float, over: Optional[dict], ca
     ratio, the seed, the task's max length and the suite's calibration cap and batch size.
     Otherwise the library's defaults but for the grid's keep ratio, bands, budget (a plain
     search of cfg.generations × cfg.popsize) and seed, and the variant's ``over``."""
-    if over is None:
-        return PruneSettings(keep_ratio=keep, seed=cfg.seed, calib_size=calib_size,
-                             max_length=task.get("max_length") or 128,
-                             **({"batch_size": batch_size} if batch_size else {}))
+    if over is None or over.get("_shipped"):
+        shipped = PruneSettings(keep_ratio=keep, seed=cfg.seed, calib_size=calib_size,
+                                max_length=task.get("max_length") or 128,
+                                **({"batch_size": batch_size} if batch_size else {}))
+        return shipped if over is None else shipped.replace(**{k: v for k, v in over.items() if k != "_shipped"})
     over = dict(over)
     search = {"generations": cfg.generations, "popsize": cfg.popsize, **over.pop("search", {})}
     return PruneSettings(keep_ratio=keep, bands=cfg.bands, seed=cfg.seed, calib_size=calib_size,
@@ -224,7 +230,7 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
         if cap is not None:
             calib_size = cap if calib_size is None else min(cap, calib_size)
 
-        exact = cfg.suite_batch_size.get(suite) if over is None else batch
+        exact = cfg.suite_batch_size.get(suite) if over is None or over.get("_shipped") else batch
 
         def search(variant=variant, r=r, over=over, calib_size=calib_size, exact=exact):
             s = session()
@@ -239,10 +245,11 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                     "examples_scored": int(sum(int(c.get("examples") or 0) for c in res.candidates)),
                     "num_candidates": len(res.candidates), "search_s": time.perf_counter() - t0}
         st = _settings(task, cfg, r, over, calib_size, exact)
-        if over is None:       # the shipped default: its resolved settings are the key
+        if over is None or over.get("_shipped"):   # the shipped search: its resolved settings are the key
             from .exp_search_ablation import settings_params
             params = _params(task, cfg, keep=r, variant=variant, nps_v=NPS_VERSION,
-                             shipped=settings_params(st), **holdout_key(task, st))
+                             shipped=settings_params(st), **holdout_key(task, st),
+                             **({} if over is None else {"over": over}))
         else:
             params = _params(task, cfg, keep=r, variant=variant, over=over, calib_size=calib_size,
                              nps_v=NPS_VERSION, generations=cfg.generations, popsize=cfg.popsize,

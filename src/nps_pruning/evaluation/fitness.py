@@ -3,6 +3,12 @@
 * ``accuracy`` — fraction of rows whose argmax is the label (the paper; steps of 1/N);
 * ``loglik`` — mean log-probability of the label (smooth: every row moves the score a little,
   so a small calibration set ranks near-equal candidates less by chance);
+* ``loglik-t`` — the mean log-probability of the label at the temperature that maximizes it over
+  the rows scored (one scalar, fitted per candidate: logits × β*, β* ≥ 0; β = 0 is the uniform
+  guess, so the score is never below −log C). Unlike ``loglik`` it does not punish a candidate
+  for being confidently wrong on some rows while it ranks more rows right (a heavily pruned model
+  near chance, where ``loglik`` prefers the timid candidate and accuracy the better one); the
+  temperature does not change any argmax, so the model scored is the model shipped;
 * ``agreement`` — label-free: exp(−mean KL(p_ft ‖ p_candidate)) over the rows, where p_ft is the
   fine-tuned model's own output distribution (recorded once by ``set_reference``). 1 means the
   candidate predicts exactly what the fine-tuned model predicts; needs only inputs, no labels.
@@ -22,7 +28,7 @@ import torch
 
 from ..errors import NPSError
 
-FITNESSES = ("accuracy", "loglik", "agreement")
+FITNESSES = ("accuracy", "loglik", "agreement", "loglik-t")
 LOG_FLOOR = math.log(1e-9)      # the worst a row's log-likelihood counts (≈ −20.7)
 
 
@@ -40,12 +46,18 @@ class FitnessAccumulator:
         self.fitness = fitness
         self.total = 0.0
         self.rows = 0
+        self._parts: List[Tuple[torch.Tensor, torch.Tensor]] = []     # loglik-t: (logits, labels)
 
     def add(self, logits: torch.Tensor, labels: Optional[torch.Tensor],
             ref_logp: Optional[torch.Tensor]) -> torch.Tensor:
-        """Add one batch; returns its per-row values (see :func:`score_from_rows`)."""
+        """Add one batch; returns its per-row values (see :func:`score_from_rows`). For
+        ``loglik-t`` the values depend on every row (the fitted temperature): NaN here, the
+        values are :meth:`row_values` once every batch is in."""
         n = int(logits.shape[0])
         self.rows += n
+        if self.fitness == "loglik-t":
+            self._parts.append((logits.detach().double().cpu(), labels.detach().view(-1).cpu()))
+            return torch.full((n,), float("nan"), dtype=torch.float64)
         if self.fitness == "accuracy":
             hit = logits.argmax(dim=-1) == labels
             self.total += int(hit.sum())
@@ -60,11 +72,65 @@ class FitnessAccumulator:
         self.total += float(kl.sum())
         return -kl.double()
 
+    def row_values(self) -> torch.Tensor:
+        """``loglik-t``: every row's log-probability of its label at the temperature fitted on
+        all the rows added (in the order they were added)."""
+        if not self._parts:
+            return torch.zeros(0, dtype=torch.float64)
+        z = torch.cat([l for l, _ in self._parts])
+        y = torch.cat([t for _, t in self._parts])
+        return tempered_loglik(z, y)
+
     def value(self) -> float:
+        if self.fitness == "loglik-t":
+            return float(self.row_values().mean()) if self.rows else 0.0
         mean = self.total / max(1, self.rows)
         if self.fitness == "agreement":
             return math.exp(-mean)
         return mean
+
+
+def fit_inverse_temperature(z: torch.Tensor, y: torch.Tensor, iters: int = 60) -> float:
+    """β* = argmax over β ≥ 0 of the mean log softmax(β·z)[y] (rows of finite logits ``z``,
+    float64). The mean is concave in β (−log-sum-exp of linear functions plus a linear term), so a
+    golden-section search on log β over [1e-4, 1e3], plus the end point β = 0, finds it."""
+    if z.shape[0] == 0:
+        return 1.0
+
+    def f(beta: float) -> float:
+        zz = z * beta
+        return float((zz.gather(1, y.view(-1, 1)).squeeze(1) - torch.logsumexp(zz, dim=1)).mean())
+
+    lo, hi = math.log(1e-4), math.log(1e3)
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = f(math.exp(a)), f(math.exp(b))
+    for _ in range(iters):
+        if fa >= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = f(math.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = f(math.exp(b))
+    beta = math.exp((lo + hi) / 2.0)
+    return beta if f(beta) >= f(0.0) else 0.0
+
+
+def tempered_loglik(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row log-probability of the label at the fitted temperature (:func:`fit_inverse_temperature`
+    on the rows with finite logits); a row with a non-finite logit counts the floor."""
+    z = logits.double()
+    y = labels.view(-1).long()
+    ok = torch.isfinite(z).all(dim=-1)
+    out = torch.full((z.shape[0],), LOG_FLOOR, dtype=torch.float64)
+    if bool(ok.any()):
+        zo, yo = z[ok], y[ok]
+        beta = fit_inverse_temperature(zo, yo)
+        lp = torch.log_softmax(zo * beta, dim=-1).gather(1, yo.view(-1, 1)).squeeze(1)
+        out[ok] = _floor(lp)
+    return out
 
 
 def _row_logp(logits: torch.Tensor) -> torch.Tensor:
@@ -140,6 +206,10 @@ class FitnessScored:
                 ref = (self.reference[b] if everything
                        else self._reference_rows()[torch.as_tensor(part)])
             values[part] = acc.add(logits, labels, ref).cpu().numpy()
+        if self.fitness == "loglik-t":        # the values depend on every row scored
+            order = np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p in batches]) \
+                if len(batches) else np.zeros(0, dtype=np.int64)
+            values[order] = acc.row_values().numpy()
         return acc.value(), values[pos]
 
     def _logits_of(self, model, batches, everything: bool):

@@ -219,9 +219,9 @@ class PerplexityEvaluator(_LMBase):
         self.path = Path(path)
         self.name = f"perplexity:{path}"
         self.fitness = check_fitness(fitness, str(path))
-        if self.fitness == "agreement":
-            raise NPSError(f"{path}: --fitness agreement is not defined for perplexity: (it scores the "
-                           "text itself); use loglik or the default")
+        if self.fitness in ("agreement", "loglik-t"):
+            raise NPSError(f"{path}: --fitness {self.fitness} is not defined for perplexity: (it scores "
+                           "the text itself); use loglik or the default")
         if int(batch_size) <= 0:
             raise NPSError(f"{path}: batch_size must be positive, got {batch_size}")
         texts = read_lm_rows(self.path)
