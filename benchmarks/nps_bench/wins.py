@@ -55,6 +55,10 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
                          {"_shipped": True, "fitness": "accuracy"}, None),
     "default-loglik-t": ("NPS default search, loglik at the fitted temperature (`--fitness loglik-t`)",
                          {"_shipped": True, "fitness": "loglik-t"}, None),
+    "default-magnitude": ("NPS default search in the paper's magnitude space (`--space magnitude`)",
+                          {"_shipped": True, "space": "magnitude"}, None),
+    "default-magnitude-accuracy": ("NPS default search, magnitude space, accuracy fitness",
+                                   {"_shipped": True, "space": "magnitude", "fitness": "accuracy"}, None),
     # the search-cost study (issue "Search cost"): a plain 30-generation full-calibration CMA-ES
     # as the reference, and cheaper searches against it ("search": SearchSettings overrides)
     "plain30": ("plain CMA-ES: 30 generations, all calibration rows, no hold-out, no racing (the reference)",
