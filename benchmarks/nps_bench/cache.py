@@ -40,9 +40,8 @@ def default_results_cache(profile: str = "full") -> Path:
             return Path(env).expanduser()
         from .paths import repo_root
         return repo_root() / "benchmarks" / "results" / "steps"
-    env = os.environ.get("NPS_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "nps-pruning"
-    return root / f"bench-results-{profile}"
+    from .paths import nps_cache_root
+    return nps_cache_root() / f"bench-results-{profile}"
 
 
 def _hash(obj) -> str:

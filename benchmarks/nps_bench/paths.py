@@ -22,12 +22,15 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
-def bench_cache_dir() -> Path:
-    """Where the suites' fine-tuned checkpoints are built: ``$NPS_CACHE/bench`` or
-    ``~/.cache/nps-pruning/bench``."""
+def nps_cache_root() -> Path:
+    """The benchmark's machine-local cache: ``$NPS_CACHE`` or ``~/.cache/nps-pruning``."""
     env = os.environ.get("NPS_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "nps-pruning"
-    return root / "bench"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nps-pruning"
+
+
+def bench_cache_dir() -> Path:
+    """Where the suites' fine-tuned checkpoints are built: ``<nps_cache_root()>/bench``."""
+    return nps_cache_root() / "bench"
 
 
 def git_output(*args: str) -> str:

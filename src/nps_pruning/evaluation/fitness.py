@@ -47,6 +47,7 @@ class FitnessAccumulator:
         self.total = 0.0
         self.rows = 0
         self._parts: List[Tuple[torch.Tensor, torch.Tensor]] = []     # loglik-t: (logits, labels)
+        self._values: Optional[torch.Tensor] = None                   # loglik-t: fitted, until the next add
 
     def add(self, logits: torch.Tensor, labels: Optional[torch.Tensor],
             ref_logp: Optional[torch.Tensor]) -> torch.Tensor:
@@ -57,6 +58,7 @@ class FitnessAccumulator:
         self.rows += n
         if self.fitness == "loglik-t":
             self._parts.append((logits.detach().double().cpu(), labels.detach().view(-1).cpu()))
+            self._values = None
             return torch.full((n,), float("nan"), dtype=torch.float64)
         if self.fitness == "accuracy":
             hit = logits.argmax(dim=-1) == labels
@@ -77,9 +79,11 @@ class FitnessAccumulator:
         all the rows added (in the order they were added)."""
         if not self._parts:
             return torch.zeros(0, dtype=torch.float64)
-        z = torch.cat([l for l, _ in self._parts])
-        y = torch.cat([t for _, t in self._parts])
-        return tempered_loglik(z, y)
+        if self._values is None:          # one fit serves value() and the per-row values alike
+            z = torch.cat([l for l, _ in self._parts])
+            y = torch.cat([t for _, t in self._parts])
+            self._values = tempered_loglik(z, y)
+        return self._values
 
     def value(self) -> float:
         if self.fitness == "loglik-t":
