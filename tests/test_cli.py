@@ -101,6 +101,8 @@ def test_search_bounds_default_per_parametrisation():
     assert (log.lower, log.upper, log.sigma0, log.param) == (0.25, 8.0, 1.0, "log")
     custom = search_settings(build(PruneOptions, {**base, "param": "log", "upper": 4, "sigma0": 0.5}))
     assert (custom.lower, custom.upper, custom.sigma0) == (0.25, 4.0, 0.5)
+    assert lin.subspace == "family"
+    assert search_settings(build(PruneOptions, {**base, "subspace": "full"})).subspace == "full"
     with pytest.raises(NPSError, match="--param log needs --lower > 0"):
         search_settings(build(PruneOptions, {**base, "param": "log", "lower": 0}))
     with pytest.raises(NPSError, match="must be above"):

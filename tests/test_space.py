@@ -377,3 +377,99 @@ def test_scorer_with_theta_pre_in_the_model_writes_each_dense_candidate_and_rest
         assert torch.equal(got, build_point(space, v, bands, index, p, r, base=base))
     scorer.restore()
     assert torch.equal(flat.view(torch.int32), base.view(torch.int32))
+
+
+# -- the search follows the best start's family (SearchSettings.subspace) ------------------------
+class _HybridQuad:
+    """score of a hybrid point (w_1..w_4, g, α, h): a quadratic bowl whose top is where the
+    start ``top`` says (``mag``: w = 1.3, g = 0.4, α = 0; ``dare``: α = 1, h = 0.3)."""
+
+    def __init__(self, top):
+        self.top = top
+
+    def __call__(self, p):
+        p = np.asarray(p, dtype=float)
+        if self.top == "mag":
+            s = -np.sum((p[:4] - 1.3) ** 2) - (p[4] - 0.4) ** 2 - 4 * p[5]
+        else:
+            s = -(1 - p[5]) * 3 - (p[6] - 0.3) ** 2
+        return float(s), {"build_s": 0.0, "eval_s": 0.0}
+
+
+def _hyb_search(top, subspace, seed=0):
+    from nps_pruning.search import SearchSettings, run_search
+    st = SearchSettings(generations=5, seed=seed, subspace=subspace)
+    space = make_space("hybrid", 4, st.lower, st.upper, keep_ratio=0.05)
+    return run_search(_HybridQuad(top), 4, st, space=space, progress=False)
+
+
+def test_a_magnitude_start_adds_a_stream_with_the_random_share_held_at_zero():
+    hyb = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
+    pts = hyb.start_points()
+    start, free = hyb.family_stream(pts, [0.0] * len(pts), pts[3])
+    assert free.tolist() == [True] * 5 + [False, False] and start.tolist() == pts[3].tolist()
+    assert hyb.family_stream(pts, [0.0] * len(pts), pts[1]) is None     # DARE: one stream
+    assert hyb.family_stream(pts, [0.0] * len(pts), pts[2]) is None     # half and half
+    assert make_space("magnitude", 4, 0.0, 4.0).family_stream([], [], np.ones(4)) is None
+    fam = _hyb_search("mag", "family")
+    assert fam.cma_free == [0, 1, 2, 3, 4] and fam.to_dict()["cma_free"] == [0, 1, 2, 3, 4]
+    assert fam.settings["subspace"] == "family"
+    # the population of the whole space (4 + floor(3 ln 7) = 9): 5 over the whole space, then 4
+    # on the magnitude line, which hold alpha and h at 0 and move the rest
+    assert all(g["num_candidates"] == 9 for g in fam.generations[1:])
+    for gen in range(1, 6):
+        cands = [c for c in fam.candidates if c["gen"] == gen]
+        line = cands[5:]
+        assert len(line) == 4 and all(c["weights"][5] == 0.0 and c["weights"][6] == 0.0
+                                      for c in line)
+        assert len({tuple(c["weights"][:5]) for c in line}) == 4        # the free ones move
+    assert any(c["weights"][5] > 0 for c in fam.candidates if c["gen"] > 0 and c["idx"] < 5)
+    # "full": one stream of 9 over the whole space (the search before this setting)
+    full = _hyb_search("mag", "full")
+    assert full.cma_free is None and "subspace" not in full.settings
+    assert all(g["num_candidates"] == 9 for g in full.generations[1:])
+    # same seed, same result
+    assert [c["weights"] for c in _hyb_search("mag", "family").candidates] == \
+        [c["weights"] for c in fam.candidates]
+
+
+def test_a_dare_start_searches_the_whole_space_as_before():
+    fam, full = _hyb_search("dare", "family"), _hyb_search("dare", "full")
+    assert fam.cma_free is None
+    assert [c["weights"] for c in fam.candidates] == [c["weights"] for c in full.candidates]
+
+
+def test_unknown_subspace_is_refused():
+    from nps_pruning.errors import NPSError
+    from nps_pruning.search import SearchSettings
+    with pytest.raises(NPSError, match="unknown subspace"):
+        SearchSettings(subspace="half").validate()
+
+
+def test_a_family_search_resumes_where_it_stopped(tmp_path):
+    from nps_pruning.search import SearchSettings, run_search
+    st = SearchSettings(generations=4, seed=2)
+    log = tmp_path / "log.jsonl"
+    space = make_space("hybrid", 4, st.lower, st.upper, keep_ratio=0.05)
+    full = run_search(_HybridQuad("mag"), 4, st, space=space, log_path=log, progress=False)
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:20]))
+    resumed = run_search(_HybridQuad("mag"), 4, st, space=space, log_path=log, resume=True,
+                         progress=False)
+    assert [c["weights"] for c in resumed.candidates] == [c["weights"] for c in full.candidates]
+    assert resumed.reused == 19 and resumed.cma_free == full.cma_free == [0, 1, 2, 3, 4]
+
+
+def test_full_is_one_plain_cma_es_from_the_best_start():
+    from cmaes import CMA
+    full = _hyb_search("mag", "full")
+    st_space = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
+    gen0 = [c for c in full.candidates if c["gen"] == 0]
+    mean0 = st_space.mean0([c["score"] for c in gen0], [np.asarray(c["weights"]) for c in gen0])
+    opt = CMA(mean=mean0, sigma=0.3, bounds=st_space.bounds(), seed=0,
+              cov=np.diag(st_space.step_scales() ** 2))
+    for gen in range(1, 6):
+        cands = [c for c in full.candidates if c["gen"] == gen]
+        xs = [opt.ask() for _ in range(opt.population_size)]
+        assert [list(x) for x in xs] == [c["weights"] for c in cands]
+        opt.tell([(x, -c["score"]) for x, c in zip(xs, cands)])

@@ -18,7 +18,7 @@ from ..apps.settings import MergeSettings, PruneSettings
 from ..errors import NPSError, short
 from ..registries import (Choices, executors, fitnesses, mask_codings, merge_option, mergers, normalizations,
                           pruners, schemes, spaces, tau_dtypes, value_dtypes)
-from ..search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, shipped_search
+from ..search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, SUBSPACES, shipped_search
 from ..search.race import RACE_OFF, RACES
 from ..yaml_safe import read_yaml
 
@@ -81,6 +81,11 @@ class SearchOptions:
                                "magnitude top-k); 'hybrid' adds a global rescale and a random share "
                                "that reaches DARE, so both baselines are points of it",
                      choices=spaces)
+    subspace: str = opt(_SEARCH.subspace, "which coordinates CMA-ES moves after the start "
+                                          "points: 'family' holds the hybrid's random share at "
+                                          "0 when the best start is (rescaled) magnitude top-k; "
+                                          "'full': every coordinate",
+                        choices=SUBSPACES)
     fitness: Optional[str] = opt(None, "what a candidate is scored by on calibration data: "
                                        "accuracy, mean log-likelihood of the labels, or label-free "
                                        "agreement with the fine-tuned model's predictions (default: "

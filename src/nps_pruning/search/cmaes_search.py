@@ -31,7 +31,7 @@ from .race import RACES
 from .search_log import LOG_FORMAT, SearchLog, log_header, previous_records, settings_dict
 from .state import SearchAborted, SearchResult, SearchState, best_up_to, scores_of
 
-__all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SHIPPED_SEARCH", "SearchSettings", "shipped_search", "SearchResult", "SearchAborted",
+__all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SUBSPACES", "SHIPPED_SEARCH", "SearchSettings", "shipped_search", "SearchResult", "SearchAborted",
            "best_up_to", "run_search", "LOG_FORMAT"]
 
 
@@ -45,6 +45,7 @@ PARAM_DEFAULTS: Dict[str, Tuple[float, float, float]] = {
     "linear": (0.0, 4.0, 0.3),
     "log": (0.25, 8.0, 1.0),
 }
+SUBSPACES = ("family", "full")   # SearchSettings.subspace
 POPSIZE_MAX = 4096               # beyond this a "search" is a typo (10**8 ran until killed)
 POPSIZE_MIN = 4                  # the smallest CMA-ES population accepted (its own default is 4 + 3 ln M)
 
@@ -66,6 +67,10 @@ class SearchSettings:
     param: str = "linear"           # "linear": search w; "log": search log2(w) (needs lower > 0)
     max_failures: int = 5           # consecutive failed candidates before the run stops
     space: str = "hybrid"           # core.space.SPACES: "hybrid" or "magnitude" (the paper's)
+    # "family": when the best start is (rescaled) magnitude top-k, half the CMA-ES population
+    # searches the magnitude line's sub-space (the hybrid's random share held at 0;
+    # core.space HybridSpace.family_stream), half the whole space; "full": all of it the whole space
+    subspace: str = "family"
     # Cheaper searches (issue 16), off by default: an unset one leaves the run as it was.
     patience: Optional[int] = None  # stop once the best score has not improved for N generations
     min_gain: Optional[float] = None  # --patience counts only gains of more than this (score units)
@@ -106,6 +111,9 @@ class SearchSettings:
             raise NPSError(f"search: param must be 'linear' or 'log', got {self.param!r}")
         if self.param == "log" and self.lower <= 0:
             raise NPSError(f"search: param='log' needs lower > 0, got lower={self.lower}")
+        if self.subspace not in SUBSPACES:
+            raise NPSError(f"search: unknown subspace {self.subspace!r} (choose from "
+                           f"{', '.join(SUBSPACES)})")
         if self.space not in SEARCH_SPACES:
             raise NPSError(f"search: unknown space {self.space!r} (choose from {', '.join(SEARCH_SPACES)})")
         if self.max_failures < 1:
@@ -176,9 +184,6 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     ``settings.race = "halving"``: CMA-ES generations are raced over the calibration rows
     (:mod:`.race`); the scorer must have ``score_rows(weights, rows)``, and the number of
     calibration rows is ``calib_rows`` (default: ``scorer.num_rows``)."""
-    from cmaes import CMA
-
-
     settings = settings or SearchSettings()
     settings.validate()
     num_bands = int(num_bands)
@@ -201,18 +206,16 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     bar = None
     try:
         log.open(header, tail)
-        mean0 = _generation_zero(state, space)
-        scales = np.asarray(space.step_scales(), dtype=np.float64)
-        cov = None if np.all(scales == 1.0) else np.diag(scales ** 2)
-        opt = CMA(mean=mean0, sigma=float(settings.sigma0), bounds=space.bounds(),
-                  seed=int(settings.seed), population_size=settings.popsize, cov=cov)
+        mean0, points0, scores0 = _generation_zero(state, space)
+        opt = _make_streams(space, settings, mean0, points0, scores0)
+        state.cma_free = opt.free_list()
         gain = _Gains(settings.min_gain, state.best_score, state.best_gen)
         bar = tqdm(total=settings.generations, disable=not progress, desc="NPS search",
                    unit="gen", dynamic_ncols=True, leave=False)
         bar.set_postfix(best=f"{state.best_score:.4f}", ex=state.examples, refresh=False)
         for gen in range(1, settings.generations + 1):
             t0 = time.perf_counter()
-            xs = [opt.ask() for _ in range(opt.population_size)]
+            xs = opt.ask_all()
             recs = (state.race_generation(gen, xs, num_rows) if num_rows is not None
                     else state.score_generation(gen, xs))
             opt.tell(state.told(xs, recs))
@@ -234,6 +237,97 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         if own_executor:
             executor.close()
     return state.result()
+
+
+class _Stream:
+    """One CMA-ES over the coordinates ``free`` of the space, the others held at ``mean0``'s
+    values: ``ask`` returns, ``tell`` takes and ``mean`` is a point of the whole space."""
+
+    def __init__(self, mean0: np.ndarray, free: np.ndarray, bounds: np.ndarray,
+                 scales: np.ndarray, sigma0: float, seed: int, popsize: int):
+        from cmaes import CMA
+        self.full, self.free, self.popsize = np.asarray(mean0, dtype=np.float64).copy(), free, popsize
+        sub = scales[free]
+        cov = None if np.all(sub == 1.0) else np.diag(sub ** 2)
+        self.cma = CMA(mean=self.full[free], sigma=float(sigma0), bounds=bounds[free],
+                       seed=int(seed), population_size=popsize, cov=cov)
+
+    def _whole(self, x) -> np.ndarray:
+        out = self.full.copy()
+        out[self.free] = x
+        return out
+
+    def ask(self) -> np.ndarray:
+        return self._whole(self.cma.ask())
+
+    def tell(self, told) -> None:
+        self.cma.tell([(np.asarray(x, dtype=np.float64)[self.free], v) for x, v in told])
+
+
+class _Streams:
+    """The CMA-ES generations: one stream over the whole space from ``mean0`` (the paper's
+    search, and this one with ``subspace="full"``), and with ``subspace="family"`` where the
+    space offers one (:meth:`family_stream`) a second over a sub-space, the population split
+    between them: each generation asks both and tells each its own candidates. ``mean`` and
+    ``_sigma`` are the first stream's (the generation summaries')."""
+
+    def __init__(self, streams):
+        self.streams = streams
+
+    @property
+    def population_size(self) -> int:
+        return sum(st.popsize for st in self.streams)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.streams[0]._whole(self.streams[0].cma.mean)
+
+    @property
+    def _sigma(self) -> float:
+        return self.streams[0].cma._sigma
+
+    def ask_all(self):
+        return [st.ask() for st in self.streams for _ in range(st.popsize)]
+
+    def tell(self, told) -> None:
+        i = 0
+        for st in self.streams:
+            st.tell(told[i:i + st.popsize])
+            i += st.popsize
+
+    def free_list(self) -> Optional[list]:
+        """The second stream's free coordinates (None: one stream over the whole space)."""
+        if len(self.streams) < 2:
+            return None
+        return [int(i) for i in np.flatnonzero(self.streams[1].free)]
+
+
+def _make_streams(space, settings: "SearchSettings", mean0: np.ndarray, points, scores) -> _Streams:
+    """CMA-ES from ``mean0`` over the whole space; with ``settings.subspace == "family"`` and a
+    family stream offered by the space (:meth:`~nps_pruning.core.space.HybridSpace.family_stream`:
+    its start and free coordinates), the population (the library's default for the whole space,
+    4 + floor(3 ln dim), unless set) is split: the whole space gets the larger half, the family
+    the rest (seed + 1), so a search costs the same either way."""
+    mean0 = np.asarray(mean0, dtype=np.float64)
+    dim = mean0.size
+    popsize = settings.popsize or 4 + math.floor(3 * math.log(dim))
+    bounds = np.asarray(space.bounds(), dtype=np.float64)
+    scales = np.asarray(space.step_scales(), dtype=np.float64)
+    family = None
+    if settings.subspace == "family" and callable(getattr(space, "family_stream", None)):
+        family = space.family_stream(points, scores, mean0)
+    if family is None or popsize < 2 * POPSIZE_MIN:
+        return _Streams([_Stream(mean0, np.ones(dim, dtype=bool), bounds, scales,
+                                 settings.sigma0, settings.seed, popsize)])
+    start, free = np.asarray(family[0], dtype=np.float64), np.asarray(family[1], dtype=bool)
+    if free.shape != (dim,) or not free.any() or start.shape != (dim,):
+        raise NPSError(f"search: the space's family stream frees {free.tolist()} of a "
+                       f"{dim}-dimensional start")
+    whole = popsize - popsize // 2
+    return _Streams([_Stream(mean0, np.ones(dim, dtype=bool), bounds, scales, settings.sigma0,
+                             settings.seed, whole),
+                     _Stream(np.clip(start, bounds[:, 0], bounds[:, 1]), free, bounds, scales,
+                             settings.sigma0, settings.seed + 1, popsize - whole)])
 
 
 class _Gains:
@@ -289,10 +383,10 @@ def _resolve_space(space, settings: SearchSettings, num_bands: int):
     return space
 
 
-def _generation_zero(state: SearchState, space) -> np.ndarray:
+def _generation_zero(state: SearchState, space):
     """Score the space's start points (first: w = 1, plain magnitude top-k) and the points its
     adaptive refinement adds (``space.refine_rounds`` rounds at most); return CMA-ES's start
-    mean (``space.mean0`` of all of them)."""
+    mean (``space.mean0`` of all of them), the points and their scores."""
     t0 = time.perf_counter()
     points = list(space.start_points())
     recs = state.score_generation(0, points)
@@ -306,7 +400,8 @@ def _generation_zero(state: SearchState, space) -> np.ndarray:
         points += more
         recs += new
     state.summarize(0, recs, None, time.perf_counter() - t0)
-    return space.mean0(scores_of(recs), points)
+    scores = scores_of(recs)
+    return space.mean0(scores, points), points, scores
 
 
 def _label(recs, labels) -> None:

@@ -97,6 +97,8 @@ def settings_dict(settings) -> dict:
         d.pop("min_gain")
     if d.get("min_generations") == 0:
         d.pop("min_generations")
+    if d.get("subspace") == "full":         # CMA-ES over the whole space, as before the setting
+        d.pop("subspace")
     if "race" in d and d["race"] is None:
         for key in ("race", "race_min_rows", "race_eta", "race_z"):
             d.pop(key, None)

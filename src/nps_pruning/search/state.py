@@ -49,10 +49,13 @@ class SearchResult:
     settings: Optional[dict] = None
     num_bands: int = 0
     stopped_at: Optional[int] = None    # the last generation run when --patience stopped it
+    cma_free: Optional[List[int]] = None  # the coordinates CMA-ES moved (None: all of them)
 
     def to_dict(self) -> dict:
         """JSON-ready form (for report.json)."""
         extra = {} if self.stopped_at is None else {"stopped_at": self.stopped_at}
+        if self.cma_free is not None:
+            extra["cma_free"] = list(self.cma_free)
         return {**extra,
             "num_bands": self.num_bands,
             "settings": self.settings,
@@ -191,6 +194,7 @@ class SearchState:
         self.stopped_at: Optional[int] = None
         self.best_gen: Optional[int] = None   # the generation of the best candidate
         self.examples = 0                # calibration rows forwarded so far (logged records)
+        self.cma_free: Optional[List[int]] = None   # coordinates CMA-ES moves (None: all)
 
     # -- candidates ------------------------------------------------------------------------
     def record(self, gen: int, idx: int, weights: np.ndarray, outcome,
@@ -361,7 +365,7 @@ class SearchState:
             candidates=cands, generations=self.generations, stopped_early=self.stopped_early,
             seconds=time.perf_counter() - self.t_start, reused=self.reused,
             settings=settings_dict(self.settings), num_bands=self.num_bands,
-            stopped_at=self.stopped_at)
+            stopped_at=self.stopped_at, cma_free=self.cma_free)
 
     def stop(self, reason: str, gen: int) -> None:
         """The run ends after generation ``gen`` (not an abort: the result is complete)."""
