@@ -279,8 +279,10 @@ def test_rows_of_bumped_code_or_an_old_default_are_marked_stale(tmp_path, monkey
     assert _stale_cell("text", data, "dare", 0.05) is None
     v = cv.versions()
     monkeypatch.setattr(cv, "_VERSIONS", {**v, "search": v["search"] + 1})
+    assert _stale_cell("text", data, "dare", 0.05) is None        # DARE runs no search
+    monkeypatch.setattr(cv, "_VERSIONS", {**v, "prune": v["prune"] + 1})
     why = _stale_cell("text", data, "dare", 0.05)
-    assert why == f"search v{v['search']} -> v{v['search'] + 1}"
+    assert why == f"prune v{v['prune']} -> v{v['prune'] + 1}"
     assert status.row_stale({"test": 0.5}, "text", "rt-plot") is None      # no record: not judged
     note = status.stale_note({"DARE at r = 0.05": why})
     assert note[1].startswith(status.STALE_MARK + " stale") and why in note[1]
@@ -330,3 +332,17 @@ def test_portability_record_compares_digests_per_setting_across_cpus():
     assert {k: env[k] for k in PIN_SETS["avx2"]} == PIN_SETS["avx2"] and env["PATH"] == "/bin"
     native = probe_env("native", {"MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert not set(native) & set(PIN_SETS["avx2"])
+
+
+def test_baseline_steps_do_not_depend_on_the_search():
+    """A change of the CMA-ES search leaves the baselines' steps current (they run no search);
+    every step that searches depends on it."""
+    for step in ("wins-magnitude-r0.05", "wins-dare-r0.0005", "wins-della-r0.2",
+                 "wins-magnitude-rescaled-r0.01", "prune-magnitude-r0.1", "prune-dare-r0.05",
+                 "prune-random-r0.02", "wins-finetuned", "tau-norm"):
+        assert "search" not in cv.groups_of("digits", step), step
+    for step in ("wins-nps-default-r0.05", "wins-nps-paper-r0.01", "wins-select-r0.05",
+                 "prune-nps-focused-r0.05", "abl-shipped-r0.02", "nps-default",
+                 "wins-magnitude-rescaled-r0.01-extra"):
+        assert "search" in cv.groups_of("digits", step), step
+    assert "search" in cv.groups_of("_memory", "prune-dare")

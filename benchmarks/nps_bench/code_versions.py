@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -58,13 +59,17 @@ GROUPS: Dict[str, List[str]] = {
 }
 
 RECORD = "benchmarks/code_versions.json"
+# a task's baseline steps: a pruner of core/ at one keep ratio (the tuned rescale: a fixed grid of
+# scales scored by the session), never the CMA-ES search
+BASELINE_STEP = re.compile(r"^(wins-(magnitude|magnitude-rescaled|dare|della)|"
+                           r"prune-(magnitude|dare|random|della))-r[0-9.e-]+$")
 
 
 def groups_of(task: str, step: str) -> List[str]:
     """The groups a step depends on (``task``: a task name, or ``_fusion`` / ``_compression`` /
     ``_merge_aware`` for a suite's shared steps)."""
-    if step in ("finetuned", "wins-finetuned", "tau-norm"):
-        return ["eval", "prune", "bench"]
+    if step in ("finetuned", "wins-finetuned", "tau-norm") or BASELINE_STEP.match(step):
+        return ["eval", "prune", "bench"]     # no search runs in them
     if task in ("_fusion", "_merge_aware", "_memory"):     # _memory: prune and merge commands
         return ["eval", "prune", "search", "merge", "bench"]
     if task == "_compression":
