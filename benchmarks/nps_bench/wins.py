@@ -55,6 +55,9 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
                          {"_shipped": True, "fitness": "accuracy"}, None),
     "default-loglik-t": ("NPS default search, loglik at the fitted temperature (`--fitness loglik-t`)",
                          {"_shipped": True, "fitness": "loglik-t"}, None),
+    "default-full": ("NPS default search over the whole hybrid space (`--subspace full`: the "
+                     "default before 2026-12-06, no magnitude-line stream)",
+                     {"_shipped": True, "subspace": "full"}, None),
     "default-magnitude": ("NPS default search in the paper's magnitude space (`--space magnitude`)",
                           {"_shipped": True, "space": "magnitude"}, None),
     "default-magnitude-accuracy": ("NPS default search, magnitude space, accuracy fitness",
