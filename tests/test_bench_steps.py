@@ -346,3 +346,30 @@ def test_baseline_steps_do_not_depend_on_the_search():
                  "wins-magnitude-rescaled-r0.01-extra"):
         assert "search" in cv.groups_of("digits", step), step
     assert "search" in cv.groups_of("_memory", "prune-dare")
+
+
+def test_bench_status_a_step_is_current_when_any_of_its_files_is(tmp_path, monkeypatch):
+    """After a change of code, the old key's file stays beside the new one under the same step
+    name; on a fresh clone both have the same mtime: the current one decides, whichever it is."""
+    import os
+    from nps_bench import status
+    steps, results = tmp_path / "steps", tmp_path / "results"
+    results.mkdir()
+    (results / "text.json").write_text(json.dumps({"suite": {"tasks": [{"name": "rt-plot",
+                                                                         "weights": "w" * 64}]}}))
+    cache = ResultCache(steps)
+    v = cv.versions()
+    cache.step("text", "rt-plot", "wins-nps-default-r0.05", {"weights": "w" * 64, "a": 1},
+               lambda: {"test": 0.6})                                  # today's code
+    monkeypatch.setattr(cv, "_VERSIONS", {**v, "search": v["search"] - 1})
+    cache.step("text", "rt-plot", "wins-nps-default-r0.05", {"weights": "w" * 64, "a": 2},
+               lambda: {"test": 0.5})                                  # an older search's
+    monkeypatch.setattr(cv, "_VERSIONS", v)
+    files = sorted((steps / "text" / "rt-plot").glob("*.json"))
+    assert len(files) == 2
+    for f in files:       # the stale file the newer by mtime: the newest file alone would be it
+        t = 2e9 if json.loads(f.read_text())["_code"]["search"] != v["search"] else 1e9
+        os.utime(f, (t, t))
+    st = status.suite_status("text", steps, results)
+    assert st["tasks"]["rt-plot"]["steps"]["wins-nps-default-r0.05"]["state"] == "current"
+    assert st["tasks"]["rt-plot"]["current"] == 1 and st["tasks"]["rt-plot"]["stale"] == 0

@@ -114,20 +114,28 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Opti
     local_w: Dict[str, str] = {}               # task -> the digest of its checkpoint built here
     # the tasks first, then the shared jobs' folders (their steps name every task's checkpoint)
     for task in sorted(set(tasks) | set(files) | job_tasks, key=lambda n: (n.startswith("_"), n)):
-        newest: Dict[str, dict] = {}
+        every: Dict[str, List[dict]] = defaultdict(list)
         for p in files.get(task, []):
             try:
                 rec = json.loads(p.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            step = rec.get("_step", p.stem)
-            if step not in newest or p.stat().st_mtime > newest[step]["mtime"]:
-                newest[step] = {"mtime": p.stat().st_mtime, "rec": rec}
+            every[rec.get("_step", p.stem)].append({"mtime": p.stat().st_mtime, "rec": rec})
+        # the newest file of each step (by its recorded date; a fresh clone gives every file
+        # the same mtime), for the checkpoint the steps name
+        newest = {s: max(v, key=lambda x: (str(x["rec"].get("_date") or ""), x["mtime"]))
+                  for s, v in every.items()}
         weights = (tasks.get(task) or {}).get("weights")
         recorded = weights or _steps_weights(newest)
         local = local_checkpoint(task, newest, cache_dir)
         if local and local.get("weights"):     # built here: what a run on this machine would reuse
             weights = local_w[task] = local["weights"]
+        # a step is current when any of its files is (an older key's file stays in the repository
+        # beside the new one after a change of code or settings)
+        for s, v in every.items():
+            ok = [x for x in v if step_state(x["rec"], task, weights, suite, local_w) == "current"]
+            if ok:
+                newest[s] = max(ok, key=lambda x: (str(x["rec"].get("_date") or ""), x["mtime"]))
         steps = {s: {"state": step_state(v["rec"], task, weights, suite, local_w),
                      "commit": v["rec"].get("_commit", "?"),
                      "seconds": float(v["rec"].get("seconds") or 0.0), "cpu": v["rec"].get("_cpu")}
