@@ -139,13 +139,25 @@ def render(wins: dict, ablation: Optional[dict] = None, bench: Optional[dict] = 
              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "–" if x is None else f"{x:.3f}"
     suites = wins.get("suites", {})
+    from .status import STALE_MARK, stale_note
+    from .wins import _stale_cell
+    stale = {}
     for name in [n for n in ORDER if n in suites] + [n for n in suites if n not in ORDER]:
         s = suites[name]
         t = s.get("tasks", {})
         which = "default" if s.get("default_settings") else "older"
+        cells = {}
+        for m in ("magnitude", "dare", "nps-default"):
+            why = _stale_cell(name, s, m, KEEP) if t else None
+            cells[m] = STALE_MARK if why else ""
+            if why:
+                stale[f"{name} {m}"] = why
         lines.append(f"| {name} | {s.get('model', name)} | {fmt(_mean(t, 'fine-tuned', None))} | "
-                     f"{fmt(_mean(t, 'magnitude', KEEP))} | {fmt(_mean(t, 'dare', KEEP))} | "
-                     f"{fmt(_mean(t, 'nps-default', KEEP))} *{which}* | {_cost(t)} | {s.get('commit', '?')} |")
+                     f"{fmt(_mean(t, 'magnitude', KEEP))}{cells['magnitude']} | "
+                     f"{fmt(_mean(t, 'dare', KEEP))}{cells['dare']} | "
+                     f"{fmt(_mean(t, 'nps-default', KEEP))}{cells['nps-default']} *{which}* | "
+                     f"{_cost(t)} | {s.get('commit', '?')} |")
+    lines += stale_note(stale)
     lines += _fusion_lines(bench)
     lines += _shipped_cost(ablation)
     lines += ["", END]
