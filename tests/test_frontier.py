@@ -61,3 +61,22 @@ def test_llm_memory_section_judges_each_run_against_its_target():
     rows = [l for l in md.splitlines() if l.startswith("| `nps")]
     assert rows[0].startswith("| `nps prune --method nps` | 3.00 GiB | 1.00 GiB | 3.0× | ≤ 4× | met |")
     assert rows[1].startswith("| `nps merge --method ties` | 4.00 GiB | 1.00 GiB | 4.0× | ≤ 3× | NOT met |")
+
+
+def test_rows_of_older_code_are_marked_stale_in_the_frontier(monkeypatch):
+    from nps_bench import code_versions as cv
+    v = cv.versions()
+    old = {g: n for g, n in v.items()}
+    old["search"] = v["search"] - 1
+    tasks = {t: _rows(0.80, {"dare": {0.001: 0.70, 0.01: 0.80},
+                             "nps-default": {0.001: 0.75, 0.01: 0.80}}) for t in ("a", "b")}
+    for rows in tasks.values():
+        for r in rows:
+            if r["method"] == "nps-default":
+                r.update({"_step": f"wins-nps-default-r{r['keep']:g}", "_code": dict(old)})
+            elif r["method"] == "dare":
+                r.update({"_step": f"wins-dare-r{r['keep']:g}", "_code": dict(old)})
+    md = render({"suites": {"text": {"model": "m", "tasks": tasks}}}, None)
+    line = {l.split(" |")[0]: l for l in md.splitlines() if l.startswith("| ")}
+    assert "‡" in line["| **NPS (default)**"] and "‡" not in line["| DARE"]   # DARE runs no search
+    assert f"**NPS (default)** at every r: search v{old['search']} -> v{v['search']}" in md

@@ -68,16 +68,27 @@ def render_suite(suite: str, data: dict, figures: Optional[Path]) -> List[str]:
              f"{ft[0]:.4f})", "",
              "| method | r99 | r95 | " + " | ".join(f"r = {k:g}" for k in keeps) + " |",
              "|---" * (len(keeps) + 3) + "|"]
+    from .status import STALE_MARK, stale_note
+    from .wins import _stale_cell
+    stale: Dict[str, str] = {}
     for m, label in METHODS:
         if m not in curves:
             continue
         c = curves[m]
         norm = [(k, v[0] / ft[0]) for k, v in c.items()]
         r99, r95 = crossing(norm, 0.99)[1], crossing(norm, 0.95)[1]
-        cells = [f"{c[k][0] / ft[0]:.3f}" if k in c else "" for k in keeps]
-        lines.append(f"| {label} | {r99} | {r95} | " + " | ".join(cells) + " |")
+        whys = {k: _stale_cell(suite, data, m, k) for k in c}
+        for w in sorted({w for w in whys.values() if w}):
+            ks = [k for k in sorted(c) if whys[k] == w]
+            at = "every r" if len(ks) == len(c) else "r = " + ", ".join(f"{k:g}" for k in ks)
+            stale[f"{label} at {at}"] = w
+        mark = STALE_MARK if any(whys.values()) else ""
+        cells = [f"{c[k][0] / ft[0]:.3f}{' ' + STALE_MARK if whys.get(k) else ''}" if k in c else ""
+                 for k in keeps]
+        lines.append(f"| {label} | {r99}{mark} | {r95}{mark} | " + " | ".join(cells) + " |")
     lines += ["", "Normalized mean test accuracy (mean over the tasks ÷ the fine-tuned mean); r99 / r95 "
                   "interpolated in log r between grid points (see the module docstring)."]
+    lines += stale_note(stale)
     if "nps-default" in curves:
         lines += ["", "No regret (the default against the best of magnitude, DARE and tuned-rescale "
                       "magnitude at each r, in standard errors of the default's mean; the target: "
