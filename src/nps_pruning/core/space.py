@@ -4,9 +4,8 @@
 w_b per magnitude-rank band; keep the k = round(r·D) entries of largest w_b·|τ|; kept entries
 carry w_b·τ. Point w = 1 is plain magnitude top-k.
 
-``hybrid`` — a space that contains both magnitude pruning and DARE as exact points (DAREx and
-DELLA show each wins in its own regime: magnitude for large task vectors, an unbiased random
-subset for small, diffuse ones). A point is (w_1..w_M, g, α, h):
+``hybrid`` — contains magnitude pruning and DARE as exact points (each wins in its own regime,
+DAREx, DELLA). A point is (w_1..w_M, g, α, h):
 
 * k_mag = round((1−α)·k) entries are chosen by the paper's rule with band weights w (per band a
   rank prefix, found by the exact per-band threshold of :mod:`.mask`), and carry w_b·2^g·τ
@@ -15,13 +14,10 @@ subset for small, diffuse ones). A point is (w_1..w_M, g, α, h):
   same permutation DARE draws for that seed), that the magnitude part did not take; they carry
   2^h·(D − k_mag)/k_rand·τ (the unbiased rescale of a uniform sample of the rest, tuned by h).
 
-So (w=1, g=0, α=0) is magnitude top-k and (α=1, h=0) is DARE(seed) bit for bit. The kept count
-is exactly k. Per candidate the work is the paper's exact mask at k_mag (the per-band threshold
-search, O(M log D), and one chunked pass over τ — :mod:`.mask`), a scan of the random order until
-k_rand free entries are found (O(k_rand·D/(D−k_mag)) expected) and one chunked elementwise pass —
-no sort per candidate, and no sort at all beyond the bands'. Beyond the bands the space holds one
-D-long int32 vector (the seeded permutation, :func:`make_hybrid_index`); a candidate's only D-long
-temporary is its one-byte-per-entry mask.
+So (w=1, g=0, α=0) is magnitude top-k and (α=1, h=0) is DARE(seed) bit for bit; the kept count
+is exactly k. A candidate costs the exact mask at k_mag (:mod:`.mask`), a scan of the random order
+for k_rand free entries and one chunked pass — no sort; beyond the bands the space holds the
+seeded permutation (int32, :func:`make_hybrid_index`) and a candidate a one-byte-per-entry mask.
 """
 from __future__ import annotations
 
@@ -288,8 +284,7 @@ class MagnitudeSpace:
         return np.ones(self.dim)
 
     def family_stream(self, points, scores, mean0):
-        """(start, free) of a second CMA-ES stream (``SearchSettings.subspace = "family"``), or
-        None: the paper's space has one family."""
+        """(start, free) of a second CMA-ES stream (``subspace="family"``); None: one family."""
         return None
 
     def describe(self, params) -> Dict[str, object]:
@@ -329,7 +324,7 @@ class HybridSpace(MagnitudeSpace):
     def start_points(self) -> List[np.ndarray]:
         """magnitude (w=1, g=0, α=0), DARE (α=1, h=0), the half-and-half hybrid (α=0.5), and
         magnitude rescaled ×2, ×4, ×8 (g = 1, 2, 3; DAREx-q's tuned rescale, on a grid)."""
-        w1 = np.zeros(self.num_bands) if self.param == "log" else np.ones(self.num_bands)
+        w1 = self._w1()
         pts = [np.concatenate([w1, [0.0, 0.0, 0.0]]),
                np.concatenate([w1, [0.0, 1.0, 0.0]]),
                np.concatenate([w1, [0.0, 0.5, 0.0]])]
@@ -338,9 +333,8 @@ class HybridSpace(MagnitudeSpace):
     def start_labels(self) -> List[str]:
         return ["magnitude", "dare", "hybrid-0.5"] + [f"magnitude-x{2 ** g}" for g in self._rescales()]
 
-    # the tuned rescale of the magnitude part is a sharp optimum (on the MobileNetV2 suite ×3
-    # scores 0.97 where ×2 and ×4 score 0.64 and 0.72): after the ×2/×4/×8 grid, generation 0
-    # halves the step around the best rescale twice (g* ± 0.5, then ± 0.25)
+    # the tuned rescale is a sharp optimum (MobileNetV2: ×3 0.97, ×2 0.64, ×4 0.72): generation 0
+    # halves the step around the best rescale of the ×2/×4/×8 grid twice (± 0.5, then ± 0.25)
     refine_rounds = 2
 
     def _w1(self) -> np.ndarray:
@@ -383,24 +377,13 @@ class HybridSpace(MagnitudeSpace):
         return np.concatenate([np.ones(self.num_bands), [2.0, 1.0, 1.0]])
 
     def family_stream(self, points, scores, mean0):
-        """When CMA-ES starts on the line of (rescaled) magnitude top-k (``mean0``: α = 0, h = 0:
-        magnitude, magnitude-x2 ... and their refinements won generation 0), a second stream
-        from the same start that holds α and h at 0 and moves the band weights and g only: the
-        paper's space plus a global rescale. Why: from α = 0 about half of the whole space's
-        candidates carry a random part, whose rescale (D − k_mag)/k_rand is in the hundreds at
-        small r; on large task vectors (vit-long, r <= 0.01) no such candidate beat the start
-        and the search returned plain magnitude, while the same search in the magnitude space
-        scored 0.72 against 0.22 (docs/findings.md). On small task vectors the whole space's
-        mixed points win by far (ViT digits r = 0.005: 0.97 against DARE 0.89), so that stream
-        stays. Any other start (DARE, the half-and-half hybrid): None, one stream as before.
-        Returns (start, free): the start point and the bool mask of the coordinates it moves."""
-        m = np.asarray(mean0, dtype=np.float64)
-        M = self.num_bands
+        """(start, free) of a second CMA-ES stream when the best start ``mean0`` is (rescaled)
+        magnitude top-k: α and h held at 0, as from α = 0 half the whole space's candidates carry
+        a random part rescaled by hundreds at small r (docs/findings.md); None after any other."""
+        m, M = np.asarray(mean0, dtype=np.float64), self.num_bands
         if m[M + 1] != 0.0 or m[M + 2] != 0.0:
             return None
-        free = np.ones(self.dim, dtype=bool)
-        free[M + 1:] = False
-        return m.copy(), free
+        return m.copy(), np.arange(self.dim) <= M
 
     def describe(self, params) -> Dict[str, object]:
         w, g, a, h = split_params(params, self.num_bands)
