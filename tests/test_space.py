@@ -406,11 +406,10 @@ def _hyb_search(top, subspace, seed=0):
 def test_a_magnitude_start_adds_a_stream_with_the_random_share_held_at_zero():
     hyb = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
     pts = hyb.start_points()
-    start, free = hyb.family_stream(pts, [0.0] * len(pts), pts[3])
-    assert free.tolist() == [True] * 5 + [False, False] and start.tolist() == pts[3].tolist()
-    assert hyb.family_stream(pts, [0.0] * len(pts), pts[1]) is None     # DARE: one stream
-    assert hyb.family_stream(pts, [0.0] * len(pts), pts[2]) is None     # half and half
-    assert make_space("magnitude", 4, 0.0, 4.0).family_stream([], [], np.ones(4)) is None
+    assert hyb.family_stream(pts[3]).tolist() == [True] * 5 + [False, False]
+    assert hyb.family_stream(pts[1]) is None                            # DARE: one stream
+    assert hyb.family_stream(pts[2]) is None                            # half and half
+    assert make_space("magnitude", 4, 0.0, 4.0).family_stream(np.ones(4)) is None
     fam = _hyb_search("mag", "family")
     assert fam.cma_free == [0, 1, 2, 3, 4] and fam.to_dict()["cma_free"] == [0, 1, 2, 3, 4]
     assert fam.settings["subspace"] == "family"

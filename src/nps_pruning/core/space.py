@@ -283,8 +283,8 @@ class MagnitudeSpace:
     def step_scales(self) -> np.ndarray:
         return np.ones(self.dim)
 
-    def family_stream(self, points, scores, mean0):
-        """(start, free) of a second CMA-ES stream (``subspace="family"``); None: one family."""
+    def family_stream(self, mean0):
+        """Free coordinates of a second CMA-ES stream from ``mean0``; None: one family."""
         return None
 
     def describe(self, params) -> Dict[str, object]:
@@ -376,14 +376,14 @@ class HybridSpace(MagnitudeSpace):
         log2 units, α in shares."""
         return np.concatenate([np.ones(self.num_bands), [2.0, 1.0, 1.0]])
 
-    def family_stream(self, points, scores, mean0):
-        """(start, free) of a second CMA-ES stream when the best start ``mean0`` is (rescaled)
-        magnitude top-k: α and h held at 0, as from α = 0 half the whole space's candidates carry
-        a random part rescaled by hundreds at small r (docs/findings.md); None after any other."""
+    def family_stream(self, mean0):
+        """When the best start ``mean0`` is (rescaled) magnitude top-k, a second stream from it
+        moves all but α and h (held at 0: from α = 0 half the whole space's candidates carry a
+        random part rescaled by hundreds at small r, docs/findings.md); None after any other."""
         m, M = np.asarray(mean0, dtype=np.float64), self.num_bands
         if m[M + 1] != 0.0 or m[M + 2] != 0.0:
             return None
-        return m.copy(), np.arange(self.dim) <= M
+        return np.arange(self.dim) <= M
 
     def describe(self, params) -> Dict[str, object]:
         w, g, a, h = split_params(params, self.num_bands)

@@ -67,9 +67,9 @@ class SearchSettings:
     param: str = "linear"           # "linear": search w; "log": search log2(w) (needs lower > 0)
     max_failures: int = 5           # consecutive failed candidates before the run stops
     space: str = "hybrid"           # core.space.SPACES: "hybrid" or "magnitude" (the paper's)
-    # "family": when the best start is (rescaled) magnitude top-k, half the CMA-ES population
-    # searches the magnitude line's sub-space (the hybrid's random share held at 0;
-    # core.space HybridSpace.family_stream), half the whole space; "full": all of it the whole space
+    # "family": when the best start is (rescaled) magnitude top-k, the smaller half of the CMA-ES
+    # population searches the magnitude line's sub-space from it (the hybrid's random share held
+    # at 0; core.space HybridSpace.family_stream), the rest the whole space; "full": one stream
     subspace: str = "family"
     # Cheaper searches (issue 16), off by default: an unset one leaves the run as it was.
     patience: Optional[int] = None  # stop once the best score has not improved for N generations
@@ -206,8 +206,8 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     bar = None
     try:
         log.open(header, tail)
-        mean0, points0, scores0 = _generation_zero(state, space)
-        opt = _make_streams(space, settings, mean0, points0, scores0)
+        mean0 = _generation_zero(state, space)
+        opt = _make_streams(space, settings, mean0)
         state.cma_free = opt.free_list()
         gain = _Gains(settings.min_gain, state.best_score, state.best_gen)
         bar = tqdm(total=settings.generations, disable=not progress, desc="NPS search",
@@ -302,12 +302,12 @@ class _Streams:
         return [int(i) for i in np.flatnonzero(self.streams[1].free)]
 
 
-def _make_streams(space, settings: "SearchSettings", mean0: np.ndarray, points, scores) -> _Streams:
+def _make_streams(space, settings: "SearchSettings", mean0: np.ndarray) -> _Streams:
     """CMA-ES from ``mean0`` over the whole space; with ``settings.subspace == "family"`` and a
     family stream offered by the space (:meth:`~nps_pruning.core.space.HybridSpace.family_stream`:
-    its start and free coordinates), the population (the library's default for the whole space,
+    the coordinates it frees), the population (the library's default for the whole space,
     4 + floor(3 ln dim), unless set) is split: the whole space gets the larger half, the family
-    the rest (seed + 1), so a search costs the same either way."""
+    stream, from the same start, the rest (seed + 1), so a search costs the same either way."""
     mean0 = np.asarray(mean0, dtype=np.float64)
     dim = mean0.size
     popsize = settings.popsize or 4 + math.floor(3 * math.log(dim))
@@ -315,19 +315,19 @@ def _make_streams(space, settings: "SearchSettings", mean0: np.ndarray, points, 
     scales = np.asarray(space.step_scales(), dtype=np.float64)
     family = None
     if settings.subspace == "family" and callable(getattr(space, "family_stream", None)):
-        family = space.family_stream(points, scores, mean0)
+        family = space.family_stream(mean0)
     if family is None or popsize < 2 * POPSIZE_MIN:
         return _Streams([_Stream(mean0, np.ones(dim, dtype=bool), bounds, scales,
                                  settings.sigma0, settings.seed, popsize)])
-    start, free = np.asarray(family[0], dtype=np.float64), np.asarray(family[1], dtype=bool)
-    if free.shape != (dim,) or not free.any() or start.shape != (dim,):
+    free = np.asarray(family, dtype=bool)
+    if free.shape != (dim,) or not free.any():
         raise NPSError(f"search: the space's family stream frees {free.tolist()} of a "
                        f"{dim}-dimensional start")
     whole = popsize - popsize // 2
     return _Streams([_Stream(mean0, np.ones(dim, dtype=bool), bounds, scales, settings.sigma0,
                              settings.seed, whole),
-                     _Stream(np.clip(start, bounds[:, 0], bounds[:, 1]), free, bounds, scales,
-                             settings.sigma0, settings.seed + 1, popsize - whole)])
+                     _Stream(mean0, free, bounds, scales, settings.sigma0, settings.seed + 1,
+                             popsize - whole)])
 
 
 class _Gains:
@@ -383,10 +383,10 @@ def _resolve_space(space, settings: SearchSettings, num_bands: int):
     return space
 
 
-def _generation_zero(state: SearchState, space):
+def _generation_zero(state: SearchState, space) -> np.ndarray:
     """Score the space's start points (first: w = 1, plain magnitude top-k) and the points its
     adaptive refinement adds (``space.refine_rounds`` rounds at most); return CMA-ES's start
-    mean (``space.mean0`` of all of them), the points and their scores."""
+    mean (``space.mean0`` of all of them)."""
     t0 = time.perf_counter()
     points = list(space.start_points())
     recs = state.score_generation(0, points)
@@ -400,8 +400,7 @@ def _generation_zero(state: SearchState, space):
         points += more
         recs += new
     state.summarize(0, recs, None, time.perf_counter() - t0)
-    scores = scores_of(recs)
-    return space.mean0(scores, points), points, scores
+    return space.mean0(scores_of(recs), points)
 
 
 def _label(recs, labels) -> None:

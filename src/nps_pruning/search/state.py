@@ -49,7 +49,7 @@ class SearchResult:
     settings: Optional[dict] = None
     num_bands: int = 0
     stopped_at: Optional[int] = None    # the last generation run when --patience stopped it
-    cma_free: Optional[List[int]] = None  # the coordinates CMA-ES moved (None: all of them)
+    cma_free: Optional[List[int]] = None  # the second stream's free coordinates (None: one stream)
 
     def to_dict(self) -> dict:
         """JSON-ready form (for report.json)."""
@@ -194,7 +194,7 @@ class SearchState:
         self.stopped_at: Optional[int] = None
         self.best_gen: Optional[int] = None   # the generation of the best candidate
         self.examples = 0                # calibration rows forwarded so far (logged records)
-        self.cma_free: Optional[List[int]] = None   # coordinates CMA-ES moves (None: all)
+        self.cma_free: Optional[List[int]] = None   # the second stream's free coordinates
 
     # -- candidates ------------------------------------------------------------------------
     def record(self, gen: int, idx: int, weights: np.ndarray, outcome,
