@@ -373,3 +373,16 @@ def test_bench_status_a_step_is_current_when_any_of_its_files_is(tmp_path, monke
     st = status.suite_status("text", steps, results)
     assert st["tasks"]["rt-plot"]["steps"]["wins-nps-default-r0.05"]["state"] == "current"
     assert st["tasks"]["rt-plot"]["current"] == 1 and st["tasks"]["rt-plot"]["stale"] == 0
+
+
+def test_readme_cost_line_of_a_stale_ablation_says_so():
+    """The README's line on the default search's cost comes from the ablation's rows: when either
+    of its two searches (today's default, the old CLI default) is stale, the line is marked and
+    says why, each reason once; a current pair gets no mark."""
+    from nps_bench.readme_table import _stale_cost
+    from nps_bench.status import STALE_MARK
+    assert _stale_cost({"stale": None}, {}) == ""
+    line = _stale_cost({"stale": "search v1 -> v2; the shipped default changed since (subspace)"},
+                       {"stale": "search v1 -> v2"})
+    assert line.startswith(f" {STALE_MARK} (stale: ")
+    assert line.count("search v1 -> v2") == 1 and "subspace" in line
