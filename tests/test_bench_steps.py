@@ -386,3 +386,22 @@ def test_readme_cost_line_of_a_stale_ablation_says_so():
                        {"stale": "search v1 -> v2"})
     assert line.startswith(f" {STALE_MARK} (stale: ")
     assert line.count("search v1 -> v2") == 1 and "subspace" in line
+
+
+def test_frontier_run_stopped_by_its_budget_ends_cleanly_without_rendering(tmp_path, monkeypatch, capsys):
+    """`python -m nps_bench.frontier --budget M` whose bench-wins run stops at the budget (exit 0,
+    steps cached, no results written) ends with exit 0 and says what to do, instead of reading a
+    results file that the stopped run never wrote (a traceback, before); the markdown is untouched."""
+    from nps_bench import frontier, wins
+
+    def stopped(argv):
+        wins.LAST_LEFT.clear()
+        wins.LAST_LEFT.append("text/rt-plot: budget reached before a step")
+        return 0
+    monkeypatch.setattr(wins, "main", stopped)
+    out = tmp_path / "B.md"
+    out.write_text("kept\n")
+    rc = frontier.main(["--suites", "text", "--budget", "5", "--results", str(tmp_path / "w.json"),
+                        "--out", str(out), "--figures", str(tmp_path)])
+    assert rc == 0 and out.read_text() == "kept\n" and not (tmp_path / "w.json").exists()
+    assert "not rendered" in capsys.readouterr().out

@@ -168,14 +168,18 @@ def main(argv=None) -> int:
     ap.add_argument("--figures", default=str(repo_root() / "benchmarks" / "figures"))
     args = ap.parse_args(argv)
     if not args.render_only:
-        from .wins import WinsConfig, main as wins_main
-        assert set(FRONTIER_KEEPS) <= set(WinsConfig().keeps)   # bench-wins' own grid covers it
+        from . import wins
+        assert set(FRONTIER_KEEPS) <= set(wins.WinsConfig().keeps)   # bench-wins' own grid covers it
         for suite in args.suites.split(","):
-            rc = wins_main(["--suites", suite, "--study-variants", "default-128", "--results",
+            rc = wins.main(["--suites", suite, "--study-variants", "default-128", "--results",
                             args.results, "--out", args.out]
                            + (["--budget", str(args.budget)] if args.budget else []))
             if rc:
                 return rc
+            if wins.LAST_LEFT:      # the budget stopped it: its steps are cached, nothing rendered
+                print("frontier: not rendered (steps left, listed above); run the same command "
+                      "again to continue", flush=True)
+                return 0
     results = json.loads(Path(args.results).read_text())
     write_section(Path(args.out), render(results, Path(args.figures)))
     return 0

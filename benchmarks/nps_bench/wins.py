@@ -584,8 +584,12 @@ def write_section(md: Path, section: str) -> None:
     write_marked(md, START, END, section)
 
 
+LAST_LEFT: List[str] = []      # what the last main() left to a later run (--budget); [] if none
+
+
 @restores_deadline
 def main(argv=None) -> int:
+    LAST_LEFT.clear()
     ap = argparse.ArgumentParser(prog="python -m nps_bench.wins", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default="text")
     ap.add_argument("--keeps", default=None, help="keep ratios, e.g. 0.02,0.05")
@@ -657,6 +661,7 @@ def main(argv=None) -> int:
                                          "tasks": {t["name"]: rows for t, rows in zip(tasks, outs)},
                                          **({"calib_cap": cfg.suite_calib_size[suite_name]}
                                             if suite_name in cfg.suite_calib_size else {})}
+    LAST_LEFT.extend(left)
     if left:      # a run in pieces: finished steps are cached; no partial results are written
         for line in left:
             print(f"  left: {line}", flush=True)
