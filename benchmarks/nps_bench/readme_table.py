@@ -146,7 +146,7 @@ def render(wins: dict, ablation: Optional[dict] = None, bench: Optional[dict] = 
              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "–" if x is None else f"{x:.3f}"
     suites = wins.get("suites", {})
-    from .status import STALE_MARK, stale_note
+    from .status import stale_note
     from .wins import _stale_cell
     stale = {}
     for name in [n for n in ORDER if n in suites] + [n for n in suites if n not in ORDER]:
