@@ -375,6 +375,40 @@ def test_bench_status_a_step_is_current_when_any_of_its_files_is(tmp_path, monke
     assert st["tasks"]["rt-plot"]["current"] == 1 and st["tasks"]["rt-plot"]["stale"] == 0
 
 
+def test_a_shipped_step_of_another_default_fitness_is_stale(tmp_path):
+    """The default fitness changed (loglik -> loglik-t) with no code-version bump: a default step's
+    key holds its resolved settings (so the run looks it up under a new key), and bench-status and
+    the tables judge the old record stale by those settings, not current by its code versions. A
+    variant that set the fitness itself, or the same settings today, stays current."""
+    from nps_bench import status
+    from nps_bench.exp_search_ablation import settings_params
+    from nps_pruning.apps.session import Session
+    from nps_pruning.apps.settings import PruneSettings
+    from nps_pruning.evaluation import DEFAULT_FITNESS
+    assert DEFAULT_FITNESS == "loglik-t"
+    assert Session.search_fitness("text-classification:c.csv") == "loglik-t"
+    assert Session.search_fitness("image-classification:c.npz") == "loglik-t"
+    assert Session.search_fitness("perplexity:c.txt") == "loglik"       # no temperature there
+    assert Session.search_fitness("python:mod:fn") == "accuracy"
+    now = settings_params(PruneSettings(keep_ratio=0.02, calib_size=64, max_length=64))
+    assert now["fitness"] == "loglik-t"            # resolved: a changed default changes the key
+    before = {**now, "fitness": None, "keep": 0.3}                      # the record of 2026-12-06
+    cache = ResultCache(tmp_path)
+    for name, params in (("wins-nps-default-r0.02", {"shipped": before}),
+                         ("wins-nps-default-loglik-t-r0.02",
+                          {"shipped": {**now, "keep": 0.3}, "over": {"_shipped": True, "fitness": "loglik-t"}}),
+                         ("wins-nps-default-loglik-r0.02",
+                          {"shipped": {**now, "fitness": "loglik"}, "over": {"_shipped": True, "fitness": "loglik"}}),
+                         ("wins-nps-default-r0.05", {"shipped": now})):
+        rec = cache.step("text", "rt-plot", name, params, lambda: {"test": 0.5})
+        want = ("the shipped default changed since (fitness)" if name == "wins-nps-default-r0.02"
+                else None)
+        assert status.shipped_changed(rec["_params"]) == want, name
+        assert status.row_stale(rec, "text", "rt-plot") == want
+        assert status.step_state(rec, "rt-plot", None, "text") == ("current" if want is None else "stale: " + want)
+    assert status.shipped_changed({"keep": 0.05}) is None          # a baseline: no shipped settings
+
+
 def test_readme_cost_line_of_a_stale_ablation_says_so():
     """The README's line on the default search's cost comes from the ablation's rows: when either
     of its two searches (today's default, the old CLI default) is stale, the line is marked and

@@ -183,7 +183,7 @@ def test_every_registry_backed_option_lists_its_registry():
     # the default (or, for fitness, the effective default) first, then the registry's order
     assert names(PruneOptions, "scheme") == ("focused", *[s for s in SCHEMES if s != "focused"])
     assert names(PruneOptions, "space") == ("hybrid", *[s for s in SPACES if s != "hybrid"])
-    assert names(PruneOptions, "fitness") == ("loglik", *[f for f in FITNESSES if f != "loglik"])
+    assert names(PruneOptions, "fitness") == ("loglik-t", *[f for f in FITNESSES if f != "loglik-t"])
     with pytest.raises(NPSError, match=r"unknown executor 'gpu' \(choose serial, processes or ray\)"):
         make_executor("gpu")
 

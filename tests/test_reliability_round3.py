@@ -300,7 +300,10 @@ def test_a_gguf_file_with_tensors_missing_is_refused_and_not_cached(lora, tmp_pa
 def _prune_args(pair, out, calib="calib", *extra):
     return ["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--method", "nps",
             "--eval", f"text-classification:{pair[calib]}", "--bands", "2", "--generations", "1",
-            "--popsize", "4", "--keep", "0.1", "--quiet", "--space", "magnitude", *extra]
+            "--popsize", "4", "--keep", "0.1", "--quiet", "--space", "magnitude",
+            # loglik: the tiny model is near chance, where the default loglik-t fits β* = 0 and
+            # scores every candidate −log 2 on any rows; these tests need scores that differ
+            "--fitness", "loglik", *extra]
 
 
 @pytest.fixture(scope="module")

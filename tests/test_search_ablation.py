@@ -183,7 +183,10 @@ def test_autocast_bf16_scores_in_bf16_and_is_reproducible(pair, tmp_path):
     from nps_pruning.apps.prune import Session, prune
     from nps_pruning.cli import main
     spec = f"text-classification:{pair['calib']}"
-    st = PruneSettings(keep_ratio=0.1, bands=4, seed=2, holdout_min_rows=8).replace(generations=1, popsize=4)
+    # loglik: the tiny model is near chance, where the default loglik-t fits β* = 0 and scores
+    # every candidate −log 2 in either precision
+    st = PruneSettings(keep_ratio=0.1, bands=4, seed=2, holdout_min_rows=8,
+                       fitness="loglik").replace(generations=1, popsize=4)
     s = Session.load(pair["base"], pair["ft"])
     fp32 = prune(s, "nps", settings=st, eval_spec=spec, progress=False)
     bf = [prune(Session.load(pair["base"], pair["ft"]), "nps", settings=dataclasses.replace(st, autocast="bf16"),
@@ -197,7 +200,7 @@ def test_autocast_bf16_scores_in_bf16_and_is_reproducible(pair, tmp_path):
     out = tmp_path / "o"
     assert main(["prune", str(pair["base"]), str(pair["ft"]), "-o", str(out), "--keep", "0.1", "--bands", "4",
                  "--generations", "1", "--popsize", "4", "--seed", "2", "--eval", spec, "--quiet",
-                 "--autocast", "bf16", "--holdout-min-rows", "8"]) == 0
+                 "--autocast", "bf16", "--holdout-min-rows", "8", "--fitness", "loglik"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["settings"]["autocast"] == "bf16"
     assert [c["score"] for c in rep["search"]["candidates"]] == [c["score"] for c in bf[0].search.candidates]

@@ -187,9 +187,12 @@ def variant_settings(v: str, task: dict, cfg: AblationConfig, suite: str, keep: 
 
 
 def settings_params(st: PruneSettings) -> dict:
-    """Everything the search's numbers depend on, resolved (a default that changes changes the key)."""
+    """Everything the search's numbers depend on, resolved (a default that changes changes the key;
+    the fitness: the classification evaluators' default where none is set)."""
+    from nps_pruning.evaluation import DEFAULT_FITNESS
     return {"search": st.search.to_dict(), "keep": st.keep_ratio, "bands": st.bands,
-            "scheme": st.scheme, "focus": st.focus, "space": st.space, "fitness": st.fitness,
+            "scheme": st.scheme, "focus": st.focus, "space": st.space,
+            "fitness": st.fitness or DEFAULT_FITNESS,
             "holdout": st.holdout, "rescore_top": st.rescore_top, "calib_size": st.calib_size,
             "batch_size": st.batch_size, "max_length": st.max_length, "seed": st.seed,
             **({"autocast": st.autocast} if st.autocast else {})}

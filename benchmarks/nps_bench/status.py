@@ -40,7 +40,33 @@ def row_stale(row: dict, suite: str, task: str) -> Optional[str]:
         return None
     want = code_key(task, step, suite)
     why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
+    why += [w for w in (shipped_changed(row.get("_params")),) if w]
     return ", ".join(why) or None
+
+
+# settings of a shipped-default step that are the step's own, not the default's
+_STEP_OWN = ("keep", "calib_size", "batch_size", "max_length", "seed")
+
+
+def shipped_changed(params: Optional[dict]) -> Optional[str]:
+    """A step of the shipped default (its key holds the resolved settings it ran, ``shipped``, and
+    the variant's ``over``) whose settings differ from those the same step resolves to today: the
+    default changed without a code-version bump (e.g. its fitness, 2026-12-07), so the run looks
+    the step up under another key and this record is not what it computes. None otherwise."""
+    shipped = (params or {}).get("shipped")
+    if not isinstance(shipped, dict):
+        return None
+    from nps_pruning.apps.settings import PruneSettings
+    from .exp_search_ablation import settings_params
+    over = {k: v for k, v in ((params or {}).get("over") or {}).items() if k != "_shipped"}
+    now = settings_params(PruneSettings().replace(**over))
+    keys = sorted((set(now) | set(shipped)) - set(_STEP_OWN))
+    diff = [k for k in keys if _without_seed(shipped.get(k), k) != _without_seed(now.get(k), k)]
+    return f"the shipped default changed since ({', '.join(diff)})" if diff else None
+
+
+def _without_seed(v, key: str):
+    return {k: x for k, x in v.items() if k != "seed"} if key == "search" and isinstance(v, dict) else v
 
 
 def stale_note(stale: Dict[str, str]) -> List[str]:
@@ -60,6 +86,7 @@ def step_state(rec: dict, task: str, weights: Optional[str], suite: Optional[str
     want = code_key(task, step, suite)
     have = rec.get("_code") or {}
     why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
+    why += [w for w in (shipped_changed(rec.get("_params")),) if w]
     got_w = (rec.get("_params") or {}).get("weights")
     if weights and got_w and got_w != weights:
         why.append(f"checkpoint {got_w[:8]} -> {weights[:8]}")

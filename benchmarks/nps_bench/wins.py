@@ -24,6 +24,7 @@ import numpy as np
 
 from nps_pruning.apps.session import holdout_split
 from nps_pruning.apps.settings import PruneSettings, SearchSettings
+from nps_pruning.evaluation import DEFAULT_FITNESS
 from nps_pruning.atomic import atomic_write_text
 from .cache import (DEADLINE_ENV, ResultCache, _logger, _set_threads, default_results_cache,
                     restores_deadline, set_budget)
@@ -43,7 +44,7 @@ NPS_VERSION = 4        # bump when the default search changes (v2: rescaled star
 # ratio, the task's max length and the LLM suites' calibration cap and batch, which the section
 # states); the others start from a plain search of WinsConfig's generations × population
 VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
-    "default": ("NPS (default): `nps prune` with no flags (hybrid space, loglik fitness, 25% held-out "
+    "default": ("NPS (default): `nps prune` with no flags (hybrid space, loglik-t fitness, 25% held-out "
                 "re-scoring, the shipped search), all calibration rows", None, None),
     "paper": ("NPS (paper): magnitude space, accuracy fitness, no hold-out, 128 rows",
               {"space": "magnitude", "fitness": "accuracy", "holdout": 0.0}, 128),
@@ -53,8 +54,11 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
     # the shipped search with another fitness ("_shipped": PruneSettings() but for the keys given)
     "default-accuracy": ("NPS default search, accuracy fitness (fitness study)",
                          {"_shipped": True, "fitness": "accuracy"}, None),
-    "default-loglik-t": ("NPS default search, loglik at the fitted temperature (`--fitness loglik-t`)",
+    "default-loglik-t": ("NPS default search, loglik at the fitted temperature (`--fitness loglik-t`: "
+                         "the default since 2026-12-07; its steps before the switch)",
                          {"_shipped": True, "fitness": "loglik-t"}, None),
+    "default-loglik": ("NPS default search, loglik fitness (`--fitness loglik`: the default before "
+                       "2026-12-07)", {"_shipped": True, "fitness": "loglik"}, None),
     "default-full": ("NPS default search over the whole hybrid space (`--subspace full`: the "
                      "default before 2026-12-06, no magnitude-line stream)",
                      {"_shipped": True, "subspace": "full"}, None),
@@ -260,7 +264,9 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
         else:
             params = _params(task, cfg, keep=r, variant=variant, over=over, calib_size=calib_size,
                              nps_v=NPS_VERSION, generations=cfg.generations, popsize=cfg.popsize,
-                             bands=cfg.bands, **holdout_key(task, st))
+                             bands=cfg.bands, **holdout_key(task, st),
+                             # the default fitness it resolves to, where the variant sets none
+                             **({} if st.fitness else {"fitness": DEFAULT_FITNESS}))
         res = cache.step(suite, task["name"], f"wins-nps-{variant}-r{r:g}", params, search, log)
         rows.append({"method": f"nps-{variant}", "keep": r, **{k: v for k, v in res.items() if k != "rescored"}})
         if variant == "default" and cfg.selection_study and res.get("rescored"):

@@ -36,7 +36,8 @@ class PruneSettings:
     ``seed`` is the run's one seed (CMA-ES, the hybrid space's random share, the calibration
     subsample, DARE) and ``space`` the NPS search space; both are also ``search``'s fields, kept
     equal to these: left at None they are read from ``search``, given they replace ``search``'s.
-    ``fitness`` None is the default fitness (loglik; a python: evaluator's own score).
+    ``fitness`` None is the evaluator's default fitness (loglik-t; perplexity: loglik; a python:
+    evaluator's own score).
     """
 
     keep_ratio: float = 0.05          # fraction of prunable entries kept (round(keep_ratio*D))
@@ -47,7 +48,7 @@ class PruneSettings:
     search: SearchSettings = field(default_factory=shipped_search)   # the CMA-ES part
     seed: Optional[int] = None        # None: search.seed
     space: Optional[str] = None       # None: search.space ("hybrid" or "magnitude")
-    fitness: Optional[str] = None     # accuracy | loglik | agreement; None: the evaluator's default
+    fitness: Optional[str] = None     # accuracy | loglik | loglik-t | agreement; None: the evaluator's default
     holdout: float = 0.25             # share of calibration rows held out to re-score the best
     rescore_top: int = 5              # how many best candidates are re-scored on the held-out rows
     holdout_min_rows: int = 32        # fewer rows would be held out: no hold-out (session.HOLDOUT_MIN_ROWS)

@@ -89,8 +89,9 @@ class SearchOptions:
     fitness: Optional[str] = opt(None, "what a candidate is scored by on calibration data: "
                                        "accuracy, mean log-likelihood of the labels, or label-free "
                                        "agreement with the fine-tuned model's predictions (default: "
-                                       "loglik; a python: evaluator's own score)",
-                                 choices=Choices(fitnesses, first="loglik"))
+                                       "loglik-t, the log-likelihood at the fitted temperature; "
+                                       "perplexity: loglik; a python: evaluator's own score)",
+                                 choices=Choices(fitnesses, first="loglik-t"))
     holdout: float = opt(_PRUNE.holdout, "fraction of the calibration rows held out of the search; the best "
                                "--rescore-top candidates and the start points are re-scored on "
                                "them and the best there is chosen (0: choose on search rows)",
