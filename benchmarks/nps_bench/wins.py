@@ -59,6 +59,12 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
                          {"_shipped": True, "fitness": "loglik-t"}, None),
     "default-loglik": ("NPS default search, loglik fitness (`--fitness loglik`: the default before "
                        "2026-12-07)", {"_shipped": True, "fitness": "loglik"}, None),
+    # how the shipped search's patience rule (gains of more than 0.01 in score units) suits
+    # loglik-t, whose scores move less than loglik's: any gain counts, or no early stop at all
+    "default-gain0": ("NPS default search, patience counting any gain (`--min-gain 0`)",
+                      {"_shipped": True, "min_gain": 0.0}, None),
+    "default-nostop": ("NPS default search, no early stop (all 30 generations: `--patience` off)",
+                       {"_shipped": True, "patience": None}, None),
     "default-full": ("NPS default search over the whole hybrid space (`--subspace full`: the "
                      "default before 2026-12-06, no magnitude-line stream)",
                      {"_shipped": True, "subspace": "full"}, None),
