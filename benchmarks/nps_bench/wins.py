@@ -65,6 +65,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
                       {"_shipped": True, "min_gain": 0.0}, None),
     "default-nostop": ("NPS default search, no early stop (all 30 generations: `--patience` off)",
                        {"_shipped": True, "patience": None}, None),
+    "default-loglik-nostop": ("NPS default search, loglik fitness, no early stop (all 30 generations)",
+                              {"_shipped": True, "fitness": "loglik", "patience": None}, None),
     "default-patience5": ("NPS default search, patience 5 generations (`--patience 5`)",
                           {"_shipped": True, "patience": 5}, None),
     "default-patience8": ("NPS default search, patience 8 generations (`--patience 8`)",
