@@ -226,3 +226,27 @@ def test_cli_timing_line_and_its_target():
     # two timings from different runs say so (the target wants them side by side)
     t["shipped"]["_commit"], t["old-cli"]["_commit"] = "new1234", "old5678"
     assert "measured in two runs: with no flags at commit new1234" in timing_lines(t)[0]
+
+
+def test_prune_scores_the_fine_tuned_model_once_for_the_patience_gap(pair):
+    """prune passes the fine-tuned model's own score on the search rows as the reference: with a
+    gap of 0 on a tiny model that the slim candidates do not recover, patience never stops it."""
+    from nps_pruning.apps.prune import Session, prune
+    from nps_pruning.apps.settings import PruneSettings
+    spec = f"text-classification:{pair['calib']}"
+    base = PruneSettings(keep_ratio=0.1, bands=2, space="magnitude", fitness="loglik", holdout=0.0)
+    st = base.replace(generations=6, popsize=4, patience=1, min_generations=1, race=None)
+    s = Session.load(pair["base"], pair["ft"])
+    ref = s.score(s.search_evaluators(spec, fitness="loglik")[0], s.task_vector.values)
+    plain = prune(Session.load(pair["base"], pair["ft"]), "nps", settings=st, eval_spec=spec, progress=False)
+    gap = prune(Session.load(pair["base"], pair["ft"]), "nps", settings=st.replace(patience_gap=0.0),
+                eval_spec=spec, progress=False)
+    assert plain.search.best_score < ref          # the slim search stays below the fine-tuned model
+    assert plain.search.stopped_early is not None and max(c["gen"] for c in plain.search.candidates) < 6
+    assert gap.search.stopped_early is None and max(c["gen"] for c in gap.search.candidates) == 6
+    n = len(plain.search.candidates)
+    assert _cands(gap.search.candidates[:n]) == _cands(plain.search.candidates)   # its prefix
+
+
+def _cands(cands):
+    return [(c["gen"], tuple(c["weights"]), c["score"]) for c in cands]

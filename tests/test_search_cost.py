@@ -452,3 +452,29 @@ def test_loglik_t_on_an_evaluator_scores_rows_consistently(tiny_bert, text_csv, 
     with pytest.raises(NPSError, match="loglik-t is not defined for perplexity"):
         (tmp_path / "lm.txt").write_text("hello world\n")
         make_evaluator(f"perplexity:{tmp_path / 'lm.txt'}", model_path=ft, fitness="loglik-t")
+
+
+def test_patience_gap_lets_a_search_below_the_fine_tuned_model_run_on(tmp_path):
+    """--patience-gap G with the fine-tuned model's score R: patience stops a search whose best is
+    at least R − G exactly where plain patience does, and none that is still below (it runs every
+    generation: the same candidates as a run without patience); no reference: plain patience."""
+    full = run_search(PerRow(noise=0.0), 4, _settings(generations=40), progress=False)
+    stop, last = _expected_gain_stop(full.candidates, 40, 3, 0.05, 0)
+    best_at_stop = max(c["score"] for c in full.candidates if c["gen"] <= stop and c["status"] == "ok")
+    st = _settings(generations=40, patience=3, min_gain=0.05, patience_gap=0.5)
+    # recovered: the reference is within the gap of the best when patience would stop
+    r = run_search(PerRow(noise=0.0), 4, st, progress=False, reference_score=best_at_stop + 0.4)
+    assert r.stopped_at == stop and "within 0.5 of the fine-tuned model's" in r.stopped_early
+    assert _key(r.candidates) == _key([c for c in full.candidates if c["gen"] <= stop])
+    # far below the fine-tuned model at every generation: no early stop at all
+    far = max(c["score"] for c in full.candidates) + 10.0
+    r2 = run_search(PerRow(noise=0.0), 4, st, progress=False, reference_score=far)
+    assert r2.stopped_early is None and _key(r2.candidates) == _key(full.candidates)
+    # no reference (a caller that scored none): plain patience
+    r3 = run_search(PerRow(noise=0.0), 4, st, progress=False)
+    assert r3.stopped_at == stop
+    assert r.settings["patience_gap"] == 0.5
+    assert "patience_gap" not in _settings(generations=3).to_dict()      # off: header as before
+    with pytest.raises(NPSError, match="patience_gap"):
+        _settings(patience=3, patience_gap=-1.0).validate()
+

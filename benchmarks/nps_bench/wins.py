@@ -67,6 +67,9 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict], Optional[int]]] = {
                        {"_shipped": True, "patience": None}, None),
     "default-loglik-nostop": ("NPS default search, loglik fitness, no early stop (all 30 generations)",
                               {"_shipped": True, "fitness": "loglik", "patience": None}, None),
+    "default-gap": ("NPS default search, patience only once within 0.02 of the fine-tuned model's "
+                    "own calibration score (`--patience-gap 0.02`)",
+                    {"_shipped": True, "patience_gap": 0.02}, None),
     "default-patience5": ("NPS default search, patience 5 generations (`--patience 5`)",
                           {"_shipped": True, "patience": 5}, None),
     "default-patience8": ("NPS default search, patience 8 generations (`--patience 8`)",

@@ -114,6 +114,9 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
         # the search holds the model (with θ_pre in it), τ and the band structures: each candidate
         # is written at its k kept entries and restored (no second model-sized copy of θ_pre)
+        # --patience-gap: the fine-tuned model's own score on the search rows, once
+        reference = (session.score(evaluator, session.task_vector.values)
+                     if search.patience is not None and search.patience_gap is not None else None)
         session.park_base()
         scorer = _scorer(session, evaluator, prep, settings, eval_spec,
                          calib_size=evaluator.num_rows if holdout is not None else None)
@@ -131,7 +134,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
                         run_id["holdout_min_rows"] = choice["holdout_min_rows"]
                 result = run_search(scorer, settings.bands, search, log_path=log_path, resume=resume,
                                     executor=executor, progress=progress, space=space, run_id=run_id,
-                                    calib_rows=evaluator.num_rows)   # what a race races over
+                                    calib_rows=evaluator.num_rows,   # what a race races over
+                                    reference_score=reference)
             except OSError as e:
                 raise write_error(e, log_path, "the search log so far is kept for resuming "
                                   "once there is room") from None

@@ -75,6 +75,10 @@ class SearchSettings:
     patience: Optional[int] = None  # stop once the best score has not improved for N generations
     min_gain: Optional[float] = None  # --patience counts only gains of more than this (score units)
     min_generations: int = 0        # --patience stops nothing before this generation
+    # --patience stops only a search whose best is within this of the fine-tuned model's own score
+    # on the search rows (run_search's reference_score): one that has not recovered the fine-tuned
+    # model yet runs its generations (score units; None: patience stops any search)
+    patience_gap: Optional[float] = None
     race: Optional[str] = None      # "halving": race each generation over the calibration rows
     race_min_rows: int = 16         # rows of the first racing stage
     race_eta: float = 3.0           # each stage keeps the top 1/eta (and rows grow eta-fold)
@@ -122,6 +126,9 @@ class SearchSettings:
             raise NPSError(f"search: patience must be >= 1 generation, got {self.patience}")
         if self.min_gain is not None and not (math.isfinite(self.min_gain) and self.min_gain >= 0):
             raise NPSError(f"search: min_gain must be a number >= 0, got {self.min_gain}")
+        if self.patience_gap is not None and not (math.isfinite(self.patience_gap)
+                                                  and self.patience_gap >= 0):
+            raise NPSError(f"search: patience_gap must be a number >= 0, got {self.patience_gap}")
         if int(self.min_generations) < 0:
             raise NPSError(f"search: min_generations must be >= 0, got {self.min_generations}")
         if self.race is not None and self.race not in RACES:
@@ -159,7 +166,8 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
                executor=None, progress: bool = True,
                on_generation: Optional[Callable[[dict], None]] = None,
                space=None, run_id: Optional[dict] = None,
-               calib_rows: Optional[int] = None) -> SearchResult:
+               calib_rows: Optional[int] = None,
+               reference_score: Optional[float] = None) -> SearchResult:
     """Search band weights with CMA-ES; see the module docstring.
 
     ``scorer(weights) -> (score, {"build_s", "eval_s"})`` (higher is better; a bare float is
@@ -179,7 +187,11 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     ``settings.patience`` = N: stop after the first generation that ends N generations after the
     one that found the best score (a strictly higher score is an improvement); the result's
     ``stopped_early`` says so and ``stopped_at`` is that generation. It depends only on the
-    scores, so a resumed run stops where the uninterrupted one did.
+    scores, so a resumed run stops where the uninterrupted one did. With ``settings.patience_gap``
+    = G and a ``reference_score`` R (the fine-tuned model's own score on the same rows), patience
+    stops only while the best score is at least R − G: a search still below the model it prunes
+    runs on (where later generations keep paying, large task vectors), one that has recovered it
+    stops as before (where they add nothing).
 
     ``settings.race = "halving"``: CMA-ES generations are raced over the calibration rows
     (:mod:`.race`); the scorer must have ``score_rows(weights, rows)``, and the number of
@@ -226,9 +238,13 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
             gain.see(gen, state.best_score, state.best_gen)
             if (settings.patience is not None and gain.gen is not None
                     and int(settings.min_generations) <= gen < settings.generations
-                    and gen - gain.gen >= int(settings.patience)):   # the last generation stops nothing
+                    and gen - gain.gen >= int(settings.patience)   # the last generation stops nothing
+                    and _near_reference(settings, state.best_score, reference_score)):
                 state.stop(f"patience: no {gain.what} in the {int(settings.patience)} "
-                           f"generations after generation {gain.gen}", gen)
+                           f"generations after generation {gain.gen}"
+                           + ("" if settings.patience_gap is None or reference_score is None else
+                              f", within {settings.patience_gap:g} of the fine-tuned model's "
+                              f"{reference_score:.4f}"), gen)
                 break
     finally:
         if bar is not None:
@@ -328,6 +344,13 @@ def _make_streams(space, settings: "SearchSettings", mean0: np.ndarray) -> _Stre
                              settings.seed, whole),
                      _Stream(mean0, free, bounds, scales, settings.sigma0, settings.seed + 1,
                              popsize - whole)])
+
+
+def _near_reference(settings: SearchSettings, best: Optional[float], reference: Optional[float]) -> bool:
+    """May --patience stop the search (``settings.patience_gap``; no gap or no reference: yes)?"""
+    if settings.patience_gap is None or reference is None:
+        return True
+    return best is not None and best >= reference - float(settings.patience_gap)
 
 
 class _Gains:

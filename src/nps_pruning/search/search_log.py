@@ -91,10 +91,12 @@ def settings_dict(settings) -> dict:
     settings existed (and such older logs still resume)."""
     d = asdict(settings)
     if d.get("patience", 0) is None:       # no early stop: its refinements are unused too
-        for key in ("patience", "min_gain", "min_generations"):
+        for key in ("patience", "min_gain", "min_generations", "patience_gap"):
             d.pop(key, None)
     if d.get("min_gain", 0) is None:
         d.pop("min_gain")
+    if d.get("patience_gap", 0) is None:
+        d.pop("patience_gap")
     if d.get("min_generations") == 0:
         d.pop("min_generations")
     if d.get("subspace") == "full":         # CMA-ES over the whole space, as before the setting
