@@ -29,7 +29,7 @@ from ..errors import NPSError
 from .executors import make_executor
 from .race import RACES
 from .search_log import LOG_FORMAT, SearchLog, log_header, previous_records, settings_dict
-from .state import SearchAborted, SearchResult, SearchState, best_up_to, scores_of
+from .state import SearchAborted, SearchResult, SearchState, best_up_to, near_reference, scores_of
 
 __all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SUBSPACES", "SHIPPED_SEARCH", "SearchSettings", "shipped_search", "SearchResult", "SearchAborted",
            "best_up_to", "run_search", "LOG_FORMAT"]
@@ -75,9 +75,7 @@ class SearchSettings:
     patience: Optional[int] = None  # stop once the best score has not improved for N generations
     min_gain: Optional[float] = None  # --patience counts only gains of more than this (score units)
     min_generations: int = 0        # --patience stops nothing before this generation
-    # --patience stops only a search whose best is within this of the fine-tuned model's own score
-    # on the search rows (run_search's reference_score): one that has not recovered the fine-tuned
-    # model yet runs its generations (score units; None: patience stops any search)
+    # --patience stops only a search within this of the fine-tuned model's score (reference_score)
     patience_gap: Optional[float] = None
     race: Optional[str] = None      # "halving": race each generation over the calibration rows
     race_min_rows: int = 16         # rows of the first racing stage
@@ -126,8 +124,7 @@ class SearchSettings:
             raise NPSError(f"search: patience must be >= 1 generation, got {self.patience}")
         if self.min_gain is not None and not (math.isfinite(self.min_gain) and self.min_gain >= 0):
             raise NPSError(f"search: min_gain must be a number >= 0, got {self.min_gain}")
-        if self.patience_gap is not None and not (math.isfinite(self.patience_gap)
-                                                  and self.patience_gap >= 0):
+        if self.patience_gap is not None and not (math.isfinite(self.patience_gap) and self.patience_gap >= 0):
             raise NPSError(f"search: patience_gap must be a number >= 0, got {self.patience_gap}")
         if int(self.min_generations) < 0:
             raise NPSError(f"search: min_generations must be >= 0, got {self.min_generations}")
@@ -187,11 +184,9 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     ``settings.patience`` = N: stop after the first generation that ends N generations after the
     one that found the best score (a strictly higher score is an improvement); the result's
     ``stopped_early`` says so and ``stopped_at`` is that generation. It depends only on the
-    scores, so a resumed run stops where the uninterrupted one did. With ``settings.patience_gap``
-    = G and a ``reference_score`` R (the fine-tuned model's own score on the same rows), patience
-    stops only while the best score is at least R − G: a search still below the model it prunes
-    runs on (where later generations keep paying, large task vectors), one that has recovered it
-    stops as before (where they add nothing).
+    scores, so a resumed run stops where the uninterrupted one did. ``settings.patience_gap`` G
+    with ``reference_score`` R (the fine-tuned model's score on the same rows): it stops only once
+    the best is >= R − G (a search still below the model it prunes runs on).
 
     ``settings.race = "halving"``: CMA-ES generations are raced over the calibration rows
     (:mod:`.race`); the scorer must have ``score_rows(weights, rows)``, and the number of
@@ -239,12 +234,9 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
             if (settings.patience is not None and gain.gen is not None
                     and int(settings.min_generations) <= gen < settings.generations
                     and gen - gain.gen >= int(settings.patience)   # the last generation stops nothing
-                    and _near_reference(settings, state.best_score, reference_score)):
+                    and (near := near_reference(settings, state.best_score, reference_score)) is not None):
                 state.stop(f"patience: no {gain.what} in the {int(settings.patience)} "
-                           f"generations after generation {gain.gen}"
-                           + ("" if settings.patience_gap is None or reference_score is None else
-                              f", within {settings.patience_gap:g} of the fine-tuned model's "
-                              f"{reference_score:.4f}"), gen)
+                           f"generations after generation {gain.gen}{near}", gen)
                 break
     finally:
         if bar is not None:
@@ -344,13 +336,6 @@ def _make_streams(space, settings: "SearchSettings", mean0: np.ndarray) -> _Stre
                              settings.seed, whole),
                      _Stream(mean0, free, bounds, scales, settings.sigma0, settings.seed + 1,
                              popsize - whole)])
-
-
-def _near_reference(settings: SearchSettings, best: Optional[float], reference: Optional[float]) -> bool:
-    """May --patience stop the search (``settings.patience_gap``; no gap or no reference: yes)?"""
-    if settings.patience_gap is None or reference is None:
-        return True
-    return best is not None and best >= reference - float(settings.patience_gap)
 
 
 class _Gains:

@@ -385,3 +385,13 @@ class SearchState:
             raise SearchAborted(f"search aborted: every candidate failed: {self.last_error}",
                                 self.partial_result())
         return self.partial_result()
+
+
+def near_reference(settings, best: Optional[float], reference: Optional[float]) -> Optional[str]:
+    """``settings.patience_gap``: the tail of a --patience stop's message when it may stop ("" with
+    no gap or no reference score), None while the best is more than the gap below the reference."""
+    if settings.patience_gap is None or reference is None:
+        return ""
+    if best is None or best < reference - float(settings.patience_gap):
+        return None
+    return f", within {settings.patience_gap:g} of the fine-tuned model's {reference:.4f}"
