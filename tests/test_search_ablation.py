@@ -228,7 +228,7 @@ def test_cli_timing_line_and_its_target():
     assert "measured in two runs: with no flags at commit new1234" in timing_lines(t)[0]
 
 
-def test_prune_scores_the_fine_tuned_model_once_for_the_patience_gap(pair):
+def test_prune_passes_the_fine_tuned_models_score_for_the_patience_gap(pair):
     """prune passes the fine-tuned model's own score on the search rows as the reference: with a
     gap of 0 on a tiny model that the slim candidates do not recover, patience never stops it."""
     from nps_pruning.apps.prune import Session, prune

@@ -35,13 +35,18 @@ def row_stale(row: dict, suite: str, task: str) -> Optional[str]:
     """Why a results row (a step's value as the cache returned it: ``_step``, ``_code``) is no
     longer what the current code computes ("search v1 -> v2"), or None when it is current or
     carries no code record (rows older than the step keys: their sections say so)."""
-    step, have = row.get("_step"), row.get("_code")
-    if not step or not isinstance(have, dict):
+    if not row.get("_step") or not isinstance(row.get("_code"), dict):
         return None
-    want = code_key(task, step, suite)
+    return ", ".join(_code_whys(row, task, suite)) or None
+
+
+def _code_whys(rec: dict, task: str, suite: Optional[str]) -> List[str]:
+    """What makes a step record (``_step``, ``_code``, ``_params``) no longer what the current
+    code computes: bumped code groups, and a shipped default's changed settings."""
+    want = code_key(task, rec.get("_step", "?"), suite)
+    have = rec.get("_code") or {}
     why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
-    why += [w for w in (shipped_changed(row.get("_params")),) if w]
-    return ", ".join(why) or None
+    return why + [w for w in (shipped_changed(rec.get("_params")),) if w]
 
 
 # settings of a shipped-default step that are the step's own, not the default's
@@ -82,11 +87,7 @@ def step_state(rec: dict, task: str, weights: Optional[str], suite: Optional[str
                task_weights: Optional[Dict[str, str]] = None) -> str:
     """"current", or "stale: why" for one step file's record (of ``suite``). ``task_weights``
     (task -> checkpoint digest) checks a shared step's (fusion, ...) ``_params["tasks"]``."""
-    step = rec.get("_step", "?")
-    want = code_key(task, step, suite)
-    have = rec.get("_code") or {}
-    why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
-    why += [w for w in (shipped_changed(rec.get("_params")),) if w]
+    why = _code_whys(rec, task, suite)
     got_w = (rec.get("_params") or {}).get("weights")
     if weights and got_w and got_w != weights:
         why.append(f"checkpoint {got_w[:8]} -> {weights[:8]}")

@@ -24,7 +24,6 @@ import numpy as np
 
 from nps_pruning.apps.session import holdout_split
 from nps_pruning.apps.settings import PruneSettings, SearchSettings
-from nps_pruning.evaluation import DEFAULT_FITNESS
 from nps_pruning.atomic import atomic_write_text
 from .cache import (DEADLINE_ENV, ResultCache, _logger, _set_threads, default_results_cache,
                     restores_deadline, set_budget)
@@ -281,7 +280,8 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
                              nps_v=NPS_VERSION, generations=cfg.generations, popsize=cfg.popsize,
                              bands=cfg.bands, **holdout_key(task, st),
                              # the default fitness it resolves to, where the variant sets none
-                             **({} if st.fitness else {"fitness": DEFAULT_FITNESS}))
+                             **({} if st.fitness else
+                                {"fitness": Session.search_fitness(task["eval_calib"])}))
         res = cache.step(suite, task["name"], f"wins-nps-{variant}-r{r:g}", params, search, log)
         rows.append({"method": f"nps-{variant}", "keep": r, **{k: v for k, v in res.items() if k != "rescored"}})
         if variant == "default" and cfg.selection_study and res.get("rescored"):
@@ -388,11 +388,8 @@ def _default_changed(data: dict) -> Optional[str]:
     rec = data.get("default_settings")
     if not rec:
         return None
-    from .exp_search_ablation import settings_params
-    now = settings_params(PruneSettings())
-    keys = [k for k in now if k not in ("keep", "calib_size", "batch_size", "max_length")]
-    diff = [k for k in keys if rec.get(k) != now[k]]
-    return ("the shipped default changed since (" + ", ".join(diff) + ")") if diff else None
+    from .status import shipped_changed
+    return shipped_changed({"shipped": rec})
 
 
 def _stale_cell(suite: str, data: dict, method: str, keep: float) -> Optional[str]:
@@ -403,8 +400,8 @@ def _stale_cell(suite: str, data: dict, method: str, keep: float) -> Optional[st
             if r.get("method") == method and float(r.get("keep", -1)) == keep}
     whys.discard(None)
     if method.startswith("nps-default"):
-        changed = _default_changed(data)
-        if changed:
+        changed = _default_changed(data)      # rows too old to carry their own settings
+        if changed and not any(changed in w for w in whys):
             whys.add(changed)
     return "; ".join(sorted(whys)) or None
 
@@ -415,7 +412,7 @@ def render(results: dict, figures: Path) -> str:
              f"Written by `make bench-wins` (`python -m nps_bench.wins`) at commit "
              f"{results.get('commit', '?')} on {results.get('date', '?')}, from its own cached steps "
              "(`--render-only` re-renders it). The shipped default is `nps prune` with no options: "
-             "`--space hybrid --fitness loglik --holdout 0.25 --rescore-top 5 --running-stats finetuned`, "
+             "`--space hybrid --fitness loglik-t --holdout 0.25 --rescore-top 5 --running-stats finetuned`, "
              "all calibration rows (every method of the vision suite, baselines included, keeps the "
              "fine-tuned BatchNorm running statistics whole: `--running-stats finetuned`). "
              "The sections after this one come from `make bench` (`python -m nps_bench.run`); each "
