@@ -122,6 +122,11 @@ def test_the_shipped_default_is_what_nps_prune_runs():
     assert PruneSettings().search == shipped_search() == SearchSettings(**SHIPPED_SEARCH)
     opts = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o"})
     assert prune_settings(opts) == PruneSettings()
+    assert PruneSettings().search.patience_gap == 0.02
+    off = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "patience_gap": -1})
+    assert prune_settings(off).search == shipped_search(patience_gap=None)   # < 0: plain patience
+    assert prune_settings(off).search.to_dict() == {k: v for k, v in shipped_search().to_dict().items()
+                                                    if k != "patience_gap"}
     st = wins_settings({"name": "a", "max_length": 64}, WinsConfig(), 0.05, WV["default"][1], None)
     assert st == PruneSettings(keep_ratio=0.05, max_length=64)
     assert wins_settings({"name": "a"}, WinsConfig(), 0.1, WV["default-128"][1], 128) == \
@@ -235,7 +240,8 @@ def test_prune_passes_the_fine_tuned_models_score_for_the_patience_gap(pair):
     from nps_pruning.apps.settings import PruneSettings
     spec = f"text-classification:{pair['calib']}"
     base = PruneSettings(keep_ratio=0.1, bands=2, space="magnitude", fitness="loglik", holdout=0.0)
-    st = base.replace(generations=6, popsize=4, patience=1, min_generations=1, race=None)
+    st = base.replace(generations=6, popsize=4, patience=1, min_generations=1, race=None,
+                      patience_gap=None)
     s = Session.load(pair["base"], pair["ft"])
     ref = s.score(s.search_evaluators(spec, fitness="loglik")[0], s.task_vector.values)
     plain = prune(Session.load(pair["base"], pair["ft"]), "nps", settings=st, eval_spec=spec, progress=False)

@@ -139,7 +139,7 @@ class SearchOptions:
     min_generations: int = opt(_SEARCH.min_generations, "--patience stops the search no earlier "
                                                         "than this generation", lo=0)
     patience_gap: Optional[float] = opt(_SEARCH.patience_gap, "--patience stops only a search within this "
-                                        "of the fine-tuned model's own calibration score (scored once)", lo=0.0)
+                                        "of the fine-tuned model's own calibration score (< 0: off)")
     race: Optional[str] = opt(_SEARCH.race, "race each CMA-ES generation over the calibration "
                                             "rows (successive halving): score all candidates on "
                                             "a few seeded rows, carry only those that can still "

@@ -31,6 +31,8 @@ def search_settings(opts) -> SearchSettings:
         same["race"] = None
     if same.get("patience") == 0:         # --patience 0: no early stop
         same["patience"] = None
+    if (same.get("patience_gap") or 0) < 0:   # --patience-gap -1: plain patience
+        same["patience_gap"] = None
     return SearchSettings(**{**same, "lower": bounds.lower, "upper": bounds.upper, "sigma0": bounds.sigma0})
 
 
