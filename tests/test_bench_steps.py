@@ -257,9 +257,16 @@ def test_bench_status_judges_the_checkpoint_built_here(tmp_path):
     text = status.render([st])
     assert "built here on Other CPU: a different checkpoint (vvvvvvvvvvvv)" in text
     assert f"steps computed on {cpu_model()}" in text
+    rec2 = {**rec, "weights": "v" * 64}                        # one step re-computed here
+    cache.step("text", "rt-plot", "prune-dare-r0.1", rec, lambda: {"test": 0.6})   # (most on w)
+    cache.step("text", "rt-plot", "prune-magnitude-r0.05", rec2, lambda: {"test": 0.3})
+    t = status.suite_status("text", steps, results, built)["tasks"]["rt-plot"]
+    assert (t["current"], t["on_local"]) == (1, 1), t["steps"]
+    assert "1 of the steps were computed on it here, a run here computes the others again" in \
+        status.render([status.suite_status("text", steps, results, built)])
     (d / WEIGHTS_FILE).write_text(json.dumps({"weights": "w" * 64}))
     st = status.suite_status("text", steps, results, built)
-    assert st["tasks"]["rt-plot"]["current"] == 1 and st["tasks"]["_fusion"]["current"] == 1
+    assert st["tasks"]["rt-plot"]["current"] == 2 and st["tasks"]["_fusion"]["current"] == 1
     assert "built here on Other CPU: the same checkpoint" in status.render([st])
 
 

@@ -168,12 +168,15 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Opti
                      "commit": v["rec"].get("_commit", "?"),
                      "seconds": float(v["rec"].get("seconds") or 0.0), "cpu": v["rec"].get("_cpu")}
                  for s, v in newest.items()}
+        on_local = sum(1 for v in newest.values() if local and local.get("weights")
+                       and (v["rec"].get("_params") or {}).get("weights") == local["weights"])
         job_s = sum(float(j.get("seconds") or 0.0) for k, j in jobs.items() if k.split("/", 1)[-1] == task)
         current = [s for s, v in steps.items() if v["state"] == "current"]
         stale_s = sum(v["seconds"] for v in steps.values() if v["state"] != "current")
         out["tasks"][task] = {"steps": steps, "current": len(current), "stale": len(steps) - len(current),
                               "minutes_needed": (stale_s if steps else job_s) / 60.0,
                               "weights": weights, "recorded_weights": recorded, "local": local,
+                              "on_local": on_local,
                               "cpus": sorted({v["cpu"] or "a CPU not recorded" for v in steps.values()})}
     return out
 
@@ -188,6 +191,10 @@ def _local_line(t: dict) -> List[str]:
     rec = t.get("recorded_weights")
     if not rec or rec == loc["weights"]:
         return [f"      {where}: the same checkpoint as the step files'"]
+    if t.get("on_local"):      # re-computed here in part: say so, not that every step is redone
+        return [f"      {where}: a different checkpoint ({loc['weights'][:12]}) from the last complete "
+                f"run's ({rec[:12]}); {t['on_local']} of the steps were computed on it here, a run "
+                "here computes the others again (fine-tunes rebuild bit for bit only on the same CPU model)"]
     return [f"      {where}: a different checkpoint ({loc['weights'][:12]}) from the step files' "
             f"({rec[:12]}; steps computed on {', '.join(t.get('cpus') or ['?'])}); fine-tunes rebuild bit for "
             "bit only on the same CPU model, so a run here computes these steps again"]
