@@ -168,8 +168,8 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Opti
                      "commit": v["rec"].get("_commit", "?"),
                      "seconds": float(v["rec"].get("seconds") or 0.0), "cpu": v["rec"].get("_cpu")}
                  for s, v in newest.items()}
-        on_local = sum(1 for v in newest.values() if local and local.get("weights")
-                       and (v["rec"].get("_params") or {}).get("weights") == local["weights"])
+        here = local_w.get(task)            # the steps computed on this machine's checkpoint
+        on_local = sum(1 for v in newest.values() if here and (v["rec"].get("_params") or {}).get("weights") == here)
         job_s = sum(float(j.get("seconds") or 0.0) for k, j in jobs.items() if k.split("/", 1)[-1] == task)
         current = [s for s, v in steps.items() if v["state"] == "current"]
         stale_s = sum(v["seconds"] for v in steps.values() if v["state"] != "current")
