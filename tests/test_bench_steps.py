@@ -319,7 +319,7 @@ def test_render_only_keeps_every_section_and_says_how_fresh_each_suite_is(tmp_pa
     md = out.read_text()
     assert "<!-- wins:start -->" in md and "<!-- ablation:start -->" in md
     assert md.index("<!-- wins:start -->") < md.index("<!-- ablation:start -->") < md.index("## Settings")
-    assert "- suite text: " in md and "step files are current for today's code" in md
+    assert "<!-- freshness:start -->" in md and "| text | NPS that wins, the lossless frontier |" in md
     assert (repo_root() / "README.md").read_text() == readme
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .report_tables import default_merge_row
 from .status import STALE_MARK
@@ -82,13 +82,15 @@ def _shipped_cost(ablation: Optional[dict]) -> List[str]:
 _NOT_MERGES = ("pre-trained", "fine-tuned")
 
 
-def _fusion_lines(suites: Optional[dict]) -> List[str]:
+def _fusion_lines(suites: Optional[dict], stale: Optional[Dict[str, List[str]]] = None) -> List[str]:
     """One row per suite: the best merge, the shipped NPS-merge and TIES (mean test accuracy of
     one merged model over the tasks, λ chosen on calibration), and the NPS store's accuracy
     normalized to the fine-tuned models and its bits per entry, from ``make bench``'s results
-    (``benchmarks/results/<suite>.json``)."""
+    (``benchmarks/results/<suite>.json``). ``stale``: suite -> the parts of BENCHMARKS.md its row
+    comes from that have stale steps (:func:`.freshness.stale_parts`): the row is marked."""
     if not suites:
         return []
+    stale = {k: [p for p in v if p.startswith(("Fusion", "Compression"))] for k, v in (stale or {}).items()}
     fmt = lambda x: "–" if x is None else f"{x:.3f}"
     rows = []
     for name in [n for n in ORDER if n in suites]:
@@ -116,10 +118,16 @@ def _fusion_lines(suites: Optional[dict]) -> List[str]:
         st = (f"{store[0]['normalized_mean']:.1%} at {store[0]['bits_per_entry']:.2f} bits/entry"
               if store else "–")
         ft = (fu.get("fusion") or {}).get("fine-tuned", {}).get("test_mean")
-        rows.append(f"| {name} | {fmt(ft)} | {best} {merges[best]:.3f} | {nps} | "
+        mark = f" {STALE_MARK}" if stale.get(name) else ""
+        rows.append(f"| {name}{mark} | {fmt(ft)} | {best} {merges[best]:.3f} | {nps} | "
                     f"{fmt(merges.get('ties'))} | {st} |")
     if not rows:
         return []
+    note = {k: v for k, v in stale.items() if v and k in suites}
+    foot = (["", f"{STALE_MARK} stale or unknown: built from steps that are no longer what the current code "
+                 "computes, or older than the step keys (no step files: nothing tells whether today's code "
+                 "gives them); BENCHMARKS.md's freshness table says which and why: "
+             + "; ".join(f"{k}: {', '.join(v)}" for k, v in note.items()) + "."] if note else [])
     return ["", "Fusion and compression (`make bench`; BENCHMARKS.md's suite sections say which run "
                 "wrote each): one merged model's mean test accuracy over the tasks (λ chosen on "
                 "calibration; NPS-merge is `nps merge --method nps` as shipped (*default*: `--combine best`, "
@@ -128,12 +136,14 @@ def _fusion_lines(suites: Optional[dict]) -> List[str]:
                 "the paper's (*paper*: per-task λ search) or its single-λ form), and the compressed store of all the tasks' NPS vectors (r = 0.05, "
                 "fp16 values, entropy-coded mask) as a share of the fine-tuned models' accuracy:", "",
             "| suite | fine-tuned (each its own) | best merge | NPS-merge | TIES | NPS store: accuracy kept, size |",
-            "|---|---|---|---|---|---|"] + rows
+            "|---|---|---|---|---|---|"] + rows + foot
 
 
-def render(wins: dict, ablation: Optional[dict] = None, bench: Optional[dict] = None) -> str:
+def render(wins: dict, ablation: Optional[dict] = None, bench: Optional[dict] = None,
+           stale_parts: Optional[Dict[str, List[str]]] = None) -> str:
     """The block; ``ablation``: the search ablation's results, ``bench``: suite name -> `make
-    bench`'s results of that suite (:func:`load_suites`)."""
+    bench`'s results of that suite (:func:`load_suites`); ``stale_parts``: suite -> its parts
+    with stale steps (:func:`.freshness.stale_parts`)."""
     cfg = wins.get("config", {})
     budget = f"{cfg.get('generations', '?')} generations of {cfg.get('popsize', '?')}"
     lines = [BEGIN, "",
@@ -165,7 +175,7 @@ def render(wins: dict, ablation: Optional[dict] = None, bench: Optional[dict] = 
                      f"{fmt(_mean(t, 'nps-default', KEEP))}{cells['nps-default']} *{which}* | "
                      f"{_cost(t)} | {s.get('commit', '?')} |")
     lines += stale_note(stale)
-    lines += _fusion_lines(bench)
+    lines += _fusion_lines(bench, stale_parts)
     lines += _shipped_cost(ablation)
     lines += ["", END]
     return "\n".join(lines)
@@ -187,29 +197,34 @@ def load_suites(root: Path) -> dict:
 
 
 def update(readme: Path, wins: dict, ablation: Optional[dict] = None,
-           suites: Optional[dict] = None) -> bool:
+           suites: Optional[dict] = None, stale_parts: Optional[Dict[str, List[str]]] = None) -> bool:
     """Replace the README's generated block (if it has one); True when it changed."""
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         return False
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    new = head + render(wins, ablation, suites) + tail
+    new = head + render(wins, ablation, suites, stale_parts) + tail
     if new != text:
         readme.write_text(new)
     return new != text
 
 
 def refresh(root: Optional[Path] = None) -> bool:
-    """Re-render the README's block from the committed results files (what every benchmark
-    entry point calls after writing its results); True when it changed."""
+    """Re-render the README's block from the committed results files, and BENCHMARKS.md's
+    freshness block (:mod:`.freshness`) from the committed step files: what every benchmark entry
+    point calls after writing its results; True when the README changed."""
+    from .freshness import refresh as refresh_freshness
     from .paths import repo_root
     root = root or repo_root()
+    refresh_freshness(root=root)
     wins = root / "benchmarks" / "results" / "wins.json"
     if not wins.is_file():
         return False
-    return update(root / "README.md", json.loads(wins.read_text()), load_ablation(root),
-                  load_suites(root))
+    from .freshness import stale_parts
+    suites = load_suites(root)
+    return update(root / "README.md", json.loads(wins.read_text()), load_ablation(root), suites,
+                  {s: stale_parts(s, root) for s in suites})
 
 
 def main(argv=None) -> int:

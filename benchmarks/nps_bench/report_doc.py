@@ -23,28 +23,14 @@ def _origin(run: dict) -> dict:
     return {"command": run.get("command", "?"), **run}
 
 def _freshness_lines(suites: dict, cfg: dict) -> list:
-    """Per suite, how many of its committed step files (``benchmarks/results/steps``) are current
-    for today's code and checkpoints (:mod:`.status`), naming the stale ones: a bumped code
-    version makes the numbers of its steps, in every table built from them, stale."""
+    """The freshness block (:mod:`.freshness`) of a full-profile run: which committed step files
+    are current for today's code, per suite and part of the document."""
     if cfg.get("profile") != "full":
         return []
-    from .cache import default_results_cache
+    from .freshness import render as render_freshness
     from .paths import repo_root
-    from .status import suite_status
-    out = []
-    for name in suites:
-        st = suite_status(name, default_results_cache("full"), repo_root() / "benchmarks" / "results")
-        steps = [(t, s, v["state"]) for t, task in st["tasks"].items() for s, v in task["steps"].items()]
-        if not steps:
-            out.append(f"- suite {name}: no step files (its numbers are older than the step keys: "
-                       "nothing tells whether today's code would give them; `make bench-status`)")
-            continue
-        stale = [f"{t}/{s} ({state[len('stale: '):]})" for t, s, state in steps if state != "current"]
-        out.append(f"- suite {name}: {len(steps) - len(stale)} of its {len(steps)} step files are "
-                   "current for today's code (`make bench-status`)"
-                   + (f"; stale: {', '.join(stale[:6])}" + (f" and {len(stale) - 6} more" if len(stale) > 6 else "")
-                      if stale else ""))
-    return out
+    res = repo_root() / "benchmarks" / "results"
+    return ["", render_freshness(res / "steps", res)]
 
 
 def render(results: dict, figures_dir: Optional[Path] = None, figures_rel: str = "benchmarks/figures") -> str:

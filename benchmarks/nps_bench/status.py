@@ -126,7 +126,11 @@ def local_checkpoint(task: str, newest: Dict[str, dict], cache_dir: Optional[Pat
     return None
 
 
-def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Optional[Path] = None) -> Dict:
+def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Optional[Path] = None,
+                 code_only: bool = False) -> Dict:
+    """Each task's (and shared job's) steps: current or stale, the minutes still needed.
+    ``code_only``: judge the step files by the code alone (numbers versions and the shipped
+    default's settings), not by which checkpoint they ran on: the same answer on every machine."""
     res_path = results_dir / f"{suite}.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     tasks = {t["name"]: t for t in (res.get("suite") or {}).get("tasks", [])}
@@ -153,9 +157,9 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Opti
         # the same mtime), for the checkpoint the steps name
         newest = {s: max(v, key=lambda x: (str(x["rec"].get("_date") or ""), x["mtime"]))
                   for s, v in every.items()}
-        weights = (tasks.get(task) or {}).get("weights")
+        weights = None if code_only else (tasks.get(task) or {}).get("weights")
         recorded = weights or _steps_weights(newest)
-        local = local_checkpoint(task, newest, cache_dir)
+        local = None if code_only else local_checkpoint(task, newest, cache_dir)
         if local and local.get("weights"):     # built here: what a run on this machine would reuse
             weights = local_w[task] = local["weights"]
         # a step is current when any of its files is (an older key's file stays in the repository
