@@ -65,14 +65,15 @@ def test_the_readme_results_table_is_the_one_the_results_give():
     """The README's numbers come from benchmarks/results/wins.json alone (nps_bench.readme_table;
     `python -m nps_bench.readme_table` rewrites the block, as `make bench-wins` does)."""
     import json
-    from nps_bench.freshness import stale_parts
+    from nps_bench.freshness import counts, stale_parts
     from nps_bench.readme_table import BEGIN, END, load_ablation, load_suites, render
     wins = json.loads((ROOT / "benchmarks" / "results" / "wins.json").read_text())
     text = (ROOT / "README.md").read_text()
     block = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
     suites = load_suites(ROOT)
-    assert block == render(wins, load_ablation(ROOT), suites, {s: stale_parts(s, ROOT) for s in suites}), \
-        "run `python -m nps_bench.readme_table`"
+    res = ROOT / "benchmarks" / "results"
+    stale = {s: stale_parts(counts(s, res / "steps", res)) for s in suites}
+    assert block == render(wins, load_ablation(ROOT), suites, stale), "run `python -m nps_bench.readme_table`"
     assert "| text | all-MiniLM-L6-v2 |" in block
     # the fusion and compression headline, one row per suite with results (‡: built from stale steps)
     assert re.search(r"\| text( ‡)? \| 0.805 \| NPS-merge \(default\) 0.671 \| 0.671 \*default\* \|", block)

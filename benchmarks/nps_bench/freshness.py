@@ -48,7 +48,15 @@ def counts(suite: str, steps_dir: Path, results_dir: Path) -> Dict[str, Counter]
     return out
 
 
-def render(steps_dir: Path, results_dir: Path, suites=SUITES) -> str:
+def all_counts(steps_dir: Path, results_dir: Path, suites=SUITES) -> Dict[str, Dict[str, Counter]]:
+    """suite -> :func:`counts` (one read of the step files, for the block and the README)."""
+    return {suite: counts(suite, steps_dir, results_dir) for suite in suites}
+
+
+def render(steps_dir: Path, results_dir: Path, suites=SUITES,
+           counted: Optional[Dict[str, Dict[str, Counter]]] = None) -> str:
+    """The block; ``counted``: :func:`all_counts` of these suites when already read."""
+    counted = counted if counted is not None else all_counts(steps_dir, results_dir, suites)
     lines = [START,
              "Freshness (`python -m nps_bench.freshness`, re-written by every benchmark entry point; a "
              "test holds this block to the committed step files): per suite and part of this document, "
@@ -59,7 +67,7 @@ def render(steps_dir: Path, results_dir: Path, suites=SUITES) -> str:
              "are written whole by `make bench` and carry no marks: read their staleness here.", ""]
     rows = []
     for suite in suites:
-        parts = counts(suite, steps_dir, results_dir)
+        parts = counted[suite]
         if not parts:
             rows.append(f"| {suite} | – | no step files (numbers older than the step keys) | |")
         for part in sorted(parts):
@@ -73,28 +81,26 @@ def render(steps_dir: Path, results_dir: Path, suites=SUITES) -> str:
     return "\n".join(lines)
 
 
-def stale_parts(suite: str, root: Optional[Path] = None) -> List[str]:
-    """The parts of ``suite`` that have stale steps, for tables outside BENCHMARKS.md; a shared
-    part every suite runs (Fusion, Compression) with no step files at all is listed as
-    "PART (no step files)"."""
-    from .paths import repo_root
-    root = root or repo_root()
-    res = root / "benchmarks" / "results"
-    got = counts(suite, res / "steps", res)
-    return sorted([p for p, c in got.items() if sum(c.values()) > c["current"]]
-                  + [f"{p} (no step files)" for p in _SHARED if p not in got])
+def stale_parts(parts: Dict[str, Counter]) -> List[str]:
+    """The parts (of one suite's :func:`counts`) that have stale steps, for tables outside
+    BENCHMARKS.md; a shared part every suite runs (Fusion, Compression) with no step files at all
+    is listed as "PART (no step files)"."""
+    return sorted([p for p, c in parts.items() if sum(c.values()) > c["current"]]
+                  + [f"{p} (no step files)" for p in _SHARED if p not in parts])
 
 
-def refresh(md: Optional[Path] = None, root: Optional[Path] = None) -> None:
-    """Re-write the block in ``md`` (BENCHMARKS.md) from the repository's step files."""
+def refresh(md: Optional[Path] = None, root: Optional[Path] = None) -> Dict[str, Dict[str, Counter]]:
+    """Re-write the block in ``md`` (BENCHMARKS.md) from the repository's step files; returns
+    the counts it read (:func:`all_counts`)."""
     from .paths import repo_root
     from .report_common import write_marked
     root = root or repo_root()
     md = Path(md or root / "BENCHMARKS.md")
-    if not md.is_file():
-        return
     res = root / "benchmarks" / "results"
-    write_marked(md, START, END, render(res / "steps", res))
+    counted = all_counts(res / "steps", res)
+    if md.is_file():
+        write_marked(md, START, END, render(res / "steps", res, counted=counted))
+    return counted
 
 
 def main(argv=None) -> int:

@@ -214,17 +214,16 @@ def refresh(root: Optional[Path] = None) -> bool:
     """Re-render the README's block from the committed results files, and BENCHMARKS.md's
     freshness block (:mod:`.freshness`) from the committed step files: what every benchmark entry
     point calls after writing its results; True when the README changed."""
-    from .freshness import refresh as refresh_freshness
+    from .freshness import refresh as refresh_freshness, stale_parts
     from .paths import repo_root
     root = root or repo_root()
-    refresh_freshness(root=root)
+    counted = refresh_freshness(root=root)          # one read of the step files for both
     wins = root / "benchmarks" / "results" / "wins.json"
     if not wins.is_file():
         return False
-    from .freshness import stale_parts
     suites = load_suites(root)
     return update(root / "README.md", json.loads(wins.read_text()), load_ablation(root), suites,
-                  {s: stale_parts(s, root) for s in suites})
+                  {s: stale_parts(counted.get(s, {})) for s in suites})
 
 
 def main(argv=None) -> int:
