@@ -355,6 +355,21 @@ def test_baseline_steps_do_not_depend_on_the_search():
     assert "search" in cv.groups_of("_memory", "prune-dare")
 
 
+
+def test_paper_space_searches_do_not_depend_on_the_hybrid_space():
+    """A change of the hybrid space (the shipped default's) leaves the paper's magnitude-space
+    searches and the baselines current; every other search depends on it."""
+    for step in ("wins-nps-paper-r0.01", "wins-nps-default-magnitude-r0.05",
+                 "wins-nps-default-magnitude-accuracy-r0.02", "prune-nps-focused-r0.05",
+                 "prune-nps-focused-upper2-r0.1", "wins-dare-r0.01", "tau-norm"):
+        assert "hybrid" not in cv.groups_of("digits", step), step
+    for step in ("wins-nps-default-r0.05", "wins-nps-default-128-r0.01", "wins-select-r0.05",
+                 "abl-shipped-r0.02", "nps-default", "wins-nps-race-r0.05", "wins-nps-paper-x-r0.05"):
+        assert "hybrid" in cv.groups_of("digits", step), step
+    for task in ("_fusion", "_merge_aware", "_memory", "_compression"):
+        assert "hybrid" in cv.groups_of(task, "nps-best")
+
+
 def test_bench_status_a_step_is_current_when_any_of_its_files_is(tmp_path, monkeypatch):
     """After a change of code, the old key's file stays beside the new one under the same step
     name; on a fresh clone both have the same mtime: the current one decides, whichever it is."""

@@ -125,10 +125,10 @@ def test_joint_space_round_trips_and_starts_at_the_two_stage_point():
     lin = make_space("magnitude", 2, 0.0, 4.0, "linear", keep_ratio=0.1)
     hyb = make_space("hybrid", 2, 0.25, 8.0, "log", keep_ratio=0.1)
     p_lin = np.array([1.5, 0.5])
-    p_hyb = np.array([2.0, 0.5, 1.0, 0.25, -0.5])        # w = (2, 0.5), g, α, h
+    p_hyb = np.array([2.0, 0.5, 1.0, 0.25, -0.5, 1.5])   # w = (2, 0.5), g, α, h, β
     np.testing.assert_allclose(hyb.to_params(to_search(hyb, p_hyb)), p_hyb, rtol=0, atol=1e-12)
     space = JointSpace([lin, hyb], [p_lin, p_hyb], [1.2, 0.8])
-    assert space.dim == 2 + 5 + 2 and space.bounds().shape == (9, 2)
+    assert space.dim == 2 + 6 + 2 and space.bounds().shape == (10, 2)
     x0 = space.start_points()[0]
     np.testing.assert_array_equal(space.mean0([None]), x0)
     params = space.to_params(x0)

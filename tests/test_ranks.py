@@ -52,7 +52,7 @@ def _points(rng, M, n):
         w = rng.uniform(0, 3, M)
         w[rng.integers(M)] = 0.0 if i % 2 else w[0]              # a zero band / equal weights
         pts.append(np.concatenate([w, [rng.uniform(-1, 2), (0.0, 1.0, rng.uniform(0, 1))[i % 3],
-                                       rng.uniform(-1, 1)]]))
+                                       rng.uniform(-1, 1), (0.0, 2.0)[i % 2]]]))   # β = 0 / 2
     return pts
 
 

@@ -30,11 +30,11 @@ def _space(keep=0.05):
 
 
 class Hybrid(PerRow):
-    """PerRow over the hybrid space's 7 parameters (4 band weights + g, α, h)."""
+    """PerRow over the hybrid space's 8 parameters (4 band weights + g, α, h, β)."""
 
     def values(self, w):
         w = np.asarray(w, dtype=np.float64)
-        target = np.array([1.6, 0.3, 1.2, 0.7, 1.3, 0.2, 0.1])
+        target = np.array([1.6, 0.3, 1.2, 0.7, 1.3, 0.2, 0.1, 0.5])
         import hashlib
         seed = int.from_bytes(hashlib.sha256(w.tobytes()).digest()[:8], "little")
         h = np.random.default_rng(seed).normal(0.0, 1.0, self.rows)

@@ -36,6 +36,8 @@ def test_hybrid_build_equals_its_definition_and_keeps_exactly_k():
                                                        rng.uniform(-1, 1)]])
             got = build_hybrid(v, bands, idx, p, r)
             assert torch.equal(got, hybrid_reference(v, bands, p, r, seed=trial)), (D, trial)
+            # the same point with β = 0 written out: the same candidate
+            assert torch.equal(build_hybrid(v, bands, idx, np.append(p, 0.0), r), got)
             plan = hybrid_plan(v, bands, idx, p, r)
             # exactly k positions: the magnitude part and the random part are disjoint
             kept = plan.mag.clone()
@@ -56,6 +58,69 @@ def test_hybrid_build_equals_its_definition_and_keeps_exactly_k():
             assert torch.equal(out, base + got)
 
 
+def test_rank_weighted_random_part_equals_its_definition_and_keeps_exactly_k():
+    """β > 0: the kept set is the plain definition's exactly (the m smallest E_j / u_j^β among the
+    free entries, ties by flat index), the values τ_j·2^h/π_j to float32 rounding; the count is k."""
+    for D, trial, v, M, r, scheme in _cases():
+        if D > 1000:             # the plain definition counts ranks in O(D²)
+            continue
+        bands = make_bands(v, M, scheme, r)
+        idx = make_hybrid_index(v, seed=trial)
+        rng = np.random.default_rng(100 + trial)
+        for beta in (0.5, 1.0, 2.0, 4.0):
+            p = np.concatenate([rng.uniform(0, 3, M), [rng.uniform(-1, 2), rng.uniform(0, 1),
+                                                       rng.uniform(-1, 1), beta]])
+            got = build_hybrid(v, bands, idx, p, r)
+            ref = hybrid_reference(v, bands, p, r, seed=trial)
+            plan = hybrid_plan(v, bands, idx, p, r)
+            assert torch.equal(got != 0, ref != 0), (D, trial, beta)
+            assert torch.allclose(got, ref, rtol=2e-7, atol=0), (D, trial, beta)
+            assert plan.k_mag + plan.k_rand == keep_count(D, r)
+            if plan.k_rand:
+                assert plan.rand_idx.numel() == plan.k_rand and not bool(plan.mag[plan.rand_idx].any())
+                assert bool((plan.rand_idx[1:] > plan.rand_idx[:-1]).all())
+
+
+def test_rank_weighted_sample_prefers_large_entries_and_is_unbiased():
+    """Over seeds, the rescaled sample's sum estimates the free entries' sum (Horvitz–Thompson);
+    a larger β keeps larger entries; the sample is the same on every call (common random numbers)."""
+    D, r = 2000, 0.05
+    v = torch.rand(D, generator=torch.Generator().manual_seed(0)) + 0.01
+    bands = make_bands(v, 4, "focused", r)
+    p = lambda beta: np.concatenate([np.ones(4), [0.0, 1.0, 0.0, beta]])
+    sums, mean_abs = [], {}
+    for seed in range(300):
+        idx = make_hybrid_index(v, seed=seed)
+        out = build_hybrid(v, bands, idx, p(2.0), r)
+        assert int((out != 0).sum()) == keep_count(D, r)
+        sums.append(float(out.sum()))
+        if seed < 20:
+            assert torch.equal(out, build_hybrid(v, bands, idx, p(2.0), r))
+            for beta in (0.5, 2.0, 4.0):
+                kept = build_hybrid(v, bands, idx, p(beta), r) != 0
+                mean_abs.setdefault(beta, []).append(float(v[kept].mean()))
+    total, se = float(v.sum()), float(np.std(sums) / np.sqrt(len(sums)))
+    assert abs(np.mean(sums) - total) < 4 * se + 1e-3 * total, (np.mean(sums), total, se)
+    assert np.mean(mean_abs[0.5]) < np.mean(mean_abs[2.0]) < np.mean(mean_abs[4.0])
+
+
+def test_the_threshold_selection_is_the_full_sort_on_large_vectors():
+    """select() bounds the threshold from a sample of keys: the same positions and threshold as a
+    full sort by (key, flat index), with ties, taken (+inf) entries and every m."""
+    import math
+    from nps_pruning.core.rank_sample import select
+    gen = torch.Generator().manual_seed(1)
+    D = 300_000
+    key = torch.round(torch.randn(D, generator=gen) * 50) / 50          # many ties
+    key[torch.rand(D, generator=gen) < 0.3] = math.inf
+    n_free = int((key < math.inf).sum())
+    order = np.lexsort((np.arange(D), key.numpy()))
+    for m in (1, 7, 500, 20_000, n_free - 1, n_free):
+        pos, t = select(key, m, n_free, seed=m)
+        assert torch.equal(pos, torch.from_numpy(np.sort(order[:m])).long()), m
+        assert t == (float(key[order[m]]) if m < n_free else -math.inf)
+
+
 def test_candidate_entries_write_the_dense_candidate_in_place_and_restore_exactly():
     """base[idx] + vals at the kept entries, base elsewhere, is the dense candidate (both spaces,
     both kept-value modes, 16-bit τ and base); restoring the k saved values gives base back bit
@@ -74,7 +139,8 @@ def test_candidate_entries_write_the_dense_candidate_in_place_and_restore_exactl
             space = make_space(name, M, 0.0, 4.0, keep_ratio=r)
             p = rng.uniform(0, 3, M)
             if name == "hybrid":
-                p = np.concatenate([p, [rng.uniform(-1, 2), rng.uniform(0, 1), rng.uniform(-1, 1)]])
+                p = np.concatenate([p, [rng.uniform(-1, 2), rng.uniform(0, 1), rng.uniform(-1, 1),
+                                        (0.0, 1.5)[trial % 2]]])
             dense = build_point(space, v, bands, index, p, r, base=base,
                                 out=torch.empty(D, dtype=torch.float32), kept_values=kept_values)
             idx, vals = candidate_entries(space, v, bands, index, p, r, kept_values=kept_values)
@@ -116,6 +182,7 @@ def test_hybrid_index_is_the_dare_permutation_in_int32_and_nothing_else():
         ref = torch.randperm(D, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(idx.perm.long(), ref)
         assert [f for f in vars(idx) if isinstance(getattr(idx, f), torch.Tensor)] == ["perm"]
+        assert idx._rank_keys is None       # the rank-weighted part's keys: on a β > 0 candidate
     # the candidate does not change τ, the bands or the index
     v = torch.round(torch.randn(5000) * 3) / 3
     bands = make_bands(v, 4, "focused", 0.05)
@@ -144,30 +211,36 @@ def test_spaces_bounds_starts_and_errors():
     mag = make_space("magnitude", 4, 0.0, 4.0)
     assert mag.dim == 4 and len(mag.start_points()) == 1
     hyb = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
-    assert isinstance(hyb, HybridSpace) and hyb.dim == 7
+    assert isinstance(hyb, HybridSpace) and hyb.dim == 8
     b = hyb.bounds()
-    assert b.shape == (7, 2) and b[5].tolist() == [0.0, 1.0]
+    assert b.shape == (8, 2) and b[5].tolist() == [0.0, 1.0] and b[7].tolist() == [0.0, 4.0]
     assert b[4, 1] == pytest.approx(np.log2(20))         # g reaches 1/r
     assert hyb.start_labels() == ["magnitude", "dare", "hybrid-0.5", "magnitude-x2",
-                                  "magnitude-x4", "magnitude-x8"]
-    assert [p[4] for p in hyb.start_points()] == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+                                  "magnitude-x4", "magnitude-x8", "rank-power-1", "rank-power-2"]
+    assert [p[4] for p in hyb.start_points()] == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0]
+    assert [p[7] for p in hyb.start_points()] == [0.0] * 6 + [1.0, 2.0]
+    assert [p[5] for p in hyb.start_points()][-2:] == [1.0, 1.0]
     # rescales stay below 1/r: r = 0.2 -> ×2, ×4; r = 0.5 -> none
-    assert make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.2).start_labels()[3:] == ["magnitude-x2",
-                                                                                    "magnitude-x4"]
-    assert make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.5).start_labels()[3:] == []
+    assert make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.2).start_labels()[3:-2] == ["magnitude-x2",
+                                                                                      "magnitude-x4"]
+    assert make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.5).start_labels()[3:-2] == []
     # CMA-ES starts at the best start point
-    assert hyb.mean0([0.5, 0.7, 0.6, 0.1, 0.1, 0.1])[5] == 1.0
-    assert hyb.mean0([0.8, 0.7, None, 0.1, 0.1, 0.1])[5] == 0.0
-    assert hyb.mean0([0.1, 0.1, 0.1, 0.1, 0.9, 0.1])[4] == 2.0
+    assert hyb.mean0([0.5, 0.7, 0.6, 0.1, 0.1, 0.1, 0.2, 0.3])[5] == 1.0
+    assert hyb.mean0([0.8, 0.7, None, 0.1, 0.1, 0.1, 0.2, 0.3])[5] == 0.0
+    assert hyb.mean0([0.1, 0.1, 0.1, 0.1, 0.9, 0.1, 0.2, 0.3])[4] == 2.0
+    assert hyb.mean0([0.1, 0.1, 0.1, 0.1, 0.2, 0.1, 0.2, 0.9])[7] == 2.0
     log = make_space("hybrid", 2, 0.25, 8.0, param="log")
-    assert log.to_params(np.array([1.0, -1.0, 0.5, 0.2, 0.1])).tolist() == [2.0, 0.5, 0.5, 0.2, 0.1]
+    assert log.to_params(np.array([1.0, -1.0, 0.5, 0.2, 0.1, 2.0])).tolist() == [2.0, 0.5, 0.5, 0.2, 0.1,
+                                                                                2.0]
     with pytest.raises(ValueError, match="unknown search space"):
         make_space("nope", 4, 0.0, 4.0)
     v = torch.randn(100)
     bands = make_bands(v, 4, "focused", 0.1)
     idx = make_hybrid_index(v)
-    with pytest.raises(ValueError, match="7 entries"):
+    with pytest.raises(ValueError, match="8 entries"):
         build_hybrid(v, bands, idx, np.ones(4), 0.1)
+    with pytest.raises(ValueError, match="beta"):
+        build_hybrid(v, bands, idx, np.array([1, 1, 1, 1, 0, 1.0, 0.0, -0.5]), 0.1)
     with pytest.raises(ValueError, match="alpha"):
         build_hybrid(v, bands, idx, np.array([1, 1, 1, 1, 0, 1.5, 0.0]), 0.1)
     with pytest.raises(ValueError, match="kept_values"):
@@ -253,8 +326,9 @@ def test_default_prune_hybrid_holdout_and_label_free(tiny_bert, text_csv, tmp_pa
     starts = [c for c in s["candidates"] if c["gen"] == 0]
     assert [c["start"] for c in starts][:6] == ["magnitude", "dare", "hybrid-0.5", "magnitude-x2",
                                                 "magnitude-x4", "magnitude-x8"]
-    assert all(c["start"].startswith("magnitude-x") for c in starts[6:]) and len(starts) <= 10
-    assert all(len(c["weights"]) == 6 for c in s["candidates"])
+    assert [c["start"] for c in starts][6:8] == ["rank-power-1", "rank-power-2"]
+    assert all(c["start"].startswith("magnitude-x") for c in starts[8:]) and len(starts) <= 12
+    assert all(len(c["weights"]) == 7 for c in s["candidates"])
     # held-out re-scoring: start points + the best 5 distinct; the chosen has the best held-out score
     rs = s["rescored"]
     assert len(rs) >= 6 and [r["start"] for r in rs[:3]] == ["magnitude", "dare", "hybrid-0.5"]
@@ -311,14 +385,14 @@ def test_hybrid_refines_the_magnitude_rescale_in_generation_zero():
     hyb = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
     pts = hyb.start_points()
     # best of the grid at ×4 (g = 2): round 0 proposes g = 1.5 and 2.5, round 1 ±0.25 around the best
-    scores = [0.1, 0.2, 0.2, 0.3, 0.5, 0.4]
+    scores = [0.1, 0.2, 0.2, 0.3, 0.5, 0.4, 0.1, 0.1]     # the rank-weighted starts: not on the line
     more, labels = hyb.refine(pts, scores, 0)
     assert [p[4] for p in more] == [1.5, 2.5] and labels == ["magnitude-x2.83", "magnitude-x5.66"]
     assert all(p[:4].tolist() == [1.0] * 4 and p[5] == 0.0 and p[6] == 0.0 for p in more)
     more2, _ = hyb.refine(pts + more, scores + [0.6, 0.45], 1)
     assert [p[4] for p in more2] == [1.25, 1.75]
     # failed points are ignored; nothing already scored or outside the box is proposed
-    assert hyb.refine(pts, [None] * 6, 0) == ([], [])
+    assert hyb.refine(pts, [None] * 8, 0) == ([], [])
     top = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.2)      # g reaches log2(5) = 2.32
     tp = top.start_points()
     more3, _ = top.refine(tp, [0.1, 0.1, 0.1, 0.2, 0.9], 0)
@@ -341,9 +415,9 @@ def test_search_scores_refined_points_and_resumes_them(tmp_path):
     res = run_search(scorer, 2, st, space=hyb, log_path=tmp_path / "log.jsonl", progress=False)
     gen0 = [c for c in res.candidates if c["gen"] == 0]
     gs = [c["weights"][2] for c in gen0]
-    assert gs[:6] == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0] and gs[6:] == [1.5, 2.5, 1.25, 1.75]
-    assert [c["idx"] for c in gen0] == list(range(10))
-    assert gen0[6]["start"] == "magnitude-x2.83"
+    assert gs[:8] == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0] and gs[8:] == [1.5, 2.5, 1.25, 1.75]
+    assert [c["idx"] for c in gen0] == list(range(12))
+    assert gen0[8]["start"] == "magnitude-x2.83"
     n = len(calls)
     res2 = run_search(scorer, 2, st, space=hyb, log_path=tmp_path / "log.jsonl", progress=False,
                       resume=True)
@@ -381,7 +455,7 @@ def test_scorer_with_theta_pre_in_the_model_writes_each_dense_candidate_and_rest
 
 # -- the search follows the best start's family (SearchSettings.subspace) ------------------------
 class _HybridQuad:
-    """score of a hybrid point (w_1..w_4, g, α, h): a quadratic bowl whose top is where the
+    """score of a hybrid point (w_1..w_4, g, α, h, β): a quadratic bowl whose top is where the
     start ``top`` says (``mag``: w = 1.3, g = 0.4, α = 0; ``dare``: α = 1, h = 0.3)."""
 
     def __init__(self, top):
@@ -406,27 +480,28 @@ def _hyb_search(top, subspace, seed=0):
 def test_a_magnitude_start_adds_a_stream_with_the_random_share_held_at_zero():
     hyb = make_space("hybrid", 4, 0.0, 4.0, keep_ratio=0.05)
     pts = hyb.start_points()
-    assert hyb.family_stream(pts[3]).tolist() == [True] * 5 + [False, False]
+    assert hyb.family_stream(pts[3]).tolist() == [True] * 5 + [False] * 3
+    assert hyb.family_stream(pts[6]) is None                            # rank-weighted: one stream
     assert hyb.family_stream(pts[1]) is None                            # DARE: one stream
     assert hyb.family_stream(pts[2]) is None                            # half and half
     assert make_space("magnitude", 4, 0.0, 4.0).family_stream(np.ones(4)) is None
     fam = _hyb_search("mag", "family")
     assert fam.cma_free == [0, 1, 2, 3, 4] and fam.to_dict()["cma_free"] == [0, 1, 2, 3, 4]
     assert fam.settings["subspace"] == "family"
-    # the population of the whole space (4 + floor(3 ln 7) = 9): 5 over the whole space, then 4
-    # on the magnitude line, which hold alpha and h at 0 and move the rest
-    assert all(g["num_candidates"] == 9 for g in fam.generations[1:])
+    # the population of the whole space (4 + floor(3 ln 8) = 10): 5 over the whole space, then 5
+    # on the magnitude line, which hold alpha, h and beta at 0 and move the rest
+    assert all(g["num_candidates"] == 10 for g in fam.generations[1:])
     for gen in range(1, 6):
         cands = [c for c in fam.candidates if c["gen"] == gen]
         line = cands[5:]
-        assert len(line) == 4 and all(c["weights"][5] == 0.0 and c["weights"][6] == 0.0
-                                      for c in line)
-        assert len({tuple(c["weights"][:5]) for c in line}) == 4        # the free ones move
+        assert len(line) == 5 and all(c["weights"][5] == 0.0 and c["weights"][6] == 0.0
+                                      and c["weights"][7] == 0.0 for c in line)
+        assert len({tuple(c["weights"][:5]) for c in line}) == 5        # the free ones move
     assert any(c["weights"][5] > 0 for c in fam.candidates if c["gen"] > 0 and c["idx"] < 5)
-    # "full": one stream of 9 over the whole space (the search before this setting)
+    # "full": one stream of 10 over the whole space (the search before this setting)
     full = _hyb_search("mag", "full")
     assert full.cma_free is None and "subspace" not in full.settings
-    assert all(g["num_candidates"] == 9 for g in full.generations[1:])
+    assert all(g["num_candidates"] == 10 for g in full.generations[1:])
     # same seed, same result
     assert [c["weights"] for c in _hyb_search("mag", "family").candidates] == \
         [c["weights"] for c in fam.candidates]

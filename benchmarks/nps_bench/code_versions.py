@@ -40,8 +40,13 @@ GROUPS: Dict[str, List[str]] = {
     "prune": ["src/nps_pruning/task_vector.py", "src/nps_pruning/checkpoints/pair.py",
               "src/nps_pruning/core/mask.py", "src/nps_pruning/core/sparsify.py",
               "src/nps_pruning/core/bands.py", "src/nps_pruning/core/space.py",
+              "src/nps_pruning/core/magnitude_space.py",
               "src/nps_pruning/core/entries.py", "src/nps_pruning/core/__init__.py",
               "src/nps_pruning/core/prepared.py", "src/nps_pruning/core/ranks.py"],
+    # the hybrid space (the shipped default's): its candidates and its start points. Steps that
+    # search only the paper's magnitude space (:data:`MAGNITUDE_STEP`) do not depend on it
+    "hybrid": ["src/nps_pruning/core/hybrid.py", "src/nps_pruning/core/rank_sample.py",
+               "src/nps_pruning/core/hybrid_space.py"],
     # the CMA-ES search, its settings and the prune command's search path
     "search": ["src/nps_pruning/search/*.py", "src/nps_pruning/apps/prune.py",
                "src/nps_pruning/apps/holdout.py", "src/nps_pruning/apps/settings.py",
@@ -65,16 +70,24 @@ BASELINE_STEP = re.compile(r"^(wins-(magnitude|magnitude-rescaled|dare|della)|"
                            r"prune-(magnitude|dare|random|della))-r[0-9.e-]+$")
 
 
+# a task's searches of the paper's magnitude space only (the paper's NPS, the default search
+# with ``--space magnitude``, the pruning section's focused / uniform bands): no hybrid candidate
+MAGNITUDE_STEP = re.compile(r"^(wins-nps-(paper|default-magnitude|default-magnitude-accuracy)|"
+                            r"prune-nps-[a-z0-9-]+)-r[0-9.e-]+$")
+
+
 def groups_of(task: str, step: str) -> List[str]:
     """The groups a step depends on (``task``: a task name, or ``_fusion`` / ``_compression`` /
     ``_merge_aware`` for a suite's shared steps)."""
     if step in ("finetuned", "wins-finetuned", "tau-norm") or BASELINE_STEP.match(step):
         return ["eval", "prune", "bench"]     # no search runs in them
     if task in ("_fusion", "_merge_aware", "_memory"):     # _memory: prune and merge commands
-        return ["eval", "prune", "search", "merge", "bench"]
+        return ["eval", "prune", "hybrid", "search", "merge", "bench"]
     if task == "_compression":
-        return ["eval", "prune", "search", "store", "bench"]
-    return ["eval", "prune", "search", "bench"]
+        return ["eval", "prune", "hybrid", "search", "store", "bench"]
+    if MAGNITUDE_STEP.match(step):
+        return ["eval", "prune", "search", "bench"]
+    return ["eval", "prune", "hybrid", "search", "bench"]
 
 
 def _files(group: str, root: Path) -> List[Path]:

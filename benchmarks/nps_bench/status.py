@@ -45,7 +45,8 @@ def _code_whys(rec: dict, task: str, suite: Optional[str]) -> List[str]:
     code computes: bumped code groups, and a shipped default's changed settings."""
     want = code_key(task, rec.get("_step", "?"), suite)
     have = rec.get("_code") or {}
-    why = [f"{g} v{have.get(g, '?')} -> v{v}" for g, v in want.items() if have.get(g) != v]
+    why = [f"{g} v{have[g]} -> v{v}" if g in have else f"{g} v{v}, a group its key predates"
+           for g, v in want.items() if have.get(g) != v]
     return why + [w for w in (shipped_changed(rec.get("_params")),) if w]
 
 

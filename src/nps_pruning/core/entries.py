@@ -16,7 +16,7 @@ import torch
 
 from .mask import KEPT_VALUES, _check_values, _plan, _weights32, candidate_mask, keep_count
 from .ranks import rank_prefixes
-from .space import _code_table, _hybrid_code, hybrid_plan
+from .hybrid import _code_table, _hybrid_code, hybrid_plan
 
 
 def candidate_entries(space, values, bands, index, params, keep_ratio, *, kept_values="weighted",
@@ -49,6 +49,14 @@ def candidate_entries(space, values, bands, index, params, keep_ratio, *, kept_v
         raise ValueError(f"task vector has {D} entries, bands / index were made for "
                          f"{bands.num_entries} / {index.num_entries}")
     plan = hybrid_plan(values, bands, index, params, keep_ratio, ranks=ranks)
+    if plan.rand_idx is not None:     # β > 0: the magnitude part coded, the random part as sampled
+        mag_idx = (_ascending(plan.mag_pos) if plan.mag_pos is not None
+                   else torch.nonzero(plan.mag).squeeze(1))
+        key = bands.band_of[mag_idx].long().add_(M)
+        mag_vals = values[mag_idx].float() * _code_table(plan, M, values.device)[key]
+        pos = torch.cat([mag_idx, plan.rand_idx])
+        order = torch.sort(pos).indices
+        return pos[order], torch.cat([mag_vals, plan.rand_vals])[order]
     if ranks is not None:        # the kept positions gathered, then the code only there
         rand = index.perm[:plan.last_pos + 1]
         idx = _ascending(torch.cat([plan.mag_pos, rand[~plan.mag[rand]]]))   # + the first k_rand free
