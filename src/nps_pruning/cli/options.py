@@ -79,7 +79,7 @@ class SearchOptions:
                            choices=("weighted", "original"))
     space: str = opt(_SEARCH.space, "NPS search space: 'magnitude' is the paper's (band weights over a "
                                "magnitude top-k); 'hybrid' adds a global rescale and a random share "
-                               "that reaches DARE, so both baselines are points of it",
+                               "(uniform or rank-weighted) that reaches DARE: both baselines are in it",
                      choices=spaces)
     subspace: str = opt(_SEARCH.subspace, "which coordinates CMA-ES moves after the start "
                                           "points: 'family' holds the hybrid's random share at "
