@@ -146,7 +146,8 @@ def hybrid_plan(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
     last_pos, rand_scale, rand_idx, rand_vals = -1, 0.0, None, None
     if k_rand > 0 and beta > 0.0:
         log_e, log_u = index.rank_keys(values)
-        rand_idx, rand_vals = rank_sample(values, log_e, log_u, mag, k_rand, beta, h, index.seed)
+        rand_idx, rand_vals = rank_sample(values, log_e, log_u, mag, k_rand, beta, h, index.seed,
+                                           n_taken=k_mag)
     elif k_rand > 0:
         last_pos = _scan_free(mag, index.perm, k_rand)
         rand_scale = float(np.float32((2.0 ** h) * (D - k_mag) / k_rand))

@@ -26,7 +26,6 @@ from typing import Tuple
 
 import torch
 
-CHUNK = 1 << 20
 SAMPLE = 1 << 16          # keys sampled to bound the threshold before the exact selection
 
 
@@ -84,13 +83,15 @@ def select(key: torch.Tensor, m: int, n_free: int, seed: int = 0) -> Tuple[torch
 
 
 def rank_sample(values: torch.Tensor, log_e: torch.Tensor, log_u: torch.Tensor, taken: torch.Tensor,
-                m: int, beta: float, h: float, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                m: int, beta: float, h: float, seed: int = 0, *,
+                n_taken: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(idx int64 ascending, vals float32): the m kept free entries of the module docstring and
-    τ_j · 2^h / π_j (computed in float64, rounded once). ``taken``: bool (D,), the magnitude part."""
+    τ_j · 2^h / π_j (computed in float64, rounded once). ``taken``: bool (D,), the magnitude part,
+    holding ``n_taken`` entries (the caller's count: no pass over it here)."""
     if m <= 0:
         return torch.zeros(0, dtype=torch.int64, device=values.device), torch.zeros(
             0, dtype=torch.float32, device=values.device)
-    n_free = values.numel() - int(taken.sum())
+    n_free = values.numel() - int(n_taken)
     key = _keys(log_e, log_u, beta, taken)
     idx, t = select(key, m, n_free, seed)
     del key
