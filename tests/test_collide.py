@@ -143,3 +143,13 @@ def test_joint_space_round_trips_and_starts_at_the_two_stage_point():
     assert space.describe(params)["lambdas"] == pytest.approx([1.2, 0.8])
     with pytest.raises(ValueError, match="one space"):
         JointSpace([lin], [p_lin, p_hyb], [1.0])
+
+
+def test_joint_space_reads_an_old_hybrid_point_without_beta_as_beta_zero():
+    hyb = make_space("hybrid", 2, 0.25, 8.0, "log", keep_ratio=0.1)
+    old = np.array([2.0, 0.5, 1.0, 0.25, -0.5])              # M + 3 entries: a report before β
+    space = JointSpace([hyb], [old], [1.0])
+    (b,), _ = space.unpack(space.to_params(space.start_points()[0]))
+    np.testing.assert_allclose(b, [2.0, 0.5, 1.0, 0.25, -0.5, 0.0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="hybrid point has"):
+        JointSpace([hyb], [old[:4]], [1.0])

@@ -38,6 +38,11 @@ class HybridSpace(MagnitudeSpace):
         head = np.exp2(x[:M]) if self.param == "log" else x[:M].copy()
         return np.concatenate([head, x[M:]])
 
+    def canonical(self, params) -> np.ndarray:
+        """A point in parameter units with all M + 4 entries (an old report's M + 3: β = 0)."""
+        w, g, a, h, b = split_params(params, self.num_bands)
+        return np.concatenate([w, [g, a, h, b]])
+
     def _rescales(self) -> List[int]:
         """The magnitude rescales tried at generation 0: ×2, ×4, ×8 while below 1/r."""
         g_hi = self._extra_bounds()[0, 1]

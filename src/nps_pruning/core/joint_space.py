@@ -9,8 +9,9 @@ import numpy as np
 
 
 def to_search(space, params) -> np.ndarray:
-    """The inverse of ``space.to_params``: a point in parameter units → search coordinates."""
-    p = np.asarray(params, dtype=np.float64)
+    """The inverse of ``space.to_params``: a point in parameter units → search coordinates (a
+    space with ``canonical`` completes a short point first: a hybrid point of M + 3 has β = 0)."""
+    p = np.asarray(space.canonical(params) if hasattr(space, "canonical") else params, dtype=np.float64)
     if space.param != "log":
         return p.copy()
     M = space.num_bands

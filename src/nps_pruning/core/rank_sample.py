@@ -64,16 +64,16 @@ def select(key: torch.Tensor, m: int, n_free: int, seed: int = 0) -> Tuple[torch
     D = key.numel()
     if m >= n_free:
         return torch.nonzero(key < math.inf).squeeze(1), -math.inf
-    bound = math.inf
+    bound = float(torch.finfo(key.dtype).max)  # keys ≤ bound: the free ones, or those a sample bounds
     if D > 4 * SAMPLE:
         pick = torch.randint(0, D, (SAMPLE,), generator=torch.Generator().manual_seed(int(seed)))
         sk = key[pick.to(key.device)]
-        q = min(1.0, 1.3 * (m + 1) / n_free + 8.0 / math.sqrt(SAMPLE))
-        if q < 1.0:
-            bound = float(torch.quantile(sk[sk < math.inf].double(), q)) if bool((sk < math.inf).any()) \
-                else math.inf
-    cand = torch.nonzero(key <= bound).squeeze(1) if bound < math.inf else torch.nonzero(key < math.inf).squeeze(1)
-    if cand.numel() < m + 1:
+        sk = sk[sk < math.inf]
+        q = 1.3 * (m + 1) / n_free + 8.0 / math.sqrt(SAMPLE)
+        if q < 1.0 and sk.numel():
+            bound = float(torch.quantile(sk.double(), q))
+    cand = torch.nonzero(key <= bound).squeeze(1)
+    if cand.numel() < m + 1:                  # the sample's bound held too few: every free key
         cand = torch.nonzero(key < math.inf).squeeze(1)
     ck = key[cand]
     order = torch.sort(ck, stable=True).indices        # cand ascending: ties by flat index
