@@ -109,7 +109,8 @@ class BenchConfig:
     # the λ-grid merges of the fusion table (besides average, NPS-merge and the pre-trained model)
     fusion_methods: Tuple[str, ...] = ("task-arithmetic", "ties", "dare-ties", "della", "tsv-m", "iso-c")
     # compression: the value codings' stores (exp_codings) of DARE and the default NPS at these r
-    coding_keeps: Tuple[float, ...] = (0.02, 0.05, 0.1)
+    # (0.005 and 0.01: where a store can be below 0.1 bit an entry, issue 35's store target)
+    coding_keeps: Tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     # transfer (text suite only)
     transfer_tasks: Tuple[str, ...] = ("rt-sentiment", "tweet-sentiment")
     # the tasks whose pruning job also measures the peak memory of an `nps prune` process
