@@ -667,6 +667,27 @@ def test_restore_fp16_values(fam, stores, tmp_path):
         assert not all(torch.equal(got[k], read_sd(stores / "pruned" / t.name)[k]) for k, _ in pairs)
 
 
+def test_compress_seeded_mask_codes_dare_in_its_own_order(fam, tmp_path):
+    """`nps compress --method dare --mask seeded`: the mask is coded in DARE's permutation (its
+    chunk counts only), and restore gives what `nps prune --method dare` writes, bit for bit."""
+    common = ["--method", "dare", "--keep", "0.1", "--seed", "5", "--quiet"]
+    store = tmp_path / "seeded"
+    assert run(["compress", fam["base"], *fam["tasks"], "-o", store, "--mask", "seeded", *common]) == 0
+    plain = tmp_path / "entropy"
+    assert run(["compress", fam["base"], *fam["tasks"], "-o", plain, "--mask", "entropy", *common]) == 0
+    manifest = json.loads((store / "manifest.json").read_text())
+    for i, t in enumerate(fam["tasks"]):
+        entry = manifest["tasks"][i]
+        assert entry["mask_order"] == "permutation" and entry["mask_seed"] == 5
+        other = json.loads((plain / "manifest.json").read_text())["tasks"][i]
+        assert entry["parts"]["mask"]["bytes"] < other["parts"]["mask"]["bytes"]
+        assert entry["mask_sha256"] == other["mask_sha256"]
+        out, pruned = tmp_path / ("r-" + t.name), tmp_path / ("p-" + t.name)
+        assert run(["restore", store, t.name, "-o", out]) == 0
+        assert run(["prune", fam["base"], t, "-o", pruned, *common]) == 0
+        assert_equal_tensors(read_sd(out), read_sd(pruned))
+
+
 def test_compress_q3_values_restore_what_the_store_describes(fam, tmp_path, capsys):
     """`nps compress --values q3 --mask entropy`: restore = θ_pre + the 3-bit codebook's τ̂, and
     `nps info` counts its values at under 3 bits per kept entry plus the codebooks."""

@@ -151,6 +151,12 @@ def test_bench_quick_vision(tmp_path):
     bits = [codings[("DARE", c)]["bits_per_entry"] for c in ("fp16", "q4", "q3", "q2")]
     assert bits == sorted(bits, reverse=True) and bits[-1] < 0.5, bits
     assert any(m.startswith("TALL-masks") for m, _ in codings) and any(m.startswith("BitDelta") for m, _ in codings)
+    # the seeded mask coding: DARE's mask read in its own permutation is one run (a few bytes)
+    dare = codings[("DARE", "q2")]
+    assert set(dare["mask_orders"]) == {"permutation"}, dare["mask_orders"]
+    assert dare["seeded_mask_bits_per_entry"] < 0.1 * dare["mask_bits_per_entry"], dare
+    assert dare["seeded_bits_per_entry"] == pytest.approx(dare["seeded_mask_bits_per_entry"]
+                                                          + dare["values_bits_per_entry"])
     assert all(0.0 <= r["normalized_mean"] <= 1.5 for r in codings.values())
     assert (out / "figures" / "codings_vision.png").stat().st_size > 1000 and "figures/codings_vision.png" in md
     tau = results["fusion"]["tau"]

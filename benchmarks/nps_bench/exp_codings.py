@@ -73,6 +73,30 @@ def _store_scores(ctxs, pruned: List, coding: str) -> dict:
             "total_bytes": info["total_bytes"]}
 
 
+def _seeded_mask_bits(ctxs, pruned: List, seeds: List[int], domains: List) -> dict:
+    """The mask cost of ``pruned`` under the store's ``seeded`` mask coding (each task's pruner
+    seed and domain): a real store (fp32 values) is written, every task's τ̂ read back and checked
+    bit for bit against ``pruned``, and the mask bits per entry taken from the written files. The
+    mask is the same whatever the value coding, so this one store prices every coding's mask."""
+    import torch
+    from nps_pruning.store import StoreTask, read_store, store_info, write_store
+    s0 = ctxs[0].session
+    with tempfile.TemporaryDirectory(prefix="nps-bench-seeded-") as tmp:
+        store = Path(tmp) / "store"
+        tasks = [StoreTask(c.task["name"], pruned[i].float(), mask_seed=int(seeds[i]), mask_domain=domains[i])
+                 for i, c in enumerate(ctxs)]
+        write_store(store, s0.base_flat, s0.task_vector.layout, tasks, values_dtype="fp32",
+                    mask_coding="seeded", embed_pretrained=False, base_names=s0.task_vector.base_names)
+        opened = read_store(store)
+        for i, c in enumerate(ctxs):
+            if not torch.equal(opened.task_vector(c.task["name"]), pruned[i].float()):
+                raise AssertionError(f"{c.task['name']}: the seeded store does not read back τ̂")
+        per = store_info(store)["tasks"]
+        orders = [opened.entry(c.task["name"])["mask_order"] for c in ctxs]
+    return {"mask_bits_per_entry": float(np.mean([t["mask_bits_per_entry"] for t in per])),
+            "mask_bits_per_task": [float(t["mask_bits_per_entry"]) for t in per], "orders": orders}
+
+
 def _tall_masks(ctxs, fusion: dict, cfg, taus) -> dict:
     """TALL-masks on TIES: m_t = |τ_t| ≥ λ_t·|τ_MTL − τ_t| with τ_MTL the suite's TIES merge (at its
     chosen λ); task t is θ_pre + m_t ⊙ τ_MTL; λ_t from TALL_LAMBDAS on t's calibration rows. Storage:
@@ -134,6 +158,12 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
         wr = default_rows(keep)
         if wr is not None:
             sources["NPS (default)"] = lambda keep=keep, wr=wr: [default_pruned(c, r, keep) for c, r in zip(ctxs, wr)]
+        seeded_of = {"DARE": lambda keep=keep: ([cfg.seed] * len(ctxs), [c.session.domain.spans for c in ctxs])}
+        if wr is not None:
+            def default_seeds(keep=keep, wr=wr):
+                pts = [default_point(c, r, keep).prepared for c, r in zip(ctxs, wr)]
+                return [p.index.seed for p in pts], [p.domain.spans for p in pts]
+            seeded_of["NPS (default)"] = default_seeds
         for method, make in sources.items():
             state = {}
 
@@ -142,6 +172,13 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
                     state["v"] = make()
                 return state["v"]
             src = {"seed": cfg.seed} if method == "DARE" else {"points": [r["params"] for r in wr]}
+
+            def seeded_step(method=method, pruned=pruned):
+                seeds, domains = seeded_of[method]()
+                return _seeded_mask_bits(ctxs, pruned(), seeds, domains)
+            seeded = cache.step(suite, "_compression", f"mask-seeded-{method.split()[0].lower()}-r{keep:g}",
+                                {**base_params, "method": method, "keep": keep, **src, "mask": "seeded"},
+                                seeded_step, log)
             for coding in CODINGS:
                 res = cache.step(suite, "_compression", f"coding-{method.split()[0].lower()}-{coding}-r{keep:g}",
                                  {**base_params, "method": method, "coding": coding, "keep": keep, **src,
@@ -149,6 +186,8 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
                                  lambda pruned=pruned, coding=coding: _store_scores(ctxs, pruned(), coding), log)
                 extra = ({"search_test_mean": float(np.mean([r["test"] for r in wr]))}
                          if method != "DARE" else {})      # what the search itself measured
+                extra.update(seeded_mask_bits_per_entry=seeded["mask_bits_per_entry"], mask_orders=seeded["orders"],
+                             seeded_bits_per_entry=seeded["mask_bits_per_entry"] + res["values_bits_per_entry"])
                 add(method, coding, keep, {**{k: v for k, v in res.items() if not k.startswith("_")}, **extra})
     dense = cache.step(suite, "_compression", "coding-bitdelta", {**base_params, "coding": "sign"},
                        lambda: _store_scores(ctxs, [c.session.task_vector.values for c in ctxs], "sign"), log)

@@ -230,7 +230,7 @@ class CompressOptions(SearchOptions):
     values: str = opt("fp32", "coding of the stored values: fp32|fp16|bf16, a k-bit codebook per tensor "
                       "(q2|q3|q4|q8), sign + one scale per tensor (sign), or sign + 4 magnitude levels "
                       "(sign-q2)", choices=value_dtypes)
-    mask: str = opt("packed", "mask coding: 1-bit packed or entropy-coded", choices=mask_codings)
+    mask: str = opt("packed", "mask coding: 1-bit packed, entropy-coded, or seeded", choices=mask_codings)
     tune_levels: int = opt(0, "quantized --values: CMA-ES generations tuning one factor per level "
                               "index on each task's --eval data (0: the least-squares levels)", lo=0)
     reference_pretrained: bool = opt(False, "store a reference (path + checksum) to the pre-trained "

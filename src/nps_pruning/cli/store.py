@@ -70,7 +70,8 @@ def run_compress(opts) -> Dict[str, Any]:
         ckpt = open_checkpoint(ft)
         tasks.append(StoreTask(name, outcome.pruned.cpu(), dict(tv.task_specific), dict(tv.buffers),
                                side_files(ckpt.folder) if ckpt.folder else {},
-                               {"method": opts.method, "source": str(ft)}, level_scale=level_scale))
+                               {"method": opts.method, "source": str(ft)}, level_scale=level_scale,
+                               mask_seed=prune_settings(opts).seed, mask_domain=session.domain.spans))
         del session
     write_store(opts.output, base_flat, layout, tasks, values_dtype=opts.values,
                            mask_coding=opts.mask, embed_pretrained=not opts.reference_pretrained,

@@ -30,6 +30,7 @@ from .mask import _pass as _mask_pass
 from .mask import _plan as _mask_plan
 from .mask import _weights32, keep_count, reference_mask
 from .rank_sample import log_exponentials, log_ranks, rank_sample, rank_sample_reference
+from .sparsify import random_order
 from .ranks import rank_prefixes
 
 CHUNK = 1 << 20
@@ -60,10 +61,6 @@ class HybridIndex:
         return self._rank_keys
 
 
-def _index_dtype(D: int) -> torch.dtype:
-    return torch.int32 if D < 2 ** 31 - 1 else torch.int64
-
-
 def make_hybrid_index(values: torch.Tensor, seed: int = 0) -> HybridIndex:
     """The hybrid space's index for τ = ``values`` (1-D) and the random order of ``seed``.
     Memory: the permutation itself (4 bytes per entry), drawn directly in int32 (the same
@@ -74,9 +71,7 @@ def make_hybrid_index(values: torch.Tensor, seed: int = 0) -> HybridIndex:
     for s in range(0, D, CHUNK):
         if not bool(torch.isfinite(values[s:s + CHUNK]).all()):
             raise ValueError("task vector has non-finite (NaN or inf) entries")
-    perm = torch.randperm(D, generator=torch.Generator().manual_seed(int(seed)),
-                          dtype=_index_dtype(D))
-    return HybridIndex(perm.to(values.device), int(seed))
+    return HybridIndex(random_order(D, seed).to(values.device), int(seed))
 
 
 # -- the hybrid candidate -------------------------------------------------------------------------

@@ -34,9 +34,21 @@ def _e_seed(seed: int) -> int:
     return int(seed) + (1 << 32)
 
 
+def _uniforms(D: int, seed: int) -> torch.Tensor:
+    """U_j − 2^−25 (float32, (D,)): torch.rand on the CPU from the exponentials' stream."""
+    return torch.rand(D, generator=torch.Generator().manual_seed(_e_seed(seed)))
+
+
+def exponential_order(D: int, seed: int) -> torch.Tensor:
+    """0 .. D − 1 by E_j ascending (U_j descending, ties by index): the order in which a
+    rank-weighted sample of ``seed`` keeps its entries most densely (the store's ``seeded`` mask
+    coding; the uniforms are sorted, not their logarithms, so the order is exact on any CPU)."""
+    return torch.sort(_uniforms(D, seed), descending=True, stable=True).indices
+
+
 def log_exponentials(D: int, seed: int) -> torch.Tensor:
     """log E_j (float32, (D,)): E_j = −log U_j, U_j = torch.rand (CPU, seeded) + 2^−25 ∈ (0, 1)."""
-    u = torch.rand(D, generator=torch.Generator().manual_seed(_e_seed(seed)))
+    u = _uniforms(D, seed)
     u.add_(2.0 ** -25)
     return u.log_().neg_().log_()
 
@@ -127,4 +139,4 @@ def rank_sample_reference(values: torch.Tensor, taken: torch.Tensor, m: int, bet
     return out
 
 
-__all__ = ["log_exponentials", "log_ranks", "rank_sample", "rank_sample_reference", "select"]
+__all__ = ["exponential_order", "log_exponentials", "log_ranks", "rank_sample", "rank_sample_reference", "select"]

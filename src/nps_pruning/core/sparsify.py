@@ -29,13 +29,19 @@ def _flat(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1)
 
 
-def _random_positions(num_entries: int, k: int, seed: int, device) -> torch.Tensor:
-    """The first k of the seeded random permutation of 0 .. num_entries − 1, drawn in int32 where
-    it fits (the same permutation as int64 ``randperm``, at half its memory: for an LLM's D the
-    permutation is the largest thing a DARE prune holds), the rest of it freed."""
+def random_order(num_entries: int, seed: int) -> torch.Tensor:
+    """The seeded random permutation of 0 .. num_entries − 1 that DARE keeps a prefix of (and the
+    hybrid space's random part, and the store's ``seeded`` mask coding), on the CPU, drawn in
+    int32 where it fits (the same permutation as int64 ``randperm``, at half its memory)."""
     gen = torch.Generator().manual_seed(int(seed))
     dtype = torch.int32 if num_entries < 2 ** 31 - 1 else torch.int64
-    return torch.randperm(num_entries, generator=gen, dtype=dtype)[:k].clone().to(device)
+    return torch.randperm(num_entries, generator=gen, dtype=dtype)
+
+
+def _random_positions(num_entries: int, k: int, seed: int, device) -> torch.Tensor:
+    """The first k of :func:`random_order` (for an LLM's D the permutation is the largest thing a
+    DARE prune holds: the rest of it is freed)."""
+    return random_order(num_entries, seed)[:k].clone().to(device)
 
 
 @register_pruner("magnitude")
@@ -83,5 +89,5 @@ def random_prune(values: torch.Tensor, keep_ratio: float, *, seed: int = 0) -> t
     return out.reshape(values.shape)
 
 
-__all__ = ["PRUNERS", "register_pruner", "magnitude_prune", "ties_trim", "dare_prune",
+__all__ = ["PRUNERS", "register_pruner", "random_order", "magnitude_prune", "ties_trim", "dare_prune",
            "random_prune"]

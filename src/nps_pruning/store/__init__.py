@@ -29,6 +29,11 @@ is stored (32 bits) and its bits are range-coded (``constriction``) under a Bern
 that chunk's keep frequency. At r = 0.05 this costs about H(0.05) ≈ 0.29 bits per entry, less
 where the kept entries cluster (some layers keep far more than others), against 1 bit packed.
 
+**Seeded mask.** ``mask_coding="seeded"`` reads the mask in the order of the pruner's own seeded
+draw (a :class:`StoreTask`'s ``mask_seed`` and ``mask_domain``), codes its leading run of kept
+entries as one count and range-codes the rest; the order (DARE's permutation, the rank-weighted
+sample's exponentials, or flat) is the one that codes smallest. A DARE mask costs a few bytes.
+
 **Where the code is.** This module is the store's public face; every name below is importable
 from here. :mod:`.types` holds what writer and reader share (format constants, StoreTask,
 RestoredTask, checksums), :mod:`.write` writes a store, :mod:`.read` opens, verifies

@@ -17,6 +17,7 @@ from ..checkpoints.save import MARKER, is_weight_file
 from ..dtypes import FLOAT_NAMES
 from ..errors import NPSError
 from ..paths import safe_relpath
+from .mask_coding import MASK_ORDERS
 from .value_coding import FLOAT_CODINGS
 
 PART_KINDS = ("mask", "values", "task_specific", "buffers")
@@ -117,8 +118,10 @@ def _task(store: Path, entry, i: int, where: str, num: int, value_dtypes, coding
         _malformed(where, f"{field}.parts must hold exactly {', '.join(PART_KINDS)}")
     for kind in PART_KINDS:
         check_part(store, parts[kind], f"{field}.parts.{kind}", where)
+    if entry["mask_coding"] == "seeded":
+        _seeded(entry, field, where, num)
     mask_bytes = parts["mask"]["bytes"]
-    need = (num + 7) // 8 if entry["mask_coding"] == "packed" else 4 * -(-num // 2**16)
+    need = {"packed": (num + 7) // 8, "entropy": 4 * -(-num // 2**16)}.get(entry["mask_coding"], 8)
     if mask_bytes < need:          # also bounds what a mask may make us allocate
         _malformed(where, f"{field}.parts.mask is {mask_bytes} bytes, too small for {num} entries")
     side = _want(entry["side_files"], dict, f"{field}.side_files", where)
@@ -127,6 +130,23 @@ def _task(store: Path, entry, i: int, where: str, num: int, value_dtypes, coding
         check_part(store, part, f"{field}.side_files[{fname!r}]", where)
     if "task_specific_entries" in entry:
         _int(entry["task_specific_entries"], f"{field}.task_specific_entries", where)
+
+
+def _seeded(entry: dict, field: str, where: str, num: int) -> None:
+    """The seeded mask coding's fields: an order, and for a seeded order its seed and domain."""
+    if entry.get("mask_order") not in MASK_ORDERS:
+        _malformed(where, f"{field}.mask_order must be one of {', '.join(MASK_ORDERS)}")
+    if entry["mask_order"] == "flat":
+        return
+    _int(entry.get("mask_seed"), f"{field}.mask_seed", where)
+    spans = _want(entry.get("mask_domain"), list, f"{field}.mask_domain", where)
+    end = 0
+    for span in spans:
+        if (not isinstance(span, list) or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                or not end <= span[0] < span[1] <= num):
+            _malformed(where, f"{field}.mask_domain must be ascending disjoint [start, stop] spans inside 0..{num}")
+        end = span[1]
 
 
 def check_manifest(store: Path, manifest: Any, where: str, *, value_dtypes, codings) -> None:

@@ -19,7 +19,7 @@ from ..errors import NPSError
 from ..paths import safe_relpath
 from ..task_vector import Layout
 from .manifest import MAX_MANIFEST_BYTES, all_parts, check_manifest
-from .mask_coding import MASK_CODINGS, decode_mask
+from .mask_coding import MASK_CODINGS, decode_mask, decode_seeded
 from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, RestoredTask,
                     _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
 from .value_coding import decode_values, group_sizes_of, is_float_coding
@@ -113,12 +113,18 @@ class Store:
         mask_part, values_part = entry["parts"]["mask"], entry["parts"]["values"]
         arrays = self._load(mask_part, owner, numpy_arrays=True)
         try:
-            mask_array = decode_mask(arrays, entry["mask_coding"], self.num_entries)
+            if entry["mask_coding"] == "seeded":
+                mask_array = decode_seeded(arrays, self.num_entries, entry["mask_order"], entry.get("mask_seed"),
+                                           entry.get("mask_domain") or [(0, self.num_entries)])
+            else:
+                mask_array = decode_mask(arrays, entry["mask_coding"], self.num_entries)
         except (KeyError, ValueError) as err:
             raise NPSError(f"{self.path / mask_part['file']}: bad mask ({owner}): {err}") from None
         if entry.get("mask_sha256") != _mask_sha256(mask_array):   # end to end, decoder included
+            drawn = (f"; its {entry['mask_order']} order was drawn by {entry.get('mask_drawn_by', '?')}, "
+                     f"this is torch {torch.__version__}" if entry.get("mask_order", "flat") != "flat" else "")
             raise NPSError(f"{self.path / mask_part['file']}: the mask does not decode to the "
-                           f"recorded one ({owner})")
+                           f"recorded one ({owner}{drawn})")
         mask = torch.from_numpy(mask_array)
         if is_float_coding(entry["value_dtype"]):
             values = self._load(values_part, owner).get("values")
@@ -202,6 +208,7 @@ class Store:
             tasks.append({
                 "name": name, "kept": entry["kept"], "keep_ratio": entry["keep_ratio"],
                 "value_dtype": entry["value_dtype"], "mask_coding": entry["mask_coding"],
+                "mask_order": entry.get("mask_order"),
                 "mask_bytes": mask_bytes, "values_bytes": values_bytes, "bytes": task_bytes,
                 "mask_bits_per_entry": 8 * mask_bytes / num,
                 "values_bits_per_entry": 8 * values_bytes / num,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,10 @@ class StoreTask:
     side_files: Dict[str, bytes] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     level_scale: Optional[Sequence[float]] = None     # quantized codings: tuned level factors
+    # the ``seeded`` mask coding: the pruner's seed and domain (the (start, stop) spans of the
+    # entries it could keep; None: all of them). Without a seed the mask is coded flat.
+    mask_seed: Optional[int] = None
+    mask_domain: Optional[Sequence[Tuple[int, int]]] = None
 
 
 class RestoredTask(NamedTuple):

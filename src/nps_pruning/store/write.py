@@ -20,7 +20,7 @@ from ..paths import safe_relpath
 from ..task_vector import Layout
 from ..workdirs import unmark
 from .manifest import side_file_reserved
-from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask
+from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask, encode_seeded
 from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, StoreTask,
                     _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
 from .value_coding import encode_values, group_sizes_of, is_float_coding, levels_of
@@ -84,6 +84,7 @@ def _validate(base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask],
                                                                 for x in scale):
                 raise NPSError(f"task {task.name!r}: {values_dtype} needs {levels_of(values_dtype)} "
                                "finite positive level factors")
+        _check_seeded(task, num)
         _check_tensor_dict(task.name, "task-specific tensors", task.task_specific)
         _check_tensor_dict(task.name, "buffers", task.buffers)
         for fname, data in task.side_files.items():
@@ -97,6 +98,24 @@ def _validate(base_flat: torch.Tensor, layout: Layout, tasks: List[StoreTask],
             json.dumps(task.meta)
         except (TypeError, ValueError) as err:
             raise NPSError(f"task {task.name!r}: meta is not JSON-serialisable ({err})") from None
+
+
+def _check_seeded(task: StoreTask, num: int) -> None:
+    """The seeded mask coding's inputs: a seed in [0, 2^63) and domain spans ascending, disjoint,
+    inside 0 .. num."""
+    seed = task.mask_seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise NPSError(f"task {task.name!r}: mask seed must be an integer in [0, 2^63), got {seed!r}")
+    end = 0
+    for span in task.mask_domain or ():
+        try:
+            a, b = (int(x) for x in span)
+        except (TypeError, ValueError):
+            a, b = -1, -1
+        if not end <= a < b <= num:
+            raise NPSError(f"task {task.name!r}: mask domain spans must be ascending, disjoint and "
+                           f"inside 0..{num}, got {list(task.mask_domain)}")
+        end = b
 
 
 def _safe_side_name(name) -> bool:
@@ -157,9 +176,19 @@ def _write_task(root: Path, index: int, task: StoreTask, layout: Layout, values_
     values_bytes, values_fields = _values_part(values, mask, layout, values_dtype, task.level_scale)
     if task.level_scale is not None:
         values_fields["level_scale"] = [float(x) for x in task.level_scale]
-    mask_arrays = encode_mask(mask.numpy(), mask_coding)
+    seeded = {}
+    if mask_coding == "seeded":
+        spans = [(int(a), int(b)) for a, b in (task.mask_domain or [(0, num)])]
+        order, mask_arrays = encode_seeded(mask.numpy(), task.mask_seed, spans)
+        seeded = {"mask_order": order}
+        if order != "flat":
+            seeded.update(mask_seed=int(task.mask_seed), mask_domain=[list(s) for s in spans],
+                          mask_drawn_by=f"torch {torch.__version__}")
+    else:
+        mask_arrays = encode_mask(mask.numpy(), mask_coding)
     coding_note = ("numpy.packbits, little bit order" if mask_coding == "packed" else
-                   f"constriction range coder, Bernoulli(perfect=False) per {ENTROPY_CHUNK} entries")
+                   f"constriction range coder, Bernoulli(perfect=False) per {ENTROPY_CHUNK} entries"
+                   + (f", in the {seeded['mask_order']} order" if seeded else ""))
     parts = {
         "mask": _write_part(root, f"{folder}/mask.safetensors", safetensors.numpy.save(
             mask_arrays, metadata={"coding": mask_coding, "num_entries": str(num),
@@ -180,7 +209,7 @@ def _write_task(root: Path, index: int, task: StoreTask, layout: Layout, values_
         side[fname] = dict(shared[digest])
     return {"name": task.name, "kept": kept, "keep_ratio": kept / num,
             "mask_sha256": _mask_sha256(mask.numpy()), **values_fields,
-            "value_dtype": values_dtype, "mask_coding": mask_coding, "parts": parts,
+            "value_dtype": values_dtype, "mask_coding": mask_coding, **seeded, "parts": parts,
             "side_files": side,
             "task_specific_entries": sum(t.numel() for t in task.task_specific.values()),
             "meta": task.meta}
