@@ -17,7 +17,7 @@ bias (Horvitz–Thompson, conditioned on t as in bottom-k sampling).
 (:mod:`.hybrid`: β = 0 is DARE bit for bit). β = 1 is close to DELLA's MAGPRUNE at small r, large
 β tends to magnitude top-k. Memory: log E and log u as float32, 8 bytes an entry, computed on the
 first β > 0 candidate of an index and kept with it; per candidate one D-long float32 key and a
-sort of about 1.3·m candidates.
+k-th-value selection among about 1.3·m candidates.
 """
 from __future__ import annotations
 
@@ -71,8 +71,10 @@ def _keys(log_e: torch.Tensor, log_u: torch.Tensor, beta: float, taken: torch.Te
 
 def select(key: torch.Tensor, m: int, n_free: int, seed: int = 0) -> Tuple[torch.Tensor, float]:
     """(positions of the m smallest keys by (key, flat index), ascending; the (m+1)-th smallest key,
-    or −inf when m = n_free). A bound from a sample of keys cuts the exact sort to a few
-    candidates (all keys when the sample's bound holds too few)."""
+    or −inf when m = n_free). A bound from a sample of keys cuts the selection to a few
+    candidates (all keys when the sample's bound holds too few); among them the threshold is a
+    k-th value (a selection, not a sort), the keys below it are kept and the ties at it by
+    flat index."""
     D = key.numel()
     if m >= n_free:
         return torch.nonzero(key < math.inf).squeeze(1), -math.inf
@@ -88,10 +90,11 @@ def select(key: torch.Tensor, m: int, n_free: int, seed: int = 0) -> Tuple[torch
     if cand.numel() < m + 1:                  # the sample's bound held too few: every free key
         cand = torch.nonzero(key < math.inf).squeeze(1)
     ck = key[cand]
-    order = torch.sort(ck, stable=True).indices        # cand ascending: ties by flat index
-    chosen = cand[order[:m]]
-    t = float(ck[order[m]])
-    return torch.sort(chosen).values, t
+    t = ck.kthvalue(m + 1).values                       # the (m+1)-th smallest key: no sort
+    take = ck < t                                       # at most m of them
+    ties = torch.nonzero(ck == t).squeeze(1)            # cand ascending: ties by flat index
+    take[ties[: m - int(take.sum())]] = True
+    return cand[take], float(t)
 
 
 def rank_sample(values: torch.Tensor, log_e: torch.Tensor, log_u: torch.Tensor, taken: torch.Tensor,
