@@ -30,11 +30,17 @@ def default_point(ctx, row: dict, keep: float):
     from nps_pruning.core.space import make_space
     st = PruneSettings()
     p = row.get("_params") or {}      # the cache's step parameters; results files may omit them
-    st = st.replace(keep_ratio=keep, bands=int(p.get("bands", st.bands)), seed=int(p.get("seed", st.seed)),
+    st = st.replace(keep_ratio=keep, bands=int(p.get("bands", st.bands)), seed=default_seed(row),
                     space="hybrid")
     space = make_space("hybrid", st.bands, st.search.lower, st.search.upper, st.search.param,
                        keep_ratio=keep)
     return TaskPoint(space, ctx.session.prepared(st), np.asarray(row["params"], dtype=np.float64))
+
+
+def default_seed(row: dict) -> int:
+    """The seed the search of ``row`` ran with (its prepared τ's random order, hence its mask's)."""
+    from nps_pruning.apps.settings import PruneSettings
+    return int((row.get("_params") or {}).get("seed", PruneSettings().seed))
 
 
 def point_pruned(ctx, point):
@@ -158,12 +164,9 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
         wr = default_rows(keep)
         if wr is not None:
             sources["NPS (default)"] = lambda keep=keep, wr=wr: [default_pruned(c, r, keep) for c, r in zip(ctxs, wr)]
-        seeded_of = {"DARE": lambda keep=keep: ([cfg.seed] * len(ctxs), [c.session.domain.spans for c in ctxs])}
+        seeds = {"DARE": [cfg.seed] * len(ctxs)}      # each pruner's seed (its domain: the session's)
         if wr is not None:
-            def default_seeds(keep=keep, wr=wr):
-                pts = [default_point(c, r, keep).prepared for c, r in zip(ctxs, wr)]
-                return [p.index.seed for p in pts], [p.domain.spans for p in pts]
-            seeded_of["NPS (default)"] = default_seeds
+            seeds["NPS (default)"] = [default_seed(r) for r in wr]
         for method, make in sources.items():
             state = {}
 
@@ -174,8 +177,7 @@ def run_codings(suite: str, cfg, cache, ctxs, pruning: dict, fusion: dict, taus:
             src = {"seed": cfg.seed} if method == "DARE" else {"points": [r["params"] for r in wr]}
 
             def seeded_step(method=method, pruned=pruned):
-                seeds, domains = seeded_of[method]()
-                return _seeded_mask_bits(ctxs, pruned(), seeds, domains)
+                return _seeded_mask_bits(ctxs, pruned(), seeds[method], [c.session.domain.spans for c in ctxs])
             seeded = cache.step(suite, "_compression", f"mask-seeded-{method.split()[0].lower()}-r{keep:g}",
                                 {**base_params, "method": method, "keep": keep, **src, "mask": "seeded"},
                                 seeded_step, log)

@@ -17,7 +17,7 @@ from ..checkpoints.save import MARKER, is_weight_file
 from ..dtypes import FLOAT_NAMES
 from ..errors import NPSError
 from ..paths import safe_relpath
-from .mask_coding import MASK_ORDERS
+from .mask_coding import MASK_ORDERS, spans_in_order
 from .value_coding import FLOAT_CODINGS
 
 PART_KINDS = ("mask", "values", "task_specific", "buffers")
@@ -140,13 +140,10 @@ def _seeded(entry: dict, field: str, where: str, num: int) -> None:
         return
     _int(entry.get("mask_seed"), f"{field}.mask_seed", where)
     spans = _want(entry.get("mask_domain"), list, f"{field}.mask_domain", where)
-    end = 0
-    for span in spans:
-        if (not isinstance(span, list) or len(span) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
-                or not end <= span[0] < span[1] <= num):
-            _malformed(where, f"{field}.mask_domain must be ascending disjoint [start, stop] spans inside 0..{num}")
-        end = span[1]
+    if not (all(isinstance(s, list) and len(s) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in s) for s in spans)
+            and spans_in_order(spans, num)):
+        _malformed(where, f"{field}.mask_domain must be ascending disjoint [start, stop] spans inside 0..{num}")
 
 
 def check_manifest(store: Path, manifest: Any, where: str, *, value_dtypes, codings) -> None:

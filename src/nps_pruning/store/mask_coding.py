@@ -22,7 +22,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import constriction
 import numpy as np
+import torch
 
+from ..core.prepared import Domain
 from ..core.rank_sample import exponential_order
 from ..core.sparsify import random_order
 
@@ -86,8 +88,6 @@ def decode_mask(arrays: Mapping[str, np.ndarray], coding: str, num_entries: int)
     return out
 
 
-
-
 def coding_order(order: str, count: int, seed: int) -> Optional[np.ndarray]:
     """Positions 0 .. count − 1 in the order ``order`` reads a domain's mask (None: flat)."""
     if order == "flat":
@@ -99,8 +99,18 @@ def coding_order(order: str, count: int, seed: int) -> Optional[np.ndarray]:
     raise ValueError(f"mask order must be one of {MASK_ORDERS}, got {order!r}")
 
 
-def _inside(mask: np.ndarray, spans: Spans) -> np.ndarray:
-    return np.concatenate([mask[a:b] for a, b in spans]) if spans else np.zeros(0, dtype=bool)
+def spans_in_order(spans: Spans, num_entries: int) -> bool:
+    """Whether (start, stop) spans are non-empty, ascending, disjoint and inside 0 .. num_entries."""
+    end = 0
+    for a, b in spans:
+        if not end <= a < b <= num_entries:
+            return False
+        end = b
+    return True
+
+
+def _domain(spans: Spans, num_entries: int) -> Domain:
+    return Domain(tuple((int(a), int(b)) for a, b in spans), int(num_entries))
 
 
 def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -130,7 +140,7 @@ def encode_seeded(mask: np.ndarray, seed: Optional[int], spans: Spans) -> Tuple[
     best = ("flat", _encode_run(mask))
     if seed is None:
         return best
-    inside = _inside(mask, spans)
+    inside = _domain(spans, mask.size).gather(torch.from_numpy(mask)).numpy()
     if int(inside.sum()) != int(mask.sum()):
         return best
     for order in MASK_ORDERS[1:]:
@@ -151,9 +161,4 @@ def decode_seeded(arrays: Mapping[str, np.ndarray], num_entries: int, order: str
     read = _decode_run(arrays, count)
     inside = np.empty(count, dtype=bool)
     inside[coding_order(order, count, int(seed))] = read
-    out = np.zeros(num_entries, dtype=bool)
-    at = 0
-    for a, b in spans:
-        out[a:b] = inside[at:at + b - a]
-        at += b - a
-    return out
+    return _domain(spans, num_entries).scatter(torch.from_numpy(inside)).numpy()

@@ -20,7 +20,7 @@ from ..paths import safe_relpath
 from ..task_vector import Layout
 from ..workdirs import unmark
 from .manifest import side_file_reserved
-from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask, encode_seeded
+from .mask_coding import ENTROPY_CHUNK, MASK_CODINGS, encode_mask, encode_seeded, spans_in_order
 from .types import (FORMAT, FORMAT_VERSION, MANIFEST, VALUE_CODINGS, VALUE_DTYPES, StoreTask,
                     _manifest_sha256, _mask_sha256, _sha256, _values_sha256, flat_sha256)
 from .value_coding import encode_values, group_sizes_of, is_float_coding, levels_of
@@ -106,16 +106,13 @@ def _check_seeded(task: StoreTask, num: int) -> None:
     seed = task.mask_seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise NPSError(f"task {task.name!r}: mask seed must be an integer in [0, 2^63), got {seed!r}")
-    end = 0
-    for span in task.mask_domain or ():
-        try:
-            a, b = (int(x) for x in span)
-        except (TypeError, ValueError):
-            a, b = -1, -1
-        if not end <= a < b <= num:
-            raise NPSError(f"task {task.name!r}: mask domain spans must be ascending, disjoint and "
-                           f"inside 0..{num}, got {list(task.mask_domain)}")
-        end = b
+    try:
+        spans = [tuple(int(x) for x in span) for span in task.mask_domain or ()]
+    except (TypeError, ValueError):
+        spans = [()]
+    if not all(len(s) == 2 for s in spans) or not spans_in_order(spans, num):
+        raise NPSError(f"task {task.name!r}: mask domain spans must be ascending, disjoint and "
+                       f"inside 0..{num}, got {list(task.mask_domain)}")
 
 
 def _safe_side_name(name) -> bool:
