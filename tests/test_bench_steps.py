@@ -134,11 +134,30 @@ def test_budget_refuses_a_step_that_would_end_after_it(tmp_path, monkeypatch):
     with pytest.raises(BudgetReached, match=r"text/rt-plot/prune-nps-focused-r0.05 \(~10.0 min\)"):
         cache.step("text", "rt-plot", "prune-nps-focused-r0.05", {"keep": 0.05, "other": 1},
                    lambda: calls.append(1) or {})
-    assert cache.estimate("text", "rt-plot", "prune-nps-focused-r0.1") is None
     assert not calls
-    # a cached step is returned whatever the budget; an unknown one starts while time is left
+    # a step never run here is estimated from its kin: the same step on another task of the
+    # suite, else the same step at another keep ratio (the longest); a fresh machine's run once
+    # started such steps as if they took no time and ended minutes after its budget
+    assert cache.estimate("text", "rt-plot", "prune-nps-focused-r0.1") == 600.0
+    assert cache.estimate("text", "news-outlet", "prune-nps-focused-r0.05") == 600.0
+    assert cache.estimate("text", "news-outlet", "prune-nps-focused-r0.0005") == 600.0
+    assert cache.estimate("vision", "rt-plot", "prune-nps-focused-r0.05") is None   # no vision steps
+    # a step like none recorded: the longest step of the suite (here the only one)
+    assert cache.estimate("text", "rt-plot", "prune-nps-focused-log-r0.05") == 600.0
+    with pytest.raises(BudgetReached, match=r"prune-dare-r0.05 \(~10.0 min\)"):
+        cache.step("text", "tweet-sentiment", "prune-dare-r0.05", {"keep": 0.05}, lambda: {"test": 0.5})
+    monkeypatch.delenv(DEADLINE_ENV)
+    cache.step("text", "tweet-sentiment", "prune-dare-r0.05", {"keep": 0.05}, lambda: {"test": 0.5})
+    assert cache.estimate("text", "rt-plot", "prune-dare-r0.2") < 60.0        # its own kin
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 300))
+    with pytest.raises(BudgetReached, match=r"text/news-outlet/prune-nps-focused-r0.1 \(~10.0 min\)"):
+        cache.step("text", "news-outlet", "prune-nps-focused-r0.1", {"keep": 0.1}, lambda: calls.append(1) or {})
+    assert not calls
+    # a cached step is returned whatever the budget; one whose kin fit starts while time is left
     assert cache.step("text", "rt-plot", "prune-nps-focused-r0.05", {"keep": 0.05}, dict)["test"] == 0.7
     assert cache.step("text", "rt-plot", "prune-dare-r0.05", {"keep": 0.05}, lambda: {"test": 0.1})["test"] == 0.1
+    # in a suite with no step files nothing is known: the step starts while time is left
+    assert cache.step("vision", "digits", "prune-dare-r0.05", {"keep": 0.05}, lambda: {"test": 0.2})["test"] == 0.2
     monkeypatch.setenv(DEADLINE_ENV, str(time.time() - 1))       # spent: nothing starts
     with pytest.raises(BudgetReached):
         cache.step("text", "rt-plot", "prune-random-r0.05", {"keep": 0.05}, lambda: {"test": 0.1})

@@ -13,15 +13,19 @@ file also records the commit, date and CPU model that computed it (``_cpu``: fin
 bit for bit on the same CPU model, not across CPU vendors, so a new machine's checkpoints can miss
 every step; ``make bench-status`` says so).
 
-``--budget``: with ``$NPS_BENCH_DEADLINE`` (epoch seconds) set, a step whose recorded time (the
-``seconds`` of an earlier file of the same step, any key) would end after the deadline is not
-started: :class:`BudgetReached` is raised instead, and the run reports what is left.
+``--budget``: with ``$NPS_BENCH_DEADLINE`` (epoch seconds) set, a step whose recorded time would
+end after the deadline is not started: :class:`BudgetReached` is raised instead, and the run
+reports what is left. The recorded time is the ``seconds`` of an earlier file of the same step (any
+key), else of the same step on another task of the suite, else of the same step at another keep
+ratio, else the longest step of the suite (:meth:`ResultCache.estimate`); only in a suite with no
+step files at all does a step start unestimated.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -103,6 +107,11 @@ def _commit() -> str:
     return _COMMIT[0]
 
 
+# a keep ratio inside a step name ("prune-dare-r0.05", "wins-nps-default-r0.0005-..."), for a step's
+# family in ResultCache.estimate
+_FAMILY_RE = re.compile(r"(?<=-)r\d[\d.]*(?:e-\d+)?(?=-|$)")
+
+
 class ResultCache:
     """One JSON file per step: ``<dir>/<suite>/<task>/<step>-<hash>.json`` (atomic writes)."""
 
@@ -147,22 +156,52 @@ class ResultCache:
         return {**value, "_params": params, **meta}
 
     def estimate(self, suite: str, task: str, step: str) -> Optional[float]:
-        """The seconds an earlier run of this step took (its newest file of any key), or None."""
-        folder = self.root / suite / task
-        best = None
+        """The seconds this step will take, from the step files: the newest file of this step on
+        this task (any key); else the longest of this step on the suite's other tasks; else the
+        longest of its family (the same step at any keep ratio, ``-r<keep>`` read as any) on
+        any of the suite's tasks; else, a step like none recorded, the longest step recorded in
+        the suite (a cautious guess); None in a suite with no step files. (A step never run before
+        counted zero here, so a fresh machine's run started steps until the very deadline and
+        ended minutes after its budget.)"""
         name = safe_step(step)
+        own = self._times(self.root / suite / task, name)
+        if own:
+            return max(own)[1]
+        others = [t for d in self._task_dirs(suite, task) for t in self._times(d, name)]
+        if others:
+            return max(s for _, s in others)
+        family = _FAMILY_RE.sub("r*", name)
+        if family != name:
+            similar = [t for d in [self.root / suite / task] + self._task_dirs(suite, task)
+                       for t in self._times(d, family, family=True)]
+            if similar:
+                return max(s for _, s in similar)
+        every = [t for d in [self.root / suite / task] + self._task_dirs(suite, task)
+                 for t in self._times(d, "*", family=None)]
+        return max(s for _, s in every) if every else None
+
+    def _task_dirs(self, suite: str, task: str):
+        folder = self.root / suite
+        return [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name != task] if folder.is_dir() else []
+
+    @staticmethod
+    def _times(folder: Path, name: str, family: bool = False):
+        """(mtime, seconds) of each step file of step ``name`` in ``folder`` (``family``: ``name``
+        is a family, ``-r*`` for any keep ratio; None: ``name`` is a glob pattern, "*" every step)."""
+        out = []
         for p in folder.glob(f"{name}-*.json") if folder.is_dir() else ():
-            digest = p.stem[len(name) + 1:]
-            if len(digest) == 16 and all(c in "0123456789abcdef" for c in digest):
-                try:
-                    v = json.loads(p.read_text())
-                except (OSError, json.JSONDecodeError):
-                    continue
-                if isinstance(v.get("seconds"), (int, float)):
-                    mtime = p.stat().st_mtime
-                    if best is None or mtime > best[0]:
-                        best = (mtime, float(v["seconds"]))
-        return best[1] if best else None
+            step, _, digest = p.stem.rpartition("-")
+            if not (len(digest) == 16 and all(c in "0123456789abcdef" for c in digest)):
+                continue
+            if family is not None and (_FAMILY_RE.sub("r*", step) if family else step) != name:
+                continue
+            try:
+                v = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(v.get("seconds"), (int, float)):
+                out.append((p.stat().st_mtime, float(v["seconds"])))
+        return out
 
     def check_budget(self, suite: str, task: str, step: str) -> None:
         deadline = os.environ.get(DEADLINE_ENV)
