@@ -164,43 +164,34 @@ class ResultCache:
         counted zero here, so a fresh machine's run started steps until the very deadline and
         ended minutes after its budget.)"""
         name = safe_step(step)
-        own = self._times(self.root / suite / task, name)
+        own = [(m, sec) for st, m, sec in self._times(self.root / suite / task, name) if st == name]
         if own:
             return max(own)[1]
-        others = [t for d in self._task_dirs(suite, task) for t in self._times(d, name)]
-        if others:
-            return max(s for _, s in others)
-        family = _FAMILY_RE.sub("r*", name)
-        if family != name:
-            similar = [t for d in [self.root / suite / task] + self._task_dirs(suite, task)
-                       for t in self._times(d, family, family=True)]
-            if similar:
-                return max(s for _, s in similar)
-        every = [t for d in [self.root / suite / task] + self._task_dirs(suite, task)
-                 for t in self._times(d, "*", family=None)]
-        return max(s for _, s in every) if every else None
-
-    def _task_dirs(self, suite: str, task: str):
         folder = self.root / suite
-        return [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name != task] if folder.is_dir() else []
+        found = [r for d in (sorted(folder.iterdir()) if folder.is_dir() else []) if d.is_dir()
+                 for r in self._times(d, "*")]
+        family = _FAMILY_RE.sub("r*", name)
+        for kin in (lambda st: st == name, lambda st: _FAMILY_RE.sub("r*", st) == family, lambda st: True):
+            times = [sec for st, _, sec in found if kin(st)]
+            if times:
+                return max(times)
+        return None
 
     @staticmethod
-    def _times(folder: Path, name: str, family: bool = False):
-        """(mtime, seconds) of each step file of step ``name`` in ``folder`` (``family``: ``name``
-        is a family, ``-r*`` for any keep ratio; None: ``name`` is a glob pattern, "*" every step)."""
+    def _times(folder: Path, name: str):
+        """(step, mtime, seconds) of each step file in ``folder`` whose name matches the glob
+        ``name`` (a step's name, or "*")."""
         out = []
         for p in folder.glob(f"{name}-*.json") if folder.is_dir() else ():
             step, _, digest = p.stem.rpartition("-")
             if not (len(digest) == 16 and all(c in "0123456789abcdef" for c in digest)):
-                continue
-            if family is not None and (_FAMILY_RE.sub("r*", step) if family else step) != name:
                 continue
             try:
                 v = json.loads(p.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
             if isinstance(v.get("seconds"), (int, float)):
-                out.append((p.stat().st_mtime, float(v["seconds"])))
+                out.append((step, p.stat().st_mtime, float(v["seconds"])))
         return out
 
     def check_budget(self, suite: str, task: str, step: str) -> None:
