@@ -121,6 +121,47 @@ def test_the_threshold_selection_is_the_full_sort_on_large_vectors():
         assert t == (float(key[order[m]]) if m < n_free else -math.inf)
 
 
+def test_the_rank_weighted_part_from_a_prefix_of_the_exponentials_is_the_whole_vectors():
+    """rank_sample keys only the entries with the smallest exponentials (growing the prefix when it
+    holds too few free keys): the same positions and values, bit for bit, as keying all D entries;
+    and prefixes are kept per size (not recomputed)."""
+    from nps_pruning.core.rank_sample import RankKeys, log_exponentials, log_ranks, rank_sample
+    gen = torch.Generator().manual_seed(3)
+    D = 400_000
+    v = torch.randn(D, generator=gen) * torch.rand(D, generator=gen)
+    v[::7] = torch.round(v[::7] * 20) / 20                      # ties in |τ|
+    keys = RankKeys(log_exponentials(D, 5), log_ranks(v))
+    top = torch.zeros(D, dtype=torch.bool)
+    top[torch.topk(v.abs(), 4000).indices] = True
+    low_e = keys.log_e <= torch.quantile(keys.log_e[:100_000], 0.03)   # the first prefixes, taken
+    used = 0
+    for taken in (torch.zeros(D, dtype=torch.bool), top, top | low_e):
+        n_taken = int(taken.sum())
+        for beta in (0.3, 1.0, 2.5, 4.0):
+            for m in (1, 100, 5000, 12_000):
+                got = rank_sample(v, keys, taken, m, beta, 0.5, 7, n_taken=n_taken)
+                ref = rank_sample(v, keys, taken, m, beta, 0.5, 7, n_taken=n_taken, prefix=False)
+                assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (beta, m, n_taken)
+                assert got[0].numel() == m and not bool(taken[got[0]].any())
+                used = len(keys._prefixes)
+    assert 1 <= used <= 8                                       # a few sizes, found once each
+
+
+def test_the_magnitude_order_of_the_rank_keys_is_the_stable_sorts():
+    """log u's order (|τ| descending, ties by flat index) from one sort of int64 keys: the stable
+    float sort's order exactly, with zeros, ties, subnormals and the largest finite values."""
+    from nps_pruning.core.rank_sample import _magnitude_order
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(200_000, generator=gen).abs()
+    a[::5] = 0.0
+    a[1::7] = torch.round(a[1::7] * 8) / 8
+    a[3::11] = 1e-42                                             # subnormal
+    a[4::13] = torch.finfo(torch.float32).max
+    a[6::17] = (-torch.zeros(1)).abs()
+    ref = torch.sort(a, descending=True, stable=True).indices
+    assert torch.equal(_magnitude_order(a), ref)
+
+
 def test_candidate_entries_write_the_dense_candidate_in_place_and_restore_exactly():
     """base[idx] + vals at the kept entries, base elsewhere, is the dense candidate (both spaces,
     both kept-value modes, 16-bit τ and base); restoring the k saved values gives base back bit

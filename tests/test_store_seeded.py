@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nps_pruning.core.prepared import Domain, changed_domain, prune_in_domain
-from nps_pruning.core.rank_sample import exponential_order, log_exponentials, log_ranks, rank_sample
+from nps_pruning.core.rank_sample import (RankKeys, exponential_order, log_exponentials, log_ranks,
+                                          rank_sample)
 from nps_pruning.core.sparsify import PRUNERS, random_order
 from nps_pruning.errors import NPSError
 from nps_pruning.store import StoreTask, read_store, restore_task, store_info, write_store
@@ -58,8 +59,8 @@ def test_a_rank_weighted_sample_is_coded_in_its_exponentials_order(tmp_path):
     layout = Layout(("w",), ((1024, D // 1024),), (torch.float32,))
     tau = _tau(D)
     m = D // 20
-    idx, vals = rank_sample(tau, log_exponentials(D, 3), log_ranks(tau), torch.zeros(D, dtype=torch.bool),
-                            m, 2.0, 0.0, 3, n_taken=0)
+    idx, vals = rank_sample(tau, RankKeys(log_exponentials(D, 3), log_ranks(tau)),
+                            torch.zeros(D, dtype=torch.bool), m, 2.0, 0.0, 3, n_taken=0)
     tau_hat = torch.zeros(D)
     tau_hat[idx] = vals
     _, entry, bits = _store(tmp_path, "rank", layout, tau_hat, mask_seed=3)

@@ -55,7 +55,7 @@ def candidate_entries(space, values, bands, index, params, keep_ratio, *, kept_v
         key = bands.band_of[mag_idx].long().add_(M)
         mag_vals = values[mag_idx].float() * _code_table(plan, M, values.device)[key]
         pos = torch.cat([mag_idx, plan.rand_idx])
-        order = torch.sort(pos).indices
+        order = _merge_order(pos)
         return pos[order], torch.cat([mag_vals, plan.rand_vals])[order]
     if ranks is not None:        # the kept positions gathered, then the code only there
         rand = index.perm[:plan.last_pos + 1]
@@ -75,6 +75,14 @@ def _ascending(pos: torch.Tensor) -> torch.Tensor:
     if pos.device.type == "cpu" and pos.dtype == torch.int32:
         return torch.from_numpy(np.sort(pos.numpy())).long()
     return torch.sort(pos.long()).values
+
+
+def _merge_order(pos: torch.Tensor) -> torch.Tensor:
+    """The order that sorts ``pos``, two ascending runs of distinct positions (numpy's stable sort
+    on the CPU is a merge of runs: ~3× torch's sort here)."""
+    if pos.device.type == "cpu":
+        return torch.from_numpy(np.argsort(pos.numpy(), kind="stable"))
+    return torch.sort(pos).indices
 
 
 __all__ = ["candidate_entries"]

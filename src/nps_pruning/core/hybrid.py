@@ -29,7 +29,7 @@ from .bands import Bands
 from .mask import _pass as _mask_pass
 from .mask import _plan as _mask_plan
 from .mask import _weights32, keep_count, reference_mask
-from .rank_sample import log_exponentials, log_ranks, rank_sample, rank_sample_reference
+from .rank_sample import RankKeys, log_exponentials, log_ranks, rank_sample, rank_sample_reference
 from .sparsify import random_order
 from .ranks import rank_prefixes
 
@@ -46,18 +46,18 @@ class HybridIndex:
 
     perm: torch.Tensor
     seed: int
-    _rank_keys: Optional[tuple] = field(default=None, init=False, repr=False)
+    _rank_keys: Optional[RankKeys] = field(default=None, init=False, repr=False)
 
     @property
     def num_entries(self) -> int:
         return self.perm.numel()
 
-    def rank_keys(self, values: torch.Tensor):
-        """(log E, log u) of :mod:`.rank_sample` for τ = ``values``, found on the first β > 0
-        candidate and kept (8 bytes an entry, on ``values``' device)."""
+    def rank_keys(self, values: torch.Tensor) -> RankKeys:
+        """log E and log u of :mod:`.rank_sample` for τ = ``values``, found on the first β > 0
+        candidate and kept (8 bytes an entry, on ``values``' device; its prefixes at most 2 more)."""
         if self._rank_keys is None:
-            self._rank_keys = (log_exponentials(self.num_entries, self.seed).to(values.device),
-                               log_ranks(values))
+            self._rank_keys = RankKeys(log_exponentials(self.num_entries, self.seed).to(values.device),
+                                       log_ranks(values))
         return self._rank_keys
 
 
@@ -140,9 +140,8 @@ def hybrid_plan(values: torch.Tensor, bands: Bands, index: HybridIndex, params,
         mag_scale = w.astype(np.float32)
     last_pos, rand_scale, rand_idx, rand_vals = -1, 0.0, None, None
     if k_rand > 0 and beta > 0.0:
-        log_e, log_u = index.rank_keys(values)
-        rand_idx, rand_vals = rank_sample(values, log_e, log_u, mag, k_rand, beta, h, index.seed,
-                                           n_taken=k_mag)
+        rand_idx, rand_vals = rank_sample(values, index.rank_keys(values), mag, k_rand, beta, h,
+                                           index.seed, n_taken=k_mag)
     elif k_rand > 0:
         last_pos = _scan_free(mag, index.perm, k_rand)
         rand_scale = float(np.float32((2.0 ** h) * (D - k_mag) / k_rand))
