@@ -54,7 +54,7 @@ class HybridIndex:
 
     def rank_keys(self, values: torch.Tensor) -> RankKeys:
         """log E and log u of :mod:`.rank_sample` for τ = ``values``, found on the first β > 0
-        candidate and kept (8 bytes an entry, on ``values``' device; its prefixes at most 2 more)."""
+        candidate and kept (8 bytes an entry, on ``values``' device; its prefixes at most 6 more)."""
         if self._rank_keys is None:
             self._rank_keys = RankKeys(log_exponentials(self.num_entries, self.seed).to(values.device),
                                        log_ranks(values))
