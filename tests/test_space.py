@@ -147,6 +147,22 @@ def test_the_rank_weighted_part_from_a_prefix_of_the_exponentials_is_the_whole_v
     assert 1 <= used <= 8                                       # a few sizes, found once each
 
 
+def test_a_key_has_the_same_bits_in_a_vector_lane_and_in_the_scalar_tail():
+    """What the prefix path relies on: torch.add(log E, log u, alpha=−β) gives an entry the same
+    float32 bits whether it is computed in a vector lane or in the kernel's scalar tail (each
+    entry takes every position mod 64 across the shifted slices, and a gathered copy)."""
+    gen = torch.Generator().manual_seed(8)
+    le = torch.randn(4099, generator=gen) * 3
+    lu = -torch.rand(4099, generator=gen) * 12
+    for beta in (0.3, 1.0, 2.5, 3.999):
+        full = torch.add(le, lu, alpha=-beta)
+        for s in range(64):
+            part = torch.add(le[s:].clone(), lu[s:].clone(), alpha=-beta)
+            assert torch.equal(part.view(torch.int32), full[s:].view(torch.int32)), (beta, s)
+        pick = torch.randperm(4099, generator=gen)[:1001].sort().values
+        assert torch.equal(torch.add(le[pick], lu[pick], alpha=-beta), full[pick]), beta
+
+
 def test_the_magnitude_order_of_the_rank_keys_is_the_stable_sorts():
     """log u's order (|τ| descending, ties by flat index) from one sort of int64 keys: the stable
     float sort's order exactly, with zeros, ties, subnormals and the largest finite values."""
