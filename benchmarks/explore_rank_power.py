@@ -23,11 +23,8 @@ import json
 import numpy as np
 import torch
 
-from nps_bench.context import task_dict
-from nps_bench.suites import build_suite
-from nps_pruning.apps.session import Session
+from nps_bench.explore import explore_tasks
 from nps_pruning.core.prepared import prune_in_domain
-from nps_pruning.evaluation import make_evaluator
 
 
 def rank_power(v: torch.Tensor, r: float, seed: int, beta: float) -> torch.Tensor:
@@ -63,16 +60,8 @@ ap.add_argument("--cpu", default="AMD EPYC", help="the committed baselines compu
 args = ap.parse_args()
 keeps = [float(k) for k in args.keeps.split(",")]
 betas = [float(b) for b in args.betas.split(",")]
-suite = build_suite(args.suite)
 means: dict = {}
-for t in suite.tasks:
-    if args.tasks and t.name not in args.tasks.split(","):
-        continue
-    task = task_dict(t)
-    ml = task.get("max_length") or 128
-    s = Session.load(task["base"], task["finetuned"], model_factory=task.get("model_factory"), name=task["name"])
-    test = make_evaluator(task["eval_test"], model_path=task["finetuned"], calib_size=1000, seed=0,
-                          batch_size=64, max_length=ml)
+for task, ml, s, test in explore_tasks(args.suite, args.tasks):
     calib = s.evaluator(task["eval_calib"], fitness="loglik-t", batch_size=64, max_length=ml)
     steps = f"benchmarks/results/steps/{args.suite}/{task['name']}"
 

@@ -16,11 +16,9 @@ import json
 
 import numpy as np
 
-from nps_bench.context import task_dict
-from nps_bench.suites import build_suite
-from nps_pruning.apps.session import Session
+from nps_bench.explore import explore_tasks
 from nps_pruning.apps.settings import PruneSettings
-from nps_pruning.evaluation import DEFAULT_FITNESS, make_evaluator
+from nps_pruning.evaluation import DEFAULT_FITNESS
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--suite", default="text")
@@ -30,17 +28,9 @@ ap.add_argument("--tasks", default=None)
 ap.add_argument("--cpu", default="AMD EPYC", help="the committed steps computed on this CPU model")
 args = ap.parse_args()
 keeps = [float(k) for k in args.keeps.split(",")]
-suite = build_suite(args.suite)
 means: dict = {}
 st = PruneSettings()
-for t in suite.tasks:
-    if args.tasks and t.name not in args.tasks.split(","):
-        continue
-    task = task_dict(t)
-    ml = task.get("max_length") or 128
-    s = Session.load(task["base"], task["finetuned"], model_factory=task.get("model_factory"), name=task["name"])
-    test = make_evaluator(task["eval_test"], model_path=task["finetuned"], calib_size=1000, seed=0,
-                          batch_size=64, max_length=ml)
+for task, ml, s, test in explore_tasks(args.suite, args.tasks):
     calib = s.evaluator(task["eval_calib"], fitness=st.fitness or DEFAULT_FITNESS, batch_size=64, max_length=ml)
     _, hold = s.search_evaluators(task["eval_calib"], fitness=st.fitness or DEFAULT_FITNESS, holdout=st.holdout,
                                   seed=st.seed, batch_size=64, max_length=ml,
