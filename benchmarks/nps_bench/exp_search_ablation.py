@@ -86,6 +86,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
 PRUNE_VARIANTS: Dict[str, Tuple[str, str, dict]] = {
     "shipped-bf16": ("`nps prune --autocast bf16` (the default, forward passes under bf16 autocast)",
                      "shipped", {"autocast": "bf16"}),
+    "shipped-torch": ("`nps prune --cpu-linear torch` (the default, fp32 linear layers in torch's own "
+                      "CPU kernel instead of oneDNN's)", "shipped", {"cpu_linear": "torch"}),
 }
 ALL_VARIANTS = {**VARIANTS, **PRUNE_VARIANTS}
 
@@ -195,7 +197,8 @@ def settings_params(st: PruneSettings) -> dict:
             "fitness": st.fitness or DEFAULT_FITNESS,
             "holdout": st.holdout, "rescore_top": st.rescore_top, "calib_size": st.calib_size,
             "batch_size": st.batch_size, "max_length": st.max_length, "seed": st.seed,
-            **({"autocast": st.autocast} if st.autocast else {})}
+            **({"autocast": st.autocast} if st.autocast else {}),
+            **({"cpu_linear": st.cpu_linear} if st.cpu_linear != "torch" else {})}
 
 
 def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
@@ -321,7 +324,8 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
 
 # `nps prune` as a user runs it (a subprocess, torch's own thread count, nothing else running):
 # with no flags, and with the flags that give the old CLI default
-CLI_RUNS = {"shipped": [], "old-cli": ["--generations", "30", "--race", "off", "--patience", "0"]}
+CLI_RUNS = {"shipped": [], "shipped-torch": ["--cpu-linear", "torch"],
+            "old-cli": ["--generations", "30", "--race", "off", "--patience", "0"]}
 
 
 def cli_timing(suite: str, task: dict, keep: float, cache_root: str, fresh: bool = False) -> Dict[str, dict]:
@@ -526,7 +530,19 @@ def timing_lines(t: Optional[dict]) -> List[str]:
             f"{new['rescore_s']:.0f} s), {new['examples_scored']:,} examples scored; with the old default's "
             f"flags (`{' '.join(old['argv_flags'])}`) {old['wall_s']:.0f} s (search {old['search_s']:.0f} s), "
             f"{old['examples_scored']:,} examples: {ex:.3f}× the examples, {wall:.2f}× the wall time. "
-            f"Target (≤ 60 s and ≤ 0.1× the examples): {'met' if ok else 'NOT met'}.", ""]
+            f"Target (≤ 60 s and ≤ 0.1× the examples): {'met' if ok else 'NOT met'}.{_kernel_line(t)}", ""]
+
+
+def _kernel_line(t: dict) -> str:
+    """The same command with torch's own CPU kernel for the fp32 linear layers, when timed."""
+    new, torch_k = t["shipped"], t.get("shipped-torch")
+    if not torch_k or torch_k.get("_commit") != new.get("_commit"):
+        return ""
+    return (f" The same command with `--cpu-linear torch` (the fp32 linear layers in torch's own kernel, "
+            f"as before 2026-12-07) took {torch_k['wall_s']:.0f} s (search {torch_k['search_s']:.0f} s, "
+            f"re-scoring {torch_k['rescore_s']:.0f} s): oneDNN's kernel, the default, "
+            f"{torch_k['wall_s'] / new['wall_s']:.2f}× faster here, "
+            f"{'the same' if torch_k['examples_scored'] == new['examples_scored'] else 'other'} examples scored.")
 
 
 def verdict(rows: List[dict], keeps) -> List[str]:

@@ -59,7 +59,7 @@ def holdout_finalists(candidates, top: int) -> List[dict]:
 
 
 def rescore_on_holdout(session: Session, prepared, result, holdout, top: int,
-                       autocast: Optional[str] = None):
+                       autocast: Optional[str] = None, cpu_linear: str = "onednn"):
     """Against the winner's curse: re-score the generation-0 start points and the ``top`` best
     distinct candidates of the search on held-out calibration rows; return (chosen record,
     rows). The chosen one has the best held-out score (ties: the better search score, then the
@@ -69,7 +69,7 @@ def rescore_on_holdout(session: Session, prepared, result, holdout, top: int,
     session.ensure_model()
     # the session's θ_pre (or, parked, the model itself) under each finalist in turn
     writer = CandidateScorer.from_state(session.base_flat, prepared, session.model, session.flat,
-                                        holdout, autocast=autocast)
+                                        holdout, autocast=autocast, cpu_linear=cpu_linear)
     for c in pool:
         w = np.asarray(c["weights"], dtype=np.float64)
         hs, _ = writer(w)

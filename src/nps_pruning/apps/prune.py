@@ -58,7 +58,8 @@ def _scorer(session: Session, evaluator, prep, settings: PruneSettings, eval_spe
             calib_size=None):
     if settings.executor == "serial":
         return CandidateScorer.from_state(session.base_flat, prep, session.model, session.flat,
-                                          evaluator, autocast=settings.autocast)
+                                          evaluator, autocast=settings.autocast,
+                                          cpu_linear=settings.cpu_linear)
     # worker processes load the pair from its paths, the way the session was loaded
     run = settings.replace(calib_size=calib_size if calib_size is not None else settings.calib_size,
                            fitness=session.search_fitness(eval_spec, settings.fitness))
@@ -78,7 +79,7 @@ def _identity_fields(session: Session, settings: PruneSettings) -> Dict[str, Any
         tau_dtype=session.tau_dtype, model_factory=session.model_factory,
         allow_shape_mismatch=session.allow_shape_mismatch, running_stats=session.running_stats,
         fitness=settings.fitness, holdout=settings.holdout, rescore_top=settings.rescore_top,
-        autocast=settings.autocast)
+        autocast=settings.autocast, cpu_linear=settings.cpu_linear)
 
 
 def prune(session: Session, method: str, *, settings: PruneSettings = PruneSettings(),
@@ -151,7 +152,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             if holdout is not None and not aborted:
                 t_r = time.perf_counter()
                 chosen, rescored = rescore_on_holdout(session, prep, result, holdout,
-                                                      int(settings.rescore_top), settings.autocast)
+                                                      int(settings.rescore_top), settings.autocast,
+                                                      settings.cpu_linear)
                 result.best_weights = np.asarray(chosen["weights"], dtype=np.float64)
                 result.best_score = float(chosen["score"])
                 rescore_s = time.perf_counter() - t_r

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 from ..core.merge import MERGE_OPTIONS
 from ..errors import NPSError
 from ..search.cmaes_search import SearchSettings, shipped_search
+from ..search.cpu_linear import CPU_LINEARS
 
 __all__ = ["PruneSettings", "MergeSettings", "SearchSettings"]
 
@@ -56,6 +57,7 @@ class PruneSettings:
     batch_size: int = 64
     max_length: int = 128             # text evaluators: maximum tokens per row
     autocast: Optional[str] = None    # "bf16": the search's forward passes under bf16 autocast
+    cpu_linear: str = "onednn"        # the search's fp32 linear layers on the CPU: onednn | torch
     executor: str = "serial"          # where candidates are scored: serial | processes | ray
     workers: Optional[int] = None     # processes/ray: how many workers
     ray_address: Optional[str] = None
@@ -86,6 +88,9 @@ class PruneSettings:
         if self.autocast not in AUTOCASTS:
             raise NPSError(f"settings: autocast must be one of {', '.join(map(str, AUTOCASTS))}, got "
                            f"{self.autocast!r}")
+        if self.cpu_linear not in CPU_LINEARS:
+            raise NPSError(f"settings: cpu_linear must be one of {', '.join(CPU_LINEARS)}, got "
+                           f"{self.cpu_linear!r}")
         if self.calib_size is not None and int(self.calib_size) < 1:
             raise NPSError(f"settings: calib_size must be >= 1 (or None), got {self.calib_size}")
 

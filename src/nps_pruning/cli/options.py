@@ -19,6 +19,7 @@ from ..errors import NPSError, short
 from ..registries import (Choices, executors, fitnesses, mask_codings, merge_option, mergers, normalizations,
                           pruners, schemes, spaces, tau_dtypes, value_dtypes)
 from ..search.cmaes_search import PARAM_DEFAULTS, POPSIZE_MAX, POPSIZE_MIN, SUBSPACES, shipped_search
+from ..search.cpu_linear import CPU_LINEARS
 from ..search.race import RACE_OFF, RACES
 from ..yaml_safe import read_yaml
 
@@ -39,10 +40,8 @@ def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: 
     return field(default=default, metadata=meta)
 
 
-# Seeds feed numpy's and cmaes' generators, which take 0 .. 2**32 - 1.
-SEED_MAX = 2**32 - 1
-# Every integer option fits a C long (torch, numpy and argparse's consumers need no more).
-INT_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1    # seeds feed numpy's and cmaes' generators, which take 0 .. 2**32 - 1
+INT_MAX = 2**63 - 1     # every integer option fits a C long (torch, numpy, argparse need no more)
 
 # The search's defaults are shipped_search()'s (search/cmaes_search.py), the only place they are
 # written: PARAM_DEFAULTS (bounds and step size by parametrisation) is re-exported from there.
@@ -109,6 +108,8 @@ class SearchOptions:
     max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
     autocast: str = opt("off", "bf16: the search's forward passes under bf16 autocast (faster on "
                                "CPUs with AMX/AVX512-BF16 and GPUs)", choices=("off", "bf16"))
+    cpu_linear: str = opt(_PRUNE.cpu_linear, "the search's fp32 linear layers on the CPU: oneDNN's "
+                          "kernel (~2x MKL's on AMD CPUs) or torch's own", choices=CPU_LINEARS)
     lm_eval_include: Optional[str] = opt(None, "lm-eval: evaluators: folder of local lm-evaluation-harness "
                                                "task YAMLs (also NPS_LM_EVAL_INCLUDE)")
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "
@@ -282,7 +283,6 @@ COMMANDS: Dict[str, Type] = {
     "compress": CompressOptions, "restore": RestoreOptions, "info": InfoOptions,
     "eval": EvalOptions, "demo": DemoOptions,
 }
-
 
 # -- CLI flags from fields -----------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ def prune_settings(opts, method: Optional[str] = None) -> PruneSettings:
                          calib_size=opts.calib_size, batch_size=opts.batch_size,
                          max_length=opts.max_length,
                          autocast=None if opts.autocast == "off" else opts.autocast,
+                         cpu_linear=opts.cpu_linear,
                          executor=opts.executor, workers=opts.workers, ray_address=opts.ray_address)
 
 

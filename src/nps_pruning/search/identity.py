@@ -106,6 +106,8 @@ def run_identity(*, pretrained, finetuned, eval_spec, fields: Dict[str, Any], me
         "fitness": g("fitness"), "holdout": g("holdout"), "rescore_top": g("rescore_top"),
         # bf16 autocast changes every score (absent when off: older logs still resume)
         **({"autocast": g("autocast")} if g("autocast") else {}),
+        # oneDNN's linear kernel changes the scores' last bits (absent for torch's: older logs resume)
+        **({"cpu_linear": g("cpu_linear")} if g("cpu_linear") not in (None, "torch") else {}),
     }
 
 

@@ -28,6 +28,7 @@ from ..checkpoints import load_task_vector
 from ..core.prepared import layout_spans, prepare
 from ..errors import NPSError
 from ..evaluation import bind_flat, eval_kind, load_model, make_evaluator
+from .cpu_linear import linear_mode
 
 
 @dataclass
@@ -60,6 +61,7 @@ class CandidateScorer:
         self.eval_spec = eval_spec
         self.settings = settings
         self.autocast = settings.autocast if settings is not None else None   # "bf16": autocast forwards
+        self.cpu_linear = settings.cpu_linear if settings is not None else "onednn"   # cpu_linear.py
         self.model_factory = model_factory
         self.device = device
         self.tau_dtype = str(tau_dtype).replace("torch.", "")
@@ -71,11 +73,12 @@ class CandidateScorer:
 
     @classmethod
     def from_state(cls, base_flat, prepared, model, flat, evaluator,
-                   autocast: Optional[str] = None) -> "CandidateScorer":
+                   autocast: Optional[str] = None, cpu_linear: str = "onednn") -> "CandidateScorer":
         """In-process scorer over already loaded objects (``prepared``: the
         :class:`~nps_pruning.core.prepared.Prepared` τ; not picklable: serial executor only)."""
         self = cls(None, None, getattr(evaluator, "name", "<evaluator>"), None)
         self.autocast = autocast
+        self.cpu_linear = cpu_linear
         self._state = _State(base_flat, prepared, model, flat, evaluator)
         self._picklable = False
         return self
@@ -172,9 +175,11 @@ class CandidateScorer:
         return st, (lambda: sync(dev)), time.perf_counter() - t0
 
     def _forward_mode(self, st):
-        """No gradients; with ``autocast="bf16"`` also bf16 autocast on the model's device."""
+        """No gradients; on the CPU fp32 linear layers in oneDNN (``cpu_linear``, :mod:`.cpu_linear`);
+        with ``autocast="bf16"`` also bf16 autocast on the model's device."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
+        stack.enter_context(linear_mode(self.cpu_linear, getattr(st.flat, "device", "cpu")))
         if self.autocast == "bf16":
             stack.enter_context(torch.autocast(device_type=st.flat.device.type, dtype=torch.bfloat16))
         return stack
