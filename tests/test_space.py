@@ -510,6 +510,55 @@ def test_scorer_with_theta_pre_in_the_model_writes_each_dense_candidate_and_rest
     assert torch.equal(flat.view(torch.int32), base.view(torch.int32))
 
 
+def test_scorer_remembers_the_last_candidates_entries_within_its_budget(monkeypatch):
+    """A raced candidate is written again at each stage: its entries come from the scorer's cache
+    (prep.entries not called again), the model sees bit for bit what a fresh build writes, and
+    the cache keeps only the most recent candidates within ENTRY_CACHE_BYTES."""
+    from nps_pruning.core.prepared import prepare
+    from nps_pruning.search import scorer as scorer_mod
+    gen = torch.Generator().manual_seed(6)
+    D, M, r = 4000, 4, 0.05
+    v = torch.randn(D, generator=gen)
+    base = torch.randn(D, generator=gen)
+    prep = prepare(v, None, keep=r, num_bands=M, scheme="focused", space="hybrid", seed=1)
+    points = [np.r_[np.ones(M), 0.0, 0.0, 0.0], np.r_[np.linspace(0.5, 2, M), 1.0, 0.5, -0.5],
+              np.r_[np.full(M, 1.5), 0.5, 1.0, 0.0]]
+    flat, seen, built = base.clone(), [], []
+    real = prep.entries
+
+    def counted(w):
+        built.append(tuple(w))
+        return real(w)
+    monkeypatch.setattr(prep, "entries", counted)
+    evaluator = lambda model: (seen.append(flat.clone()), 0.5)[1]   # noqa: E731
+    fresh = []
+    for p in points:                                   # what each candidate writes, built fresh
+        idx, vals = real(p)
+        want = base.clone()
+        want[idx] += vals
+        fresh.append(want)
+    scorer = scorer_mod.CandidateScorer.from_state(None, prep, object(), flat, evaluator)
+    order = [0, 1, 2, 1, 0, 2, 2]
+    for i in order:
+        scorer(points[i])
+    assert len(built) == 3                             # each built once
+    for i, got in zip(order, seen):
+        assert torch.equal(got.view(torch.int32), fresh[i].view(torch.int32))
+    scorer.restore()
+    assert torch.equal(flat.view(torch.int32), base.view(torch.int32))
+    # a budget of two candidates' entries: the least recently written one is built again
+    k = int(prep.entries(points[0])[0].numel())
+    monkeypatch.setattr(scorer_mod, "ENTRY_CACHE_BYTES", 2 * k * (8 + 4))
+    small = scorer_mod.CandidateScorer.from_state(None, prep, object(), flat, evaluator)
+    built.clear()
+    for i in [0, 1, 2, 1, 0]:
+        small(points[i])
+    assert built == [tuple(points[i]) for i in (0, 1, 2, 0)]
+    assert len(small._entry_cache) == 2
+    small.restore()
+    assert torch.equal(flat.view(torch.int32), base.view(torch.int32))
+
+
 # -- the search follows the best start's family (SearchSettings.subspace) ------------------------
 class _HybridQuad:
     """score of a hybrid point (w_1..w_4, g, α, h, β): a quadratic bowl whose top is where the
