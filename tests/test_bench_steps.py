@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -480,3 +481,53 @@ def test_frontier_run_stopped_by_its_budget_ends_cleanly_without_rendering(tmp_p
                         "--out", str(out), "--figures", str(tmp_path)])
     assert rc == 0 and out.read_text() == "kept\n" and not (tmp_path / "w.json").exists()
     assert "not rendered" in capsys.readouterr().out
+
+
+def test_bench_status_counts_the_planned_steps_a_task_never_computed(tmp_path, monkeypatch):
+    """Issue 31 item 3: a step `make bench-wins` computes (wins.planned_steps, held to run_task by
+    the test below) that a task has no file of is listed as never computed, its minutes taken from
+    the same step of the suite's other tasks (untimed where none has it)."""
+    from nps_bench import status
+    from nps_bench.wins import WinsConfig, planned_steps
+    steps, results = tmp_path / "steps", tmp_path / "results"
+    results.mkdir()
+    cache = ResultCache(steps)
+    plan = planned_steps(WinsConfig())
+    for name in plan:                                          # rt-plot: every step, 60 s each
+        cache.put("text", "rt-plot", name, {"weights": "w" * 64}, {"test": 0.5, "seconds": 60.0})
+    cache.put("text", "news-outlet", "wins-finetuned", {"weights": "n" * 64}, {"test": 0.5, "seconds": 6.0})
+    cache.put("vit-long", "digits", "wins-finetuned", {"weights": "d" * 64}, {"test": 0.5, "seconds": 6.0})
+    st = status.suite_status("text", steps, results)
+    rp, no = st["tasks"]["rt-plot"], st["tasks"]["news-outlet"]
+    assert (rp["current"], rp["stale"], rp["missing"], rp["minutes_needed"]) == (len(plan), 0, 0, 0.0)
+    assert (no["current"], no["stale"], no["missing"]) == (1, 0, len(plan) - 1)
+    assert no["minutes_needed"] == pytest.approx((len(plan) - 1) * 1.0) and no["missing_untimed"] == 0
+    assert no["steps"]["wins-dare-r0.05"] == {"state": "missing", "commit": "-", "seconds": None, "cpu": None}
+    assert f"1 current (commit" in status.render([st]) and f"{len(plan) - 1} never computed" in status.render([st])
+    assert "wins-dare-r0.05" in status.render([st], verbose=True)
+    # a suite make bench-wins does not run plans nothing
+    assert status.suite_status("vit-long", steps, results)["tasks"]["digits"]["missing"] == 0
+    # the freshness block counts files only
+    from nps_bench.freshness import counts
+    assert sum(sum(c.values()) for c in counts("text", steps, results).values()) == len(plan) + 1
+
+
+def test_wins_planned_steps_are_the_steps_run_task_computes(tmp_path, monkeypatch):
+    """wins.planned_steps lists exactly the steps run_task asks the cache for, in its order."""
+    from nps_bench import wins
+    csv = tmp_path / "calib.csv"
+    csv.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(40)))
+    asked = []
+
+    def step(self, suite, task, name, params, compute, log=None):
+        asked.append(name)
+        return {"test": 0.5, "test_rows": 10, "calib": -0.1, "rescored": [{"x": 1}],
+                "tests": {r: 0.5 for r in wins.SELECTION_RULES}}
+    monkeypatch.setattr(wins.ResultCache, "step", step)
+    task = {"name": "t", "base": "b", "finetuned": "f", "eval_calib": f"text-classification:{csv}",
+            "eval_test": f"text-classification:{csv}", "weights": "w" * 64, "_has_stats": False}
+    for cfg in (wins.WinsConfig(), wins.WinsConfig(keeps=(0.1,), variants=("default",), study_variants=(),
+                                                   selection_study=False)):
+        asked.clear()
+        wins.run_task("text", task, dataclasses.asdict(cfg), str(tmp_path / "cache"))
+        assert asked == wins.planned_steps(cfg)

@@ -127,6 +127,27 @@ def local_checkpoint(task: str, newest: Dict[str, dict], cache_dir: Optional[Pat
     return None
 
 
+def planned_steps(suite: str, files: Dict[str, List[Path]]):
+    """(the steps `make bench-wins` computes for each task of ``suite``, step -> the median of its
+    recorded seconds over the suite's tasks): a task's planned step with no file is *missing*,
+    its minutes estimated from the other tasks' (untimed where no task has it)."""
+    from .wins import BENCH_SUITES, WinsConfig
+    from .wins import planned_steps as wins_steps
+    if suite not in BENCH_SUITES:
+        return [], {}
+    plan = wins_steps(WinsConfig())
+    seen: Dict[str, List[float]] = defaultdict(list)
+    for task, paths in files.items():
+        for p in paths:
+            name = p.stem.rsplit("-", 1)[0]        # <step>-<key>
+            if name in plan and not task.startswith("_"):
+                try:
+                    seen[name].append(float(json.loads(p.read_text()).get("seconds") or 0.0))
+                except (OSError, ValueError):
+                    continue
+    return plan, {s: sorted(v)[len(v) // 2] for s, v in seen.items() if v}
+
+
 def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Optional[Path] = None,
                  code_only: bool = False) -> Dict:
     """Each task's (and shared job's) steps: current or stale, the minutes still needed.
@@ -145,6 +166,7 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Opti
     # in the _fusion / _compression / _merge_aware folders, listed from the files themselves
     job_tasks = {j.split("/", 1)[1] for j in jobs if "/" in j} - {"_all"}
     local_w: Dict[str, str] = {}               # task -> the digest of its checkpoint built here
+    planned, seconds_of = planned_steps(suite, files)
     # the tasks first, then the shared jobs' folders (their steps name every task's checkpoint)
     for task in sorted(set(tasks) | set(files) | job_tasks, key=lambda n: (n.startswith("_"), n)):
         every: Dict[str, List[dict]] = defaultdict(list)
@@ -173,12 +195,19 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Opti
                      "commit": v["rec"].get("_commit", "?"),
                      "seconds": float(v["rec"].get("seconds") or 0.0), "cpu": v["rec"].get("_cpu")}
                  for s, v in newest.items()}
+        if steps and not task.startswith("_"):     # planned steps this task has no file of
+            steps.update({s: {"state": "missing", "commit": "-", "seconds": None, "cpu": None}
+                          for s in planned if s not in steps})
         here = local_w.get(task)            # the steps computed on this machine's checkpoint
         on_local = sum(1 for v in newest.values() if here and (v["rec"].get("_params") or {}).get("weights") == here)
         job_s = sum(float(j.get("seconds") or 0.0) for k, j in jobs.items() if k.split("/", 1)[-1] == task)
         current = [s for s, v in steps.items() if v["state"] == "current"]
-        stale_s = sum(v["seconds"] for v in steps.values() if v["state"] != "current")
-        out["tasks"][task] = {"steps": steps, "current": len(current), "stale": len(steps) - len(current),
+        missing = [s for s, v in steps.items() if v["state"] == "missing"]
+        stale_s = sum(v["seconds"] for v in steps.values() if v["state"] not in ("current", "missing"))
+        stale_s += sum(seconds_of.get(s, 0.0) for s in missing)
+        out["tasks"][task] = {"steps": steps, "current": len(current),
+                              "stale": len(steps) - len(current) - len(missing), "missing": len(missing),
+                              "missing_untimed": sum(1 for s in missing if s not in seconds_of),
                               "minutes_needed": (stale_s if steps else job_s) / 60.0,
                               "weights": weights, "recorded_weights": recorded, "local": local,
                               "on_local": on_local,
@@ -218,13 +247,17 @@ def render(statuses: List[Dict], verbose: bool = False) -> str:
                 state = "missing: no step files"
             else:
                 commits = sorted({v["commit"] for v in t["steps"].values() if v["state"] == "current"})
-                state = (f"{t['current']} current (commit {', '.join(commits) or '-'}), {t['stale']} stale")
+                state = (f"{t['current']} current (commit {', '.join(commits) or '-'}), {t['stale']} stale"
+                         + (f", {t['missing']} never computed" + (f" ({t['missing_untimed']} of them never timed)"
+                                                                  if t.get("missing_untimed") else "")
+                            if t.get("missing") else ""))
             lines.append(f"  {task:18s} {state}; about {t['minutes_needed']:.0f} min to compute"
                          + (f"; checkpoint {t['weights'][:12]}" if t.get("weights") else ""))
             lines.extend(_local_line(t))
             if verbose:
                 for s, v in sorted(t["steps"].items()):
-                    lines.append(f"      {s:40s} {v['state']} ({v['commit']}, {v['seconds']:.0f}s)")
+                    took = "?" if v["seconds"] is None else f"{v['seconds']:.0f}s"
+                    lines.append(f"      {s:40s} {v['state']} ({v['commit']}, {took})")
     lines.append(f"about {total:.0f} min of steps still needed (recorded timings; fine-tunes not included)")
     return "\n".join(lines)
 

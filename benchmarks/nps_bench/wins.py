@@ -138,6 +138,26 @@ class WinsConfig:
     selection_study: bool = True      # test-score the other SELECTION_RULES' picks of each default search
 
 
+BASELINES = ("magnitude", "dare", "della")
+BENCH_SUITES = ("text", "vision", "vit")      # what `make bench-wins` runs (with WinsConfig())
+
+
+def planned_steps(cfg: WinsConfig) -> List[str]:
+    """The steps :func:`run_task` computes for one task under ``cfg``, in its order (what
+    ``make bench-status`` counts as never computed when a task has no file of one; a test holds
+    the two together)."""
+    steps = ["wins-finetuned"]
+    for r in cfg.keeps:
+        steps += [f"wins-{m}-r{r:g}" for m in BASELINES] + [f"wins-magnitude-rescaled-r{r:g}"]
+    plan = [(v, r) for r in cfg.keeps for v in cfg.variants]
+    plan += [(v, r) for r in cfg.study_keeps for v in cfg.study_variants]
+    for variant, r in plan:
+        steps.append(f"wins-nps-{variant}-r{r:g}")
+        if variant == "default" and cfg.selection_study:
+            steps.append(f"wins-select-r{r:g}")
+    return steps
+
+
 def holdout_key(task: dict, st: PruneSettings) -> dict:
     """``holdout_min_rows`` for a step's key where it changes the split (the hold-out share of the
     task's calibration rows is fewer rows than it: no hold-out); nothing elsewhere, so those
@@ -229,7 +249,7 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str) -> List[dict]
     base = cache.step(suite, task["name"], "wins-finetuned", _params(task, cfg), ft, log)
     rows.append({"method": "fine-tuned", "keep": 1.0, **base})
     for r in cfg.keeps:
-        for method in ("magnitude", "dare", "della"):
+        for method in BASELINES:
             def one(method=method, r=r):
                 s = session()
                 return {"test": s.score(state["test"], _baseline(method, s.task_vector.values, r, cfg.seed,
