@@ -135,3 +135,35 @@ def test_a_log_of_the_other_kernel_does_not_resume(tmp_path):
     ids = {k: ident({**base, "cpu_linear": k}) for k in CPU_LINEARS}
     assert ids["onednn"]["cpu_linear"] == "onednn" and "cpu_linear" not in ids["torch"]
     assert ids["onednn"] != ids["torch"] and ids["torch"] == ident(base)
+
+
+@needs_onednn
+def test_merges_choose_under_the_setting_and_test_scores_keep_torch(calls):
+    """The merges' λ choices score under MergeSettings.cpu_linear (onednn by default, as the
+    CLI's); merged_scores without it (a test score) keeps torch's kernel."""
+    from nps_pruning.apps.merge import merged_scores
+    from nps_pruning.apps.settings import MergeSettings
+    from nps_pruning.cli.settings import merge_settings
+    torch.manual_seed(0)
+    net, x = torch.nn.Linear(16, 2), torch.randn(6, 16)
+
+    class Task:
+        device = "cpu"
+
+        def score(self, ev, merged):
+            return ev(net)
+
+    def evaluator(model):
+        with torch.no_grad():
+            return float(model(x).sum())
+    want = merged_scores([Task()], [evaluator], None)
+    assert calls == []
+    got = merged_scores([Task()], [evaluator], None, MergeSettings().cpu_linear)
+    assert len(calls) == 1 and got == pytest.approx(want, rel=1e-5)
+    assert MergeSettings().cpu_linear == "onednn"
+    with pytest.raises(NPSError, match="cpu_linear must be one of"):
+        MergeSettings(cpu_linear="mkl")
+    from nps_pruning.cli.options import MergeOptions, build
+    opts = build(MergeOptions, {"pretrained": "a", "finetuned": ["b", "c"], "output": "o",
+                                "cpu_linear": "torch"}, source="t")
+    assert merge_settings(opts).cpu_linear == "torch"

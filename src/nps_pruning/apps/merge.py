@@ -28,6 +28,7 @@ from ..core.space import make_space
 from ..errors import NPSError
 from ..paths import check_name
 from ..search import SearchSettings, run_search
+from ..search.cpu_linear import linear_mode
 from ..search.grid import grid_search
 from .prune import Session
 from .settings import MergeSettings
@@ -57,9 +58,12 @@ def task_names(paths: Sequence[str], names: Sequence[str], *,
 
 
 def merged_scores(sessions: Sequence[Session], evaluators: Sequence[Callable],
-                  merged: torch.Tensor) -> List[float]:
-    """Each task's score of θ_pre + merged τ with that task's own head."""
-    return [s.score(ev, merged) for s, ev in zip(sessions, evaluators)]
+                  merged: torch.Tensor, cpu_linear: str = "torch") -> List[float]:
+    """Each task's score of θ_pre + merged τ with that task's own head; ``cpu_linear``: the CPU
+    kernel of the fp32 linear layers (:mod:`~nps_pruning.search.cpu_linear`; the merges' choices
+    pass their settings', a test score keeps torch's)."""
+    with linear_mode(cpu_linear, getattr(sessions[0], "device", "cpu") if sessions else "cpu"):
+        return [s.score(ev, merged) for s, ev in zip(sessions, evaluators)]
 
 
 def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, *,
@@ -73,7 +77,7 @@ def nps_merge_lambdas(sessions, evaluators, pruned: torch.Tensor, *,
     def mean_score(lambdas) -> float:
         return float(np.mean(merged_scores(sessions, evaluators,
                                            nps_combine(pruned, list(lambdas), settings.normalize,
-                                                       settings.collide))))
+                                                       settings.collide), settings.cpu_linear)))
 
     choice = grid_search(lambda_grid, lambda lam: mean_score([lam] * n), what="lambda_grid")
     grid = [{"lambda": lam, "score": score} for lam, score in zip(lambda_grid, choice.scores)]
@@ -140,7 +144,7 @@ def joint_nps_merge(sessions, evaluators, points: Sequence[TaskPoint], lambdas0:
         pruned, lambdas = build(params)
         merged = nps_combine(pruned, lambdas, settings.normalize, settings.collide)
         t1 = time.perf_counter()
-        score = float(np.mean(merged_scores(sessions, evaluators, merged)))
+        score = float(np.mean(merged_scores(sessions, evaluators, merged, settings.cpu_linear)))
         return score, {"build_s": t1 - t0, "eval_s": time.perf_counter() - t1, "examples": rows}
 
     rows = sum(int(getattr(ev, "num_rows", 0) or 0) for ev in evaluators)   # per candidate
@@ -176,7 +180,7 @@ def merge_with_lambda_grid(method: str, taus: torch.Tensor, sessions, evaluators
             merged = float(lam) * unit[0]       # bit for bit the merge at λ (scales_with_lambda)
         else:
             merged = build(lam)
-        return float(np.mean(merged_scores(sessions, evaluators, merged))), merged
+        return float(np.mean(merged_scores(sessions, evaluators, merged, settings.cpu_linear))), merged
 
     lambda_grid = list(settings.lambda_grid)
     choice = grid_search(lambda_grid, score, what="lambda_grid")
@@ -207,9 +211,10 @@ def pick_merge(sessions, evaluators, pruned: torch.Tensor, taus: torch.Tensor, *
             lambdas, _, _ = nps_merge_lambdas(sessions, evaluators, vecs, settings=settings,
                                               progress=progress)
             merged = nps_combine(vecs, lambdas, settings.normalize, settings.collide)
-            score = float(np.mean(merged_scores(sessions, evaluators, merged)))
+            score = float(np.mean(merged_scores(sessions, evaluators, merged, settings.cpu_linear)))
         else:
-            svd = MergeSettings(lambda_grid=PICK_SVD_GRID, seed=settings.seed, matrices=settings.matrices)
+            svd = MergeSettings(lambda_grid=PICK_SVD_GRID, seed=settings.seed, matrices=settings.matrices,
+                                cpu_linear=settings.cpu_linear)
             merged, lam, grid = merge_with_lambda_grid(method, vecs, sessions, evaluators, settings=svd)
             lambdas, score = [float(lam)] * n, max(g["score"] for g in grid)
         tried.append({"merge": method, "inputs": inputs, "score": score,

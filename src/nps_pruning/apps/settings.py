@@ -135,6 +135,7 @@ class MergeSettings:
     matrices: str = MERGE_OPTIONS["matrices"][0]   # tsv-m / iso-c: which tensors are matrices
     combine: str = "best"             # NPS-merge: the best merge on calibration (best) | Eq. 7 (nps);
     #                                   a joint search (joint_generations) refines Eq. 7 and implies nps
+    cpu_linear: str = "onednn"        # the choices' fp32 CPU linear layers (search.cpu_linear)
 
     def __post_init__(self):
         object.__setattr__(self, "lambda_grid", tuple(self.lambda_grid))   # as given: the report lists them
@@ -142,6 +143,9 @@ class MergeSettings:
             raise NPSError(f"settings: lambda_generations must be >= 0, got {self.lambda_generations}")
         if int(self.joint_generations) < 0:
             raise NPSError(f"settings: joint_generations must be >= 0, got {self.joint_generations}")
+        if self.cpu_linear not in CPU_LINEARS:
+            raise NPSError(f"settings: cpu_linear must be one of {', '.join(CPU_LINEARS)}, got "
+                           f"{self.cpu_linear!r}")
         if self.combine not in COMBINES:
             raise NPSError(f"settings: combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
         for name, values in MERGE_OPTIONS.items():     # collide, trim, matrices: declared in core.merge

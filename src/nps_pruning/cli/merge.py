@@ -140,7 +140,8 @@ def run_merge(opts) -> Dict[str, Any]:
             if msettings.joint_generations > 0:
                 points = [task_point(s, o, slim) for s, o in zip(sessions, outcomes)]
                 two_stage = float(np.mean(merged_scores(
-                    sessions, evaluators, nps_combine(pruned, lambdas, opts.normalize, opts.collide))))
+                    sessions, evaluators, nps_combine(pruned, lambdas, opts.normalize, opts.collide),
+                    msettings.cpu_linear)))
                 pruned, lambdas, joint = joint_nps_merge(
                     sessions, evaluators, points, lambdas, settings=msettings,
                     log_path=safe_child(wd, "search-joint.jsonl"), progress=not opts.quiet)
@@ -160,7 +161,8 @@ def run_merge(opts) -> Dict[str, Any]:
                                                    settings=msettings)
         report.update(lambdas=[lam] * len(sessions), lambda_grid=grid)
     if evaluators:
-        report["calibration"] = dict(zip(names, merged_scores(sessions, evaluators, merged)))
+        report["calibration"] = dict(zip(names, merged_scores(sessions, evaluators, merged,
+                                                               msettings.cpu_linear)))
     if opts.test:
         tests = [s.evaluator(spec, **ev_kw) for s, spec in zip(sessions, opts.test)]
         report["test"] = dict(zip(names, merged_scores(sessions, tests, merged)))

@@ -108,8 +108,8 @@ class SearchOptions:
     max_length: int = opt(_PRUNE.max_length, "text evaluators: maximum tokens per row", lo=1)
     autocast: str = opt("off", "bf16: the search's forward passes under bf16 autocast (faster on "
                                "CPUs with AMX/AVX512-BF16 and GPUs)", choices=("off", "bf16"))
-    cpu_linear: str = opt(_PRUNE.cpu_linear, "the search's fp32 linear layers on the CPU: oneDNN's "
-                          "kernel (~2x MKL's on AMD CPUs) or torch's own", choices=CPU_LINEARS)
+    cpu_linear: str = opt(_PRUNE.cpu_linear, "fp32 linear layers of the searches and λ choices on the "
+                          "CPU: oneDNN's kernel (~2x MKL's on AMD CPUs) or torch's own", choices=CPU_LINEARS)
     lm_eval_include: Optional[str] = opt(None, "lm-eval: evaluators: folder of local lm-evaluation-harness "
                                                "task YAMLs (also NPS_LM_EVAL_INCLUDE)")
     model_factory: Optional[str] = opt(None, "python:MODULE:FUNCTION building the model for a bare "

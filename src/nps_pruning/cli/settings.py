@@ -61,6 +61,7 @@ def merge_settings(opts) -> MergeSettings:
                          seed=opts.seed, max_failures=opts.max_failures, collide=opts.collide,
                          trim=opts.trim, joint_generations=opts.joint_generations,
                          matrices=opts.svd_matrices,
+                         cpu_linear=opts.cpu_linear,
                          # a fixed λ or the joint search (a refinement of Eq. 7): Eq. 7, no pick
                          combine="nps" if opts.lam is not None or opts.joint_generations else opts.combine)
 
