@@ -127,25 +127,35 @@ def local_checkpoint(task: str, newest: Dict[str, dict], cache_dir: Optional[Pat
     return None
 
 
-def planned_steps(suite: str, files: Dict[str, List[Path]]):
+def planned_steps(suite: str, records: Dict[str, List[dict]]):
     """(the steps `make bench-wins` computes for each task of ``suite``, step -> the median of its
-    recorded seconds over the suite's tasks): a task's planned step with no file is *missing*,
-    its minutes estimated from the other tasks' (untimed where no task has it)."""
+    recorded seconds over the suite's tasks; ``records``: task -> its step files' records): a
+    task's planned step with no file is *missing*, its minutes estimated from the other tasks'
+    (untimed where no task has it)."""
     from .wins import BENCH_SUITES, WinsConfig
     from .wins import planned_steps as wins_steps
     if suite not in BENCH_SUITES:
         return [], {}
     plan = wins_steps(WinsConfig())
+    wanted = set(plan)
     seen: Dict[str, List[float]] = defaultdict(list)
-    for task, paths in files.items():
-        for p in paths:
-            name = p.stem.rsplit("-", 1)[0]        # <step>-<key>
-            if name in plan and not task.startswith("_"):
-                try:
-                    seen[name].append(float(json.loads(p.read_text()).get("seconds") or 0.0))
-                except (OSError, ValueError):
-                    continue
+    for task, recs in records.items():
+        for x in recs if not task.startswith("_") else ():
+            if x["step"] in wanted:
+                seen[x["step"]].append(float(x["rec"].get("seconds") or 0.0))
     return plan, {s: sorted(v)[len(v) // 2] for s, v in seen.items() if v}
+
+
+def _read_records(paths: List[Path]) -> List[dict]:
+    """Each readable step file as {"step", "mtime", "rec"}."""
+    out = []
+    for p in paths:
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        out.append({"step": rec.get("_step", p.stem), "mtime": p.stat().st_mtime, "rec": rec})
+    return out
 
 
 def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Optional[Path] = None,
@@ -166,16 +176,13 @@ def suite_status(suite: str, steps_dir: Path, results_dir: Path, cache_dir: Opti
     # in the _fusion / _compression / _merge_aware folders, listed from the files themselves
     job_tasks = {j.split("/", 1)[1] for j in jobs if "/" in j} - {"_all"}
     local_w: Dict[str, str] = {}               # task -> the digest of its checkpoint built here
-    planned, seconds_of = planned_steps(suite, files)
+    records = {task: _read_records(paths) for task, paths in files.items()}
+    planned, seconds_of = planned_steps(suite, records)
     # the tasks first, then the shared jobs' folders (their steps name every task's checkpoint)
     for task in sorted(set(tasks) | set(files) | job_tasks, key=lambda n: (n.startswith("_"), n)):
         every: Dict[str, List[dict]] = defaultdict(list)
-        for p in files.get(task, []):
-            try:
-                rec = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            every[rec.get("_step", p.stem)].append({"mtime": p.stat().st_mtime, "rec": rec})
+        for x in records.get(task, []):
+            every[x["step"]].append(x)
         # the newest file of each step (by its recorded date; a fresh clone gives every file
         # the same mtime), for the checkpoint the steps name
         newest = {s: max(v, key=lambda x: (str(x["rec"].get("_date") or ""), x["mtime"]))

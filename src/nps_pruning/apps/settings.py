@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 from ..core.merge import MERGE_OPTIONS
 from ..errors import NPSError
 from ..search.cmaes_search import SearchSettings, shipped_search
-from ..search.cpu_linear import CPU_LINEARS
+from ..search.cpu_linear import check_cpu_linear
 
 __all__ = ["PruneSettings", "MergeSettings", "SearchSettings"]
 
@@ -88,9 +88,7 @@ class PruneSettings:
         if self.autocast not in AUTOCASTS:
             raise NPSError(f"settings: autocast must be one of {', '.join(map(str, AUTOCASTS))}, got "
                            f"{self.autocast!r}")
-        if self.cpu_linear not in CPU_LINEARS:
-            raise NPSError(f"settings: cpu_linear must be one of {', '.join(CPU_LINEARS)}, got "
-                           f"{self.cpu_linear!r}")
+        check_cpu_linear(self.cpu_linear)
         if self.calib_size is not None and int(self.calib_size) < 1:
             raise NPSError(f"settings: calib_size must be >= 1 (or None), got {self.calib_size}")
 
@@ -143,9 +141,7 @@ class MergeSettings:
             raise NPSError(f"settings: lambda_generations must be >= 0, got {self.lambda_generations}")
         if int(self.joint_generations) < 0:
             raise NPSError(f"settings: joint_generations must be >= 0, got {self.joint_generations}")
-        if self.cpu_linear not in CPU_LINEARS:
-            raise NPSError(f"settings: cpu_linear must be one of {', '.join(CPU_LINEARS)}, got "
-                           f"{self.cpu_linear!r}")
+        check_cpu_linear(self.cpu_linear)
         if self.combine not in COMBINES:
             raise NPSError(f"settings: combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
         for name, values in MERGE_OPTIONS.items():     # collide, trim, matrices: declared in core.merge

@@ -81,10 +81,15 @@ class OneDNNLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def linear_mode(cpu_linear: str, device) -> contextlib.AbstractContextManager:
-    """The context the search's forward passes on ``device`` run in for ``cpu_linear``."""
+def check_cpu_linear(cpu_linear: str) -> None:
+    """Refuse a ``cpu_linear`` that is not one of :data:`CPU_LINEARS` (the settings' check)."""
     if cpu_linear not in CPU_LINEARS:
         raise NPSError(f"settings: cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {cpu_linear!r}")
+
+
+def linear_mode(cpu_linear: str, device) -> contextlib.AbstractContextManager:
+    """The context the search's forward passes on ``device`` run in for ``cpu_linear``."""
+    check_cpu_linear(cpu_linear)
     if cpu_linear == "onednn" and torch.device(device).type == "cpu" and onednn_available():
         return OneDNNLinear()
     return contextlib.nullcontext()
