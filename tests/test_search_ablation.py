@@ -254,5 +254,32 @@ def test_prune_passes_the_fine_tuned_models_score_for_the_patience_gap(pair):
     assert _cands(gap.search.candidates[:n]) == _cands(plain.search.candidates)   # its prefix
 
 
+def test_prune_scores_the_fine_tuned_model_once(pair, monkeypatch):
+    """With the patience gap on, the fine-tuned model's score on the search rows is both the gap's
+    reference and the report's calibration["finetuned"]: computed once, the value a fresh score
+    gives; with the gap off it is still reported."""
+    from nps_pruning.apps.prune import Session, prune
+    spec = f"text-classification:{pair['calib']}"
+    st = PruneSettings(keep_ratio=0.1, bands=2, space="magnitude", fitness="loglik", holdout=0.0)
+    st = st.replace(generations=2, popsize=4, patience=1, min_generations=1, race="halving",
+                    race_min_rows=4, patience_gap=0.0)
+    s = Session.load(pair["base"], pair["ft"])
+    ref = s.score(s.search_evaluators(spec, fitness="loglik")[0], s.task_vector.values)
+    tau_calls = []
+    real = Session.score
+
+    def counting(self, evaluator, tau, scale=1.0):
+        if tau is self.task_vector.values:
+            tau_calls.append(1)
+        return real(self, evaluator, tau, scale)
+    monkeypatch.setattr(Session, "score", counting)
+    out = prune(Session.load(pair["base"], pair["ft"]), "nps", settings=st, eval_spec=spec, progress=False)
+    assert len(tau_calls) == 1 and out.calibration["finetuned"] == ref
+    tau_calls.clear()
+    off = prune(Session.load(pair["base"], pair["ft"]), "nps", settings=st.replace(patience_gap=None),
+                eval_spec=spec, progress=False)
+    assert len(tau_calls) == 1 and off.calibration["finetuned"] == ref
+
+
 def _cands(cands):
     return [(c["gen"], tuple(c["weights"]), c["score"]) for c in cands]

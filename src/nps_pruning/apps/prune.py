@@ -115,7 +115,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
         # the search holds the model (with θ_pre in it), τ and the band structures: each candidate
         # is written at its k kept entries and restored (no second model-sized copy of θ_pre)
-        # --patience-gap: the fine-tuned model's own score on the search rows, once
+        # --patience-gap: the fine-tuned model's own score on the search rows, once (it is also
+        # the report's calibration["finetuned"]: the same model on the same rows)
         reference = (session.score(evaluator, session.task_vector.values)
                      if search.patience is not None and search.patience_gap is not None else None)
         session.park_base()
@@ -182,7 +183,8 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             outcome.calibration["nps_holdout"] = max(r["holdout_score"] for r in rescored)
         if aborted:
             return outcome
-        outcome.calibration["finetuned"] = session.score(evaluator, tv.values)
+        outcome.calibration["finetuned"] = (reference if reference is not None
+                                            else session.score(evaluator, tv.values))
         return outcome
     if method not in PRUNERS:
         raise NPSError(f"unknown pruning method {method!r} (known: nps, {', '.join(PRUNERS)})")
