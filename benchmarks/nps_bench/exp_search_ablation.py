@@ -39,6 +39,7 @@ import numpy as np
 
 from nps_pruning.apps.settings import PruneSettings, SearchSettings
 from nps_pruning.atomic import atomic_write_text
+from nps_pruning.search import SHIPPED_SEARCH
 from .cache import (DEADLINE_ENV, BudgetReached, ResultCache, _logger, _set_threads,
                     default_results_cache, restores_deadline, set_budget)
 from .context import stats_params, task_dict, weights_param
@@ -81,6 +82,11 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
     "gain6-norace": ("≤ 30 generations, not raced: stop after 3 without a gain > 0.01 (not before 6)",
                      {"generations": 30, "patience": 3, "min_gain": 0.01, "min_generations": 6}),
     "shipped": ("`nps prune` with no flags (today's default)", None),
+    # the shipped search with one setting changed (candidates for the default where it loses)
+    "shipped-z2": ("the default with racing's z = 2 (a stage also keeps those within 2 SE of the leader)",
+                   {**SHIPPED_SEARCH, "race_z": 2.0}),
+    "shipped-norace": ("the default not raced (every candidate on every search row)",
+                       {**SHIPPED_SEARCH, "race": None}),
 }
 # searches that differ from another only in PruneSettings fields (the search itself as VARIANTS)
 PRUNE_VARIANTS: Dict[str, Tuple[str, str, dict]] = {
