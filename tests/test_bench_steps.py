@@ -322,6 +322,9 @@ def test_rows_of_bumped_code_or_an_old_default_are_marked_stale(tmp_path, monkey
     assert default_changed(row) == "the shipped default changed since (generations)"
     assert default_changed({"variant": "shipped", "_params": {"search": now["search"]}}) is None
     assert default_changed({"variant": "race3", "_params": {"search": {}}}) is None
+    # a variant of the default with its own search settings is not the default (never stale by that)
+    assert default_changed({"variant": "shipped-z2", "_params": {"search": {}}}) is None
+    assert default_changed({"variant": "shipped-torch", "_params": {"search": {}}}) is not None
     old = {"tasks": {"rt-plot": [{"method": "nps-default", "keep": 0.05, **hit}]},
            "default_settings": {**now, "search": {**now["search"], "generations": 6}}}
     assert "the shipped default changed since (search)" in _stale_cell("text", old, "nps-default", 0.05)

@@ -406,10 +406,17 @@ def _mean_se(vals: List[Tuple[float, int]]) -> Tuple[float, float]:
     return float(np.mean(ps)), math.sqrt(sum(_se(p, n) ** 2 for p, n in vals)) / len(vals)
 
 
+def runs_the_default_search(v: str) -> bool:
+    """Whether variant ``v`` runs the shipped default's search (``shipped`` and the PRUNE_VARIANTS
+    built on it), not a variant of it with its own search settings (``shipped-z2``)."""
+    base = PRUNE_VARIANTS[v][1] if v in PRUNE_VARIANTS else v
+    return base in VARIANTS and VARIANTS[base][1] is None
+
+
 def default_changed(row: dict) -> Optional[str]:
-    """For a row of the shipped default (variant shipped*): what of its search settings is not
-    today's default, or None."""
-    if not str(row.get("variant", "")).startswith("shipped"):
+    """For a row of the shipped default's search (:func:`runs_the_default_search`): what of its
+    search settings is not today's default, or None."""
+    if not runs_the_default_search(str(row.get("variant", ""))):
         return None
     had = (row.get("_params") or {}).get("search")
     now = settings_params(PruneSettings())["search"]
