@@ -140,7 +140,9 @@ def planned_steps(suite: str, records: Dict[str, List[dict]]):
     wanted = set(plan)
     seen: Dict[str, List[float]] = defaultdict(list)
     for task, recs in records.items():
-        for x in recs if not task.startswith("_") else ():
+        if task.startswith("_"):                 # the shared jobs' folders plan nothing per task
+            continue
+        for x in recs:
             if x["step"] in wanted:
                 seen[x["step"]].append(float(x["rec"].get("seconds") or 0.0))
     return plan, {s: sorted(v)[len(v) // 2] for s, v in seen.items() if v}
