@@ -127,6 +127,9 @@ def test_the_shipped_default_is_what_nps_prune_runs():
     assert prune_settings(off).search == shipped_search(patience_gap=None)   # < 0: plain patience
     assert prune_settings(off).search.to_dict() == {k: v for k, v in shipped_search().to_dict().items()
                                                     if k != "patience_gap"}
+    assert PruneSettings().search.race_gap == 0.02
+    every = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race_gap": -1})
+    assert prune_settings(every).search == shipped_search(race_gap=None)     # < 0: race every generation
     st = wins_settings({"name": "a", "max_length": 64}, WinsConfig(), 0.05, WV["default"][1], None)
     assert st == PruneSettings(keep_ratio=0.05, max_length=64)
     assert wins_settings({"name": "a"}, WinsConfig(), 0.1, WV["default-128"][1], 128) == \
@@ -252,6 +255,15 @@ def test_prune_passes_the_fine_tuned_models_score_for_the_patience_gap(pair):
     assert gap.search.stopped_early is None and max(c["gen"] for c in gap.search.candidates) == 6
     n = len(plain.search.candidates)
     assert _cands(gap.search.candidates[:n]) == _cands(plain.search.candidates)   # its prefix
+    # --race-gap takes the same reference: a search below it by more than the gap is not raced
+    rst = base.replace(generations=2, popsize=4, race="halving", race_min_rows=4, race_z=0.0,
+                       patience=None, race_gap=None)
+    raced = prune(Session.load(pair["base"], pair["ft"]), "nps", settings=rst, eval_spec=spec, progress=False)
+    below = prune(Session.load(pair["base"], pair["ft"]), "nps", settings=rst.replace(race_gap=0.0),
+                  eval_spec=spec, progress=False)
+    assert any(c["status"] == "eliminated" for c in raced.search.candidates)
+    assert all(c["status"] == "ok" for c in below.search.candidates)
+    assert below.calibration["finetuned"] == ref
 
 
 def test_prune_scores_the_fine_tuned_model_once(pair, monkeypatch):

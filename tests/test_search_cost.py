@@ -478,3 +478,35 @@ def test_patience_gap_lets_a_search_below_the_fine_tuned_model_run_on(tmp_path):
     with pytest.raises(NPSError, match="patience_gap"):
         _settings(patience=3, patience_gap=-1.0).validate()
 
+
+
+def test_race_gap_races_only_near_the_fine_tuned_model(tmp_path):
+    """--race-gap G with the fine-tuned model's score R: a generation is raced only once the best
+    score before it is >= R − G. Below that it is the unraced search's generation (same candidates,
+    every row); from the generation after the best first reaches R − G it is raced; always near
+    R: the plain raced search; never near: the unraced one."""
+    plain = _settings(generations=8, race="halving", race_min_rows=8, race_z=0.0)
+    unraced = run_search(PerRow(), 4, _settings(generations=8), progress=False)
+    raced = run_search(PerRow(), 4, plain, progress=False)
+    best = {g: max(c["score"] for c in unraced.candidates if c["gen"] <= g and c["status"] == "ok")
+            for g in range(9)}
+    k = next(g for g in range(2, 8) if best[g] > best[g - 1])    # the best first reaches best[k] at k
+    st = _settings(generations=8, race="halving", race_min_rows=8, race_z=0.0, race_gap=0.25)
+    gap = run_search(PerRow(), 4, st, progress=False, reference_score=best[k] + 0.25)
+    before = [c for c in gap.candidates if c["gen"] <= k]
+    assert _key(before) == _key([c for c in unraced.candidates if c["gen"] <= k])
+    assert all(c["status"] == "ok" and c["examples"] == 96 for c in before)
+    after = [c for c in gap.candidates if c["gen"] > k]
+    assert any(c["status"] == "eliminated" for c in after)           # raced from generation k + 1
+    # a raced finalist: its partial stages' rows and then every row
+    assert all(c["status"] == "eliminated" or c["examples"] > 96 for c in after)
+    near = run_search(PerRow(), 4, st, progress=False, reference_score=-1e9 + 0.25)
+    assert near.stopped_early is None and _key(near.candidates) == _key(raced.candidates)
+    far = run_search(PerRow(), 4, st, progress=False, reference_score=1e9)
+    assert _key(far.candidates) == _key(unraced.candidates)
+    # no reference (a caller that scored none): races every generation
+    assert _key(run_search(PerRow(), 4, st, progress=False).candidates) == _key(raced.candidates)
+    assert gap.settings["race_gap"] == 0.25
+    assert "race_gap" not in plain.to_dict() and "race_gap" not in _settings(race_gap=0.1).to_dict()
+    with pytest.raises(NPSError, match="race_gap"):
+        _settings(race="halving", race_gap=-1.0).validate()

@@ -59,6 +59,9 @@ CUT_LABELS = {"starts": "generation 0: the start points alone",
               "g12": "+ CMA-ES, 12 generations", "g30": "+ CMA-ES, 30 generations (old CLI default)",
               "patience3": "+ CMA-ES until 3 generations bring nothing better (≤ 30)"}
 PICKS = ("holdout", "search")
+# the default of 2026-12-07 (raced at every generation), which the variants below were measured against
+SEARCH_V3 = {"generations": 30, "race": "auto", "race_z": 0.0, "patience": 3, "min_gain": 0.01,
+             "min_generations": 6, "patience_gap": 0.02}
 # searches run on their own (racing changes the candidates): SearchSettings overrides of OLD_CLI;
 # "shipped" is PruneSettings() as `nps prune` runs it with no flags, whatever that is today
 VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
@@ -83,8 +86,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
                      {"generations": 30, "patience": 3, "min_gain": 0.01, "min_generations": 6}),
     "shipped": ("`nps prune` with no flags (today's default)", None),
     # the shipped search with one setting changed (candidates for the default where it loses)
-    "shipped-z2": ("the default with racing's z = 2 (a stage also keeps those within 2 SE of the leader)",
-                   {**SHIPPED_SEARCH, "race_z": 2.0}),
+    "shipped-z2": ("the default of 2026-12-07 (search v3) with racing's z = 2 (a stage also keeps "
+                   "those within 2 SE of the leader)", {**SEARCH_V3, "race_z": 2.0}),
     "shipped-norace": ("the default not raced (every candidate on every search row)",
                        {**SHIPPED_SEARCH, "race": None}),
 }

@@ -153,6 +153,10 @@ class SearchOptions:
                           lo=1.0, lo_open=True)
     race_z: float = opt(_SEARCH.race_z, "--race: also keep a candidate within Z standard errors "
                                         "(paired, per row) of the stage's leader", lo=0.0)
+    race_gap: Optional[float] = opt(_SEARCH.race_gap, "--race: race a generation only once the best "
+                                    "calibration score is within this of the fine-tuned model's "
+                                    "own (further below, every candidate gets every row; < 0: "
+                                    "always race)")
     resume: bool = opt(False, "continue a killed search from its log next to the output")
     quiet: bool = opt(False, "no progress bars")
 

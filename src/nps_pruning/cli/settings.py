@@ -33,6 +33,8 @@ def search_settings(opts) -> SearchSettings:
         same["patience"] = None
     if (same.get("patience_gap") or 0) < 0:   # --patience-gap -1: plain patience
         same["patience_gap"] = None
+    if (same.get("race_gap") or 0) < 0:       # --race-gap -1: race every generation
+        same["race_gap"] = None
     return SearchSettings(**{**same, "lower": bounds.lower, "upper": bounds.upper, "sigma0": bounds.sigma0})
 
 

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from ..core.space import SEARCH_SPACES, make_space
 from ..errors import NPSError
 from .executors import make_executor
-from .race import RACES
+from .race import RACES, race_rows
 from .search_log import LOG_FORMAT, SearchLog, log_header, previous_records, settings_dict
-from .state import SearchAborted, SearchResult, SearchState, best_up_to, near_reference, scores_of
+from .state import (SearchAborted, SearchResult, SearchState, best_up_to, near_reference, scores_of,
+                    within_gap)
 
 __all__ = ["PARAM_DEFAULTS", "POPSIZE_MIN", "SUBSPACES", "SHIPPED_SEARCH", "SearchSettings", "shipped_search", "SearchResult", "SearchAborted",
            "best_up_to", "run_search", "LOG_FORMAT"]
@@ -81,6 +82,9 @@ class SearchSettings:
     race_min_rows: int = 16         # rows of the first racing stage
     race_eta: float = 3.0           # each stage keeps the top 1/eta (and rows grow eta-fold)
     race_z: float = 2.0             # ... plus those within z standard errors of the leader
+    # race a generation only once the best score is within this of the fine-tuned model's score
+    # (reference_score); further below it every candidate gets every row (None: always race)
+    race_gap: Optional[float] = None
 
     def to_dict(self) -> dict:
         """JSON-ready form, without the settings of the features that are off (the log header's
@@ -136,6 +140,8 @@ class SearchSettings:
             raise NPSError(f"search: race_eta must be > 1, got {self.race_eta}")
         if not (math.isfinite(self.race_z) and self.race_z >= 0):
             raise NPSError(f"search: race_z must be >= 0, got {self.race_z}")
+        if self.race_gap is not None and not (math.isfinite(self.race_gap) and self.race_gap >= 0):
+            raise NPSError(f"search: race_gap must be a number >= 0, got {self.race_gap}")
 
 
 # What `nps prune` runs with no flags, on top of SearchSettings() (issue 32; BENCHMARKS.md "What
@@ -151,8 +157,13 @@ class SearchSettings:
 # Patience stops only a search within 0.02 of the fine-tuned model's own calibration score: under
 # the loglik-t fitness MobileNetV2's searches stopped at 6 generations far below it and lost 0.09
 # of test accuracy at r = 0.05 to 30 generations; text searches start at it and stop as before.
+# Racing, too, only within 0.02 of it (race_gap): far below it (MobileNetV2 at r <= 0.05, ViT at
+# r = 0.02 before it climbs) the racing stages mis-ranked the climbing candidates (MobileNetV2
+# r = 0.05: -0.012 test at 30 generations), so those generations score every row, as the old
+# default did; text searches start within the gap and race as before.
 SHIPPED_SEARCH: Dict[str, Any] = {"generations": 30, "race": "auto", "race_z": 0.0, "patience": 3,
-                                  "min_gain": 0.01, "min_generations": 6, "patience_gap": 0.02}
+                                  "min_gain": 0.01, "min_generations": 6, "patience_gap": 0.02,
+                                  "race_gap": 0.02}
 
 
 def shipped_search(**changes) -> SearchSettings:
@@ -193,7 +204,10 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
 
     ``settings.race = "halving"``: CMA-ES generations are raced over the calibration rows
     (:mod:`.race`); the scorer must have ``score_rows(weights, rows)``, and the number of
-    calibration rows is ``calib_rows`` (default: ``scorer.num_rows``)."""
+    calibration rows is ``calib_rows`` (default: ``scorer.num_rows``). ``settings.race_gap`` G
+    with ``reference_score`` R: a generation is raced only once the best score so far is >= R − G
+    (further below, every candidate is scored on every row); it depends only on the scores, so a
+    resumed run races the generations the uninterrupted one did."""
     settings = settings or SearchSettings()
     settings.validate()
     num_bands = int(num_bands)
@@ -203,7 +217,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     space = _resolve_space(space, settings, num_bands)
     log_path = Path(log_path) if log_path is not None else None
     header = log_header(num_bands, settings, run_id)
-    num_rows = _race_rows(scorer, settings, calib_rows)
+    num_rows = race_rows(scorer, settings, calib_rows)
     previous, tail = previous_records(log_path, header, resume)
 
     own_executor = executor is None or isinstance(executor, str)
@@ -226,7 +240,9 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
         for gen in range(1, settings.generations + 1):
             t0 = time.perf_counter()
             xs = opt.ask_all()
-            recs = (state.race_generation(gen, xs, num_rows) if num_rows is not None
+            raced = num_rows is not None and within_gap(settings.race_gap, state.best_score,
+                                                        reference_score)
+            recs = (state.race_generation(gen, xs, num_rows) if raced
                     else state.score_generation(gen, xs))
             opt.tell(state.told(xs, recs))
             state.summarize(gen, recs, opt, time.perf_counter() - t0)
@@ -358,30 +374,6 @@ class _Gains:
             self.gen = best_gen
         elif best_score is not None and (self.ref is None or best_score > self.ref + self.min_gain):
             self.ref, self.gen = best_score, gen
-
-
-def auto_race_min(settings: SearchSettings) -> int:
-    """``race="auto"`` races only over at least this many calibration rows: two partial stages
-    (``race_min_rows`` and ``race_min_rows · race_eta`` rows) before the full one."""
-    return int(math.ceil(settings.race_min_rows * settings.race_eta ** 2))
-
-
-def _race_rows(scorer, settings: SearchSettings, calib_rows: Optional[int]) -> Optional[int]:
-    """The number of calibration rows a raced search races over (None: not racing)."""
-    if settings.race is None:
-        return None
-    if not (callable(getattr(scorer, "score_rows", None))
-            and getattr(scorer, "supports_rows", True)):
-        if settings.race == "auto":          # racing where it can be done, a plain search elsewhere
-            return None
-        raise NPSError("search: racing (race='halving') needs a scorer that scores rows "
-                       "(score_rows): a text- or image-classification evaluator")
-    n = calib_rows if calib_rows is not None else getattr(scorer, "num_rows", None)
-    if settings.race == "auto" and (n is None or int(n) < auto_race_min(settings)):
-        return None                          # too few rows for two stages: racing would save little
-    if n is None or int(n) < 1:
-        raise NPSError("search: racing needs the number of calibration rows (calib_rows)")
-    return int(n)
 
 
 def _resolve_space(space, settings: SearchSettings, num_bands: int):

@@ -39,6 +39,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import NPSError
+
 RACES = ("halving", "auto")   # "auto": halving where the evaluator scores rows, else no racing
 RACE_OFF = "off"              # the CLI's way to say "no racing" (None in SearchSettings)
 
@@ -99,3 +101,27 @@ def told_scores(recs: Sequence[dict], failed_value: float) -> List[float]:
             if r["status"] == "eliminated" and int(r["eliminated_at"]) == stage:
                 told[j] = min(float(r["partial_score"]), cap)
     return [float(t) for t in told]
+
+
+def auto_race_min(settings) -> int:
+    """``race="auto"`` races only over at least this many calibration rows: two partial stages
+    (``race_min_rows`` and ``race_min_rows · race_eta`` rows) before the full one."""
+    return int(math.ceil(settings.race_min_rows * settings.race_eta ** 2))
+
+
+def race_rows(scorer, settings, calib_rows: Optional[int]) -> Optional[int]:
+    """The number of calibration rows a raced search races over (None: not racing)."""
+    if settings.race is None:
+        return None
+    if not (callable(getattr(scorer, "score_rows", None))
+            and getattr(scorer, "supports_rows", True)):
+        if settings.race == "auto":          # racing where it can be done, a plain search elsewhere
+            return None
+        raise NPSError("search: racing (race='halving') needs a scorer that scores rows "
+                       "(score_rows): a text- or image-classification evaluator")
+    n = calib_rows if calib_rows is not None else getattr(scorer, "num_rows", None)
+    if settings.race == "auto" and (n is None or int(n) < auto_race_min(settings)):
+        return None                          # too few rows for two stages: racing would save little
+    if n is None or int(n) < 1:
+        raise NPSError("search: racing needs the number of calibration rows (calib_rows)")
+    return int(n)

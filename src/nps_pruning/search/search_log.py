@@ -102,8 +102,10 @@ def settings_dict(settings) -> dict:
     if d.get("subspace") == "full":         # CMA-ES over the whole space, as before the setting
         d.pop("subspace")
     if "race" in d and d["race"] is None:
-        for key in ("race", "race_min_rows", "race_eta", "race_z"):
+        for key in ("race", "race_min_rows", "race_eta", "race_z", "race_gap"):
             d.pop(key, None)
+    if d.get("race_gap", 0) is None:
+        d.pop("race_gap")
     return d
 
 

@@ -387,11 +387,19 @@ class SearchState:
         return self.partial_result()
 
 
+def within_gap(gap: Optional[float], best: Optional[float], reference: Optional[float]) -> bool:
+    """Whether the best score is at most ``gap`` below the reference score (True with no gap or
+    no reference score)."""
+    if gap is None or reference is None:
+        return True
+    return best is not None and best >= reference - float(gap)
+
+
 def near_reference(settings, best: Optional[float], reference: Optional[float]) -> Optional[str]:
     """``settings.patience_gap``: the tail of a --patience stop's message when it may stop ("" with
     no gap or no reference score), None while the best is more than the gap below the reference."""
     if settings.patience_gap is None or reference is None:
         return ""
-    if best is None or best < reference - float(settings.patience_gap):
+    if not within_gap(settings.patience_gap, best, reference):
         return None
     return f", within {settings.patience_gap:g} of the fine-tuned model's {reference:.4f}"
