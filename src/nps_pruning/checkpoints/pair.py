@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..dtypes import registry
+from ..dtypes import all_finite, registry
 from ..errors import NPSError
 from ..task_vector import Layout, TaskVector
 from .load import Checkpoint, open_checkpoint
@@ -36,7 +36,7 @@ from .names import match_names
 
 
 def _check_finite(t: torch.Tensor, ckpt: Checkpoint, name: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise NPSError(f"{ckpt.file_of(name)}: tensor {name} contains {kind} values")
 
@@ -171,13 +171,13 @@ def load_task_vector(pretrained, finetuned, *, allow_shape_mismatch: bool = Fals
         else:
             diff.sub_(tb.to(torch.float32))
         del tb
-        if check_finite and not bool(torch.isfinite(diff).all()):
+        if check_finite and not all_finite(diff):
             raise NPSError(f"{ft.file_of(k)}: tensor {k}: fine-tuned minus pre-trained "
                            "overflows float32")
         dst = values[start:stop]
         dst.copy_(diff)
         del diff
-        if check_finite and dtype != torch.float32 and not bool(torch.isfinite(dst).all()):
+        if check_finite and dtype != torch.float32 and not all_finite(dst):
             raise NPSError(f"{ft.file_of(k)}: tensor {k}: fine-tuned minus pre-trained "
                            f"overflows {str(dtype).replace('torch.', '')}; use a wider task "
                            "vector dtype (bfloat16 or float32)")

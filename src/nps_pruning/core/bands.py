@@ -13,6 +13,8 @@ from typing import List
 
 import torch
 
+from ..dtypes import all_finite
+
 SCHEMES = ("uniform", "focused")
 MAX_BANDS = 255  # band_of is uint8
 
@@ -201,7 +203,7 @@ def _sorted_abs_sort(values: torch.Tensor) -> torch.Tensor:
             piece = piece.float()
         bc = buf[s:e]
         torch.abs(piece, out=bc)
-        if not bool(torch.isfinite(bc).all()):
+        if not all_finite(bc):
             raise ValueError("task vector has non-finite (NaN or inf) entries")
         bc.neg_()
     buf.numpy().sort()        # in place, ascending of −|τ| (numpy's SIMD sort; no extra memory)
@@ -281,7 +283,7 @@ def _assign_bands(values: torch.Tensor, sorted_abs: torch.Tensor, starts: List[i
                 oc.zero_()
                 for u in us:
                     torch.le(key, u, out=le[:n])
-                    oc.add_(le[:n])
+                    oc.add_(le[:n].view(torch.uint8))   # bool as 0/1 bytes: no type promotion
         for i, u, q in split:
             if running[i] >= q:
                 continue

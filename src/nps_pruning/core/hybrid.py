@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..dtypes import all_finite
 from .bands import Bands
 from .mask import _pass as _mask_pass
 from .mask import _plan as _mask_plan
@@ -68,9 +69,8 @@ def make_hybrid_index(values: torch.Tensor, seed: int = 0) -> HybridIndex:
     if not isinstance(values, torch.Tensor) or values.dim() != 1:
         raise ValueError("make_hybrid_index expects a 1-D tensor (a flat task vector)")
     D = values.numel()
-    for s in range(0, D, CHUNK):
-        if not bool(torch.isfinite(values[s:s + CHUNK]).all()):
-            raise ValueError("task vector has non-finite (NaN or inf) entries")
+    if not all_finite(values):
+        raise ValueError("task vector has non-finite (NaN or inf) entries")
     return HybridIndex(random_order(D, seed).to(values.device), int(seed))
 
 
