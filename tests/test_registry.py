@@ -195,7 +195,7 @@ SHARED = sorted({f.name for f in dataclasses.fields(SearchSettings)}
 
 def test_cli_and_yaml_search_defaults_are_search_settings(tmp_path):
     assert SHARED == ["generations", "lower", "max_failures", "min_gain", "min_generations", "param",
-                      "patience", "patience_gap", "popsize", "race", "race_eta", "race_gap", "race_min_rows", "race_z", "seed",
+                      "patience", "patience_gap", "popsize", "race", "race_eta", "race_gap", "race_min_rows", "race_z", "refine_gap", "seed",
                       "sigma0", "space", "subspace", "upper"]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("command: prune\npretrained: p\nfinetuned: f\noutput: o\n")

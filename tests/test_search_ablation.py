@@ -130,6 +130,8 @@ def test_the_shipped_default_is_what_nps_prune_runs():
     assert PruneSettings().search.race_gap == 0.02
     every = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race_gap": -1})
     assert prune_settings(every).search == shipped_search(race_gap=None)     # < 0: race every generation
+    refine = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "refine_gap": -1})
+    assert prune_settings(refine).search == shipped_search(refine_gap=None)  # < 0: always refine
     st = wins_settings({"name": "a", "max_length": 64}, WinsConfig(), 0.05, WV["default"][1], None)
     assert st == PruneSettings(keep_ratio=0.05, max_length=64)
     assert wins_settings({"name": "a"}, WinsConfig(), 0.1, WV["default-128"][1], 128) == \
@@ -167,7 +169,7 @@ def test_race_off_on_the_command_line():
     opts = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race": "off"})
     assert prune_settings(opts).search.race is None
     old = build(PruneOptions, {"pretrained": "p", "finetuned": "f", "output": "o", "race": "off",
-                               "patience": 0, "generations": 30})
+                               "patience": 0, "generations": 30, "refine_gap": -1})
     # the old CLI default (racing's settings are unused, and absent from the log and report, without racing)
     assert prune_settings(old).search.to_dict() == SearchSettings().to_dict()
     with pytest.raises(NPSError):

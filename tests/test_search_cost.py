@@ -14,6 +14,7 @@ import torch
 
 from nps_pruning.apps.settings import PruneSettings
 from nps_pruning.errors import NPSError
+from nps_pruning.core.space import make_space
 from nps_pruning.search import SearchSettings, make_executor, run_search
 from nps_pruning.search.executors import threads_per_worker
 from nps_pruning.search.race import race_order, race_schedule, survivors, told_scores
@@ -510,3 +511,26 @@ def test_race_gap_races_only_near_the_fine_tuned_model(tmp_path):
     assert "race_gap" not in plain.to_dict() and "race_gap" not in _settings(race_gap=0.1).to_dict()
     with pytest.raises(NPSError, match="race_gap"):
         _settings(race="halving", race_gap=-1.0).validate()
+
+
+def test_refine_gap_skips_the_rescale_refinement_near_the_fine_tuned_model():
+    """--refine-gap G with the fine-tuned model's score R: generation 0 refines the rescale only
+    while its best start point is below R − G; near R it scores the start points alone (the same
+    records as the refined run's first ones), and with no reference it refines as before."""
+    M = 3
+
+    def scorer(p):
+        p = np.asarray(p, dtype=np.float64)
+        return -float(np.sum((p[:M] - 1.0) ** 2) + (p[M] - 1.3) ** 2 + np.sum(p[M + 1:] ** 2))
+    st = _settings(generations=0, space="hybrid", refine_gap=0.1, popsize=None)
+    far = run_search(scorer, M, st, progress=False, reference_score=10.0)
+    n = len(make_space("hybrid", M, 0.0, 2.0, "linear").start_points())    # 8: then 4 refinements
+    starts = far.candidates[:n]
+    assert len(far.candidates) == n + 4
+    best = max(c["score"] for c in starts)
+    near = run_search(scorer, M, st, progress=False, reference_score=best + 0.1)
+    assert _key(near.candidates) == _key(starts)
+    assert _key(run_search(scorer, M, st, progress=False).candidates) == _key(far.candidates)
+    assert near.settings["refine_gap"] == 0.1 and "refine_gap" not in _settings().to_dict()
+    with pytest.raises(NPSError, match="refine_gap"):
+        _settings(refine_gap=-0.5).validate()

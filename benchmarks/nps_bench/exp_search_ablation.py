@@ -334,7 +334,7 @@ def run_task(suite: str, task: dict, cfg_d: dict, cache_root: str):
 # `nps prune` as a user runs it (a subprocess, torch's own thread count, nothing else running):
 # with no flags, and with the flags that give the old CLI default
 CLI_RUNS = {"shipped": [], "shipped-torch": ["--cpu-linear", "torch"],
-            "old-cli": ["--generations", "30", "--race", "off", "--patience", "0"]}
+            "old-cli": ["--generations", "30", "--race", "off", "--patience", "0", "--refine-gap", "-1"]}
 
 
 def cli_timing(suite: str, task: dict, keep: float, cache_root: str, fresh: bool = False) -> Dict[str, dict]:

@@ -115,11 +115,12 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
             claim_work_dir(Path(log_path).parent, Path(log_path).parent.with_suffix(""))
         # the search holds the model (with θ_pre in it), τ and the band structures: each candidate
         # is written at its k kept entries and restored (no second model-sized copy of θ_pre)
-        # --patience-gap, --race-gap: the fine-tuned model's own score on the search rows, once
-        # (it is also the report's calibration["finetuned"]: the same model on the same rows)
+        # --patience-gap, --race-gap, --refine-gap: the fine-tuned model's own score on the
+        # search rows, once (also the report's calibration["finetuned"]: same model, same rows)
         reference = (session.score(evaluator, session.task_vector.values)
                      if (search.patience is not None and search.patience_gap is not None)
-                     or (search.race is not None and search.race_gap is not None) else None)
+                     or (search.race is not None and search.race_gap is not None)
+                     or search.refine_gap is not None else None)
         session.park_base()
         scorer = _scorer(session, evaluator, prep, settings, eval_spec,
                          calib_size=evaluator.num_rows if holdout is not None else None)

@@ -157,6 +157,10 @@ class SearchOptions:
                                     "calibration score is within this of the fine-tuned model's "
                                     "own (further below, every candidate gets every row; < 0: "
                                     "always race)")
+    refine_gap: Optional[float] = opt(_SEARCH.refine_gap, "generation 0 refines the best rescale of "
+                                      "magnitude top-k only while its best start point is more "
+                                      "than this below the fine-tuned model's own calibration "
+                                      "score (< 0: always refine)")
     resume: bool = opt(False, "continue a killed search from its log next to the output")
     quiet: bool = opt(False, "no progress bars")
 

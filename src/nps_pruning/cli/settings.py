@@ -35,6 +35,8 @@ def search_settings(opts) -> SearchSettings:
         same["patience_gap"] = None
     if (same.get("race_gap") or 0) < 0:       # --race-gap -1: race every generation
         same["race_gap"] = None
+    if (same.get("refine_gap") or 0) < 0:     # --refine-gap -1: always refine
+        same["refine_gap"] = None
     return SearchSettings(**{**same, "lower": bounds.lower, "upper": bounds.upper, "sigma0": bounds.sigma0})
 
 

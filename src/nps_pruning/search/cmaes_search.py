@@ -85,6 +85,9 @@ class SearchSettings:
     # race a generation only once the best score is within this of the fine-tuned model's score
     # (reference_score); further below it every candidate gets every row (None: always race)
     race_gap: Optional[float] = None
+    # generation 0 refines the rescale only while its best start point is more than this below
+    # the fine-tuned model's score (None: always)
+    refine_gap: Optional[float] = None
 
     def to_dict(self) -> dict:
         """JSON-ready form, without the settings of the features that are off (the log header's
@@ -140,30 +143,26 @@ class SearchSettings:
             raise NPSError(f"search: race_eta must be > 1, got {self.race_eta}")
         if not (math.isfinite(self.race_z) and self.race_z >= 0):
             raise NPSError(f"search: race_z must be >= 0, got {self.race_z}")
-        if self.race_gap is not None and not (math.isfinite(self.race_gap) and self.race_gap >= 0):
-            raise NPSError(f"search: race_gap must be a number >= 0, got {self.race_gap}")
+        for name in ("race_gap", "refine_gap"):
+            gap = getattr(self, name)
+            if gap is not None and not (math.isfinite(gap) and gap >= 0):
+                raise NPSError(f"search: {name} must be a number >= 0, got {gap}")
 
 
 # What `nps prune` runs with no flags, on top of SearchSettings() (issue 32; BENCHMARKS.md "What
-# the search is worth"). The ablation of the old default (30 generations of 11, every candidate
-# on every search row) found its CMA-ES generations worth less than a standard error of test
-# accuracy over generation 0 on text and on MobileNetV2 at r <= 0.05, at 26x generation 0's
-# forward passes, but worth +4.8 SE on MobileNetV2 at r = 0.2, where the search score keeps
-# rising by 0.03-0.1 per few generations. So the default races each generation (exactly the top
-# third to each next stage, z = 0; "auto": where the evaluator scores rows and there are >= 144),
-# runs at least 6 generations, and goes on, up to the old default's 30, while 3 generations bring
-# a gain of the best calibration score of more than 0.01 (in loglik units): on text every search
-# stopped at 6, on MobileNetV2 at r = 0.2 some ran 12. It never costs more than the old default.
-# Patience stops only a search within 0.02 of the fine-tuned model's own calibration score: under
-# the loglik-t fitness MobileNetV2's searches stopped at 6 generations far below it and lost 0.09
-# of test accuracy at r = 0.05 to 30 generations; text searches start at it and stop as before.
-# Racing, too, only within 0.02 of it (race_gap): far below it (MobileNetV2 at r <= 0.05, ViT at
-# r = 0.02 before it climbs) the racing stages mis-ranked the climbing candidates (MobileNetV2
-# r = 0.05: -0.012 test at 30 generations), so those generations score every row, as the old
-# default did; text searches start within the gap and race as before.
+# the search is worth"). The old default's CMA-ES generations (30 of 11, every candidate on every
+# row) added less than a standard error of test accuracy over generation 0 on text at 26x its
+# forward passes, but many on MobileNetV2, whose searches climb far below the fine-tuned model.
+# So near the fine-tuned model's own calibration score (within 0.02, loglik-t units) the default
+# is cheap: generation 0 does not refine the rescale (never a text search's best point), each
+# generation is raced (exactly the top third on, z = 0; "auto": where the evaluator scores rows
+# and there are >= 144), and patience stops after 3 generations without a gain of more than 0.01
+# (not before 6): every text search starts there and stops at 6. Further below, it is the old
+# default: refined, unraced (racing mis-ranked climbing candidates: MobileNetV2 r = 0.05, 0.800
+# raced against 0.812 at 30 generations), and no patience stop, up to 30 generations.
 SHIPPED_SEARCH: Dict[str, Any] = {"generations": 30, "race": "auto", "race_z": 0.0, "patience": 3,
                                   "min_gain": 0.01, "min_generations": 6, "patience_gap": 0.02,
-                                  "race_gap": 0.02}
+                                  "race_gap": 0.02, "refine_gap": 0.02}
 
 
 def shipped_search(**changes) -> SearchSettings:
@@ -230,7 +229,7 @@ def run_search(scorer: Callable[[np.ndarray], Any], num_bands: int,
     bar = None
     try:
         log.open(header, tail)
-        mean0 = _generation_zero(state, space)
+        mean0 = _generation_zero(state, space, reference_score)
         opt = _make_streams(space, settings, mean0)
         state.cma_free = opt.free_list()
         gain = _Gains(settings.min_gain, state.best_score, state.best_gen)
@@ -386,15 +385,18 @@ def _resolve_space(space, settings: SearchSettings, num_bands: int):
     return space
 
 
-def _generation_zero(state: SearchState, space) -> np.ndarray:
+def _generation_zero(state: SearchState, space, reference: Optional[float] = None) -> np.ndarray:
     """Score the space's start points (first: w = 1, plain magnitude top-k) and the points its
-    adaptive refinement adds (``space.refine_rounds`` rounds at most); return CMA-ES's start
-    mean (``space.mean0`` of all of them)."""
+    adaptive refinement adds (``space.refine_rounds`` rounds at most; none where the best start
+    point is within ``settings.refine_gap`` of the fine-tuned model's score ``reference``);
+    return CMA-ES's start mean (``space.mean0`` of all of them)."""
     t0 = time.perf_counter()
     points = list(space.start_points())
     recs = state.score_generation(0, points)
     _label(recs, space.start_labels())
-    for round_ in range(getattr(space, "refine_rounds", 0)):
+    gap = state.settings.refine_gap
+    near = gap is not None and reference is not None and within_gap(gap, state.best_score, reference)
+    for round_ in range(0 if near else getattr(space, "refine_rounds", 0)):
         more, labels = space.refine(points, scores_of(recs), round_)
         if not more:
             break

@@ -106,6 +106,8 @@ def settings_dict(settings) -> dict:
             d.pop(key, None)
     if d.get("race_gap", 0) is None:
         d.pop("race_gap")
+    if d.get("refine_gap", 0) is None:
+        d.pop("refine_gap")
     return d
 
 
