@@ -297,3 +297,18 @@ def test_prune_scores_the_fine_tuned_model_once(pair, monkeypatch):
 
 def _cands(cands):
     return [(c["gen"], tuple(c["weights"]), c["score"]) for c in cands]
+
+
+def test_the_verdict_bounds_the_examples_on_text_only():
+    """Issue 32: the shipped default within one SE of the old CLI default at every r on every
+    suite, and on text also at most 0.1x its examples scored."""
+    from nps_bench.exp_search_ablation import verdict
+    rows = [{"id": "gen0/holdout", "by_keep": {0.02: (0.90, 0.01)}, "examples": 100},
+            {"id": "g30/holdout", "by_keep": {0.02: (0.92, 0.01)}, "examples": 1000},
+            {"id": "shipped", "by_keep": {0.02: (0.915, 0.01)}, "examples": 200}]
+    assert verdict(rows, [0.02], "vit")[-1].endswith(": met.")
+    assert verdict(rows, [0.02], "text")[-1].endswith("≤ 0.1× the examples): NOT met.")
+    rows[2]["examples"] = 100
+    assert verdict(rows, [0.02], "text")[-1].endswith("): met.")
+    rows[2]["by_keep"] = {0.02: (0.905, 0.01)}                   # 1.5 SE below
+    assert verdict(rows, [0.02], "vit")[-1].endswith("NOT met.")
