@@ -90,6 +90,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
                    "those within 2 SE of the leader)", {**SEARCH_V3, "race_z": 2.0}),
     "shipped-norace": ("the default not raced (every candidate on every search row)",
                        {**SHIPPED_SEARCH, "race": None}),
+    "shipped-pg01": ("the default with `--patience-gap 0.01` (patience stops only within 0.01 of the "
+                     "fine-tuned score)", {**SHIPPED_SEARCH, "patience_gap": 0.01}),
 }
 # searches that differ from another only in PruneSettings fields (the search itself as VARIANTS)
 PRUNE_VARIANTS: Dict[str, Tuple[str, str, dict]] = {
