@@ -88,8 +88,8 @@ VARIANTS: Dict[str, Tuple[str, Optional[dict]]] = {
     # the shipped search with one setting changed (candidates for the default where it loses)
     "shipped-z2": ("the default of 2026-12-07 (search v3) with racing's z = 2 (a stage also keeps "
                    "those within 2 SE of the leader)", {**SEARCH_V3, "race_z": 2.0}),
-    "shipped-norace": ("the default not raced (every candidate on every search row)",
-                       {**SHIPPED_SEARCH, "race": None}),
+    "shipped-norace": ("the default of 2026-12-07 (search v3) not raced (every candidate on every "
+                       "search row)", {**SEARCH_V3, "race": None}),
     "shipped-pg01": ("the default with `--patience-gap 0.01` (patience stops only within 0.01 of the "
                      "fine-tuned score)", {**SHIPPED_SEARCH, "patience_gap": 0.01}),
 }
