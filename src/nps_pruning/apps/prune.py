@@ -28,6 +28,7 @@ from ..search import run_search
 from ..search.cmaes_search import SearchAborted
 from ..search.executors import make_executor
 from ..search.identity import run_identity
+from ..search.race import race_rows
 from ..search.scorer import CandidateScorer
 from ..workdirs import claim_work_dir
 from .holdout import holdout_finalists, holdout_note, logits_peak, rescore_on_holdout
@@ -117,10 +118,13 @@ def prune(session: Session, method: str, *, settings: PruneSettings = PruneSetti
         # is written at its k kept entries and restored (no second model-sized copy of θ_pre)
         # --patience-gap, --race-gap, --refine-gap: the fine-tuned model's own score on the
         # search rows, once (also the report's calibration["finetuned"]: same model, same rows)
+        # (only where a gap can act: a space that refines, an evaluator a search races over)
         reference = (session.score(evaluator, session.task_vector.values)
                      if (search.patience is not None and search.patience_gap is not None)
-                     or (search.race is not None and search.race_gap is not None)
-                     or search.refine_gap is not None else None)
+                     or (search.race_gap is not None
+                         and race_rows(evaluator, search, evaluator.num_rows) is not None)
+                     or (search.refine_gap is not None and getattr(space, "refine_rounds", 0) > 0)
+                     else None)
         session.park_base()
         scorer = _scorer(session, evaluator, prep, settings, eval_spec,
                          calib_size=evaluator.num_rows if holdout is not None else None)

@@ -128,17 +128,13 @@ class SearchOptions:
     tau_dtype: str = opt("float32", "precision τ is held in (16-bit halves the memory of large models; "
                                     "merge: ties, task-arithmetic, average; computed in float32)",
                          choices=tau_dtypes)
-    max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search "
-                                                  "stops", lo=1)
-    patience: Optional[int] = opt(_SEARCH.patience, "stop the search once the best calibration "
-                                                    "score has not improved for N generations "
-                                                    "(0: never stop early)",
-                                  lo=0)
-    min_gain: Optional[float] = opt(_SEARCH.min_gain, "--patience: count only gains of the best "
-                                                      "calibration score of more than this "
-                                                      "(score units; 0: any gain)", lo=0.0)
-    min_generations: int = opt(_SEARCH.min_generations, "--patience stops the search no earlier "
-                                                        "than this generation", lo=0)
+    max_failures: int = opt(_SEARCH.max_failures, "consecutive failed candidates before the search stops", lo=1)
+    patience: Optional[int] = opt(_SEARCH.patience, "stop the search once the best calibration score has "
+                                  "not improved for N generations (0: never stop early)", lo=0)
+    min_gain: Optional[float] = opt(_SEARCH.min_gain, "--patience: count only gains of the best calibration "
+                                    "score of more than this (score units; 0: any gain)", lo=0.0)
+    min_generations: int = opt(_SEARCH.min_generations, "--patience stops the search no earlier than this "
+                               "generation", lo=0)
     patience_gap: Optional[float] = opt(_SEARCH.patience_gap, "--patience stops only a search within this "
                                         "of the fine-tuned model's own calibration score (< 0: off)")
     race: Optional[str] = opt(_SEARCH.race, "race each CMA-ES generation over the calibration "
@@ -153,14 +149,10 @@ class SearchOptions:
                           lo=1.0, lo_open=True)
     race_z: float = opt(_SEARCH.race_z, "--race: also keep a candidate within Z standard errors "
                                         "(paired, per row) of the stage's leader", lo=0.0)
-    race_gap: Optional[float] = opt(_SEARCH.race_gap, "--race: race a generation only once the best "
-                                    "calibration score is within this of the fine-tuned model's "
-                                    "own (further below, every candidate gets every row; < 0: "
-                                    "always race)")
-    refine_gap: Optional[float] = opt(_SEARCH.refine_gap, "generation 0 refines the best rescale of "
-                                      "magnitude top-k only while its best start point is more "
-                                      "than this below the fine-tuned model's own calibration "
-                                      "score (< 0: always refine)")
+    race_gap: Optional[float] = opt(_SEARCH.race_gap, "--race only within this of the fine-tuned "
+                                    "model's own calibration score (< 0: always)")
+    refine_gap: Optional[float] = opt(_SEARCH.refine_gap, "refine the rescale in generation 0 only "
+                                      "more than this below the fine-tuned model's score (< 0: always)")
     resume: bool = opt(False, "continue a killed search from its log next to the output")
     quiet: bool = opt(False, "no progress bars")
 
