@@ -312,3 +312,13 @@ def test_the_verdict_bounds_the_examples_on_text_only():
     assert verdict(rows, [0.02], "text")[-1].endswith("): met.")
     rows[2]["by_keep"] = {0.02: (0.905, 0.01)}                   # 1.5 SE below
     assert verdict(rows, [0.02], "vit")[-1].endswith("NOT met.")
+
+
+def test_describe_search_names_every_gap_of_the_shipped_default():
+    """The wins tables' words for the default row say where it races, stops and refines."""
+    from nps_bench.wins import describe_search
+    words = describe_search(shipped_search().to_dict())
+    assert "only within 0.02 of the fine-tuned model's calibration score" in words
+    assert "racing only within 0.02 of that score" in words
+    assert "refines the rescale only further below it than 0.02" in words
+    assert "within" not in describe_search(SearchSettings().to_dict())

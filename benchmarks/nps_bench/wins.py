@@ -369,6 +369,12 @@ def describe_search(search: dict) -> str:
             words += f" counting gains > {search['min_gain']:g}"
         if search.get("min_generations"):
             words += f", not before generation {search['min_generations']}"
+        if search.get("patience_gap") is not None:
+            words += f", only within {search['patience_gap']:g} of the fine-tuned model's calibration score"
+    if search.get("race") and search.get("race_gap") is not None:
+        words += f"; racing only within {search['race_gap']:g} of that score"
+    if search.get("refine_gap") is not None:
+        words += f"; generation 0 refines the rescale only further below it than {search['refine_gap']:g}"
     return words
 
 
