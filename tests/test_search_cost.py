@@ -480,7 +480,6 @@ def test_patience_gap_lets_a_search_below_the_fine_tuned_model_run_on(tmp_path):
         _settings(patience=3, patience_gap=-1.0).validate()
 
 
-
 def test_race_gap_races_only_near_the_fine_tuned_model(tmp_path):
     """--race-gap G with the fine-tuned model's score R: a generation is raced only once the best
     score before it is >= R − G. Below that it is the unraced search's generation (same candidates,

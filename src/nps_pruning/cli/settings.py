@@ -31,12 +31,10 @@ def search_settings(opts) -> SearchSettings:
         same["race"] = None
     if same.get("patience") == 0:         # --patience 0: no early stop
         same["patience"] = None
-    if (same.get("patience_gap") or 0) < 0:   # --patience-gap -1: plain patience
-        same["patience_gap"] = None
-    if (same.get("race_gap") or 0) < 0:       # --race-gap -1: race every generation
-        same["race_gap"] = None
-    if (same.get("refine_gap") or 0) < 0:     # --refine-gap -1: always refine
-        same["refine_gap"] = None
+    # --patience-gap / --race-gap / --refine-gap -1: off (plain patience, race and refine always)
+    for gap in ("patience_gap", "race_gap", "refine_gap"):
+        if (same.get(gap) or 0) < 0:
+            same[gap] = None
     return SearchSettings(**{**same, "lower": bounds.lower, "upper": bounds.upper, "sigma0": bounds.sigma0})
 
 

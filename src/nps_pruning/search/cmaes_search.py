@@ -131,8 +131,6 @@ class SearchSettings:
             raise NPSError(f"search: patience must be >= 1 generation, got {self.patience}")
         if self.min_gain is not None and not (math.isfinite(self.min_gain) and self.min_gain >= 0):
             raise NPSError(f"search: min_gain must be a number >= 0, got {self.min_gain}")
-        if self.patience_gap is not None and not (math.isfinite(self.patience_gap) and self.patience_gap >= 0):
-            raise NPSError(f"search: patience_gap must be a number >= 0, got {self.patience_gap}")
         if int(self.min_generations) < 0:
             raise NPSError(f"search: min_generations must be >= 0, got {self.min_generations}")
         if self.race is not None and self.race not in RACES:
@@ -143,7 +141,7 @@ class SearchSettings:
             raise NPSError(f"search: race_eta must be > 1, got {self.race_eta}")
         if not (math.isfinite(self.race_z) and self.race_z >= 0):
             raise NPSError(f"search: race_z must be >= 0, got {self.race_z}")
-        for name in ("race_gap", "refine_gap"):
+        for name in ("patience_gap", "race_gap", "refine_gap"):   # off (None) or a score distance
             gap = getattr(self, name)
             if gap is not None and not (math.isfinite(gap) and gap >= 0):
                 raise NPSError(f"search: {name} must be a number >= 0, got {gap}")

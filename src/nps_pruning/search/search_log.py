@@ -93,10 +93,9 @@ def settings_dict(settings) -> dict:
     if d.get("patience", 0) is None:       # no early stop: its refinements are unused too
         for key in ("patience", "min_gain", "min_generations", "patience_gap"):
             d.pop(key, None)
-    if d.get("min_gain", 0) is None:
-        d.pop("min_gain")
-    if d.get("patience_gap", 0) is None:
-        d.pop("patience_gap")
+    for key in ("min_gain", "patience_gap", "race_gap", "refine_gap"):   # refinements that are off
+        if d.get(key, 0) is None:
+            d.pop(key)
     if d.get("min_generations") == 0:
         d.pop("min_generations")
     if d.get("subspace") == "full":         # CMA-ES over the whole space, as before the setting
@@ -104,10 +103,6 @@ def settings_dict(settings) -> dict:
     if "race" in d and d["race"] is None:
         for key in ("race", "race_min_rows", "race_eta", "race_z", "race_gap"):
             d.pop(key, None)
-    if d.get("race_gap", 0) is None:
-        d.pop("race_gap")
-    if d.get("refine_gap", 0) is None:
-        d.pop("refine_gap")
     return d
 
 
